@@ -9,6 +9,7 @@
 //! `quarantine.jsonl` instead of stopping the run.
 
 pub mod chat;
+pub mod batcher;
 pub mod collate;
 pub mod image;
 pub mod loader;

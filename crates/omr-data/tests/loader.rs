@@ -160,3 +160,46 @@ fn rank_from_env_prefers_torchrun_then_slurm() {
     assert_eq!(Rank::from_lookup(env(&[("RANK", "5"), ("WORLD_SIZE", "4")])), Rank::SINGLE);
     assert_eq!(Rank::from_lookup(env(&[])), Rank::SINGLE);
 }
+
+fn fake_encode(s: &Sample) -> Result<omr_data::Encoded, Reason> {
+    let n = 3 + (s.origin.row % 7) as usize;
+    Ok(omr_data::Encoded {
+        origin: s.origin.clone(),
+        input_ids: vec![s.origin.row as u32; n],
+        labels: vec![1; n],
+        pixel_values: vec![],
+        patch_dim: 0,
+        image_grid_thw: vec![],
+        image_sizes: vec![],
+    })
+}
+
+#[test]
+fn batches_resume_exactly_with_packing_carry_over() {
+    use omr_data::batcher::{BatchConfig, Batcher};
+    use omr_data::collate::CollateMode;
+    use omr_data::quarantine::{Quarantine, QuarantineBudget};
+    let cfg = LoaderConfig { seed: 5, window_blocks: 2, chunk_size: 3, ..Default::default() };
+    let bcfg = BatchConfig { batch_size: 2, mode: CollateMode::Pack, max_length: 16, pad_to_multiple: 1 };
+    let budget = QuarantineBudget { max_bad: None, max_bad_fraction: None, min_seen: 0 };
+    let srcs: &[(&str, &[usize], f64)] = &[("a", &[7, 3, 9, 4], 1.0)];
+    let run = |state: Option<omr_data::loader::LoaderState>, n: usize| {
+        let mut l = loader(&cfg, Rank::SINGLE, srcs);
+        if let Some(s) = state {
+            l.restore(s).unwrap();
+        }
+        let mut q = Quarantine::new(None, budget.clone()).unwrap();
+        let mut b = Batcher::new(l.stream(fake_encode), l.state().clone(), bcfg.clone(), 0);
+        (0..n).map(|_| b.next_batch(&mut q).unwrap().unwrap()).collect::<Vec<_>>()
+    };
+    let full = run(None, 12);
+    assert!(full.iter().all(|(b, _)| b.seq_len <= 16 && b.rows <= 2));
+    assert!(full.iter().any(|(b, _)| b.seq_lens.iter().any(|r| r.len() > 1)), "something was packed");
+    for k in [1, 4, 7] {
+        let rest = run(Some(full[k - 1].1.clone()), 12 - k);
+        for (i, (b, s)) in rest.iter().enumerate() {
+            assert_eq!(b, &full[k + i].0, "batch {} after resuming at {k}", k + i);
+            assert_eq!(s, &full[k + i].1);
+        }
+    }
+}
