@@ -23,7 +23,12 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { batch_size: 8, mode: CollateMode::Pad, max_length: 2048, pad_to_multiple: 8 }
+        BatchConfig {
+            batch_size: 8,
+            mode: CollateMode::Pad,
+            max_length: 2048,
+            pad_to_multiple: 8,
+        }
     }
 }
 
@@ -47,16 +52,28 @@ pub struct Batcher {
 impl Batcher {
     /// `start`: the loader state the stream starts from (for a batch made only of a carry).
     pub fn new(stream: Stream<Encoded>, start: LoaderState, cfg: BatchConfig, pad_id: u32) -> Self {
-        Batcher { stream, cfg, pad_id, pending: None, last_state: start }
+        Batcher {
+            stream,
+            cfg,
+            pad_id,
+            pending: None,
+            last_state: start,
+        }
     }
 
     /// Next good sample and the state before it; bad ones go to the quarantine.
-    fn next_good(&mut self, q: &mut Quarantine) -> Result<Option<(Encoded, LoaderState)>, BatchError> {
+    fn next_good(
+        &mut self,
+        q: &mut Quarantine,
+    ) -> Result<Option<(Encoded, LoaderState)>, BatchError> {
         if let Some(p) = self.pending.take() {
             return Ok(Some(p));
         }
         for item in self.stream.by_ref() {
-            let Item { result, state_after } = item?;
+            let Item {
+                result,
+                state_after,
+            } = item?;
             let before = std::mem::replace(&mut self.last_state, state_after);
             match result {
                 Ok(e) => {
@@ -71,13 +88,18 @@ impl Batcher {
 
     /// The next batch and its resume state; None when the stream ended and nothing is left.
     /// A final partial batch is returned.
-    pub fn next_batch(&mut self, q: &mut Quarantine) -> Result<Option<(Batch, LoaderState)>, BatchError> {
+    pub fn next_batch(
+        &mut self,
+        q: &mut Quarantine,
+    ) -> Result<Option<(Batch, LoaderState)>, BatchError> {
         let bs = self.cfg.batch_size.max(1);
         let mut rows: Vec<Vec<Encoded>> = Vec::new();
         let mut used = 0usize;
         let mut resume = self.last_state.clone();
         while let Some((e, before)) = self.next_good(q)? {
-            let fits_row = !rows.is_empty() && self.cfg.mode == CollateMode::Pack && used + e.len() <= self.cfg.max_length;
+            let fits_row = !rows.is_empty()
+                && self.cfg.mode == CollateMode::Pack
+                && used + e.len() <= self.cfg.max_length;
             if fits_row {
                 used += e.len();
                 rows.last_mut().expect("non-empty").push(e);
@@ -98,6 +120,9 @@ impl Batcher {
             return Ok(None);
         }
         let refs: Vec<Vec<&Encoded>> = rows.iter().map(|r| r.iter().collect()).collect();
-        Ok(Some((collate(&refs, self.pad_id, self.cfg.pad_to_multiple), resume)))
+        Ok(Some((
+            collate(&refs, self.pad_id, self.cfg.pad_to_multiple),
+            resume,
+        )))
     }
 }

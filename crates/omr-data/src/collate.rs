@@ -66,7 +66,9 @@ pub fn pack_rows(lens: &[usize], max_length: usize) -> Vec<Vec<usize>> {
             rows.push(vec![i]);
             used = l;
         } else {
-            rows.last_mut().expect("a row exists once used is finite").push(i);
+            rows.last_mut()
+                .expect("a row exists once used is finite")
+                .push(i);
             used += l;
         }
     }
@@ -75,7 +77,11 @@ pub fn pack_rows(lens: &[usize], max_length: usize) -> Vec<Vec<usize>> {
 
 /// Builds a batch from `rows` of samples (each inner Vec one row). `pad_id` fills padding.
 pub fn collate(rows: &[Vec<&Encoded>], pad_id: u32, pad_to_multiple: usize) -> Batch {
-    let longest = rows.iter().map(|r| r.iter().map(|e| e.len()).sum::<usize>()).max().unwrap_or(0);
+    let longest = rows
+        .iter()
+        .map(|r| r.iter().map(|e| e.len()).sum::<usize>())
+        .max()
+        .unwrap_or(0);
     let m = pad_to_multiple.max(1);
     let t = longest.div_ceil(m) * m;
     let b = rows.len();
@@ -121,9 +127,15 @@ mod tests {
 
     fn enc(row: u64, n: usize, images: usize) -> Encoded {
         Encoded {
-            origin: Origin { source: "s".into(), shard: "f".into(), row },
+            origin: Origin {
+                source: "s".into(),
+                shard: "f".into(),
+                row,
+            },
             input_ids: (0..n as u32).map(|i| i + 10 * row as u32).collect(),
-            labels: (0..n).map(|i| if i + 1 == n { 7 } else { IGNORE_INDEX }).collect(),
+            labels: (0..n)
+                .map(|i| if i + 1 == n { 7 } else { IGNORE_INDEX })
+                .collect(),
             pixel_values: vec![row as f32; images * 4 * 6],
             patch_dim: 6,
             image_grid_thw: vec![[1, 2, 2]; images],
@@ -133,7 +145,10 @@ mod tests {
 
     #[test]
     fn pack_rows_is_first_fit_in_order() {
-        assert_eq!(pack_rows(&[3, 4, 2, 5, 1], 8), vec![vec![0, 1], vec![2, 3, 4]]);
+        assert_eq!(
+            pack_rows(&[3, 4, 2, 5, 1], 8),
+            vec![vec![0, 1], vec![2, 3, 4]]
+        );
         assert_eq!(pack_rows(&[9, 1], 8), vec![vec![0], vec![1]]);
         assert!(pack_rows(&[], 8).is_empty());
     }

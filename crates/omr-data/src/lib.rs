@@ -8,8 +8,8 @@
 //! → `collate` → `Batch`. Every per-record failure is a [`BadRecord`] that lands in
 //! `quarantine.jsonl` instead of stopping the run.
 
-pub mod chat;
 pub mod batcher;
+pub mod chat;
 pub mod collate;
 pub mod image;
 pub mod loader;
@@ -24,4 +24,4 @@ pub mod tokenizer_train;
 pub mod validate;
 
 pub use quarantine::{BadRecord, Quarantine, QuarantineBudget, Reason};
-pub use sample::{Content, Encoded, ImageBytes, Message, Mcq, Origin, Role, RubricUnit, Sample};
+pub use sample::{Content, Encoded, ImageBytes, Mcq, Message, Origin, Role, RubricUnit, Sample};

@@ -68,7 +68,9 @@ impl Rank {
             let world: usize = get(w)?.parse().ok()?;
             (world > 0 && rank < world).then_some(Rank { rank, world })
         };
-        pair("RANK", "WORLD_SIZE").or_else(|| pair("SLURM_PROCID", "SLURM_NTASKS")).unwrap_or(Rank::SINGLE)
+        pair("RANK", "WORLD_SIZE")
+            .or_else(|| pair("SLURM_PROCID", "SLURM_NTASKS"))
+            .unwrap_or(Rank::SINGLE)
     }
 }
 
@@ -106,20 +108,43 @@ pub struct Loader {
 
 impl Loader {
     /// `sources`: opened sources with their mixture weights.
-    pub fn new(sources: Vec<(Box<dyn Source>, f64)>, cfg: LoaderConfig, rank: Rank) -> Result<Loader, LoaderError> {
+    pub fn new(
+        sources: Vec<(Box<dyn Source>, f64)>,
+        cfg: LoaderConfig,
+        rank: Rank,
+    ) -> Result<Loader, LoaderError> {
         let mut srcs: Vec<Arc<dyn Source>> = Vec::new();
         let mut weights = Vec::new();
         let mut cursors = Vec::new();
         for (s, w) in sources {
-            cursors.push(SourceCursor { name: s.name().to_string(), len: s.len(), epoch: 0, pos: 0, emitted: 0 });
+            cursors.push(SourceCursor {
+                name: s.name().to_string(),
+                len: s.len(),
+                epoch: 0,
+                pos: 0,
+                emitted: 0,
+            });
             srcs.push(Arc::from(s));
             weights.push(w);
         }
         if next_source(&cursors, &weights, rank.world).is_none() {
-            return Err(LoaderError::Empty { rank: rank.rank, world: rank.world });
+            return Err(LoaderError::Empty {
+                rank: rank.rank,
+                world: rank.world,
+            });
         }
-        let state = LoaderState { seed: cfg.seed, rank: rank.rank, world: rank.world, sources: cursors };
-        Ok(Loader { sources: srcs, weights, cfg, state })
+        let state = LoaderState {
+            seed: cfg.seed,
+            rank: rank.rank,
+            world: rank.world,
+            sources: cursors,
+        };
+        Ok(Loader {
+            sources: srcs,
+            weights,
+            cfg,
+            state,
+        })
     }
 
     pub fn state(&self) -> &LoaderState {
@@ -174,8 +199,12 @@ impl Loader {
     {
         let mut raw = self.raw();
         let chunk = self.cfg.chunk_size.max(1);
-        let (tx, rx) = bounded::<Result<Vec<Item<T>>, LoaderError>>(self.cfg.prefetch_chunks.max(1));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(self.cfg.threads).thread_name(|i| format!("omr-data-{i}")).build();
+        let (tx, rx) =
+            bounded::<Result<Vec<Item<T>>, LoaderError>>(self.cfg.prefetch_chunks.max(1));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.cfg.threads)
+            .thread_name(|i| format!("omr-data-{i}"))
+            .build();
         std::thread::Builder::new()
             .name("omr-data-reader".into())
             .spawn(move || {
@@ -202,8 +231,16 @@ impl Loader {
                             raw_chunk
                                 .into_par_iter()
                                 .map(|(r, state_after)| {
-                                    let result = r.and_then(|s| f(&s).map_err(|reason| BadRecord { origin: s.origin.clone(), reason }));
-                                    Item { result, state_after }
+                                    let result = r.and_then(|s| {
+                                        f(&s).map_err(|reason| BadRecord {
+                                            origin: s.origin.clone(),
+                                            reason,
+                                        })
+                                    });
+                                    Item {
+                                        result,
+                                        state_after,
+                                    }
                                 })
                                 .collect()
                         });
@@ -221,7 +258,10 @@ impl Loader {
                 }
             })
             .expect("spawning the reader thread");
-        Stream { rx, buf: VecDeque::new() }
+        Stream {
+            rx,
+            buf: VecDeque::new(),
+        }
     }
 }
 
@@ -279,7 +319,10 @@ impl RawStream {
             }
         };
         let src = &self.sources[si];
-        let entry = cache[slot].1.get_mut(at.row as usize).and_then(Option::take);
+        let entry = cache[slot]
+            .1
+            .get_mut(at.row as usize)
+            .and_then(Option::take);
         Ok(match entry {
             Some(Ok(s)) => Ok(s),
             Some(Err((origin, reason))) => Err(BadRecord { origin, reason }),

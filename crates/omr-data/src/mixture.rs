@@ -29,7 +29,10 @@ pub struct RowRef {
 pub fn derive_seed(parts: &[u64]) -> u64 {
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
     for &p in parts {
-        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h ^= p
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
         let mut z = h;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -40,7 +43,14 @@ pub fn derive_seed(parts: &[u64]) -> u64 {
 
 /// The full order of one source for one epoch (all ranks), length = source length.
 /// `shuffle = false` keeps file order (evaluation, validation).
-pub fn epoch_order(blocks: &[BlockInfo], seed: u64, epoch: u64, source_index: usize, shuffle: bool, window_blocks: usize) -> Vec<RowRef> {
+pub fn epoch_order(
+    blocks: &[BlockInfo],
+    seed: u64,
+    epoch: u64,
+    source_index: usize,
+    shuffle: bool,
+    window_blocks: usize,
+) -> Vec<RowRef> {
     let mut block_ids: Vec<u32> = (0..blocks.len() as u32).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(&[seed, epoch, source_index as u64]));
     if shuffle {
@@ -106,7 +116,11 @@ mod tests {
         sizes
             .iter()
             .map(|&rows| {
-                let b = BlockInfo { shard: 0, first_row: first, rows };
+                let b = BlockInfo {
+                    shard: 0,
+                    first_row: first,
+                    rows,
+                };
                 first += rows as u64;
                 b
             })
@@ -146,9 +160,27 @@ mod tests {
     #[test]
     fn stride_scheduling_matches_weights_exactly() {
         let mut c = vec![
-            SourceCursor { name: "a".into(), len: 100, epoch: 0, pos: 0, emitted: 0 },
-            SourceCursor { name: "b".into(), len: 100, epoch: 0, pos: 0, emitted: 0 },
-            SourceCursor { name: "c".into(), len: 0, epoch: 0, pos: 0, emitted: 0 },
+            SourceCursor {
+                name: "a".into(),
+                len: 100,
+                epoch: 0,
+                pos: 0,
+                emitted: 0,
+            },
+            SourceCursor {
+                name: "b".into(),
+                len: 100,
+                epoch: 0,
+                pos: 0,
+                emitted: 0,
+            },
+            SourceCursor {
+                name: "c".into(),
+                len: 0,
+                epoch: 0,
+                pos: 0,
+                emitted: 0,
+            },
         ];
         let w = [3.0, 1.0, 5.0];
         for _ in 0..400 {

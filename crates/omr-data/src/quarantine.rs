@@ -26,7 +26,11 @@ pub enum Reason {
     #[error("image too large: {width}x{height} exceeds the {limit}-pixel decode limit (decompression-bomb guard); raise data.max_image_pixels if it is genuine")]
     ImageTooLarge { width: u64, height: u64, limit: u64 },
     #[error("image has unusable dimensions {width}x{height} ({why})")]
-    ImageBadDimensions { width: u64, height: u64, why: String },
+    ImageBadDimensions {
+        width: u64,
+        height: u64,
+        why: String,
+    },
     #[error("record has no image although it needs one")]
     ImageMissing,
     #[error("image file not found: {0}")]
@@ -50,7 +54,9 @@ pub enum Reason {
     BadConversation(String),
     #[error("{placeholders} image placeholders but {images} images")]
     ImageCountMismatch { placeholders: usize, images: usize },
-    #[error("tar member {0} has no partner (an image without its .json or a .json without an image)")]
+    #[error(
+        "tar member {0} has no partner (an image without its .json or a .json without an image)"
+    )]
     OrphanMember(String),
     // --- multiple choice ---
     #[error("question has no lettered options (expected lines like `A. …` or `B) …`)")]
@@ -58,14 +64,20 @@ pub enum Reason {
     #[error("option letter {0} appears more than once")]
     DuplicateOption(String),
     #[error("answer {answer:?} is not one of the options {options:?}")]
-    AnswerNotAnOption { answer: String, options: Vec<String> },
+    AnswerNotAnOption {
+        answer: String,
+        options: Vec<String>,
+    },
     #[error("the reference trace answers {trace:?} but the answer column says {answer:?}")]
     TraceAnswerMismatch { trace: String, answer: String },
     #[error("reference trace is not `<think>…</think><answer>…</answer>` ({0})")]
     MalformedTrace(String),
     // --- tokens ---
     #[error("{image_tokens} image tokens alone exceed max_length {max_length}; lower max_pixels or raise max_length")]
-    TooManyImageTokens { image_tokens: usize, max_length: usize },
+    TooManyImageTokens {
+        image_tokens: usize,
+        max_length: usize,
+    },
     #[error("sample is {tokens} tokens, over max_length {max_length}, and truncating it would cut image tokens")]
     TruncationCutsImage { tokens: usize, max_length: usize },
     #[error("no supervised tokens left (no assistant turn, or truncation removed all of it)")]
@@ -160,16 +172,28 @@ pub struct QuarantineBudget {
 
 impl Default for QuarantineBudget {
     fn default() -> Self {
-        QuarantineBudget { max_bad: None, max_bad_fraction: Some(0.01), min_seen: 1000 }
+        QuarantineBudget {
+            max_bad: None,
+            max_bad_fraction: Some(0.01),
+            min_seen: 1000,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
     #[error("bad-data budget exceeded: {bad} bad of {seen} records (budget: {budget}); see {path} for every rejected record")]
-    OverBudget { bad: u64, seen: u64, budget: String, path: String },
+    OverBudget {
+        bad: u64,
+        seen: u64,
+        budget: String,
+        path: String,
+    },
     #[error("cannot write quarantine file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Counts good and bad records, writes bad ones to `quarantine.jsonl`, enforces the budget.
@@ -193,9 +217,14 @@ impl Quarantine {
                         source,
                     })?;
                 }
-                let f = OpenOptions::new().create(true).append(true).open(p).map_err(|source| {
-                    QuarantineError::Io { path: p.display().to_string(), source }
-                })?;
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| QuarantineError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
                 Some(BufWriter::new(f))
             }
             None => None,
@@ -218,11 +247,19 @@ impl Quarantine {
     pub fn record_bad(&mut self, bad: &BadRecord) -> Result<(), QuarantineError> {
         self.seen += 1;
         self.bad += 1;
-        *self.by_reason.entry(bad.reason.code().to_string()).or_default() += 1;
+        *self
+            .by_reason
+            .entry(bad.reason.code().to_string())
+            .or_default() += 1;
         tracing::warn!(target: "omr::quarantine", "quarantined {bad}");
         if let Some(sink) = self.sink.as_mut() {
-            let line = serde_json::to_string(&QuarantineEntry::from(bad)).expect("entry serializes");
-            let path = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let line =
+                serde_json::to_string(&QuarantineEntry::from(bad)).expect("entry serializes");
+            let path = self
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             writeln!(sink, "{line}")
                 .and_then(|_| sink.flush())
                 .map_err(|source| QuarantineError::Io { path, source })?;
@@ -237,7 +274,9 @@ impl Quarantine {
             }
         }
         if let Some(frac) = self.budget.max_bad_fraction {
-            if self.seen >= self.budget.min_seen.max(1) && (self.bad as f64) > frac * self.seen as f64 {
+            if self.seen >= self.budget.min_seen.max(1)
+                && (self.bad as f64) > frac * self.seen as f64
+            {
                 return true;
             }
         }

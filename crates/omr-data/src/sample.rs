@@ -68,10 +68,16 @@ pub struct Message {
 
 impl Message {
     pub fn text(role: Role, text: impl Into<String>) -> Self {
-        Message { role, content: vec![Content::Text { text: text.into() }] }
+        Message {
+            role,
+            content: vec![Content::Text { text: text.into() }],
+        }
     }
     pub fn image_count(&self) -> usize {
-        self.content.iter().filter(|c| matches!(c, Content::Image)).count()
+        self.content
+            .iter()
+            .filter(|c| matches!(c, Content::Image))
+            .count()
     }
 }
 

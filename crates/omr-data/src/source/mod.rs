@@ -102,13 +102,20 @@ impl SourceSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not a readable parquet file ({detail})")]
     Parquet { path: String, detail: String },
     #[error("{path}: {detail}")]
     Schema { path: String, detail: String },
     #[error("no data files for split `{split}` under {root} (looked for {pattern}); check `path` and `split`")]
-    NoFiles { root: String, split: String, pattern: String },
+    NoFiles {
+        root: String,
+        split: String,
+        pattern: String,
+    },
     #[error("cannot tell the format of {0}; set `format` to parquet, llava, messages or wds")]
     UnknownFormat(String),
     #[error("source needs exactly one of `path` or `hub` ({0})")]
