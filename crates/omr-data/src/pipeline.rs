@@ -1,1 +1,100 @@
-//! (in progress)
+//! The per-sample pipeline: `Sample` → decoded, resized, normalised images + tokens + labels.
+//!
+//! One `Processor` is built from a model (or processor) folder: `preprocessor_config.json`
+//! drives the image side, `tokenizer.json` + the chat template the text side. The only thing
+//! the two sides exchange is how many `<|image_pad|>` tokens each image becomes
+//! (`grid_t·grid_h·grid_w / merge²`), which is why the image is processed first.
+
+use crate::chat::{EncodeConfig, Encoder, Truncation};
+use crate::image::{DecodeLimits, ImageProcessor};
+use crate::quarantine::Reason;
+use crate::sample::{Encoded, Sample};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Longest tokenized sample, image tokens included.
+    pub max_length: usize,
+    pub truncation: Truncation,
+    /// Decompression-bomb guard: largest decoded image, in pixels.
+    pub max_image_pixels: u64,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig { max_length: 2048, truncation: Truncation::Right, max_image_pixels: 64_000_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Image(String),
+    #[error("{0}")]
+    Chat(String),
+}
+
+pub struct Processor {
+    image: ImageProcessor,
+    encoder: Encoder,
+    limits: DecodeLimits,
+}
+
+impl Processor {
+    pub fn from_model_dir(dir: &Path, cfg: &ProcessConfig) -> Result<Processor, PipelineError> {
+        let image = ImageProcessor::from_dir(dir).map_err(|e| PipelineError::Image(e.to_string()))?;
+        let enc_cfg = EncodeConfig { max_length: cfg.max_length, truncation: cfg.truncation, ..Default::default() };
+        let encoder = Encoder::from_model_dir(dir, enc_cfg).map_err(|e| PipelineError::Chat(e.to_string()))?;
+        let limits = DecodeLimits { max_pixels: cfg.max_image_pixels, ..Default::default() };
+        Ok(Processor { image, encoder, limits })
+    }
+
+    pub fn image(&self) -> &ImageProcessor {
+        &self.image
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub fn image_token_id(&self) -> u32 {
+        self.encoder.image_pad_id()
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.encoder.pad_id()
+    }
+
+    /// Full pipeline for one sample; every failure is a quarantine reason.
+    pub fn encode(&self, s: &Sample) -> Result<Encoded, Reason> {
+        let mut pixel_values = Vec::new();
+        let mut grids = Vec::with_capacity(s.images.len());
+        let mut sizes = Vec::with_capacity(s.images.len());
+        let mut counts = Vec::with_capacity(s.images.len());
+        let mut patch_dim = 0;
+        for img in &s.images {
+            let (p, size) = self.image.process_bytes(&img.bytes, &self.limits)?;
+            counts.push(self.image.num_image_tokens(p.grid_thw));
+            patch_dim = p.patch_dim;
+            pixel_values.extend_from_slice(&p.pixel_values);
+            grids.push(p.grid_thw);
+            sizes.push(size);
+        }
+        let (input_ids, labels) = self.encoder.encode(&s.messages, &counts)?;
+        Ok(Encoded {
+            origin: s.origin.clone(),
+            input_ids,
+            labels,
+            pixel_values,
+            patch_dim,
+            image_grid_thw: grids,
+            image_sizes: sizes,
+        })
+    }
+
+    pub fn render_debug(&self, e: &Encoded) -> String {
+        self.encoder.render_debug(&e.input_ids, &e.labels)
+    }
+}

@@ -1,1 +1,57 @@
-fn main() {}
+//! `omr`: the command-line front of the trainer. Thin by design (STYLE.md): parse, build the
+//! library objects, call them, map failures to the exit codes of RELIABILITY.md.
+
+mod bench_data;
+mod data;
+mod demo;
+mod exit;
+
+use clap::{Parser, Subcommand};
+use exit::Exit;
+
+#[derive(Parser)]
+#[command(name = "omr", version, about = "Fine-tune and evaluate medical vision-language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Data tools: synthesise, validate, render, preprocess.
+    #[command(subcommand)]
+    Data(data::DataCmd),
+    /// Benchmarks that print ratios against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// The end-to-end demo on synthetic data (the README's first command).
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Decode + preprocess + tokenize throughput, against transformers' image processor.
+    Data(bench_data::BenchDataArgs),
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OMR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Data(c) => data::run(c),
+        Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
+        Cmd::Demo(a) => demo::run(a),
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) => {
+            let code = e.code();
+            eprintln!("error: {e:#}");
+            std::process::exit(code);
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Exit>;
