@@ -11,10 +11,12 @@ use crate::sample::{Origin, Sample};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+mod columns;
 pub mod hub;
 pub mod jsonl;
 pub mod parquet;
 pub mod paths;
+mod records;
 pub mod wds;
 
 /// Format of a source; `Auto` looks at the files.
@@ -154,7 +156,111 @@ pub trait Source: Send + Sync {
 }
 
 /// Opens a source from its spec, resolving the Hub and auto-detecting the format.
+///
+/// Detection: a `.parquet` file or a folder with parquet files for the split → parquet;
+/// `.jsonl`/`.json` (file, or split files in the folder) → LLaVA or `messages` by the first
+/// record's keys; `.tar` → WebDataset. Folders are tried in that order.
 pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>, SourceError> {
-    let _ = spec;
-    todo!("implemented by the readers")
+    let name = spec.display_name();
+    let path = match (&spec.path, &spec.hub) {
+        (Some(_), Some(_)) => {
+            return Err(SourceError::BadSpec(format!("{name}: both `path` and `hub` are set")))
+        }
+        (None, None) => {
+            return Err(SourceError::BadSpec(format!("{name}: neither `path` nor `hub` is set")))
+        }
+        (None, Some(_)) => return Ok(Box::new(hub::open(spec, &hub::HubEnv::from_process())?)),
+        (Some(p), None) => p,
+    };
+    let meta = std::fs::metadata(path)
+        .map_err(|source| SourceError::Io { path: path.display().to_string(), source })?;
+    let image_root = spec.image_root.as_deref();
+    if meta.is_file() {
+        let shard = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let files = vec![(shard.clone(), path.clone())];
+        let format = match spec.format {
+            Format::Auto if paths::has_ext(&shard, "parquet") => Format::Parquet,
+            Format::Auto if paths::has_ext(&shard, "jsonl") || paths::has_ext(&shard, "json") => {
+                Format::Auto
+            }
+            Format::Auto if paths::has_ext(&shard, "tar") => Format::Wds,
+            Format::Auto => return Err(SourceError::UnknownFormat(path.display().to_string())),
+            f => f,
+        };
+        return open_files(&name, spec, format, files, image_root);
+    }
+    let by_split = |ext: &str| paths::split_files(path, &spec.split, ext);
+    let (format, files) = match spec.format {
+        Format::Parquet => (Format::Parquet, by_split("parquet")?),
+        Format::Llava | Format::Messages => (spec.format, jsonl::dir_files(path, &spec.split)?),
+        Format::Wds => (Format::Wds, wds::dir_files(path, &spec.split)?),
+        Format::Auto => detect_dir(path, &spec.split)?,
+    };
+    if files.is_empty() {
+        let ext = match format {
+            Format::Parquet => "parquet",
+            Format::Auto | Format::Llava | Format::Messages => "jsonl",
+            Format::Wds => "tar",
+        };
+        return Err(SourceError::NoFiles {
+            root: path.display().to_string(),
+            split: spec.split.clone(),
+            pattern: paths::split_pattern(&spec.split, ext),
+        });
+    }
+    open_files(&name, spec, format, files, image_root)
+}
+
+/// Picks the format of a folder by the first kind of file it has for the split. A folder
+/// with data files but none for this split reports `NoFiles` (a wrong `split`), one with
+/// nothing readable at all `UnknownFormat`.
+fn detect_dir(
+    dir: &std::path::Path,
+    split: &str,
+) -> Result<(Format, Vec<(String, PathBuf)>), SourceError> {
+    let parquet = paths::split_files(dir, split, "parquet")?;
+    if !parquet.is_empty() {
+        return Ok((Format::Parquet, parquet));
+    }
+    let json = jsonl::dir_files(dir, split)?;
+    if !json.is_empty() {
+        return Ok((Format::Auto, json));
+    }
+    let tars = wds::dir_files(dir, split)?;
+    if !tars.is_empty() {
+        return Ok((Format::Wds, tars));
+    }
+    let all = paths::list_files(dir)?;
+    for ext in ["parquet", "jsonl", "json", "tar"] {
+        if all.iter().any(|f| paths::has_ext(f, ext)) {
+            return Err(SourceError::NoFiles {
+                root: dir.display().to_string(),
+                split: split.to_string(),
+                pattern: paths::split_pattern(split, ext),
+            });
+        }
+    }
+    Err(SourceError::UnknownFormat(dir.display().to_string()))
+}
+
+/// `Format::Auto` here means a JSON format still to be sniffed from the first record.
+fn open_files(
+    name: &str,
+    spec: &SourceSpec,
+    format: Format,
+    files: Vec<(String, PathBuf)>,
+    image_root: Option<&std::path::Path>,
+) -> Result<Box<dyn Source>, SourceError> {
+    Ok(match format {
+        Format::Parquet => {
+            let root = spec.path.as_deref().unwrap_or(std::path::Path::new("."));
+            let root = if root.is_file() { root.parent().unwrap_or(root) } else { root };
+            let images = paths::Confined::new(image_root.unwrap_or(root));
+            Box::new(parquet::ParquetSource::open_files(name, images, files)?)
+        }
+        Format::Wds => Box::new(wds::WdsSource::open(name, files)?),
+        Format::Auto | Format::Llava | Format::Messages => {
+            Box::new(jsonl::JsonlSource::open(name, files, format, image_root)?)
+        }
+    })
 }
