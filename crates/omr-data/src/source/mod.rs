@@ -264,3 +264,24 @@ fn open_files(
         }
     })
 }
+
+/// Reads the record at `index` in file order (block order, then row), or None past the end.
+/// Reads only the block that holds it.
+pub fn read_row(
+    source: &dyn Source,
+    index: u64,
+) -> Result<Option<Result<Sample, (Origin, Reason)>>, SourceError> {
+    let mut first = 0u64;
+    for (i, b) in source.blocks().iter().enumerate() {
+        if index < first + b.rows as u64 {
+            let mut rows = source.read_block(i)?;
+            let at = (index - first) as usize;
+            if at >= rows.len() {
+                return Ok(None);
+            }
+            return Ok(Some(rows.swap_remove(at)));
+        }
+        first += b.rows as u64;
+    }
+    Ok(None)
+}
