@@ -94,7 +94,10 @@ impl Source for WdsSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self.blocks.get(i).ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
         let shard = &self.shards[block.shard];
         let io = |source| SourceError::Io { path: shard.path.display().to_string(), source };
         let mut f = File::open(&shard.path).map_err(io)?;
@@ -111,7 +114,10 @@ impl Source for WdsSource {
                     let json = read_member(&mut f, json).map_err(io)?;
                     let mut images = Vec::with_capacity(g.images.len());
                     for m in &g.images {
-                        images.push(ImageBytes { bytes: read_member(&mut f, m).map_err(io)?, path: Some(m.name.clone()) });
+                        images.push(ImageBytes {
+                            bytes: read_member(&mut f, m).map_err(io)?,
+                            path: Some(m.name.clone()),
+                        });
                     }
                     sample(&json, images, origin.clone())
                 }
@@ -164,7 +170,11 @@ fn sample(json: &[u8], mut images: Vec<ImageBytes>, origin: Origin) -> Result<Sa
         Some(r) => Some(r),
         None => opt_str(&rec, "reasoning_trace")?,
     };
-    let text = OmrText { question: opt_str(&rec, "question")?, reasoning, answer: opt_str(&rec, "answer")? };
+    let text = OmrText {
+        question: opt_str(&rec, "question")?,
+        reasoning,
+        answer: opt_str(&rec, "answer")?,
+    };
     let (mcq, trace) = records::check_omr(&text)?;
     if images.len() != 1 {
         return Err(Reason::ImageCountMismatch { placeholders: 1, images: images.len() });
@@ -183,15 +193,22 @@ fn index_tar(path: &Path) -> Result<Vec<Group>, SourceError> {
     let file = File::open(path).map_err(|source| SourceError::Io { path: shown(), source })?;
     let len = file.metadata().map_err(|source| SourceError::Io { path: shown(), source })?.len();
     let mut archive = tar::Archive::new(file);
-    let entries = archive.entries_with_seek().map_err(|e| corrupt(format!("not a readable tar ({e})")))?;
+    let entries =
+        archive.entries_with_seek().map_err(|e| corrupt(format!("not a readable tar ({e})")))?;
     let mut groups: Vec<Group> = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| corrupt(format!("truncated or corrupt tar ({e}); re-create the shard")))?;
+        let entry = entry
+            .map_err(|e| corrupt(format!("truncated or corrupt tar ({e}); re-create the shard")))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let name = entry.path().map_err(|e| corrupt(format!("bad member name ({e})")))?.to_string_lossy().into_owned();
-        let member = Member { name: name.clone(), offset: entry.raw_file_position(), size: entry.size() };
+        let name = entry
+            .path()
+            .map_err(|e| corrupt(format!("bad member name ({e})")))?
+            .to_string_lossy()
+            .into_owned();
+        let member =
+            Member { name: name.clone(), offset: entry.raw_file_position(), size: entry.size() };
         if member.offset.saturating_add(member.size) > len {
             return Err(corrupt(format!(
                 "truncated tar: member {name} needs {} bytes but the file has {len}; re-create the shard",
