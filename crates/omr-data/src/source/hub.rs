@@ -233,11 +233,13 @@ pub fn resolve_cached(
         Ok(c) => c.trim().to_string(),
         // A commit hash is its own snapshot name, with no ref.
         Err(_) if repo_dir.join("snapshots").join(revision).is_dir() => revision.to_string(),
-        Err(_) => return Err(SourceError::Hub(format!(
+        Err(_) => {
+            return Err(SourceError::Hub(format!(
             "{why} and revision `{revision}` of {id} is not in the local cache ({} is missing); \
                  download that revision once with network access",
             ref_path.display()
-        ))),
+        )))
+        }
     };
     let snapshot = repo_dir.join("snapshots").join(&commit);
     if !snapshot.is_dir() {

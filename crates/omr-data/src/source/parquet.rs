@@ -10,7 +10,7 @@
 //! `knowledge` / `rationale`; every other string, integer or boolean column becomes a tag in
 //! `Sample::meta` (`task_family`, `modality`, `id`, …).
 
-use super::columns::{list_values, BinCol, RubricCol, StrCol};
+use super::columns::{list_values, scalar_string, BinCol, RubricCol, StrCol};
 use super::paths::Confined;
 use super::records::{self, OmrText, RUBRIC_AXES};
 use super::{BlockInfo, Source, SourceError};
@@ -159,9 +159,7 @@ impl ParquetSource {
         }
         let mut meta = BTreeMap::new();
         for tag in &layout.tags {
-            if let Some(v) =
-                batch.column_by_name(tag).and_then(|c| super::columns::scalar_string(c.as_ref(), i))
-            {
+            if let Some(v) = batch.column_by_name(tag).and_then(|c| scalar_string(c.as_ref(), i)) {
                 meta.insert(tag.clone(), v);
             }
         }

@@ -100,10 +100,11 @@ impl Source for WdsSource {
             .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
         let shard = &self.shards[block.shard];
         let io = |source| SourceError::Io { path: shard.path.display().to_string(), source };
-        let mut f = File::open(&shard.path).map_err(io)?;
         let first = block.first_row as usize;
+        let groups = &shard.groups[first..first + block.rows];
+        let mut bytes = BlockBytes::load(&shard.path, groups).map_err(io)?;
         let mut out = Vec::with_capacity(block.rows);
-        for (k, g) in shard.groups[first..first + block.rows].iter().enumerate() {
+        for (k, g) in groups.iter().enumerate() {
             let origin = Origin {
                 source: self.name.clone(),
                 shard: self.shard_names[block.shard].clone(),
@@ -111,13 +112,11 @@ impl Source for WdsSource {
             };
             let row = match (&g.json, g.images.first()) {
                 (Some(json), Some(_)) => {
-                    let json = read_member(&mut f, json).map_err(io)?;
+                    let json = bytes.member(json).map_err(io)?;
                     let mut images = Vec::with_capacity(g.images.len());
                     for m in &g.images {
-                        images.push(ImageBytes {
-                            bytes: read_member(&mut f, m).map_err(io)?,
-                            path: Some(m.name.clone()),
-                        });
+                        let data = bytes.member(m).map_err(io)?;
+                        images.push(ImageBytes { bytes: data, path: Some(m.name.clone()) });
                     }
                     sample(&json, images, origin.clone())
                 }
@@ -131,11 +130,45 @@ impl Source for WdsSource {
     }
 }
 
-fn read_member(f: &mut File, m: &Member) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; m.size as usize];
-    f.seek(SeekFrom::Start(m.offset))?;
-    f.read_exact(&mut buf)?;
-    Ok(buf)
+/// The bytes of one block's members. Members of consecutive samples are adjacent in a tar, so
+/// the block is normally one read of one contiguous span (twice as fast as a seek and
+/// read per member); when skipped members (large `.npy`, …) would make that span more than
+/// twice what is needed, members are read one by one instead.
+enum BlockBytes {
+    Span { start: u64, data: Vec<u8> },
+    PerMember(File),
+}
+
+impl BlockBytes {
+    fn load(path: &Path, groups: &[Group]) -> std::io::Result<Self> {
+        let members = || groups.iter().flat_map(|g| g.json.iter().chain(&g.images));
+        let start = members().map(|m| m.offset).min().unwrap_or(0);
+        let end = members().map(|m| m.offset + m.size).max().unwrap_or(0);
+        let needed: u64 = members().map(|m| m.size).sum();
+        let mut f = File::open(path)?;
+        if end - start > 2 * needed + (1 << 20) {
+            return Ok(BlockBytes::PerMember(f));
+        }
+        let mut data = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut data)?;
+        Ok(BlockBytes::Span { start, data })
+    }
+
+    fn member(&mut self, m: &Member) -> std::io::Result<Vec<u8>> {
+        match self {
+            BlockBytes::Span { start, data } => {
+                let a = (m.offset - *start) as usize;
+                Ok(data[a..a + m.size as usize].to_vec())
+            }
+            BlockBytes::PerMember(f) => {
+                let mut buf = vec![0u8; m.size as usize];
+                f.seek(SeekFrom::Start(m.offset))?;
+                f.read_exact(&mut buf)?;
+                Ok(buf)
+            }
+        }
+    }
 }
 
 fn opt_str<'a>(rec: &'a Record, key: &str) -> Result<Option<&'a str>, Reason> {
