@@ -43,8 +43,10 @@ fn option_line(line: &str) -> Option<(String, &str)> {
         let mut chars = line.chars();
         let letter = chars.next()?;
         let rest = chars.as_str();
-        let rest =
-            rest.strip_prefix('.').or_else(|| rest.strip_prefix(')')).or_else(|| rest.strip_prefix(':'))?;
+        let rest = rest
+            .strip_prefix('.')
+            .or_else(|| rest.strip_prefix(')'))
+            .or_else(|| rest.strip_prefix(':'))?;
         (letter, rest)
     };
     if !LETTERS.contains(letter) || !rest.starts_with(char::is_whitespace) {
@@ -157,7 +159,10 @@ mod tests {
     #[test]
     fn option_failures() {
         assert_eq!(parse_options("What is shown?"), Err(Reason::QuestionWithoutOptions));
-        assert_eq!(parse_options("a) lower\nA.5 mg\nK. out of range"), Err(Reason::QuestionWithoutOptions));
+        assert_eq!(
+            parse_options("a) lower\nA.5 mg\nK. out of range"),
+            Err(Reason::QuestionWithoutOptions)
+        );
         assert_eq!(parse_options("Q\nA. x\nB. y\nA) z"), Err(Reason::DuplicateOption("A".into())));
     }
 
@@ -190,7 +195,10 @@ mod tests {
                 options: vec!["A".into(), "B".into(), "C".into(), "D".into()]
             })
         );
-        assert_eq!(validate_mcq(Q, "Pneumothorax", None).map_err(|r| r.code()), Err("answer_not_an_option"));
+        assert_eq!(
+            validate_mcq(Q, "Pneumothorax", None).map_err(|r| r.code()),
+            Err("answer_not_an_option")
+        );
         assert_eq!(
             validate_mcq(Q, "A", Some(trace)),
             Err(Reason::TraceAnswerMismatch { trace: "B".into(), answer: "A".into() })

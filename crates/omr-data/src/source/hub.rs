@@ -16,12 +16,13 @@ use super::{Format, SourceError, SourceSpec};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The environment the Hub reader obeys, read once.
 #[derive(Clone, Debug, Default)]
 pub struct HubEnv {
-    /// `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`); without it hf-hub falls back to
-    /// the token file `huggingface-cli login` writes.
+    /// `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`); without it the token file that
+    /// `huggingface-cli login` writes (`$HF_HOME/token`) is used.
     pub token: Option<String>,
     /// `HF_HOME`; the cache is `$HF_HOME/hub`.
     pub hf_home: Option<PathBuf>,
@@ -42,8 +43,9 @@ impl HubEnv {
             token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
             hf_home: var("HF_HOME").map(PathBuf::from),
             hub_cache: var("HF_HUB_CACHE").map(PathBuf::from),
-            offline: var("HF_HUB_OFFLINE")
-                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+            offline: var("HF_HUB_OFFLINE").is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            }),
             endpoint: var("HF_ENDPOINT"),
             home: var("HOME").map(PathBuf::from),
         }
@@ -59,10 +61,31 @@ impl HubEnv {
         }
         match &self.home {
             Some(h) => Ok(h.join(".cache").join("huggingface").join("hub")),
-            None => Err(SourceError::Hub("cannot locate the Hugging Face cache: set HF_HOME".into())),
+            None => {
+                Err(SourceError::Hub("cannot locate the Hugging Face cache: set HF_HOME".into()))
+            }
         }
     }
+
+    /// The token to send: `token`, else the login token file under `HF_HOME`.
+    fn effective_token(&self) -> Option<String> {
+        if self.token.is_some() {
+            return self.token.clone();
+        }
+        let home = match (&self.hf_home, &self.home) {
+            (Some(h), _) => h.clone(),
+            (None, Some(h)) => h.join(".cache").join("huggingface"),
+            (None, None) => return None,
+        };
+        let t = std::fs::read_to_string(home.join("token")).ok()?;
+        let t = t.trim();
+        (!t.is_empty()).then(|| t.to_string())
+    }
 }
+
+/// How long to wait for another process (another rank) that holds the download lock of a
+/// file before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(3600);
 
 /// The local files of one split of a Hub dataset.
 #[derive(Clone, Debug)]
@@ -89,21 +112,30 @@ pub fn open(spec: &SourceSpec, env: &HubEnv) -> Result<ParquetSource, SourceErro
 }
 
 /// Finds (downloading when online) the parquet files of `split` in dataset `id`.
-pub fn resolve(id: &str, revision: Option<&str>, split: &str, env: &HubEnv) -> Result<HubFiles, SourceError> {
+pub fn resolve(
+    id: &str,
+    revision: Option<&str>,
+    split: &str,
+    env: &HubEnv,
+) -> Result<HubFiles, SourceError> {
     check_id(id)?;
     let revision = revision.unwrap_or("main");
     let cache = env.cache_dir()?;
     if env.offline {
         return resolve_cached(id, revision, split, &cache, "HF_HUB_OFFLINE is set");
     }
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache.clone())).with_progress(false).with_retries(3);
-    if let Some(t) = &env.token {
-        builder = builder.with_token(Some(t.clone()));
-    }
+    let token = env.effective_token();
+    let has_token = token.is_some();
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache.clone()))
+        .with_progress(false)
+        .with_retries(3)
+        .with_token(token);
     if let Some(e) = &env.endpoint {
         builder = builder.with_endpoint(e.clone());
     }
-    let api = builder.build().map_err(|e| SourceError::Hub(format!("cannot start the Hub client: {e}")))?;
+    let api = builder
+        .build()
+        .map_err(|e| SourceError::Hub(format!("cannot start the Hub client: {e}")))?;
     let repo = Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string());
     let api_repo = api.repo(repo.clone());
     let info = match api_repo.info() {
@@ -111,9 +143,15 @@ pub fn resolve(id: &str, revision: Option<&str>, split: &str, env: &HubEnv) -> R
         Err(e) => {
             let Some(status) = http_status(&e) else {
                 tracing::warn!("Hub unreachable ({e}); trying the local cache for {id}");
-                return resolve_cached(id, revision, split, &cache, &format!("the Hub is unreachable ({e})"));
+                return resolve_cached(
+                    id,
+                    revision,
+                    split,
+                    &cache,
+                    &format!("the Hub is unreachable ({e})"),
+                );
             };
-            return Err(SourceError::Hub(denied_message(id, revision, status, env.token.is_some(), &e)));
+            return Err(SourceError::Hub(denied_message(id, revision, status, has_token, &e)));
         }
     };
     let cache_repo = Cache::new(cache.clone()).repo(repo.clone());
@@ -136,22 +174,39 @@ pub fn resolve(id: &str, revision: Option<&str>, split: &str, env: &HubEnv) -> R
     let mut files = Vec::with_capacity(wanted.len());
     for f in wanted {
         let local = snapshot.join(&f);
-        let path = if local.is_file() {
-            local
-        } else {
+        let started = Instant::now();
+        let path = loop {
+            if local.is_file() {
+                break local;
+            }
             tracing::info!("downloading hf://datasets/{id}/{f}");
-            api_repo.download(&f).map_err(|e| match http_status(&e) {
-                Some(status) => SourceError::Hub(denied_message(id, revision, status, env.token.is_some(), &e)),
-                None => SourceError::Hub(format!("downloading {f} of {id}: {e}")),
-            })?
+            match api_repo.download(&f) {
+                Ok(p) => break p,
+                // Another process (another rank) is downloading this file: wait for it to
+                // finish and use its copy rather than download the file twice.
+                Err(ApiError::LockAcquisition(lock)) if started.elapsed() < LOCK_WAIT => {
+                    tracing::info!(
+                        "waiting for {} (another process is downloading {f})",
+                        lock.display()
+                    );
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(SourceError::Hub(match http_status(&e) {
+                        Some(status) => denied_message(id, revision, status, has_token, &e),
+                        None => format!("downloading {f} of {id}: {e}"),
+                    }))
+                }
+            }
         };
         files.push((f, path));
     }
     if revision != info.sha {
         // Keep `refs/<revision>` pointing at what was read, so a later offline run reads it too.
-        cache_repo
-            .create_ref(&info.sha)
-            .map_err(|source| SourceError::Io { path: repo_dir.join("refs").display().to_string(), source })?;
+        cache_repo.create_ref(&info.sha).map_err(|source| SourceError::Io {
+            path: repo_dir.join("refs").display().to_string(),
+            source,
+        })?;
     }
     Ok(HubFiles { commit: info.sha, repo_dir, snapshot, files })
 }
@@ -180,10 +235,10 @@ pub fn resolve_cached(
         Err(_) if repo_dir.join("snapshots").join(revision).is_dir() => revision.to_string(),
         Err(_) => {
             return Err(SourceError::Hub(format!(
-                "{why} and revision `{revision}` of {id} is not in the local cache ({} is missing); \
+            "{why} and revision `{revision}` of {id} is not in the local cache ({} is missing); \
                  download that revision once with network access",
-                ref_path.display()
-            )))
+            ref_path.display()
+        )))
         }
     };
     let snapshot = repo_dir.join("snapshots").join(&commit);

@@ -99,7 +99,10 @@ impl JsonlSource {
         };
         let placeholders = conv.placeholders();
         if placeholders != conv.image_paths.len() {
-            return Err(Reason::ImageCountMismatch { placeholders, images: conv.image_paths.len() });
+            return Err(Reason::ImageCountMismatch {
+                placeholders,
+                images: conv.image_paths.len(),
+            });
         }
         let mut images = Vec::with_capacity(conv.image_paths.len());
         for p in &conv.image_paths {
@@ -121,7 +124,10 @@ impl Source for JsonlSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self.blocks.get(i).ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
         let file = &self.files[block.shard];
         let first = block.first_row as usize;
         let spans = &file.spans[first..first + block.rows];
@@ -130,7 +136,8 @@ impl Source for JsonlSource {
         };
         let shown = || file.path.display().to_string();
         let mut buf = vec![0u8; (end - start) as usize];
-        let mut f = File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+        let mut f =
+            File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut buf))
             .map_err(|source| SourceError::Io { path: shown(), source })?;
@@ -164,7 +171,8 @@ pub(crate) fn parse_record(bytes: &[u8]) -> Result<Record, Reason> {
 fn sniff(files: &[JsonFile]) -> Result<Format, SourceError> {
     let Some(file) = files.first() else { return Ok(Format::Llava) };
     let shown = || file.path.display().to_string();
-    let mut f = File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+    let mut f =
+        File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
     for &(s, e) in file.spans.iter().take(SNIFF_RECORDS) {
         let mut buf = vec![0u8; (e - s) as usize];
         f.seek(SeekFrom::Start(s))
@@ -237,9 +245,12 @@ fn line_spans(mut r: impl BufRead) -> Result<Vec<(u64, u64)>, ScanError> {
 /// commas and brackets inside values do not split records; the elements themselves are
 /// validated later, when their block is parsed.
 fn array_spans(mut r: impl BufRead) -> Result<Vec<(u64, u64)>, ScanError> {
-    let syntax = |pos: u64, why: &str| ScanError::Syntax(format!("not a valid JSON array at byte {pos}: {why}"));
+    let syntax = |pos: u64, why: &str| {
+        ScanError::Syntax(format!("not a valid JSON array at byte {pos}: {why}"))
+    };
     let mut spans = Vec::new();
-    let (mut depth, mut in_str, mut esc, mut opened, mut closed) = (0u32, false, false, false, false);
+    let (mut depth, mut in_str, mut esc, mut opened, mut closed) =
+        (0u32, false, false, false, false);
     let mut start: Option<u64> = None;
     let mut last = 0u64;
     let mut pos = 0u64;
@@ -320,8 +331,10 @@ mod tests {
     fn array_scanner() {
         let text = br#" [ {"a": "x,]\"}"}, {"b": [1, {"c": 2}]} ,3 ] "#;
         let spans = array_spans(&text[..]).ok().expect("scans");
-        let got: Vec<&str> =
-            spans.iter().map(|&(s, e)| std::str::from_utf8(&text[s as usize..e as usize]).expect("utf8")).collect();
+        let got: Vec<&str> = spans
+            .iter()
+            .map(|&(s, e)| std::str::from_utf8(&text[s as usize..e as usize]).expect("utf8"))
+            .collect();
         assert_eq!(got, [r#"{"a": "x,]\"}"}"#, r#"{"b": [1, {"c": 2}]}"#, "3"]);
         assert!(array_spans(&br#"[{"a": 1}"#[..]).is_err());
         assert!(array_spans(&b"[1] x"[..]).is_err());

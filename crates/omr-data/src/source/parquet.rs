@@ -10,7 +10,7 @@
 //! `knowledge` / `rationale`; every other string, integer or boolean column becomes a tag in
 //! `Sample::meta` (`task_family`, `modality`, `id`, …).
 
-use super::columns::{list_values, BinCol, RubricCol, StrCol};
+use super::columns::{list_values, scalar_string, BinCol, RubricCol, StrCol};
 use super::paths::Confined;
 use super::records::{self, OmrText, RUBRIC_AXES};
 use super::{BlockInfo, Source, SourceError};
@@ -67,10 +67,12 @@ impl ParquetSource {
         let mut row_groups = Vec::new();
         for (i, (shard_name, path)) in files.into_iter().enumerate() {
             let shown = path.display().to_string();
-            let file = File::open(&path).map_err(|source| SourceError::Io { path: shown.clone(), source })?;
+            let file = File::open(&path)
+                .map_err(|source| SourceError::Io { path: shown.clone(), source })?;
             let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
                 .map_err(|e| SourceError::Parquet { path: shown.clone(), detail: e.to_string() })?;
-            let layout = layout(metadata.schema()).map_err(|detail| SourceError::Schema { path: shown, detail })?;
+            let layout = layout(metadata.schema())
+                .map_err(|detail| SourceError::Schema { path: shown, detail })?;
             let mut first_row = 0u64;
             for (g, rg) in metadata.metadata().row_groups().iter().enumerate() {
                 let rows = rg.num_rows().max(0) as u64;
@@ -81,24 +83,41 @@ impl ParquetSource {
             shard_names.push(shard_name);
             shards.push(Shard { path, metadata, layout });
         }
-        Ok(ParquetSource { name: name.to_string(), images, shard_names, shards, blocks, row_groups })
+        Ok(ParquetSource {
+            name: name.to_string(),
+            images,
+            shard_names,
+            shards,
+            blocks,
+            row_groups,
+        })
     }
 
     /// Decodes row group `rg` of `shard` with only the needed columns.
-    fn read_row_group(&self, shard: &Shard, rg: usize, rows: usize) -> Result<Vec<RecordBatch>, SourceError> {
+    fn read_row_group(
+        &self,
+        shard: &Shard,
+        rg: usize,
+        rows: usize,
+    ) -> Result<Vec<RecordBatch>, SourceError> {
         let shown = || shard.path.display().to_string();
         let err = |e: &dyn std::fmt::Display| SourceError::Parquet {
             path: shown(),
             detail: format!("row group {rg}: {e}"),
         };
-        let file = File::open(&shard.path).map_err(|source| SourceError::Io { path: shown(), source })?;
-        let mask = ProjectionMask::roots(shard.metadata.parquet_schema(), shard.layout.roots.iter().copied());
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, shard.metadata.clone())
-            .with_projection(mask)
-            .with_row_groups(vec![rg])
-            .with_batch_size(rows.max(1))
-            .build()
-            .map_err(|e| err(&e))?;
+        let file =
+            File::open(&shard.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+        let mask = ProjectionMask::roots(
+            shard.metadata.parquet_schema(),
+            shard.layout.roots.iter().copied(),
+        );
+        let reader =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, shard.metadata.clone())
+                .with_projection(mask)
+                .with_row_groups(vec![rg])
+                .with_batch_size(rows.max(1))
+                .build()
+                .map_err(|e| err(&e))?;
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))?;
         let got: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if got != rows {
@@ -107,9 +126,16 @@ impl ParquetSource {
         Ok(batches)
     }
 
-    fn row(&self, batch: &RecordBatch, layout: &Layout, i: usize, origin: Origin) -> Result<Sample, Reason> {
+    fn row(
+        &self,
+        batch: &RecordBatch,
+        layout: &Layout,
+        i: usize,
+        origin: Origin,
+    ) -> Result<Sample, Reason> {
         let text = |name: &str| batch.column_by_name(name).and_then(|c| StrCol::new(c.as_ref()));
-        let (question, reasoning, answer) = (text("question"), text(&layout.reasoning), text("answer"));
+        let (question, reasoning, answer) =
+            (text("question"), text(&layout.reasoning), text("answer"));
         let fields = OmrText {
             question: question.as_ref().and_then(|c| c.get(i)),
             reasoning: reasoning.as_ref().and_then(|c| c.get(i)),
@@ -133,7 +159,7 @@ impl ParquetSource {
         }
         let mut meta = BTreeMap::new();
         for tag in &layout.tags {
-            if let Some(v) = batch.column_by_name(tag).and_then(|c| super::columns::scalar_string(c.as_ref(), i)) {
+            if let Some(v) = batch.column_by_name(tag).and_then(|c| scalar_string(c.as_ref(), i)) {
                 meta.insert(tag.clone(), v);
             }
         }
@@ -178,15 +204,25 @@ impl Source for ParquetSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self.blocks.get(i).ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
         let shard = &self.shards[block.shard];
         let batches = self.read_row_group(shard, self.row_groups[i], block.rows)?;
         let mut out = Vec::with_capacity(block.rows);
         let mut row = block.first_row;
         for batch in &batches {
             for r in 0..batch.num_rows() {
-                let origin = Origin { source: self.name.clone(), shard: self.shard_names[block.shard].clone(), row };
-                out.push(self.row(batch, &shard.layout, r, origin.clone()).map_err(|reason| (origin, reason)));
+                let origin = Origin {
+                    source: self.name.clone(),
+                    shard: self.shard_names[block.shard].clone(),
+                    row,
+                };
+                out.push(
+                    self.row(batch, &shard.layout, r, origin.clone())
+                        .map_err(|reason| (origin, reason)),
+                );
                 row += 1;
             }
         }
@@ -205,13 +241,17 @@ fn is_binary(t: &DataType) -> bool {
 fn layout(schema: &Schema) -> Result<Layout, String> {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
-    let missing = |name: &str| format!("missing required column `{name}` (columns: {})", names.join(", "));
-    let wrong = |name: &str, t: &DataType, want: &str| format!("column `{name}` is {t}, expected {want}");
+    let missing =
+        |name: &str| format!("missing required column `{name}` (columns: {})", names.join(", "));
+    let wrong =
+        |name: &str, t: &DataType, want: &str| format!("column `{name}` is {t}, expected {want}");
     let mut roots = Vec::new();
 
     let image = find("image").ok_or_else(|| missing("image"))?;
     match schema.field(image).data_type() {
-        DataType::Struct(fields) => check_image_struct(fields).map_err(|d| format!("column `image`: {d}"))?,
+        DataType::Struct(fields) => {
+            check_image_struct(fields).map_err(|d| format!("column `image`: {d}"))?
+        }
         t if is_binary(t) => {}
         t => return Err(wrong("image", t, "an HF Image struct {bytes, path} or binary")),
     }
@@ -240,8 +280,15 @@ fn layout(schema: &Schema) -> Result<Layout, String> {
         match item {
             DataType::Null => continue,
             DataType::Struct(fields) => {
-                if let Some(f) = fields.iter().find(|f| !is_text(f.data_type()) && *f.data_type() != DataType::Null) {
-                    return Err(format!("column `{axis}`: field `{}` is {}, expected string", f.name(), f.data_type()));
+                if let Some(f) = fields
+                    .iter()
+                    .find(|f| !is_text(f.data_type()) && *f.data_type() != DataType::Null)
+                {
+                    return Err(format!(
+                        "column `{axis}`: field `{}` is {}, expected string",
+                        f.name(),
+                        f.data_type()
+                    ));
                 }
             }
             _ => return Err(wrong(axis, t, "a list of rubric-unit structs")),
@@ -255,7 +302,10 @@ fn layout(schema: &Schema) -> Result<Layout, String> {
         if taken.contains(&f.name().as_str()) || RUBRIC_AXES.contains(&f.name().as_str()) {
             continue;
         }
-        if is_text(f.data_type()) || f.data_type().is_integer() || *f.data_type() == DataType::Boolean {
+        if is_text(f.data_type())
+            || f.data_type().is_integer()
+            || *f.data_type() == DataType::Boolean
+        {
             tags.push(f.name().clone());
             roots.push(idx);
         }

@@ -70,13 +70,13 @@ fn path_list(record: &Record, field: &str) -> Result<Vec<String>, Reason> {
     match record.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| str_field(v, field).map(str::to_string))
-            .collect(),
-        Some(_) => {
-            Err(Reason::WrongType { field: field.into(), expected: "string or list of strings".into() })
+        Some(Value::Array(items)) => {
+            items.iter().map(|v| str_field(v, field).map(str::to_string)).collect()
         }
+        Some(_) => Err(Reason::WrongType {
+            field: field.into(),
+            expected: "string or list of strings".into(),
+        }),
     }
 }
 
@@ -111,7 +111,9 @@ pub(crate) fn parse_llava(record: &Record) -> Result<Conversation, Reason> {
             "human" | "user" => Role::User,
             "gpt" | "assistant" | "model" | "bot" => Role::Assistant,
             "system" => Role::System,
-            other => return Err(Reason::BadConversation(format!("turn {i} has unknown role `{other}`"))),
+            other => {
+                return Err(Reason::BadConversation(format!("turn {i} has unknown role `{other}`")))
+            }
         };
         let value = str_field(turn.get("value").unwrap_or(&Value::Null), "conversations.value")?;
         messages.push(Message { role, content: split_placeholders(value) });
@@ -140,7 +142,9 @@ pub(crate) fn parse_messages(record: &Record) -> Result<Conversation, Reason> {
             "assistant" => Role::Assistant,
             "system" => Role::System,
             other => {
-                return Err(Reason::BadConversation(format!("message {i} has unknown role `{other}`")))
+                return Err(Reason::BadConversation(format!(
+                    "message {i} has unknown role `{other}`"
+                )))
             }
         };
         let content = match turn.get("content") {
@@ -175,7 +179,9 @@ pub(crate) fn parse_messages(record: &Record) -> Result<Conversation, Reason> {
                 }
                 out
             }
-            None | Some(Value::Null) => return Err(Reason::MissingField("messages.content".into())),
+            None | Some(Value::Null) => {
+                return Err(Reason::MissingField("messages.content".into()))
+            }
             Some(_) => {
                 return Err(Reason::WrongType {
                     field: "messages.content".into(),
@@ -239,7 +245,12 @@ pub(crate) fn scalar_meta(record: &Record, skip: &[&str]) -> BTreeMap<String, St
 pub(crate) const CHAT_FIELDS: &[&str] = &["conversations", "messages", "image", "images"];
 
 /// A chat record with its images attached (the caller checked the counts).
-pub(crate) fn chat_sample(origin: Origin, conv: Conversation, images: Vec<ImageBytes>, record: &Record) -> Sample {
+pub(crate) fn chat_sample(
+    origin: Origin,
+    conv: Conversation,
+    images: Vec<ImageBytes>,
+    record: &Record,
+) -> Sample {
     let (mcq, reasoning) = detect_mcq(&conv.messages);
     Sample {
         origin,
@@ -310,12 +321,18 @@ pub(crate) fn json_rubric(record: &Record) -> Result<Option<Rubric>, Reason> {
             None | Some(Value::Null) => continue,
             Some(Value::Array(items)) => items,
             Some(_) => {
-                return Err(Reason::WrongType { field: (*axis).into(), expected: "list of rubric units".into() })
+                return Err(Reason::WrongType {
+                    field: (*axis).into(),
+                    expected: "list of rubric units".into(),
+                })
             }
         };
         for item in items {
             let Value::Object(o) = item else {
-                return Err(Reason::WrongType { field: (*axis).into(), expected: "list of objects".into() });
+                return Err(Reason::WrongType {
+                    field: (*axis).into(),
+                    expected: "list of objects".into(),
+                });
             };
             let get = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             units.push(RubricUnit {
@@ -348,7 +365,10 @@ mod tests {
 
     #[test]
     fn placeholders_split() {
-        assert_eq!(split_placeholders("<image>\nWhat is it?"), vec![Content::Image, text("What is it?")]);
+        assert_eq!(
+            split_placeholders("<image>\nWhat is it?"),
+            vec![Content::Image, text("What is it?")]
+        );
         assert_eq!(
             split_placeholders("Compare <image> and\n<image>"),
             vec![text("Compare"), Content::Image, text("and"), Content::Image]
