@@ -74,10 +74,9 @@ pub enum Reason {
     MalformedTrace(String),
     // --- tokens ---
     #[error("{image_tokens} image tokens alone exceed max_length {max_length}; lower max_pixels or raise max_length")]
-    TooManyImageTokens {
-        image_tokens: usize,
-        max_length: usize,
-    },
+    TooManyImageTokens { image_tokens: usize, max_length: usize },
+    #[error("sample is {tokens} tokens, over max_length {max_length}, and truncation is off (or it is a prompt, which is never cut); raise max_length or set truncation = \"right\"")]
+    TooLong { tokens: usize, max_length: usize },
     #[error("sample is {tokens} tokens, over max_length {max_length}, and truncating it would cut image tokens")]
     TruncationCutsImage { tokens: usize, max_length: usize },
     #[error("no supervised tokens left (no assistant turn, or truncation removed all of it)")]
@@ -116,6 +115,7 @@ impl Reason {
             TraceAnswerMismatch { .. } => "trace_answer_mismatch",
             MalformedTrace(_) => "malformed_trace",
             TooManyImageTokens { .. } => "too_many_image_tokens",
+            TooLong { .. } => "too_long",
             TruncationCutsImage { .. } => "truncation_cuts_image",
             NoSupervisedTokens => "no_supervised_tokens",
             TemplateError(_) => "template_error",
