@@ -119,7 +119,9 @@ impl Encoder {
                 .ok_or_else(|| ChatError::MissingToken {
                     path: source.into(),
                     token: cfg.image_token.clone(),
-                    hint: "set `image_token` in the encoder config to the model's image placeholder".into(),
+                    hint:
+                        "set `image_token` in the encoder config to the model's image placeholder"
+                            .into(),
                 })?;
         let end_of_turn = cfg
             .end_of_turn

@@ -328,4 +328,3 @@ fn missing_image_token_is_a_load_error() {
         "{err}"
     );
 }
-
