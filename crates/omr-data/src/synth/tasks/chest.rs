@@ -297,7 +297,7 @@ pub(crate) fn count(rng: &mut ChaCha8Rng) -> Built {
         if n == 1 { "nodule" } else { "nodules" }
     );
     let split = format!(
-        "{} in the right lung and {} in the left lung",
+        "the right lung has {} and the left lung has {}",
         number_word(per_lung[0]),
         number_word(per_lung[1])
     );
@@ -313,8 +313,8 @@ pub(crate) fn count(rng: &mut ChaCha8Rng) -> Built {
             ),
             Fact::supporting(
                 "side of the nodules",
-                format!("There are {split}."),
-                format!("there are {split}"),
+                format!("The image shows that {split}."),
+                split,
             ),
         ],
         rules: vec![Fact::rule(
@@ -484,13 +484,13 @@ pub(crate) fn render(s: &Scene, w: u32, h: u32, rng: &mut ChaCha8Rng) -> Canvas 
         if in_ellipse(HEART, u, v) {
             return gray(160.0);
         }
-        for lung in 0..2 {
-            if !in_ellipse(LUNGS[lung], u, v) {
+        for (lung, &geom) in LUNGS.iter().enumerate() {
+            if !in_ellipse(geom, u, v) {
                 continue;
             }
             let lat = lateral(lung, u);
             if s.pneumothorax == Some(lung) && lat > 0.45 {
-                return gray(if lat < 0.45 + line / LUNGS[lung].2 * 2.0 {
+                return gray(if lat < 0.45 + line / geom.2 * 2.0 {
                     150.0
                 } else {
                     18.0
