@@ -285,7 +285,7 @@ fn rows_are_consistent_images_decode_and_rubric_is_test_only() {
             for col in ["perception", "knowledge", "rationale"] {
                 let lists = b.column_by_name(col).unwrap().as_list::<i32>();
                 assert_eq!(lists.null_count(), 0, "{col} lists must be empty, not null");
-                for i in 0..b.num_rows() {
+                for (i, trace) in r.iter().enumerate() {
                     let units = lists.value(i);
                     let units = units.as_struct();
                     match split {
@@ -297,7 +297,7 @@ fn rows_are_consistent_images_decode_and_rubric_is_test_only() {
                             let ids = units.column(0).as_string::<i32>();
                             for k in 0..units.len() {
                                 assert!(
-                                    r[i].as_deref().unwrap().contains(quote.value(k)),
+                                    trace.as_deref().unwrap().contains(quote.value(k)),
                                     "quote not in trace"
                                 );
                                 assert!(["core", "supporting"].contains(&importance.value(k)));
@@ -487,4 +487,40 @@ fn at(batches: &[RecordBatch], mut row: usize) -> (&RecordBatch, usize) {
         row -= b.num_rows();
     }
     panic!("row out of range")
+}
+
+#[test]
+fn bad_configs_are_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(dir.path(), 0);
+    for cfg in [
+        SynthConfig {
+            rows_per_group: 0,
+            ..base.clone()
+        },
+        SynthConfig {
+            rows_per_shard: 0,
+            ..base.clone()
+        },
+        SynthConfig {
+            image_size: (8, 224),
+            ..base.clone()
+        },
+        SynthConfig {
+            size_jitter: 112,
+            ..base.clone()
+        },
+        SynthConfig {
+            train: 0,
+            test: 0,
+            ..base.clone()
+        },
+    ] {
+        let err = generate(&cfg).expect_err("config must be refused");
+        assert!(err.to_string().starts_with("invalid synth config"), "{err}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing is written for a bad config"
+    );
 }

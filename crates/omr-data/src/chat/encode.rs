@@ -119,7 +119,9 @@ impl Encoder {
                 .ok_or_else(|| ChatError::MissingToken {
                     path: source.into(),
                     token: cfg.image_token.clone(),
-                    hint: "set data.chat.image_token to the model's image placeholder".into(),
+                    hint:
+                        "set `image_token` in the encoder config to the model's image placeholder"
+                            .into(),
                 })?;
         let end_of_turn = cfg
             .end_of_turn
@@ -170,9 +172,10 @@ impl Encoder {
         }
         let full = self.render(messages)?;
         let spans = self.assistant_spans(messages, &full)?;
-        let (ids, offsets) = self.tokenize(&full)?;
-        let labels = label_tokens(&ids, &offsets, &spans);
-        let (mut ids, mut labels) = self.expand_images(&ids, &labels, image_token_counts)?;
+        let tokens = self.tokenize(&full)?;
+        let labels = label_tokens(tokens.get_ids(), tokens.get_offsets(), &spans);
+        let (mut ids, mut labels) =
+            self.expand_images(tokens.get_ids(), &labels, image_token_counts)?;
         self.fit_length(&mut ids, &mut labels, image_token_counts, true)?;
         if labels.iter().all(|&l| l == IGNORE) {
             return Err(Reason::NoSupervisedTokens);
@@ -189,9 +192,10 @@ impl Encoder {
         image_token_counts: &[usize],
     ) -> Result<Vec<u32>, Reason> {
         let text = self.template.render(messages, &self.opts(true))?;
-        let (ids, offsets) = self.tokenize(&text)?;
-        let labels = label_tokens(&ids, &offsets, &[]);
-        let (mut ids, mut labels) = self.expand_images(&ids, &labels, image_token_counts)?;
+        let tokens = self.tokenize(&text)?;
+        let labels = vec![IGNORE; tokens.get_ids().len()];
+        let (mut ids, mut labels) =
+            self.expand_images(tokens.get_ids(), &labels, image_token_counts)?;
         self.fit_length(&mut ids, &mut labels, image_token_counts, false)?;
         Ok(ids)
     }
@@ -237,13 +241,11 @@ impl Encoder {
         Ok(spans)
     }
 
-    /// ids and byte offsets into `text`, without adding special tokens (as transformers).
-    fn tokenize(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), Reason> {
-        let enc = self
-            .tokenizer
+    /// Token ids with byte offsets into `text`, no special tokens added (as transformers).
+    fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, Reason> {
+        self.tokenizer
             .encode(text, false)
-            .map_err(|e| Reason::TokenizerError(e.to_string()))?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+            .map_err(|e| Reason::TokenizerError(e.to_string()))
     }
 
     /// Replaces the i-th image placeholder by `counts[i]` copies (labels -100).

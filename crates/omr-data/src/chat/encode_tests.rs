@@ -308,6 +308,12 @@ fn debug_view_is_compact() {
 }
 
 #[test]
+fn encoder_can_be_shared_across_loader_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Encoder>();
+}
+
+#[test]
 fn missing_image_token_is_a_load_error() {
     let cfg = EncodeConfig {
         image_token: "<image>".into(),

@@ -3,8 +3,8 @@
 //! transformers 4.57 registers `tojson(x, ensure_ascii=False, indent=None, separators=None,
 //! sort_keys=False)` = `json.dumps(...)`. Byte parity needs exactly what Python writes:
 //! `", "` / `": "` separators (`","` once an indent is given), floats as `repr(float)`,
-//! `NaN`/`Infinity`, only `"`, `\\` and control characters escaped (everything outside
-//! printable ASCII when `ensure_ascii`, as UTF-16 units), lowercase `\\u00xx`, keys in insertion
+//! `NaN`/`Infinity`, only `"`, `\` and control characters escaped (everything outside
+//! printable ASCII when `ensure_ascii`, as UTF-16 units), lowercase `\u00xx`, keys in insertion
 //! order unless `sort_keys`.
 
 use super::python::python_float_str;
@@ -14,6 +14,9 @@ use std::fmt::Write;
 
 /// Deepest nesting `tojson` follows; guards against self-referencing objects.
 const MAX_DEPTH: usize = 128;
+
+/// Largest integer indent honoured.
+const MAX_INDENT: i64 = 1024;
 
 /// The `tojson` filter with Python's `json.dumps` signature. Positional arguments follow
 /// Python's order (`ensure_ascii, indent, separators`); keywords (`sort_keys` only as a
@@ -38,10 +41,11 @@ pub fn tojson(
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match v.kind() {
-            // Python: `" " * indent` (negative gives ""), or the string itself.
+            // Python: `" " * indent` (negative gives ""), or the string itself. The cap keeps a
+            // hostile template from allocating gigabytes; real templates indent by 2 or 4.
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             ValueKind::Number if v.is_integer() => {
-                Some(" ".repeat(v.as_i64().unwrap_or(0).clamp(0, 64) as usize))
+                Some(" ".repeat(v.as_i64().unwrap_or(0).clamp(0, MAX_INDENT) as usize))
             }
             _ => return Err(bad_arg("indent must be an integer or a string")),
         },

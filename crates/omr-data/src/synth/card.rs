@@ -41,16 +41,16 @@ pub(crate) fn render(cfg: &SynthConfig, files: &[ShardReport]) -> String {
             "  - name: {}\n    num_bytes: {}\n    num_examples: {}\n",
             s.as_str(),
             sum(s, |r| r.arrow_bytes),
-            sum(s, |r| r.rows as u64)
+            sum(s, |r| r.rows)
         );
     }
     let download: u64 = files.iter().map(|r| r.file_bytes).sum();
     let dataset: u64 = files.iter().map(|r| r.arrow_bytes).sum();
     y += &format!("  download_size: {download}\n  dataset_size: {dataset}\n---\n\n");
 
-    let (w, h) = cfg.image.size;
-    let jitter = if cfg.image.jitter > 0 {
-        format!(" ± {} px per side", cfg.image.jitter)
+    let (w, h) = cfg.image_size;
+    let jitter = if cfg.size_jitter > 0 {
+        format!(" ± {} px per side", cfg.size_jitter)
     } else {
         String::new()
     };

@@ -34,12 +34,24 @@ pub struct SynthConfig {
     pub train: usize,
     pub test: usize,
     pub seed: u64,
-    pub image: ImageSpec,
+    /// Image (width, height) in pixels.
+    pub image_size: (u32, u32),
+    /// Each side is drawn uniformly in `size ± size_jitter` (0: every image is `image_size`).
+    pub size_jitter: u32,
     /// Parquet row-group size (the readers' block size).
     pub rows_per_group: usize,
     /// Rows per parquet file; a split of N rows gets ceil(N / rows_per_shard) files.
     pub rows_per_shard: usize,
     pub compression: Compression,
+}
+
+impl SynthConfig {
+    pub fn image_spec(&self) -> ImageSpec {
+        ImageSpec {
+            size: self.image_size,
+            jitter: self.size_jitter,
+        }
+    }
 }
 
 impl Default for SynthConfig {
@@ -49,7 +61,8 @@ impl Default for SynthConfig {
             train: 2000,
             test: 200,
             seed: 0,
-            image: ImageSpec::default(),
+            image_size: ImageSpec::default().size,
+            size_jitter: 0,
             rows_per_group: 64,
             rows_per_shard: 2000,
             compression: Compression::Snappy,
@@ -121,16 +134,16 @@ fn validate(cfg: &SynthConfig) -> Result<(), SynthError> {
     if cfg.rows_per_group == 0 || cfg.rows_per_shard == 0 {
         return bad("rows_per_group and rows_per_shard must be at least 1".into());
     }
-    let (w, h) = cfg.image.size;
+    let (w, h) = cfg.image_size;
     if !(16..=4096).contains(&w) || !(16..=4096).contains(&h) {
         return bad(format!(
             "image size {w}x{h} must be between 16 and 4096 pixels per side"
         ));
     }
-    if cfg.image.jitter * 2 >= w.min(h) {
+    if cfg.size_jitter.saturating_mul(2) >= w.min(h) {
         return bad(format!(
-            "image jitter {} must be under half the smaller side ({})",
-            cfg.image.jitter,
+            "size jitter {} must be under half the smaller side ({})",
+            cfg.size_jitter,
             w.min(h)
         ));
     }
@@ -215,6 +228,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthReport, SynthError> {
         &shards.iter().map(|(_, p)| p.0.clone()).collect::<Vec<_>>(),
     )?;
 
+    let spec = cfg.image_spec();
     let opts = WriteOptions {
         rows_per_group: cfg.rows_per_group,
         compression: cfg.compression,
@@ -229,7 +243,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthReport, SynthError> {
     for (split, (name, first, rows)) in shards {
         let generated = (first..first + rows)
             .into_par_iter()
-            .map(|i| synth_row_with(split, i as u64, cfg.seed, &cfg.image))
+            .map(|i| synth_row_with(split, i as u64, cfg.seed, &spec))
             .collect::<Result<Vec<_>, _>>()?;
         let mut raws = Vec::with_capacity(generated.len());
         for row in generated {

@@ -91,10 +91,11 @@ fn splitmix(mut z: u64) -> u64 {
 
 /// The row's ChaCha8 key: 32 bytes from chained SplitMix64 over (seed, split, index).
 fn row_rng(split: Split, index: u64, seed: u64) -> ChaCha8Rng {
-    let tag = match split {
-        Split::Train => 0x7472_6169_6e,
-        Split::Test => 0x7465_7374,
-    };
+    // The split name's bytes, so train and test rows of one index get unrelated streams.
+    let tag = split
+        .as_str()
+        .bytes()
+        .fold(0u64, |t, b| t << 8 | u64::from(b));
     let mut h = splitmix(splitmix(splitmix(seed) ^ tag) ^ index);
     let mut key = [0u8; 32];
     for chunk in key.chunks_exact_mut(8) {

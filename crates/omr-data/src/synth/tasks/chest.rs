@@ -1,24 +1,15 @@
-//! Chest-radiograph-like images and their five tasks (location, count, diagnosis, management,
-//! workup).
+//! Chest-radiograph tasks (location, count, diagnosis, management, workup) and their text;
+//! the film itself is drawn by `chest_film.rs`.
 //!
-//! The film is a gray field: body, two dark lung ellipses with rib bands and faint markings, a
-//! bright mediastinum and heart, film grain; findings are bright round opacities (nodule ≤ 3 cm,
-//! mass > 3 cm at a 36 cm field width), a basal effusion with a curved upper edge, or a
-//! pneumothorax (a black lateral rim behind a thin pleural line). Sides follow the radiological
-//! convention: the patient's right lung is on the image left, and the trace states that rule.
+//! Findings are bright round opacities (nodule ≤ 3 cm, mass > 3 cm), a basal effusion with a
+//! curved upper edge, or a pneumothorax. Sides follow the radiological convention: the
+//! patient's right lung is on the image left, and the location trace states that rule.
 
-use super::{
-    link, number_word, spaced_point, vignette, Built, Fact, Importance, Scene as AnyScene,
-};
-use crate::synth::draw::{gray, Canvas};
+use super::chest_film::{diameter_cm, scatter, single_lesion, Scene};
+use super::{link, number_word, vignette, Built, Fact, Importance, Scene as AnyScene};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-/// Width of the imaged field, to turn radii into centimetres.
-const FIELD_CM: f32 = 36.0;
-/// Lungs as (centre u, centre v, radius u, radius v); index 0 = patient right = image left.
-const LUNGS: [(f32, f32, f32, f32); 2] = [(0.31, 0.52, 0.16, 0.33), (0.69, 0.52, 0.16, 0.33)];
-const HEART: (f32, f32, f32, f32) = (0.53, 0.68, 0.11, 0.10);
 const COMPLAINTS: [&str; 5] = [
     "has had a cough for six weeks",
     "has chest pain",
@@ -26,21 +17,6 @@ const COMPLAINTS: [&str; 5] = [
     "comes for a routine check-up",
     "has lost weight",
 ];
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Lesion {
-    pub u: f32,
-    pub v: f32,
-    /// Radius as a fraction of the image width.
-    pub r: f32,
-}
-
-pub(crate) struct Scene {
-    lesions: Vec<Lesion>,
-    /// Lung index (0 = patient right) with a pleural effusion.
-    effusion: Option<usize>,
-    pneumothorax: Option<usize>,
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -53,56 +29,6 @@ enum Kind {
 
 fn side_name(lung: usize) -> &'static str {
     ["right", "left"][lung]
-}
-
-fn diameter_cm(r: f32) -> u32 {
-    (2.0 * r * FIELD_CM).round() as u32
-}
-
-/// One round lesion in a lung (0/1) and zone (0 upper, 1 lower), sized as nodule or mass.
-fn single_lesion(rng: &mut ChaCha8Rng, lung: usize, lower: bool, mass: bool) -> Lesion {
-    let (cu, ..) = LUNGS[lung];
-    let r = if mass {
-        rng.random_range(0.056..0.083)
-    } else {
-        rng.random_range(0.017..0.030)
-    };
-    let v = if lower {
-        rng.random_range(0.58..0.64)
-    } else {
-        rng.random_range(0.32..0.40)
-    };
-    // The left lower field is partly behind the heart: keep lesions lateral of it.
-    let du = if lung == 1 && lower {
-        rng.random_range(0.02..0.06)
-    } else {
-        rng.random_range(-0.04..0.04)
-    };
-    Lesion { u: cu + du, v, r }
-}
-
-/// `n` small nodules, `per_lung[i]` of them in lung i, spread through the fields.
-fn scatter(rng: &mut ChaCha8Rng, per_lung: [usize; 2]) -> Vec<Lesion> {
-    let mut pts = Vec::new();
-    let mut out = Vec::new();
-    for (lung, &n) in per_lung.iter().enumerate() {
-        let (cu, ..) = LUNGS[lung];
-        let (u0, u1) = if lung == 0 {
-            (cu - 0.09, cu + 0.07)
-        } else {
-            (cu - 0.03, cu + 0.09)
-        };
-        for _ in 0..n {
-            let p = spaced_point(rng, (u0, 0.28, u1, 0.70), &pts, 0.075);
-            pts.push((p.0, p.1, 0.0));
-            out.push(Lesion {
-                u: p.0,
-                v: p.1,
-                r: rng.random_range(0.017..0.028),
-            });
-        }
-    }
-    out
 }
 
 /// Splits `n` nodules between the lungs, at least one on each side when `both`.
@@ -297,7 +223,7 @@ pub(crate) fn count(rng: &mut ChaCha8Rng) -> Built {
         if n == 1 { "nodule" } else { "nodules" }
     );
     let split = format!(
-        "{} in the right lung and {} in the left lung",
+        "the right lung has {} and the left lung has {}",
         number_word(per_lung[0]),
         number_word(per_lung[1])
     );
@@ -313,8 +239,8 @@ pub(crate) fn count(rng: &mut ChaCha8Rng) -> Built {
             ),
             Fact::supporting(
                 "side of the nodules",
-                format!("There are {split}."),
-                format!("there are {split}"),
+                format!("The image shows that {split}."),
+                split,
             ),
         ],
         rules: vec![Fact::rule(
@@ -449,108 +375,4 @@ pub(crate) fn workup(rng: &mut ChaCha8Rng) -> Built {
         choices,
         Some(rule),
     )
-}
-
-/// Normalized lateral position in a lung: 0 at its centre, 1 at its outer edge, negative
-/// towards the mediastinum.
-fn lateral(lung: usize, u: f32) -> f32 {
-    let (cu, _, ru, _) = LUNGS[lung];
-    if lung == 0 {
-        (cu - u) / ru
-    } else {
-        (u - cu) / ru
-    }
-}
-
-fn in_ellipse((cu, cv, ru, rv): (f32, f32, f32, f32), u: f32, v: f32) -> bool {
-    ((u - cu) / ru).powi(2) + ((v - cv) / rv).powi(2) <= 1.0
-}
-
-pub(crate) fn render(s: &Scene, w: u32, h: u32, rng: &mut ChaCha8Rng) -> Canvas {
-    let phase: f32 = rng.random_range(0.0..std::f32::consts::TAU);
-    let tex: [(f32, f32, f32); 3] = std::array::from_fn(|_| {
-        (
-            rng.random_range(20.0..45.0),
-            rng.random_range(20.0..45.0),
-            rng.random_range(0.0..6.3),
-        )
-    });
-    // Pleural line half-width: about one pixel whatever the image size.
-    let line = 0.8 / w as f32;
-    let mut c = Canvas::from_fn(w, h, |u, v| {
-        if ((u - 0.5) / 0.47).powi(2) + ((v - 0.55) / 0.52).powi(2) > 1.0 {
-            return gray(25.0);
-        }
-        if in_ellipse(HEART, u, v) {
-            return gray(160.0);
-        }
-        for lung in 0..2 {
-            if !in_ellipse(LUNGS[lung], u, v) {
-                continue;
-            }
-            let lat = lateral(lung, u);
-            if s.pneumothorax == Some(lung) && lat > 0.45 {
-                return gray(if lat < 0.45 + line / LUNGS[lung].2 * 2.0 {
-                    150.0
-                } else {
-                    18.0
-                });
-            }
-            if s.effusion == Some(lung) && v > 0.63 - 0.07 * lat.clamp(-1.0, 1.0) {
-                return gray(175.0);
-            }
-            let rib = ((v * 34.0 + 6.0 * (u - 0.5).abs() + phase).sin())
-                .max(0.0)
-                .powi(6)
-                * 24.0;
-            let marks: f32 = tex
-                .iter()
-                .map(|&(a, b, p)| (a * u + b * v + p).sin())
-                .sum::<f32>()
-                * 4.0;
-            return gray(58.0 + rib + marks);
-        }
-        if (u - 0.5).abs() < 0.055 {
-            return gray(170.0);
-        }
-        gray(118.0)
-    });
-    for l in &s.lesions {
-        let r = l.r * w as f32;
-        c.disc(c.x(l.u), c.y(l.v), r, gray(215.0), 0.85, 1.0 + r * 0.25);
-    }
-    c.noise(rng, 12.0, true);
-    c
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn sizes_fall_on_the_right_side_of_the_3_cm_rule() {
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for _ in 0..200 {
-            assert!(diameter_cm(single_lesion(&mut rng, 0, false, false).r) <= 2);
-            assert!(diameter_cm(single_lesion(&mut rng, 1, true, true).r) >= 4);
-        }
-    }
-
-    #[test]
-    fn lesion_is_bright_in_the_rendered_film() {
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let l = single_lesion(&mut rng, 0, true, true);
-        let scene = Scene {
-            lesions: vec![l],
-            effusion: None,
-            pneumothorax: None,
-        };
-        let c = render(&scene, 224, 224, &mut rng);
-        let at = |u: f32, v: f32| c.get((u * 224.0) as u32, (v * 224.0) as u32)[0];
-        assert!(
-            at(l.u, l.v) > at(LUNGS[1].0, l.v) + 60.0,
-            "lesion should stand out from the clear lung"
-        );
-    }
 }

@@ -50,8 +50,7 @@ fn section(rng: &mut ChaCha8Rng, t: Cell) -> (Scene, Fact, Fact) {
             taken.push((u, v, radius));
             cells.push((u, v, rng.random_range(0.0..std::f32::consts::PI), kind));
         };
-    let support;
-    if t == Cell::Giant {
+    let support = if t == Cell::Giant {
         let giants = rng.random_range(1..=2usize);
         for _ in 0..giants {
             place(rng, Cell::Giant, 0.12, 0.08, &mut cells);
@@ -67,7 +66,7 @@ fn section(rng: &mut ChaCha8Rng, t: Cell) -> (Scene, Fact, Fact) {
         } else {
             "There are two giant cells"
         };
-        support = Fact::supporting("number of giant cells", format!("{s}."), s.to_lowercase());
+        Fact::supporting("number of giant cells", format!("{s}."), s.to_lowercase())
     } else {
         let dense = rng.random_bool(0.5);
         let n = if dense {
@@ -92,8 +91,8 @@ fn section(rng: &mut ChaCha8Rng, t: Cell) -> (Scene, Fact, Fact) {
         } else {
             "The cells are scattered"
         };
-        support = Fact::supporting("cell density", format!("{s}."), s.to_lowercase());
-    }
+        Fact::supporting("cell density", format!("{s}."), s.to_lowercase())
+    };
     let what = match t {
         Cell::Lymphocyte => {
             "mostly small round cells with a dark round nucleus and scant cytoplasm"

@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub(crate) mod chart;
 pub(crate) mod chest;
+pub(crate) mod chest_film;
 pub(crate) mod fundus;
 pub(crate) mod histo;
 pub(crate) mod skin;
@@ -121,7 +122,7 @@ pub(crate) struct Built {
 /// Everything needed to draw the image; positions live here (drawn from the latent stream) so
 /// the text never depends on the pixel stream.
 pub(crate) enum Scene {
-    Chest(chest::Scene),
+    Chest(chest_film::Scene),
     Histo(histo::Scene),
     Bars(chart::Bars),
     Line(chart::Line),
@@ -133,7 +134,7 @@ impl Scene {
     /// Draws the scene at `w`×`h`; `rng` is the row's pixel stream (noise, texture phases).
     pub fn render(&self, w: u32, h: u32, rng: &mut ChaCha8Rng) -> Canvas {
         match self {
-            Scene::Chest(s) => chest::render(s, w, h, rng),
+            Scene::Chest(s) => chest_film::render(s, w, h, rng),
             Scene::Histo(s) => histo::render(s, w, h, rng),
             Scene::Bars(s) => chart::render_bars(s, w, h, rng),
             Scene::Line(s) => chart::render_line(s, w, h, rng),

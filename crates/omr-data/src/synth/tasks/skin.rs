@@ -19,10 +19,10 @@ const TONES: [&Rgb; 4] = [
     &[240.0, 212.0, 192.0],
 ];
 const COMPLAINTS: [&str; 4] = [
-    "shows a skin lesion on the back",
-    "shows a skin lesion on the arm",
-    "shows a skin lesion on the face",
-    "shows a skin lesion on the leg",
+    "has a skin lesion on the back",
+    "has a skin lesion on the arm",
+    "has a skin lesion on the face",
+    "has a skin lesion on the leg",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -155,13 +155,16 @@ fn dx(kind: Kind) -> (&'static str, &'static str, &'static str) {
     }
 }
 
+/// A task's own rule: its rubric topic and the clause for each kind.
+type SecondRule = (&'static str, fn(Kind) -> &'static str);
+
 /// Shared body: draw the kind uniformly; with `second` the trace states the diagnostic rule as
 /// supporting knowledge and the task's own rule as core.
 fn kind_task(
     rng: &mut ChaCha8Rng,
     stem: &str,
     choices: Vec<&'static str>,
-    second: Option<(&'static str, fn(Kind) -> &'static str)>,
+    second: Option<SecondRule>,
 ) -> Built {
     let correct = rng.random_range(0..KINDS.len());
     let kind = KINDS[correct];
