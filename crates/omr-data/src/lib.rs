@@ -20,6 +20,7 @@ pub mod quarantine;
 pub mod sample;
 pub mod source;
 pub mod synth;
+pub mod tiny;
 pub mod tokenizer_train;
 pub mod validate;
 

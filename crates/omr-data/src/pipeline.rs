@@ -40,6 +40,8 @@ pub struct Processor {
     image: ImageProcessor,
     encoder: Encoder,
     limits: DecodeLimits,
+    image_token_id: u32,
+    pad_id: u32,
 }
 
 impl Processor {
@@ -48,7 +50,16 @@ impl Processor {
         let enc_cfg = EncodeConfig { max_length: cfg.max_length, truncation: cfg.truncation, ..Default::default() };
         let encoder = Encoder::from_model_dir(dir, enc_cfg).map_err(|e| PipelineError::Chat(e.to_string()))?;
         let limits = DecodeLimits { max_pixels: cfg.max_image_pixels, ..Default::default() };
-        Ok(Processor { image, encoder, limits })
+        let tok = encoder.tokenizer();
+        let image_token_id = tok.token_to_id(&encoder.config().image_token).ok_or_else(|| {
+            PipelineError::Chat(format!("{}: no id for the image token", dir.display()))
+        })?;
+        let pad_id = encoder
+            .template()
+            .special_token("pad_token")
+            .and_then(|t| tok.token_to_id(t))
+            .unwrap_or(0);
+        Ok(Processor { image, encoder, limits, image_token_id, pad_id })
     }
 
     pub fn image(&self) -> &ImageProcessor {
@@ -60,11 +71,12 @@ impl Processor {
     }
 
     pub fn image_token_id(&self) -> u32 {
-        self.encoder.image_pad_id()
+        self.image_token_id
     }
 
+    /// The tokenizer config's `pad_token` (`<|endoftext|>` for Qwen2), else id 0.
     pub fn pad_id(&self) -> u32 {
-        self.encoder.pad_id()
+        self.pad_id
     }
 
     /// Full pipeline for one sample; every failure is a quarantine reason.

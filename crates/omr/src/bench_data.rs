@@ -92,12 +92,14 @@ pub fn run(a: BenchDataArgs) -> crate::Result<()> {
             break;
         }
     }
-    anyhow::ensure!(!samples.is_empty(), "no usable sample with an image in {}", data.display());
+    if samples.is_empty() {
+        return Err(crate::exit::Exit::usage(anyhow::anyhow!("no usable sample with an image in {}", data.display())));
+    }
     let cores = rayon::current_num_threads();
     println!("omr bench data: {} samples from {}, {} repeats, {} cores", samples.len(), data.display(), a.repeats, cores);
 
     // Ours, one thread: full pipeline, then image part only.
-    let full1 = time(a.repeats, || samples.iter().map(|s| pixels(&processor.encode(s).ok()?.image_sizes)).sum());
+    let full1 = time(a.repeats, || samples.iter().filter_map(|s| pixels(&processor.encode(s).ok()?.image_sizes)).sum());
     let img_only = |s: &Sample| -> Option<f64> {
         let mut mp = 0.0;
         for im in &s.images {
@@ -165,7 +167,7 @@ fn bench_dicom(a: &BenchDataArgs, image: &ImageProcessor, model: &Path, dir: &Pa
         match omr_data::image::decode(&bytes, &limits) {
             Ok(rgb) => {
                 let png = png_dir.join(format!("{}.png", f.file_stem().unwrap_or_default().to_string_lossy()));
-                omr_data::image::write_png(&rgb, &png)?;
+                crate::tensors::write_png(&rgb, &png)?;
                 pngs.push(std::fs::read(&png)?);
                 blobs.push(bytes);
             }

@@ -154,9 +154,12 @@ pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
     let cfg = omr_data::synth::SynthConfig { out: a.out.clone(), train: a.train, test: a.test, seed: a.seed, ..Default::default() };
     let report = omr_data::synth::generate(&cfg).with_context(|| format!("synthesising into {}", a.out.display()))?;
     let processor = a.out.join("processor");
-    omr_data::synth::write_processor(&a.out, &processor, a.seed, a.vocab_size)
+    omr_data::tiny::write_tiny_processor(&processor, a.train, a.seed, a.vocab_size)
         .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
-    eprintln!("{report}");
+    for f in &report.files {
+        eprintln!("wrote {}: {} rows, {} bytes", f.path, f.rows, f.file_bytes);
+    }
+    eprintln!("synthesised in {:.1}s", report.seconds);
     eprintln!("processor (tokenizer, chat template, preprocessor config): {}", processor.display());
     Ok(processor)
 }
@@ -203,7 +206,7 @@ pub fn preprocess(a: &PreprocessArgs) -> crate::Result<()> {
     let (p, _) = image
         .process_bytes(&bytes, &limits)
         .map_err(|r| Exit::bad_data(anyhow::anyhow!("{}: {r}", a.image.display())))?;
-    omr_data::image::write_safetensors(&a.out, &p).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::tensors::write_processed(&a.out, &p).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "{}: pixel_values ({}, {}) image_grid_thw {:?} -> {}",
         a.image.display(),

@@ -5,6 +5,7 @@ mod bench_data;
 mod data;
 mod demo;
 mod exit;
+mod tensors;
 
 use clap::{Parser, Subcommand};
 use exit::Exit;
