@@ -171,11 +171,8 @@ pub(crate) fn gray16_to_rgb(values: impl Iterator<Item = u16> + Clone) -> Vec<u8
     let range = (hi as u32).saturating_sub(lo as u32);
     values
         .flat_map(|v| {
-            let g = if range == 0 {
-                (v >> 8) as u8
-            } else {
-                (((v - lo) as u32 * 255 + range / 2) / range) as u8
-            };
+            let stretched = ((v - lo) as u32 * 255 + range / 2).checked_div(range);
+            let g = stretched.map_or((v >> 8) as u8, |s| s as u8);
             [g; 3]
         })
         .collect()

@@ -87,7 +87,11 @@ impl ImageProcessor {
         if c.do_resize {
             return smart_resize(height, width, factor, c.min_pixels, c.max_pixels);
         }
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(Reason::ImageBadDimensions {
                 width: width as u64,
                 height: height as u64,
@@ -209,7 +213,11 @@ mod tests {
     fn normalization_uses_hf_float_types() {
         let proc = ImageProcessor::new(PreprocessorConfig::default()).unwrap();
         let x = (200f64 * (1.0 / 255.0)) as f32;
-        assert_eq!(proc.lut[1][200], (x - 0.4578275f32) / 0.26130258f32);
+        // HF: np.array(mean, dtype=float32) rounds the f64 config value to f32.
+        assert_eq!(
+            proc.lut[1][200],
+            (x - 0.4578275f64 as f32) / 0.26130258f64 as f32
+        );
     }
 
     #[test]
