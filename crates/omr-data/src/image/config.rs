@@ -103,7 +103,7 @@ impl PreprocessorConfig {
                 self.min_pixels, self.max_pixels
             ));
         }
-        if self.image_std.iter().any(|s| *s == 0.0) {
+        if self.image_std.contains(&0.0) {
             return bad("image_std contains 0".into());
         }
         Ok(())

@@ -1,11 +1,11 @@
 //! Structural walks over JPEG markers and PNG chunks: is the file complete?
 //!
-//! Decoders are lenient with cut-off files: zune-jpeg (like browsers) fills the missing part of a
-//! truncated scan with grey, and a training run would silently learn from half-grey images.
+//! Decoders can be lenient with cut-off files: zune-jpeg (like browsers) fills the missing part of
+//! a truncated scan with grey, and a training run would silently learn from half-grey images.
 //! These walks read only the container framing (segment lengths, chunk lengths), never pixels,
-//! and say whether the end marker is there. The decoders then decide with that knowledge (see
-//! `decode.rs`): PIL accepts a JPEG whose only missing piece is EOI and a PNG whose only missing
-//! piece is IEND, and so do we, but nothing shorter.
+//! and say whether the end marker is there; the decoders decide with that knowledge. PIL accepts
+//! a PNG whose only missing piece is IEND, and so do we (the PNG decoder fails on any missing
+//! image data); a JPEG without EOI is rejected (see `jpeg.rs`).
 
 /// How a container ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +82,8 @@ pub(crate) fn jpeg_ending(b: &[u8]) -> Ending {
 }
 
 const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+/// A complete IEND chunk: zero length, type, CRC.
+pub(crate) const PNG_IEND: &[u8; 12] = b"\0\0\0\0IEND\xAE\x42\x60\x82";
 
 /// Walks PNG chunks (length, type, data, CRC) from the signature to IEND.
 pub(crate) fn png_ending(b: &[u8]) -> Ending {

@@ -13,6 +13,9 @@
 //! grayscale is stretched from the image's min..max to 0..255 (rounded half up), where PIL clips
 //! "I;16" at 255 and turns a typical medical image white. EXIF orientation is applied as HF
 //! `datasets` does (`ImageOps.exif_transpose`).
+//!
+//! The third-party decoders are memory-safe but not all panic-free on hostile input, so a panic
+//! inside one becomes `ImageUndecodable` instead of killing a loader thread.
 
 use super::container::{self, Ending};
 use super::smart_resize::MAX_ASPECT_RATIO;
@@ -27,6 +30,14 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Reason> {
     if bytes.is_empty() {
         return Err(Reason::ImageEmpty);
     }
+    std::panic::catch_unwind(|| decode_any(bytes, limits)).unwrap_or_else(|_| {
+        Err(Reason::ImageUndecodable(
+            "the decoder panicked on this data".into(),
+        ))
+    })
+}
+
+fn decode_any(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Reason> {
     if container::is_dicom(bytes) {
         return dicom::decode_dicom(bytes, limits);
     }
@@ -79,6 +90,15 @@ fn decode_raster(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Reason
         container::png_ending(bytes)
     } else {
         Ending::Complete
+    };
+    // PIL reads a PNG that stops cleanly after its last chunk without IEND; the png crate wants
+    // IEND, so give it one. Missing image data still fails: IEND cannot stand in for IDAT bytes.
+    let owned;
+    let bytes = if matches!(ending, Ending::MissingEnd(_)) {
+        owned = [bytes, container::PNG_IEND.as_slice()].concat();
+        owned.as_slice()
+    } else {
+        bytes
     };
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -151,11 +171,8 @@ pub(crate) fn gray16_to_rgb(values: impl Iterator<Item = u16> + Clone) -> Vec<u8
     let range = (hi as u32).saturating_sub(lo as u32);
     values
         .flat_map(|v| {
-            let g = if range == 0 {
-                (v >> 8) as u8
-            } else {
-                (((v - lo) as u32 * 255 + range / 2) / range) as u8
-            };
+            let stretched = ((v - lo) as u32 * 255 + range / 2).checked_div(range);
+            let g = stretched.map_or((v >> 8) as u8, |s| s as u8);
             [g; 3]
         })
         .collect()

@@ -5,9 +5,9 @@
 //! applied, `convert("RGB")`. Stages, each in its own file:
 //!
 //! - [`decode`]: sniff the format, read the header, refuse bombs / truncated files / absurd shapes
-//!   *before* decoding, then decode to 8-bit RGB (`jpeg` via zune-jpeg, PNG/TIFF/BMP/WebP via the
-//!   `image` crate, [`dicom`] via dicom-rs). PNG decoding is bit-identical to PIL; JPEG differs
-//!   from libjpeg-turbo by small IDCT/upsampling rounding (measured in `tests/image_parity.rs`).
+//!   *before* decoding, then decode to 8-bit RGB (JPEG via jpeg-decoder, PNG/TIFF/BMP/WebP via
+//!   the `image` crate, [`dicom`] via dicom-rs). PNG decoding is bit-identical to PIL; JPEG
+//!   differs from libjpeg-turbo by IDCT/color rounding, at most 3 levels on the fixtures.
 //! - [`smart_resize`]: the target size, a line-for-line port including Python's
 //!   round-half-to-even.
 //! - [`resize`]: Pillow's fixed-point separable bicubic, bit-identical to

@@ -87,7 +87,11 @@ impl ImageProcessor {
         if c.do_resize {
             return smart_resize(height, width, factor, c.min_pixels, c.max_pixels);
         }
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(Reason::ImageBadDimensions {
                 width: width as u64,
                 height: height as u64,
@@ -110,8 +114,11 @@ impl ImageProcessor {
     }
 
     pub fn process(&self, img: &RgbImage) -> Result<Processed, Reason> {
-        let resized = self.resize(img)?;
-        Ok(self.patchify(&resized))
+        let (h, w) = self.target_size(img.height() as usize, img.width() as usize)?;
+        if (h, w) == (img.height() as usize, img.width() as usize) {
+            return Ok(self.patchify(img));
+        }
+        Ok(self.patchify(&resize_bicubic(img, w as u32, h as u32)))
     }
 
     /// Decodes and processes; also returns the decoded (orig_h, orig_w).
@@ -136,33 +143,32 @@ impl ImageProcessor {
         let (gh, gw) = (h / p, w / p);
         let patch_dim = self.patch_dim();
         let src = img.as_raw();
-        let mut out = vec![0f32; gh * gw * patch_dim];
-        let mut rows = out.chunks_exact_mut(patch_dim);
+        // Written strictly in output order, so no zero-filled buffer is needed (the output is
+        // large: 24 bytes per resized pixel with T = 2).
+        let mut out = Vec::with_capacity(gh * gw * patch_dim);
         // Row order: merge block (bh, bw), then patch (mh, mw) inside it.
         for bh in 0..gh / m {
             for bw in 0..gw / m {
                 for mh in 0..m {
                     for mw in 0..m {
-                        let row = rows.next().expect("one row per patch");
                         let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
                         // Column order: channel, time, patch row, patch column. Time repeats the
-                        // single frame, so the first (P·P) block per channel is copied T-1 times.
-                        for (c, chan) in row.chunks_exact_mut(t * p * p).enumerate() {
-                            let (first, rest) = chan.split_at_mut(p * p);
-                            for (py, dst) in first.chunks_exact_mut(p).enumerate() {
-                                let s = &src[((y0 + py) * w + x0) * 3 + c..];
-                                for (px, d) in dst.iter_mut().enumerate() {
-                                    *d = self.lut[c][s[px * 3] as usize];
-                                }
+                        // single frame, so each channel's first (P·P) block is copied T-1 times.
+                        for (c, lut) in self.lut.iter().enumerate() {
+                            let first = out.len();
+                            for py in 0..p {
+                                let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
+                                out.extend(line[c..].iter().step_by(3).map(|&v| lut[v as usize]));
                             }
-                            for copy in rest.chunks_exact_mut(p * p) {
-                                copy.copy_from_slice(first);
+                            for _ in 1..t {
+                                out.extend_from_within(first..first + p * p);
                             }
                         }
                     }
                 }
             }
         }
+        debug_assert_eq!(out.len(), gh * gw * patch_dim);
         Processed {
             pixel_values: out,
             grid_thw: [1, gh as u32, gw as u32],
@@ -207,7 +213,11 @@ mod tests {
     fn normalization_uses_hf_float_types() {
         let proc = ImageProcessor::new(PreprocessorConfig::default()).unwrap();
         let x = (200f64 * (1.0 / 255.0)) as f32;
-        assert_eq!(proc.lut[1][200], (x - 0.4578275f32) / 0.26130258f32);
+        // HF: np.array(mean, dtype=float32) rounds the f64 config value to f32.
+        assert_eq!(
+            proc.lut[1][200],
+            (x - 0.4578275f64 as f32) / 0.26130258f64 as f32
+        );
     }
 
     #[test]
