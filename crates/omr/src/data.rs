@@ -156,9 +156,6 @@ pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
     let processor = a.out.join("processor");
     omr_data::tiny::write_tiny_processor(&processor, a.train, a.seed, a.vocab_size)
         .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
-    for f in &report.files {
-        eprintln!("wrote {}: {} rows, {} bytes", f.path, f.rows, f.file_bytes);
-    }
     eprintln!("synthesised in {:.1}s", report.seconds);
     eprintln!("processor (tokenizer, chat template, preprocessor config): {}", processor.display());
     Ok(processor)

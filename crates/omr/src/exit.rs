@@ -37,17 +37,13 @@ impl fmt::Display for Exit {
     }
 }
 
-/// `.usage()?` / `.bad_data()?` on any result: tags the error with its exit code.
+/// `.usage()?` on any result: tags the error as a config/usage error (exit 2).
 pub trait Tag<T> {
     fn usage(self) -> Result<T, Exit>;
-    fn bad_data(self) -> Result<T, Exit>;
 }
 
 impl<T, E: Into<anyhow::Error>> Tag<T> for Result<T, E> {
     fn usage(self) -> Result<T, Exit> {
         self.map_err(Exit::usage)
-    }
-    fn bad_data(self) -> Result<T, Exit> {
-        self.map_err(Exit::bad_data)
     }
 }
