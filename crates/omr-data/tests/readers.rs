@@ -213,7 +213,7 @@ fn parquet_large_types_plain_binary_and_reasoning_trace() {
     );
     assert_eq!(s.reasoning.as_deref(), Some(trace("D").as_str()));
     assert_eq!(s.meta.get("modality").map(String::as_str), Some("CT"));
-    assert_eq!(err(&rows, 1), &Reason::ImageMissing);
+    assert_eq!(err(&rows, 1), &Reason::ImageEmpty);
 }
 
 #[test]

@@ -187,6 +187,8 @@ impl ParquetSource {
                 let bytes = self.images.read(&p)?;
                 Ok(ImageBytes { bytes, path: Some(p) })
             }
+            // Zero bytes and nowhere else to look: the record had an image that is empty.
+            (Some(_), _) => Err(Reason::ImageEmpty),
             _ => Err(Reason::ImageMissing),
         }
     }
