@@ -121,3 +121,36 @@ fn bad_data_over_budget_exits_64_and_names_every_record() {
     let out = omr(&["data", "validate", "--model", s(&tmp.path().join("nomodel")), "--data", s(&d)]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn weighted_mixture_of_parquet_and_jsonl_streams_in_proportion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    ok(&["data", "synth", "--out", s(&d), "--train", "64", "--test", "0", "--seed", "3", "--vocab-size", "600"]);
+    let j = tmp.path().join("j");
+    std::fs::create_dir_all(&j).unwrap();
+    std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
+    let line = r#"{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "<think>x</think><answer>A</answer>"}]}"#;
+    std::fs::write(j.join("train.jsonl"), format!("{line}\n").repeat(10)).unwrap();
+    let cfg = tmp.path().join("mix.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[sources]]\nname = \"omr\"\npath = {:?}\nweight = 3.0\n\n[[sources]]\nname = \"llava\"\npath = {:?}\nweight = 1.0\n\n[batch]\nbatch_size = 4\nmode = \"pad\"\n",
+            s(&d),
+            s(&j)
+        ),
+    )
+    .unwrap();
+    let q = tmp.path().join("q.jsonl");
+    let out = ok(&["data", "batches", "--config", s(&cfg), "--model", s(&d.join("processor")), "--steps", "8", "--quarantine", s(&q)]);
+    assert_eq!(out.lines().filter(|l| l.starts_with("batch ")).count(), 8, "{out}");
+    assert!(out.contains("omr") && out.contains("24 (75.0%)"), "{out}");
+    assert!(out.contains("llava") && out.contains("8 (25.0%)"), "{out}");
+
+    // A typo in the config is a usage error naming the key.
+    std::fs::write(&cfg, "[[sources]]\npath = \"x\"\nwieght = 2.0\n").unwrap();
+    let out = omr(&["data", "batches", "--config", s(&cfg), "--model", s(&d.join("processor"))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wieght"));
+}

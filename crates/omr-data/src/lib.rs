@@ -11,6 +11,7 @@
 pub mod batcher;
 pub mod chat;
 pub mod collate;
+pub mod config;
 pub mod image;
 pub mod loader;
 pub mod mcq;

@@ -20,6 +20,8 @@ pub enum DataCmd {
     Render(RenderArgs),
     /// Write `pixel_values` and `image_grid_thw` for one image as safetensors.
     Preprocess(PreprocessArgs),
+    /// Stream batches of a `[data]` config (mixture, shuffle, packing) and print their stats.
+    Batches(BatchesArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +99,9 @@ impl ModelArgs {
 pub struct ValidateArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    /// A data config (TOML with `[[sources]]`): validate every source of the mixture.
+    #[arg(long, conflicts_with_all = ["data", "hub"])]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Where rejected records go (appended).
@@ -128,6 +133,21 @@ pub struct RenderArgs {
 }
 
 #[derive(Args)]
+pub struct BatchesArgs {
+    /// Data config (TOML): `[[sources]]` with weights, `[loader]`, `[process]`, `[batch]`,
+    /// `[quarantine]`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Model or processor folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value = "quarantine.jsonl")]
+    pub quarantine: PathBuf,
+}
+
+#[derive(Args)]
 pub struct PreprocessArgs {
     /// Folder holding preprocessor_config.json.
     #[arg(long)]
@@ -146,6 +166,7 @@ pub fn run(cmd: DataCmd) -> crate::Result<()> {
         DataCmd::Validate(a) => validate(&a),
         DataCmd::Render(a) => render(&a),
         DataCmd::Preprocess(a) => preprocess(&a),
+        DataCmd::Batches(a) => crate::batches::run(&a),
     }
 }
 
@@ -162,14 +183,20 @@ pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
 }
 
 pub fn validate(a: &ValidateArgs) -> crate::Result<()> {
-    let spec = a.data.spec()?;
-    let src = source::open(&spec).usage()?;
+    let specs = match &a.config {
+        Some(path) => omr_data::config::DataConfig::from_file(path).usage()?.sources,
+        None => vec![a.data.spec()?],
+    };
+    let mut sources = Vec::new();
+    for spec in &specs {
+        sources.push(source::open(spec).usage()?);
+    }
     let processor = a.model.processor()?;
     let budget = QuarantineBudget { max_bad: a.max_bad, max_bad_fraction: Some(a.max_bad_fraction), min_seen: 0 };
     let mut q = Quarantine::new(Some(&a.quarantine), budget)?;
     let image_token = processor.image_token_id();
     let p = std::sync::Arc::new(processor);
-    let report = omr_data::validate::validate(vec![src], move |s| p.encode(s), image_token, a.threads, &mut q)?;
+    let report = omr_data::validate::validate(sources, move |s| p.encode(s), image_token, a.threads, &mut q)?;
     println!("{}", report.render());
     if let Some(path) = &a.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;

@@ -28,6 +28,7 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         eprintln!("== validate {split}");
         data::validate(&ValidateArgs {
             data: data_args(&data_dir, split),
+            config: None,
             model: model.clone(),
             quarantine: a.out.join(format!("quarantine-{split}.jsonl")),
             report: Some(a.out.join(format!("validate-{split}.json"))),

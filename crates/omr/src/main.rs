@@ -1,6 +1,7 @@
 //! `omr`: the command-line front of the trainer. Thin by design (STYLE.md): parse, build the
 //! library objects, call them, map failures to the exit codes of RELIABILITY.md.
 
+mod batches;
 mod bench_data;
 mod data;
 mod demo;
