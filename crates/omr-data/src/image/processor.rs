@@ -141,34 +141,60 @@ impl ImageProcessor {
         );
         let (h, w) = (img.height() as usize, img.width() as usize);
         let (gh, gw) = (h / p, w / p);
+        // `target_size` guarantees this; the uninitialized fill below relies on it.
+        assert!(
+            gh % m == 0 && gw % m == 0,
+            "patchify needs sides that are multiples of patch_size * merge_size"
+        );
         let patch_dim = self.patch_dim();
         let src = img.as_raw();
-        // Written strictly in output order, so no zero-filled buffer is needed (the output is
-        // large: 24 bytes per resized pixel with T = 2).
-        let mut out = Vec::with_capacity(gh * gw * patch_dim);
+        let pp = p * p;
+        // The output is large (24 bytes per resized pixel with T = 2) and every value is written
+        // exactly once below, so it is filled in place without zeroing it first (a memset, or
+        // calloc's, costs as much as the normalization itself).
+        let n = gh * gw * patch_dim;
+        let mut out: Vec<f32> = Vec::with_capacity(n);
         // Row order: merge block (bh, bw), then patch (mh, mw) inside it.
-        for bh in 0..gh / m {
-            for bw in 0..gw / m {
-                for mh in 0..m {
-                    for mw in 0..m {
-                        let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        // Column order: channel, time, patch row, patch column. Time repeats the
-                        // single frame, so each channel's first (P·P) block is copied T-1 times.
-                        for (c, lut) in self.lut.iter().enumerate() {
-                            let first = out.len();
-                            for py in 0..p {
-                                let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
-                                out.extend(line[c..].iter().step_by(3).map(|&v| lut[v as usize]));
-                            }
-                            for _ in 1..t {
-                                out.extend_from_within(first..first + p * p);
-                            }
-                        }
-                    }
+        let origins = (0..gh / m).flat_map(|bh| {
+            (0..gw / m).flat_map(move |bw| {
+                (0..m).flat_map(move |mh| {
+                    (0..m).map(move |mw| ((bh * m + mh) * p, (bw * m + mw) * p))
+                })
+            })
+        });
+        for (row, (y0, x0)) in out.spare_capacity_mut()[..n]
+            .chunks_exact_mut(patch_dim)
+            .zip(origins)
+        {
+            // Column order: channel, time, patch row, patch column. The (P·P) block of time 0 of
+            // each channel is filled in one sweep over the patch's pixels (each source byte read
+            // once, three sequential output streams), then copied to the other T-1 time slots.
+            let (r_block, rest) = row.split_at_mut(t * pp);
+            let (g_block, b_block) = rest.split_at_mut(t * pp);
+            for py in 0..p {
+                let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
+                let span = py * p..(py + 1) * p;
+                for (((px, r), g), b) in line
+                    .chunks_exact(3)
+                    .zip(&mut r_block[span.clone()])
+                    .zip(&mut g_block[span.clone()])
+                    .zip(&mut b_block[span])
+                {
+                    r.write(self.lut[0][px[0] as usize]);
+                    g.write(self.lut[1][px[1] as usize]);
+                    b.write(self.lut[2][px[2] as usize]);
+                }
+            }
+            for block in [r_block, g_block, b_block] {
+                for ti in 1..t {
+                    block.copy_within(0..pp, ti * pp);
                 }
             }
         }
-        debug_assert_eq!(out.len(), gh * gw * patch_dim);
+        // SAFETY: the (gh/m · gw/m · m · m) = gh·gw origins cover every one of the n / patch_dim
+        // rows, and in each row the three channel sweeps write [0, P·P) of every channel block
+        // and the copies fill time slots 1..T, i.e. all C·T·P·P = patch_dim values.
+        unsafe { out.set_len(n) };
         Processed {
             pixel_values: out,
             grid_thw: [1, gh as u32, gw as u32],
