@@ -15,6 +15,7 @@ use super::config::{ConfigError, PreprocessorConfig};
 use super::decode::decode;
 use super::resize::resize_bicubic;
 use super::smart_resize::smart_resize;
+use super::store;
 use super::DecodeLimits;
 use crate::quarantine::Reason;
 use image::RgbImage;
@@ -162,38 +163,42 @@ impl ImageProcessor {
                 })
             })
         });
+        // Time 0 of one patch, per channel: (C, P·P), built in L1 and then stored T times.
+        let mut stage = vec![0f32; 3 * pp];
         for (row, (y0, x0)) in out.spare_capacity_mut()[..n]
             .chunks_exact_mut(patch_dim)
             .zip(origins)
         {
-            // Column order: channel, time, patch row, patch column. The (P·P) block of time 0 of
-            // each channel is filled in one sweep over the patch's pixels (each source byte read
-            // once, three sequential output streams), then copied to the other T-1 time slots.
-            let (r_block, rest) = row.split_at_mut(t * pp);
-            let (g_block, b_block) = rest.split_at_mut(t * pp);
+            // Column order: channel, time, patch row, patch column. Each source byte is read
+            // once; the channel planes are written in three sequential streams.
+            let (r_plane, rest) = stage.split_at_mut(pp);
+            let (g_plane, b_plane) = rest.split_at_mut(pp);
             for py in 0..p {
                 let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
                 let span = py * p..(py + 1) * p;
                 for (((px, r), g), b) in line
                     .chunks_exact(3)
-                    .zip(&mut r_block[span.clone()])
-                    .zip(&mut g_block[span.clone()])
-                    .zip(&mut b_block[span])
+                    .zip(&mut r_plane[span.clone()])
+                    .zip(&mut g_plane[span.clone()])
+                    .zip(&mut b_plane[span])
                 {
-                    r.write(self.lut[0][px[0] as usize]);
-                    g.write(self.lut[1][px[1] as usize]);
-                    b.write(self.lut[2][px[2] as usize]);
+                    *r = self.lut[0][px[0] as usize];
+                    *g = self.lut[1][px[1] as usize];
+                    *b = self.lut[2][px[2] as usize];
                 }
             }
-            for block in [r_block, g_block, b_block] {
-                for ti in 1..t {
-                    block.copy_within(0..pp, ti * pp);
-                }
+            // Time repeats the single frame: each channel's plane goes to all T slots.
+            for (dst, plane) in row.chunks_exact_mut(pp).zip(
+                stage
+                    .chunks_exact(pp)
+                    .flat_map(|c| std::iter::repeat_n(c, t)),
+            ) {
+                store::store(dst, plane);
             }
         }
+        store::fence();
         // SAFETY: the (gh/m · gw/m · m · m) = gh·gw origins cover every one of the n / patch_dim
-        // rows, and in each row the three channel sweeps write [0, P·P) of every channel block
-        // and the copies fill time slots 1..T, i.e. all C·T·P·P = patch_dim values.
+        // rows, and each row is C·T chunks of P·P values, every one of them stored from a plane.
         unsafe { out.set_len(n) };
         Processed {
             pixel_values: out,
