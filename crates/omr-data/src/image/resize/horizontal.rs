@@ -15,6 +15,8 @@ use super::{clip8, mac, Coeffs, HALF};
 /// Source rows per block: 8 rows x 3 channels = 24 i32 accumulators.
 const ROWS: usize = 8;
 const LANES: usize = ROWS * 3;
+/// Bytes per transposed column: the lanes plus padding, so that 4-byte stores stay inside.
+const COL: usize = 32;
 
 /// The horizontal weights re-laid out with one fixed width `k` for every output pixel: each
 /// window is shifted left where needed so that `start + k <= in_size`, and the extra taps get
@@ -62,60 +64,77 @@ mod avx2 {
 
 #[inline(always)]
 fn horizontal_generic(src: &[u8], dst: &mut [u8], w_in: usize, w_out: usize, f: &Fixed) {
-    // (W_in, ROWS, 3); rows past the end of a short last block hold stale bytes whose outputs
-    // are computed and dropped.
-    let mut tmp = vec![0u8; w_in * LANES];
+    // (W_in, COL) and (W_out, COL): a block in column-major order, lanes [0, 3·ROWS) used. Rows
+    // past the end of a short last block hold stale bytes whose outputs are computed and dropped.
+    let mut tmp = vec![0u8; w_in * COL];
+    let mut res = vec![0u8; w_out * COL];
     for (src_rows, dst_rows) in src
         .chunks(w_in * 3 * ROWS)
         .zip(dst.chunks_mut(w_out * 3 * ROWS))
     {
-        transpose(src_rows, &mut tmp, w_in);
+        transpose_in(src_rows, &mut tmp, w_in);
         match f.k {
             // Bicubic upscaling reads 4-5 taps, mild downscaling up to ~9.
-            4 => block::<4>(&tmp, dst_rows, w_out, f),
-            5 => block::<5>(&tmp, dst_rows, w_out, f),
-            6 => block::<6>(&tmp, dst_rows, w_out, f),
-            7 => block::<7>(&tmp, dst_rows, w_out, f),
-            8 => block::<8>(&tmp, dst_rows, w_out, f),
-            9 => block::<9>(&tmp, dst_rows, w_out, f),
-            _ => block::<0>(&tmp, dst_rows, w_out, f),
+            4 => block::<4>(&tmp, &mut res, f),
+            5 => block::<5>(&tmp, &mut res, f),
+            6 => block::<6>(&tmp, &mut res, f),
+            7 => block::<7>(&tmp, &mut res, f),
+            8 => block::<8>(&tmp, &mut res, f),
+            9 => block::<9>(&tmp, &mut res, f),
+            _ => block::<0>(&tmp, &mut res, f),
         }
+        transpose_out(&res, dst_rows, w_out);
     }
 }
 
-/// Up to ROWS rows (n, W_in, 3) → `tmp` (W_in, ROWS, 3), leaving rows n.. untouched.
+/// Up to ROWS rows (n, W_in, 3) → `tmp` (W_in, COL), lanes [3r, 3r+3) for row r.
+///
+/// Pixels move as 4-byte words (one load, one store) instead of 3 single bytes: the extra byte
+/// lands on lane 3r+3, which row r+1 overwrites afterwards (rows go in increasing order), or on
+/// the unused padding lane 3·ROWS. The last pixel of a row has no 4th byte to read and is copied
+/// as 3 bytes.
 #[inline(always)]
-fn transpose(rows: &[u8], tmp: &mut [u8], w_in: usize) {
+fn transpose_in(rows: &[u8], tmp: &mut [u8], w_in: usize) {
     for (r, row) in rows.chunks_exact(w_in * 3).enumerate() {
-        for (col, px) in tmp.chunks_exact_mut(LANES).zip(row.chunks_exact(3)) {
-            col[r * 3..r * 3 + 3].copy_from_slice(px);
+        let lanes = r * 3..r * 3 + 4;
+        let last_px = &row[row.len() - 3..];
+        let (head_cols, last_col) = tmp.split_at_mut((w_in - 1) * COL);
+        for (col, at) in head_cols.chunks_exact_mut(COL).zip((0..).step_by(3)) {
+            col[lanes.clone()].copy_from_slice(&row[at..at + 4]);
+        }
+        last_col[r * 3..r * 3 + 3].copy_from_slice(last_px);
+    }
+}
+
+/// `res` (W_out, COL) → up to ROWS rows (n, W_out, 3).
+#[inline(always)]
+fn transpose_out(res: &[u8], dst_rows: &mut [u8], w_out: usize) {
+    for (r, row) in dst_rows.chunks_exact_mut(w_out * 3).enumerate() {
+        for (px, col) in row.chunks_exact_mut(3).zip(res.chunks_exact(COL)) {
+            px.copy_from_slice(&col[r * 3..r * 3 + 3]);
         }
     }
 }
 
-/// One block: each output pixel `xx` is Σ_t weights[xx][t] · tmp[start[xx] + t] over 24 lanes,
-/// then clipped and scattered back to the block's rows. `K = 0` means "`f.k`, known at run time"
-/// (strong downscales).
+/// Each output pixel `xx` is Σ_t weights[xx][t] · tmp[start[xx] + t] over the 3·ROWS lanes,
+/// clipped into res[xx]. `K = 0` means "`f.k`, known at run time" (strong downscales).
 #[inline(always)]
-fn block<const K: usize>(tmp: &[u8], dst_rows: &mut [u8], w_out: usize, f: &Fixed) {
+fn block<const K: usize>(tmp: &[u8], res: &mut [u8], f: &Fixed) {
     let k_len = if K == 0 { f.k } else { K };
-    let n_rows = dst_rows.len() / (w_out * 3);
-    for (xx, (&s, k)) in f
-        .start
-        .iter()
+    for ((out, &s), k) in res
+        .chunks_exact_mut(COL)
+        .zip(&f.start)
         .zip(f.weights.chunks_exact(k_len))
-        .enumerate()
     {
-        let window = &tmp[s * LANES..][..k_len * LANES];
+        let window = &tmp[s * COL..][..k_len * COL];
         let mut acc = [HALF; LANES];
-        for (col, &kx) in window.chunks_exact(LANES).zip(k) {
+        for (col, &kx) in window.chunks_exact(COL).zip(k) {
             for (a, &p) in acc.iter_mut().zip(col) {
                 *a = mac(*a, p, kx);
             }
         }
-        let px: [u8; LANES] = acc.map(clip8);
-        for (r, out) in px.chunks_exact(3).take(n_rows).enumerate() {
-            dst_rows[(r * w_out + xx) * 3..][..3].copy_from_slice(out);
+        for (o, &a) in out.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
 }
