@@ -11,6 +11,7 @@
 //! loop is unrolled at compile time for the usual 4..=9 taps.
 
 use super::{clip8, mac, Coeffs, HALF};
+use std::mem::MaybeUninit;
 
 /// Source rows per block: 8 rows x 3 channels = 24 i32 accumulators.
 const ROWS: usize = 8;
@@ -40,14 +41,28 @@ pub(super) fn fixed(c: &Coeffs, in_size: usize) -> Fixed {
     Fixed { k, start, weights }
 }
 
-/// `src` (rows, W_in, 3) → `dst` (rows, W_out, 3).
-pub(super) fn horizontal(src: &[u8], dst: &mut [u8], w_in: usize, w_out: usize, f: &Fixed) {
+/// `src` (rows, W_in, 3) → (rows, W_out, 3).
+pub(super) fn horizontal(src: &[u8], w_in: usize, w_out: usize, f: &Fixed) -> Vec<u8> {
+    let n = src.len() / (w_in * 3) * w_out * 3;
+    // Filled in place without zeroing first: every byte is written exactly once below.
+    let mut out = Vec::with_capacity(n);
+    let dst = &mut out.spare_capacity_mut()[..n];
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    let done = if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { avx2::horizontal(src, dst, w_in, w_out, f) };
+        unsafe { avx2::horizontal(src, dst, w_in, w_out, f) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        horizontal_generic(src, dst, w_in, w_out, f);
     }
-    horizontal_generic(src, dst, w_in, w_out, f)
+    // SAFETY: `transpose_out` writes all 3 bytes of each of the W_out pixels of every row.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// The same loop compiled for AVX2 (8-lane 32-bit multiply), picked at run time. Integer results
@@ -55,15 +70,28 @@ pub(super) fn horizontal(src: &[u8], dst: &mut [u8], w_in: usize, w_out: usize, 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Fixed;
+    use std::mem::MaybeUninit;
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn horizontal(src: &[u8], dst: &mut [u8], w_in: usize, w_out: usize, f: &Fixed) {
+    pub(super) fn horizontal(
+        src: &[u8],
+        dst: &mut [MaybeUninit<u8>],
+        w_in: usize,
+        w_out: usize,
+        f: &Fixed,
+    ) {
         super::horizontal_generic(src, dst, w_in, w_out, f)
     }
 }
 
 #[inline(always)]
-fn horizontal_generic(src: &[u8], dst: &mut [u8], w_in: usize, w_out: usize, f: &Fixed) {
+fn horizontal_generic(
+    src: &[u8],
+    dst: &mut [MaybeUninit<u8>],
+    w_in: usize,
+    w_out: usize,
+    f: &Fixed,
+) {
     // (W_in, COL) and (W_out, COL): a block in column-major order, lanes [0, 3·ROWS) used. Rows
     // past the end of a short last block hold stale bytes whose outputs are computed and dropped.
     let mut tmp = vec![0u8; w_in * COL];
@@ -108,10 +136,12 @@ fn transpose_in(rows: &[u8], tmp: &mut [u8], w_in: usize) {
 
 /// `res` (W_out, COL) → up to ROWS rows (n, W_out, 3).
 #[inline(always)]
-fn transpose_out(res: &[u8], dst_rows: &mut [u8], w_out: usize) {
+fn transpose_out(res: &[u8], dst_rows: &mut [MaybeUninit<u8>], w_out: usize) {
     for (r, row) in dst_rows.chunks_exact_mut(w_out * 3).enumerate() {
         for (px, col) in row.chunks_exact_mut(3).zip(res.chunks_exact(COL)) {
-            px.copy_from_slice(&col[r * 3..r * 3 + 3]);
+            for (d, &s) in px.iter_mut().zip(&col[r * 3..r * 3 + 3]) {
+                d.write(s);
+            }
         }
     }
 }
@@ -187,11 +217,12 @@ mod tests {
             let c = coeffs(w_in, w_out);
             let f = fixed(&c, w_in);
             let want = pillow_loop(&src, w_in, w_out, &c);
-            let mut got = vec![0u8; rows * w_out * 3];
+            let mut got = vec![MaybeUninit::new(0u8); rows * w_out * 3];
             horizontal_generic(&src, &mut got, w_in, w_out, &f);
+            // SAFETY: every element was initialized (MaybeUninit::new) before the pass.
+            let got: Vec<u8> = got.iter().map(|b| unsafe { b.assume_init() }).collect();
             assert_eq!(got, want, "generic {w_in}->{w_out} x{rows}");
-            let mut got = vec![0u8; rows * w_out * 3];
-            horizontal(&src, &mut got, w_in, w_out, &f);
+            let got = horizontal(&src, w_in, w_out, &f);
             assert_eq!(got, want, "dispatched {w_in}->{w_out} x{rows}");
         }
     }

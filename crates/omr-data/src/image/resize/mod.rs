@@ -120,10 +120,12 @@ fn horizontal(
     w_out: usize,
 ) -> Vec<u8> {
     let f = horizontal::fixed(c, w_in);
-    let mut out = vec![0u8; rows.len() * w_out * 3];
-    let src = &src[rows.start * w_in * 3..rows.end * w_in * 3];
-    horizontal::horizontal(src, &mut out, w_in, w_out, &f);
-    out
+    horizontal::horizontal(
+        &src[rows.start * w_in * 3..rows.end * w_in * 3],
+        w_in,
+        w_out,
+        &f,
+    )
 }
 
 /// Resizes `img` to `width` x `height` exactly as Pillow's bicubic `Image.resize` (no

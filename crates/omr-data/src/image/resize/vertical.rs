@@ -7,6 +7,7 @@
 //! evaluation order, so this is bit-identical to Pillow.
 
 use super::{clip8, mac, Coeffs, HALF};
+use std::mem::MaybeUninit;
 
 /// Bytes per column chunk: 32 i32 accumulators (4 AVX2 / 8 SSE2 registers).
 const CHUNK: usize = 32;
@@ -19,14 +20,26 @@ pub(super) fn vertical(
     c: &Coeffs,
     h_out: usize,
 ) -> Vec<u8> {
-    let mut out = vec![0u8; h_out * stride];
+    let n = h_out * stride;
+    // Filled in place without zeroing first: every byte is written exactly once below.
+    let mut out = Vec::with_capacity(n);
+    let dst = &mut out.spare_capacity_mut()[..n];
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    let done = if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { avx2::vertical(src, &mut out, stride, row0, c) };
-        return out;
+        unsafe { avx2::vertical(src, dst, stride, row0, c) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        vertical_generic(src, dst, stride, row0, c);
     }
-    vertical_generic(src, &mut out, stride, row0, c);
+    // SAFETY: `vertical_generic` writes all `stride` bytes of each of the h_out rows (whole
+    // CHUNKs, then the remainder).
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -35,15 +48,28 @@ pub(super) fn vertical(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Coeffs;
+    use std::mem::MaybeUninit;
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn vertical(src: &[u8], out: &mut [u8], stride: usize, row0: usize, c: &Coeffs) {
+    pub(super) fn vertical(
+        src: &[u8],
+        out: &mut [MaybeUninit<u8>],
+        stride: usize,
+        row0: usize,
+        c: &Coeffs,
+    ) {
         super::vertical_generic(src, out, stride, row0, c)
     }
 }
 
 #[inline(always)]
-fn vertical_generic(src: &[u8], out: &mut [u8], stride: usize, row0: usize, c: &Coeffs) {
+fn vertical_generic(
+    src: &[u8],
+    out: &mut [MaybeUninit<u8>],
+    stride: usize,
+    row0: usize,
+    c: &Coeffs,
+) {
     for (yy, dst) in out.chunks_exact_mut(stride).enumerate() {
         let k = &c.weights[yy * c.ksize..][..c.len[yy]];
         let rows = &src[(c.start[yy] - row0) * stride..][..k.len() * stride];
@@ -56,7 +82,7 @@ fn vertical_generic(src: &[u8], out: &mut [u8], stride: usize, row0: usize, c: &
                 }
             }
             for (o, &a) in d.iter_mut().zip(&acc) {
-                *o = clip8(a);
+                o.write(clip8(a));
             }
         }
         // The last stride % CHUNK bytes.
@@ -65,7 +91,7 @@ fn vertical_generic(src: &[u8], out: &mut [u8], stride: usize, row0: usize, c: &
             for (row, &ky) in rows.chunks_exact(stride).zip(k) {
                 acc = mac(acc, row[x], ky);
             }
-            dst[x] = clip8(acc);
+            dst[x].write(clip8(acc));
         }
     }
 }
@@ -92,8 +118,10 @@ mod tests {
                     want.push(clip8(acc));
                 }
             }
-            let mut got = vec![0u8; h_out * stride];
+            let mut got = vec![MaybeUninit::new(0u8); h_out * stride];
             vertical_generic(&src, &mut got, stride, 0, &c);
+            // SAFETY: every element was initialized (MaybeUninit::new) before the pass.
+            let got: Vec<u8> = got.iter().map(|b| unsafe { b.assume_init() }).collect();
             assert_eq!(got, want, "generic {h_in}->{h_out}");
             assert_eq!(vertical(&src, stride, 0, &c, h_out), want, "dispatched");
         }
