@@ -15,11 +15,12 @@ pub(crate) fn store(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if (dst.as_ptr() as usize).is_multiple_of(16) && src.len().is_multiple_of(4) {
         use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-        for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
-            // SAFETY: SSE is part of the x86_64 baseline; `d` is 4 writable f32 at a 16-byte
-            // aligned address (the slice start is aligned and every chunk is 16 bytes), `s` is 4
-            // readable f32 (unaligned load).
-            unsafe { _mm_stream_ps(d.as_mut_ptr().cast::<f32>(), _mm_loadu_ps(s.as_ptr())) };
+        let (d, s) = (dst.as_mut_ptr().cast::<f32>(), src.as_ptr());
+        for i in (0..src.len()).step_by(4) {
+            // SAFETY: SSE is part of the x86_64 baseline; i + 4 <= len (len is a multiple of 4)
+            // for both slices; `d + i` is 16-byte aligned (the start is, and i counts whole
+            // 16-byte groups); the source load is unaligned.
+            unsafe { _mm_stream_ps(d.add(i), _mm_loadu_ps(s.add(i))) };
         }
         return;
     }
