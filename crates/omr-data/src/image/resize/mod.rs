@@ -18,10 +18,13 @@
 //! is our own implementation of Pillow's arithmetic.
 //!
 //! Speed without changing a single bit: integer sums do not depend on evaluation order, so the
-//! vertical pass runs tap-major over whole rows (vectorized, and compiled a second time for AVX2,
-//! chosen at run time), the horizontal pass uses one fixed, compile-time tap count per image, and
-//! rows are split across rayon tasks. Overflow cannot happen (|acc| < 2^31), so the hot loops use
-//! wrapping arithmetic to keep debug builds' overflow checks out of them.
+//! vertical pass ([`vertical`]) sums whole rows in 32-byte register chunks, and the horizontal
+//! pass ([`horizontal`]) transposes 8-row blocks so that each output pixel is a 24-lane dot
+//! product with a compile-time tap count. Both are plain loops the compiler vectorizes for the
+//! SSE2 baseline and, compiled a second time, for AVX2 (chosen at run time). One image runs on
+//! one thread: callers parallelize across images, and per-core throughput is what counts.
+//! Overflow cannot happen (|acc| < 2^31), so the hot loops use wrapping arithmetic to keep debug
+//! builds' overflow checks out of them. Outputs are filled in place without zeroing them first.
 
 mod horizontal;
 mod vertical;
