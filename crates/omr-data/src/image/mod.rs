@@ -31,6 +31,7 @@ mod jpeg;
 pub mod processor;
 pub mod resize;
 pub mod smart_resize;
+mod store;
 
 pub use config::{ConfigError, PreprocessorConfig};
 pub use decode::decode;

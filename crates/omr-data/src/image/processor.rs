@@ -15,6 +15,7 @@ use super::config::{ConfigError, PreprocessorConfig};
 use super::decode::decode;
 use super::resize::resize_bicubic;
 use super::smart_resize::smart_resize;
+use super::store;
 use super::DecodeLimits;
 use crate::quarantine::Reason;
 use image::RgbImage;
@@ -141,34 +142,64 @@ impl ImageProcessor {
         );
         let (h, w) = (img.height() as usize, img.width() as usize);
         let (gh, gw) = (h / p, w / p);
+        // `target_size` guarantees this; the uninitialized fill below relies on it.
+        assert!(
+            gh % m == 0 && gw % m == 0,
+            "patchify needs sides that are multiples of patch_size * merge_size"
+        );
         let patch_dim = self.patch_dim();
         let src = img.as_raw();
-        // Written strictly in output order, so no zero-filled buffer is needed (the output is
-        // large: 24 bytes per resized pixel with T = 2).
-        let mut out = Vec::with_capacity(gh * gw * patch_dim);
+        let pp = p * p;
+        // The output is large (24 bytes per resized pixel with T = 2) and every value is written
+        // exactly once below, so it is filled in place without zeroing it first (a memset, or
+        // calloc's, costs as much as the normalization itself).
+        let n = gh * gw * patch_dim;
+        let mut out: Vec<f32> = Vec::with_capacity(n);
         // Row order: merge block (bh, bw), then patch (mh, mw) inside it.
-        for bh in 0..gh / m {
-            for bw in 0..gw / m {
-                for mh in 0..m {
-                    for mw in 0..m {
-                        let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        // Column order: channel, time, patch row, patch column. Time repeats the
-                        // single frame, so each channel's first (P·P) block is copied T-1 times.
-                        for (c, lut) in self.lut.iter().enumerate() {
-                            let first = out.len();
-                            for py in 0..p {
-                                let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
-                                out.extend(line[c..].iter().step_by(3).map(|&v| lut[v as usize]));
-                            }
-                            for _ in 1..t {
-                                out.extend_from_within(first..first + p * p);
-                            }
-                        }
-                    }
+        let origins = (0..gh / m).flat_map(|bh| {
+            (0..gw / m).flat_map(move |bw| {
+                (0..m).flat_map(move |mh| {
+                    (0..m).map(move |mw| ((bh * m + mh) * p, (bw * m + mw) * p))
+                })
+            })
+        });
+        // Time 0 of one patch, per channel: (C, P·P), built in L1 and then stored T times.
+        let mut stage = vec![0f32; 3 * pp];
+        for (row, (y0, x0)) in out.spare_capacity_mut()[..n]
+            .chunks_exact_mut(patch_dim)
+            .zip(origins)
+        {
+            // Column order: channel, time, patch row, patch column. Each source byte is read
+            // once; the channel planes are written in three sequential streams.
+            let (r_plane, rest) = stage.split_at_mut(pp);
+            let (g_plane, b_plane) = rest.split_at_mut(pp);
+            for py in 0..p {
+                let line = &src[((y0 + py) * w + x0) * 3..][..p * 3];
+                let span = py * p..(py + 1) * p;
+                for (((px, r), g), b) in line
+                    .chunks_exact(3)
+                    .zip(&mut r_plane[span.clone()])
+                    .zip(&mut g_plane[span.clone()])
+                    .zip(&mut b_plane[span])
+                {
+                    *r = self.lut[0][px[0] as usize];
+                    *g = self.lut[1][px[1] as usize];
+                    *b = self.lut[2][px[2] as usize];
                 }
             }
+            // Time repeats the single frame: each channel's plane goes to all T slots.
+            for (dst, plane) in row.chunks_exact_mut(pp).zip(
+                stage
+                    .chunks_exact(pp)
+                    .flat_map(|c| std::iter::repeat_n(c, t)),
+            ) {
+                store::store(dst, plane);
+            }
         }
-        debug_assert_eq!(out.len(), gh * gw * patch_dim);
+        store::fence();
+        // SAFETY: the (gh/m · gw/m · m · m) = gh·gw origins cover every one of the n / patch_dim
+        // rows, and each row is C·T chunks of P·P values, every one of them stored from a plane.
+        unsafe { out.set_len(n) };
         Processed {
             pixel_values: out,
             grid_thw: [1, gh as u32, gw as u32],

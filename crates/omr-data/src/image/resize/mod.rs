@@ -18,17 +18,20 @@
 //! is our own implementation of Pillow's arithmetic.
 //!
 //! Speed without changing a single bit: integer sums do not depend on evaluation order, so the
-//! vertical pass runs tap-major over whole rows (vectorized, and compiled a second time for AVX2,
-//! chosen at run time), the horizontal pass uses one fixed, compile-time tap count per image, and
-//! rows are split across rayon tasks. Overflow cannot happen (|acc| < 2^31), so the hot loops use
-//! wrapping arithmetic to keep debug builds' overflow checks out of them.
+//! vertical pass ([`vertical`]) sums whole rows in 32-byte register chunks, and the horizontal
+//! pass ([`horizontal`]) transposes 8-row blocks so that each output pixel is a 24-lane dot
+//! product with a compile-time tap count. Both are plain loops the compiler vectorizes for the
+//! SSE2 baseline and, compiled a second time, for AVX2 (chosen at run time). One image runs on
+//! one thread: callers parallelize across images, and per-core throughput is what counts.
+//! Overflow cannot happen (|acc| < 2^31), so the hot loops use wrapping arithmetic to keep debug
+//! builds' overflow checks out of them. Outputs are filled in place without zeroing them first.
+
+mod horizontal;
+mod vertical;
 
 use image::RgbImage;
-use rayon::prelude::*;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
-/// Rows per rayon task: large enough to amortize scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 16;
 
 /// Keys cubic convolution kernel with a = -0.5 (Catmull-Rom), Pillow's `bicubic_filter`, with the
 /// same evaluation order so the f64 results agree to the last bit.
@@ -107,127 +110,8 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Rounding offset every sum starts from (0.5 in fixed point).
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
-
-/// The horizontal weights re-laid out with one fixed width `k` for every output pixel: each
-/// window is shifted left where needed so that `start + k <= in_size`, and the extra taps get
-/// weight 0. Integer sums are unchanged, and a compile-time `k` lets the inner loop unroll.
-struct Fixed {
-    k: usize,
-    start: Vec<usize>,
-    weights: Vec<i32>,
-}
-
-fn fixed(c: &Coeffs, in_size: usize) -> Fixed {
-    let k = c.len.iter().copied().max().unwrap_or(0);
-    let mut start = Vec::with_capacity(c.start.len());
-    let mut weights = vec![0i32; c.start.len() * k];
-    for (xx, (&s, &n)) in c.start.iter().zip(&c.len).enumerate() {
-        let s_fixed = s.min(in_size - k);
-        let off = s - s_fixed;
-        weights[xx * k + off..][..n].copy_from_slice(&c.weights[xx * c.ksize..][..n]);
-        start.push(s_fixed);
-    }
-    Fixed { k, start, weights }
-}
-
-/// One output row of the horizontal pass with exactly `K` taps per pixel (compile-time `K` lets
-/// the tap loop unroll; `K = 0` means "`f.k`, known at run time" for strong downscales).
-#[inline(always)]
-fn horizontal_row<const K: usize>(row: &[u8], f: &Fixed, dst: &mut [u8]) {
-    let k_len = if K == 0 { f.k } else { K };
-    for ((px, &s), k) in dst
-        .chunks_exact_mut(3)
-        .zip(&f.start)
-        .zip(f.weights.chunks_exact(k_len))
-    {
-        let src = &row[s * 3..][..k_len * 3];
-        let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-        for (p, &kx) in src.chunks_exact(3).zip(k) {
-            r = mac(r, p[0], kx);
-            g = mac(g, p[1], kx);
-            b = mac(b, p[2], kx);
-        }
-        px[0] = clip8(r);
-        px[1] = clip8(g);
-        px[2] = clip8(b);
-    }
-}
-
-fn horizontal_rows(src_rows: &[u8], dst_rows: &mut [u8], w_in: usize, w_out: usize, f: &Fixed) {
-    for (dst, row) in dst_rows
-        .chunks_exact_mut(w_out * 3)
-        .zip(src_rows.chunks_exact(w_in * 3))
-    {
-        match f.k {
-            // Bicubic upscaling reads 4-5 taps, mild downscaling up to ~9.
-            4 => horizontal_row::<4>(row, f, dst),
-            5 => horizontal_row::<5>(row, f, dst),
-            6 => horizontal_row::<6>(row, f, dst),
-            7 => horizontal_row::<7>(row, f, dst),
-            8 => horizontal_row::<8>(row, f, dst),
-            9 => horizontal_row::<9>(row, f, dst),
-            _ => horizontal_row::<0>(row, f, dst),
-        }
-    }
-}
-
-#[inline(always)]
-fn vertical_rows(
-    src: &[u8],
-    dst_rows: &mut [u8],
-    stride: usize,
-    row0: usize,
-    first_yy: usize,
-    c: &Coeffs,
-) {
-    let mut acc = vec![0i32; stride];
-    for (i, dst) in dst_rows.chunks_exact_mut(stride).enumerate() {
-        let yy = first_yy + i;
-        acc.fill(HALF);
-        let k = &c.weights[yy * c.ksize..][..c.len[yy]];
-        for (dy, &ky) in k.iter().enumerate() {
-            let row = &src[(c.start[yy] - row0 + dy) * stride..][..stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a = mac(*a, p, ky);
-            }
-        }
-        for (d, &a) in dst.iter_mut().zip(&acc) {
-            *d = clip8(a);
-        }
-    }
-}
-
-/// The vertical loop compiled for AVX2 (8-lane 32-bit multiply), picked at run time. Results are
-/// identical: integer arithmetic does not depend on the instruction set. (The horizontal loop
-/// gained nothing measurable from it.)
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::Coeffs;
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn vertical_rows(
-        src: &[u8],
-        dst: &mut [u8],
-        stride: usize,
-        row0: usize,
-        yy: usize,
-        c: &Coeffs,
-    ) {
-        super::vertical_rows(src, dst, stride, row0, yy, c)
-    }
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// Horizontal pass over source rows `rows` of `src` (W_in*3 bytes each).
 /// Returns (rows.len(), W_out, 3).
@@ -238,31 +122,13 @@ fn horizontal(
     c: &Coeffs,
     w_out: usize,
 ) -> Vec<u8> {
-    let f = fixed(c, w_in);
-    let mut out = vec![0u8; rows.len() * w_out * 3];
-    let src = &src[rows.start * w_in * 3..rows.end * w_in * 3];
-    out.par_chunks_mut(w_out * 3 * ROWS_PER_TASK)
-        .zip(src.par_chunks(w_in * 3 * ROWS_PER_TASK))
-        .for_each(|(dst_rows, src_rows)| horizontal_rows(src_rows, dst_rows, w_in, w_out, &f));
-    out
-}
-
-/// Vertical pass: `src` is (H_src, W, 3) whose row 0 is source row `row0`; returns (H_out, W, 3).
-fn vertical(src: &[u8], stride: usize, row0: usize, c: &Coeffs, h_out: usize) -> Vec<u8> {
-    let avx2 = has_avx2();
-    let mut out = vec![0u8; h_out * stride];
-    out.par_chunks_mut(stride * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, dst_rows)| {
-            let yy = task * ROWS_PER_TASK;
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU supports AVX2 (checked at run time just above).
-                return unsafe { avx2::vertical_rows(src, dst_rows, stride, row0, yy, c) };
-            }
-            vertical_rows(src, dst_rows, stride, row0, yy, c)
-        });
-    out
+    let f = horizontal::fixed(c, w_in);
+    horizontal::horizontal(
+        &src[rows.start * w_in * 3..rows.end * w_in * 3],
+        w_in,
+        w_out,
+        &f,
+    )
 }
 
 /// Resizes `img` to `width` x `height` exactly as Pillow's bicubic `Image.resize` (no
@@ -282,7 +148,7 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (dh, dw) = (h_in as i64 - h_out as i64, w_in as i64 - w_out as i64);
     let vertical_first = dh > 0 && dh > 2 * dw;
     let data = if vertical_first {
-        let tmp = vertical(src, w_in * 3, 0, &vc, h_out);
+        let tmp = vertical::vertical(src, w_in * 3, 0, &vc, h_out);
         if w_in != w_out {
             horizontal(&tmp, w_in, 0..h_out, &coeffs(w_in, w_out), w_out)
         } else {
@@ -298,12 +164,12 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         };
         let tmp = horizontal(src, w_in, first..last, &hc, w_out);
         if h_in != h_out {
-            vertical(&tmp, w_out * 3, first, &vc, h_out)
+            vertical::vertical(&tmp, w_out * 3, first, &vc, h_out)
         } else {
             tmp
         }
     } else {
-        vertical(src, w_in * 3, 0, &vc, h_out)
+        vertical::vertical(src, w_in * 3, 0, &vc, h_out)
     };
     RgbImage::from_raw(width, height, data).expect("buffer size matches dimensions")
 }
