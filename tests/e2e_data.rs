@@ -6,7 +6,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn omr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_omr")).args(args).env("OMR_LOG", "warn").output().expect("omr runs")
+    Command::new(env!("CARGO_BIN_EXE_omr"))
+        .args(args)
+        .env("OMR_LOG", "warn")
+        .output()
+        .expect("omr runs")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -29,45 +33,124 @@ fn s(p: &Path) -> &str {
 fn synth_validate_render_preprocess() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&["data", "synth", "--out", s(&d), "--train", "96", "--test", "16", "--seed", "1", "--vocab-size", "700"]);
-    for f in ["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "README.md"] {
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&d),
+        "--train",
+        "96",
+        "--test",
+        "16",
+        "--seed",
+        "1",
+        "--vocab-size",
+        "700",
+    ]);
+    for f in [
+        "data/train-00000-of-00001.parquet",
+        "data/test-00000-of-00001.parquet",
+        "README.md",
+    ] {
         assert!(d.join(f).is_file(), "{f}");
     }
     let proc_dir = d.join("processor");
-    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+    ] {
         assert!(proc_dir.join(f).is_file(), "{f}");
     }
 
     // Same seed, same bytes.
     let d2 = tmp.path().join("d2");
-    ok(&["data", "synth", "--out", s(&d2), "--train", "96", "--test", "16", "--seed", "1", "--vocab-size", "700"]);
-    for f in ["data/train-00000-of-00001.parquet", "processor/tokenizer.json"] {
-        assert_eq!(std::fs::read(d.join(f)).unwrap(), std::fs::read(d2.join(f)).unwrap(), "{f}");
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&d2),
+        "--train",
+        "96",
+        "--test",
+        "16",
+        "--seed",
+        "1",
+        "--vocab-size",
+        "700",
+    ]);
+    for f in [
+        "data/train-00000-of-00001.parquet",
+        "processor/tokenizer.json",
+    ] {
+        assert_eq!(
+            std::fs::read(d.join(f)).unwrap(),
+            std::fs::read(d2.join(f)).unwrap(),
+            "{f}"
+        );
     }
 
     let report = tmp.path().join("report.json");
     let q = tmp.path().join("q.jsonl");
     for split in ["train", "test"] {
         let out = ok(&[
-            "data", "validate", "--model", s(&proc_dir), "--data", s(&d), "--split", split,
-            "--quarantine", s(&q), "--report", s(&report), "--max-bad", "0",
+            "data",
+            "validate",
+            "--model",
+            s(&proc_dir),
+            "--data",
+            s(&d),
+            "--split",
+            split,
+            "--quarantine",
+            s(&q),
+            "--report",
+            s(&report),
+            "--max-bad",
+            "0",
         ]);
         assert!(out.contains("bad 0"), "{out}");
-        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         let n = if split == "train" { 96 } else { 16 };
         assert_eq!(r["good"], n);
-        assert_eq!(r["image_tokens"]["max"], 64, "224×224 images under the tiny processor: 64 tokens");
+        assert_eq!(
+            r["image_tokens"]["max"], 64,
+            "224×224 images under the tiny processor: 64 tokens"
+        );
     }
 
-    let out = ok(&["data", "render", "--model", s(&proc_dir), "--data", s(&d), "--index", "5"]);
+    let out = ok(&[
+        "data",
+        "render",
+        "--model",
+        s(&proc_dir),
+        "--data",
+        s(&d),
+        "--index",
+        "5",
+    ]);
     assert!(out.contains("<|image_pad|>×64"), "{out}");
-    assert!(out.contains("⟦<think>") && out.contains("</answer><|im_end|>⟧"), "labels cover the trace: {out}");
+    assert!(
+        out.contains("⟦<think>") && out.contains("</answer><|im_end|>⟧"),
+        "labels cover the trace: {out}"
+    );
 
     // Preprocess one of the shard's images and check the safetensors layout.
     let img = tmp.path().join("x.png");
     std::fs::write(&img, png(300, 200)).unwrap();
     let px = tmp.path().join("px.safetensors");
-    ok(&["data", "preprocess", "--processor", s(&proc_dir), "--image", s(&img), "--out", s(&px)]);
+    ok(&[
+        "data",
+        "preprocess",
+        "--processor",
+        s(&proc_dir),
+        "--image",
+        s(&img),
+        "--out",
+        s(&px),
+    ]);
     let bytes = std::fs::read(&px).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let pv = st.tensor("pixel_values").unwrap();
@@ -75,7 +158,11 @@ fn synth_validate_render_preprocess() {
     // 300×200 → smart_resize (factor 28, max 50176 px) → 252×168 → 18×12 patches.
     assert_eq!(pv.shape(), &[216, 1176]);
     assert_eq!(grid.shape(), &[1, 3]);
-    let g: Vec<i64> = grid.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let g: Vec<i64> = grid
+        .data()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(g, vec![1, 12, 18]);
 }
 
@@ -90,35 +177,101 @@ fn png(w: u32, h: u32) -> Vec<u8> {
 fn bad_data_over_budget_exits_64_and_names_every_record() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&["data", "synth", "--out", s(&d), "--train", "40", "--test", "0", "--seed", "2", "--vocab-size", "600"]);
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&d),
+        "--train",
+        "40",
+        "--test",
+        "0",
+        "--seed",
+        "2",
+        "--vocab-size",
+        "600",
+    ]);
     // A LLaVA JSONL next to it with one good and two bad lines.
     let j = tmp.path().join("j");
     std::fs::create_dir_all(&j).unwrap();
     std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
     let good = r#"{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "<think>x</think><answer>A</answer>"}]}"#;
-    let text = format!("{good}\n{{not json\n{}\n", good.replace("a.png", "../../etc/passwd"));
+    let text = format!(
+        "{good}\n{{not json\n{}\n",
+        good.replace("a.png", "../../etc/passwd")
+    );
     std::fs::write(j.join("train.jsonl"), text).unwrap();
     let q = tmp.path().join("q.jsonl");
     let proc_dir = d.join("processor");
-    let args = ["data", "validate", "--model", s(&proc_dir), "--data", s(&j), "--quarantine", s(&q), "--max-bad", "1"];
+    let args = [
+        "data",
+        "validate",
+        "--model",
+        s(&proc_dir),
+        "--data",
+        s(&j),
+        "--quarantine",
+        s(&q),
+        "--max-bad",
+        "1",
+    ];
     let out = omr(&args);
-    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("budget exceeded") && stderr.contains("q.jsonl"), "{stderr}");
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&q).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let got: Vec<(u64, &str)> = lines.iter().map(|l| (l["row"].as_u64().unwrap(), l["reason"].as_str().unwrap())).collect();
+    assert!(
+        stderr.contains("budget exceeded") && stderr.contains("q.jsonl"),
+        "{stderr}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&q)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| (l["row"].as_u64().unwrap(), l["reason"].as_str().unwrap()))
+        .collect();
     assert_eq!(got, vec![(1, "malformed_json"), (2, "path_escapes_root")]);
     // Within budget, the same data passes.
     let q2 = tmp.path().join("q2.jsonl");
-    let out = omr(&["data", "validate", "--model", s(&proc_dir), "--data", s(&j), "--quarantine", s(&q2), "--max-bad-fraction", "0.7"]);
+    let out = omr(&[
+        "data",
+        "validate",
+        "--model",
+        s(&proc_dir),
+        "--data",
+        s(&j),
+        "--quarantine",
+        s(&q2),
+        "--max-bad-fraction",
+        "0.7",
+    ]);
     assert_eq!(out.status.code(), Some(0));
 
     // Usage errors are exit 2 and say what is wrong.
-    let out = omr(&["data", "validate", "--model", s(&proc_dir), "--data", s(&tmp.path().join("nope"))]);
+    let out = omr(&[
+        "data",
+        "validate",
+        "--model",
+        s(&proc_dir),
+        "--data",
+        s(&tmp.path().join("nope")),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
-    let out = omr(&["data", "validate", "--model", s(&tmp.path().join("nomodel")), "--data", s(&d)]);
+    let out = omr(&[
+        "data",
+        "validate",
+        "--model",
+        s(&tmp.path().join("nomodel")),
+        "--data",
+        s(&d),
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -126,7 +279,20 @@ fn bad_data_over_budget_exits_64_and_names_every_record() {
 fn weighted_mixture_of_parquet_and_jsonl_streams_in_proportion() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&["data", "synth", "--out", s(&d), "--train", "64", "--test", "0", "--seed", "3", "--vocab-size", "600"]);
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&d),
+        "--train",
+        "64",
+        "--test",
+        "0",
+        "--seed",
+        "3",
+        "--vocab-size",
+        "600",
+    ]);
     let j = tmp.path().join("j");
     std::fs::create_dir_all(&j).unwrap();
     std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
@@ -143,14 +309,36 @@ fn weighted_mixture_of_parquet_and_jsonl_streams_in_proportion() {
     )
     .unwrap();
     let q = tmp.path().join("q.jsonl");
-    let out = ok(&["data", "batches", "--config", s(&cfg), "--model", s(&d.join("processor")), "--steps", "8", "--quarantine", s(&q)]);
-    assert_eq!(out.lines().filter(|l| l.starts_with("batch ")).count(), 8, "{out}");
+    let out = ok(&[
+        "data",
+        "batches",
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&d.join("processor")),
+        "--steps",
+        "8",
+        "--quarantine",
+        s(&q),
+    ]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("batch ")).count(),
+        8,
+        "{out}"
+    );
     assert!(out.contains("omr") && out.contains("24 (75.0%)"), "{out}");
     assert!(out.contains("llava") && out.contains("8 (25.0%)"), "{out}");
 
     // A typo in the config is a usage error naming the key.
     std::fs::write(&cfg, "[[sources]]\npath = \"x\"\nwieght = 2.0\n").unwrap();
-    let out = omr(&["data", "batches", "--config", s(&cfg), "--model", s(&d.join("processor"))]);
+    let out = omr(&[
+        "data",
+        "batches",
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&d.join("processor")),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wieght"));
 }

@@ -45,7 +45,10 @@ pub struct DataConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {message}")]
@@ -54,15 +57,25 @@ pub enum ConfigError {
 
 impl DataConfig {
     pub fn from_toml_str(text: &str, path: &str) -> Result<DataConfig, ConfigError> {
-        let cfg: DataConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
-        let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+        let cfg: DataConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
         if cfg.sources.is_empty() {
-            return Err(invalid("no [[sources]]: add at least one data source".into()));
+            return Err(invalid(
+                "no [[sources]]: add at least one data source".into(),
+            ));
         }
         for (i, s) in cfg.sources.iter().enumerate() {
             if !(s.weight.is_finite() && s.weight >= 0.0) {
-                return Err(invalid(format!("sources[{i}].weight = {} must be a finite number ≥ 0", s.weight)));
+                return Err(invalid(format!(
+                    "sources[{i}].weight = {} must be a finite number ≥ 0",
+                    s.weight
+                )));
             }
         }
         if cfg.sources.iter().all(|s| s.weight == 0.0) {
@@ -76,7 +89,10 @@ impl DataConfig {
 
     pub fn from_file(path: &Path) -> Result<DataConfig, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
         Self::from_toml_str(&text, &p)
     }
 }
@@ -93,11 +109,18 @@ mod tests {
         assert_eq!(c.sources[1].weight, 1.0);
         assert_eq!(c.batch.mode, crate::collate::CollateMode::Pack);
         let typo = "[[sources]]\npath = \"a\"\nwieght = 3.0\n";
-        let e = DataConfig::from_toml_str(typo, "c.toml").unwrap_err().to_string();
+        let e = DataConfig::from_toml_str(typo, "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wieght") && e.contains("c.toml"), "{e}");
-        let e = DataConfig::from_toml_str("[loader]\nseed = 1\nsources = []\n", "c.toml").unwrap_err().to_string();
+        let e = DataConfig::from_toml_str("[loader]\nseed = 1\nsources = []\n", "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.toml"), "{e}");
         let neg = "[[sources]]\npath = \"a\"\nweight = -1.0\n";
-        assert!(DataConfig::from_toml_str(neg, "c.toml").unwrap_err().to_string().contains("weight"));
+        assert!(DataConfig::from_toml_str(neg, "c.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("weight"));
     }
 }

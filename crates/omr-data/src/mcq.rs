@@ -18,7 +18,9 @@ const LETTERS: &str = "ABCDEFGHIJ";
 pub fn parse_options(question: &str) -> Result<Vec<(String, String)>, Reason> {
     let mut options: Vec<(String, String)> = Vec::new();
     for line in question.lines() {
-        let Some((letter, text)) = option_line(line) else { continue };
+        let Some((letter, text)) = option_line(line) else {
+            continue;
+        };
         if options.iter().any(|(l, _)| *l == letter) {
             return Err(Reason::DuplicateOption(letter));
         }
@@ -64,14 +66,22 @@ fn option_line(line: &str) -> Option<(String, &str)> {
 pub fn parse_trace(reasoning: &str) -> Result<(String, String), Reason> {
     let bad = |why: &str| Reason::MalformedTrace(why.to_string());
     let t = reasoning.trim();
-    let rest = t.strip_prefix("<think>").ok_or_else(|| bad("does not start with <think>"))?;
-    let (think, rest) = rest.split_once("</think>").ok_or_else(|| bad("no </think>"))?;
+    let rest = t
+        .strip_prefix("<think>")
+        .ok_or_else(|| bad("does not start with <think>"))?;
+    let (think, rest) = rest
+        .split_once("</think>")
+        .ok_or_else(|| bad("no </think>"))?;
     if think.contains("<think>") || rest.contains("<think>") || rest.contains("</think>") {
         return Err(bad("more than one <think> block"));
     }
     let rest = rest.trim_start();
-    let rest = rest.strip_prefix("<answer>").ok_or_else(|| bad("no <answer> after </think>"))?;
-    let (answer, tail) = rest.split_once("</answer>").ok_or_else(|| bad("no </answer>"))?;
+    let rest = rest
+        .strip_prefix("<answer>")
+        .ok_or_else(|| bad("no <answer> after </think>"))?;
+    let (answer, tail) = rest
+        .split_once("</answer>")
+        .ok_or_else(|| bad("no </answer>"))?;
     if answer.contains("<answer>") || tail.contains("<answer>") {
         return Err(bad("more than one <answer>"));
     }
@@ -126,10 +136,17 @@ pub fn validate_mcq(question: &str, answer: &str, reasoning: Option<&str>) -> Re
     if let Some(trace) = reasoning {
         let (_, traced) = parse_trace(trace)?;
         if answer_letter(&traced, &options).as_deref() != Some(letter.as_str()) {
-            return Err(Reason::TraceAnswerMismatch { trace: traced, answer: letter });
+            return Err(Reason::TraceAnswerMismatch {
+                trace: traced,
+                answer: letter,
+            });
         }
     }
-    Ok(Mcq { question: question.to_string(), options, answer: letter })
+    Ok(Mcq {
+        question: question.to_string(),
+        options,
+        answer: letter,
+    })
 }
 
 /// An open-ended VQA item (free-text or yes/no answer, no options). Only for sources the
@@ -138,7 +155,11 @@ pub fn validate_open(question: &str, answer: &str) -> Result<Mcq, Reason> {
     if answer.trim().is_empty() {
         return Err(Reason::EmptyField("answer".into()));
     }
-    Ok(Mcq { question: question.to_string(), options: Vec::new(), answer: answer.trim().into() })
+    Ok(Mcq {
+        question: question.to_string(),
+        options: Vec::new(),
+        answer: answer.trim().into(),
+    })
 }
 
 #[cfg(test)]
@@ -158,12 +179,18 @@ mod tests {
 
     #[test]
     fn option_failures() {
-        assert_eq!(parse_options("What is shown?"), Err(Reason::QuestionWithoutOptions));
+        assert_eq!(
+            parse_options("What is shown?"),
+            Err(Reason::QuestionWithoutOptions)
+        );
         assert_eq!(
             parse_options("a) lower\nA.5 mg\nK. out of range"),
             Err(Reason::QuestionWithoutOptions)
         );
-        assert_eq!(parse_options("Q\nA. x\nB. y\nA) z"), Err(Reason::DuplicateOption("A".into())));
+        assert_eq!(
+            parse_options("Q\nA. x\nB. y\nA) z"),
+            Err(Reason::DuplicateOption("A".into()))
+        );
     }
 
     #[test]
@@ -178,7 +205,11 @@ mod tests {
             "<think>x</think><answer> </answer>",
             "<think>x<answer>B</answer>",
         ] {
-            assert_eq!(parse_trace(bad).map_err(|r| r.code()), Err("malformed_trace"), "{bad}");
+            assert_eq!(
+                parse_trace(bad).map_err(|r| r.code()),
+                Err("malformed_trace"),
+                "{bad}"
+            );
         }
     }
 
@@ -186,7 +217,10 @@ mod tests {
     fn answers() {
         let trace = "<think>t</think><answer>B</answer>";
         assert_eq!(validate_mcq(Q, " b ", Some(trace)).expect("ok").answer, "B");
-        assert_eq!(validate_mcq(Q, "B. Pneumothorax", None).expect("ok").answer, "B");
+        assert_eq!(
+            validate_mcq(Q, "B. Pneumothorax", None).expect("ok").answer,
+            "B"
+        );
         assert_eq!(validate_mcq(Q, "(B)", None).expect("ok").answer, "B");
         assert_eq!(
             validate_mcq(Q, "E", None),
@@ -201,10 +235,21 @@ mod tests {
         );
         assert_eq!(
             validate_mcq(Q, "A", Some(trace)),
-            Err(Reason::TraceAnswerMismatch { trace: "B".into(), answer: "A".into() })
+            Err(Reason::TraceAnswerMismatch {
+                trace: "B".into(),
+                answer: "A".into()
+            })
         );
-        assert_eq!(validate_mcq(Q, "", None), Err(Reason::EmptyField("answer".into())));
+        assert_eq!(
+            validate_mcq(Q, "", None),
+            Err(Reason::EmptyField("answer".into()))
+        );
         assert_eq!(answer_tag("so <answer>C</answer>"), Some("C".into()));
-        assert_eq!(validate_open("Is there a fracture?", " yes ").expect("ok").answer, "yes");
+        assert_eq!(
+            validate_open("Is there a fracture?", " yes ")
+                .expect("ok")
+                .answer,
+            "yes"
+        );
     }
 }

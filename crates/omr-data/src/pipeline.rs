@@ -24,7 +24,11 @@ pub struct ProcessConfig {
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        ProcessConfig { max_length: 2048, truncation: Truncation::Right, max_image_pixels: 64_000_000 }
+        ProcessConfig {
+            max_length: 2048,
+            truncation: Truncation::Right,
+            max_image_pixels: 64_000_000,
+        }
     }
 }
 
@@ -46,20 +50,37 @@ pub struct Processor {
 
 impl Processor {
     pub fn from_model_dir(dir: &Path, cfg: &ProcessConfig) -> Result<Processor, PipelineError> {
-        let image = ImageProcessor::from_dir(dir).map_err(|e| PipelineError::Image(e.to_string()))?;
-        let enc_cfg = EncodeConfig { max_length: cfg.max_length, truncation: cfg.truncation, ..Default::default() };
-        let encoder = Encoder::from_model_dir(dir, enc_cfg).map_err(|e| PipelineError::Chat(e.to_string()))?;
-        let limits = DecodeLimits { max_pixels: cfg.max_image_pixels, ..Default::default() };
+        let image =
+            ImageProcessor::from_dir(dir).map_err(|e| PipelineError::Image(e.to_string()))?;
+        let enc_cfg = EncodeConfig {
+            max_length: cfg.max_length,
+            truncation: cfg.truncation,
+            ..Default::default()
+        };
+        let encoder = Encoder::from_model_dir(dir, enc_cfg)
+            .map_err(|e| PipelineError::Chat(e.to_string()))?;
+        let limits = DecodeLimits {
+            max_pixels: cfg.max_image_pixels,
+            ..Default::default()
+        };
         let tok = encoder.tokenizer();
-        let image_token_id = tok.token_to_id(&encoder.config().image_token).ok_or_else(|| {
-            PipelineError::Chat(format!("{}: no id for the image token", dir.display()))
-        })?;
+        let image_token_id = tok
+            .token_to_id(&encoder.config().image_token)
+            .ok_or_else(|| {
+                PipelineError::Chat(format!("{}: no id for the image token", dir.display()))
+            })?;
         let pad_id = encoder
             .template()
             .special_token("pad_token")
             .and_then(|t| tok.token_to_id(t))
             .unwrap_or(0);
-        Ok(Processor { image, encoder, limits, image_token_id, pad_id })
+        Ok(Processor {
+            image,
+            encoder,
+            limits,
+            image_token_id,
+            pad_id,
+        })
     }
 
     pub fn image(&self) -> &ImageProcessor {
@@ -90,7 +111,11 @@ impl Processor {
             let (p, size) = self.image.process_bytes(&img.bytes, &self.limits)?;
             counts.push(self.image.num_image_tokens(p.grid_thw));
             patch_dim = p.patch_dim;
-            pixel_values.extend_from_slice(&p.pixel_values);
+            if pixel_values.is_empty() {
+                pixel_values = p.pixel_values;
+            } else {
+                pixel_values.extend_from_slice(&p.pixel_values);
+            }
             grids.push(p.grid_thw);
             sizes.push(size);
         }

@@ -74,7 +74,10 @@ pub enum Reason {
     MalformedTrace(String),
     // --- tokens ---
     #[error("{image_tokens} image tokens alone exceed max_length {max_length}; lower max_pixels or raise max_length")]
-    TooManyImageTokens { image_tokens: usize, max_length: usize },
+    TooManyImageTokens {
+        image_tokens: usize,
+        max_length: usize,
+    },
     #[error("sample is {tokens} tokens, over max_length {max_length}, and truncation is off (or it is a prompt, which is never cut); raise max_length or set truncation = \"right\"")]
     TooLong { tokens: usize, max_length: usize },
     #[error("sample is {tokens} tokens, over max_length {max_length}, and truncating it would cut image tokens")]

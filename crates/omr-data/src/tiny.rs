@@ -18,7 +18,12 @@ pub const TINY_MIN_PIXELS: u64 = 56 * 56;
 
 /// Trains the tokenizer on the train split's texts of the synthetic set `(train, seed)` and
 /// writes the processor folder to `out`.
-pub fn write_tiny_processor(out: &Path, train: usize, seed: u64, vocab_size: usize) -> Result<(), TrainError> {
+pub fn write_tiny_processor(
+    out: &Path,
+    train: usize,
+    seed: u64,
+    vocab_size: usize,
+) -> Result<(), TrainError> {
     train_tokenizer(synth::corpus_texts(train, 0, seed), vocab_size, out)?;
     let config = serde_json::json!({
         "do_convert_rgb": true,

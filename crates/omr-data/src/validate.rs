@@ -83,9 +83,18 @@ impl ValidateReport {
             }
         }
         let stats = |h: &Histogram| {
-            format!("min {} mean {:.1} max {}", h.min.unwrap_or(0), h.mean(), h.max.unwrap_or(0))
+            format!(
+                "min {} mean {:.1} max {}",
+                h.min.unwrap_or(0),
+                h.mean(),
+                h.max.unwrap_or(0)
+            )
         };
-        s.push_str(&format!("tokens per sample ({}):\n{}", stats(&self.tokens), self.tokens.render("tok")));
+        s.push_str(&format!(
+            "tokens per sample ({}):\n{}",
+            stats(&self.tokens),
+            self.tokens.render("tok")
+        ));
         s.push_str(&format!(
             "supervised tokens per sample ({}):\n{}",
             stats(&self.supervised_tokens),
@@ -128,7 +137,12 @@ where
     let mut report = ValidateReport::default();
     for source in sources {
         report.sources.push(source.name().to_string());
-        let cfg = LoaderConfig { shuffle: false, max_epochs: Some(1), threads, ..Default::default() };
+        let cfg = LoaderConfig {
+            shuffle: false,
+            max_epochs: Some(1),
+            threads,
+            ..Default::default()
+        };
         let loader = Loader::new(vec![(source, 1.0)], cfg, Rank::SINGLE)?;
         for item in loader.stream(encode.clone()) {
             let item = item?;
@@ -148,7 +162,10 @@ where
                 }
                 Err(bad) => {
                     report.bad += 1;
-                    *report.bad_by_reason.entry(bad.reason.code().to_string()).or_default() += 1;
+                    *report
+                        .bad_by_reason
+                        .entry(bad.reason.code().to_string())
+                        .or_default() += 1;
                     // Validation always finishes the pass: the budget is judged at the end.
                     if let Err(QuarantineError::Io { path, source }) = q.record_bad(&bad) {
                         return Err(QuarantineError::Io { path, source }.into());

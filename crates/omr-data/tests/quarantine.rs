@@ -18,7 +18,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -32,7 +36,9 @@ fn png(w: u32, h: u32) -> Vec<u8> {
 }
 
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 128]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, 128])
+    });
     let mut out = Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
     out.into_inner()
@@ -64,13 +70,25 @@ fn processor(dir: &Path) -> Processor {
     v["max_pixels"] = 1_000_000.into();
     v["size"]["longest_edge"] = 1_000_000.into();
     std::fs::write(dir.join("preprocessor_config.json"), v.to_string()).unwrap();
-    Processor::from_model_dir(dir, &ProcessConfig { max_length: 700, ..Default::default() }).unwrap()
+    Processor::from_model_dir(
+        dir,
+        &ProcessConfig {
+            max_length: 700,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 type Case = (&'static str, Box<dyn Fn(&mut RawRow)>);
 
 fn set_image(bytes: Vec<u8>) -> Box<dyn Fn(&mut RawRow)> {
-    Box::new(move |r| r.image = Some(RawImage { bytes: Some(bytes.clone()), path: Some("x.png".into()) }))
+    Box::new(move |r| {
+        r.image = Some(RawImage {
+            bytes: Some(bytes.clone()),
+            path: Some("x.png".into()),
+        })
+    })
 }
 
 fn parquet_cases() -> Vec<Case> {
@@ -79,13 +97,29 @@ fn parquet_cases() -> Vec<Case> {
     let good_png = png(64, 64);
     let cut_png = good_png[..good_png.len() - 30].to_vec();
     let path_only = |p: &'static str| -> Box<dyn Fn(&mut RawRow)> {
-        Box::new(move |r| r.image = Some(RawImage { bytes: None, path: Some(p.into()) }))
+        Box::new(move |r| {
+            r.image = Some(RawImage {
+                bytes: None,
+                path: Some(p.into()),
+            })
+        })
     };
     vec![
-        ("image_undecodable", set_image(b"this is not an image at all".to_vec())),
+        (
+            "image_undecodable",
+            set_image(b"this is not an image at all".to_vec()),
+        ),
         ("image_truncated", set_image(cut_jpeg)),
         ("image_truncated", set_image(cut_png)),
-        ("image_empty", Box::new(|r| r.image = Some(RawImage { bytes: Some(Vec::new()), path: None }))),
+        (
+            "image_empty",
+            Box::new(|r| {
+                r.image = Some(RawImage {
+                    bytes: Some(Vec::new()),
+                    path: None,
+                })
+            }),
+        ),
         ("image_too_large", set_image(bomb_png())),
         ("image_bad_dimensions", set_image(png(600, 2))),
         ("image_missing", Box::new(|r| r.image = None)),
@@ -95,12 +129,18 @@ fn parquet_cases() -> Vec<Case> {
         ("dicom_unreadable", set_image(bad_dicom())),
         ("missing_field", Box::new(|r| r.question = None)),
         ("missing_field", Box::new(|r| r.reasoning = None)),
-        ("question_without_options", Box::new(|r| r.question = Some("What is shown?".into()))),
+        (
+            "question_without_options",
+            Box::new(|r| r.question = Some("What is shown?".into())),
+        ),
         (
             "duplicate_option",
             Box::new(|r| r.question = Some("Which?\nA. left\nA. right\nB. none".into())),
         ),
-        ("answer_not_an_option", Box::new(|r| r.answer = Some("Z".into()))),
+        (
+            "answer_not_an_option",
+            Box::new(|r| r.answer = Some("Z".into())),
+        ),
         ("empty_field", Box::new(|r| r.answer = Some("  ".into()))),
         (
             "trace_answer_mismatch",
@@ -110,7 +150,10 @@ fn parquet_cases() -> Vec<Case> {
                 r.answer = Some(other.into());
             }),
         ),
-        ("malformed_trace", Box::new(|r| r.reasoning = Some("just some words, no tags".into()))),
+        (
+            "malformed_trace",
+            Box::new(|r| r.reasoning = Some("just some words, no tags".into())),
+        ),
         // 25×28 merged patches = 700 image tokens: fits max_length alone, but not with the
         // system prompt before it, so a right cut would land inside the image.
         ("truncation_cuts_image", set_image(jpeg(784, 700))),
@@ -148,10 +191,15 @@ fn jsonl_lines() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn run(p: &Arc<Processor>, spec: SourceSpec, q: &mut Quarantine) -> omr_data::validate::ValidateReport {
+fn run(
+    p: &Arc<Processor>,
+    spec: SourceSpec,
+    q: &mut Quarantine,
+) -> omr_data::validate::ValidateReport {
     let src = source::open(&spec).unwrap();
     let p2 = p.clone();
-    omr_data::validate::validate(vec![src], move |s| p2.encode(s), p.image_token_id(), 2, q).unwrap()
+    omr_data::validate::validate(vec![src], move |s| p2.encode(s), p.image_token_id(), 2, q)
+        .unwrap()
 }
 
 #[test]
@@ -169,13 +217,18 @@ fn every_kind_of_bad_record_is_quarantined_and_the_rest_goes_on() {
     let shard = "data/train-00000-of-00001.parquet";
     for (i, (code, edit)) in cases.iter().enumerate() {
         rows.push(synth_row(Split::Train, 2 * i as u64, 9).unwrap().into_raw());
-        let mut bad = synth_row(Split::Train, 2 * i as u64 + 1, 9).unwrap().into_raw();
+        let mut bad = synth_row(Split::Train, 2 * i as u64 + 1, 9)
+            .unwrap()
+            .into_raw();
         edit(&mut bad);
         expected.push((shard.to_string(), rows.len() as u64, code));
         rows.push(bad);
     }
     rows.push(synth_row(Split::Train, 999, 9).unwrap().into_raw());
-    let opts = WriteOptions { rows_per_group: 5, ..Default::default() };
+    let opts = WriteOptions {
+        rows_per_group: 5,
+        ..Default::default()
+    };
     write_rows(&root.join(shard), &rows, &opts).unwrap();
 
     // JSONL (LLaVA) with an image folder and a file outside it.
@@ -218,7 +271,11 @@ fn every_kind_of_bad_record_is_quarantined_and_the_rest_goes_on() {
     std::fs::write(wroot.join("train-000.tar"), tar.into_inner().unwrap()).unwrap();
 
     let qpath = tmp.path().join("quarantine.jsonl");
-    let budget = QuarantineBudget { max_bad: None, max_bad_fraction: None, min_seen: 0 };
+    let budget = QuarantineBudget {
+        max_bad: None,
+        max_bad_fraction: None,
+        min_seen: 0,
+    };
     let mut q = Quarantine::new(Some(&qpath), budget).unwrap();
     let pq = run(&p, SourceSpec::local(&root, "train"), &mut q);
     let js = run(&p, SourceSpec::local(&jroot, "train"), &mut q);
@@ -235,18 +292,38 @@ fn every_kind_of_bad_record_is_quarantined_and_the_rest_goes_on() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let got: BTreeMap<(String, u64), String> =
-        entries.iter().map(|e| ((e.shard.clone(), e.row), e.reason.clone())).collect();
+    let got: BTreeMap<(String, u64), String> = entries
+        .iter()
+        .map(|e| ((e.shard.clone(), e.row), e.reason.clone()))
+        .collect();
     for (shard, row, code) in &expected {
-        assert_eq!(got.get(&(shard.clone(), *row)).map(String::as_str), Some(*code), "{shard} row {row}: {entries:#?}");
+        assert_eq!(
+            got.get(&(shard.clone(), *row)).map(String::as_str),
+            Some(*code),
+            "{shard} row {row}: {entries:#?}"
+        );
     }
-    let orphans = entries.iter().filter(|e| e.reason == "orphan_member").count();
+    let orphans = entries
+        .iter()
+        .filter(|e| e.reason == "orphan_member")
+        .count();
     assert_eq!(orphans, 2);
-    assert_eq!(entries.len(), expected.len() + 2, "nothing else was rejected: {entries:#?}");
-    assert!(entries.iter().all(|e| !e.detail.is_empty() && !e.source.is_empty()));
+    assert_eq!(
+        entries.len(),
+        expected.len() + 2,
+        "nothing else was rejected: {entries:#?}"
+    );
+    assert!(entries
+        .iter()
+        .all(|e| !e.detail.is_empty() && !e.source.is_empty()));
     let kinds = expected.len() + 2;
-    let codes: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.reason.as_str()).collect();
-    assert!(kinds >= 25 && codes.len() >= 20, "{kinds} kinds, {} distinct reasons", codes.len());
+    let codes: std::collections::BTreeSet<&str> =
+        entries.iter().map(|e| e.reason.as_str()).collect();
+    assert!(
+        kinds >= 25 && codes.len() >= 20,
+        "{kinds} kinds, {} distinct reasons",
+        codes.len()
+    );
     assert_eq!(q.bad as usize, entries.len());
 }
 
@@ -256,18 +333,40 @@ fn budget_decides_and_counts_are_exact() {
     let p = Arc::new(processor(&tmp.path().join("processor")));
     let root = tmp.path().join("pq");
     std::fs::create_dir_all(root.join("data")).unwrap();
-    let mut rows: Vec<RawRow> = (0..20).map(|i| synth_row(Split::Train, i, 3).unwrap().into_raw()).collect();
+    let mut rows: Vec<RawRow> = (0..20)
+        .map(|i| synth_row(Split::Train, i, 3).unwrap().into_raw())
+        .collect();
     for r in rows.iter_mut().take(3) {
         r.answer = Some("Q".into());
     }
-    write_rows(&root.join("data/train-00000-of-00001.parquet"), &rows, &WriteOptions::default()).unwrap();
+    write_rows(
+        &root.join("data/train-00000-of-00001.parquet"),
+        &rows,
+        &WriteOptions::default(),
+    )
+    .unwrap();
     let spec = SourceSpec::local(&root, "train");
-    let tight = QuarantineBudget { max_bad: Some(2), max_bad_fraction: None, min_seen: 0 };
+    let tight = QuarantineBudget {
+        max_bad: Some(2),
+        max_bad_fraction: None,
+        min_seen: 0,
+    };
     let mut q = Quarantine::new(None, tight).unwrap();
     let r = run(&p, spec.clone(), &mut q);
     assert!(r.over_budget);
-    assert_eq!((r.good, r.bad), (17, 3), "validation finishes the pass even over budget");
-    let frac = QuarantineBudget { max_bad: None, max_bad_fraction: Some(0.2), min_seen: 0 };
+    assert_eq!(
+        (r.good, r.bad),
+        (17, 3),
+        "validation finishes the pass even over budget"
+    );
+    let frac = QuarantineBudget {
+        max_bad: None,
+        max_bad_fraction: Some(0.2),
+        min_seen: 0,
+    };
     let mut q = Quarantine::new(None, frac).unwrap();
-    assert!(!run(&p, spec, &mut q).over_budget, "3/20 = 15% is within 20%");
+    assert!(
+        !run(&p, spec, &mut q).over_budget,
+        "3/20 = 15% is within 20%"
+    );
 }

@@ -59,7 +59,10 @@ fn err(rows: &[Row], i: usize) -> &Reason {
 }
 
 fn blocks(src: &dyn Source) -> Vec<(usize, u64, usize)> {
-    src.blocks().iter().map(|b: &BlockInfo| (b.shard, b.first_row, b.rows)).collect()
+    src.blocks()
+        .iter()
+        .map(|b: &BlockInfo| (b.shard, b.first_row, b.rows))
+        .collect()
 }
 
 fn text(t: &str) -> Content {
@@ -82,27 +85,73 @@ fn omr_rows() -> Vec<OmrRow> {
         OmrRow {
             perception: Some(vec![
                 ("p1".into(), "Absent lung markings".into(), "core".into()),
-                ("p2".into(), "Visible pleural line".into(), "supporting".into()),
+                (
+                    "p2".into(),
+                    "Visible pleural line".into(),
+                    "supporting".into(),
+                ),
             ]),
             ..g(0)
         },
-        OmrRow { question: None, ..g(1) },
-        OmrRow { image: None, ..g(2) },
-        OmrRow { image: path_only("imgs/side.jpg"), ..g(3) },
-        OmrRow { image: path_only("imgs/missing.jpg"), ..g(4) },
-        OmrRow { image: path_only("../outside.jpg"), ..g(5) },
-        OmrRow { question: Some("Which finding is shown?".into()), ..g(6) },
-        OmrRow { question: Some("Q\nA. x\nB. y\nA) z".into()), ..g(7) },
-        OmrRow { answer: Some("F".into()), ..g(8) },
-        OmrRow { answer: Some("C".into()), ..g(9) },
-        OmrRow { reasoning: Some("The answer is B".into()), ..g(10) },
-        OmrRow { reasoning: None, ..g(11) },
-        OmrRow { answer: Some(" b ".into()), perception: None, task_family: None, ..g(12) },
+        OmrRow {
+            question: None,
+            ..g(1)
+        },
+        OmrRow {
+            image: None,
+            ..g(2)
+        },
+        OmrRow {
+            image: path_only("imgs/side.jpg"),
+            ..g(3)
+        },
+        OmrRow {
+            image: path_only("imgs/missing.jpg"),
+            ..g(4)
+        },
+        OmrRow {
+            image: path_only("../outside.jpg"),
+            ..g(5)
+        },
+        OmrRow {
+            question: Some("Which finding is shown?".into()),
+            ..g(6)
+        },
+        OmrRow {
+            question: Some("Q\nA. x\nB. y\nA) z".into()),
+            ..g(7)
+        },
+        OmrRow {
+            answer: Some("F".into()),
+            ..g(8)
+        },
+        OmrRow {
+            answer: Some("C".into()),
+            ..g(9)
+        },
+        OmrRow {
+            reasoning: Some("The answer is B".into()),
+            ..g(10)
+        },
+        OmrRow {
+            reasoning: None,
+            ..g(11)
+        },
+        OmrRow {
+            answer: Some(" b ".into()),
+            perception: None,
+            task_family: None,
+            ..g(12)
+        },
     ]
 }
 
 fn omr_dataset(dir: &Path) {
-    write_omr_parquet(&dir.join("data/train-00000-of-00001.parquet"), &omr_rows(), 4);
+    write_omr_parquet(
+        &dir.join("data/train-00000-of-00001.parquet"),
+        &omr_rows(),
+        4,
+    );
     write_omr_parquet(
         &dir.join("data/test-00000-of-00001.parquet"),
         &[OmrRow::good(7), OmrRow::good(8)],
@@ -120,7 +169,10 @@ fn parquet_row_groups_samples_and_bad_rows() {
     omr_dataset(&dir);
     let src = source::open(&SourceSpec::local(&dir, "train")).expect("opens");
     assert_eq!(src.shards(), ["data/train-00000-of-00001.parquet"]);
-    assert_eq!(blocks(src.as_ref()), [(0, 0, 4), (0, 4, 4), (0, 8, 4), (0, 12, 1)]);
+    assert_eq!(
+        blocks(src.as_ref()),
+        [(0, 0, 4), (0, 4, 4), (0, 8, 4), (0, 12, 1)]
+    );
     assert_eq!(src.len(), 13);
     let rows = read_all(src.as_ref());
     assert_eq!(
@@ -142,7 +194,10 @@ fn parquet_row_groups_samples_and_bad_rows() {
     assert_eq!(err(&rows, 11), &Reason::MissingField("reasoning".into()));
     assert_eq!(
         err(&rows, 9),
-        &Reason::TraceAnswerMismatch { trace: "B".into(), answer: "C".into() }
+        &Reason::TraceAnswerMismatch {
+            trace: "B".into(),
+            answer: "C".into()
+        }
     );
 
     let s = ok(&rows, 0);
@@ -154,7 +209,10 @@ fn parquet_row_groups_samples_and_bad_rows() {
     assert_eq!(
         s.messages,
         [
-            Message { role: Role::User, content: vec![Content::Image, text(Q)] },
+            Message {
+                role: Role::User,
+                content: vec![Content::Image, text(Q)]
+            },
             Message::text(Role::Assistant, trace("B")),
         ]
     );
@@ -167,23 +225,37 @@ fn parquet_row_groups_samples_and_bad_rows() {
     assert_eq!(rubric.perception.len(), 2);
     assert_eq!(rubric.perception[1].claim, "Visible pleural line");
     assert_eq!(rubric.perception[1].importance, "supporting");
-    assert_eq!(rubric.perception[1].topic, "", "missing struct field reads as empty");
+    assert_eq!(
+        rubric.perception[1].topic, "",
+        "missing struct field reads as empty"
+    );
     assert!(rubric.knowledge.is_empty() && rubric.rationale.is_empty());
-    assert_eq!(s.meta.get("task_family").map(String::as_str), Some("Diagnosis"));
+    assert_eq!(
+        s.meta.get("task_family").map(String::as_str),
+        Some("Diagnosis")
+    );
     assert_eq!(s.meta.get("id").map(String::as_str), Some("100"));
 
     let from_path = ok(&rows, 3);
     assert_eq!(from_path.images[0].bytes, jpeg(33));
     let last = ok(&rows, 12);
     assert_eq!(last.mcq.as_ref().expect("mcq").answer, "B");
-    assert_eq!(last.rubric, None, "empty or null rubric lists give no rubric");
+    assert_eq!(
+        last.rubric, None,
+        "empty or null rubric lists give no rubric"
+    );
     assert!(!last.meta.contains_key("task_family"));
 
     let test = source::open(&SourceSpec::local(&dir, "test")).expect("test split");
-    assert_eq!((test.shards().len(), test.len(), test.blocks().len()), (1, 2, 1));
-    let single =
-        source::open(&SourceSpec::local(dir.join("data/test-00000-of-00001.parquet"), "ignored"))
-            .expect("single file");
+    assert_eq!(
+        (test.shards().len(), test.len(), test.blocks().len()),
+        (1, 2, 1)
+    );
+    let single = source::open(&SourceSpec::local(
+        dir.join("data/test-00000-of-00001.parquet"),
+        "ignored",
+    ))
+    .expect("single file");
     assert_eq!(single.shards(), ["test-00000-of-00001.parquet"]);
 }
 
@@ -198,9 +270,15 @@ fn parquet_large_types_plain_binary_and_reasoning_trace() {
         batch(vec![
             ("image", Arc::new(LargeBinaryArray::from(images))),
             ("question", large(vec![Some(Q), Some(Q)])),
-            ("reasoning_trace", large(vec![Some(&trace("D")), Some(&trace("D"))])),
+            (
+                "reasoning_trace",
+                large(vec![Some(&trace("D")), Some(&trace("D"))]),
+            ),
             ("answer", large(vec![Some("D"), Some("D")])),
-            ("modality", Arc::new(StringArray::from(vec![Some("CT"), None]))),
+            (
+                "modality",
+                Arc::new(StringArray::from(vec![Some("CT"), None])),
+            ),
         ]),
         100,
     );
@@ -224,12 +302,19 @@ fn parquet_file_level_errors_name_file_and_column() {
     let no_answer = tmp.path().join("a/data/train-0.parquet");
     write_batch(
         &no_answer,
-        batch(vec![("image", bin.clone()), ("question", strs(Q)), ("reasoning", strs("r"))]),
+        batch(vec![
+            ("image", bin.clone()),
+            ("question", strs(Q)),
+            ("reasoning", strs("r")),
+        ]),
         10,
     );
     let e = open_err(&SourceSpec::local(tmp.path().join("a"), "train"));
     assert!(matches!(e, SourceError::Schema { .. }), "{e}");
-    assert!(e.to_string().contains("train-0.parquet") && e.to_string().contains("`answer`"), "{e}");
+    assert!(
+        e.to_string().contains("train-0.parquet") && e.to_string().contains("`answer`"),
+        "{e}"
+    );
 
     let int_question = tmp.path().join("b/train.parquet");
     let ints: ArrayRef = Arc::new(Int64Array::from(vec![Some(1)]));
@@ -250,8 +335,11 @@ fn parquet_file_level_errors_name_file_and_column() {
     );
 
     std::fs::create_dir_all(tmp.path().join("c/data")).expect("mkdir");
-    std::fs::write(tmp.path().join("c/data/train-0.parquet"), b"PAR1 this is not parquet")
-        .expect("write");
+    std::fs::write(
+        tmp.path().join("c/data/train-0.parquet"),
+        b"PAR1 this is not parquet",
+    )
+    .expect("write");
     let e = open_err(&SourceSpec::local(tmp.path().join("c"), "train"));
     assert!(
         matches!(e, SourceError::Parquet { ref path, .. } if path.ends_with("train-0.parquet")),
@@ -298,8 +386,10 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
     image_folder(&dir);
     let mcq_reply = "<think>Air without markings.</think><answer>B</answer>";
     let mut lines = vec![
-        line(json!({"id": "s0", "source": "vqa-rad", "image": "images/a.jpg",
-                    "conversations": turns("<image>\nWhat is shown?", "A chest X-ray.")})),
+        line(
+            json!({"id": "s0", "source": "vqa-rad", "image": "images/a.jpg",
+                    "conversations": turns("<image>\nWhat is shown?", "A chest X-ray.")}),
+        ),
         llava(
             json!(["images/a.jpg", "images/b.png"]),
             json!([
@@ -307,7 +397,10 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
             {"from": "human", "value": "Compare <image> and <image>"},
             {"from": "gpt", "value": "Same."}]),
         ),
-        llava(json!("images/a.jpg"), turns(&format!("<image>\n{Q}"), mcq_reply)),
+        llava(
+            json!("images/a.jpg"),
+            turns(&format!("<image>\n{Q}"), mcq_reply),
+        ),
         b"{\"conversations\": [".to_vec(),
         b"{\"conversations\": \"\xff\xfe\"}".to_vec(),
         llava(json!(null), json!([{"from": "human", "value": "hi"}])),
@@ -325,11 +418,18 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
         Vec::new(),
     ];
     for i in 0..290 {
-        lines.push(llava(json!(null), turns(&format!("text-only question {i}"), "answer")));
+        lines.push(llava(
+            json!(null),
+            turns(&format!("text-only question {i}"), "answer"),
+        ));
     }
     write_lines(&dir.join("train.jsonl"), &lines);
     let src = source::open(&SourceSpec::local(dir.join("train.jsonl"), "train")).expect("opens");
-    assert_eq!(blocks(src.as_ref()), [(0, 0, 256), (0, 256, 48)], "blank line is not a record");
+    assert_eq!(
+        blocks(src.as_ref()),
+        [(0, 0, 256), (0, 256, 48)],
+        "blank line is not a record"
+    );
     let rows = read_all(src.as_ref());
     assert_eq!(
         failures(&rows),
@@ -347,15 +447,27 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
             (13, "missing_field"),
         ]
     );
-    assert_eq!(err(&rows, 8), &Reason::ImageCountMismatch { placeholders: 2, images: 1 });
-    assert_eq!(err(&rows, 11), &Reason::PathEscapesRoot("/etc/passwd".into()));
+    assert_eq!(
+        err(&rows, 8),
+        &Reason::ImageCountMismatch {
+            placeholders: 2,
+            images: 1
+        }
+    );
+    assert_eq!(
+        err(&rows, 11),
+        &Reason::PathEscapesRoot("/etc/passwd".into())
+    );
 
     let s = ok(&rows, 0);
     assert_eq!(s.images[0].bytes, jpeg(1));
     assert_eq!(
         s.messages,
         [
-            Message { role: Role::User, content: vec![Content::Image, text("What is shown?")] },
+            Message {
+                role: Role::User,
+                content: vec![Content::Image, text("What is shown?")]
+            },
             Message::text(Role::Assistant, "A chest X-ray."),
         ]
     );
@@ -363,8 +475,18 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
     assert_eq!(s.meta.get("id").map(String::as_str), Some("s0"));
     assert_eq!(s.meta.get("source").map(String::as_str), Some("vqa-rad"));
     let multi = ok(&rows, 1);
-    assert_eq!(multi.images.iter().map(|i| i.bytes.clone()).collect::<Vec<_>>(), [jpeg(1), png(2)]);
-    assert_eq!(multi.messages[0], Message::text(Role::System, "You are a radiologist."));
+    assert_eq!(
+        multi
+            .images
+            .iter()
+            .map(|i| i.bytes.clone())
+            .collect::<Vec<_>>(),
+        [jpeg(1), png(2)]
+    );
+    assert_eq!(
+        multi.messages[0],
+        Message::text(Role::System, "You are a radiologist.")
+    );
     assert_eq!(
         multi.messages[1].content,
         [text("Compare"), Content::Image, text("and"), Content::Image]
@@ -372,7 +494,10 @@ fn llava_jsonl_blocks_contents_and_bad_lines() {
     let mcq = ok(&rows, 2);
     assert_eq!(mcq.mcq.as_ref().map(|m| m.answer.as_str()), Some("B"));
     assert_eq!(mcq.reasoning.as_deref(), Some(mcq_reply));
-    assert_eq!(ok(&rows, 303).messages[0].content, [text("text-only question 289")]);
+    assert_eq!(
+        ok(&rows, 303).messages[0].content,
+        [text("text-only question 289")]
+    );
 }
 
 #[test]
@@ -387,8 +512,11 @@ fn json_array_file_is_indexed_without_parsing_it_whole() {
         {"id": 2, "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},
         {"id": 3, "conversations": [{"from": "user", "value": "q"}]}
     ]);
-    std::fs::write(dir.join("mix.json"), serde_json::to_string_pretty(&records).expect("json"))
-        .expect("write");
+    std::fs::write(
+        dir.join("mix.json"),
+        serde_json::to_string_pretty(&records).expect("json"),
+    )
+    .expect("write");
     let src = source::open(&SourceSpec::local(dir.join("mix.json"), "train")).expect("opens");
     assert_eq!(blocks(src.as_ref()), [(0, 0, 3)]);
     let rows = read_all(src.as_ref());
@@ -397,12 +525,18 @@ fn json_array_file_is_indexed_without_parsing_it_whole() {
         ok(&rows, 0).messages[0].content,
         [Content::Image, text("Tricky ], \"quoted\" {text}")]
     );
-    assert_eq!(ok(&rows, 0).messages[1], Message::text(Role::Assistant, "[not, an, array]"));
+    assert_eq!(
+        ok(&rows, 0).messages[1],
+        Message::text(Role::Assistant, "[not, an, array]")
+    );
     assert_eq!(ok(&rows, 0).meta.get("id").map(String::as_str), Some("1"));
 
     std::fs::write(dir.join("cut.json"), br#"[{"conversations": []}, {"conv"#).expect("write");
     let e = open_err(&SourceSpec::local(dir.join("cut.json"), "train"));
-    assert!(matches!(e, SourceError::Schema { ref path, .. } if path.ends_with("cut.json")), "{e}");
+    assert!(
+        matches!(e, SourceError::Schema { ref path, .. } if path.ends_with("cut.json")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -415,16 +549,20 @@ fn messages_jsonl_parts_placeholders_and_bad_records() {
         line(json!({"messages": [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
             a(json!("Normal."))], "images": ["images/a.jpg"]})),
-        line(json!({"messages": [{"role": "user", "content": "<image>\nWhat?"}, a(json!("X."))],
-                    "images": ["images/b.png"]})),
+        line(
+            json!({"messages": [{"role": "user", "content": "<image>\nWhat?"}, a(json!("X."))],
+                    "images": ["images/b.png"]}),
+        ),
         line(json!({"messages": [
             {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image", "image": "images/b.png"}]},
             a(json!([{"type": "text", "text": "Fine."}]))]})),
         line(
             json!({"messages": [{"role": "user", "content": [{"type": "video"}]}, a(json!("x"))]}),
         ),
-        line(json!({"messages": [{"role": "user", "content": [{"type": "image"}]}, a(json!("x"))],
-                    "images": ["images/a.jpg", "images/b.png"]})),
+        line(
+            json!({"messages": [{"role": "user", "content": [{"type": "image"}]}, a(json!("x"))],
+                    "images": ["images/a.jpg", "images/b.png"]}),
+        ),
         line(json!({"messages": [{"role": "tool", "content": "x"}, a(json!("x"))]})),
     ];
     write_lines(&dir.join("train.jsonl"), &lines);
@@ -434,13 +572,26 @@ fn messages_jsonl_parts_placeholders_and_bad_records() {
     let rows = read_all(src.as_ref());
     assert_eq!(
         failures(&rows),
-        [(3, "bad_conversation"), (4, "image_count_mismatch"), (5, "bad_conversation")]
+        [
+            (3, "bad_conversation"),
+            (4, "image_count_mismatch"),
+            (5, "bad_conversation")
+        ]
     );
-    assert_eq!(err(&rows, 4), &Reason::ImageCountMismatch { placeholders: 1, images: 2 });
+    assert_eq!(
+        err(&rows, 4),
+        &Reason::ImageCountMismatch {
+            placeholders: 1,
+            images: 2
+        }
+    );
     let s = ok(&rows, 0);
     assert_eq!(s.messages[0].content, [Content::Image, text("Describe.")]);
     assert_eq!(s.images[0].bytes, jpeg(1));
-    assert_eq!(ok(&rows, 1).messages[0].content, [Content::Image, text("What?")]);
+    assert_eq!(
+        ok(&rows, 1).messages[0].content,
+        [Content::Image, text("What?")]
+    );
     let inline = ok(&rows, 2);
     assert_eq!(inline.images[0].path.as_deref(), Some("images/b.png"));
     assert_eq!(inline.messages[0].content, [text("Look:"), Content::Image]);
@@ -465,15 +616,25 @@ fn image_root_confines_paths() {
         &data.join("train.jsonl"),
         &[
             llava(json!("images/a.jpg"), turns("<image>", "x")),
-            llava(json!(root.join("images/b.png").display().to_string()), turns("<image>", "x")),
-            llava(json!("images/../../data/train.jsonl"), turns("<image>", "x")),
+            llava(
+                json!(root.join("images/b.png").display().to_string()),
+                turns("<image>", "x"),
+            ),
+            llava(
+                json!("images/../../data/train.jsonl"),
+                turns("<image>", "x"),
+            ),
         ],
     );
     let mut spec = SourceSpec::local(data.join("train.jsonl"), "train");
     spec.image_root = Some(root.clone());
     let rows = read_all(source::open(&spec).expect("opens").as_ref());
     assert_eq!(ok(&rows, 0).images[0].bytes, jpeg(1));
-    assert_eq!(ok(&rows, 1).images[0].bytes, png(2), "absolute path inside the root is allowed");
+    assert_eq!(
+        ok(&rows, 1).images[0].bytes,
+        png(2),
+        "absolute path inside the root is allowed"
+    );
     assert_eq!(failures(&rows), [(2, "path_escapes_root")]);
 }
 
@@ -498,13 +659,18 @@ fn webdataset_groups_orphans_blocks_and_truncation() {
     let mut m = vec![
         member("000.jpg", jpeg(0)),
         member("000.json", omr_json("B")),
-        member("001.json", llava(json!("ignored.jpg"), turns("<image>\nWhat?", "A."))),
+        member(
+            "001.json",
+            llava(json!("ignored.jpg"), turns("<image>\nWhat?", "A.")),
+        ),
         member("001.png", png(1)),
         member("002.jpg", jpeg(2)),
         member(
             "002.json",
-            line(json!({"messages": [{"role": "user", "content": "<image> ?"},
-                                                   {"role": "assistant", "content": "ok"}]})),
+            line(
+                json!({"messages": [{"role": "user", "content": "<image> ?"},
+                                                   {"role": "assistant", "content": "ok"}]}),
+            ),
         ),
         member("003.jpg", jpeg(3)),
         member("004.json", omr_json("B")),
@@ -550,18 +716,39 @@ fn webdataset_groups_orphans_blocks_and_truncation() {
     );
     assert_eq!(s.mcq.as_ref().map(|m| m.answer.as_str()), Some("B"));
     assert_eq!(s.messages[1], Message::text(Role::Assistant, trace("B")));
-    assert_eq!(s.meta.get("task_family").map(String::as_str), Some("Diagnosis"));
-    assert_eq!(s.rubric.as_ref().map(|r| r.knowledge[0].unit_id.as_str()), Some("k1"));
-    assert_eq!(ok(&rows, 1).images[0].bytes, png(1), "tar members, not JSON paths, are the images");
-    assert_eq!(ok(&rows, 2).messages[0].content, [Content::Image, text("?")]);
+    assert_eq!(
+        s.meta.get("task_family").map(String::as_str),
+        Some("Diagnosis")
+    );
+    assert_eq!(
+        s.rubric.as_ref().map(|r| r.knowledge[0].unit_id.as_str()),
+        Some("k1")
+    );
+    assert_eq!(
+        ok(&rows, 1).images[0].bytes,
+        png(1),
+        "tar members, not JSON paths, are the images"
+    );
+    assert_eq!(
+        ok(&rows, 2).messages[0].content,
+        [Content::Image, text("?")]
+    );
     assert_eq!(ok(&rows, 69).images[0].bytes, jpeg(69));
-    assert_eq!(source::open(&SourceSpec::local(&dir, "test")).expect("test").len(), 1);
+    assert_eq!(
+        source::open(&SourceSpec::local(&dir, "test"))
+            .expect("test")
+            .len(),
+        1
+    );
 
     let whole = std::fs::read(dir.join("train-000000.tar")).expect("read");
     let cut = tmp.path().join("cut.tar");
     std::fs::write(&cut, &whole[..whole.len() / 2 + 100]).expect("write");
     let e = open_err(&SourceSpec::local(&cut, "train"));
-    assert!(e.to_string().contains("cut.tar") && e.to_string().contains("truncated"), "{e}");
+    assert!(
+        e.to_string().contains("cut.tar") && e.to_string().contains("truncated"),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------- open()
@@ -578,17 +765,26 @@ fn open_rejects_bad_specs_and_missing_data() {
 
     let missing = tmp.path().join("nope");
     let e = open_err(&SourceSpec::local(&missing, "train"));
-    assert!(matches!(e, SourceError::Io { ref path, .. } if path.contains("nope")), "{e}");
+    assert!(
+        matches!(e, SourceError::Io { ref path, .. } if path.contains("nope")),
+        "{e}"
+    );
 
     let dir = tmp.path().join("omr");
     omr_dataset(&dir);
     let e = open_err(&SourceSpec::local(&dir, "validation"));
-    assert!(matches!(e, SourceError::NoFiles { ref split, .. } if split == "validation"), "{e}");
+    assert!(
+        matches!(e, SourceError::NoFiles { ref split, .. } if split == "validation"),
+        "{e}"
+    );
 
     let notes = tmp.path().join("notes");
     std::fs::create_dir_all(&notes).expect("mkdir");
     std::fs::write(notes.join("readme.txt"), "hi").expect("write");
-    assert!(matches!(open_err(&SourceSpec::local(&notes, "train")), SourceError::UnknownFormat(_)));
+    assert!(matches!(
+        open_err(&SourceSpec::local(&notes, "train")),
+        SourceError::UnknownFormat(_)
+    ));
     assert!(matches!(
         open_err(&SourceSpec::local(notes.join("readme.txt"), "train")),
         SourceError::UnknownFormat(_)
@@ -632,8 +828,11 @@ fn hub_spec(revision: Option<&str>) -> SourceSpec {
 fn hub_offline_reads_the_cache() {
     let tmp = tempfile::tempdir().expect("tempdir");
     fake_cache(tmp.path());
-    let env =
-        HubEnv { hf_home: Some(tmp.path().to_path_buf()), offline: true, ..HubEnv::default() };
+    let env = HubEnv {
+        hf_home: Some(tmp.path().to_path_buf()),
+        offline: true,
+        ..HubEnv::default()
+    };
     let src = hub::open(&hub_spec(None), &env).expect("offline cache resolves");
     assert_eq!(src.shards(), [TRAIN]);
     assert_eq!(blocks(&src), [(0, 0, 2), (0, 2, 1)]);
@@ -641,17 +840,30 @@ fn hub_offline_reads_the_cache() {
     assert_eq!(failures(&rows), []);
     assert_eq!(ok(&rows, 2).origin.shard, TRAIN);
     assert_eq!(ok(&rows, 0).origin.source, "org/omr:train");
-    assert_eq!(hub::open(&hub_spec(Some(SHA)), &env).expect("commit as revision").len(), 3);
+    assert_eq!(
+        hub::open(&hub_spec(Some(SHA)), &env)
+            .expect("commit as revision")
+            .len(),
+        3
+    );
 
-    let e = hub::open(&hub_spec(Some("v2")), &env).err().expect("unknown revision");
+    let e = hub::open(&hub_spec(Some("v2")), &env)
+        .err()
+        .expect("unknown revision");
     assert!(e.to_string().contains("revision `v2`"), "{e}");
     let mut test = hub_spec(None);
     test.split = "test".into();
-    assert!(matches!(hub::open(&test, &env).err(), Some(SourceError::NoFiles { .. })));
+    assert!(matches!(
+        hub::open(&test, &env).err(),
+        Some(SourceError::NoFiles { .. })
+    ));
 
     let empty = tempfile::tempdir().expect("tempdir");
-    let env =
-        HubEnv { hf_home: Some(empty.path().to_path_buf()), offline: true, ..HubEnv::default() };
+    let env = HubEnv {
+        hf_home: Some(empty.path().to_path_buf()),
+        offline: true,
+        ..HubEnv::default()
+    };
     let e = hub::open(&hub_spec(None), &env).err().expect("empty cache");
     assert!(matches!(e, SourceError::Hub(_)));
     assert!(
@@ -662,9 +874,16 @@ fn hub_offline_reads_the_cache() {
 }
 
 fn proxied() -> bool {
-    ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some())
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some())
 }
 
 #[test]
@@ -675,7 +894,11 @@ fn hub_online_downloads_once_then_serves_the_cache() {
     }
     let mut file = Vec::new();
     let staging = tempfile::tempdir().expect("tempdir");
-    write_omr_parquet(&staging.path().join("x.parquet"), &[OmrRow::good(5), OmrRow::good(6)], 10);
+    write_omr_parquet(
+        &staging.path().join("x.parquet"),
+        &[OmrRow::good(5), OmrRow::good(6)],
+        10,
+    );
     file.extend(std::fs::read(staging.path().join("x.parquet")).expect("read"));
     let info = json!({"sha": SHA, "siblings": [{"rfilename": ".gitattributes"}, {"rfilename": "README.md"},
         {"rfilename": TRAIN}, {"rfilename": "data/test-00000-of-00001.parquet"}]});
@@ -692,9 +915,22 @@ fn hub_online_downloads_once_then_serves_the_cache() {
     assert_eq!(read_all(&src).iter().filter(|r| r.is_ok()).count(), 2);
     assert_eq!(downloads.load(Ordering::SeqCst), 1);
     hub::open(&hub_spec(None), &env).expect("second open");
-    assert_eq!(downloads.load(Ordering::SeqCst), 1, "cached file is not downloaded again");
-    let offline = HubEnv { offline: true, endpoint: None, ..env };
-    assert_eq!(hub::open(&hub_spec(None), &offline).expect("offline after download").len(), 2);
+    assert_eq!(
+        downloads.load(Ordering::SeqCst),
+        1,
+        "cached file is not downloaded again"
+    );
+    let offline = HubEnv {
+        offline: true,
+        endpoint: None,
+        ..env
+    };
+    assert_eq!(
+        hub::open(&hub_spec(None), &offline)
+            .expect("offline after download")
+            .len(),
+        2
+    );
 }
 
 #[test]

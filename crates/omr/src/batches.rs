@@ -25,9 +25,17 @@ pub fn run(a: &BatchesArgs) -> crate::Result<()> {
     let mut q = Quarantine::new(Some(&a.quarantine), cfg.quarantine.clone())?;
     let p = processor.clone();
     let stream = loader.stream(move |s| p.encode(s));
-    let mut batcher = Batcher::new(stream, loader.state().clone(), cfg.batch.clone(), processor.pad_id());
+    let mut batcher = Batcher::new(
+        stream,
+        loader.state().clone(),
+        cfg.batch.clone(),
+        processor.pad_id(),
+    );
     let mut per_source: BTreeMap<String, u64> = BTreeMap::new();
-    println!("rank {}/{}  mode {:?}  batch_size {}", rank.rank, rank.world, cfg.batch.mode, cfg.batch.batch_size);
+    println!(
+        "rank {}/{}  mode {:?}  batch_size {}",
+        rank.rank, rank.world, cfg.batch.mode, cfg.batch.batch_size
+    );
     for step in 1..=a.steps {
         let Some((batch, state)) = batcher.next_batch(&mut q).map_err(Exit::bad_data)? else {
             println!("data exhausted after {} batches", step - 1);
@@ -39,7 +47,11 @@ pub fn run(a: &BatchesArgs) -> crate::Result<()> {
             }
         }
         let fill = batch.tokens() as f64 / (batch.rows * batch.seq_len).max(1) as f64;
-        let epochs: Vec<String> = state.sources.iter().map(|c| format!("{}:{}", c.epoch, c.pos)).collect();
+        let epochs: Vec<String> = state
+            .sources
+            .iter()
+            .map(|c| format!("{}:{}", c.epoch, c.pos))
+            .collect();
         println!(
             "batch {step:>4} | rows {} | T {} | samples {:>3} | tokens {:>6} | fill {:>5.1}% | supervised {:>6} | images {:>3} | bad {} | cursor {}",
             batch.rows,
@@ -54,9 +66,15 @@ pub fn run(a: &BatchesArgs) -> crate::Result<()> {
         );
     }
     let total: u64 = per_source.values().sum();
-    println!("samples by source (weights {:?}):", cfg.sources.iter().map(|s| s.weight).collect::<Vec<_>>());
+    println!(
+        "samples by source (weights {:?}):",
+        cfg.sources.iter().map(|s| s.weight).collect::<Vec<_>>()
+    );
     for (s, n) in &per_source {
-        println!("  {s:<50} {n:>6} ({:.1}%)", 100.0 * *n as f64 / total.max(1) as f64);
+        println!(
+            "  {s:<50} {n:>6} ({:.1}%)",
+            100.0 * *n as f64 / total.max(1) as f64
+        );
     }
     Ok(())
 }

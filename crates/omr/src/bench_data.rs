@@ -68,12 +68,24 @@ pub fn run(a: BenchDataArgs) -> crate::Result<()> {
         (Some(d), Some(m)) => (d.clone(), m.clone()),
         _ => {
             let out = tmp.path().join("synth");
-            let args = crate::data::SynthArgs { out: out.clone(), train: a.samples, test: 0, seed: 0, vocab_size: 2048 };
+            let args = crate::data::SynthArgs {
+                out: out.clone(),
+                train: a.samples,
+                test: 0,
+                seed: 0,
+                vocab_size: 2048,
+            };
             let processor = crate::data::synth(&args)?;
-            (a.data.clone().unwrap_or(out), a.model.clone().unwrap_or(processor))
+            (
+                a.data.clone().unwrap_or(out),
+                a.model.clone().unwrap_or(processor),
+            )
         }
     };
-    let cfg = ProcessConfig { max_length: 16384, ..Default::default() };
+    let cfg = ProcessConfig {
+        max_length: 16384,
+        ..Default::default()
+    };
     let processor = Processor::from_model_dir(&model, &cfg).usage()?;
     let src = source::open(&SourceSpec::local(&data, "train")).usage()?;
     let mut samples: Vec<Sample> = Vec::new();
@@ -93,26 +105,80 @@ pub fn run(a: BenchDataArgs) -> crate::Result<()> {
         }
     }
     if samples.is_empty() {
-        return Err(crate::exit::Exit::usage(anyhow::anyhow!("no usable sample with an image in {}", data.display())));
+        return Err(crate::exit::Exit::usage(anyhow::anyhow!(
+            "no usable sample with an image in {}",
+            data.display()
+        )));
     }
     let cores = rayon::current_num_threads();
-    println!("omr bench data: {} samples from {}, {} repeats, {} cores", samples.len(), data.display(), a.repeats, cores);
+    println!(
+        "omr bench data: {} samples from {}, {} repeats, {} cores",
+        samples.len(),
+        data.display(),
+        a.repeats,
+        cores
+    );
 
     // Ours, one thread: full pipeline, then image part only.
-    let full1 = time(a.repeats, || samples.iter().filter_map(|s| pixels(&processor.encode(s).ok()?.image_sizes)).sum());
+    let full1 = time(a.repeats, || {
+        samples
+            .iter()
+            .filter_map(|s| pixels(&processor.encode(s).ok()?.image_sizes))
+            .sum()
+    });
     let img_only = |s: &Sample| -> Option<f64> {
         let mut mp = 0.0;
         for im in &s.images {
-            let (_, (h, w)) = processor.image().process_bytes(&im.bytes, &DecodeLimits::default()).ok()?;
+            let (_, (h, w)) = processor
+                .image()
+                .process_bytes(&im.bytes, &DecodeLimits::default())
+                .ok()?;
             mp += h as f64 * w as f64 / 1e6;
         }
         Some(mp)
     };
     let img1 = time(a.repeats, || samples.iter().filter_map(img_only).sum());
-    let fulln = time(a.repeats, || samples.par_iter().map(|s| pixels(&processor.encode(s).map(|e| e.image_sizes).unwrap_or_default()).unwrap_or(0.0)).sum());
-    println!("{}", Timing { items: samples.len() * a.repeats, ..full1 }.line("synthetic: decode+preprocess+tokenize, 1 thread", 1));
-    println!("{}", Timing { items: samples.len() * a.repeats, ..img1 }.line("synthetic: decode+preprocess, 1 thread", 1));
-    println!("{}", Timing { items: samples.len() * a.repeats, ..fulln }.line(&format!("synthetic: decode+preprocess+tokenize, {cores} threads"), cores));
+    let fulln = time(a.repeats, || {
+        samples
+            .par_iter()
+            .map(|s| {
+                pixels(
+                    &processor
+                        .encode(s)
+                        .map(|e| e.image_sizes)
+                        .unwrap_or_default(),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum()
+    });
+    println!(
+        "{}",
+        Timing {
+            items: samples.len() * a.repeats,
+            ..full1
+        }
+        .line("synthetic: decode+preprocess+tokenize, 1 thread", 1)
+    );
+    println!(
+        "{}",
+        Timing {
+            items: samples.len() * a.repeats,
+            ..img1
+        }
+        .line("synthetic: decode+preprocess, 1 thread", 1)
+    );
+    println!(
+        "{}",
+        Timing {
+            items: samples.len() * a.repeats,
+            ..fulln
+        }
+        .line(
+            &format!("synthetic: decode+preprocess+tokenize, {cores} threads"),
+            cores
+        )
+    );
 
     // Reference on the same encoded images.
     let synth_dir = tmp.path().join("synth-images");
@@ -122,8 +188,11 @@ pub fn run(a: BenchDataArgs) -> crate::Result<()> {
             std::fs::write(synth_dir.join(format!("{i:05}-{j}.jpg")), &im.bytes)?;
         }
     }
-    let ours_synth = img1.mp_per_s();
-    report_reference(&a, &model, &synth_dir, "synthetic", ours_synth);
+    let ours = [
+        ("decode+preprocess", img1.mp_per_s()),
+        ("decode+preprocess+tokenize", full1.mp_per_s()),
+    ];
+    report_reference(&a, &model, &synth_dir, "synthetic", &ours);
 
     if let Some(dir) = &a.dicom {
         bench_dicom(&a, processor.image(), &model, dir, tmp.path())?;
@@ -145,10 +214,20 @@ fn time(repeats: usize, pass: impl Fn() -> f64) -> Timing {
     for _ in 0..repeats.max(1) {
         mp += pass();
     }
-    Timing { items: 0, megapixels: mp, seconds: t.elapsed().as_secs_f64() }
+    Timing {
+        items: 0,
+        megapixels: mp,
+        seconds: t.elapsed().as_secs_f64(),
+    }
 }
 
-fn bench_dicom(a: &BenchDataArgs, image: &ImageProcessor, model: &Path, dir: &Path, tmp: &Path) -> crate::Result<()> {
+fn bench_dicom(
+    a: &BenchDataArgs,
+    image: &ImageProcessor,
+    model: &Path,
+    dir: &Path,
+    tmp: &Path,
+) -> crate::Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))
         .usage()?
@@ -166,15 +245,26 @@ fn bench_dicom(a: &BenchDataArgs, image: &ImageProcessor, model: &Path, dir: &Pa
         let bytes = std::fs::read(f)?;
         match omr_data::image::decode(&bytes, &limits) {
             Ok(rgb) => {
-                let png = png_dir.join(format!("{}.png", f.file_stem().unwrap_or_default().to_string_lossy()));
+                let png = png_dir.join(format!(
+                    "{}.png",
+                    f.file_stem().unwrap_or_default().to_string_lossy()
+                ));
                 crate::tensors::write_png(&rgb, &png)?;
                 pngs.push(std::fs::read(&png)?);
                 blobs.push(bytes);
             }
-            Err(r) => skipped.push(format!("{}: {r}", f.file_name().unwrap_or_default().to_string_lossy())),
+            Err(r) => skipped.push(format!(
+                "{}: {r}",
+                f.file_name().unwrap_or_default().to_string_lossy()
+            )),
         }
     }
-    println!("real medical images: {} DICOMs decoded from {} ({} skipped)", blobs.len(), dir.display(), skipped.len());
+    println!(
+        "real medical images: {} DICOMs decoded from {} ({} skipped)",
+        blobs.len(),
+        dir.display(),
+        skipped.len()
+    );
     for s in &skipped {
         println!("  skipped {s}");
     }
@@ -191,14 +281,35 @@ fn bench_dicom(a: &BenchDataArgs, image: &ImageProcessor, model: &Path, dir: &Pa
     };
     let dcm = run(&blobs);
     let png = run(&pngs);
-    println!("{}", Timing { items: blobs.len() * a.repeats, ..dcm }.line("DICOM: decode(window/level)+preprocess, 1 thread", 1));
-    println!("{}", Timing { items: pngs.len() * a.repeats, ..png }.line("DICOM as PNG: decode+preprocess, 1 thread", 1));
-    report_reference(a, model, &png_dir, "DICOM as PNG", png.mp_per_s());
+    println!(
+        "{}",
+        Timing {
+            items: blobs.len() * a.repeats,
+            ..dcm
+        }
+        .line("DICOM: decode(window/level)+preprocess, 1 thread", 1)
+    );
+    println!(
+        "{}",
+        Timing {
+            items: pngs.len() * a.repeats,
+            ..png
+        }
+        .line("DICOM as PNG: decode+preprocess, 1 thread", 1)
+    );
+    report_reference(
+        a,
+        model,
+        &png_dir,
+        "DICOM as PNG",
+        &[("decode+preprocess", png.mp_per_s())],
+    );
     Ok(())
 }
 
 /// Times transformers on `dir` and prints the per-core ratio, or says why it could not.
-fn report_reference(a: &BenchDataArgs, model: &Path, dir: &Path, what: &str, ours_mp_s: f64) {
+/// `ours`: (what was timed, MP/s on one thread) pairs to compare.
+fn report_reference(a: &BenchDataArgs, model: &Path, dir: &Path, what: &str, ours: &[(&str, f64)]) {
     let script = dir.with_extension("hf_bench.py");
     if let Err(e) = std::fs::write(&script, HF_SCRIPT) {
         println!("{what}: reference skipped ({e})");
@@ -212,7 +323,10 @@ fn report_reference(a: &BenchDataArgs, model: &Path, dir: &Path, what: &str, our
         .env("OMP_NUM_THREADS", "1")
         .output();
     let parsed = out.ok().filter(|o| o.status.success()).and_then(|o| {
-        let line = String::from_utf8_lossy(&o.stdout).lines().last()?.to_string();
+        let line = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()?
+            .to_string();
         serde_json::from_str::<serde_json::Value>(&line).ok()
     });
     match parsed {
@@ -221,11 +335,13 @@ fn report_reference(a: &BenchDataArgs, model: &Path, dir: &Path, what: &str, our
             let s = v["seconds"].as_f64().unwrap_or(f64::NAN);
             let hf = mp / s;
             println!(
-                "{what}: transformers {} Qwen2VLImageProcessor, 1 thread: {:.2} MP/s  -> ours/transformers per core = {:.2}x",
+                "{what}: transformers {} Qwen2VLImageProcessor (PIL decode + processor), 1 thread: {:.2} MP/s",
                 v["transformers"].as_str().unwrap_or("?"),
-                hf,
-                ours_mp_s / hf
+                hf
             );
+            for (label, mp_s) in ours {
+                println!("{what}: ours {label} / transformers, per core = {:.2}x", mp_s / hf);
+            }
         }
         None => println!(
             "{what}: reference skipped ({} cannot run transformers' Qwen2VLImageProcessor; pass --python PATH to a Python with transformers and pillow)",

@@ -61,9 +61,16 @@ pub struct DataArgs {
 impl DataArgs {
     pub fn spec(&self) -> Result<SourceSpec, Exit> {
         let format: Format = serde_json::from_value(serde_json::Value::String(self.format.clone()))
-            .map_err(|_| Exit::usage(anyhow::anyhow!("unknown --format {:?}; use auto, parquet, llava, messages or wds", self.format)))?;
+            .map_err(|_| {
+                Exit::usage(anyhow::anyhow!(
+                    "unknown --format {:?}; use auto, parquet, llava, messages or wds",
+                    self.format
+                ))
+            })?;
         if self.data.is_none() && self.hub.is_none() {
-            return Err(Exit::usage(anyhow::anyhow!("give --data DIR or --hub ORG/NAME")));
+            return Err(Exit::usage(anyhow::anyhow!(
+                "give --data DIR or --hub ORG/NAME"
+            )));
         }
         Ok(SourceSpec {
             path: self.data.clone(),
@@ -90,7 +97,11 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn processor(&self) -> Result<Processor, Exit> {
-        let cfg = ProcessConfig { max_length: self.max_length, max_image_pixels: self.max_image_pixels, ..Default::default() };
+        let cfg = ProcessConfig {
+            max_length: self.max_length,
+            max_image_pixels: self.max_image_pixels,
+            ..Default::default()
+        };
         Processor::from_model_dir(&self.model, &cfg).usage()
     }
 }
@@ -172,19 +183,33 @@ pub fn run(cmd: DataCmd) -> crate::Result<()> {
 
 /// Returns the processor folder it wrote.
 pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
-    let cfg = omr_data::synth::SynthConfig { out: a.out.clone(), train: a.train, test: a.test, seed: a.seed, ..Default::default() };
-    let report = omr_data::synth::generate(&cfg).with_context(|| format!("synthesising into {}", a.out.display()))?;
+    let cfg = omr_data::synth::SynthConfig {
+        out: a.out.clone(),
+        train: a.train,
+        test: a.test,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let report = omr_data::synth::generate(&cfg)
+        .with_context(|| format!("synthesising into {}", a.out.display()))?;
     let processor = a.out.join("processor");
     omr_data::tiny::write_tiny_processor(&processor, a.train, a.seed, a.vocab_size)
         .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
     eprintln!("synthesised in {:.1}s", report.seconds);
-    eprintln!("processor (tokenizer, chat template, preprocessor config): {}", processor.display());
+    eprintln!(
+        "processor (tokenizer, chat template, preprocessor config): {}",
+        processor.display()
+    );
     Ok(processor)
 }
 
 pub fn validate(a: &ValidateArgs) -> crate::Result<()> {
     let specs = match &a.config {
-        Some(path) => omr_data::config::DataConfig::from_file(path).usage()?.sources,
+        Some(path) => {
+            omr_data::config::DataConfig::from_file(path)
+                .usage()?
+                .sources
+        }
         None => vec![a.data.spec()?],
     };
     let mut sources = Vec::new();
@@ -192,20 +217,36 @@ pub fn validate(a: &ValidateArgs) -> crate::Result<()> {
         sources.push(source::open(spec).usage()?);
     }
     let processor = a.model.processor()?;
-    let budget = QuarantineBudget { max_bad: a.max_bad, max_bad_fraction: Some(a.max_bad_fraction), min_seen: 0 };
+    let budget = QuarantineBudget {
+        max_bad: a.max_bad,
+        max_bad_fraction: Some(a.max_bad_fraction),
+        min_seen: 0,
+    };
     let mut q = Quarantine::new(Some(&a.quarantine), budget)?;
     let image_token = processor.image_token_id();
     let p = std::sync::Arc::new(processor);
-    let report = omr_data::validate::validate(sources, move |s| p.encode(s), image_token, a.threads, &mut q)?;
+    let report = omr_data::validate::validate(
+        sources,
+        move |s| p.encode(s),
+        image_token,
+        a.threads,
+        &mut q,
+    )?;
     println!("{}", report.render());
     if let Some(path) = &a.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if report.bad > 0 {
         println!("rejected records: {}", a.quarantine.display());
     }
     if report.over_budget {
-        return Err(Exit::bad_data(q.check_final().err().map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("bad-data budget exceeded"))));
+        return Err(Exit::bad_data(
+            q.check_final()
+                .err()
+                .map(anyhow::Error::from)
+                .unwrap_or_else(|| anyhow::anyhow!("bad-data budget exceeded")),
+        ));
     }
     Ok(())
 }
@@ -215,22 +256,43 @@ pub fn render(a: &RenderArgs) -> crate::Result<()> {
     let processor = a.model.processor()?;
     let sample = omr_data::source::read_row(src.as_ref(), a.index)
         .usage()?
-        .ok_or_else(|| Exit::usage(anyhow::anyhow!("--index {} is past the end ({} records)", a.index, src.len())))?;
-    let sample = sample.map_err(|(origin, reason)| Exit::bad_data(anyhow::anyhow!("{origin}: {reason}")))?;
-    let enc = processor.encode(&sample).map_err(|r| Exit::bad_data(anyhow::anyhow!("{}: {r}", sample.origin)))?;
-    println!("{}  tokens {}  supervised {}  images {}", sample.origin, enc.len(), enc.supervised_tokens(), enc.image_grid_thw.len());
+        .ok_or_else(|| {
+            Exit::usage(anyhow::anyhow!(
+                "--index {} is past the end ({} records)",
+                a.index,
+                src.len()
+            ))
+        })?;
+    let sample =
+        sample.map_err(|(origin, reason)| Exit::bad_data(anyhow::anyhow!("{origin}: {reason}")))?;
+    let enc = processor
+        .encode(&sample)
+        .map_err(|r| Exit::bad_data(anyhow::anyhow!("{}: {r}", sample.origin)))?;
+    println!(
+        "{}  tokens {}  supervised {}  images {}",
+        sample.origin,
+        enc.len(),
+        enc.supervised_tokens(),
+        enc.image_grid_thw.len()
+    );
     println!("{}", processor.render_debug(&enc));
     Ok(())
 }
 
 pub fn preprocess(a: &PreprocessArgs) -> crate::Result<()> {
     let image = omr_data::image::ImageProcessor::from_dir(&a.processor).usage()?;
-    let bytes = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display())).usage()?;
-    let limits = omr_data::image::DecodeLimits { max_pixels: a.max_image_pixels, ..Default::default() };
+    let bytes = std::fs::read(&a.image)
+        .with_context(|| format!("reading {}", a.image.display()))
+        .usage()?;
+    let limits = omr_data::image::DecodeLimits {
+        max_pixels: a.max_image_pixels,
+        ..Default::default()
+    };
     let (p, _) = image
         .process_bytes(&bytes, &limits)
         .map_err(|r| Exit::bad_data(anyhow::anyhow!("{}: {r}", a.image.display())))?;
-    crate::tensors::write_processed(&a.out, &p).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::tensors::write_processed(&a.out, &p)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "{}: pixel_values ({}, {}) image_grid_thw {:?} -> {}",
         a.image.display(),

@@ -22,8 +22,18 @@ pub struct DemoArgs {
 pub fn run(a: DemoArgs) -> crate::Result<()> {
     let t0 = Instant::now();
     let data_dir = a.out.join("data");
-    let processor = data::synth(&SynthArgs { out: data_dir.clone(), train: a.train, test: a.test, seed: a.seed, vocab_size: 2048 })?;
-    let model = ModelArgs { model: processor, max_length: 2048, max_image_pixels: 64_000_000 };
+    let processor = data::synth(&SynthArgs {
+        out: data_dir.clone(),
+        train: a.train,
+        test: a.test,
+        seed: a.seed,
+        vocab_size: 2048,
+    })?;
+    let model = ModelArgs {
+        model: processor,
+        max_length: 2048,
+        max_image_pixels: 64_000_000,
+    };
     for split in ["train", "test"] {
         eprintln!("== validate {split}");
         data::validate(&ValidateArgs {
@@ -38,11 +48,25 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         })?;
     }
     eprintln!("== one encoded training sample");
-    data::render(&RenderArgs { data: data_args(&data_dir, "train"), model, index: 0 })?;
-    eprintln!("demo finished in {:.1}s; everything is under {}", t0.elapsed().as_secs_f64(), a.out.display());
+    data::render(&RenderArgs {
+        data: data_args(&data_dir, "train"),
+        model,
+        index: 0,
+    })?;
+    eprintln!(
+        "demo finished in {:.1}s; everything is under {}",
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
     Ok(())
 }
 
 fn data_args(dir: &std::path::Path, split: &str) -> DataArgs {
-    DataArgs { data: Some(dir.to_path_buf()), hub: None, split: split.into(), format: "auto".into(), image_root: None }
+    DataArgs {
+        data: Some(dir.to_path_buf()),
+        hub: None,
+        split: split.into(),
+        format: "auto".into(),
+        image_root: None,
+    }
 }

@@ -13,17 +13,26 @@ impl Exit {
         self.code
     }
     pub fn usage(err: impl Into<anyhow::Error>) -> Exit {
-        Exit { code: 2, err: err.into() }
+        Exit {
+            code: 2,
+            err: err.into(),
+        }
     }
     pub fn bad_data(err: impl Into<anyhow::Error>) -> Exit {
-        Exit { code: 64, err: err.into() }
+        Exit {
+            code: 64,
+            err: err.into(),
+        }
     }
 }
 
 /// Anything else is an internal error unless mapped on the way.
 impl<E: Into<anyhow::Error>> From<E> for Exit {
     fn from(e: E) -> Exit {
-        Exit { code: 1, err: e.into() }
+        Exit {
+            code: 1,
+            err: e.into(),
+        }
     }
 }
 

@@ -9,10 +9,21 @@ mod exit;
 mod tensors;
 
 use clap::{Parser, Subcommand};
+
+/// Image buffers of a few MB are allocated and freed per sample on every worker; mimalloc keeps
+/// them in reused segments instead of a fresh zeroed mmap each time (measured: page faults were
+/// half of the single-core preprocessing profile with the system allocator).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use exit::Exit;
 
 #[derive(Parser)]
-#[command(name = "omr", version, about = "Fine-tune and evaluate medical vision-language models")]
+#[command(
+    name = "omr",
+    version,
+    about = "Fine-tune and evaluate medical vision-language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -38,8 +49,12 @@ enum BenchCmd {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OMR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openjp2=warn,jpeg2k=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),

@@ -100,7 +100,11 @@ impl<'a> RubricCol<'a> {
         ]
         .map(field);
         let get = |k: usize, i: usize| {
-            cols[k].as_ref().and_then(|c| c.get(i)).unwrap_or_default().to_string()
+            cols[k]
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .unwrap_or_default()
+                .to_string()
         };
         (0..s.len())
             .filter(|&i| !s.is_null(i))

@@ -61,9 +61,9 @@ impl HubEnv {
         }
         match &self.home {
             Some(h) => Ok(h.join(".cache").join("huggingface").join("hub")),
-            None => {
-                Err(SourceError::Hub("cannot locate the Hugging Face cache: set HF_HOME".into()))
-            }
+            None => Err(SourceError::Hub(
+                "cannot locate the Hugging Face cache: set HF_HOME".into(),
+            )),
         }
     }
 
@@ -100,7 +100,10 @@ pub struct HubFiles {
 
 /// Opens a Hub dataset split as parquet.
 pub fn open(spec: &SourceSpec, env: &HubEnv) -> Result<ParquetSource, SourceError> {
-    let id = spec.hub.as_deref().ok_or_else(|| SourceError::BadSpec("no `hub` id".into()))?;
+    let id = spec
+        .hub
+        .as_deref()
+        .ok_or_else(|| SourceError::BadSpec("no `hub` id".into()))?;
     if !matches!(spec.format, Format::Auto | Format::Parquet) {
         return Err(SourceError::BadSpec(format!(
             "hub source {id}: only HF datasets parquet is read from the Hub; download other formats and set `path`"
@@ -151,7 +154,9 @@ pub fn resolve(
                     &format!("the Hub is unreachable ({e})"),
                 );
             };
-            return Err(SourceError::Hub(denied_message(id, revision, status, has_token, &e)));
+            return Err(SourceError::Hub(denied_message(
+                id, revision, status, has_token, &e,
+            )));
         }
     };
     let cache_repo = Cache::new(cache.clone()).repo(repo.clone());
@@ -203,12 +208,19 @@ pub fn resolve(
     }
     if revision != info.sha {
         // Keep `refs/<revision>` pointing at what was read, so a later offline run reads it too.
-        cache_repo.create_ref(&info.sha).map_err(|source| SourceError::Io {
-            path: repo_dir.join("refs").display().to_string(),
-            source,
-        })?;
+        cache_repo
+            .create_ref(&info.sha)
+            .map_err(|source| SourceError::Io {
+                path: repo_dir.join("refs").display().to_string(),
+                source,
+            })?;
     }
-    Ok(HubFiles { commit: info.sha, repo_dir, snapshot, files })
+    Ok(HubFiles {
+        commit: info.sha,
+        repo_dir,
+        snapshot,
+        files,
+    })
 }
 
 /// Resolves a split from the cache alone; `why` says why the network is not used.
@@ -256,7 +268,12 @@ pub fn resolve_cached(
             pattern: paths::split_pattern(split, "parquet"),
         });
     }
-    Ok(HubFiles { commit, repo_dir, snapshot, files })
+    Ok(HubFiles {
+        commit,
+        repo_dir,
+        snapshot,
+        files,
+    })
 }
 
 /// `org/name` with the characters the Hub allows; anything else (`..`, extra `/`) is refused
@@ -266,13 +283,16 @@ fn check_id(id: &str) -> Result<(), SourceError> {
         !p.is_empty()
             && p != "."
             && p != ".."
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     let parts: Vec<&str> = id.split('/').collect();
     if parts.len() <= 2 && parts.iter().all(|p| ok_part(p)) {
         Ok(())
     } else {
-        Err(SourceError::BadSpec(format!("`{id}` is not a Hub dataset id (expected `org/name`)")))
+        Err(SourceError::BadSpec(format!(
+            "`{id}` is not a Hub dataset id (expected `org/name`)"
+        )))
     }
 }
 
@@ -284,7 +304,12 @@ fn http_status(e: &ApiError) -> Option<u16> {
     }
     let msg = e.to_string();
     let at = msg.find("status code ")? + "status code ".len();
-    msg[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    msg[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
 }
 
 fn denied_message(id: &str, revision: &str, status: u16, has_token: bool, e: &ApiError) -> String {

@@ -72,19 +72,33 @@ impl JsonlSource {
             let mut first = 0;
             while first < spans.len() {
                 let rows = BLOCK_RECORDS.min(spans.len() - first);
-                blocks.push(BlockInfo { shard: i, first_row: first as u64, rows });
+                blocks.push(BlockInfo {
+                    shard: i,
+                    first_row: first as u64,
+                    rows,
+                });
                 first += rows;
             }
             let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
             let images = Confined::new(image_root.unwrap_or(&folder));
             shard_names.push(shard);
-            indexed.push(JsonFile { path, images, spans });
+            indexed.push(JsonFile {
+                path,
+                images,
+                spans,
+            });
         }
         let format = match format {
             Format::Auto => sniff(&indexed)?,
             f => f,
         };
-        Ok(JsonlSource { name: name.to_string(), format, files: indexed, shard_names, blocks })
+        Ok(JsonlSource {
+            name: name.to_string(),
+            format,
+            files: indexed,
+            shard_names,
+            blocks,
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -106,7 +120,10 @@ impl JsonlSource {
         }
         let mut images = Vec::with_capacity(conv.image_paths.len());
         for p in &conv.image_paths {
-            images.push(ImageBytes { bytes: file.images.read(p)?, path: Some(p.clone()) });
+            images.push(ImageBytes {
+                bytes: file.images.read(p)?,
+                path: Some(p.clone()),
+            });
         }
         Ok(records::chat_sample(origin, conv, images, &rec))
     }
@@ -136,11 +153,16 @@ impl Source for JsonlSource {
         };
         let shown = || file.path.display().to_string();
         let mut buf = vec![0u8; (end - start) as usize];
-        let mut f =
-            File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+        let mut f = File::open(&file.path).map_err(|source| SourceError::Io {
+            path: shown(),
+            source,
+        })?;
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|source| SourceError::Io { path: shown(), source })?;
+            .map_err(|source| SourceError::Io {
+                path: shown(),
+                source,
+            })?;
         let out = spans
             .iter()
             .enumerate()
@@ -151,7 +173,8 @@ impl Source for JsonlSource {
                     row: (first + k) as u64,
                 };
                 let bytes = &buf[(s - start) as usize..(e - start) as usize];
-                self.record(file, bytes, origin.clone()).map_err(|r| (origin, r))
+                self.record(file, bytes, origin.clone())
+                    .map_err(|r| (origin, r))
             })
             .collect();
         Ok(out)
@@ -169,16 +192,25 @@ pub(crate) fn parse_record(bytes: &[u8]) -> Result<Record, Reason> {
 }
 
 fn sniff(files: &[JsonFile]) -> Result<Format, SourceError> {
-    let Some(file) = files.first() else { return Ok(Format::Llava) };
+    let Some(file) = files.first() else {
+        return Ok(Format::Llava);
+    };
     let shown = || file.path.display().to_string();
-    let mut f =
-        File::open(&file.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+    let mut f = File::open(&file.path).map_err(|source| SourceError::Io {
+        path: shown(),
+        source,
+    })?;
     for &(s, e) in file.spans.iter().take(SNIFF_RECORDS) {
         let mut buf = vec![0u8; (e - s) as usize];
         f.seek(SeekFrom::Start(s))
             .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|source| SourceError::Io { path: shown(), source })?;
-        let Ok(rec) = parse_record(&buf) else { continue };
+            .map_err(|source| SourceError::Io {
+                path: shown(),
+                source,
+            })?;
+        let Ok(rec) = parse_record(&buf) else {
+            continue;
+        };
         if rec.contains_key("conversations") {
             return Ok(Format::Llava);
         }
@@ -195,10 +227,16 @@ fn sniff(files: &[JsonFile]) -> Result<Format, SourceError> {
 /// Record spans of a JSONL file, or of a JSON array file (first non-space byte `[`).
 fn index_file(path: &Path) -> Result<Vec<(u64, u64)>, SourceError> {
     let shown = || path.display().to_string();
-    let file = File::open(path).map_err(|source| SourceError::Io { path: shown(), source })?;
+    let file = File::open(path).map_err(|source| SourceError::Io {
+        path: shown(),
+        source,
+    })?;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let first = loop {
-        let buf = r.fill_buf().map_err(|source| SourceError::Io { path: shown(), source })?;
+        let buf = r.fill_buf().map_err(|source| SourceError::Io {
+            path: shown(),
+            source,
+        })?;
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
             Some(p) => break Some(buf[p]),
             None if buf.is_empty() => break None,
@@ -208,11 +246,25 @@ fn index_file(path: &Path) -> Result<Vec<(u64, u64)>, SourceError> {
             }
         }
     };
-    r.seek(SeekFrom::Start(0)).map_err(|source| SourceError::Io { path: shown(), source })?;
-    let spans = if first == Some(b'[') { array_spans(r) } else { line_spans(r) };
+    r.seek(SeekFrom::Start(0))
+        .map_err(|source| SourceError::Io {
+            path: shown(),
+            source,
+        })?;
+    let spans = if first == Some(b'[') {
+        array_spans(r)
+    } else {
+        line_spans(r)
+    };
     spans.map_err(|e| match e {
-        ScanError::Io(source) => SourceError::Io { path: shown(), source },
-        ScanError::Syntax(detail) => SourceError::Schema { path: shown(), detail },
+        ScanError::Io(source) => SourceError::Io {
+            path: shown(),
+            source,
+        },
+        ScanError::Syntax(detail) => SourceError::Schema {
+            path: shown(),
+            detail,
+        },
     })
 }
 
@@ -299,7 +351,9 @@ fn array_spans(mut r: impl BufRead) -> Result<Vec<(u64, u64)>, ScanError> {
                     closed = true;
                 }
                 b'}' | b']' => {
-                    depth = depth.checked_sub(1).ok_or_else(|| syntax(here, "unbalanced `}`"))?
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or_else(|| syntax(here, "unbalanced `}`"))?
                 }
                 _ => {
                     if depth == 0 && start.is_none() {

@@ -164,19 +164,28 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>, SourceError> {
     let name = spec.display_name();
     let path = match (&spec.path, &spec.hub) {
         (Some(_), Some(_)) => {
-            return Err(SourceError::BadSpec(format!("{name}: both `path` and `hub` are set")))
+            return Err(SourceError::BadSpec(format!(
+                "{name}: both `path` and `hub` are set"
+            )))
         }
         (None, None) => {
-            return Err(SourceError::BadSpec(format!("{name}: neither `path` nor `hub` is set")))
+            return Err(SourceError::BadSpec(format!(
+                "{name}: neither `path` nor `hub` is set"
+            )))
         }
         (None, Some(_)) => return Ok(Box::new(hub::open(spec, &hub::HubEnv::from_process())?)),
         (Some(p), None) => p,
     };
-    let meta = std::fs::metadata(path)
-        .map_err(|source| SourceError::Io { path: path.display().to_string(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     let image_root = spec.image_root.as_deref();
     if meta.is_file() {
-        let shard = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let shard = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let files = vec![(shard.clone(), path.clone())];
         let format = match spec.format {
             Format::Auto if paths::has_ext(&shard, "parquet") => Format::Parquet,
@@ -254,7 +263,11 @@ fn open_files(
     Ok(match format {
         Format::Parquet => {
             let root = spec.path.as_deref().unwrap_or(std::path::Path::new("."));
-            let root = if root.is_file() { root.parent().unwrap_or(root) } else { root };
+            let root = if root.is_file() {
+                root.parent().unwrap_or(root)
+            } else {
+                root
+            };
             let images = paths::Confined::new(image_root.unwrap_or(root));
             Box::new(parquet::ParquetSource::open_files(name, images, files)?)
         }

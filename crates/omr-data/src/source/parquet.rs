@@ -67,21 +67,38 @@ impl ParquetSource {
         let mut row_groups = Vec::new();
         for (i, (shard_name, path)) in files.into_iter().enumerate() {
             let shown = path.display().to_string();
-            let file = File::open(&path)
-                .map_err(|source| SourceError::Io { path: shown.clone(), source })?;
-            let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-                .map_err(|e| SourceError::Parquet { path: shown.clone(), detail: e.to_string() })?;
-            let layout = layout(metadata.schema())
-                .map_err(|detail| SourceError::Schema { path: shown, detail })?;
+            let file = File::open(&path).map_err(|source| SourceError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+            let metadata =
+                ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+                    SourceError::Parquet {
+                        path: shown.clone(),
+                        detail: e.to_string(),
+                    }
+                })?;
+            let layout = layout(metadata.schema()).map_err(|detail| SourceError::Schema {
+                path: shown,
+                detail,
+            })?;
             let mut first_row = 0u64;
             for (g, rg) in metadata.metadata().row_groups().iter().enumerate() {
                 let rows = rg.num_rows().max(0) as u64;
-                blocks.push(BlockInfo { shard: i, first_row, rows: rows as usize });
+                blocks.push(BlockInfo {
+                    shard: i,
+                    first_row,
+                    rows: rows as usize,
+                });
                 row_groups.push(g);
                 first_row += rows;
             }
             shard_names.push(shard_name);
-            shards.push(Shard { path, metadata, layout });
+            shards.push(Shard {
+                path,
+                metadata,
+                layout,
+            });
         }
         Ok(ParquetSource {
             name: name.to_string(),
@@ -105,8 +122,10 @@ impl ParquetSource {
             path: shown(),
             detail: format!("row group {rg}: {e}"),
         };
-        let file =
-            File::open(&shard.path).map_err(|source| SourceError::Io { path: shown(), source })?;
+        let file = File::open(&shard.path).map_err(|source| SourceError::Io {
+            path: shown(),
+            source,
+        })?;
         let mask = ProjectionMask::roots(
             shard.metadata.parquet_schema(),
             shard.layout.roots.iter().copied(),
@@ -121,7 +140,9 @@ impl ParquetSource {
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))?;
         let got: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if got != rows {
-            return Err(err(&format!("footer says {rows} rows but {got} were decoded")));
+            return Err(err(&format!(
+                "footer says {rows} rows but {got} were decoded"
+            )));
         }
         Ok(batches)
     }
@@ -133,7 +154,11 @@ impl ParquetSource {
         i: usize,
         origin: Origin,
     ) -> Result<Sample, Reason> {
-        let text = |name: &str| batch.column_by_name(name).and_then(|c| StrCol::new(c.as_ref()));
+        let text = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| StrCol::new(c.as_ref()))
+        };
         let (question, reasoning, answer) =
             (text("question"), text(&layout.reasoning), text("answer"));
         let fields = OmrText {
@@ -159,11 +184,21 @@ impl ParquetSource {
         }
         let mut meta = BTreeMap::new();
         for tag in &layout.tags {
-            if let Some(v) = batch.column_by_name(tag).and_then(|c| scalar_string(c.as_ref(), i)) {
+            if let Some(v) = batch
+                .column_by_name(tag)
+                .and_then(|c| scalar_string(c.as_ref(), i))
+            {
                 meta.insert(tag.clone(), v);
             }
         }
-        Ok(records::omr_sample(origin, image, mcq, trace, records::rubric_if_any(rubric), meta))
+        Ok(records::omr_sample(
+            origin,
+            image,
+            mcq,
+            trace,
+            records::rubric_if_any(rubric),
+            meta,
+        ))
     }
 
     /// HF `Image` value of row `i`: embedded bytes, else the file its `path` names.
@@ -174,18 +209,28 @@ impl ParquetSource {
         let (bytes, path) = match col.data_type() {
             DataType::Struct(_) => {
                 let s = arrow_array::cast::AsArray::as_struct(col);
-                let bytes = s.column_by_name("bytes").and_then(|c| BinCol::new(c.as_ref()));
-                let path = s.column_by_name("path").and_then(|c| StrCol::new(c.as_ref()));
+                let bytes = s
+                    .column_by_name("bytes")
+                    .and_then(|c| BinCol::new(c.as_ref()));
+                let path = s
+                    .column_by_name("path")
+                    .and_then(|c| StrCol::new(c.as_ref()));
                 let b = bytes.and_then(|b| b.get(i).map(<[u8]>::to_vec));
                 (b, path.and_then(|p| p.get(i).map(str::to_string)))
             }
-            _ => (BinCol::new(col).and_then(|b| b.get(i).map(<[u8]>::to_vec)), None),
+            _ => (
+                BinCol::new(col).and_then(|b| b.get(i).map(<[u8]>::to_vec)),
+                None,
+            ),
         };
         match (bytes, path) {
             (Some(b), path) if !b.is_empty() => Ok(ImageBytes { bytes: b, path }),
             (_, Some(p)) if !p.is_empty() => {
                 let bytes = self.images.read(&p)?;
-                Ok(ImageBytes { bytes, path: Some(p) })
+                Ok(ImageBytes {
+                    bytes,
+                    path: Some(p),
+                })
             }
             // Zero bytes and nowhere else to look: the record had an image that is empty.
             (Some(_), _) => Err(Reason::ImageEmpty),
@@ -236,15 +281,22 @@ fn is_text(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }
 fn is_binary(t: &DataType) -> bool {
-    matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
+    matches!(
+        t,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
 }
 
 /// Checks the columns of one file and decides what to decode.
 fn layout(schema: &Schema) -> Result<Layout, String> {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
-    let missing =
-        |name: &str| format!("missing required column `{name}` (columns: {})", names.join(", "));
+    let missing = |name: &str| {
+        format!(
+            "missing required column `{name}` (columns: {})",
+            names.join(", ")
+        )
+    };
     let wrong =
         |name: &str, t: &DataType, want: &str| format!("column `{name}` is {t}, expected {want}");
     let mut roots = Vec::new();
@@ -255,7 +307,13 @@ fn layout(schema: &Schema) -> Result<Layout, String> {
             check_image_struct(fields).map_err(|d| format!("column `image`: {d}"))?
         }
         t if is_binary(t) => {}
-        t => return Err(wrong("image", t, "an HF Image struct {bytes, path} or binary")),
+        t => {
+            return Err(wrong(
+                "image",
+                t,
+                "an HF Image struct {bytes, path} or binary",
+            ))
+        }
     }
     roots.push(image);
     let reasoning = ["reasoning", "reasoning_trace"]
@@ -298,7 +356,13 @@ fn layout(schema: &Schema) -> Result<Layout, String> {
         rubric.push(axis);
         roots.push(idx);
     }
-    let taken = ["image", "question", "answer", "reasoning", "reasoning_trace"];
+    let taken = [
+        "image",
+        "question",
+        "answer",
+        "reasoning",
+        "reasoning_trace",
+    ];
     let mut tags = Vec::new();
     for (idx, f) in schema.fields().iter().enumerate() {
         if taken.contains(&f.name().as_str()) || RUBRIC_AXES.contains(&f.name().as_str()) {
@@ -313,17 +377,31 @@ fn layout(schema: &Schema) -> Result<Layout, String> {
         }
     }
     roots.sort_unstable();
-    Ok(Layout { roots, reasoning: reasoning.to_string(), rubric, tags })
+    Ok(Layout {
+        roots,
+        reasoning: reasoning.to_string(),
+        rubric,
+        tags,
+    })
 }
 
 fn check_image_struct(fields: &Fields) -> Result<(), String> {
-    let bytes = fields.iter().find(|f| f.name() == "bytes").ok_or("struct has no `bytes` field")?;
+    let bytes = fields
+        .iter()
+        .find(|f| f.name() == "bytes")
+        .ok_or("struct has no `bytes` field")?;
     if !is_binary(bytes.data_type()) {
-        return Err(format!("field `bytes` is {}, expected binary", bytes.data_type()));
+        return Err(format!(
+            "field `bytes` is {}, expected binary",
+            bytes.data_type()
+        ));
     }
     if let Some(path) = fields.iter().find(|f| f.name() == "path") {
         if !is_text(path.data_type()) {
-            return Err(format!("field `path` is {}, expected string", path.data_type()));
+            return Err(format!(
+                "field `path` is {}, expected string",
+                path.data_type()
+            ));
         }
     }
     Ok(())

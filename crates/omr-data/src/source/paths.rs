@@ -38,7 +38,10 @@ impl Confined {
     /// cache needs this: a snapshot folder holds symlinks into the repo's `blobs/` folder.
     pub fn with_bound(root: &Path, bound: &Path) -> Self {
         let root = absolute(root);
-        Confined { bound: bound.canonicalize().ok(), root }
+        Confined {
+            bound: bound.canonicalize().ok(),
+            root,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -90,7 +93,10 @@ impl Confined {
         }
         let path = self.resolve(rel)?;
         if !path.is_file() {
-            return Err(Reason::ImageNotFound(format!("{} (not a file)", path.display())));
+            return Err(Reason::ImageNotFound(format!(
+                "{} (not a file)",
+                path.display()
+            )));
         }
         std::fs::read(&path).map_err(|e| Reason::ImageNotFound(format!("{}: {e}", path.display())))
     }
@@ -107,7 +113,9 @@ fn absolute(p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     };
     normalize(&joined).unwrap_or(joined)
 }
@@ -133,7 +141,9 @@ fn normalize(p: &Path) -> Option<PathBuf> {
 /// `ext` under the HF datasets naming conventions (module docs).
 pub fn split_matches(rel: &str, split: &str, ext: &str) -> bool {
     let parts: Vec<&str> = rel.split('/').collect();
-    let Some(file) = parts.last() else { return false };
+    let Some(file) = parts.last() else {
+        return false;
+    };
     let Some(stem) = file.strip_suffix(ext).and_then(|s| s.strip_suffix('.')) else {
         return false;
     };
@@ -165,16 +175,25 @@ pub fn list_files(root: &Path) -> Result<Vec<String>, SourceError> {
 }
 
 fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<String>) -> Result<(), SourceError> {
-    let io = |source| SourceError::Io { path: dir.display().to_string(), source };
+    let io = |source| SourceError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue;
         }
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let rel = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
         // `metadata` follows symlinks: the Hub cache's snapshot files are symlinks to blobs.
-        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
         if meta.is_dir() {
             if depth < MAX_DEPTH {
                 walk(&entry.path(), &rel, depth + 1, out)?;
@@ -214,15 +233,24 @@ pub fn split_or_all(
     split: &str,
     ext: &str,
 ) -> Result<Vec<(String, PathBuf)>, SourceError> {
-    let all: Vec<String> = list_files(root)?.into_iter().filter(|r| has_ext(r, ext)).collect();
+    let all: Vec<String> = list_files(root)?
+        .into_iter()
+        .filter(|r| has_ext(r, ext))
+        .collect();
     let pick = |keep: &dyn Fn(&str) -> bool| -> Vec<(String, PathBuf)> {
-        all.iter().filter(|r| keep(r)).map(|r| (r.clone(), root.join(r))).collect()
+        all.iter()
+            .filter(|r| keep(r))
+            .map(|r| (r.clone(), root.join(r)))
+            .collect()
     };
     let matched = pick(&|r| split_matches(r, split, ext));
     if !matched.is_empty() {
         return Ok(matched);
     }
-    if all.iter().any(|r| KNOWN_SPLITS.iter().any(|s| split_matches(r, s, ext))) {
+    if all
+        .iter()
+        .any(|r| KNOWN_SPLITS.iter().any(|s| split_matches(r, s, ext)))
+    {
         return Ok(Vec::new());
     }
     Ok(pick(&|r| !r.contains('/')))
@@ -230,7 +258,8 @@ pub fn split_or_all(
 
 /// Whether `rel` ends in `.<ext>` (ASCII case-insensitive).
 pub fn has_ext(rel: &str, ext: &str) -> bool {
-    rel.rsplit_once('.').is_some_and(|(_, e)| e.eq_ignore_ascii_case(ext))
+    rel.rsplit_once('.')
+        .is_some_and(|(_, e)| e.eq_ignore_ascii_case(ext))
 }
 
 #[cfg(test)]
@@ -239,12 +268,20 @@ mod tests {
 
     #[test]
     fn split_patterns() {
-        assert!(split_matches("data/train-00000-of-00002.parquet", "train", "parquet"));
+        assert!(split_matches(
+            "data/train-00000-of-00002.parquet",
+            "train",
+            "parquet"
+        ));
         assert!(split_matches("data/train.parquet", "train", "parquet"));
         assert!(split_matches("train/0.parquet", "train", "parquet"));
         assert!(split_matches("data/test/a.parquet", "test", "parquet"));
         assert!(split_matches("train-0.tar", "train", "tar"));
-        assert!(!split_matches("data/training-0.parquet", "train", "parquet"));
+        assert!(!split_matches(
+            "data/training-0.parquet",
+            "train",
+            "parquet"
+        ));
         assert!(!split_matches("data/test-0.parquet", "train", "parquet"));
         assert!(!split_matches("data/train-0.json", "train", "parquet"));
         assert!(!split_matches("x/y/train-0.parquet", "train", "parquet"));
@@ -255,8 +292,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = Confined::new(dir.path());
         for bad in ["../x.jpg", "a/../../x.jpg", "/etc/passwd"] {
-            assert_eq!(c.resolve(bad), Err(Reason::PathEscapesRoot(bad.into())), "{bad}");
+            assert_eq!(
+                c.resolve(bad),
+                Err(Reason::PathEscapesRoot(bad.into())),
+                "{bad}"
+            );
         }
-        assert!(matches!(c.resolve("a/../missing.jpg"), Err(Reason::ImageNotFound(_))));
+        assert!(matches!(
+            c.resolve("a/../missing.jpg"),
+            Err(Reason::ImageNotFound(_))
+        ));
     }
 }

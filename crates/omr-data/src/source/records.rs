@@ -35,7 +35,9 @@ impl Conversation {
 /// placeholder is kept verbatim, since assistant turns are SFT targets.
 pub(crate) fn split_placeholders(text: &str) -> Vec<Content> {
     if !text.contains(IMAGE_TOKEN) {
-        return vec![Content::Text { text: text.to_string() }];
+        return vec![Content::Text {
+            text: text.to_string(),
+        }];
     }
     let pieces: Vec<&str> = text.split(IMAGE_TOKEN).collect();
     let mut out = Vec::new();
@@ -51,7 +53,9 @@ pub(crate) fn split_placeholders(text: &str) -> Vec<Content> {
             p = p.trim_end();
         }
         if !p.is_empty() {
-            out.push(Content::Text { text: p.to_string() });
+            out.push(Content::Text {
+                text: p.to_string(),
+            });
         }
     }
     out
@@ -61,7 +65,10 @@ fn str_field<'a>(v: &'a Value, field: &str) -> Result<&'a str, Reason> {
     match v {
         Value::String(s) => Ok(s),
         Value::Null => Err(Reason::MissingField(field.into())),
-        _ => Err(Reason::WrongType { field: field.into(), expected: "string".into() }),
+        _ => Err(Reason::WrongType {
+            field: field.into(),
+            expected: "string".into(),
+        }),
     }
 }
 
@@ -70,9 +77,10 @@ fn path_list(record: &Record, field: &str) -> Result<Vec<String>, Reason> {
     match record.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(items)) => {
-            items.iter().map(|v| str_field(v, field).map(str::to_string)).collect()
-        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| str_field(v, field).map(str::to_string))
+            .collect(),
         Some(_) => Err(Reason::WrongType {
             field: field.into(),
             expected: "string or list of strings".into(),
@@ -87,7 +95,10 @@ fn array_field<'a>(record: &'a Record, field: &str) -> Result<&'a Vec<Value>, Re
             Err(Reason::BadConversation(format!("`{field}` is empty")))
         }
         Some(Value::Array(a)) => Ok(a),
-        Some(_) => Err(Reason::WrongType { field: field.into(), expected: "list".into() }),
+        Some(_) => Err(Reason::WrongType {
+            field: field.into(),
+            expected: "list".into(),
+        }),
     }
 }
 
@@ -104,24 +115,40 @@ pub(crate) fn parse_llava(record: &Record) -> Result<Conversation, Reason> {
     let mut messages = Vec::with_capacity(turns.len());
     for (i, turn) in turns.iter().enumerate() {
         let Value::Object(turn) = turn else {
-            return Err(Reason::BadConversation(format!("turn {i} is not an object")));
+            return Err(Reason::BadConversation(format!(
+                "turn {i} is not an object"
+            )));
         };
-        let from = str_field(turn.get("from").unwrap_or(&Value::Null), "conversations.from")?;
+        let from = str_field(
+            turn.get("from").unwrap_or(&Value::Null),
+            "conversations.from",
+        )?;
         let role = match from {
             "human" | "user" => Role::User,
             "gpt" | "assistant" | "model" | "bot" => Role::Assistant,
             "system" => Role::System,
             other => {
-                return Err(Reason::BadConversation(format!("turn {i} has unknown role `{other}`")))
+                return Err(Reason::BadConversation(format!(
+                    "turn {i} has unknown role `{other}`"
+                )))
             }
         };
-        let value = str_field(turn.get("value").unwrap_or(&Value::Null), "conversations.value")?;
-        messages.push(Message { role, content: split_placeholders(value) });
+        let value = str_field(
+            turn.get("value").unwrap_or(&Value::Null),
+            "conversations.value",
+        )?;
+        messages.push(Message {
+            role,
+            content: split_placeholders(value),
+        });
     }
     check_turns(&messages)?;
     let mut image_paths = path_list(record, "image")?;
     image_paths.extend(path_list(record, "images")?);
-    Ok(Conversation { messages, image_paths })
+    Ok(Conversation {
+        messages,
+        image_paths,
+    })
 }
 
 /// `{"messages": [{"role": …, "content": "text <image>" | [{"type": "image"}, {"type": "text",
@@ -135,7 +162,9 @@ pub(crate) fn parse_messages(record: &Record) -> Result<Conversation, Reason> {
     let mut messages = Vec::with_capacity(turns.len());
     for (i, turn) in turns.iter().enumerate() {
         let Value::Object(turn) = turn else {
-            return Err(Reason::BadConversation(format!("message {i} is not an object")));
+            return Err(Reason::BadConversation(format!(
+                "message {i} is not an object"
+            )));
         };
         let role = match str_field(turn.get("role").unwrap_or(&Value::Null), "messages.role")? {
             "user" => Role::User,
@@ -161,7 +190,9 @@ pub(crate) fn parse_messages(record: &Record) -> Result<Conversation, Reason> {
                     match kind {
                         "text" => {
                             let text = str_field(part.get("text").unwrap_or(&Value::Null), "text")?;
-                            out.push(Content::Text { text: text.to_string() });
+                            out.push(Content::Text {
+                                text: text.to_string(),
+                            });
                         }
                         "image" => {
                             match part.get("image") {
@@ -194,7 +225,10 @@ pub(crate) fn parse_messages(record: &Record) -> Result<Conversation, Reason> {
     check_turns(&messages)?;
     // Unused `images` entries stay in the list so the count check reports them.
     image_paths.extend(next_listed.cloned());
-    Ok(Conversation { messages, image_paths })
+    Ok(Conversation {
+        messages,
+        image_paths,
+    })
 }
 
 fn message_text(m: &Message) -> String {
@@ -214,9 +248,18 @@ fn message_text(m: &Message) -> String {
 /// assistant turn as reference trace when it has the full `<think>…<answer>` shape. Anything
 /// short of that is plain chat data, not an error.
 fn detect_mcq(messages: &[Message]) -> (Option<Mcq>, Option<String>) {
-    let user = messages.iter().find(|m| m.role == Role::User).map(message_text);
-    let assistant = messages.iter().rev().find(|m| m.role == Role::Assistant).map(message_text);
-    let (Some(question), Some(reply)) = (user, assistant) else { return (None, None) };
+    let user = messages
+        .iter()
+        .find(|m| m.role == Role::User)
+        .map(message_text);
+    let assistant = messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::Assistant)
+        .map(message_text);
+    let (Some(question), Some(reply)) = (user, assistant) else {
+        return (None, None);
+    };
     let trace = mcq::parse_trace(&reply).ok().map(|_| reply.clone());
     let mcq = mcq::answer_tag(&reply)
         .and_then(|letter| mcq::validate_mcq(&question, &letter, trace.as_deref()).ok());
@@ -274,12 +317,18 @@ pub(crate) struct OmrText<'a> {
 /// Checks the text of an OpenMedReason row: question, trace and answer present, options
 /// parse, answer and trace agree. Returns the item and the trace.
 pub(crate) fn check_omr(t: &OmrText) -> Result<(Mcq, String), Reason> {
-    let question = t.question.ok_or_else(|| Reason::MissingField("question".into()))?;
+    let question = t
+        .question
+        .ok_or_else(|| Reason::MissingField("question".into()))?;
     if question.trim().is_empty() {
         return Err(Reason::EmptyField("question".into()));
     }
-    let reasoning = t.reasoning.ok_or_else(|| Reason::MissingField("reasoning".into()))?;
-    let answer = t.answer.ok_or_else(|| Reason::MissingField("answer".into()))?;
+    let reasoning = t
+        .reasoning
+        .ok_or_else(|| Reason::MissingField("reasoning".into()))?;
+    let answer = t
+        .answer
+        .ok_or_else(|| Reason::MissingField("answer".into()))?;
     let mcq = mcq::validate_mcq(question, answer, Some(reasoning))?;
     Ok((mcq, reasoning.to_string()))
 }
@@ -295,7 +344,12 @@ pub(crate) fn omr_sample(
 ) -> Sample {
     let user = Message {
         role: Role::User,
-        content: vec![Content::Image, Content::Text { text: mcq.question.clone() }],
+        content: vec![
+            Content::Image,
+            Content::Text {
+                text: mcq.question.clone(),
+            },
+        ],
     };
     let assistant = Message::text(Role::Assistant, reasoning.clone());
     Sample {
@@ -347,7 +401,11 @@ pub(crate) fn json_rubric(record: &Record) -> Result<Option<Rubric>, Reason> {
         }
     }
     let [perception, knowledge, rationale] = axes;
-    let rubric = Rubric { perception, knowledge, rationale };
+    let rubric = Rubric {
+        perception,
+        knowledge,
+        rationale,
+    };
     Ok(rubric_if_any(rubric))
 }
 
@@ -373,7 +431,10 @@ mod tests {
             split_placeholders("Compare <image> and\n<image>"),
             vec![text("Compare"), Content::Image, text("and"), Content::Image]
         );
-        assert_eq!(split_placeholders(" verbatim \n"), vec![text(" verbatim \n")]);
+        assert_eq!(
+            split_placeholders(" verbatim \n"),
+            vec![text(" verbatim \n")]
+        );
     }
 
     #[test]

@@ -72,13 +72,22 @@ impl WdsSource {
             let mut first = 0;
             while first < groups.len() {
                 let rows = BLOCK_SAMPLES.min(groups.len() - first);
-                blocks.push(BlockInfo { shard: i, first_row: first as u64, rows });
+                blocks.push(BlockInfo {
+                    shard: i,
+                    first_row: first as u64,
+                    rows,
+                });
                 first += rows;
             }
             shard_names.push(shard);
             shards.push(TarShard { path, groups });
         }
-        Ok(WdsSource { name: name.to_string(), shards, shard_names, blocks })
+        Ok(WdsSource {
+            name: name.to_string(),
+            shards,
+            shard_names,
+            blocks,
+        })
     }
 }
 
@@ -99,7 +108,10 @@ impl Source for WdsSource {
             .get(i)
             .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
         let shard = &self.shards[block.shard];
-        let io = |source| SourceError::Io { path: shard.path.display().to_string(), source };
+        let io = |source| SourceError::Io {
+            path: shard.path.display().to_string(),
+            source,
+        };
         let first = block.first_row as usize;
         let groups = &shard.groups[first..first + block.rows];
         let mut bytes = BlockBytes::load(&shard.path, groups).map_err(io)?;
@@ -116,7 +128,10 @@ impl Source for WdsSource {
                     let mut images = Vec::with_capacity(g.images.len());
                     for m in &g.images {
                         let data = bytes.member(m).map_err(io)?;
-                        images.push(ImageBytes { bytes: data, path: Some(m.name.clone()) });
+                        images.push(ImageBytes {
+                            bytes: data,
+                            path: Some(m.name.clone()),
+                        });
                     }
                     sample(&json, images, origin.clone())
                 }
@@ -175,7 +190,10 @@ fn opt_str<'a>(rec: &'a Record, key: &str) -> Result<Option<&'a str>, Reason> {
     match rec.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Reason::WrongType { field: key.into(), expected: "string".into() }),
+        Some(_) => Err(Reason::WrongType {
+            field: key.into(),
+            expected: "string".into(),
+        }),
     }
 }
 
@@ -192,12 +210,17 @@ fn sample(json: &[u8], mut images: Vec<ImageBytes>, origin: Origin) -> Result<Sa
     if let Some(conv) = conv {
         let placeholders = conv.placeholders();
         if placeholders != images.len() {
-            return Err(Reason::ImageCountMismatch { placeholders, images: images.len() });
+            return Err(Reason::ImageCountMismatch {
+                placeholders,
+                images: images.len(),
+            });
         }
         return Ok(records::chat_sample(origin, conv, images, &rec));
     }
     if !rec.contains_key("question") {
-        return Err(Reason::MissingField("question` (or `conversations` / `messages`".into()));
+        return Err(Reason::MissingField(
+            "question` (or `conversations` / `messages`".into(),
+        ));
     }
     let reasoning = match opt_str(&rec, "reasoning")? {
         Some(r) => Some(r),
@@ -210,28 +233,61 @@ fn sample(json: &[u8], mut images: Vec<ImageBytes>, origin: Origin) -> Result<Sa
     };
     let (mcq, trace) = records::check_omr(&text)?;
     if images.len() != 1 {
-        return Err(Reason::ImageCountMismatch { placeholders: 1, images: images.len() });
+        return Err(Reason::ImageCountMismatch {
+            placeholders: 1,
+            images: images.len(),
+        });
     }
     let rubric = records::json_rubric(&rec)?;
-    let mut skip = vec!["question", "reasoning", "reasoning_trace", "answer", "image", "images"];
+    let mut skip = vec![
+        "question",
+        "reasoning",
+        "reasoning_trace",
+        "answer",
+        "image",
+        "images",
+    ];
     skip.extend(RUBRIC_AXES);
     let meta = records::scalar_meta(&rec, &skip);
-    Ok(records::omr_sample(origin, images.remove(0), mcq, trace, rubric, meta))
+    Ok(records::omr_sample(
+        origin,
+        images.remove(0),
+        mcq,
+        trace,
+        rubric,
+        meta,
+    ))
 }
 
 /// Header scan of one tar: member positions grouped by key, in tar order.
 fn index_tar(path: &Path) -> Result<Vec<Group>, SourceError> {
     let shown = || path.display().to_string();
-    let corrupt = |detail: String| SourceError::Schema { path: shown(), detail };
-    let file = File::open(path).map_err(|source| SourceError::Io { path: shown(), source })?;
-    let len = file.metadata().map_err(|source| SourceError::Io { path: shown(), source })?.len();
+    let corrupt = |detail: String| SourceError::Schema {
+        path: shown(),
+        detail,
+    };
+    let file = File::open(path).map_err(|source| SourceError::Io {
+        path: shown(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| SourceError::Io {
+            path: shown(),
+            source,
+        })?
+        .len();
     let mut archive = tar::Archive::new(file);
-    let entries =
-        archive.entries_with_seek().map_err(|e| corrupt(format!("not a readable tar ({e})")))?;
+    let entries = archive
+        .entries_with_seek()
+        .map_err(|e| corrupt(format!("not a readable tar ({e})")))?;
     let mut groups: Vec<Group> = Vec::new();
     for entry in entries {
-        let entry = entry
-            .map_err(|e| corrupt(format!("truncated or corrupt tar ({e}); re-create the shard")))?;
+        let entry = entry.map_err(|e| {
+            corrupt(format!(
+                "truncated or corrupt tar ({e}); re-create the shard"
+            ))
+        })?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -240,21 +296,30 @@ fn index_tar(path: &Path) -> Result<Vec<Group>, SourceError> {
             .map_err(|e| corrupt(format!("bad member name ({e})")))?
             .to_string_lossy()
             .into_owned();
-        let member =
-            Member { name: name.clone(), offset: entry.raw_file_position(), size: entry.size() };
+        let member = Member {
+            name: name.clone(),
+            offset: entry.raw_file_position(),
+            size: entry.size(),
+        };
         if member.offset.saturating_add(member.size) > len {
             return Err(corrupt(format!(
                 "truncated tar: member {name} needs {} bytes but the file has {len}; re-create the shard",
                 member.offset.saturating_add(member.size)
             )));
         }
-        let (dir, base) = name.rsplit_once('/').map_or(("", name.as_str()), |(d, b)| (d, b));
+        let (dir, base) = name
+            .rsplit_once('/')
+            .map_or(("", name.as_str()), |(d, b)| (d, b));
         // `._x` (macOS resource forks) and other hidden files are not samples.
         if base.starts_with('.') {
             continue;
         }
         let (stem, ext) = base.split_once('.').unwrap_or((base, ""));
-        let key = if dir.is_empty() { stem.to_string() } else { format!("{dir}/{stem}") };
+        let key = if dir.is_empty() {
+            stem.to_string()
+        } else {
+            format!("{dir}/{stem}")
+        };
         let ext = ext.to_ascii_lowercase();
         let last = ext.rsplit('.').next().unwrap_or("");
         let is_json = ext == "json";
@@ -263,7 +328,10 @@ fn index_tar(path: &Path) -> Result<Vec<Group>, SourceError> {
             continue;
         }
         if groups.last().is_none_or(|g| g.key != key) {
-            groups.push(Group { key, ..Group::default() });
+            groups.push(Group {
+                key,
+                ..Group::default()
+            });
         }
         let Some(g) = groups.last_mut() else { continue };
         if is_json {

@@ -83,7 +83,9 @@ pub fn write_omr_parquet(path: &Path, rows: &[OmrRow], row_group: usize) {
     let image = StructArray::new(
         image_fields.clone(),
         vec![
-            Arc::new(BinaryArray::from(bytes.iter().map(|b| b.as_deref()).collect::<Vec<_>>())),
+            Arc::new(BinaryArray::from(
+                bytes.iter().map(|b| b.as_deref()).collect::<Vec<_>>(),
+            )),
             strings(paths.iter().map(|p| p.as_deref()).collect()),
         ],
         image_nulls.finish(),
@@ -93,7 +95,11 @@ pub fn write_omr_parquet(path: &Path, rows: &[OmrRow], row_group: usize) {
         Field::new("claim", DataType::Utf8, true),
         Field::new("importance", DataType::Utf8, true),
     ]);
-    let item = Arc::new(Field::new("item", DataType::Struct(unit_fields.clone()), true));
+    let item = Arc::new(Field::new(
+        "item",
+        DataType::Struct(unit_fields.clone()),
+        true,
+    ));
     let mut offsets = OffsetBufferBuilder::<i32>::new(rows.len());
     let mut list_nulls = NullBufferBuilder::new(rows.len());
     let mut units: Vec<(String, String, String)> = Vec::new();
@@ -111,8 +117,12 @@ pub fn write_omr_parquet(path: &Path, rows: &[OmrRow], row_group: usize) {
         vec![col(|u| &u.0), col(|u| &u.1), col(|u| &u.2)],
         None,
     );
-    let perception =
-        ListArray::new(item.clone(), offsets.finish(), Arc::new(values), list_nulls.finish());
+    let perception = ListArray::new(
+        item.clone(),
+        offsets.finish(),
+        Arc::new(values),
+        list_nulls.finish(),
+    );
     let mut empty = OffsetBufferBuilder::<i32>::new(rows.len());
     rows.iter().for_each(|_| empty.push_length(0));
     let rationale = ListArray::new(
@@ -141,16 +151,24 @@ pub fn write_omr_parquet(path: &Path, rows: &[OmrRow], row_group: usize) {
         Arc::new(perception),
         Arc::new(rationale),
         text(|r| &r.task_family),
-        Arc::new(Int64Array::from(rows.iter().map(|r| r.id).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        )),
     ];
-    write_batch(path, RecordBatch::try_new(Arc::new(schema), columns).expect("batch"), row_group);
+    write_batch(
+        path,
+        RecordBatch::try_new(Arc::new(schema), columns).expect("batch"),
+        row_group,
+    );
 }
 
 pub fn write_batch(path: &Path, batch: RecordBatch, row_group: usize) {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).expect("mkdir");
     }
-    let props = WriterProperties::builder().set_max_row_group_row_count(Some(row_group)).build();
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(row_group))
+        .build();
     let file = std::fs::File::create(path).expect("create parquet");
     let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).expect("writer");
     w.write(&batch).expect("write");
@@ -159,8 +177,10 @@ pub fn write_batch(path: &Path, batch: RecordBatch, row_group: usize) {
 
 /// A batch with the given `(name, array)` columns, all nullable.
 pub fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
-    let fields: Vec<Field> =
-        columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
     RecordBatch::try_new(
         Arc::new(Schema::new(fields)),
         columns.into_iter().map(|(_, a)| a).collect(),
@@ -177,7 +197,8 @@ pub fn write_tar(path: &Path, members: &[(String, Vec<u8>)]) {
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        b.append_data(&mut h, name, data.as_slice()).expect("append");
+        b.append_data(&mut h, name, data.as_slice())
+            .expect("append");
     }
     b.into_inner().expect("finish").flush().expect("flush");
 }
@@ -248,7 +269,9 @@ pub fn fake_hub(
                 "HTTP/1.1 {code} X\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(&body));
+            let _ = stream
+                .write_all(head.as_bytes())
+                .and_then(|_| stream.write_all(&body));
         }
     });
     (endpoint, downloads)
