@@ -4,6 +4,11 @@
 //!
 //! Image bytes are short fake JPEG/PNG headers: readers carry bytes and never decode them.
 
+// Each test binary uses its own subset of these builders.
+#![allow(dead_code)]
+
+pub mod check;
+
 use arrow_array::builder::{NullBufferBuilder, OffsetBufferBuilder};
 use arrow_array::{
     ArrayRef, BinaryArray, Int64Array, ListArray, RecordBatch, StringArray, StructArray,
