@@ -329,6 +329,17 @@ impl RawStream {
             // A row asked twice in one window cannot happen with a valid order; read it again.
             None => {
                 let mut rows = src.read_block(at.block as usize)?;
+                if (at.row as usize) >= rows.len() {
+                    return Err(LoaderError::Source(SourceError::Schema {
+                        path: src.shards().get(src.blocks()[at.block as usize].shard).cloned().unwrap_or_default(),
+                        detail: format!(
+                            "block {} now has {} rows, {} when the source was opened: the file changed during the run",
+                            at.block,
+                            rows.len(),
+                            src.blocks()[at.block as usize].rows
+                        ),
+                    }));
+                }
                 let r = rows.swap_remove(at.row as usize);
                 r.map_err(|(origin, reason)| BadRecord { origin, reason })
             }

@@ -4,11 +4,11 @@
 
 use crate::data::BatchesArgs;
 use crate::exit::{Exit, Tag};
-use omr_data::batcher::Batcher;
+use omr_data::batcher::{BatchError, Batcher};
 use omr_data::config::DataConfig;
 use omr_data::loader::{Loader, Rank};
 use omr_data::pipeline::Processor;
-use omr_data::quarantine::Quarantine;
+use omr_data::quarantine::{Quarantine, QuarantineError};
 use omr_data::source;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,7 +37,11 @@ pub fn run(a: &BatchesArgs) -> crate::Result<()> {
         rank.rank, rank.world, cfg.batch.mode, cfg.batch.batch_size
     );
     for step in 1..=a.steps {
-        let Some((batch, state)) = batcher.next_batch(&mut q).map_err(Exit::bad_data)? else {
+        let next = batcher.next_batch(&mut q).map_err(|e| match e {
+            BatchError::Quarantine(QuarantineError::OverBudget { .. }) => Exit::bad_data(e),
+            other => Exit::from(other),
+        })?;
+        let Some((batch, state)) = next else {
             println!("data exhausted after {} batches", step - 1);
             break;
         };
