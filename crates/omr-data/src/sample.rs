@@ -91,6 +91,17 @@ pub struct Mcq {
     pub answer: String,
 }
 
+/// Rubric unit fields, in OpenMedReason's column order (the struct fields below).
+pub const UNIT_FIELDS: [&str; 7] = [
+    "unit_id",
+    "topic",
+    "claim",
+    "source_quote",
+    "importance",
+    "presence_question",
+    "correctness_question",
+];
+
 /// One OpenMedReason rubric unit (test split only).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RubricUnit {

@@ -89,16 +89,7 @@ impl<'a> RubricCol<'a> {
     pub fn units(&self) -> Vec<RubricUnit> {
         let Some(s) = self.0 else { return Vec::new() };
         let field = |name: &str| s.column_by_name(name).and_then(|c| StrCol::new(c.as_ref()));
-        let cols = [
-            "unit_id",
-            "topic",
-            "claim",
-            "source_quote",
-            "importance",
-            "presence_question",
-            "correctness_question",
-        ]
-        .map(field);
+        let cols = crate::sample::UNIT_FIELDS.map(field);
         let get = |k: usize, i: usize| {
             cols[k]
                 .as_ref()

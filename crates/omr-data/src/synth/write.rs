@@ -25,16 +25,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Rubric unit fields, in OpenMedReason's order.
-pub const UNIT_FIELDS: [&str; 7] = [
-    "unit_id",
-    "topic",
-    "claim",
-    "source_quote",
-    "importance",
-    "presence_question",
-    "correctness_question",
-];
+pub use crate::sample::UNIT_FIELDS;
 /// Tag columns written after the OpenMedReason columns when `WriteOptions::tag_columns`.
 pub const TAG_COLUMNS: [&str; 3] = ["task_family", "task", "modality"];
 
