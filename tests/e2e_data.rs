@@ -25,6 +25,30 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `omr data synth` into `out` with a tokenizer of `vocab` ids.
+fn synth(out: &Path, train: u32, test: u32, seed: u64, vocab: u32) {
+    let (train, test, seed, vocab) = (
+        train.to_string(),
+        test.to_string(),
+        seed.to_string(),
+        vocab.to_string(),
+    );
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(out),
+        "--train",
+        &train,
+        "--test",
+        &test,
+        "--seed",
+        &seed,
+        "--vocab-size",
+        &vocab,
+    ]);
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -33,20 +57,7 @@ fn s(p: &Path) -> &str {
 fn synth_validate_render_preprocess() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&d),
-        "--train",
-        "96",
-        "--test",
-        "16",
-        "--seed",
-        "1",
-        "--vocab-size",
-        "700",
-    ]);
+    synth(&d, 96, 16, 1, 700);
     for f in [
         "data/train-00000-of-00001.parquet",
         "data/test-00000-of-00001.parquet",
@@ -66,20 +77,7 @@ fn synth_validate_render_preprocess() {
 
     // Same seed, same bytes.
     let d2 = tmp.path().join("d2");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&d2),
-        "--train",
-        "96",
-        "--test",
-        "16",
-        "--seed",
-        "1",
-        "--vocab-size",
-        "700",
-    ]);
+    synth(&d2, 96, 16, 1, 700);
     for f in [
         "data/train-00000-of-00001.parquet",
         "processor/tokenizer.json",
@@ -177,20 +175,7 @@ fn png(w: u32, h: u32) -> Vec<u8> {
 fn bad_data_over_budget_exits_64_and_names_every_record() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&d),
-        "--train",
-        "40",
-        "--test",
-        "0",
-        "--seed",
-        "2",
-        "--vocab-size",
-        "600",
-    ]);
+    synth(&d, 40, 0, 2, 600);
     // A LLaVA JSONL next to it with one good and two bad lines.
     let j = tmp.path().join("j");
     std::fs::create_dir_all(&j).unwrap();
@@ -279,20 +264,7 @@ fn bad_data_over_budget_exits_64_and_names_every_record() {
 fn weighted_mixture_of_parquet_and_jsonl_streams_in_proportion() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&d),
-        "--train",
-        "64",
-        "--test",
-        "0",
-        "--seed",
-        "3",
-        "--vocab-size",
-        "600",
-    ]);
+    synth(&d, 64, 0, 3, 600);
     let j = tmp.path().join("j");
     std::fs::create_dir_all(&j).unwrap();
     std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
