@@ -141,10 +141,7 @@ impl Source for JsonlSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self
-            .blocks
-            .get(i)
-            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self.block(i)?;
         let file = &self.files[block.shard];
         let first = block.first_row as usize;
         let spans = &file.spans[first..first + block.rows];

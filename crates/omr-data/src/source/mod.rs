@@ -147,6 +147,13 @@ pub trait Source: Send + Sync {
     /// become a `Sample` is an `Err((origin, reason))` entry, never a failure of the block.
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError>;
 
+    /// `blocks()[i]`, or an error naming the source when `i` is out of range.
+    fn block(&self, i: usize) -> Result<&BlockInfo, SourceError> {
+        self.blocks()
+            .get(i)
+            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name())))
+    }
+
     fn len(&self) -> u64 {
         self.blocks().iter().map(|b| b.rows as u64).sum()
     }

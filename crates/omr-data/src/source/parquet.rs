@@ -251,10 +251,7 @@ impl Source for ParquetSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self
-            .blocks
-            .get(i)
-            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self.block(i)?;
         let shard = &self.shards[block.shard];
         let batches = self.read_row_group(shard, self.row_groups[i], block.rows)?;
         let mut out = Vec::with_capacity(block.rows);

@@ -103,10 +103,7 @@ impl Source for WdsSource {
     }
 
     fn read_block(&self, i: usize) -> Result<Vec<Result<Sample, (Origin, Reason)>>, SourceError> {
-        let block = self
-            .blocks
-            .get(i)
-            .ok_or_else(|| SourceError::BadSpec(format!("{}: no block {i}", self.name)))?;
+        let block = self.block(i)?;
         let shard = &self.shards[block.shard];
         let io = |source| SourceError::Io {
             path: shard.path.display().to_string(),
