@@ -171,16 +171,25 @@ fn png(w: u32, h: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// One valid LLaVA record whose image is `a.png`.
+const LLAVA_LINE: &str = r#"{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "<think>x</think><answer>A</answer>"}]}"#;
+
+/// `DIR/j` holding the image `a.png` that `LLAVA_LINE` refers to; the JSONL is the test's.
+fn llava_dir(dir: &Path) -> std::path::PathBuf {
+    let j = dir.join("j");
+    std::fs::create_dir_all(&j).unwrap();
+    std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
+    j
+}
+
 #[test]
 fn bad_data_over_budget_exits_64_and_names_every_record() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
     synth(&d, 40, 0, 2, 600);
     // A LLaVA JSONL next to it with one good and two bad lines.
-    let j = tmp.path().join("j");
-    std::fs::create_dir_all(&j).unwrap();
-    std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
-    let good = r#"{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "<think>x</think><answer>A</answer>"}]}"#;
+    let j = llava_dir(tmp.path());
+    let good = LLAVA_LINE;
     let text = format!(
         "{good}\n{{not json\n{}\n",
         good.replace("a.png", "../../etc/passwd")
@@ -265,10 +274,8 @@ fn weighted_mixture_of_parquet_and_jsonl_streams_in_proportion() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
     synth(&d, 64, 0, 3, 600);
-    let j = tmp.path().join("j");
-    std::fs::create_dir_all(&j).unwrap();
-    std::fs::write(j.join("a.png"), png(64, 64)).unwrap();
-    let line = r#"{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "<think>x</think><answer>A</answer>"}]}"#;
+    let j = llava_dir(tmp.path());
+    let line = LLAVA_LINE;
     std::fs::write(j.join("train.jsonl"), format!("{line}\n").repeat(10)).unwrap();
     let cfg = tmp.path().join("mix.toml");
     std::fs::write(
