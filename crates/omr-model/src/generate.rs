@@ -1,0 +1,211 @@
+//! Batched generation with a key/value cache: the engine behind `omr generate`, evaluation
+//! and GRPO rollouts.
+//!
+//! Prompts arrive left-padded in one [`Input`]; images go through the vision tower once, in
+//! the prefill. Each step feeds one token per live row, reads back only the last logits for
+//! sampling (the one host sync per step), and drops finished rows from the batch and the
+//! cache. Sampling (temperature, top-k, top-p) draws from one seeded ChaCha stream per prompt,
+//! so a prompt's completion does not depend on what else is in the batch.
+
+use crate::error::{ModelError, Result};
+use crate::linear::Ctx;
+use crate::model::{Input, Qwen2VL};
+use crate::text::KvCache;
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    pub top_p: f64,
+    /// Keep the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    pub seed: u64,
+    /// Generation stops for a row at any of these ids (the id is kept in the output).
+    pub eos_token_ids: Vec<u32>,
+    /// Keep each step's logits (tests compare them with a full forward).
+    pub keep_logits: bool,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            eos_token_ids: Vec::new(),
+            keep_logits: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    Length,
+}
+
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub tokens: Vec<u32>,
+    /// log p(token) under the sampling distribution (logits / temperature, before top-k/p).
+    pub logprobs: Vec<f32>,
+    pub finish: Finish,
+    /// (steps, V) logits when `keep_logits`.
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Generates a completion for every row of `prompts` (left padded, or unpadded).
+pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Result<Vec<Completion>> {
+    let b = prompts.batch();
+    if prompts.segments.iter().any(|s| s.last() == Some(&0)) {
+        return Err(ModelError::Input(
+            "generation prompts must be left padded (a row ends in padding)".into(),
+        ));
+    }
+    let mut out: Vec<Completion> = (0..b)
+        .map(|_| Completion {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Finish::Length,
+            logits: Vec::new(),
+        })
+        .collect();
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let ctx = Ctx::default();
+    let pos = prompts.positions(&model.cfg)?;
+    let mut segments = prompts.segments.clone();
+    let mut next_pos: Vec<i64> = pos
+        .deltas
+        .iter()
+        .map(|d| d + prompts.len() as i64)
+        .collect();
+    let mut rngs: Vec<ChaCha8Rng> = (0..b)
+        .map(|i| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64))
+        .collect();
+    let mut live: Vec<usize> = (0..b).collect();
+    let mut cache = KvCache::default();
+
+    let x = model.embed(prompts, &ctx)?;
+    let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache)?;
+    let t = h.dim(1)?;
+    let mut logits = model.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?;
+
+    for step in 0..cfg.max_new_tokens {
+        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(live.len());
+        let mut keep = Vec::with_capacity(live.len());
+        for (k, &r) in live.iter().enumerate() {
+            let (tok, lp) = sample(&rows[k], cfg, &mut rngs[r]);
+            let c = &mut out[r];
+            c.tokens.push(tok);
+            c.logprobs.push(lp);
+            if cfg.keep_logits {
+                c.logits.push(rows[k].clone());
+            }
+            if cfg.eos_token_ids.contains(&tok) {
+                c.finish = Finish::Eos;
+            } else {
+                keep.push(k);
+                next.push(tok);
+            }
+        }
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        if keep.len() < live.len() {
+            let idx: Vec<u32> = keep.iter().map(|&k| k as u32).collect();
+            cache.select_rows(&Tensor::from_vec(idx, (keep.len(),), model.device())?)?;
+            live = keep.iter().map(|&k| live[k]).collect();
+            segments = keep.iter().map(|&k| segments[k].clone()).collect();
+            next_pos = keep.iter().map(|&k| next_pos[k]).collect();
+        }
+        for s in segments.iter_mut() {
+            s.push(1);
+        }
+        let n = live.len();
+        let ids = Tensor::from_vec(next, (n, 1), model.device())?;
+        let x = model.text.embed(&ids)?;
+        let p: Vec<Vec<i64>> = next_pos.iter().map(|&p| vec![p]).collect();
+        let h = model.decode_hidden(&x, &[p.clone(), p.clone(), p], &segments, &mut cache)?;
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+        logits = model.logits(&h.squeeze(1)?, &ctx)?;
+    }
+    Ok(out)
+}
+
+/// Picks a token from one row of logits; returns it with its log-probability under
+/// softmax(logits / temperature) (plain softmax when greedy).
+fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u32, f32) {
+    let temp = if cfg.temperature > 0.0 {
+        cfg.temperature as f32
+    } else {
+        1.0
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|&l| ((l - max) / temp).exp())
+        .sum::<f32>()
+        .ln();
+    let logprob = |i: usize| (logits[i] - max) / temp - lse;
+    if cfg.temperature <= 0.0 {
+        let best = argmax(logits);
+        return (best as u32, logprob(best));
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = if cfg.top_k > 0 {
+        cfg.top_k.min(order.len())
+    } else {
+        order.len()
+    };
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        order.truncate(k);
+    }
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut probs: Vec<f32> = order.iter().map(|&i| logprob(i).exp()).collect();
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0f32;
+        let mut cut = probs.len();
+        for (j, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= cfg.top_p as f32 {
+                cut = j + 1;
+                break;
+            }
+        }
+        probs.truncate(cut);
+        order.truncate(cut);
+    }
+    let total: f32 = probs.iter().sum();
+    let mut u = rng.random::<f32>() * total;
+    for (j, p) in probs.iter().enumerate() {
+        if u < *p {
+            return (order[j] as u32, logprob(order[j]));
+        }
+        u -= p;
+    }
+    let last = *order.last().expect("at least one token");
+    (last as u32, logprob(last))
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}

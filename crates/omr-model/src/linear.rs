@@ -1,0 +1,62 @@
+//! A linear layer that is cheap when frozen and can carry a LoRA adapter.
+//!
+//! Trainable weights go through a plain matmul (candle's backward gives both gradients).
+//! Frozen weights go through [`ops::frozen_linear`], whose backward computes only the input
+//! gradient: with LoRA on a frozen base, no weight gradient of the base is ever computed or kept.
+
+use crate::lora::LoraAdapter;
+use crate::ops;
+use crate::params::Params;
+use candle_core::{Result, Tensor};
+
+#[derive(Clone)]
+pub struct Linear {
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+/// Per-forward settings that reach every layer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    /// Seed of this forward's dropout masks (LoRA dropout); `None` disables dropout (eval,
+    /// generation). The mask of a layer depends only on (seed, layer name), so a forward is
+    /// reproducible, and a recomputed forward (activation checkpointing) draws the same masks.
+    pub dropout_seed: Option<u64>,
+}
+
+impl Linear {
+    /// `name` is the module path (`model.layers.0.self_attn.q_proj`); the weight is
+    /// `{name}.weight` and the bias `{name}.bias` when `bias`.
+    pub fn load(params: &Params, name: &str, bias: bool) -> crate::Result<Linear> {
+        Ok(Linear {
+            name: name.to_string(),
+            weight: params.get(&format!("{name}.weight"))?,
+            bias: if bias {
+                Some(params.get(&format!("{name}.bias"))?)
+            } else {
+                None
+            },
+            lora: LoraAdapter::load(params, name)?,
+        })
+    }
+
+    /// x: (…, I) → (…, O)
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        let y = if trainable {
+            let y = ops::matmul_t(x, &self.weight)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
+        };
+        match &self.lora {
+            Some(l) => y.add(&l.forward(x, &self.name, ctx)?),
+            None => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Differentiable building blocks, each made only of candle ops that have a backward
+//! (CANDLE.md §1: candle_nn's fast softmax/rms_norm/layer_norm/rope record no backward), and
+//! [`attach_grad`], which lets a frozen weight take part in a tracked computation without
+//! candle computing (and keeping) a gradient for it (CANDLE.md §5).
+//!
+//! Norms and softmax run in f32 whatever the compute dtype, as transformers does.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D,
+};
+use std::sync::Arc;
+
+/// Softmax over the last dimension. The max is detached: softmax is shift invariant, so the
+/// gradient is the same, and the reduction's own backward is skipped.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Qwen2RMSNorm: `w · x / sqrt(mean(x²) + eps)`, computed in f32, cast back before the weight
+/// (as transformers does: `weight * hidden_states.to(input_dtype)`).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = xf.broadcast_mul(&r)?.to_dtype(dtype)?;
+    normed.broadcast_mul(w)
+}
+
+/// torch.nn.LayerNorm over the last dimension, in f32.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let r = (var + eps)?.sqrt()?.recip()?;
+    let normed = centered.broadcast_mul(&r)?.to_dtype(dtype)?;
+    normed.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// QuickGELU of CLIP/Qwen2-VL: `x · sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    x.mul(&s)
+}
+
+/// `cat(-x2, x1)` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `x·cos + rotate_half(x)·sin` with cos/sin broadcast against x.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)?
+        .broadcast_add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+/// `x @ wᵀ (+ b)` for a frozen `w`/`b` (plain tensors, not variables): the value is computed
+/// without a graph and attached to `x` with a backward that only computes `dL/dx = g @ w`.
+/// A plain matmul would make candle also compute `xᵀ @ g` for `w` and keep it.
+/// x: (…, I), w: (O, I) → (…, O)
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = matmul_t(&x.detach(), w)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let w = w.clone();
+    attach_grad(x, &y, move |g| matmul_nt(g, &w))
+}
+
+/// `x @ wᵀ` with x flattened to 2-D, which keeps candle's matmul (and its backward) on one
+/// gemm instead of a broadcast batch. x: (…, I), w: (O, I) → (…, O)
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let i = *dims.last().expect("matmul input has a last dimension");
+    let rows = x.elem_count() / i.max(1);
+    let y = x.reshape((rows, i))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// `g @ w` for g: (…, O), w: (O, I) → (…, I).
+fn matmul_nt(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = g.dims().to_vec();
+    let o = *dims.last().expect("grad has a last dimension");
+    let rows = g.elem_count() / o.max(1);
+    let y = g.reshape((rows, o))?.matmul(w)?;
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = w.dim(1)?;
+    y.reshape(out)
+}
+
+type GradFn = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+
+/// Returns a tensor equal to `value` whose backward sends `grad_x(dL/dvalue)` to `x` and nothing
+/// anywhere else. `value` must have been computed without a graph (from `x.detach()`).
+pub fn attach_grad(
+    x: &Tensor,
+    value: &Tensor,
+    grad_x: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let value = value.contiguous()?;
+    x.apply_op2(
+        &value,
+        Attach {
+            grad_x: Arc::new(grad_x),
+        },
+    )
+}
+
+struct Attach {
+    grad_x: Arc<GradFn>,
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        "attach-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("attach-grad: value not contiguous".into()))?;
+        let out = match s2 {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+            other => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    other.dtype(),
+                    "attach-grad",
+                ))
+            }
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.grad_x)(grad_res)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_gives_input_grad_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![1f32, 2., 3., 4., 5., 6.], (2, 3), &dev)?;
+        let w = Tensor::from_vec(vec![0.5f32, -1., 2., 1., 0., -0.5], (2, 3), &dev)?;
+        let b = Tensor::from_vec(vec![0.1f32, -0.2], 2, &dev)?;
+        let y = frozen_linear(x.as_tensor(), &w, Some(&b))?;
+        let y_ref = x.as_tensor().matmul(&w.t()?)?.broadcast_add(&b)?;
+        assert_eq!(y.to_vec2::<f32>()?, y_ref.to_vec2::<f32>()?);
+        let grads = (y.sqr()?.sum_all()?).backward()?;
+        let gx = grads.get(x.as_tensor()).expect("x has a grad");
+        let grads_ref = (y_ref.sqr()?.sum_all()?).backward()?;
+        let gx_ref = grads_ref.get(x.as_tensor()).expect("x has a grad");
+        assert_eq!(gx.to_vec2::<f32>()?, gx_ref.to_vec2::<f32>()?);
+        assert!(
+            grads.get(&w).is_none(),
+            "no gradient is kept for the frozen weight"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_matches_candle_nn() -> Result<()> {
+        let x = Tensor::from_vec(vec![1f32, 2., 3., -1., 0., 10.], (2, 3), &Device::Cpu)?;
+        let a = softmax_last(&x)?.to_vec2::<f32>()?;
+        let b = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
+        for (ra, rb) in a.iter().zip(&b) {
+            for (p, q) in ra.iter().zip(rb) {
+                assert!((p - q).abs() < 1e-6);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! The vision tower and patch merger of Qwen2-VL and Qwen2.5-VL.
+//!
+//! pixel_values (N, C·T·P·P) → patch embedding (the Conv3d with kernel = stride is a matmul on
+//! the flattened patch) → blocks with 2-D rotary and block-diagonal attention → merger, which
+//! concatenates each 2×2 block of patches and projects it to the language model's width.
+//! Qwen2.5-VL attends inside windows of `window_size` pixels except in
+//! `fullatt_block_indexes`; to make windows contiguous it permutes merge units into window order
+//! before the blocks and restores image order after the merger, as transformers does.
+
+use crate::attention::attend_blocks;
+use crate::config::{Arch, ModelConfig, VisionConfig};
+use crate::linear::{Ctx, Linear};
+use crate::ops;
+use crate::params::Params;
+use crate::rope::{vision_cos_sin, vision_patch_coords};
+use candle_core::{Result, Tensor};
+
+enum Norm {
+    Rms(Tensor),
+    Layer(Tensor, Tensor),
+}
+
+impl Norm {
+    fn load(params: &Params, name: &str, arch: Arch) -> crate::Result<Norm> {
+        let w = params.get(&format!("{name}.weight"))?;
+        Ok(match arch {
+            Arch::Qwen25Vl => Norm::Rms(w),
+            Arch::Qwen2Vl => Norm::Layer(w, params.get(&format!("{name}.bias"))?),
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(w) => ops::rms_norm(x, w, 1e-6),
+            Norm::Layer(w, b) => ops::layer_norm(x, w, b, 1e-6),
+        }
+    }
+}
+
+enum Mlp {
+    /// Qwen2.5-VL: down(silu(gate(x)) · up(x)), with biases.
+    SwiGlu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// Qwen2-VL: fc2(quick_gelu(fc1(x))).
+    QuickGelu { fc1: Linear, fc2: Linear },
+}
+
+struct Block {
+    norm1: Norm,
+    norm2: Norm,
+    qkv: Linear,
+    proj: Linear,
+    mlp: Mlp,
+    heads: usize,
+}
+
+impl Block {
+    /// x: (N, C) → (N, C)
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cu: &[usize],
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let d = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(x)?, ctx)?
+            .reshape((n, 3, self.heads, d))?;
+        let q = ops::apply_rotary(&qkv.narrow(1, 0, 1)?.squeeze(1)?, cos, sin)?;
+        let k = ops::apply_rotary(&qkv.narrow(1, 1, 1)?.squeeze(1)?, cos, sin)?;
+        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        let a = attend_blocks(&q, &k, &v, cu)?;
+        let x = (x + self.proj.forward(&a, ctx)?)?;
+        let h = self.norm2.forward(&x)?;
+        let m = match &self.mlp {
+            Mlp::SwiGlu { gate, up, down } => {
+                let g = gate.forward(&h, ctx)?.silu()?;
+                down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
+            }
+            Mlp::QuickGelu { fc1, fc2 } => {
+                fc2.forward(&ops::quick_gelu(&fc1.forward(&h, ctx)?)?, ctx)?
+            }
+        };
+        x + m
+    }
+}
+
+pub struct VisionTower {
+    cfg: VisionConfig,
+    patch_embed: Linear,
+    blocks: Vec<Block>,
+    merger_norm: Norm,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+}
+
+impl VisionTower {
+    pub fn load(cfg: &ModelConfig, params: &Params) -> crate::Result<VisionTower> {
+        let v = &cfg.vision;
+        let arch = cfg.arch;
+        let w = params.get("visual.patch_embed.proj.weight")?;
+        let patch_embed = Linear {
+            name: "visual.patch_embed.proj".into(),
+            weight: w.reshape((v.hidden_size, v.patch_dim()))?,
+            bias: None,
+            lora: None,
+        };
+        let mut blocks = Vec::with_capacity(v.depth);
+        for i in 0..v.depth {
+            let b = format!("visual.blocks.{i}");
+            let mlp = match arch {
+                Arch::Qwen25Vl => Mlp::SwiGlu {
+                    gate: Linear::load(params, &format!("{b}.mlp.gate_proj"), true)?,
+                    up: Linear::load(params, &format!("{b}.mlp.up_proj"), true)?,
+                    down: Linear::load(params, &format!("{b}.mlp.down_proj"), true)?,
+                },
+                Arch::Qwen2Vl => Mlp::QuickGelu {
+                    fc1: Linear::load(params, &format!("{b}.mlp.fc1"), true)?,
+                    fc2: Linear::load(params, &format!("{b}.mlp.fc2"), true)?,
+                },
+            };
+            blocks.push(Block {
+                norm1: Norm::load(params, &format!("{b}.norm1"), arch)?,
+                norm2: Norm::load(params, &format!("{b}.norm2"), arch)?,
+                qkv: Linear::load(params, &format!("{b}.attn.qkv"), true)?,
+                proj: Linear::load(params, &format!("{b}.attn.proj"), true)?,
+                mlp,
+                heads: v.num_heads,
+            });
+        }
+        Ok(VisionTower {
+            cfg: v.clone(),
+            patch_embed,
+            blocks,
+            merger_norm: Norm::load(params, "visual.merger.ln_q", arch)?,
+            merger_fc1: Linear::load(params, "visual.merger.mlp.0", true)?,
+            merger_fc2: Linear::load(params, "visual.merger.mlp.2", true)?,
+        })
+    }
+
+    /// pixel_values: (N, C·T·P·P), one row per patch in processor order, images in `grids`
+    /// order → (N / merge², out_hidden): one row per image token, in image order.
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[usize; 3]],
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let v = &self.cfg;
+        let unit = v.merge_unit();
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if pixel_values.dims() != [n, v.patch_dim()] {
+            candle_core::bail!(
+                "pixel_values has shape {:?} but image_grid_thw describes {n} patches of {} values",
+                pixel_values.dims(),
+                v.patch_dim()
+            );
+        }
+        let layout = WindowLayout::new(grids, v);
+        let x = self.patch_embed.forward(pixel_values, ctx)?;
+        let mut coords = vision_patch_coords(grids, v.spatial_merge_size);
+        let (x, perm) = match &layout.window_index {
+            Some(order) => {
+                let idx = Tensor::from_vec(order.clone(), (order.len(),), x.device())?;
+                let c = x.dim(1)?;
+                let x = x
+                    .reshape((n / unit, unit, c))?
+                    .index_select(&idx, 0)?
+                    .reshape((n, c))?;
+                coords = order
+                    .iter()
+                    .flat_map(|&u| coords[u as usize * unit..(u as usize + 1) * unit].to_vec())
+                    .collect();
+                (x, Some(order))
+            }
+            None => (x, None),
+        };
+        let (cos, sin) = vision_cos_sin(&coords, v, x.device())?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let mut x = x;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let cu = if layout.window_index.is_some() && !v.fullatt_block_indexes.contains(&i) {
+                &layout.cu_windows
+            } else {
+                &layout.cu_full
+            };
+            x = blk.forward(&x, &cos, &sin, cu, ctx)?;
+        }
+        let c = x.dim(1)?;
+        let h = self
+            .merger_norm
+            .forward(&x)?
+            .reshape((n / unit, unit * c))?;
+        let h = self.merger_fc1.forward(&h, ctx)?.gelu_erf()?;
+        let out = self.merger_fc2.forward(&h, ctx)?;
+        match perm {
+            Some(order) => {
+                let mut inverse = vec![0u32; order.len()];
+                for (pos, &u) in order.iter().enumerate() {
+                    inverse[u as usize] = pos as u32;
+                }
+                let idx = Tensor::from_vec(inverse, (order.len(),), out.device())?;
+                out.index_select(&idx, 0)
+            }
+            None => Ok(out),
+        }
+    }
+}
+
+/// Which rows attend to which: per-frame ranges for full attention and, for Qwen2.5-VL, the
+/// window order of merge units with per-window ranges (transformers' `get_window_index`).
+struct WindowLayout {
+    cu_full: Vec<usize>,
+    window_index: Option<Vec<u32>>,
+    cu_windows: Vec<usize>,
+}
+
+impl WindowLayout {
+    fn new(grids: &[[usize; 3]], v: &VisionConfig) -> WindowLayout {
+        let mut cu_full = vec![0];
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                cu_full.push(cu_full.last().expect("non-empty") + h * w);
+            }
+        }
+        let Some(window) = v.window_size else {
+            return WindowLayout {
+                cu_full,
+                window_index: None,
+                cu_windows: Vec::new(),
+            };
+        };
+        let merge = v.spatial_merge_size;
+        let unit = v.merge_unit();
+        let ws = window / merge / v.patch_size;
+        let mut index = Vec::new();
+        let mut cu_windows = vec![0usize];
+        let mut offset = 0usize;
+        for &[t, h, w] in grids {
+            let (gh, gw) = (h / merge, w / merge);
+            // transformers pads by `ws - g % ws`, a whole empty window when g % ws == 0;
+            // empty windows add no rows and their repeated boundary is dropped below.
+            let (nh, nw) = ((gh + ws - gh % ws) / ws, (gw + ws - gw % ws) / ws);
+            for ti in 0..t {
+                for wh in 0..nh {
+                    for ww in 0..nw {
+                        let mut count = 0;
+                        for i in 0..ws {
+                            for j in 0..ws {
+                                let (r, c) = (wh * ws + i, ww * ws + j);
+                                if r < gh && c < gw {
+                                    index.push((offset + ti * gh * gw + r * gw + c) as u32);
+                                    count += 1;
+                                }
+                            }
+                        }
+                        let last = *cu_windows.last().expect("non-empty");
+                        if count > 0 {
+                            cu_windows.push(last + count * unit);
+                        }
+                    }
+                }
+            }
+            offset += t * gh * gw;
+        }
+        WindowLayout {
+            cu_full,
+            window_index: Some(index),
+            cu_windows,
+        }
+    }
+}
