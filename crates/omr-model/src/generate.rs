@@ -5,7 +5,8 @@
 //! the prefill. Each step feeds one token per live row, reads back only the last logits for
 //! sampling (the one host sync per step), and drops finished rows from the batch and the
 //! cache. Sampling (temperature, top-k, top-p) draws from one seeded ChaCha stream per prompt,
-//! so a prompt's completion does not depend on what else is in the batch.
+//! (keyed by the seed and the row), so finished rows leaving the batch never shift the
+//! random draws of the others.
 
 use crate::error::{ModelError, Result};
 use crate::linear::Ctx;
