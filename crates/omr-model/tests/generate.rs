@@ -7,7 +7,9 @@ use omr_model::{Ctx, Input, ModelConfig, Params, Qwen2VL};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model")
+        .join(name)
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<i64>> {
@@ -32,7 +34,10 @@ fn load() -> Fixture {
     let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &dev).unwrap();
     let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
     let to_u32 = |t: &Tensor| -> Vec<Vec<u32>> {
-        rows(t).into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect()
+        rows(t)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect()
     };
     Fixture {
         model: Qwen2VL::new(&cfg, &params).unwrap(),
@@ -48,7 +53,13 @@ fn load() -> Fixture {
 }
 
 fn prompts(f: &Fixture) -> Input {
-    Input::padded(f.ids.clone(), &f.mask, Some(f.pixels.clone()), f.grids.clone()).unwrap()
+    Input::padded(
+        f.ids.clone(),
+        &f.mask,
+        Some(f.pixels.clone()),
+        f.grids.clone(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -90,7 +101,12 @@ fn cached_decoding_equals_full_forward() {
         .mask
         .iter()
         .zip(&out)
-        .map(|(m, c)| m.iter().copied().chain(c.tokens.iter().map(|_| 1)).collect())
+        .map(|(m, c)| {
+            m.iter()
+                .copied()
+                .chain(c.tokens.iter().map(|_| 1))
+                .collect()
+        })
         .collect();
     let full = Input::padded(ids, &mask, Some(f.pixels.clone()), f.grids.clone()).unwrap();
     let logits = f.model.forward(&full, &Ctx::default()).unwrap();
@@ -98,14 +114,23 @@ fn cached_decoding_equals_full_forward() {
     let mut worst = 0f32;
     for (b, c) in out.iter().enumerate() {
         for (s, step) in c.logits.iter().enumerate() {
-            let want = logits.get(b).unwrap().get(t - 1 + s).unwrap().to_vec1::<f32>().unwrap();
+            let want = logits
+                .get(b)
+                .unwrap()
+                .get(t - 1 + s)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (x, y) in step.iter().zip(&want) {
                 worst = worst.max((x - y).abs());
             }
         }
     }
     println!("cached vs full forward: max abs logit diff {worst:.3e}");
-    assert!(worst < 1e-4, "cached decoding differs from the full forward by {worst}");
+    assert!(
+        worst < 1e-4,
+        "cached decoding differs from the full forward by {worst}"
+    );
 }
 
 #[test]
@@ -126,8 +151,19 @@ fn sampling_is_seeded() {
         assert_eq!(x.logprobs, y.logprobs);
         assert!(x.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
     }
-    let other = generate(&f.model, &prompts(&f), &SamplingConfig { seed: 4, ..cfg.clone() }).unwrap();
-    assert!(a.iter().zip(&other).any(|(x, y)| x.tokens != y.tokens), "the seed changes samples");
+    let other = generate(
+        &f.model,
+        &prompts(&f),
+        &SamplingConfig {
+            seed: 4,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert!(
+        a.iter().zip(&other).any(|(x, y)| x.tokens != y.tokens),
+        "the seed changes samples"
+    );
 }
 
 #[test]
@@ -142,7 +178,10 @@ fn eos_stops_a_row_and_keeps_others_going() {
         ..Default::default()
     };
     let out = generate(&f.model, &prompts(&f), &cfg).unwrap();
-    let first = f.greedy[0][t..].iter().position(|&x| x as u32 == eos).unwrap();
+    let first = f.greedy[0][t..]
+        .iter()
+        .position(|&x| x as u32 == eos)
+        .unwrap();
     assert_eq!(out[0].tokens.len(), first + 1);
     assert_eq!(out[0].finish, Finish::Eos);
     for b in 1..3 {
