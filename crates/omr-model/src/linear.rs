@@ -44,19 +44,18 @@ impl Linear {
 
     /// x: (…, I) → (…, O)
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            return l.forward(x, &self.weight, self.bias.as_ref(), &self.name, ctx);
+        }
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
-        let y = if trainable {
+        if trainable {
             let y = ops::matmul_t(x, &self.weight)?;
             match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
             }
         } else {
-            ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
-        };
-        match &self.lora {
-            Some(l) => y.add(&l.forward(x, &self.name, ctx)?),
-            None => Ok(y),
+            ops::frozen_linear(x, &self.weight, self.bias.as_ref())
         }
     }
 }

@@ -65,29 +65,87 @@ impl LoraAdapter {
         }))
     }
 
-    /// x: (…, I) → (…, O) = scale · dropout(x) Aᵀ Bᵀ
-    pub fn forward(&self, x: &Tensor, name: &str, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let x = match ctx.dropout_seed {
-            Some(seed) if self.dropout > 0.0 => {
-                let mut rng =
-                    ChaCha8Rng::seed_from_u64(seed ^ crate::params::fnv1a(name.as_bytes()));
-                let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> = (0..x.elem_count())
-                    .map(|_| {
-                        if rng.random::<f64>() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-                x.mul(&mask)?
-            }
-            _ => x.clone(),
+    /// The dropout mask of this forward for module `name`, scaled by 1/keep; `None` when no
+    /// dropout applies. x: (…, I)
+    fn dropout_mask(
+        &self,
+        x: &Tensor,
+        name: &str,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(seed) = ctx.dropout_seed.filter(|_| self.dropout > 0.0) else {
+            return Ok(None);
         };
-        let h = crate::ops::matmul_t(&x, &self.a)?;
-        crate::ops::matmul_t(&h, &self.b)? * self.scale
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ crate::params::fnv1a(name.as_bytes()));
+        let keep = 1.0 - self.dropout;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+
+    /// x: (…, I) → (…, O) = scale · dropout(x) Aᵀ Bᵀ, added to `base` = x Wᵀ (+ b).
+    /// Trainable base: plain candle ops. Frozen base: one fused op whose backward computes the
+    /// gradients of x, A and B and nothing for W, and whose graph keeps only the output.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        name: &str,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        use crate::ops::{matmul_nt, matmul_t};
+        let mask = self.dropout_mask(x, name, ctx)?;
+        let base_trainable = w.track_op() || bias.is_some_and(|b| b.track_op());
+        if base_trainable {
+            let xd = match &mask {
+                Some(m) => x.mul(m)?,
+                None => x.clone(),
+            };
+            let y = matmul_t(x, w)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            return y.add(&(matmul_t(&matmul_t(&xd, &self.a)?, &self.b)? * self.scale)?);
+        }
+        let (xv, a, b) = (x.detach(), self.a.detach(), self.b.detach());
+        let xd = match &mask {
+            Some(m) => xv.mul(m)?,
+            None => xv.clone(),
+        };
+        let mut y = matmul_t(&xv, w)?;
+        if let Some(bias) = bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let y = y.add(&(matmul_t(&matmul_t(&xd, &a)?, &b)? * self.scale)?)?;
+        let (w, scale) = (w.clone(), self.scale);
+        crate::ops::attach_grad3([x, &self.a, &self.b], y, move |g| {
+            let (o, i) = w.dims2()?;
+            let n = g.elem_count() / o;
+            let g2 = g.reshape((n, o))?;
+            let gb = (g2.matmul(&b)? * scale)?; // (N, r)
+            let through_lora = match &mask {
+                // Only the LoRA path saw the dropout mask.
+                Some(m) => gb.matmul(&a)?.mul(&m.reshape((n, i))?)?,
+                None => gb.matmul(&a)?,
+            };
+            let gx = matmul_nt(&g2, &w)?.add(&through_lora)?; // (N, I)
+            let xd2 = xd.reshape((n, i))?;
+            let ga = gb.t()?.matmul(&xd2)?; // (r, I)
+            let h = xd2.matmul(&a.t()?)?; // (N, r)
+            let gbw = (g2.t()?.matmul(&h)? * scale)?; // (O, r)
+            Ok((Some(gx.reshape(xv.shape())?), Some(ga), Some(gbw)))
+        })
     }
 }
 

@@ -6,9 +6,10 @@
 //! Norms and softmax run in f32 whatever the compute dtype, as transformers does.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, D,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Softmax over the last dimension. The max is detached: softmax is shift invariant, so the
 /// gradient is the same, and the reduction's own backward is skipped.
@@ -77,7 +78,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         return Ok(y);
     }
     let w = w.clone();
-    attach_grad(x, &y, move |g| matmul_nt(g, &w))
+    attach_grad(x, y, move |g| matmul_nt(g, &w))
 }
 
 /// `x @ wᵀ` with x flattened to 2-D, which keeps candle's matmul (and its backward) on one
@@ -93,7 +94,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `g @ w` for g: (…, O), w: (O, I) → (…, I).
-fn matmul_nt(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn matmul_nt(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let o = *dims.last().expect("grad has a last dimension");
     let rows = g.elem_count() / o.max(1);
@@ -104,43 +105,66 @@ fn matmul_nt(g: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 type GradFn = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+type GradFn3 =
+    dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync;
 
 /// Returns a tensor equal to `value` whose backward sends `grad_x(dL/dvalue)` to `x` and nothing
-/// anywhere else. `value` must have been computed without a graph (from `x.detach()`).
+/// anywhere else. `value` must have been computed without a graph (from `x.detach()`); it is
+/// moved into the op and released once copied, so the graph keeps one copy of the output.
 pub fn attach_grad(
     x: &Tensor,
-    value: &Tensor,
+    value: Tensor,
     grad_x: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let value = value.contiguous()?;
-    x.apply_op2(
-        &value,
-        Attach {
-            grad_x: Arc::new(grad_x),
+    x.apply_op1(Attach1 {
+        value: Value::new(value)?,
+        grad: Arc::new(grad_x),
+    })
+}
+
+/// [`attach_grad`] with three differentiable arguments (a fused frozen linear + LoRA:
+/// x, lora_A, lora_B); `grads(dL/dvalue)` returns the gradient of each.
+pub fn attach_grad3(
+    args: [&Tensor; 3],
+    value: Tensor,
+    grads: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    args[0].apply_op3(
+        args[1],
+        args[2],
+        Attach3 {
+            value: Value::new(value)?,
+            grad: Arc::new(grads),
         },
     )
 }
 
-struct Attach {
-    grad_x: Arc<GradFn>,
-}
+/// The precomputed output, handed over once to the forward.
+struct Value(Mutex<Option<Tensor>>);
 
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        "attach-grad"
+impl Value {
+    fn new(t: Tensor) -> Result<Value> {
+        Ok(Value(Mutex::new(Some(t.contiguous()?))))
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = l2
+    fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attach-grad: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("attach-grad: value is not on the CPU");
+        };
+        let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("attach-grad: value not contiguous".into()))?;
-        let out = match s2 {
+        let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
             CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
             CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
@@ -152,17 +176,56 @@ impl CustomOp2 for Attach {
                 ))
             }
         };
-        Ok((out, l2.shape().clone()))
+        Ok((out, layout.shape().clone()))
     }
+}
 
+struct Attach1 {
+    value: Value,
+    grad: Arc<GradFn>,
+}
+
+impl CustomOp1 for Attach1 {
+    fn name(&self) -> &'static str {
+        "attach-grad"
+    }
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.take_cpu()
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.grad)(grad_res)?))
+    }
+}
+
+struct Attach3 {
+    value: Value,
+    grad: Arc<GradFn3>,
+}
+
+impl CustomOp3 for Attach3 {
+    fn name(&self) -> &'static str {
+        "attach-grad3"
+    }
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.take_cpu()
+    }
     fn bwd(
         &self,
-        _x: &Tensor,
-        _value: &Tensor,
+        _a1: &Tensor,
+        _a2: &Tensor,
+        _a3: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.grad_x)(grad_res)?), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.grad)(grad_res)
     }
 }
 

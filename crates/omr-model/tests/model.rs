@@ -13,16 +13,6 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn load_params(dir: &Path) -> (ModelConfig, Params) {
-    let dev = Device::Cpu;
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
-    (
-        cfg,
-        Params::from_tensors(tensors, &dev, DType::F32).unwrap(),
-    )
-}
-
 fn tiny_ids() -> TokenIds {
     TokenIds {
         vocab_size: 96,
