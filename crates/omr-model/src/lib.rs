@@ -7,5 +7,10 @@
 //! tracked arguments (§5), see [`params`] and [`ops`].
 
 pub mod error;
+pub mod export;
+pub mod hub;
+pub mod names;
+mod pyjson;
+pub mod weights;
 
 pub use error::{ModelError, Result};
