@@ -35,6 +35,30 @@ pub enum ModelError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error(
+        "{dir}: no model weights (looked for model.safetensors, model.safetensors.index.json, or a \
+         single *.safetensors file; found {found}); point at a folder written by save_pretrained \
+         or by `omr export`"
+    )]
+    NoWeights { dir: PathBuf, found: String },
+    #[error(
+        "{index}: shard `{shard}` is missing from {dir}; the download or copy is incomplete: fetch \
+         the model again"
+    )]
+    MissingShard {
+        index: PathBuf,
+        dir: PathBuf,
+        shard: String,
+    },
+    #[error(
+        "tensor `{name}` is in both {first} and {second} (names compared after mapping \
+         transformers 5.x names to canonical ones); remove the stray file or fix the index"
+    )]
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("{0}")]
     Hub(String),
     #[error("bad input: {0}")]

@@ -9,17 +9,22 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
+pub mod hub;
 pub mod linear;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod names;
 pub mod ops;
 pub mod params;
 pub mod rope;
 pub mod text;
 pub mod tiny;
 pub mod vision;
+pub mod weights;
+mod pyjson;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};

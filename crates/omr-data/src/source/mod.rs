@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 mod columns;
 pub mod hub;
+pub mod hub_repo;
 pub mod jsonl;
 pub mod parquet;
 pub mod paths;
