@@ -19,12 +19,13 @@ pub mod model;
 pub mod names;
 pub mod ops;
 pub mod params;
+pub mod pretrained;
+mod pyjson;
 pub mod rope;
 pub mod text;
 pub mod tiny;
 pub mod vision;
 pub mod weights;
-mod pyjson;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
