@@ -6,6 +6,7 @@ mod bench_data;
 mod data;
 mod demo;
 mod exit;
+mod model_cmd;
 mod tensors;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,11 @@ enum Cmd {
     Bench(BenchCmd),
     /// The end-to-end demo on synthetic data (the README's first command).
     Demo(demo::DemoArgs),
+    /// Model tools: forward (parity with transformers), init (tiny), export.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCmd),
+    /// Generate a reply to a prompt (and an image) with a model folder.
+    Generate(model_cmd::GenerateArgs),
 }
 
 #[derive(Subcommand)]
@@ -60,6 +66,8 @@ fn main() {
         Cmd::Data(c) => data::run(c),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Model(c) => model_cmd::run(c),
+        Cmd::Generate(a) => model_cmd::generate_cmd(a),
     };
     match result {
         Ok(()) => {}
