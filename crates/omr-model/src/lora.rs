@@ -312,3 +312,19 @@ pub fn adapter_config(params: &Params, base_model: &str) -> Result<serde_json::V
         "use_rslora": false
     }))
 }
+
+/// Writes PEFT's adapter folder: `adapter_model.safetensors` and `adapter_config.json`.
+pub fn save_adapter(params: &Params, out: &std::path::Path, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let tensors: std::collections::HashMap<String, Tensor> =
+        adapter_tensors(params).into_iter().collect();
+    let path = out.join("adapter_model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Safetensors {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let cfg = adapter_config(params, base_model)?;
+    let path = out.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&cfg).expect("JSON value serializes") + "\n";
+    std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))
+}
