@@ -197,10 +197,14 @@ fn layer_of(name: &str, prefix: &str) -> Option<usize> {
     name.strip_prefix(prefix)?.split('.').next()?.parse().ok()
 }
 
-type WeightMap = BTreeMap<String, String>;
+/// `weight_map` of an index: tensor name → shard file.
+pub type WeightMap = BTreeMap<String, String>;
 
-/// The weight files of `dir`, in reading order, and the index (path, weight map) if one is used.
-pub fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>)> {
+/// The index file and its weight map, when a folder is sharded.
+pub type Index = (PathBuf, WeightMap);
+
+/// The weight files of `dir`, in reading order, and the index if one is used.
+pub fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<Index>)> {
     if !dir.is_dir() {
         return Err(ModelError::io(
             dir,

@@ -116,7 +116,7 @@ pub struct HubRepo {
 
 enum Mode {
     Online {
-        api: ApiRepo,
+        api: Box<ApiRepo>,
         has_token: bool,
     },
     /// Why the network is not used, for messages.
@@ -199,7 +199,10 @@ impl HubRepo {
             commit: info.sha,
             repo_dir,
             files,
-            mode: Mode::Online { api, has_token },
+            mode: Mode::Online {
+                api: Box::new(api),
+                has_token,
+            },
         })
     }
 
