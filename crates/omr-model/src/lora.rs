@@ -182,7 +182,7 @@ pub fn selects(targets: &[String], name: &str) -> bool {
     targets.iter().any(|t| {
         if t == "all-linear" {
             name.starts_with("model.layers.")
-        } else if t.contains('.') || t.contains('*') && t.contains('.') {
+        } else if t.contains('.') {
             glob(t, name)
         } else {
             glob(t, name.rsplit('.').next().unwrap_or(name))
