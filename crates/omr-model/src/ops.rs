@@ -22,7 +22,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// Qwen2RMSNorm: `w · x / sqrt(mean(x²) + eps)`, computed in f32, cast back before the weight
 /// (as transformers does: `weight * hidden_states.to(input_dtype)`).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
@@ -33,7 +33,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// torch.nn.LayerNorm over the last dimension, in f32.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layernorm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
@@ -259,7 +259,7 @@ mod tests {
     fn softmax_matches_candle_nn() -> Result<()> {
         let x = Tensor::from_vec(vec![1f32, 2., 3., -1., 0., 10.], (2, 3), &Device::Cpu)?;
         let a = softmax_last(&x)?.to_vec2::<f32>()?;
-        let b = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
+        let b = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?; // no-grad ok: reference value
         for (ra, rb) in a.iter().zip(&b) {
             for (p, q) in ra.iter().zip(rb) {
                 assert!((p - q).abs() < 1e-6);

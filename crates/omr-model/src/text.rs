@@ -120,7 +120,7 @@ impl TextModel {
         }
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let hs = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let hs = ops::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
             let q = heads(layer.q.forward(&hs, ctx)?, h)?;
             let k = heads(layer.k.forward(&hs, ctx)?, kv)?;
@@ -139,13 +139,13 @@ impl TextModel {
             }
             let a = attend(&q, &k, &v, bias)?;
             x = (x + layer.o.forward(&a, ctx)?)?;
-            let hs = ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let hs = ops::rmsnorm(&x, &layer.post_norm, c.rms_norm_eps)?;
             let g = layer.gate.forward(&hs, ctx)?.silu()?;
             let m = layer
                 .down
                 .forward(&(g * layer.up.forward(&hs, ctx)?)?, ctx)?;
             x = (x + m)?;
         }
-        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+        ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)
     }
 }

@@ -30,8 +30,8 @@ impl Norm {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Norm::Rms(w) => ops::rms_norm(x, w, 1e-6),
-            Norm::Layer(w, b) => ops::layer_norm(x, w, b, 1e-6),
+            Norm::Rms(w) => ops::rmsnorm(x, w, 1e-6),
+            Norm::Layer(w, b) => ops::layernorm(x, w, b, 1e-6),
         }
     }
 }
