@@ -20,7 +20,7 @@ mod processor;
 pub use processor::{copy_processor_files, PROCESSOR_FILES};
 
 use crate::weights::{INDEX_FILE, SINGLE_FILE};
-use crate::{pyjson, ModelError, Result};
+use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -97,7 +97,7 @@ pub fn write_safetensors(
             "weight_map": weight_map,
         });
         let path = stage.dir.join(INDEX_FILE);
-        let text = pyjson::dumps(&index, true) + "\n";
+        let text = py_json(&index, true, &path)? + "\n";
         std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
         names.push(INDEX_FILE.to_string());
     }
@@ -284,9 +284,16 @@ pub fn write_config(out_dir: &Path, config: &Value, dtype: DType) -> Result<Path
             }
         }
     }
-    let text = pyjson::dumps(&Value::Object(map), true) + "\n";
+    let text = py_json(&Value::Object(map), true, &path)? + "\n";
     write_atomic(&path, text.as_bytes())?;
     Ok(path)
+}
+
+/// `json.dumps(value, indent=2, sort_keys=True, ensure_ascii=...)`, as transformers writes its
+/// JSON files; `path` names the file in the (nesting too deep) error.
+pub(crate) fn py_json(value: &Value, ensure_ascii: bool, path: &Path) -> Result<String> {
+    omr_data::chat::pyjson::dumps(value, 2, true, ensure_ascii)
+        .map_err(|e| ModelError::config(path, e.to_string()))
 }
 
 /// Writes `path` through a temp file in the same folder, so it is either old or new, never half.

@@ -20,7 +20,6 @@ pub mod names;
 pub mod ops;
 pub mod params;
 pub mod pretrained;
-mod pyjson;
 pub mod rope;
 pub mod text;
 pub mod tiny;

@@ -81,6 +81,27 @@ pub fn tojson(
     Ok(Value::from(out))
 }
 
+/// `json.dumps(value, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii)` for a
+/// serde value, the way transformers writes `config.json` and `model.safetensors.index.json`
+/// (indent 2, sorted keys) and tokenizer files. Fails only on nesting deeper than 128 levels.
+pub fn dumps(
+    value: &serde_json::Value,
+    indent: usize,
+    sort_keys: bool,
+    ensure_ascii: bool,
+) -> Result<String, Error> {
+    let opts = JsonOptions {
+        ensure_ascii,
+        sort_keys,
+        indent: Some(" ".repeat(indent)),
+        item_sep: ",".into(),
+        key_sep: ": ".into(),
+    };
+    let mut out = String::new();
+    write_json(&mut out, &Value::from(minijinja::value::Serde(value)), &opts, 0)?;
+    Ok(out)
+}
+
 fn bad_arg(msg: &str) -> Error {
     Error::new(ErrorKind::InvalidOperation, format!("tojson: {msg}"))
 }
@@ -275,5 +296,45 @@ mod tests {
             ),
             r#""\ud83d\ude42""#
         );
+    }
+
+    #[test]
+    fn dumps_matches_python_for_configs() {
+        let v = serde_json::json!({"b": [1, 2.0, "é\n"], "a": {}, "c": [], "d": {"z": null, "y": true}});
+        // python3 -c 'import json; print(json.dumps({"b": [1, 2.0, "é\n"], "a": {}, "c": [],
+        //   "d": {"z": None, "y": True}}, indent=2, sort_keys=True))'
+        let want = "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0,\n    \"\\u00e9\\n\"\n  ],\n  \
+                    \"c\": [],\n  \"d\": {\n    \"y\": true,\n    \"z\": null\n  }\n}";
+        assert_eq!(super::dumps(&v, 2, true, true).unwrap(), want);
+        assert!(super::dumps(&v, 2, true, false)
+            .unwrap()
+            .contains("\"é\\n\""));
+        assert_eq!(
+            super::dumps(&serde_json::json!("😀\u{7f}"), 2, true, true).unwrap(),
+            "\"\\ud83d\\ude00\\u007f\""
+        );
+        // Python 3.11 `repr(x)` of the floats configs hold.
+        let cases = [
+            (1e-6, "1e-06"),
+            (1e-5, "1e-05"),
+            (1.5e-5, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (0.02, "0.02"),
+            (1000000.0, "1000000.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.25e17, "1.25e+17"),
+            (-2.5, "-2.5"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (123.456, "123.456"),
+            (0.0, "0.0"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(
+                super::dumps(&serde_json::json!(x), 2, true, true).unwrap(),
+                want,
+                "{x}"
+            );
+        }
     }
 }

@@ -7,8 +7,8 @@
 //! work with every reader, so when the base has a template in any of these places the export has
 //! both `chat_template.jinja` and a `chat_template` entry in `tokenizer_config.json`.
 
-use super::write_atomic;
-use crate::{pyjson, ModelError, Result};
+use super::{py_json, write_atomic};
+use crate::{ModelError, Result};
 use serde_json::Value;
 use std::path::Path;
 
@@ -70,10 +70,8 @@ pub fn copy_processor_files(base_dir: &Path, out_dir: &Path) -> Result<Vec<Strin
                 base_dir.display()
             );
             let v = serde_json::json!({ "chat_template": t });
-            write_atomic(
-                &out_dir.join(TOKENIZER_CONFIG),
-                (pyjson::dumps(&v, false) + "\n").as_bytes(),
-            )?;
+            let path = out_dir.join(TOKENIZER_CONFIG);
+            write_atomic(&path, (py_json(&v, false, &path)? + "\n").as_bytes())?;
             written.push(TOKENIZER_CONFIG.into());
         }
     }
@@ -153,7 +151,7 @@ fn with_template(path: &Path, bytes: Vec<u8>, template: &str) -> Result<Vec<u8>>
         return Ok(bytes);
     }
     map.insert("chat_template".into(), template.into());
-    Ok((pyjson::dumps(&v, false) + "\n").into_bytes())
+    Ok((py_json(&v, false, path)? + "\n").into_bytes())
 }
 
 fn read_json(path: &Path) -> Result<Value> {
