@@ -49,11 +49,7 @@ impl Linear {
         }
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         if trainable {
-            let y = ops::matmul_t(x, &self.weight)?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
+            ops::linear(x, &self.weight, self.bias.as_ref())
         } else {
             ops::frozen_linear(x, &self.weight, self.bias.as_ref())
         }

@@ -111,23 +111,16 @@ impl LoraAdapter {
                 Some(m) => x.mul(m)?,
                 None => x.clone(),
             };
-            let y = matmul_t(x, w)?;
-            let y = match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            };
-            return y.add(&(matmul_t(&matmul_t(&xd, &self.a)?, &self.b)? * self.scale)?);
+            return crate::ops::linear(x, w, bias)?
+                .add(&(matmul_t(&matmul_t(&xd, &self.a)?, &self.b)? * self.scale)?);
         }
         let (xv, a, b) = (x.detach(), self.a.detach(), self.b.detach());
         let xd = match &mask {
             Some(m) => xv.mul(m)?,
             None => xv.clone(),
         };
-        let mut y = matmul_t(&xv, w)?;
-        if let Some(bias) = bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let y = y.add(&(matmul_t(&matmul_t(&xd, &a)?, &b)? * self.scale)?)?;
+        let y = crate::ops::linear(&xv, w, bias)?
+            .add(&(matmul_t(&matmul_t(&xd, &a)?, &b)? * self.scale)?)?;
         let (w, scale) = (w.clone(), self.scale);
         crate::ops::attach_grad3([x, &self.a, &self.b], y, move |g| {
             let (o, i) = w.dims2()?;

@@ -255,17 +255,7 @@ impl Qwen2VL {
     pub fn hidden(&self, input: &Input, ctx: &Ctx) -> Result<Tensor> {
         let x = self.embed(input, ctx)?;
         let p = input.positions(&self.cfg)?;
-        let (cos, sin) = mrope_cos_sin(&p.pos, &self.cfg.text, &self.device)?;
-        let dtype = x.dtype();
-        let bias = attention::bias(&input.segments, input.len(), &self.device)?;
-        Ok(self.text.forward(
-            &x,
-            &cos.to_dtype(dtype)?,
-            &sin.to_dtype(dtype)?,
-            &bias.to_dtype(dtype)?,
-            None,
-            ctx,
-        )?)
+        self.decoder(&x, &p.pos, &input.segments, None, ctx)
     }
 
     /// Logits (B, T, V) of a full forward.
@@ -289,17 +279,28 @@ impl Qwen2VL {
         segments: &[Vec<u32>],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let t = x.dim(1)?;
+        self.decoder(x, pos, segments, Some(cache), &Ctx::default())
+    }
+
+    /// The decoder with rotary tables and attention bias built from positions and segments.
+    fn decoder(
+        &self,
+        x: &Tensor,
+        pos: &[Vec<Vec<i64>>; 3],
+        segments: &[Vec<u32>],
+        cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let (cos, sin) = mrope_cos_sin(pos, &self.cfg.text, &self.device)?;
-        let bias = attention::bias(segments, t, &self.device)?;
+        let bias = attention::bias(segments, x.dim(1)?, &self.device)?;
         Ok(self.text.forward(
             x,
             &cos.to_dtype(dtype)?,
             &sin.to_dtype(dtype)?,
             &bias.to_dtype(dtype)?,
-            Some(cache),
-            &Ctx::default(),
+            cache,
+            ctx,
         )?)
     }
 }

@@ -69,16 +69,21 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// A plain matmul would make candle also compute `xᵀ @ g` for `w` and keep it.
 /// x: (…, I), w: (O, I) → (…, O)
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = matmul_t(&x.detach(), w)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
+    let y = linear(&x.detach(), w, b)?;
     if !x.track_op() {
         return Ok(y);
     }
     let w = w.clone();
     attach_grad(x, y, move |g| matmul_nt(g, &w))
+}
+
+/// `x @ wᵀ (+ b)` through candle's own ops (both gradients), for trainable weights.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = matmul_t(x, w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `x @ wᵀ` with x flattened to 2-D, which keeps candle's matmul (and its backward) on one

@@ -98,7 +98,12 @@ pub fn dumps(
         key_sep: ": ".into(),
     };
     let mut out = String::new();
-    write_json(&mut out, &Value::from(minijinja::value::Serde(value)), &opts, 0)?;
+    write_json(
+        &mut out,
+        &Value::from(minijinja::value::Serde(value)),
+        &opts,
+        0,
+    )?;
     Ok(out)
 }
 
