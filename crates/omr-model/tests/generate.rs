@@ -1,65 +1,30 @@
 //! Generation: cached decoding equals a full forward, greedy ids equal transformers'
 //! `generate`, sampling is seeded, eos stops a row.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use common::{expected, model_params, rows_i64, Inputs};
 use omr_model::generate::{generate, Finish, SamplingConfig};
-use omr_model::{Ctx, Input, ModelConfig, Params, Qwen2VL};
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
-}
-
-fn rows(t: &Tensor) -> Vec<Vec<i64>> {
-    t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
-}
+use omr_model::{Ctx, Input, Qwen2VL};
 
 struct Fixture {
     model: Qwen2VL,
-    ids: Vec<Vec<u32>>,
-    mask: Vec<Vec<u32>>,
-    pixels: Tensor,
-    grids: Vec<[usize; 3]>,
+    inputs: Inputs,
     greedy: Vec<Vec<i64>>,
 }
 
 fn load() -> Fixture {
-    let dir = fixture("qwen25vl");
-    let dev = Device::Cpu;
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
-    let params = Params::from_tensors(tensors, &dev, DType::F32).unwrap();
-    let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &dev).unwrap();
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
-    let to_u32 = |t: &Tensor| -> Vec<Vec<u32>> {
-        rows(t)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u32).collect())
-            .collect()
-    };
+    let (cfg, params) = model_params("qwen25vl");
+    let inputs = Inputs::load("qwen25vl");
     Fixture {
         model: Qwen2VL::new(&cfg, &params).unwrap(),
-        ids: to_u32(&inputs["input_ids"]),
-        mask: to_u32(&inputs["attention_mask"]),
-        pixels: inputs["pixel_values"].clone(),
-        grids: rows(&inputs["image_grid_thw"])
-            .into_iter()
-            .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
-            .collect(),
-        greedy: rows(&expected["greedy_ids"]),
+        inputs,
+        greedy: rows_i64(&expected("qwen25vl")["greedy_ids"]),
     }
 }
 
 fn prompts(f: &Fixture) -> Input {
-    Input::padded(
-        f.ids.clone(),
-        &f.mask,
-        Some(f.pixels.clone()),
-        f.grids.clone(),
-    )
-    .unwrap()
+    f.inputs.padded()
 }
 
 #[test]
@@ -70,7 +35,7 @@ fn greedy_matches_transformers_generate() {
         ..Default::default()
     };
     let out = generate(&f.model, &prompts(&f), &cfg).unwrap();
-    let t = f.ids[0].len();
+    let t = f.inputs.ids[0].len();
     for (b, c) in out.iter().enumerate() {
         let want: Vec<u32> = f.greedy[b][t..].iter().map(|&x| x as u32).collect();
         assert_eq!(c.tokens, want, "row {b}");
@@ -92,12 +57,14 @@ fn cached_decoding_equals_full_forward() {
     // Full forward over prompt + completion; the logits at position t-1 are those that chose
     // token t.
     let ids: Vec<Vec<u32>> = f
+        .inputs
         .ids
         .iter()
         .zip(&out)
         .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
         .collect();
     let mask: Vec<Vec<u32>> = f
+        .inputs
         .mask
         .iter()
         .zip(&out)
@@ -108,9 +75,15 @@ fn cached_decoding_equals_full_forward() {
                 .collect()
         })
         .collect();
-    let full = Input::padded(ids, &mask, Some(f.pixels.clone()), f.grids.clone()).unwrap();
+    let full = Input::padded(
+        ids,
+        &mask,
+        Some(f.inputs.pixels.clone()),
+        f.inputs.grids.clone(),
+    )
+    .unwrap();
     let logits = f.model.forward(&full, &Ctx::default()).unwrap();
-    let t = f.ids[0].len();
+    let t = f.inputs.ids[0].len();
     let mut worst = 0f32;
     for (b, c) in out.iter().enumerate() {
         for (s, step) in c.logits.iter().enumerate() {
@@ -169,7 +142,7 @@ fn sampling_is_seeded() {
 #[test]
 fn eos_stops_a_row_and_keeps_others_going() {
     let f = load();
-    let t = f.ids[0].len();
+    let t = f.inputs.ids[0].len();
     // Row 0's third greedy token becomes an eos: row 0 stops there, the others run to length.
     let eos = f.greedy[0][t + 2] as u32;
     let cfg = SamplingConfig {

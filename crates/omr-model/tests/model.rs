@@ -1,17 +1,14 @@
 //! Config forms, LoRA (identity at init, merge, gradients only where trainable), freezing by
 //! part, seeded tiny init, and packed sequences.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use omr_model::lora::{self, LoraConfig};
 use omr_model::tiny::{TinySpec, TokenIds};
 use omr_model::{loss, Arch, Ctx, Input, ModelConfig, Params, Part, Qwen2VL};
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
-}
+use std::path::Path;
 
 fn tiny_ids() -> TokenIds {
     TokenIds {

@@ -2,16 +2,12 @@
 //! vision features, logits and loss of a padded batch with images of several sizes and a
 //! text-only row, and the gradient of every parameter after one backward.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{expected, model_params, Inputs};
 use omr_model::{loss, Ctx, Input, ModelConfig, Params, Qwen2VL};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
-}
 
 struct Case {
     cfg: ModelConfig,
@@ -22,39 +18,16 @@ struct Case {
     expected: HashMap<String, Tensor>,
 }
 
-fn rows_i64(t: &Tensor) -> Vec<Vec<i64>> {
-    t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
-}
-
 fn load(name: &str) -> Case {
-    let dir = fixture(name);
-    let dev = Device::Cpu;
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
-    let params = Params::from_tensors(tensors, &dev, DType::F32).unwrap();
-    let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &dev).unwrap();
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
-    let ids: Vec<Vec<u32>> = rows_i64(&inputs["input_ids"])
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect();
-    let mask: Vec<Vec<u32>> = rows_i64(&inputs["attention_mask"])
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect();
-    let grids: Vec<[usize; 3]> = rows_i64(&inputs["image_grid_thw"])
-        .into_iter()
-        .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
-        .collect();
-    let labels = rows_i64(&inputs["labels"]);
-    let input = Input::padded(ids, &mask, Some(inputs["pixel_values"].clone()), grids).unwrap();
+    let (cfg, params) = model_params(name);
+    let inputs = Inputs::load(name);
     Case {
         cfg,
         params,
-        input,
-        labels,
-        mask,
-        expected,
+        input: inputs.padded(),
+        labels: inputs.labels,
+        mask: inputs.mask,
+        expected: expected(name),
     }
 }
 

@@ -2,15 +2,17 @@
 //! with `OMR_PEFT_OUT=DIR` the adapter plus our adapted logits are kept there, so
 //! `scripts/fixtures/model/check_peft.py DIR` can load the base with `PeftModel` and compare.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use omr_model::lora::{self, LoraConfig};
 use omr_model::pretrained;
-use omr_model::{Ctx, Input, Qwen2VL};
+use omr_model::{Ctx, Qwen2VL};
 use std::path::Path;
 
 #[test]
 fn adapter_folder_has_peft_layout() {
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/qwen25vl");
+    let base = common::fixture("qwen25vl");
     let mut m = pretrained::load_dir(&base, DType::F32, &Device::Cpu).unwrap();
     let lcfg = LoraConfig {
         r: 4,
@@ -50,29 +52,7 @@ fn adapter_folder_has_peft_layout() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["lora_alpha"], 8.0);
 
-    let inputs =
-        candle_core::safetensors::load(base.join("inputs.safetensors"), &Device::Cpu).unwrap();
-    let rows = |k: &str| -> Vec<Vec<u32>> {
-        inputs[k]
-            .to_vec2::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u32).collect())
-            .collect()
-    };
-    let grids: Vec<[usize; 3]> = inputs["image_grid_thw"]
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
-        .collect();
-    let input = Input::padded(
-        rows("input_ids"),
-        &rows("attention_mask"),
-        Some(inputs["pixel_values"].clone()),
-        grids,
-    )
-    .unwrap();
+    let input = common::Inputs::load("qwen25vl").padded();
     let logits = Qwen2VL::new(&m.config, &m.params)
         .unwrap()
         .forward(&input, &Ctx::default())

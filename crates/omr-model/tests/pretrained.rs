@@ -1,16 +1,13 @@
 //! from_pretrained → save_pretrained → from_pretrained keeps every tensor and the logits, in
 //! one file and sharded; a missing tensor is an error that names it.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use omr_model::pretrained::{self, SaveOptions};
 use omr_model::{Ctx, Input, Qwen2VL};
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
-}
+use std::path::Path;
 
 fn text_input() -> Input {
     let ids = vec![vec![1u32, 5, 9, 33, 2, 7], vec![0, 0, 4, 8, 15, 16]];
