@@ -2,56 +2,10 @@
 //! them, render a sample, preprocess an image, and check the bad-data exit code (64) and the
 //! quarantine file on a shard with broken records. What a user types, checked.
 
+mod common;
+
+use common::{ok, omr, s, synth};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn omr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_omr"))
-        .args(args)
-        .env("OMR_LOG", "warn")
-        .output()
-        .expect("omr runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = omr(args);
-    assert!(
-        out.status.success(),
-        "omr {args:?} failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `omr data synth` into `out` with a tokenizer of `vocab` ids.
-fn synth(out: &Path, train: u32, test: u32, seed: u64, vocab: u32) {
-    let (train, test, seed, vocab) = (
-        train.to_string(),
-        test.to_string(),
-        seed.to_string(),
-        vocab.to_string(),
-    );
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(out),
-        "--train",
-        &train,
-        "--test",
-        &test,
-        "--seed",
-        &seed,
-        "--vocab-size",
-        &vocab,
-    ]);
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn synth_validate_render_preprocess() {

@@ -3,51 +3,15 @@
 //! twice the same), logits for saved inputs (`omr model forward`) and a bf16 sharded re-export
 //! (`omr model export`) that loads back with the same config.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn omr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_omr"))
-        .args(args)
-        .env("OMR_LOG", "warn")
-        .output()
-        .expect("omr runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = omr(args);
-    assert!(
-        out.status.success(),
-        "omr {args:?} failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{ok, omr, s, synth};
 
 #[test]
 fn init_generate_forward_export() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("d");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&d),
-        "--train",
-        "48",
-        "--test",
-        "4",
-        "--seed",
-        "2",
-        "--vocab-size",
-        "600",
-    ]);
+    synth(&d, 48, 4, 2, 600);
     let model = tmp.path().join("tiny");
     ok(&[
         "model",
