@@ -209,7 +209,7 @@ impl Qwen2VL {
                 "token id {bad} is outside the vocabulary ({vocab} entries)"
             )));
         }
-        let ids = Tensor::from_vec(flat.clone(), (b, t), &self.device)?;
+        let ids = Tensor::from_slice(&flat, (b, t), &self.device)?;
         let embeds = self.text.embed(&ids)?;
         let Some(pv) = &input.pixel_values else {
             return Ok(embeds);

@@ -103,14 +103,10 @@ impl Params {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(name.as_bytes()));
                 (0..n).map(|_| (normal(&mut rng) * std) as f32).collect()
             };
-            let t = Tensor::from_vec(values, shape, &Device::Cpu);
-            (name, t)
+            Ok((name, Tensor::from_vec(values, shape, &Device::Cpu)?))
         });
-        let mut out = Vec::new();
-        for (name, t) in tensors {
-            out.push((name, t?));
-        }
-        Params::from_tensors(out, device, DType::F32)
+        let tensors = tensors.collect::<Result<Vec<_>>>()?;
+        Params::from_tensors(tensors, device, DType::F32)
     }
 
     /// The tensor modules compute with: the `Var` when trainable, else a detached view.
