@@ -1,0 +1,14 @@
+//! omr-train: the training recipes and the state they own.
+//!
+//! `sft::run` is the supervised fine-tuning loop, one function read top to bottom (STYLE.md).
+//! Everything it shares with the GRPO recipe lives in its own module: the optimizer (`optim`,
+//! AdamW with fp32 masters and moments), learning-rate `schedule`s, the checkpoint commit
+//! protocol of RELIABILITY.md (`checkpoint`), the one struct holding the full resume state
+//! (`state`), and what the user sees (`metrics`, `tensorboard`).
+
+pub mod card;
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod tensorboard;
