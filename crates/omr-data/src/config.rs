@@ -61,6 +61,13 @@ impl DataConfig {
             path: path.into(),
             message: e.to_string(),
         })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot (non-empty sources, weights, batch size); `path` names the file.
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let cfg = self;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.into(),
             message,
@@ -84,7 +91,7 @@ impl DataConfig {
         if cfg.batch.batch_size == 0 {
             return Err(invalid("batch.batch_size must be at least 1".into()));
         }
-        Ok(cfg)
+        Ok(())
     }
 
     pub fn from_file(path: &Path) -> Result<DataConfig, ConfigError> {

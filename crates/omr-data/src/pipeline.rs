@@ -40,6 +40,17 @@ pub enum PipelineError {
     Chat(String),
 }
 
+/// A generation prompt: token ids (images expanded) and the images' patches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prompt {
+    /// (T,)
+    pub input_ids: Vec<u32>,
+    /// (N, C·T·P·P) row-major.
+    pub pixel_values: Vec<f32>,
+    pub patch_dim: usize,
+    pub image_grid_thw: Vec<[u32; 3]>,
+}
+
 pub struct Processor {
     image: ImageProcessor,
     encoder: Encoder,
@@ -128,6 +139,36 @@ impl Processor {
             patch_dim,
             image_grid_thw: grids,
             image_sizes: sizes,
+        })
+    }
+
+    /// Generation prompt of a sample (eval, GRPO rollouts): the conversation up to the first
+    /// assistant turn with the generation prompt appended, and its images processed.
+    pub fn encode_prompt(&self, s: &Sample) -> Result<Prompt, Reason> {
+        let mut pixel_values = Vec::new();
+        let mut grids = Vec::with_capacity(s.images.len());
+        let mut counts = Vec::with_capacity(s.images.len());
+        let mut patch_dim = 0;
+        for img in &s.images {
+            let (p, _) = self.image.process_bytes(&img.bytes, &self.limits)?;
+            counts.push(self.image.num_image_tokens(p.grid_thw));
+            patch_dim = p.patch_dim;
+            pixel_values.extend_from_slice(&p.pixel_values);
+            grids.push(p.grid_thw);
+        }
+        let first_reply = s
+            .messages
+            .iter()
+            .position(|m| m.role == crate::sample::Role::Assistant)
+            .unwrap_or(s.messages.len());
+        let input_ids = self
+            .encoder
+            .encode_prompt(&s.messages[..first_reply], &counts)?;
+        Ok(Prompt {
+            input_ids,
+            pixel_values,
+            patch_dim,
+            image_grid_thw: grids,
         })
     }
 

@@ -210,3 +210,16 @@ fn argmax(xs: &[f32]) -> usize {
     }
     best
 }
+
+/// eos ids from generation_config.json (int or list), else config.json's.
+pub fn eos_ids(dir: &std::path::Path, from_config: &[u32]) -> Vec<u32> {
+    let read = || -> Option<Vec<u32>> {
+        let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match v.get("eos_token_id")? {
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            x => x.as_u64().map(|x| vec![x as u32]),
+        }
+    };
+    read().unwrap_or_else(|| from_config.to_vec())
+}

@@ -15,7 +15,7 @@ use omr_model::pretrained::{self, SaveOptions};
 use omr_model::tiny::{TinySpec, TokenIds};
 use omr_model::{Ctx, Input, Qwen2VL};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
@@ -245,7 +245,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
-        eos_token_ids: eos_ids(&m.dir, &m.config.eos_token_ids),
+        eos_token_ids: omr_model::generate::eos_ids(&m.dir, &m.config.eos_token_ids),
         keep_logits: false,
     };
     let t = std::time::Instant::now();
@@ -264,17 +264,4 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         c.finish
     );
     Ok(())
-}
-
-/// eos ids from generation_config.json (int or list), else config.json's.
-fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
-    let read = || -> Option<Vec<u32>> {
-        let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        match v.get("eos_token_id")? {
-            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as u32)).collect(),
-            x => x.as_u64().map(|x| vec![x as u32]),
-        }
-    };
-    read().unwrap_or_else(|| from_config.to_vec())
 }
