@@ -228,7 +228,7 @@ impl Metrics {
         }
         let bar = progress.then(|| {
             let style = ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} steps · eta {eta_precise}",
+                "{elapsed_precise} [{bar:40}] {pos}/{len} steps, eta {eta_precise}",
             )
             .map(|s| s.progress_chars("=> "))
             .unwrap_or_else(|_| ProgressStyle::default_bar());
@@ -292,20 +292,22 @@ impl Metrics {
         Ok(())
     }
 
-    /// Ends the progress bar and flushes TensorBoard; the jsonl is written through already.
+    /// Leaves the progress bar where the run stopped and flushes TensorBoard; the jsonl is
+    /// written through already.
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
-            bar.finish();
+            bar.abandon();
         }
         if let Err(e) = self.tb.flush() {
             tracing::warn!("{e}");
         }
     }
 
+    /// A hidden bar (stderr not a terminal after all) would swallow `println`.
     fn print(&self, line: &str) {
         match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 

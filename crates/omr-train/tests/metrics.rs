@@ -238,6 +238,18 @@ fn metrics_write_jsonl_and_tensorboard_alike() {
 }
 
 #[test]
+fn progress_bar_mode_writes_the_same_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Metrics::open(dir.path(), None, true, 300).unwrap();
+    m.log_step(&stats(1)).unwrap();
+    m.log_scalars(1, "eval", &[("loss".into(), 1.0)]).unwrap();
+    m.finish();
+    m.finish();
+    let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+    assert_eq!(text.lines().count(), 2);
+}
+
+#[test]
 fn resume_keeps_records_up_to_the_checkpoint_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(METRICS_FILE);
