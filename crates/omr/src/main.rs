@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod exit;
 mod model_cmd;
+mod plot;
 mod tensors;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Cmd {
     Model(model_cmd::ModelCmd),
     /// Generate a reply to a prompt (and an image) with a model folder.
     Generate(model_cmd::GenerateArgs),
+    /// Charts of a run's metrics.jsonl (loss, learning rate, eval metrics) as PNG and/or SVG.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -68,6 +71,7 @@ fn main() {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),
+        Cmd::Plot(a) => plot::run(a),
     };
     match result {
         Ok(()) => {}
