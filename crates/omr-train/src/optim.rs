@@ -1,1 +1,294 @@
-//! (in progress)
+//! AdamW with fp32 master weights and moments, per-part learning rates, gradient
+//! accumulation and global-norm clipping: torch's `clip_grad_norm_` + `torch.optim.AdamW`.
+//!
+//! Why it is ours and not `candle_nn::AdamW` (CANDLE.md §4): candle keeps the moments in the
+//! parameter's dtype, so bf16 updates below bf16 resolution vanish, and it has no parameter
+//! groups or clipping. Here every moment is an f32 tensor and the update runs in f32.
+//!
+//! Notable choices:
+//! - **Masters.** On the CPU the trainable `Var`s are f32 and *are* the masters: the update is
+//!   written into them with `Var::set`, so every module sees it. A bf16 compute copy (CUDA,
+//!   later) becomes a second field of `Slot` written after the master; until then a non-f32
+//!   `Var` is refused with [`OptimError::Dtype`].
+//! - **Candle ops, one parameter at a time.** The update is plain elementwise candle ops, so it
+//!   runs on any device and is the reference a fused kernel will be checked against.
+//! - **Determinism.** Parameters are visited in the order given (sorted HF names from
+//!   `Params::trainable`), micro-batch gradients are summed in arrival order, and the global
+//!   norm is an f64 sum in that same order: the same inputs give the same bits.
+//! - **Non-finite gradients** (norm NaN or ∞) skip the step and touch nothing, so a trainer can
+//!   log and carry on; no loss scaling is needed in bf16.
+//! - **A parameter without a gradient** in a micro-batch counts as a zero gradient: its moments
+//!   decay and its weight still moves (momentum, decay). torch instead skips a parameter whose
+//!   `.grad` is `None`; with every trainable parameter in the graph the two agree.
+
+mod accum;
+mod config;
+
+pub use accum::GradAccum;
+pub use config::{param_specs, OptimConfig, OptimError, ParamSpec, Result};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use omr_model::params::Part;
+use std::collections::{BTreeMap, HashMap};
+
+/// What a step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepOutcome {
+    /// Weights updated. `grad_norm` is the global norm of the scaled gradients before clipping.
+    Applied { grad_norm: f64, clipped: bool },
+    /// The gradient norm was NaN or infinite: nothing changed, the step count included.
+    NonFinite { grad_norm: f64 },
+}
+
+/// One parameter's optimizer state. The `Var` is the f32 master.
+struct Slot {
+    name: String,
+    var: Var,
+    lr: f64,
+    weight_decay: f64,
+    /// exp_avg, f32, the parameter's shape. Replaced (never written in place) each step, so
+    /// clones handed out by `state_tensors` stay valid snapshots.
+    m: Tensor,
+    /// exp_avg_sq, f32, the parameter's shape.
+    v: Tensor,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    max_grad_norm: f64,
+    /// Applied steps so far (torch's `state["step"]`); bias corrections use it.
+    t: u64,
+}
+
+impl AdamW {
+    pub fn new(specs: Vec<ParamSpec>, cfg: &OptimConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut slots = Vec::with_capacity(specs.len());
+        for s in specs {
+            if s.var.dtype() != DType::F32 {
+                return Err(OptimError::Dtype {
+                    name: s.name,
+                    dtype: s.var.dtype(),
+                });
+            }
+            if !(s.lr.is_finite() && s.lr >= 0.0 && s.weight_decay.is_finite()) {
+                return Err(OptimError::Arg(format!(
+                    "parameter `{}`: lr {} / weight decay {} must be finite and lr >= 0",
+                    s.name, s.lr, s.weight_decay
+                )));
+            }
+            let m = s.var.as_tensor().zeros_like()?;
+            let v = s.var.as_tensor().zeros_like()?;
+            slots.push(Slot {
+                name: s.name,
+                var: s.var,
+                lr: s.lr,
+                weight_decay: s.weight_decay,
+                m,
+                v,
+            });
+        }
+        Ok(AdamW {
+            slots,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            max_grad_norm: cfg.max_grad_norm,
+            t: 0,
+        })
+    }
+
+    /// An empty gradient accumulator for this optimizer's parameters.
+    pub fn grad_accum(&self) -> GradAccum {
+        GradAccum::new(
+            self.slots.iter().map(|s| s.name.clone()).collect(),
+            self.slots.iter().map(|s| s.var.clone()).collect(),
+        )
+    }
+
+    /// One step on the gradients of a single backward pass: an accumulator with one add.
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        lr_factor: f64,
+        grad_scale: f64,
+    ) -> Result<StepOutcome> {
+        let mut acc = self.grad_accum();
+        acc.add(grads)?;
+        self.step_accumulated(&mut acc, lr_factor, grad_scale)
+    }
+
+    /// One optimizer step on accumulated gradients, which it consumes: `acc` is left empty
+    /// after an applied or a non-finite step, and as it was after an argument error.
+    ///
+    /// `lr_factor` is the schedule's multiplier in [0, 1]. `grad_scale` multiplies every
+    /// gradient first (e.g. 1 / micro-batches, or 1 / tokens). Then, as torch: the global L2
+    /// norm of all scaled gradients (f64 sums); NaN or ∞ → [`StepOutcome::NonFinite`] and no
+    /// change at all. Else clip with coefficient `max_norm / (norm + 1e-6)` when that is below
+    /// 1 (`clip_grad_norm_`, which thus clips from `max_norm - 1e-6` up), then AdamW:
+    /// `p -= lr·wd·p; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+    ///  p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`.
+    pub fn step_accumulated(
+        &mut self,
+        acc: &mut GradAccum,
+        lr_factor: f64,
+        grad_scale: f64,
+    ) -> Result<StepOutcome> {
+        if !(0.0..=1.0).contains(&lr_factor) {
+            return Err(OptimError::Arg(format!(
+                "lr factor {lr_factor} is not in [0, 1]"
+            )));
+        }
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(OptimError::Arg(format!(
+                "grad scale {grad_scale} is not finite and > 0"
+            )));
+        }
+        if !acc.is_for(self.slots.iter().map(|s| &s.var)) {
+            return Err(OptimError::Arg(
+                "the gradient accumulator belongs to another optimizer".into(),
+            ));
+        }
+        if acc.micro_batches() == 0 {
+            return Err(OptimError::Arg("no gradients were accumulated".into()));
+        }
+        let sums = acc.take();
+
+        let grad_norm = global_norm(&sums)? * grad_scale;
+        if !grad_norm.is_finite() {
+            return Ok(StepOutcome::NonFinite { grad_norm });
+        }
+        let mut coef = grad_scale;
+        let mut clipped = false;
+        if self.max_grad_norm > 0.0 {
+            let clip = self.max_grad_norm / (grad_norm + 1e-6);
+            if clip < 1.0 {
+                coef *= clip;
+                clipped = true;
+            }
+        }
+
+        self.t += 1;
+        let t = self.t.min(i32::MAX as u64) as i32;
+        let bias1 = 1.0 - self.beta1.powi(t);
+        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
+        for (slot, sum) in self.slots.iter_mut().zip(sums) {
+            if slot.var.elem_count() == 0 {
+                continue;
+            }
+            let g = match sum {
+                Some(g) => g.affine(coef, 0.0)?,
+                None => slot.m.zeros_like()?,
+            };
+            let lr = slot.lr * lr_factor;
+            let m = (slot.m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
+            let v = (slot.v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
+            let p = slot.var.as_detached_tensor();
+            let p = p.affine(1.0 - lr * slot.weight_decay, 0.0)?;
+            let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, self.eps)?;
+            let p = (p - m.div(&denom)?.affine(lr / bias1, 0.0)?)?;
+            slot.var.set(&p)?;
+            slot.m = m;
+            slot.v = v;
+        }
+        Ok(StepOutcome::Applied { grad_norm, clipped })
+    }
+
+    /// Applied steps so far.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+
+    /// The moments as `exp_avg.<name>` and `exp_avg_sq.<name>` (f32), for a checkpoint; with
+    /// [`AdamW::steps`] they are the whole optimizer state. Snapshots: later steps do not
+    /// change them.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.slots.len());
+        for s in &self.slots {
+            out.push((format!("exp_avg.{}", s.name), s.m.clone()));
+            out.push((format!("exp_avg_sq.{}", s.name), s.v.clone()));
+        }
+        out
+    }
+
+    /// Restores what [`AdamW::state_tensors`] and [`AdamW::steps`] gave. Every moment must be
+    /// present with the parameter's shape, and no moment may name a parameter this optimizer
+    /// does not train; other keys are ignored. Checks everything before changing anything.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
+        let known: std::collections::HashSet<&str> =
+            self.slots.iter().map(|s| s.name.as_str()).collect();
+        let mut unknown: Vec<&String> = tensors
+            .keys()
+            .filter(|k| {
+                let name = k
+                    .strip_prefix("exp_avg.")
+                    .or_else(|| k.strip_prefix("exp_avg_sq."));
+                name.is_some_and(|n| !known.contains(n))
+            })
+            .collect();
+        unknown.sort();
+        if let Some(k) = unknown.first() {
+            return Err(OptimError::UnexpectedState((*k).clone()));
+        }
+        let mut loaded = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let get = |key: String| -> Result<Tensor> {
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| OptimError::MissingState(key.clone()))?;
+                if t.dims() != s.var.dims() || t.dtype() != DType::F32 {
+                    return Err(OptimError::StateShape {
+                        name: key,
+                        expected: s.var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                        found_dtype: t.dtype(),
+                    });
+                }
+                Ok(t.to_device(s.var.device())?.detach())
+            };
+            let m = get(format!("exp_avg.{}", s.name))?;
+            let v = get(format!("exp_avg_sq.{}", s.name))?;
+            loaded.push((m, v));
+        }
+        for (s, (m, v)) in self.slots.iter_mut().zip(loaded) {
+            s.m = m;
+            s.v = v;
+        }
+        self.t = steps;
+        Ok(())
+    }
+
+    /// Peak learning rate of a parameter, `None` if it is not trained.
+    pub fn lr_of(&self, name: &str) -> Option<f64> {
+        self.slots.iter().find(|s| s.name == name).map(|s| s.lr)
+    }
+
+    /// Peak learning rate of each part that has trainable parameters (the first parameter's,
+    /// which is every parameter's of that part when built by [`param_specs`]). Multiply by the
+    /// schedule's factor for the current rate.
+    pub fn group_lrs(&self) -> BTreeMap<Part, f64> {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.entry(Part::of(&s.name)).or_insert(s.lr);
+        }
+        out
+    }
+}
+
+/// sqrt of the sum of squares of every gradient, accumulated in f64 in parameter order.
+fn global_norm(sums: &[Option<Tensor>]) -> Result<f64> {
+    let mut parts = Vec::with_capacity(sums.len());
+    for g in sums.iter().flatten() {
+        parts.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
+    }
+    if parts.is_empty() {
+        return Ok(0.0);
+    }
+    // One device sync for the whole model; the stacked sum runs in order on the CPU.
+    let per_param: Vec<f64> = Tensor::stack(&parts, 0)?.to_vec1()?;
+    Ok(per_param.iter().sum::<f64>().sqrt())
+}

@@ -1,0 +1,81 @@
+//! Gradient accumulation: the gradients of several micro-batches summed into owned f32 tensors,
+//! one per trainable parameter, consumed by one optimizer step.
+//!
+//! Gradients are detached before they are kept (CANDLE.md §4: otherwise a later backward pass
+//! leaks gradient into them) and summed in arrival order, so the sums are the same bits on
+//! every run. They are never written in place: a step takes them and leaves the accumulator
+//! empty.
+
+use super::{OptimError, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+/// Gradients summed over the micro-batches of one optimizer step: one owned f32 tensor per
+/// trainable parameter, in the optimizer's order. Made by [`super::AdamW::grad_accum`].
+pub struct GradAccum {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+}
+
+impl GradAccum {
+    pub(super) fn new(names: Vec<String>, vars: Vec<Var>) -> GradAccum {
+        GradAccum {
+            sums: vec![None; vars.len()],
+            names,
+            vars,
+            micro_batches: 0,
+        }
+    }
+
+    /// Whether this accumulator was made for exactly these parameters, in this order.
+    pub(super) fn is_for<'a>(&self, vars: impl ExactSizeIterator<Item = &'a Var>) -> bool {
+        self.vars.len() == vars.len() && self.vars.iter().zip(vars).all(|(a, b)| a.id() == b.id())
+    }
+
+    /// The sums (`None`: no micro-batch had a gradient for that parameter), leaving it empty.
+    pub(super) fn take(&mut self) -> Vec<Option<Tensor>> {
+        self.micro_batches = 0;
+        std::mem::replace(&mut self.sums, vec![None; self.vars.len()])
+    }
+
+    /// Adds one micro-batch's gradients (from `loss.backward()`), detached, in call order. A
+    /// gradient of the wrong shape is an error that leaves the accumulator as it was.
+    pub fn add(&mut self, grads: &GradStore) -> Result<()> {
+        let mut found = Vec::with_capacity(self.vars.len());
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            let g = grads.get(var.as_tensor());
+            if let Some(g) = g {
+                if g.dims() != var.dims() {
+                    return Err(OptimError::GradShape {
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: g.dims().to_vec(),
+                    });
+                }
+            }
+            found.push(g);
+        }
+        for (sum, g) in self.sums.iter_mut().zip(found) {
+            let Some(g) = g else { continue };
+            let g = g.detach().to_dtype(DType::F32)?;
+            *sum = Some(match sum.take() {
+                None => g,
+                Some(s) => s.add(&g)?,
+            });
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// Drops the sums (e.g. after a skipped step); the optimizer's steps do this themselves.
+    pub fn clear(&mut self) {
+        self.sums.iter_mut().for_each(|s| *s = None);
+        self.micro_batches = 0;
+    }
+}
