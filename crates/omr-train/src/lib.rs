@@ -6,9 +6,17 @@
 //! protocol of RELIABILITY.md (`checkpoint`), the one struct holding the full resume state
 //! (`state`), and what the user sees (`metrics`, `tensorboard`).
 
+pub mod batch;
 pub mod card;
 pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod signals;
+pub mod state;
 pub mod tensorboard;
+
+pub use error::{Result, TrainError};

@@ -1,0 +1,49 @@
+//! Training errors, each with the exit code of RELIABILITY.md it maps to.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A user-supplied input (model folder, processor, data source) cannot be used.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    BadData(omr_data::quarantine::QuarantineError),
+    #[error("{count} consecutive steps had a non-finite loss or gradient (last at step {step}); lower the learning rate or check the data (train.max_nonfinite_steps = {count})")]
+    NonFinite { step: u64, count: u64 },
+    #[error("checkpoint writes keep failing: {0}")]
+    Checkpoint(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Model(#[from] omr_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl TrainError {
+    /// Process exit code (RELIABILITY.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TrainError::Config(_) | TrainError::Usage(_) => 2,
+            TrainError::BadData(_) => 64,
+            TrainError::NonFinite { .. } => 65,
+            TrainError::Checkpoint(_) => 66,
+            _ => 1,
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+        let path = path.into();
+        move |source| TrainError::Io { path, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,195 @@
+//! Held-out evaluation during and after training: loss on labelled samples and answer accuracy
+//! from greedy generation, with per-group (task family, modality) breakdowns.
+//!
+//! The held-out set is read once, in file order (not shuffled), from the same sources as the
+//! training data with the eval split, so every evaluation of a run scores the same samples.
+//! Accuracy is the OpenMedReason-Bench rule: the letter inside the first `<answer>…</answer>`
+//! equals the reference letter; a reply without one is wrong (and counted as a format miss).
+
+use crate::batch;
+use candle_core::{Device, Tensor};
+use omr_data::collate::collate;
+use omr_data::pipeline::{Processor, Prompt};
+use omr_data::source::{self, SourceSpec};
+use omr_data::{mcq, Encoded};
+use omr_model::generate::{generate, SamplingConfig};
+use omr_model::linear::Ctx;
+use omr_model::loss::causal_lm_loss;
+use omr_model::model::{Input, Qwen2VL};
+use std::collections::BTreeMap;
+
+/// A prompt with its reference answer and its group tags.
+pub struct GenItem {
+    pub prompt: Prompt,
+    pub answer: String,
+    pub groups: Vec<(String, String)>,
+}
+
+pub struct EvalSet {
+    pub loss_items: Vec<Encoded>,
+    pub gen_items: Vec<GenItem>,
+    /// Records that could not be used, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Reads up to `n_loss` encoded samples and `n_gen` prompts from `split` of `specs`, in order
+/// (sources in turn until each count is reached).
+pub fn load_eval_set(
+    specs: &[SourceSpec],
+    split: &str,
+    processor: &Processor,
+    n_loss: usize,
+    n_gen: usize,
+) -> Result<EvalSet, source::SourceError> {
+    let mut set = EvalSet {
+        loss_items: Vec::new(),
+        gen_items: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for spec in specs {
+        let mut spec = spec.clone();
+        spec.split = split.to_string();
+        let src = source::open(&spec)?;
+        for b in 0..src.blocks().len() {
+            if set.loss_items.len() >= n_loss && set.gen_items.len() >= n_gen {
+                return Ok(set);
+            }
+            for rec in src.read_block(b)? {
+                let s = match rec {
+                    Ok(s) => s,
+                    Err((o, r)) => {
+                        set.skipped.push(format!("{}#{}: {r}", o.shard, o.row));
+                        continue;
+                    }
+                };
+                if set.loss_items.len() < n_loss {
+                    match processor.encode(&s) {
+                        Ok(e) => set.loss_items.push(e),
+                        Err(r) => set.skipped.push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
+                    }
+                }
+                let Some(q) = &s.mcq else { continue };
+                if set.gen_items.len() < n_gen {
+                    match processor.encode_prompt(&s) {
+                        Ok(prompt) => set.gen_items.push(GenItem {
+                            prompt,
+                            answer: q.answer.clone(),
+                            groups: ["task_family", "modality"]
+                                .iter()
+                                .filter_map(|k| s.meta.get(*k).map(|v| (k.to_string(), v.clone())))
+                                .collect(),
+                        }),
+                        Err(r) => set.skipped.push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Mean loss per assistant token over `items`, in padded batches of `batch_size`.
+pub fn eval_loss(
+    model: &Qwen2VL,
+    items: &[Encoded],
+    batch_size: usize,
+    pad_id: u32,
+) -> omr_model::Result<f64> {
+    let mut sum = 0.0f64;
+    let mut count = 0usize;
+    for chunk in items.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<&Encoded>> = chunk.iter().map(|e| vec![e]).collect();
+        let b = collate(&rows, pad_id, 8);
+        let (input, labels) = batch::to_input(&b, model.device())?;
+        let logits = model.forward(&input, &Ctx::default())?;
+        let (s, n) = causal_lm_loss(&logits, &labels)?;
+        sum += s.to_scalar::<f32>()? as f64;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Accuracy {
+    pub total: usize,
+    pub correct: usize,
+    /// Replies with a parsable `<answer>` tag.
+    pub formatted: usize,
+    /// (group key, group value) → (correct, total)
+    pub by_group: BTreeMap<(String, String), (usize, usize)>,
+}
+
+impl Accuracy {
+    pub fn value(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+    pub fn format_rate(&self) -> f64 {
+        self.formatted as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Greedy answers to `items` in left-padded batches; `decode` turns tokens into text.
+pub fn eval_accuracy(
+    model: &Qwen2VL,
+    items: &[GenItem],
+    batch_size: usize,
+    pad_id: u32,
+    sampling: &SamplingConfig,
+    decode: &dyn Fn(&[u32]) -> String,
+) -> omr_model::Result<Accuracy> {
+    let mut acc = Accuracy::default();
+    for chunk in items.chunks(batch_size.max(1)) {
+        let input = left_padded(chunk.iter().map(|g| &g.prompt), pad_id, model.device())?;
+        let outs = generate(model, &input, sampling)?;
+        for (item, out) in chunk.iter().zip(outs) {
+            let text = decode(&out.tokens);
+            let got = mcq::answer_tag(&text);
+            let ok = got.as_deref() == Some(item.answer.as_str());
+            acc.total += 1;
+            acc.correct += usize::from(ok);
+            acc.formatted += usize::from(got.is_some());
+            for g in &item.groups {
+                let e = acc.by_group.entry(g.clone()).or_default();
+                e.0 += usize::from(ok);
+                e.1 += 1;
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// Prompts → a left-padded `Input` (generation appends on the right).
+pub fn left_padded<'a>(
+    prompts: impl Iterator<Item = &'a Prompt>,
+    pad_id: u32,
+    device: &Device,
+) -> omr_model::Result<Input> {
+    let prompts: Vec<&Prompt> = prompts.collect();
+    let t = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len());
+    let mut mask = Vec::with_capacity(prompts.len());
+    let mut pixels: Vec<f32> = Vec::new();
+    let mut grids = Vec::new();
+    let mut patch_dim = 0;
+    for p in &prompts {
+        let pad = t - p.input_ids.len();
+        let mut row = vec![pad_id; pad];
+        row.extend_from_slice(&p.input_ids);
+        ids.push(row);
+        let mut m = vec![0u32; pad];
+        m.resize(t, 1);
+        mask.push(m);
+        pixels.extend_from_slice(&p.pixel_values);
+        grids.extend(p.image_grid_thw.iter().map(|g| g.map(|x| x as usize)));
+        if !p.image_grid_thw.is_empty() {
+            patch_dim = p.patch_dim;
+        }
+    }
+    let pixel_values = if grids.is_empty() {
+        None
+    } else {
+        let n = pixels.len() / patch_dim;
+        Some(Tensor::from_vec(pixels, (n, patch_dim), device)?)
+    };
+    Input::padded(ids, &mask, pixel_values, grids)
+}

@@ -1,0 +1,95 @@
+//! The one struct holding everything that changes a run's trajectory besides the tensors
+//! (RELIABILITY.md "Resume state"), saved as `state.json` in every checkpoint.
+//!
+//! Tensors travel next to it: trainable weights (`weights.safetensors`) and optimizer moments
+//! (`optimizer.safetensors`). There is no RNG state to save: every random draw of a step is
+//! keyed by `(train.seed, step, micro-batch)` (LoRA dropout) or lives in the loader state
+//! (shuffle), so restoring the counters restores the randomness. The data cursor is the loader
+//! state *at the start of the next optimizer step*: a run stopped inside gradient accumulation
+//! discards its partial micro-batches and redoes them after resume, which keeps resumption
+//! exact without saving half-accumulated gradients.
+
+use omr_data::loader::LoaderState;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: u32,
+    /// Optimizer steps taken (skipped non-finite steps included).
+    pub step: u64,
+    /// Loader position where step `step + 1` starts.
+    pub loader: LoaderState,
+    /// Steps skipped because the loss or a gradient was not finite, and the current streak.
+    pub skipped_steps: u64,
+    pub nonfinite_streak: u64,
+    /// Data quarantine counters (good records seen, bad records, bad by reason).
+    pub data_seen: u64,
+    pub data_bad: u64,
+    pub data_bad_by_reason: BTreeMap<String, u64>,
+    /// Training tokens and samples consumed so far.
+    pub tokens: u64,
+    pub samples: u64,
+    /// Hashes of the files that turn data into tokens and pixels; resuming with other files
+    /// would silently change the data, so it is refused unless asked for.
+    pub processor: BTreeMap<String, String>,
+}
+
+impl TrainState {
+    pub fn fresh(loader: LoaderState, processor: BTreeMap<String, String>) -> TrainState {
+        TrainState {
+            format: STATE_FORMAT,
+            step: 0,
+            loader,
+            skipped_steps: 0,
+            nonfinite_streak: 0,
+            data_seen: 0,
+            data_bad: 0,
+            data_bad_by_reason: BTreeMap::new(),
+            tokens: 0,
+            samples: 0,
+            processor,
+        }
+    }
+}
+
+/// Files of a processor folder that decide tokens and pixels.
+pub const PROCESSOR_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+];
+
+/// sha256 of each processor file that exists in `dir`.
+pub fn processor_hashes(dir: &Path) -> std::io::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for name in PROCESSOR_FILES {
+        let p = dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p)?;
+            out.insert(name.to_string(), hex::encode(Sha256::digest(&bytes)));
+        }
+    }
+    Ok(out)
+}
+
+/// Names of the processor files whose hash differs between a checkpoint and now.
+pub fn changed_files(
+    saved: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut names: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| saved.get(*n) != now.get(*n))
+        .cloned()
+        .collect()
+}
