@@ -264,6 +264,28 @@ impl Qwen2VL {
         Ok(self.lm_head.forward(&h, ctx)?)
     }
 
+    /// Training loss (sum over labelled tokens, count) with the lm head applied only where a
+    /// label is scored: the head is the largest matmul of a small model and (B, T, V) logits
+    /// the largest activation of a big-vocabulary one, and most positions carry no label.
+    pub fn loss(&self, input: &Input, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
+        let h = self.hidden(input, ctx)?; // (B, T, C)
+        let (b, t, c) = h.dims3()?;
+        let (rows, targets) = crate::loss::shifted_targets(labels, self.cfg.text.vocab_size)?;
+        if labels.len() != b || labels.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Input(format!(
+                "labels must be ({b}, {t}) like the input"
+            )));
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), candle_core::DType::F32, &self.device)?, 0));
+        }
+        let idx = Tensor::from_vec(rows, (n,), &self.device)?;
+        let picked = h.reshape((b * t, c))?.index_select(&idx, 0)?; // (N, C)
+        let logits = self.lm_head.forward(&picked, ctx)?.to_dtype(candle_core::DType::F32)?; // (N, V)
+        Ok((crate::loss::token_nll(&logits, &targets)?.sum_all()?, n))
+    }
+
     /// Logits from hidden states: (…, C) → (…, V).
     pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden, ctx)?)

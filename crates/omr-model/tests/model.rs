@@ -285,3 +285,28 @@ fn frozen_parts_get_no_gradient_and_others_do() {
         assert_eq!(has, Part::of(name) == Part::Merger, "{name}");
     }
 }
+
+/// `Qwen2VL::loss` (lm head only at labelled rows) equals the loss of the full logits, and so
+/// do its gradients.
+#[test]
+fn loss_at_labelled_rows_equals_full_logits_loss() -> anyhow::Result<()> {
+    let ids = tiny_ids();
+    let (cfg, params) = small_spec().build(&ids, 3, &Device::Cpu)?;
+    let model = Qwen2VL::new(&cfg, &params)?;
+    let (input, labels) = batch(&ids);
+    let ctx = Ctx::default();
+    let (full, n_full) = loss::causal_lm_loss(&model.forward(&input, &ctx)?, &labels)?;
+    let (fast, n_fast) = model.loss(&input, &labels, &ctx)?;
+    assert_eq!(n_full, n_fast);
+    let (a, b) = (full.to_scalar::<f32>()?, fast.to_scalar::<f32>()?);
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    let (g_full, g_fast) = (full.backward()?, fast.backward()?);
+    for (name, var) in params.trainable() {
+        let x = g_full.get(var).expect("grad");
+        let y = g_fast.get(var).expect("grad");
+        let d = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let m = x.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d <= 1e-5 * m.max(1e-3), "{name}: {d} vs {m}");
+    }
+    Ok(())
+}

@@ -99,8 +99,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Consecutive non-finite steps tolerated before exit 65.
     pub max_nonfinite_steps: u64,
-    /// Print a plain step line every N steps (the progress bar shows every step).
-    pub log_every: u64,
+    /// Act as if preempted after this many micro-batches of this process: commit a checkpoint
+    /// and exit 75 (time-boxed runs, and the resume tests; a value that is not a multiple of
+    /// `grad_accum` stops inside an accumulation).
+    pub stop_after_micro_batches: Option<u64>,
+    /// Fault injection: make the loss of these (1-based) steps NaN, to exercise the skip path.
+    pub inject_nonfinite_steps: Vec<u64>,
 }
 
 impl Default for TrainConfig {
@@ -110,7 +114,8 @@ impl Default for TrainConfig {
             grad_accum: 1,
             seed: 0,
             max_nonfinite_steps: 5,
-            log_every: 1,
+            stop_after_micro_batches: None,
+            inject_nonfinite_steps: Vec::new(),
         }
     }
 }

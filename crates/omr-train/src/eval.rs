@@ -14,7 +14,6 @@ use omr_data::source::{self, SourceSpec};
 use omr_data::{mcq, Encoded};
 use omr_model::generate::{generate, SamplingConfig};
 use omr_model::linear::Ctx;
-use omr_model::loss::causal_lm_loss;
 use omr_model::model::{Input, Qwen2VL};
 use std::collections::BTreeMap;
 
@@ -101,8 +100,7 @@ pub fn eval_loss(
         let rows: Vec<Vec<&Encoded>> = chunk.iter().map(|e| vec![e]).collect();
         let b = collate(&rows, pad_id, 8);
         let (input, labels) = batch::to_input(&b, model.device())?;
-        let logits = model.forward(&input, &Ctx::default())?;
-        let (s, n) = causal_lm_loss(&logits, &labels)?;
+        let (s, n) = model.loss(&input, &labels, &Ctx::default())?;
         sum += s.to_scalar::<f32>()? as f64;
         count += n;
     }

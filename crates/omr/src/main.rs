@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod exit;
 mod model_cmd;
+mod sft_cmd;
 mod plot;
 mod tensors;
 
@@ -46,6 +47,10 @@ enum Cmd {
     Model(model_cmd::ModelCmd),
     /// Generate a reply to a prompt (and an image) with a model folder.
     Generate(model_cmd::GenerateArgs),
+    /// Supervised fine-tuning: omr sft --config configs/sft/tiny.toml [--set k=v]
+    Sft(sft_cmd::SftArgs),
+    /// Export a checkpoint as a Hugging Face folder with a model card.
+    Export(sft_cmd::ExportArgs),
     /// Charts of a run's metrics.jsonl (loss, learning rate, eval metrics) as PNG and/or SVG.
     Plot(plot::PlotArgs),
 }
@@ -71,6 +76,8 @@ fn main() {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),
+        Cmd::Sft(a) => sft_cmd::run(a),
+        Cmd::Export(a) => sft_cmd::export(a),
         Cmd::Plot(a) => plot::run(a),
     };
     match result {

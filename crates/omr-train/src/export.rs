@@ -1,0 +1,159 @@
+//! The end of a run: the trained model as a folder that transformers and vLLM load as is, with
+//! a model card. Used at the end of `omr sft` and by `omr export --checkpoint DIR`.
+//!
+//! Full fine-tuning (or LoRA with `merge_lora`) writes the HF layout of the model crate
+//! (`pretrained::save`: sharded safetensors, config, tokenizer, template, processor); LoRA
+//! without merging writes a PEFT adapter folder plus the processor files. Both get `README.md`:
+//! YAML front matter, data provenance and licence read from each dataset's own card, the
+//! eval results, and the not-for-clinical-use statement (`card.rs`).
+
+use crate::card::{DatasetInfo, EvalResult, ModelCard};
+use crate::config::SftConfig;
+use crate::error::{Result, TrainError};
+use crate::setup::Built;
+use candle_core::DType;
+use omr_model::export::{copy_processor_files, parse_size};
+use omr_model::{lora, pretrained};
+use std::path::Path;
+
+pub fn export(
+    built: &Built,
+    cfg: &SftConfig,
+    out: &Path,
+    merge_lora: bool,
+    step: u64,
+    eval: &[EvalResult],
+) -> Result<()> {
+    let dtype = match cfg.export.dtype.as_str() {
+        "float32" | "f32" => DType::F32,
+        "bfloat16" | "bf16" => DType::BF16,
+        "float16" | "f16" => DType::F16,
+        other => {
+            return Err(TrainError::Usage(format!(
+                "export.dtype = {other:?}: use float32, bfloat16 or float16"
+            )))
+        }
+    };
+    let max_shard_bytes = parse_size(&cfg.export.max_shard_size)
+        .map_err(|e| TrainError::Usage(format!("export.max_shard_size: {e}")))?;
+    let is_lora = built.params.lora.is_some();
+    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    if is_lora && !merge_lora {
+        lora::save_adapter(&built.params, out, &built.base_id)?;
+        copy_processor_files(&built.processor_dir, out)?;
+    } else {
+        let tensors: Vec<_> = if is_lora {
+            lora::merged(&built.params)?.into_iter().collect()
+        } else {
+            pretrained::base_tensors(&built.params)
+        };
+        let opts = pretrained::SaveOptions {
+            base_dir: Some(&built.processor_dir),
+            dtype,
+            max_shard_bytes,
+        };
+        pretrained::save(out, &built.cfg, &tensors, &opts)?;
+        write_generation_config(built, out)?;
+    }
+    let card = model_card(built, cfg, step, is_lora && !merge_lora, eval);
+    let path = out.join("README.md");
+    std::fs::write(&path, card.render()).map_err(TrainError::io(&path))?;
+    Ok(())
+}
+
+/// A tiny model has no generation config of its own: write the eos ids generation stops at.
+fn write_generation_config(built: &Built, out: &Path) -> Result<()> {
+    let path = out.join("generation_config.json");
+    if path.exists() {
+        return Ok(());
+    }
+    let bos = built.cfg.raw.get("bos_token_id").cloned();
+    let gen = serde_json::json!({
+        "bos_token_id": bos,
+        "eos_token_id": built.eos_token_ids,
+        "pad_token_id": bos,
+        "transformers_version": "4.57.1"
+    });
+    let text = serde_json::to_string_pretty(&gen).expect("json") + "\n";
+    std::fs::write(&path, text).map_err(TrainError::io(&path))
+}
+
+fn model_card(
+    built: &Built,
+    cfg: &SftConfig,
+    step: u64,
+    adapter: bool,
+    eval: &[EvalResult],
+) -> ModelCard {
+    let (n, trainable) = built.params.counts();
+    let mut training = vec![
+        ("recipe".to_string(), "supervised fine-tuning (omr sft)".to_string()),
+        ("optimizer steps".into(), step.to_string()),
+        ("peak learning rate".into(), format!("{:e}", cfg.optim.lr)),
+        ("schedule".into(), format!("{:?}", cfg.schedule.kind).to_lowercase()),
+        ("gradient accumulation".into(), cfg.train.grad_accum.to_string()),
+        ("batch".into(), format!("{} rows, {:?}", cfg.data.batch.batch_size, cfg.data.batch.mode).to_lowercase()),
+        ("parameters (trainable / total)".into(), format!("{trainable} / {n}")),
+        ("seed".into(), cfg.train.seed.to_string()),
+        ("omr version".into(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    if let Some(l) = &cfg.model.lora {
+        training.push((
+            "LoRA".into(),
+            format!("r {} alpha {} targets {}{}", l.r, l.alpha, l.targets.join(","), if adapter { " (adapter only)" } else { " (merged)" }),
+        ));
+    }
+    ModelCard {
+        model_name: cfg
+            .run
+            .dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "omr-sft".into()),
+        repo_id: String::new(),
+        base_model: built.base_id.clone(),
+        datasets: cfg
+            .data
+            .sources
+            .iter()
+            .map(|s| dataset_info(s, &cfg.export.data_license))
+            .collect(),
+        license: cfg.export.license.clone(),
+        tags: vec!["sft".into(), "qwen2.5-vl".into()],
+        pipeline_tag: "image-text-to-text".into(),
+        recipe: "SFT".into(),
+        training,
+        eval: eval.to_vec(),
+    }
+}
+
+/// Provenance and licence of a training source, from its own dataset card when it has one.
+fn dataset_info(s: &omr_data::source::SourceSpec, default_licence: &str) -> DatasetInfo {
+    if let Some(hub) = &s.hub {
+        return DatasetInfo {
+            id: hub.clone(),
+            licence: default_licence.to_string(),
+            provenance: format!("Hugging Face Hub dataset {hub}, split {}", s.split),
+        };
+    }
+    let path = s.path.clone().unwrap_or_default();
+    let front = std::fs::read_to_string(path.join("README.md")).unwrap_or_default();
+    let field = |key: &str| {
+        front
+            .lines()
+            .skip(1)
+            .take_while(|l| *l != "---")
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_matches('"').to_string()))
+    };
+    let synthetic = front.contains("- synthetic");
+    let name = field("pretty_name:").unwrap_or_else(|| path.display().to_string());
+    DatasetInfo {
+        id: path.display().to_string(),
+        licence: field("license:").unwrap_or_else(|| default_licence.to_string()),
+        provenance: if synthetic {
+            format!("{name}: synthetic images and questions generated by `omr data synth` (no patient data), split {}", s.split)
+        } else {
+            format!("{name} (local shards at {}), split {}", path.display(), s.split)
+        },
+    }
+}

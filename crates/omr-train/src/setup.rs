@@ -1,0 +1,112 @@
+//! Building the model a run trains from its `[model]` section: a pretrained folder / Hub id or
+//! a seeded tiny model, then freezing and LoRA. Shared by `sft::run`, resume and
+//! `omr export --checkpoint`, so a checkpoint's trainable tensors always land on the same
+//! parameter set they were saved from.
+
+use crate::config::{ModelInit, ModelSection};
+use crate::error::{Result, TrainError};
+use candle_core::{DType, Device, Tensor};
+use omr_model::config::ModelConfig;
+use omr_model::params::{Params, Part};
+use omr_model::tiny::TokenIds;
+use omr_model::{lora, pretrained};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct Built {
+    pub cfg: ModelConfig,
+    pub params: Params,
+    /// Tokenizer, chat template and preprocessor config.
+    pub processor_dir: PathBuf,
+    /// Where the base weights came from (a Hub id, a folder, or the tiny spec): the model
+    /// card's `base_model` and the PEFT adapter's `base_model_name_or_path`.
+    pub base_id: String,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Loads or initialises the model of `m`, in fp32 on `device`, with `seed` for LoRA's `A`.
+pub fn build(m: &ModelSection, seed: u64, device: &Device) -> Result<Built> {
+    let (cfg, mut params, processor_dir, base_id, eos) = match m.init {
+        ModelInit::Pretrained => {
+            let p = pretrained::load(&m.path, DType::F32, device)
+                .map_err(|e| TrainError::Usage(format!("model.path = {:?}: {e}", m.path)))?;
+            if !p.unexpected.is_empty() {
+                tracing::warn!(
+                    "{} tensors of {} are not used by the model (first: {})",
+                    p.unexpected.len(),
+                    p.dir.display(),
+                    p.unexpected[0]
+                );
+            }
+            let proc = if m.processor.is_empty() {
+                p.dir.clone()
+            } else {
+                PathBuf::from(&m.processor)
+            };
+            let eos = omr_model::generate::eos_ids(&p.dir, &p.config.eos_token_ids);
+            (p.config, p.params, proc, m.path.clone(), eos)
+        }
+        ModelInit::Tiny => {
+            let proc = PathBuf::from(&m.processor);
+            let ids = TokenIds::from_tokenizer_dir(&proc)
+                .map_err(|e| TrainError::Usage(format!("model.processor: {e}")))?;
+            let (cfg, params) = m.tiny.build(&ids, m.seed, device)?;
+            let id = format!("omr tiny Qwen2.5-VL (seed {})", m.seed);
+            (cfg, params, proc, id, ids.eos.clone())
+        }
+    };
+    for (part, frozen) in [
+        (Part::Vision, m.freeze_vision),
+        (Part::Merger, m.freeze_merger),
+        (Part::Language, m.freeze_language),
+    ] {
+        params.set_part_trainable(part, !frozen);
+    }
+    if let Some(l) = &m.lora {
+        lora::apply(&mut params, &cfg, l, seed)
+            .map_err(|e| TrainError::Usage(format!("model.lora: {e}")))?;
+    }
+    if params.trainable().next().is_none() {
+        return Err(TrainError::Usage(
+            "nothing to train: every part is frozen (model.freeze_*) and no LoRA".into(),
+        ));
+    }
+    Ok(Built {
+        cfg,
+        params,
+        processor_dir,
+        base_id,
+        eos_token_ids: eos,
+    })
+}
+
+/// The trainable tensors, by name (what a checkpoint's `weights.safetensors` holds).
+pub fn trainable_tensors(params: &Params) -> Vec<(String, Tensor)> {
+    params
+        .trainable()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
+        .collect()
+}
+
+/// Sets every trainable parameter from `path` (shape-checked; a missing one is an error).
+pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Result<()> {
+    let saved: HashMap<String, Tensor> = candle_core::safetensors::load(path, device)?;
+    for (name, var) in params.trainable() {
+        let t = saved.get(name).ok_or_else(|| {
+            TrainError::Usage(format!(
+                "{}: no tensor {name}; the checkpoint was made with another model or LoRA setup",
+                path.display()
+            ))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(TrainError::Usage(format!(
+                "{}: {name} has shape {:?}, the model expects {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,499 @@
+//! Supervised fine-tuning: `run` is the whole recipe, one function read top to bottom
+//! (STYLE.md): setup → resume → for each optimizer step {micro-batches: batch, forward, loss,
+//! backward, accumulate} → clip + AdamW → log → eval → checkpoint → preemption check → export.
+//!
+//! Notable choices:
+//! - The loss of a step is the sum of token losses over every micro-batch divided by the
+//!   assistant tokens of *all* of them, so gradient accumulation equals one large batch.
+//! - A step whose loss or gradient is not finite is skipped: weights and moments stay bitwise
+//!   as they were, the data it consumed stays consumed, and after `train.max_nonfinite_steps`
+//!   in a row the run stops with exit 65.
+//! - A stop request (SIGTERM/SIGUSR1, or `train.stop_after_micro_batches`) is honoured after
+//!   the current micro-batch: the checkpoint of the last completed step is committed (the
+//!   partial accumulation is dropped and redone after resume) and the run returns
+//!   `Outcome::Preempted` (exit 75).
+//! - Everything random is keyed by (seed, step, micro-batch), and the data cursor is in the
+//!   resume state, so a resumed run reproduces the never-stopped one bit for bit on CPU.
+
+use crate::batch::to_input;
+use crate::card::EvalResult;
+use crate::checkpoint::{self, FailureCounter};
+use crate::config::SftConfig;
+use crate::error::{Result, TrainError};
+use crate::eval::{self, EvalSet};
+use crate::metrics::{rss_mib, Metrics, StepStats};
+use crate::optim::{param_specs, AdamW, StepOutcome};
+use crate::setup::{self, Built};
+use crate::signals::StopFlag;
+use crate::state::{self, TrainState};
+use candle_core::{Device, Tensor};
+use omr_data::batcher::{BatchError, Batcher};
+use omr_data::loader::{Loader, Rank};
+use omr_data::mixture::derive_seed;
+use omr_data::pipeline::Processor;
+use omr_data::quarantine::{Quarantine, QuarantineError};
+use omr_data::source;
+use omr_model::generate::SamplingConfig;
+use omr_model::linear::Ctx;
+use omr_model::model::Qwen2VL;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How `run` treats an existing run directory.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resume {
+    /// Continue from the newest valid checkpoint if there is one, else start fresh.
+    Auto,
+    /// Start fresh; refuse a run directory that already has checkpoints.
+    Never,
+    /// Continue from this checkpoint directory.
+    From(PathBuf),
+}
+
+pub struct RunOptions {
+    pub resume: Resume,
+    /// Resume even when tokenizer, chat template or image processor files changed.
+    pub allow_processor_change: bool,
+    /// Progress bar with ETA (a terminal) instead of plain lines.
+    pub progress: bool,
+    pub stop: StopFlag,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All `train.max_steps` done; the final checkpoint (and export) are written.
+    Done { step: u64, eval: Vec<EvalResult> },
+    /// Stopped on request; a checkpoint at `step` is committed. Exit 75 and requeue.
+    Preempted { step: u64 },
+}
+
+pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
+    // ---- setup ------------------------------------------------------------------------
+    let device = Device::Cpu;
+    let run_dir = cfg.run.dir.clone();
+    let ckpt_root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&run_dir).map_err(TrainError::io(&run_dir))?;
+    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    let processor = Arc::new(
+        Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
+            .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
+    );
+    let model = Qwen2VL::new(&built.cfg, &built.params)?;
+    let trainable: Vec<_> = built
+        .params
+        .trainable()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(param_specs(trainable, &cfg.optim), &cfg.optim)
+        .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
+    let processor_hashes = state::processor_hashes(&built.processor_dir)
+        .map_err(TrainError::io(&built.processor_dir))?;
+    let mut sources = Vec::new();
+    for spec in &cfg.data.sources {
+        let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
+        sources.push((src, spec.weight));
+    }
+    let mut loader = Loader::new(sources, cfg.data.loader.clone(), Rank::from_env())
+        .map_err(|e| TrainError::Usage(e.to_string()))?;
+
+    // ---- resume -------------------------------------------------------------------------
+    let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
+    let found = match &opts.resume {
+        Resume::Never => {
+            if !checkpoint::list(&ckpt_root).is_empty() {
+                return Err(TrainError::Usage(format!(
+                    "{} already has checkpoints: pass --resume auto to continue it, or choose another run.dir",
+                    run_dir.display()
+                )));
+            }
+            None
+        }
+        Resume::Auto => checkpoint::load_latest(&ckpt_root)
+            .map_err(|e| TrainError::Usage(e.to_string()))?
+            .map(|l| l.dir),
+        Resume::From(dir) => {
+            checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
+            Some(dir.clone())
+        }
+    };
+    if let Some(dir) = &found {
+        st = load_checkpoint(dir, &built, &mut opt, &device)?;
+        let changed = state::changed_files(&st.processor, &processor_hashes);
+        if !changed.is_empty() && !opts.allow_processor_change {
+            return Err(TrainError::Usage(format!(
+                "{}: {} changed since the checkpoint in {}; resuming would change the data. \
+                 Pass --allow-processor-change to resume anyway",
+                built.processor_dir.display(),
+                changed.join(", "),
+                dir.display()
+            )));
+        }
+        st.processor = processor_hashes.clone();
+        loader
+            .restore(st.loader.clone())
+            .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
+        tracing::info!("resuming from {} (step {})", dir.display(), st.step);
+    }
+    let resolved = cfg.to_toml();
+    let cfg_path = run_dir.join("config.toml");
+    std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
+
+    // ---- data, eval set, metrics -------------------------------------------------------------
+    let mut quarantine = Quarantine::new(
+        Some(&run_dir.join("quarantine.jsonl")),
+        cfg.data.quarantine.clone(),
+    )
+    .map_err(|e| TrainError::Usage(e.to_string()))?;
+    quarantine.seen = st.data_seen;
+    quarantine.bad = st.data_bad;
+    quarantine.by_reason = st.data_bad_by_reason.clone();
+    let p = processor.clone();
+    let stream = loader.stream(move |s| p.encode(s));
+    let mut batcher = Batcher::new(
+        stream,
+        loader.state().clone(),
+        cfg.data.batch.clone(),
+        processor.pad_id(),
+    );
+    let eval_set = if cfg.eval.loss_samples + cfg.eval.generate_samples > 0 {
+        let set = eval::load_eval_set(
+            &cfg.data.sources,
+            &cfg.eval.split,
+            &processor,
+            cfg.eval.loss_samples,
+            cfg.eval.generate_samples,
+        )
+        .map_err(|e| TrainError::Usage(format!("eval split {:?}: {e}", cfg.eval.split)))?;
+        Some(set)
+    } else {
+        None
+    };
+    let resumed_at = found.as_ref().map(|_| st.step);
+    let mut metrics = Metrics::open(&run_dir, resumed_at, opts.progress, cfg.train.max_steps)
+        .map_err(|e| TrainError::Internal(e.to_string()))?;
+    let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
+    let max_steps = cfg.train.max_steps;
+    let mut micro_batches_seen = 0u64;
+    let mut last_eval: Vec<EvalResult> = Vec::new();
+
+    // ---- the loop: one optimizer step per iteration -----------------------------------------
+    while st.step < max_steps {
+        let step = st.step + 1;
+        let t_step = Instant::now();
+        let mut data_time = 0.0;
+        let mut acc = opt.grad_accum();
+        let (mut loss_sum, mut n_tokens, mut n_samples, mut n_input_tokens) = (0.0f64, 0usize, 0u64, 0u64);
+        let mut finite = true;
+        let mut next_loader = st.loader.clone();
+        let mut stopped = false;
+        for micro in 0..cfg.train.grad_accum {
+            let t_data = Instant::now();
+            let next = batcher.next_batch(&mut quarantine).map_err(batch_error)?;
+            data_time += t_data.elapsed().as_secs_f64();
+            let Some((batch, after)) = next else {
+                return Err(TrainError::Usage(
+                    "the training data has no usable sample (see quarantine.jsonl)".into(),
+                ));
+            };
+            next_loader = after;
+            n_samples += batch.samples() as u64;
+            n_input_tokens += batch.tokens() as u64;
+            // (B, T) ids and labels; (N, C·T·P·P) patches
+            let (input, labels) = to_input(&batch, &device)?;
+            let ctx = Ctx {
+                dropout_seed: Some(derive_seed(&[cfg.train.seed, step, micro])),
+            };
+            let (mut sum, n) = model.loss(&input, &labels, &ctx)?;
+            if cfg.train.inject_nonfinite_steps.contains(&step) {
+                sum = (sum * f64::NAN)?;
+            }
+            let s = sum.to_scalar::<f32>()? as f64;
+            if s.is_finite() && finite {
+                acc.add(&sum.backward()?)
+                    .map_err(|e| TrainError::Internal(e.to_string()))?;
+            } else {
+                finite = false;
+            }
+            loss_sum += s;
+            n_tokens += n;
+            micro_batches_seen += 1;
+            if opts.stop.requested()
+                || cfg
+                    .train
+                    .stop_after_micro_batches
+                    .is_some_and(|m| micro_batches_seen >= m)
+            {
+                stopped = micro + 1 < cfg.train.grad_accum;
+                if stopped {
+                    break;
+                }
+            }
+        }
+        if stopped {
+            // Mid-accumulation: nothing of this step is kept; its data is read again on resume.
+            commit(&ckpt_root, cfg, &resolved, &st, &built, &opt, &last_eval, &mut save_failures, true)?;
+            metrics.finish();
+            return Ok(Outcome::Preempted { step: st.step });
+        }
+
+        // clip + AdamW, or skip a non-finite step
+        let lr_factor = cfg.schedule.factor(st.step, max_steps);
+        let outcome = if finite && n_tokens > 0 {
+            opt.step_accumulated(&mut acc, lr_factor, 1.0 / n_tokens as f64)
+                .map_err(|e| TrainError::Internal(e.to_string()))?
+        } else {
+            StepOutcome::NonFinite { grad_norm: f64::NAN }
+        };
+        let grad_norm = match outcome {
+            StepOutcome::Applied { grad_norm, .. } => {
+                st.nonfinite_streak = 0;
+                grad_norm
+            }
+            StepOutcome::NonFinite { grad_norm } => {
+                st.skipped_steps += 1;
+                st.nonfinite_streak += 1;
+                tracing::warn!("step {step}: non-finite loss or gradient, step skipped");
+                grad_norm
+            }
+        };
+        st.step = step;
+        st.loader = next_loader;
+        st.tokens += n_input_tokens;
+        st.samples += n_samples;
+        st.data_seen = quarantine.seen;
+        st.data_bad = quarantine.bad;
+        st.data_bad_by_reason = quarantine.by_reason.clone();
+
+        // log
+        let dt = t_step.elapsed().as_secs_f64();
+        let loss = loss_sum / n_tokens.max(1) as f64;
+        metrics
+            .log_step(&StepStats {
+                step,
+                total_steps: max_steps,
+                epoch: epoch_of(&st),
+                loss,
+                lr: cfg.optim.lr * lr_factor,
+                grad_norm,
+                tokens_per_s: n_input_tokens as f64 / dt,
+                samples_per_s: n_samples as f64 / dt,
+                step_time_s: dt,
+                data_time_s: data_time,
+                mem_mib: rss_mib(),
+                skipped: st.skipped_steps,
+                bad_samples: quarantine.bad,
+                supervised_tokens: n_tokens as u64,
+            })
+            .map_err(|e| TrainError::Internal(e.to_string()))?;
+        if st.nonfinite_streak >= cfg.train.max_nonfinite_steps {
+            metrics.finish();
+            return Err(TrainError::NonFinite {
+                step,
+                count: st.nonfinite_streak,
+            });
+        }
+
+        // eval
+        let last = step == max_steps;
+        let eval_due = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
+        if let Some(set) = &eval_set {
+            if eval_due || last {
+                last_eval = evaluate(&model, set, cfg, &processor, &built)?;
+                let values: Vec<(String, f64)> = last_eval
+                    .iter()
+                    .map(|r| (format!("eval/{}", r.metric), r.value))
+                    .collect();
+                metrics
+                    .log_scalars(step, "eval", &values)
+                    .map_err(|e| TrainError::Internal(e.to_string()))?;
+            }
+        }
+
+        // checkpoint, preemption
+        let stop = opts.stop.requested()
+            || cfg
+                .train
+                .stop_after_micro_batches
+                .is_some_and(|m| micro_batches_seen >= m);
+        if last || stop || cfg.checkpoint.is_due(step) {
+            commit(&ckpt_root, cfg, &resolved, &st, &built, &opt, &last_eval, &mut save_failures, last || stop)?;
+        }
+        if stop && !last {
+            metrics.finish();
+            return Ok(Outcome::Preempted { step });
+        }
+    }
+    metrics.finish();
+
+    // ---- export -------------------------------------------------------------------------
+    if cfg.export.at_end {
+        let out = run_dir.join("export");
+        crate::export::export(&built, cfg, &out, cfg.export.merge_lora, st.step, &last_eval)?;
+        tracing::info!("exported to {}", out.display());
+    }
+    Ok(Outcome::Done {
+        step: st.step,
+        eval: last_eval,
+    })
+}
+
+fn batch_error(e: BatchError) -> TrainError {
+    match e {
+        BatchError::Quarantine(q @ QuarantineError::OverBudget { .. }) => TrainError::BadData(q),
+        other => TrainError::Usage(other.to_string()),
+    }
+}
+
+/// Passes over the data so far, fractional (first source).
+fn epoch_of(st: &TrainState) -> f64 {
+    st.loader
+        .sources
+        .first()
+        .map(|c| c.epoch as f64 + c.pos as f64 / c.len.max(1) as f64)
+        .unwrap_or(0.0)
+}
+
+/// Held-out loss and greedy answer accuracy, as model-card eval rows.
+pub fn evaluate(
+    model: &Qwen2VL,
+    set: &EvalSet,
+    cfg: &SftConfig,
+    processor: &Processor,
+    built: &Built,
+) -> Result<Vec<EvalResult>> {
+    let split = cfg.eval.split.clone();
+    let dataset = cfg
+        .data
+        .sources
+        .first()
+        .map(|s| s.display_name())
+        .unwrap_or_default();
+    let row = |metric: &str, value: f64| EvalResult {
+        task: "visual-question-answering".into(),
+        dataset: dataset.clone(),
+        split: split.clone(),
+        metric: metric.into(),
+        value,
+    };
+    let mut out = Vec::new();
+    if !set.loss_items.is_empty() {
+        let l = eval::eval_loss(model, &set.loss_items, cfg.eval.batch_size, processor.pad_id())?;
+        out.push(row("loss", l));
+    }
+    if !set.gen_items.is_empty() {
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.eval.max_new_tokens,
+            eos_token_ids: built.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let tok = processor.encoder().tokenizer();
+        let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
+        let acc = eval::eval_accuracy(
+            model,
+            &set.gen_items,
+            cfg.eval.batch_size,
+            processor.pad_id(),
+            &sampling,
+            &decode,
+        )?;
+        out.push(row("accuracy", acc.value()));
+        out.push(row("format_rate", acc.format_rate()));
+    }
+    Ok(out)
+}
+
+/// Commits a checkpoint of the state after `st.step`. `must` (final or preemption save): a
+/// failure is fatal (exit 66) instead of counted.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    root: &Path,
+    cfg: &SftConfig,
+    resolved: &str,
+    st: &TrainState,
+    built: &Built,
+    opt: &AdamW,
+    eval: &[EvalResult],
+    failures: &mut FailureCounter,
+    must: bool,
+) -> Result<()> {
+    let state_json = serde_json::to_string_pretty(&SavedState {
+        train: st.clone(),
+        optimizer_steps: opt.steps(),
+        eval: eval.iter().map(|r| (r.metric.clone(), r.value)).collect(),
+    })
+    .map_err(|e| TrainError::Internal(e.to_string()))?;
+    let result = checkpoint::save(root, st.step, cfg.checkpoint.keep_last, |dir: &Path| -> std::result::Result<(), candle_core::Error> {
+        let weights: HashMap<String, Tensor> = setup::trainable_tensors(&built.params).into_iter().collect();
+        candle_core::safetensors::save(&weights, dir.join("weights.safetensors"))?;
+        let moments: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        candle_core::safetensors::save(&moments, dir.join("optimizer.safetensors"))?;
+        std::fs::write(dir.join("state.json"), &state_json)?;
+        std::fs::write(dir.join("config.toml"), resolved)?;
+        Ok(())
+    });
+    if must {
+        let dir = result.map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        tracing::info!("checkpoint {}", dir.display());
+        return Ok(());
+    }
+    match failures.record(result) {
+        Ok(Some(dir)) => tracing::debug!("checkpoint {}", dir.display()),
+        Ok(None) => {}
+        Err(e) => return Err(TrainError::Checkpoint(e.to_string())),
+    }
+    Ok(())
+}
+
+/// `state.json` of a checkpoint.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    pub train: TrainState,
+    pub optimizer_steps: u64,
+    /// The last evaluation (metric, value), for the model card of `omr export`.
+    pub eval: Vec<(String, f64)>,
+}
+
+/// Restores weights and optimizer moments from a verified checkpoint dir; returns its state.
+fn load_checkpoint(dir: &Path, built: &Built, opt: &mut AdamW, device: &Device) -> Result<TrainState> {
+    let saved = read_saved_state(dir)?;
+    setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), device)?;
+    let moments: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
+    opt.load_state(&moments, saved.optimizer_steps)
+        .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
+    Ok(saved.train)
+}
+
+pub fn read_saved_state(dir: &Path) -> Result<SavedState> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// `omr export --checkpoint DIR`: rebuilds the run's model from the checkpoint's own config,
+/// loads its weights (after verifying the manifest) and exports it with a model card.
+pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()> {
+    checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
+    let cfg_path = dir.join("config.toml");
+    let cfg = SftConfig::load(&cfg_path, &[])?;
+    let device = Device::Cpu;
+    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
+    let saved = read_saved_state(dir)?;
+    let dataset = cfg.data.sources.first().map(|s| s.display_name()).unwrap_or_default();
+    let eval: Vec<EvalResult> = saved
+        .eval
+        .iter()
+        .map(|(metric, value)| EvalResult {
+            task: "visual-question-answering".into(),
+            dataset: dataset.clone(),
+            split: cfg.eval.split.clone(),
+            metric: metric.clone(),
+            value: *value,
+        })
+        .collect();
+    crate::export::export(&built, &cfg, out, merge_lora || cfg.export.merge_lora, saved.train.step, &eval)
+}
