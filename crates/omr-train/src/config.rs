@@ -332,4 +332,15 @@ path = "d"
             .to_string();
         assert!(e.contains("max_steps"), "{e}");
     }
+
+    #[test]
+    fn presets_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft");
+        for name in ["tiny.toml", "qwen2.5-vl-7b.toml"] {
+            let path = root.join(name);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with("# "), "{name}: a preset starts with its command");
+            SftConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }
