@@ -270,13 +270,28 @@ fn apply_set(tree: &mut toml::Table, set: &str) -> Result<(), String> {
     };
     let (last, heads) = parts.split_last().expect("non-empty");
     let mut at = tree;
-    for h in heads {
-        let entry = at
+    let mut i = 0;
+    while i < heads.len() {
+        let h = heads[i];
+        let mut entry = at
             .entry(h.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        // `data.sources.0.path`: an index into an array of tables.
+        if let toml::Value::Array(items) = entry {
+            let idx: usize = heads
+                .get(i + 1)
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| format!("`{h}` is a list: index it, e.g. {h}.0.key"))?;
+            let n = items.len();
+            entry = items
+                .get_mut(idx)
+                .ok_or_else(|| format!("`{h}` has {n} entries, no index {idx}"))?;
+            i += 1;
+        }
         at = entry
             .as_table_mut()
             .ok_or_else(|| format!("`{h}` is not a table"))?;
+        i += 1;
     }
     at.insert(last.to_string(), value);
     Ok(())
@@ -305,6 +320,7 @@ path = "d"
                 "train.grad_accum=4".into(),
                 "model.path=runs/tiny".into(),
                 "data.batch.mode=\"pack\"".into(),
+                "data.sources.0.path=elsewhere/d".into(),
             ],
         )
         .unwrap();
@@ -312,6 +328,7 @@ path = "d"
         assert_eq!(c.train.grad_accum, 4);
         assert_eq!(c.model.path, "runs/tiny");
         assert_eq!(c.data.batch.mode, omr_data::collate::CollateMode::Pack);
+        assert_eq!(c.data.sources[0].path, Some(PathBuf::from("elsewhere/d")));
         // The resolved config reads back to the same value.
         let again = SftConfig::from_toml_str(&c.to_toml(), "r.toml", &[]).unwrap();
         assert_eq!(again, c);
