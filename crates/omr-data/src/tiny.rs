@@ -24,6 +24,18 @@ pub fn write_tiny_processor(
     seed: u64,
     vocab_size: usize,
 ) -> Result<(), TrainError> {
+    write_tiny_processor_with(out, train, seed, vocab_size, TINY_MAX_PIXELS)
+}
+
+/// [`write_tiny_processor`] with another image-area cap (`max_pixels`, ≥ [`TINY_MIN_PIXELS`]).
+pub fn write_tiny_processor_with(
+    out: &Path,
+    train: usize,
+    seed: u64,
+    vocab_size: usize,
+    max_pixels: u64,
+) -> Result<(), TrainError> {
+    let max_pixels = max_pixels.max(TINY_MIN_PIXELS);
     train_tokenizer(synth::corpus_texts(train, 0, seed), vocab_size, out)?;
     let config = serde_json::json!({
         "do_convert_rgb": true,
@@ -33,14 +45,14 @@ pub fn write_tiny_processor(
         "image_mean": crate::image::config::OPENAI_CLIP_MEAN,
         "image_processor_type": "Qwen2VLImageProcessor",
         "image_std": crate::image::config::OPENAI_CLIP_STD,
-        "max_pixels": TINY_MAX_PIXELS,
+        "max_pixels": max_pixels,
         "merge_size": 2,
         "min_pixels": TINY_MIN_PIXELS,
         "patch_size": 14,
         "processor_class": "Qwen2VLProcessor",
         "resample": 3,
         "rescale_factor": 1.0 / 255.0,
-        "size": {"longest_edge": TINY_MAX_PIXELS, "shortest_edge": TINY_MIN_PIXELS},
+        "size": {"longest_edge": max_pixels, "shortest_edge": TINY_MIN_PIXELS},
         "temporal_patch_size": 2
     });
     let path = out.join("preprocessor_config.json");

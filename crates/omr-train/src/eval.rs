@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 pub struct GenItem {
     pub prompt: Prompt,
     pub answer: String,
+    /// Number of options (chance accuracy is 1/options; 0 for open questions).
+    pub options: usize,
     pub groups: Vec<(String, String)>,
 }
 
@@ -73,6 +75,7 @@ pub fn load_eval_set(
                         Ok(prompt) => set.gen_items.push(GenItem {
                             prompt,
                             answer: q.answer.clone(),
+                            options: q.options.len(),
                             groups: ["task_family", "modality"]
                                 .iter()
                                 .filter_map(|k| s.meta.get(*k).map(|v| (k.to_string(), v.clone())))
@@ -124,6 +127,16 @@ impl Accuracy {
     pub fn format_rate(&self) -> f64 {
         self.formatted as f64 / self.total.max(1) as f64
     }
+}
+
+/// Expected accuracy of guessing uniformly among the options.
+pub fn chance(items: &[GenItem]) -> f64 {
+    let with: Vec<f64> = items
+        .iter()
+        .filter(|g| g.options > 0)
+        .map(|g| 1.0 / g.options as f64)
+        .collect();
+    with.iter().sum::<f64>() / with.len().max(1) as f64
 }
 
 /// Greedy answers to `items` in left-padded batches; `decode` turns tokens into text.

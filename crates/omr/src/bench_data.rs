@@ -74,6 +74,8 @@ pub fn run(a: BenchDataArgs) -> crate::Result<()> {
                 test: 0,
                 seed: 0,
                 vocab_size: 2048,
+                max_pixels: omr_data::tiny::TINY_MAX_PIXELS,
+                fixed_option_order: false,
             };
             let processor = crate::data::synth(&args)?;
             (

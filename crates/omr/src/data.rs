@@ -37,6 +37,12 @@ pub struct SynthArgs {
     /// Vocabulary size of the tiny tokenizer trained on the synthetic corpus.
     #[arg(long, default_value_t = 2048)]
     pub vocab_size: usize,
+    /// Image-area cap of the processor (pixels; 50176 = 224×224 → 64 image tokens).
+    #[arg(long, default_value_t = omr_data::tiny::TINY_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Keep options in class order instead of shuffling them (see the demo).
+    #[arg(long)]
+    pub fixed_option_order: bool,
 }
 
 /// Where the data is: a local folder/file or a Hub dataset id.
@@ -188,12 +194,13 @@ pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
         train: a.train,
         test: a.test,
         seed: a.seed,
+        shuffle_options: !a.fixed_option_order,
         ..Default::default()
     };
     let report = omr_data::synth::generate(&cfg)
         .with_context(|| format!("synthesising into {}", a.out.display()))?;
     let processor = a.out.join("processor");
-    omr_data::tiny::write_tiny_processor(&processor, a.train, a.seed, a.vocab_size)
+    omr_data::tiny::write_tiny_processor_with(&processor, a.train, a.seed, a.vocab_size, a.max_pixels)
         .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
     eprintln!("synthesised in {:.1}s", report.seconds);
     eprintln!(

@@ -17,7 +17,7 @@ mod rubric;
 mod tasks;
 mod write;
 
-pub use row::{synth_row, synth_row_with, synth_text, ImageSpec, Split, SynthImage, SynthRow};
+pub use row::{synth_row, synth_row_with, synth_text, RowSpec, Split, SynthImage, SynthRow};
 pub use tasks::catalogue;
 pub use write::{
     hf_metadata, hf_schema, record_batch, write_rows, Compression, RawImage, RawRow, WriteOptions,
@@ -43,13 +43,16 @@ pub struct SynthConfig {
     /// Rows per parquet file; a split of N rows gets ceil(N / rows_per_shard) files.
     pub rows_per_shard: usize,
     pub compression: Compression,
+    /// Shuffle the options of each question (default); false keeps the class order.
+    pub shuffle_options: bool,
 }
 
 impl SynthConfig {
-    pub fn image_spec(&self) -> ImageSpec {
-        ImageSpec {
+    pub fn row_spec(&self) -> RowSpec {
+        RowSpec {
             size: self.image_size,
             jitter: self.size_jitter,
+            shuffle_options: self.shuffle_options,
         }
     }
 }
@@ -61,11 +64,12 @@ impl Default for SynthConfig {
             train: 2000,
             test: 200,
             seed: 0,
-            image_size: ImageSpec::default().size,
+            image_size: RowSpec::default().size,
             size_jitter: 0,
             rows_per_group: 64,
             rows_per_shard: 2000,
             compression: Compression::Snappy,
+            shuffle_options: true,
         }
     }
 }
@@ -228,7 +232,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthReport, SynthError> {
         &shards.iter().map(|(_, p)| p.0.clone()).collect::<Vec<_>>(),
     )?;
 
-    let spec = cfg.image_spec();
+    let spec = cfg.row_spec();
     let opts = WriteOptions {
         rows_per_group: cfg.rows_per_group,
         compression: cfg.compression,

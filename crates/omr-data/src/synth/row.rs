@@ -33,19 +33,24 @@ impl Split {
     }
 }
 
-/// Image size of generated rows: `size` (width, height) with each side drawn uniformly in
-/// `size ± jitter` when `jitter > 0` (to exercise resizing downstream).
+/// How rows are drawn: image `size` (width, height) with each side drawn uniformly in
+/// `size ± jitter` when `jitter > 0` (to exercise resizing downstream), and whether the options
+/// are shuffled (the default, as in real MCQ sets) or kept in the task's class order (the CPU
+/// demo: a model trained for minutes learns to see the finding long before it learns to look
+/// its letter up among shuffled options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ImageSpec {
+pub struct RowSpec {
     pub size: (u32, u32),
     pub jitter: u32,
+    pub shuffle_options: bool,
 }
 
-impl Default for ImageSpec {
+impl Default for RowSpec {
     fn default() -> Self {
-        ImageSpec {
+        RowSpec {
             size: (224, 224),
             jitter: 0,
+            shuffle_options: true,
         }
     }
 }
@@ -107,21 +112,21 @@ fn row_rng(split: Split, index: u64, seed: u64) -> ChaCha8Rng {
 
 /// Text of a row without its image (cheap: no drawing, no JPEG). Same text as [`synth_row`].
 pub fn synth_text(split: Split, index: u64, seed: u64) -> SynthRow {
-    plan(split, index, seed).0
+    plan(split, index, seed, true).0
 }
 
 /// A full row at the default image size (224×224).
 pub fn synth_row(split: Split, index: u64, seed: u64) -> Result<SynthRow, SynthError> {
-    synth_row_with(split, index, seed, &ImageSpec::default())
+    synth_row_with(split, index, seed, &RowSpec::default())
 }
 
 pub fn synth_row_with(
     split: Split,
     index: u64,
     seed: u64,
-    spec: &ImageSpec,
+    spec: &RowSpec,
 ) -> Result<SynthRow, SynthError> {
-    let (mut row, scene) = plan(split, index, seed);
+    let (mut row, scene) = plan(split, index, seed, spec.shuffle_options);
     let mut pixels = row_rng(split, index, seed);
     pixels.set_stream(1);
     let side = |rng: &mut ChaCha8Rng, s: u32| {
@@ -149,12 +154,14 @@ pub fn synth_row_with(
 }
 
 /// Draws the task, its item and the option order; returns the row (no image) and its scene.
-fn plan(split: Split, index: u64, seed: u64) -> (SynthRow, super::tasks::Scene) {
+fn plan(split: Split, index: u64, seed: u64, shuffle: bool) -> (SynthRow, super::tasks::Scene) {
     let mut rng = row_rng(split, index, seed);
     let def = &TASKS[rng.random_range(0..TASKS.len())];
     let built = (def.build)(&mut rng);
     let mut order: Vec<usize> = (0..built.choices.len()).collect();
-    order.shuffle(&mut rng);
+    if shuffle {
+        order.shuffle(&mut rng);
+    }
     let sep = if rng.random_bool(0.25) { ")" } else { "." };
     let options: Vec<(String, String)> = order
         .iter()
@@ -294,9 +301,10 @@ mod tests {
             Split::Test,
             4,
             9,
-            &ImageSpec {
+            &RowSpec {
                 size: (96, 80),
                 jitter: 0,
+                shuffle_options: true,
             },
         )
         .expect("row");
@@ -304,7 +312,7 @@ mod tests {
             Split::Test,
             4,
             9,
-            &ImageSpec {
+            &RowSpec {
                 size: (300, 260),
                 jitter: 20,
             },
