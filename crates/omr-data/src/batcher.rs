@@ -76,10 +76,9 @@ impl Batcher {
             } = item?;
             let before = std::mem::replace(&mut self.last_state, state_after);
             match result {
-                Ok(e) => {
-                    q.record_good();
-                    return Ok(Some((e, before)));
-                }
+                // Counted as seen when it joins a batch (`next_batch`): a sample carried over
+                // to the next batch is read again after a resume and must count once.
+                Ok(e) => return Ok(Some((e, before))),
                 Err(bad) => q.record_bad(&bad)?,
             }
         }
@@ -101,9 +100,11 @@ impl Batcher {
                 && self.cfg.mode == CollateMode::Pack
                 && used + e.len() <= self.cfg.max_length;
             if fits_row {
+                q.record_good();
                 used += e.len();
                 rows.last_mut().expect("non-empty").push(e);
             } else if rows.len() < bs {
+                q.record_good();
                 used = e.len();
                 rows.push(vec![e]);
             } else {

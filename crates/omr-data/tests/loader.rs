@@ -275,8 +275,17 @@ fn batches_resume_exactly_with_packing_carry_over() {
         }
         let mut q = Quarantine::new(None, budget.clone()).unwrap();
         let mut b = Batcher::new(l.stream(fake_encode), l.state().clone(), bcfg.clone(), 0);
+        let mut samples = 0;
         (0..n)
-            .map(|_| b.next_batch(&mut q).unwrap().unwrap())
+            .map(|_| {
+                let (batch, state) = b.next_batch(&mut q).unwrap().unwrap();
+                // A sample carried over to the next batch is read again after a resume from
+                // `state`: it counts as seen only once it is in a batch (bad records count
+                // when read, and none is read past a carried sample).
+                samples += batch.samples() as u64;
+                assert_eq!(q.seen, samples + q.bad, "records seen");
+                (batch, state)
+            })
             .collect::<Vec<_>>()
     };
     let full = run(None, 12);

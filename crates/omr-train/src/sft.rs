@@ -100,6 +100,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
+    let mut last_eval: Vec<EvalResult> = Vec::new();
     let found = match &opts.resume {
         Resume::Never => {
             if !checkpoint::list(&ckpt_root).is_empty() {
@@ -119,7 +120,10 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         }
     };
     if let Some(dir) = &found {
-        st = load_checkpoint(dir, &built, &mut opt, &device)?;
+        let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
+        st = saved.train;
+        // Later checkpoints (and their model cards) carry the last eval, as without the stop.
+        last_eval = eval_rows(cfg, &saved.eval);
         let changed = state::changed_files(&st.processor, &processor_hashes);
         if !changed.is_empty() && !opts.allow_processor_change {
             return Err(TrainError::Usage(format!(
@@ -176,7 +180,6 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
     let max_steps = cfg.train.max_steps;
     let mut micro_batches_seen = 0u64;
-    let mut last_eval: Vec<EvalResult> = Vec::new();
 
     // ---- the loop: one optimizer step per iteration -----------------------------------------
     while st.step < max_steps {
@@ -456,14 +459,29 @@ pub struct SavedState {
 }
 
 /// Restores weights and optimizer moments from a verified checkpoint dir; returns its state.
-fn load_checkpoint(dir: &Path, built: &Built, opt: &mut AdamW, device: &Device) -> Result<TrainState> {
+fn load_checkpoint(dir: &Path, built: &Built, opt: &mut AdamW, device: &Device) -> Result<SavedState> {
     let saved = read_saved_state(dir)?;
     setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), device)?;
     let moments: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
     opt.load_state(&moments, saved.optimizer_steps)
         .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
-    Ok(saved.train)
+    Ok(saved)
+}
+
+/// The (metric, value) pairs of `state.json` as model-card eval rows.
+fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
+    let dataset = cfg.data.sources.first().map(|s| s.display_name()).unwrap_or_default();
+    saved
+        .iter()
+        .map(|(metric, value)| EvalResult {
+            task: "visual-question-answering".into(),
+            dataset: dataset.clone(),
+            split: cfg.eval.split.clone(),
+            metric: metric.clone(),
+            value: *value,
+        })
+        .collect()
 }
 
 pub fn read_saved_state(dir: &Path) -> Result<SavedState> {
@@ -483,17 +501,6 @@ pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()>
     let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
     setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
     let saved = read_saved_state(dir)?;
-    let dataset = cfg.data.sources.first().map(|s| s.display_name()).unwrap_or_default();
-    let eval: Vec<EvalResult> = saved
-        .eval
-        .iter()
-        .map(|(metric, value)| EvalResult {
-            task: "visual-question-answering".into(),
-            dataset: dataset.clone(),
-            split: cfg.eval.split.clone(),
-            metric: metric.clone(),
-            value: *value,
-        })
-        .collect();
+    let eval = eval_rows(&cfg, &saved.eval);
     crate::export::export(&built, &cfg, out, merge_lora || cfg.export.merge_lora, saved.train.step, &eval)
 }
