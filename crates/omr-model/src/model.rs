@@ -282,7 +282,10 @@ impl Qwen2VL {
         }
         let idx = Tensor::from_vec(rows, (n,), &self.device)?;
         let picked = h.reshape((b * t, c))?.index_select(&idx, 0)?; // (N, C)
-        let logits = self.lm_head.forward(&picked, ctx)?.to_dtype(candle_core::DType::F32)?; // (N, V)
+        let logits = self
+            .lm_head
+            .forward(&picked, ctx)?
+            .to_dtype(candle_core::DType::F32)?; // (N, V)
         Ok((crate::loss::token_nll(&logits, &targets)?.sum_all()?, n))
     }
 

@@ -356,7 +356,10 @@ path = "d"
         for name in ["tiny.toml", "qwen2.5-vl-7b.toml"] {
             let path = root.join(name);
             let text = std::fs::read_to_string(&path).unwrap();
-            assert!(text.starts_with("# "), "{name}: a preset starts with its command");
+            assert!(
+                text.starts_with("# "),
+                "{name}: a preset starts with its command"
+            );
             SftConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
         }
     }

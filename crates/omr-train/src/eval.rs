@@ -66,7 +66,9 @@ pub fn load_eval_set(
                 if set.loss_items.len() < n_loss {
                     match processor.encode(&s) {
                         Ok(e) => set.loss_items.push(e),
-                        Err(r) => set.skipped.push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
+                        Err(r) => set
+                            .skipped
+                            .push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
                     }
                 }
                 let Some(q) = &s.mcq else { continue };
@@ -76,12 +78,14 @@ pub fn load_eval_set(
                             prompt,
                             answer: q.answer.clone(),
                             options: q.options.len(),
-                            groups: ["task_family", "modality"]
+                            groups: ["task_family", "modality", "task"]
                                 .iter()
                                 .filter_map(|k| s.meta.get(*k).map(|v| (k.to_string(), v.clone())))
                                 .collect(),
                         }),
-                        Err(r) => set.skipped.push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
+                        Err(r) => set
+                            .skipped
+                            .push(format!("{}#{}: {r}", s.origin.shard, s.origin.row)),
                     }
                 }
             }

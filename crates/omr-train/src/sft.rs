@@ -187,7 +187,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         let t_step = Instant::now();
         let mut data_time = 0.0;
         let mut acc = opt.grad_accum();
-        let (mut loss_sum, mut n_tokens, mut n_samples, mut n_input_tokens) = (0.0f64, 0usize, 0u64, 0u64);
+        let (mut loss_sum, mut n_tokens, mut n_samples, mut n_input_tokens) =
+            (0.0f64, 0usize, 0u64, 0u64);
         let mut finite = true;
         let mut next_loader = st.loader.clone();
         let mut stopped = false;
@@ -236,7 +237,17 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         }
         if stopped {
             // Mid-accumulation: nothing of this step is kept; its data is read again on resume.
-            commit(&ckpt_root, cfg, &resolved, &st, &built, &opt, &last_eval, &mut save_failures, true)?;
+            commit(
+                &ckpt_root,
+                cfg,
+                &resolved,
+                &st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                true,
+            )?;
             metrics.finish();
             return Ok(Outcome::Preempted { step: st.step });
         }
@@ -247,7 +258,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             opt.step_accumulated(&mut acc, lr_factor, 1.0 / n_tokens as f64)
                 .map_err(|e| TrainError::Internal(e.to_string()))?
         } else {
-            StepOutcome::NonFinite { grad_norm: f64::NAN }
+            StepOutcome::NonFinite {
+                grad_norm: f64::NAN,
+            }
         };
         let grad_norm = match outcome {
             StepOutcome::Applied { grad_norm, .. } => {
@@ -321,7 +334,17 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
                 .stop_after_micro_batches
                 .is_some_and(|m| micro_batches_seen >= m);
         if last || stop || cfg.checkpoint.is_due(step) {
-            commit(&ckpt_root, cfg, &resolved, &st, &built, &opt, &last_eval, &mut save_failures, last || stop)?;
+            commit(
+                &ckpt_root,
+                cfg,
+                &resolved,
+                &st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                last || stop,
+            )?;
         }
         if stop && !last {
             metrics.finish();
@@ -333,7 +356,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     // ---- export -------------------------------------------------------------------------
     if cfg.export.at_end {
         let out = run_dir.join("export");
-        crate::export::export(&built, cfg, &out, cfg.export.merge_lora, st.step, &last_eval)?;
+        crate::export::export(
+            &built,
+            cfg,
+            &out,
+            cfg.export.merge_lora,
+            st.step,
+            &last_eval,
+        )?;
         tracing::info!("exported to {}", out.display());
     }
     Ok(Outcome::Done {
@@ -382,7 +412,12 @@ pub fn evaluate(
     };
     let mut out = Vec::new();
     if !set.loss_items.is_empty() {
-        let l = eval::eval_loss(model, &set.loss_items, cfg.eval.batch_size, processor.pad_id())?;
+        let l = eval::eval_loss(
+            model,
+            &set.loss_items,
+            cfg.eval.batch_size,
+            processor.pad_id(),
+        )?;
         out.push(row("loss", l));
     }
     if !set.gen_items.is_empty() {
@@ -427,15 +462,22 @@ fn commit(
         eval: eval.iter().map(|r| (r.metric.clone(), r.value)).collect(),
     })
     .map_err(|e| TrainError::Internal(e.to_string()))?;
-    let result = checkpoint::save(root, st.step, cfg.checkpoint.keep_last, |dir: &Path| -> std::result::Result<(), candle_core::Error> {
-        let weights: HashMap<String, Tensor> = setup::trainable_tensors(&built.params).into_iter().collect();
-        candle_core::safetensors::save(&weights, dir.join("weights.safetensors"))?;
-        let moments: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-        candle_core::safetensors::save(&moments, dir.join("optimizer.safetensors"))?;
-        std::fs::write(dir.join("state.json"), &state_json)?;
-        std::fs::write(dir.join("config.toml"), resolved)?;
-        Ok(())
-    });
+    let result = checkpoint::save(
+        root,
+        st.step,
+        cfg.checkpoint.keep_last,
+        |dir: &Path| -> std::result::Result<(), candle_core::Error> {
+            let weights: HashMap<String, Tensor> = setup::trainable_tensors(&built.params)
+                .into_iter()
+                .collect();
+            candle_core::safetensors::save(&weights, dir.join("weights.safetensors"))?;
+            let moments: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+            candle_core::safetensors::save(&moments, dir.join("optimizer.safetensors"))?;
+            std::fs::write(dir.join("state.json"), &state_json)?;
+            std::fs::write(dir.join("config.toml"), resolved)?;
+            Ok(())
+        },
+    );
     if must {
         let dir = result.map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         tracing::info!("checkpoint {}", dir.display());
@@ -459,7 +501,12 @@ pub struct SavedState {
 }
 
 /// Restores weights and optimizer moments from a verified checkpoint dir; returns its state.
-fn load_checkpoint(dir: &Path, built: &Built, opt: &mut AdamW, device: &Device) -> Result<SavedState> {
+fn load_checkpoint(
+    dir: &Path,
+    built: &Built,
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<SavedState> {
     let saved = read_saved_state(dir)?;
     setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), device)?;
     let moments: HashMap<String, Tensor> =
@@ -471,7 +518,12 @@ fn load_checkpoint(dir: &Path, built: &Built, opt: &mut AdamW, device: &Device) 
 
 /// The (metric, value) pairs of `state.json` as model-card eval rows.
 fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
-    let dataset = cfg.data.sources.first().map(|s| s.display_name()).unwrap_or_default();
+    let dataset = cfg
+        .data
+        .sources
+        .first()
+        .map(|s| s.display_name())
+        .unwrap_or_default();
     saved
         .iter()
         .map(|(metric, value)| EvalResult {
@@ -487,8 +539,7 @@ fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
 pub fn read_saved_state(dir: &Path) -> Result<SavedState> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
-    serde_json::from_str(&text)
-        .map_err(|e| TrainError::Usage(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text).map_err(|e| TrainError::Usage(format!("{}: {e}", path.display())))
 }
 
 /// `omr export --checkpoint DIR`: rebuilds the run's model from the checkpoint's own config,
@@ -502,5 +553,12 @@ pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()>
     setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
     let saved = read_saved_state(dir)?;
     let eval = eval_rows(&cfg, &saved.eval);
-    crate::export::export(&built, &cfg, out, merge_lora || cfg.export.merge_lora, saved.train.step, &eval)
+    crate::export::export(
+        &built,
+        &cfg,
+        out,
+        merge_lora || cfg.export.merge_lora,
+        saved.train.step,
+        &eval,
+    )
 }

@@ -200,8 +200,14 @@ pub fn synth(a: &SynthArgs) -> crate::Result<PathBuf> {
     let report = omr_data::synth::generate(&cfg)
         .with_context(|| format!("synthesising into {}", a.out.display()))?;
     let processor = a.out.join("processor");
-    omr_data::tiny::write_tiny_processor_with(&processor, a.train, a.seed, a.vocab_size, a.max_pixels)
-        .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
+    omr_data::tiny::write_tiny_processor_with(
+        &processor,
+        a.train,
+        a.seed,
+        a.vocab_size,
+        a.max_pixels,
+    )
+    .with_context(|| format!("writing the tiny processor into {}", processor.display()))?;
     eprintln!("synthesised in {:.1}s", report.seconds);
     eprintln!(
         "processor (tokenizer, chat template, preprocessor config): {}",

@@ -51,7 +51,10 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         seed: a.seed,
         vocab_size: 2048,
         // 112×112 → 16 image tokens: a quarter of the vision work of the 224 default.
-        max_pixels: 112 * 112,
+        max_pixels: std::env::var("OMR_DEMO_PX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(112 * 112),
         fixed_option_order: true,
     })?;
     let model_args = ModelArgs {
@@ -81,15 +84,26 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         format!("eval.generate_samples={}", a.test),
     ];
     sets.extend(a.sets.iter().cloned());
-    let cfg = SftConfig::from_toml_str(PRESET, "configs/sft/tiny.toml (embedded)", &sets).usage()?;
+    let cfg =
+        SftConfig::from_toml_str(PRESET, "configs/sft/tiny.toml (embedded)", &sets).usage()?;
     let processor = Processor::from_model_dir(&processor_dir, &cfg.data.process).usage()?;
     let bench = eval::load_eval_set(&cfg.data.sources, "test", &processor, 0, a.test)?;
 
     eprintln!("== 3. base model: the seeded tiny init, before training");
     let base = setup::build(&cfg.model, cfg.train.seed, &Device::Cpu).map_err(train_error)?;
-    let base_acc = score(&Qwen2VL::new(&base.cfg, &base.params)?, &bench.gen_items, &cfg, &processor, &base.eos_token_ids)?;
+    let base_acc = score(
+        &Qwen2VL::new(&base.cfg, &base.params)?,
+        &bench.gen_items,
+        &cfg,
+        &processor,
+        &base.eos_token_ids,
+    )?;
 
-    eprintln!("== 4. SFT ({} steps, {})", cfg.train.max_steps, run_dir.display());
+    eprintln!(
+        "== 4. SFT ({} steps, {})",
+        cfg.train.max_steps,
+        run_dir.display()
+    );
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
@@ -111,10 +125,19 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
     }
     let train_s = t_train.elapsed().as_secs_f64();
 
-    eprintln!("== 5. the exported model, loaded back from {}", run_dir.join("export").display());
+    eprintln!(
+        "== 5. the exported model, loaded back from {}",
+        run_dir.join("export").display()
+    );
     let exported = pretrained::load_dir(&run_dir.join("export"), DType::F32, &Device::Cpu)?;
     let eos = omr_model::generate::eos_ids(&exported.dir, &exported.config.eos_token_ids);
-    let sft_acc = score(&Qwen2VL::new(&exported.config, &exported.params)?, &bench.gen_items, &cfg, &processor, &eos)?;
+    let sft_acc = score(
+        &Qwen2VL::new(&exported.config, &exported.params)?,
+        &bench.gen_items,
+        &cfg,
+        &processor,
+        &eos,
+    )?;
 
     print_table(&base_acc, &sft_acc, eval::chance(&bench.gen_items));
     eprintln!(
@@ -155,16 +178,38 @@ fn score(
 fn print_table(base: &Accuracy, sft: &Accuracy, chance: f64) {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     println!();
-    println!("OpenMedReason-style synthetic bench (test split, {} questions, greedy)", sft.total);
-    println!("| {:<28} | {:>8} | {:>8} | {:>8} |", "", "base", "SFT", "chance");
+    println!(
+        "OpenMedReason-style synthetic bench (test split, {} questions, greedy)",
+        sft.total
+    );
+    println!(
+        "| {:<28} | {:>8} | {:>8} | {:>8} |",
+        "", "base", "SFT", "chance"
+    );
     println!("|{:-<30}|{:->10}|{:->10}|{:->10}|", "", "", "", "");
-    println!("| {:<28} | {:>8} | {:>8} | {:>8} |", "answer accuracy", pct(base.value()), pct(sft.value()), pct(chance));
-    println!("| {:<28} | {:>8} | {:>8} | {:>8} |", "<answer> tag present", pct(base.format_rate()), pct(sft.format_rate()), "");
+    println!(
+        "| {:<28} | {:>8} | {:>8} | {:>8} |",
+        "answer accuracy",
+        pct(base.value()),
+        pct(sft.value()),
+        pct(chance)
+    );
+    println!(
+        "| {:<28} | {:>8} | {:>8} | {:>8} |",
+        "<answer> tag present",
+        pct(base.format_rate()),
+        pct(sft.format_rate()),
+        ""
+    );
     for ((key, value), (ok, n)) in &sft.by_group {
         if key != "task_family" {
             continue;
         }
-        let (bok, bn) = base.by_group.get(&(key.clone(), value.clone())).copied().unwrap_or((0, 0));
+        let (bok, bn) = base
+            .by_group
+            .get(&(key.clone(), value.clone()))
+            .copied()
+            .unwrap_or((0, 0));
         println!(
             "| {:<28} | {:>8} | {:>8} | {:>8} |",
             format!("  {value} ({n})"),

@@ -7,8 +7,8 @@ mod data;
 mod demo;
 mod exit;
 mod model_cmd;
-mod sft_cmd;
 mod plot;
+mod sft_cmd;
 mod tensors;
 
 use clap::{Parser, Subcommand};

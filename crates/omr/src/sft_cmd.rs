@@ -60,7 +60,10 @@ pub fn run(a: SftArgs) -> crate::Result<()> {
     };
     match sft::run(&cfg, &opts).map_err(train_error)? {
         Outcome::Done { step, eval } => {
-            eprintln!("done: {step} steps; run directory {}", cfg.run.dir.display());
+            eprintln!(
+                "done: {step} steps; run directory {}",
+                cfg.run.dir.display()
+            );
             for r in eval {
                 eprintln!("  eval/{} = {:.4}", r.metric, r.value);
             }
