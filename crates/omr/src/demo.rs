@@ -51,10 +51,7 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         seed: a.seed,
         vocab_size: 2048,
         // 112×112 → 16 image tokens: a quarter of the vision work of the 224 default.
-        max_pixels: std::env::var("OMR_DEMO_PX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(112 * 112),
+        max_pixels: 112 * 112,
         fixed_option_order: true,
     })?;
     let model_args = ModelArgs {
