@@ -7,6 +7,9 @@
 //! equals the reference letter; a reply without one is wrong (and counted as a format miss).
 
 use crate::batch;
+use crate::card::EvalResult;
+use crate::config::SftConfig;
+use crate::setup::Built;
 use candle_core::{Device, Tensor};
 use omr_data::collate::collate;
 use omr_data::pipeline::{Processor, Prompt};
@@ -207,4 +210,58 @@ pub fn left_padded<'a>(
         Some(Tensor::from_vec(pixels, (n, patch_dim), device)?)
     };
     Input::padded(ids, &mask, pixel_values, grids)
+}
+
+/// Held-out loss and greedy answer accuracy of a run, as model-card eval rows.
+pub fn evaluate_run(
+    model: &Qwen2VL,
+    set: &EvalSet,
+    cfg: &SftConfig,
+    processor: &Processor,
+    built: &Built,
+) -> crate::Result<Vec<EvalResult>> {
+    let split = cfg.eval.split.clone();
+    let dataset = cfg
+        .data
+        .sources
+        .first()
+        .map(|s| s.display_name())
+        .unwrap_or_default();
+    let row = |metric: &str, value: f64| EvalResult {
+        task: "visual-question-answering".into(),
+        dataset: dataset.clone(),
+        split: split.clone(),
+        metric: metric.into(),
+        value,
+    };
+    let mut out = Vec::new();
+    if !set.loss_items.is_empty() {
+        let l = eval_loss(
+            model,
+            &set.loss_items,
+            cfg.eval.batch_size,
+            processor.pad_id(),
+        )?;
+        out.push(row("loss", l));
+    }
+    if !set.gen_items.is_empty() {
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.eval.max_new_tokens,
+            eos_token_ids: built.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let tok = processor.encoder().tokenizer();
+        let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
+        let acc = eval_accuracy(
+            model,
+            &set.gen_items,
+            cfg.eval.batch_size,
+            processor.pad_id(),
+            &sampling,
+            &decode,
+        )?;
+        out.push(row("accuracy", acc.value()));
+        out.push(row("format_rate", acc.format_rate()));
+    }
+    Ok(out)
 }

@@ -8,10 +8,12 @@
 //! eval results, and the not-for-clinical-use statement (`card.rs`).
 
 use crate::card::{DatasetInfo, EvalResult, ModelCard};
+use crate::checkpoint;
 use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
-use crate::setup::Built;
-use candle_core::DType;
+use crate::setup::{self, Built};
+use crate::snapshot::{eval_rows, read_saved_state};
+use candle_core::{DType, Device};
 use omr_model::export::{copy_processor_files, parse_size};
 use omr_model::{lora, pretrained};
 use std::path::Path;
@@ -192,4 +194,25 @@ fn dataset_info(s: &omr_data::source::SourceSpec, default_licence: &str) -> Data
             )
         },
     }
+}
+
+/// `omr export --checkpoint DIR`: rebuilds the run's model from the checkpoint's own config,
+/// loads its weights (after verifying the manifest) and exports it with a model card.
+pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()> {
+    checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
+    let cfg_path = dir.join("config.toml");
+    let cfg = SftConfig::load(&cfg_path, &[])?;
+    let device = Device::Cpu;
+    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
+    let saved = read_saved_state(dir)?;
+    let eval = eval_rows(&cfg, &saved.eval);
+    crate::export::export(
+        &built,
+        &cfg,
+        out,
+        merge_lora || cfg.export.merge_lora,
+        saved.train.step,
+        &eval,
+    )
 }

@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod setup;
 pub mod sft;
 pub mod signals;
+pub mod snapshot;
 pub mod state;
 pub mod tensorboard;
 

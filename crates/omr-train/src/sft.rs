@@ -20,24 +20,23 @@ use crate::card::EvalResult;
 use crate::checkpoint::{self, FailureCounter};
 use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
-use crate::eval::{self, EvalSet};
+use crate::eval;
 use crate::metrics::{rss_mib, Metrics, StepStats};
 use crate::optim::{param_specs, AdamW, StepOutcome};
-use crate::setup::{self, Built};
+use crate::setup;
 use crate::signals::StopFlag;
+use crate::snapshot::{commit, eval_rows, load_checkpoint};
 use crate::state::{self, TrainState};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use omr_data::batcher::{BatchError, Batcher};
 use omr_data::loader::{Loader, Rank};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::{Quarantine, QuarantineError};
 use omr_data::source;
-use omr_model::generate::SamplingConfig;
 use omr_model::linear::Ctx;
 use omr_model::model::Qwen2VL;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -316,7 +315,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         let eval_due = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
         if let Some(set) = &eval_set {
             if eval_due || last {
-                last_eval = evaluate(&model, set, cfg, &processor, &built)?;
+                last_eval = eval::evaluate_run(&model, set, cfg, &processor, &built)?;
                 let values: Vec<(String, f64)> = last_eval
                     .iter()
                     .map(|r| (format!("eval/{}", r.metric), r.value))
@@ -386,179 +385,4 @@ fn epoch_of(st: &TrainState) -> f64 {
         .first()
         .map(|c| c.epoch as f64 + c.pos as f64 / c.len.max(1) as f64)
         .unwrap_or(0.0)
-}
-
-/// Held-out loss and greedy answer accuracy, as model-card eval rows.
-pub fn evaluate(
-    model: &Qwen2VL,
-    set: &EvalSet,
-    cfg: &SftConfig,
-    processor: &Processor,
-    built: &Built,
-) -> Result<Vec<EvalResult>> {
-    let split = cfg.eval.split.clone();
-    let dataset = cfg
-        .data
-        .sources
-        .first()
-        .map(|s| s.display_name())
-        .unwrap_or_default();
-    let row = |metric: &str, value: f64| EvalResult {
-        task: "visual-question-answering".into(),
-        dataset: dataset.clone(),
-        split: split.clone(),
-        metric: metric.into(),
-        value,
-    };
-    let mut out = Vec::new();
-    if !set.loss_items.is_empty() {
-        let l = eval::eval_loss(
-            model,
-            &set.loss_items,
-            cfg.eval.batch_size,
-            processor.pad_id(),
-        )?;
-        out.push(row("loss", l));
-    }
-    if !set.gen_items.is_empty() {
-        let sampling = SamplingConfig {
-            max_new_tokens: cfg.eval.max_new_tokens,
-            eos_token_ids: built.eos_token_ids.clone(),
-            ..Default::default()
-        };
-        let tok = processor.encoder().tokenizer();
-        let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
-        let acc = eval::eval_accuracy(
-            model,
-            &set.gen_items,
-            cfg.eval.batch_size,
-            processor.pad_id(),
-            &sampling,
-            &decode,
-        )?;
-        out.push(row("accuracy", acc.value()));
-        out.push(row("format_rate", acc.format_rate()));
-    }
-    Ok(out)
-}
-
-/// Commits a checkpoint of the state after `st.step`. `must` (final or preemption save): a
-/// failure is fatal (exit 66) instead of counted.
-#[allow(clippy::too_many_arguments)]
-fn commit(
-    root: &Path,
-    cfg: &SftConfig,
-    resolved: &str,
-    st: &TrainState,
-    built: &Built,
-    opt: &AdamW,
-    eval: &[EvalResult],
-    failures: &mut FailureCounter,
-    must: bool,
-) -> Result<()> {
-    let state_json = serde_json::to_string_pretty(&SavedState {
-        train: st.clone(),
-        optimizer_steps: opt.steps(),
-        eval: eval.iter().map(|r| (r.metric.clone(), r.value)).collect(),
-    })
-    .map_err(|e| TrainError::Internal(e.to_string()))?;
-    let result = checkpoint::save(
-        root,
-        st.step,
-        cfg.checkpoint.keep_last,
-        |dir: &Path| -> std::result::Result<(), candle_core::Error> {
-            let weights: HashMap<String, Tensor> = setup::trainable_tensors(&built.params)
-                .into_iter()
-                .collect();
-            candle_core::safetensors::save(&weights, dir.join("weights.safetensors"))?;
-            let moments: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-            candle_core::safetensors::save(&moments, dir.join("optimizer.safetensors"))?;
-            std::fs::write(dir.join("state.json"), &state_json)?;
-            std::fs::write(dir.join("config.toml"), resolved)?;
-            Ok(())
-        },
-    );
-    if must {
-        let dir = result.map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        tracing::info!("checkpoint {}", dir.display());
-        return Ok(());
-    }
-    match failures.record(result) {
-        Ok(Some(dir)) => tracing::debug!("checkpoint {}", dir.display()),
-        Ok(None) => {}
-        Err(e) => return Err(TrainError::Checkpoint(e.to_string())),
-    }
-    Ok(())
-}
-
-/// `state.json` of a checkpoint.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct SavedState {
-    pub train: TrainState,
-    pub optimizer_steps: u64,
-    /// The last evaluation (metric, value), for the model card of `omr export`.
-    pub eval: Vec<(String, f64)>,
-}
-
-/// Restores weights and optimizer moments from a verified checkpoint dir; returns its state.
-fn load_checkpoint(
-    dir: &Path,
-    built: &Built,
-    opt: &mut AdamW,
-    device: &Device,
-) -> Result<SavedState> {
-    let saved = read_saved_state(dir)?;
-    setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), device)?;
-    let moments: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
-    opt.load_state(&moments, saved.optimizer_steps)
-        .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
-    Ok(saved)
-}
-
-/// The (metric, value) pairs of `state.json` as model-card eval rows.
-fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
-    let dataset = cfg
-        .data
-        .sources
-        .first()
-        .map(|s| s.display_name())
-        .unwrap_or_default();
-    saved
-        .iter()
-        .map(|(metric, value)| EvalResult {
-            task: "visual-question-answering".into(),
-            dataset: dataset.clone(),
-            split: cfg.eval.split.clone(),
-            metric: metric.clone(),
-            value: *value,
-        })
-        .collect()
-}
-
-pub fn read_saved_state(dir: &Path) -> Result<SavedState> {
-    let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Usage(format!("{}: {e}", path.display())))
-}
-
-/// `omr export --checkpoint DIR`: rebuilds the run's model from the checkpoint's own config,
-/// loads its weights (after verifying the manifest) and exports it with a model card.
-pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()> {
-    checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
-    let cfg_path = dir.join("config.toml");
-    let cfg = SftConfig::load(&cfg_path, &[])?;
-    let device = Device::Cpu;
-    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
-    setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
-    let saved = read_saved_state(dir)?;
-    let eval = eval_rows(&cfg, &saved.eval);
-    crate::export::export(
-        &built,
-        &cfg,
-        out,
-        merge_lora || cfg.export.merge_lora,
-        saved.train.step,
-        &eval,
-    )
 }

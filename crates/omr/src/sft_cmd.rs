@@ -83,7 +83,8 @@ pub fn run(a: SftArgs) -> crate::Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> crate::Result<()> {
-    omr_train::sft::export_checkpoint(&a.checkpoint, &a.out, a.merge_lora).map_err(train_error)?;
+    omr_train::export::export_checkpoint(&a.checkpoint, &a.out, a.merge_lora)
+        .map_err(train_error)?;
     eprintln!("exported {} to {}", a.checkpoint.display(), a.out.display());
     Ok(())
 }

@@ -315,6 +315,7 @@ mod tests {
             &RowSpec {
                 size: (300, 260),
                 jitter: 20,
+                shuffle_options: true,
             },
         )
         .expect("row");
