@@ -179,6 +179,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
     let max_steps = cfg.train.max_steps;
     let mut micro_batches_seen = 0u64;
+    // A signal, or the configured number of micro-batches of this process.
+    let stop_requested = |seen: u64| {
+        opts.stop.requested()
+            || cfg
+                .train
+                .stop_after_micro_batches
+                .is_some_and(|m| seen >= m)
+    };
 
     // ---- the loop: one optimizer step per iteration -----------------------------------------
     while st.step < max_steps {
@@ -222,12 +230,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             loss_sum += s;
             n_tokens += n;
             micro_batches_seen += 1;
-            if opts.stop.requested()
-                || cfg
-                    .train
-                    .stop_after_micro_batches
-                    .is_some_and(|m| micro_batches_seen >= m)
-            {
+            if stop_requested(micro_batches_seen) {
                 stopped = micro + 1 < cfg.train.grad_accum;
                 if stopped {
                     break;
@@ -327,11 +330,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         }
 
         // checkpoint, preemption
-        let stop = opts.stop.requested()
-            || cfg
-                .train
-                .stop_after_micro_batches
-                .is_some_and(|m| micro_batches_seen >= m);
+        let stop = stop_requested(micro_batches_seen);
         if last || stop || cfg.checkpoint.is_due(step) {
             commit(
                 &ckpt_root,
