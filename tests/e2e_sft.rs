@@ -321,3 +321,108 @@ fn bad_config_key_is_named() {
         "nothing written for a bad config"
     );
 }
+
+/// LoRA on the language model with the vision tower frozen and its own learning rate for the
+/// merger: checkpoints hold only what trains, the run exports a PEFT adapter, and
+/// `omr export --merge-lora` writes a full model
+/// with the adapters folded in.
+#[test]
+fn lora_with_frozen_vision_exports_adapter_and_merged_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("lora");
+    sft_ok(
+        &run,
+        &[
+            "model.freeze_vision=true",
+            "model.lora={ r = 4, alpha = 8.0, dropout = 0.1, targets = [\"q_proj\", \"v_proj\"] }",
+            "optim.lr_merger=1e-4",
+            "train.max_steps=4",
+            "checkpoint.every_steps=4",
+        ],
+    );
+    // Only adapter tensors are trainable (LoRA freezes the base), so only they are saved.
+    let weights = fs::read(ckpt(&run, 4).join("weights.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    assert!(!names.is_empty());
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")),
+        "{names:?}"
+    );
+    assert!(names.iter().all(|n| !n.starts_with("visual.")), "{names:?}");
+    // The run's export is a PEFT adapter with the processor files and a card.
+    let export = run.join("export");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "README.md",
+    ] {
+        assert!(
+            export.join(f).is_file(),
+            "{f} missing in {}",
+            export.display()
+        );
+    }
+    // Merged: a full HF folder; the lora_B were trained (non-zero), so merged q_proj differs
+    // from the seeded base while untouched modules (k_proj) are equal.
+    let merged = tmp.path().join("merged");
+    let out = omr(&[
+        "export",
+        "--checkpoint",
+        s(&ckpt(&run, 4)),
+        "--out",
+        s(&merged),
+        "--merge-lora",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let m = fs::read(merged.join("model.safetensors")).unwrap();
+    let m = safetensors::SafeTensors::deserialize(&m).unwrap();
+    assert!(m.tensor("model.layers.0.self_attn.q_proj.weight").is_ok());
+    assert!(
+        m.names().iter().all(|n| !n.contains("lora_")),
+        "adapters left in the merged model"
+    );
+    assert!(merged.join("config.json").is_file() && merged.join("README.md").is_file());
+    // The adapters trained: lora_B starts at zero, so merged q_proj ≠ base q_proj.
+    let b = st
+        .tensor("model.layers.0.self_attn.q_proj.lora_B.weight")
+        .unwrap();
+    assert!(b.data().iter().any(|&x| x != 0), "lora_B stayed zero");
+}
+
+/// Freezing by part: with the vision tower frozen and the merger trained, checkpoints hold the
+/// merger and the language model and no vision-block tensor.
+#[test]
+fn frozen_vision_tower_is_not_trained_or_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("frozen");
+    sft_ok(
+        &run,
+        &[
+            "model.freeze_vision=true",
+            "optim.lr_merger=1e-3",
+            "train.max_steps=2",
+            "eval.generate_samples=0",
+        ],
+    );
+    let weights = fs::read(ckpt(&run, 2).join("weights.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let names: Vec<&str> = st.names().into_iter().collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("visual.merger.")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.starts_with("model.layers.")),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("visual.") && !n.starts_with("visual.merger.")),
+        "{names:?}"
+    );
+}
