@@ -426,3 +426,35 @@ fn frozen_vision_tower_is_not_trained_or_saved() {
         "{names:?}"
     );
 }
+
+/// Bad samples go to the run's `quarantine.jsonl`, and past the budget the run stops with 64.
+/// A LLaVA JSONL source whose images are missing: every record is bad, the budget is none.
+#[test]
+fn bad_data_over_budget_exits_64_with_quarantine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("llava");
+    fs::create_dir_all(&data).unwrap();
+    let line = r#"{"image": "missing.jpg", "conversations": [{"from": "human", "value": "<image>\nWhich side?\nA. left\nB. right"}, {"from": "gpt", "value": "<think>Left.</think><answer>A</answer>"}]}"#;
+    fs::write(
+        data.join("train.jsonl"),
+        format!("{line}\n{line}\n{line}\n"),
+    )
+    .unwrap();
+    let run = tmp.path().join("bad");
+    let source = format!(
+        "data.sources=[{{ name = \"bad\", path = {}, split = \"train\" }}]",
+        toml::Value::String(data.display().to_string())
+    );
+    let out = sft(
+        &run,
+        &[
+            &source,
+            "data.quarantine={ max_bad = 0, min_seen = 0 }",
+            "eval.loss_samples=0",
+            "eval.generate_samples=0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", show(&out));
+    let q = fs::read_to_string(run.join("quarantine.jsonl")).unwrap();
+    assert!(q.contains("train.jsonl") && q.contains("\"row\":0"), "{q}");
+}
