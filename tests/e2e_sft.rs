@@ -458,3 +458,50 @@ fn bad_data_over_budget_exits_64_with_quarantine() {
     let q = fs::read_to_string(run.join("quarantine.jsonl")).unwrap();
     assert!(q.contains("train.jsonl") && q.contains("\"row\":0"), "{q}");
 }
+
+/// A run stopped and resumed lists each bad record once in `quarantine.jsonl`, as the run that
+/// was never stopped does: the resume cuts the file back to its length at the checkpoint.
+#[test]
+fn resumed_quarantine_lists_each_bad_record_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mixed");
+    fs::create_dir_all(&data).unwrap();
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    })
+    .save(data.join("ok.png"))
+    .unwrap();
+    let row = |img: &str| {
+        format!(
+            r#"{{"image": "{img}", "conversations": [{{"from": "human", "value": "<image>\nWhich side?\nA. left\nB. right"}}, {{"from": "gpt", "value": "<think>Left.</think><answer>A</answer>"}}]}}"#
+        )
+    };
+    let lines: Vec<String> = (0..12)
+        .map(|i| row(if i % 3 == 1 { "missing.png" } else { "ok.png" }))
+        .collect();
+    fs::write(data.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    let source = format!(
+        "data.sources=[{{ name = \"mixed\", path = {}, split = \"train\" }}]",
+        toml::Value::String(data.display().to_string())
+    );
+    let extra = [
+        source.as_str(),
+        "data.loader.shuffle=false",
+        "data.quarantine={ max_bad_fraction = 0.9, min_seen = 0 }",
+        "eval.loss_samples=0",
+        "eval.generate_samples=0",
+        "train.max_steps=3",
+        "train.grad_accum=2",
+    ];
+    let whole = tmp.path().join("whole");
+    sft_ok(&whole, &extra);
+    let stopped = tmp.path().join("stopped");
+    let mut first = extra.to_vec();
+    // Inside step 2: the checkpoint is step 1's; micro-batch 3's records are read again.
+    first.push("train.stop_after_micro_batches=3");
+    assert_eq!(sft(&stopped, &first).status.code(), Some(75));
+    sft_ok(&stopped, &extra);
+    let q = |run: &Path| fs::read_to_string(run.join("quarantine.jsonl")).unwrap();
+    assert!(q(&whole).lines().count() >= 4, "{}", q(&whole));
+    assert_eq!(q(&stopped), q(&whole));
+}

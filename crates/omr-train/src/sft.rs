@@ -144,11 +144,17 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
 
     // ---- data, eval set, metrics -------------------------------------------------------------
-    let mut quarantine = Quarantine::new(
-        Some(&run_dir.join("quarantine.jsonl")),
-        cfg.data.quarantine.clone(),
-    )
-    .map_err(|e| TrainError::Usage(e.to_string()))?;
+    // Cut back to the checkpoint's length (0 for a fresh run): records after it are read again.
+    let qpath = run_dir.join("quarantine.jsonl");
+    if qpath.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&qpath)
+            .and_then(|f| f.set_len(st.quarantine_bytes))
+            .map_err(TrainError::io(&qpath))?;
+    }
+    let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
+        .map_err(|e| TrainError::Usage(e.to_string()))?;
     quarantine.seen = st.data_seen;
     quarantine.bad = st.data_bad;
     quarantine.by_reason = st.data_bad_by_reason.clone();
@@ -283,6 +289,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         st.data_seen = quarantine.seen;
         st.data_bad = quarantine.bad;
         st.data_bad_by_reason = quarantine.by_reason.clone();
+        quarantine.flush();
+        st.quarantine_bytes = std::fs::metadata(&qpath).map_or(0, |m| m.len());
 
         // log
         let dt = t_step.elapsed().as_secs_f64();

@@ -31,6 +31,10 @@ pub struct TrainState {
     pub data_seen: u64,
     pub data_bad: u64,
     pub data_bad_by_reason: BTreeMap<String, u64>,
+    /// Length of the run's `quarantine.jsonl` at this point: a resumed run cuts the file back
+    /// to it, so records read again after the resume are not listed twice.
+    #[serde(default)]
+    pub quarantine_bytes: u64,
     /// Training tokens and samples consumed so far.
     pub tokens: u64,
     pub samples: u64,
@@ -50,6 +54,7 @@ impl TrainState {
             data_seen: 0,
             data_bad: 0,
             data_bad_by_reason: BTreeMap::new(),
+            quarantine_bytes: 0,
             tokens: 0,
             samples: 0,
             processor,
