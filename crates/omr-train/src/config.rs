@@ -10,6 +10,7 @@
 use crate::checkpoint::CheckpointConfig;
 use crate::optim::OptimConfig;
 use crate::schedule::ScheduleConfig;
+pub use omr_data::config::ConfigError;
 use omr_data::config::DataConfig;
 use omr_model::lora::LoraConfig;
 use omr_model::tiny::TinySpec;
@@ -177,17 +178,6 @@ impl Default for ExportConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
-
 impl SftConfig {
     /// Reads `path`, applies `--set` overrides, deserializes and checks the result.
     pub fn load(path: &Path, sets: &[String]) -> Result<SftConfig, ConfigError> {
@@ -211,9 +201,7 @@ impl SftConfig {
         let cfg: SftConfig = toml::Value::Table(tree)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        cfg.data
-            .validate(path)
-            .map_err(|e| invalid(e.to_string()))?;
+        cfg.data.validate(path)?;
         cfg.check().map_err(invalid)?;
         Ok(cfg)
     }
