@@ -262,13 +262,21 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
 
         // clip + AdamW, or skip a non-finite step
         let lr_factor = cfg.schedule.factor(st.step, max_steps);
-        let outcome = if finite && n_tokens > 0 {
-            opt.step_accumulated(&mut acc, lr_factor, 1.0 / n_tokens as f64)
-                .map_err(|e| TrainError::Internal(e.to_string()))?
-        } else {
+        let outcome = if !finite {
             StepOutcome::NonFinite {
                 grad_norm: f64::NAN,
             }
+        } else if n_tokens == 0 {
+            // Nothing supervised in the whole step (every assistant turn cut): nothing to learn,
+            // and nothing wrong with the numbers either.
+            tracing::warn!("step {step}: no assistant tokens in its batches, no update");
+            StepOutcome::Applied {
+                grad_norm: 0.0,
+                clipped: false,
+            }
+        } else {
+            opt.step_accumulated(&mut acc, lr_factor, 1.0 / n_tokens as f64)
+                .map_err(|e| TrainError::Internal(e.to_string()))?
         };
         let grad_norm = match outcome {
             StepOutcome::Applied { grad_norm, .. } => {
