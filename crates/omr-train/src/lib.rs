@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod grpo_loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
