@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use omr_data::collate::collate;
 use omr_data::pipeline::{Processor, Prompt};
 use omr_data::source::{self, SourceSpec};
+use omr_data::sample::{Mcq, Origin, Rubric};
 use omr_data::{mcq, Encoded};
 use omr_model::generate::{generate, SamplingConfig};
 use omr_model::linear::Ctx;
@@ -27,6 +28,13 @@ pub struct GenItem {
     /// Number of options (chance accuracy is 1/options; 0 for open questions).
     pub options: usize,
     pub groups: Vec<(String, String)>,
+    /// Where the record came from (names it in per-item reports).
+    pub origin: Origin,
+    /// The question, its options and answer (for grading), the reference trace and the
+    /// rubric (for judging traces).
+    pub mcq: Mcq,
+    pub reference: Option<String>,
+    pub rubric: Option<Rubric>,
 }
 
 pub struct EvalSet {
@@ -85,6 +93,10 @@ pub fn load_eval_set(
                                 .iter()
                                 .filter_map(|k| s.meta.get(*k).map(|v| (k.to_string(), v.clone())))
                                 .collect(),
+                            origin: s.origin.clone(),
+                            mcq: q.clone(),
+                            reference: s.reasoning.clone(),
+                            rubric: s.rubric.clone(),
                         }),
                         Err(r) => set
                             .skipped

@@ -5,6 +5,7 @@ mod batches;
 mod bench_data;
 mod data;
 mod demo;
+mod eval_cmd;
 mod exit;
 mod model_cmd;
 mod plot;
@@ -51,6 +52,8 @@ enum Cmd {
     Sft(sft_cmd::SftArgs),
     /// Export a checkpoint as a Hugging Face folder with a model card.
     Export(sft_cmd::ExportArgs),
+    /// OpenMedReason-Bench: answer accuracy, PKR trace score with a judge, pairwise preference.
+    Eval(eval_cmd::EvalArgs),
     /// Charts of a run's metrics.jsonl (loss, learning rate, eval metrics) as PNG and/or SVG.
     Plot(plot::PlotArgs),
 }
@@ -78,6 +81,7 @@ fn main() {
         Cmd::Generate(a) => model_cmd::generate_cmd(a),
         Cmd::Sft(a) => sft_cmd::run(a),
         Cmd::Export(a) => sft_cmd::export(a),
+        Cmd::Eval(a) => eval_cmd::run(a),
         Cmd::Plot(a) => plot::run(a),
     };
     match result {
