@@ -2,7 +2,7 @@
 //! SGLang server, or a hosted API) asked one rubric question per request.
 //!
 //! Notable choices:
-//! - Settings come from a `[judge]` TOML table, each with an environment fallback:
+//! - Settings come from the `[judge]` table (`config.rs`), each with an environment fallback:
 //!   `url` ← `OMR_JUDGE_URL`, `model` ← `OMR_JUDGE_MODEL`, `api_key` ← `OMR_JUDGE_API_KEY`,
 //!   then `OPENAI_API_KEY` (no key: no `Authorization` header, as a local vLLM wants),
 //!   `cache_dir` ← `OMR_JUDGE_CACHE`, else `$XDG_CACHE_HOME/omr/judge` or
@@ -22,6 +22,8 @@
 //!   orders agree (else a tie), which cancels the judge's position bias.
 
 use super::cache::Cache;
+pub use super::config::JudgeConfig;
+use super::prompt;
 use super::{Judge, JudgeError, PairRef, Preference, Stats, TraceRef};
 use crate::pkr::{Axis, Correctness, Presence};
 use omr_data::sample::RubricUnit;
@@ -29,89 +31,6 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-/// The `[judge]` table of an eval config.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JudgeConfig {
-    /// `rules` (offline) or `http`; `omr eval --judge` overrides it.
-    pub kind: String,
-    pub url: Option<String>,
-    pub model: Option<String>,
-    /// Prefer the environment (`OMR_JUDGE_API_KEY`) to a key written in a file.
-    pub api_key: Option<String>,
-    pub timeout_s: f64,
-    pub connect_timeout_s: f64,
-    /// Retries after the first attempt, on 429, 5xx and transport failures.
-    pub retries: u32,
-    /// First backoff; doubles on each retry, capped at `max_backoff_s`.
-    pub backoff_s: f64,
-    pub max_backoff_s: f64,
-    pub max_tokens: u32,
-    /// Requests in flight at once.
-    pub concurrency: usize,
-    pub cache: bool,
-    pub cache_dir: Option<PathBuf>,
-}
-
-impl Default for JudgeConfig {
-    fn default() -> Self {
-        JudgeConfig {
-            kind: "rules".into(),
-            url: None,
-            model: None,
-            api_key: None,
-            timeout_s: 120.0,
-            connect_timeout_s: 10.0,
-            retries: 4,
-            backoff_s: 1.0,
-            max_backoff_s: 30.0,
-            max_tokens: 16,
-            concurrency: 8,
-            cache: true,
-            cache_dir: None,
-        }
-    }
-}
-
-impl JudgeConfig {
-    /// The `[judge]` table of a TOML file (other tables are left to their owners); the
-    /// defaults when the file has none.
-    pub fn from_toml_file(path: &Path) -> Result<JudgeConfig, JudgeError> {
-        let bad = |d: String| JudgeError::Config(format!("{}: {d}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let Some(judge) = table.remove("judge") else {
-            return Ok(JudgeConfig::default());
-        };
-        let cfg: JudgeConfig = judge
-            .try_into()
-            .map_err(|e: toml::de::Error| bad(format!("[judge]: {}", e.message())))?;
-        cfg.check().map_err(|d| bad(format!("[judge]: {d}")))?;
-        Ok(cfg)
-    }
-
-    fn check(&self) -> Result<(), String> {
-        if !matches!(self.kind.as_str(), "rules" | "http") {
-            return Err(format!("kind = {:?}: use \"rules\" or \"http\"", self.kind));
-        }
-        for (k, v) in [
-            ("timeout_s", self.timeout_s),
-            ("connect_timeout_s", self.connect_timeout_s),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(format!("{k} must be a positive number of seconds, not {v}"));
-            }
-        }
-        if !(self.backoff_s >= 0.0 && self.max_backoff_s >= 0.0) {
-            return Err("backoff_s and max_backoff_s must be ≥ 0".into());
-        }
-        if self.concurrency == 0 || self.max_tokens == 0 {
-            return Err("concurrency and max_tokens must be ≥ 1".into());
-        }
-        Ok(())
-    }
-}
 
 pub struct HttpJudge {
     endpoint: String,
@@ -123,9 +42,6 @@ pub struct HttpJudge {
     requests: AtomicUsize,
     cache_hits: AtomicUsize,
 }
-
-const SYSTEM: &str = "You grade medical reasoning traces against a rubric written by experts. \
-You answer one question about one trace, with exactly the answer format asked for and nothing else.";
 
 impl HttpJudge {
     /// Resolves the settings (config first, then `env`, see the module doc).
@@ -201,7 +117,7 @@ impl HttpJudge {
         user: &str,
         parse: impl Fn(&str) -> Result<T, JudgeError>,
     ) -> Result<T, JudgeError> {
-        let key = Cache::key(&self.model, SYSTEM, user);
+        let key = Cache::key(&self.model, prompt::SYSTEM, user);
         if let Some(cache) = &self.cache {
             if let Some(reply) = cache.get(&key) {
                 if let Ok(v) = parse(&reply) {
@@ -223,7 +139,7 @@ impl HttpJudge {
         let body = serde_json::json!({
             "model": self.model,
             "messages": [
-                {"role": "system", "content": SYSTEM},
+                {"role": "system", "content": prompt::SYSTEM},
                 {"role": "user", "content": user},
             ],
             "temperature": 0,
@@ -349,16 +265,10 @@ impl Judge for HttpJudge {
         axis: Axis,
         unit: &RubricUnit,
     ) -> Result<Presence, JudgeError> {
-        let prompt = unit_prompt(
-            t,
-            axis,
-            unit,
-            &unit.presence_question,
-            "Reply 2 if the trace addresses this point explicitly, 1 if only partly or vaguely, \
-             0 if not at all. Reply with the single digit only.",
-        );
+        let prompt = prompt::presence(t, axis, unit);
         self.ask(&prompt, |reply| {
-            parse_presence(reply).ok_or_else(|| unparsable(t, unit, "presence", "0, 1 or 2", reply))
+            prompt::parse_presence(reply)
+                .ok_or_else(|| unparsable(t, unit, "presence", "0, 1 or 2", reply))
         })
     }
 
@@ -368,25 +278,18 @@ impl Judge for HttpJudge {
         axis: Axis,
         unit: &RubricUnit,
     ) -> Result<Correctness, JudgeError> {
-        let prompt = unit_prompt(
-            t,
-            axis,
-            unit,
-            &unit.correctness_question,
-            "Reply 1 if what the trace says about this point agrees with the rubric unit, -1 if \
-             it contradicts it, 0 if it cannot be told. Reply with the number only.",
-        );
+        let prompt = prompt::correctness(t, axis, unit);
         self.ask(&prompt, |reply| {
-            parse_correctness(reply)
+            prompt::parse_correctness(reply)
                 .ok_or_else(|| unparsable(t, unit, "correctness", "-1, 0 or 1", reply))
         })
     }
 
     fn prefer(&self, p: &PairRef) -> Result<Option<Preference>, JudgeError> {
         let ask = |first: &str, second: &str| {
-            let prompt = pair_prompt(p, first, second);
+            let prompt = prompt::pair(p, first, second);
             self.ask(&prompt, |reply| {
-                parse_preference(reply).ok_or_else(|| JudgeError::Unparsable {
+                prompt::parse_preference(reply).ok_or_else(|| JudgeError::Unparsable {
                     item: p.item.to_string(),
                     unit: "pairwise".into(),
                     question: "preference",
@@ -405,41 +308,6 @@ impl Judge for HttpJudge {
     }
 }
 
-fn unit_prompt(t: &TraceRef, axis: Axis, unit: &RubricUnit, question: &str, how: &str) -> String {
-    format!(
-        "Question given to the model:\n{}\n\nThe model's reasoning trace:\n<<<\n{}\n>>>\n\n\
-         Rubric unit ({} axis, {}): {}\nReference wording: \"{}\"\n\n{}\n{}",
-        t.question.trim(),
-        t.trace.trim(),
-        axis.as_str(),
-        unit.importance,
-        unit.claim.trim(),
-        unit.source_quote.trim(),
-        question.trim(),
-        how
-    )
-}
-
-fn pair_prompt(p: &PairRef, first: &str, second: &str) -> String {
-    let reference = p
-        .reference
-        .map(|r| {
-            format!(
-                "Reference reasoning (a guide for you, not a candidate):\n<<<\n{}\n>>>\n\n",
-                r.trim()
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "Question given to two models:\n{}\n\n{reference}Trace A:\n<<<\n{}\n>>>\n\nTrace B:\n<<<\n{}\n>>>\n\n\
-         Which trace reasons better: correct image findings, correct medical knowledge, and a \
-         rationale that connects them to the right answer? Reply A, B or TIE only.",
-        p.question.trim(),
-        first.trim(),
-        second.trim()
-    )
-}
-
 /// `{url}/chat/completions`; a bare `scheme://host[:port]` gets `/v1` first.
 fn endpoint(url: &str) -> String {
     let u = url.trim().trim_end_matches('/');
@@ -451,45 +319,6 @@ fn endpoint(url: &str) -> String {
         format!("{u}/chat/completions")
     } else {
         format!("{u}/v1/chat/completions")
-    }
-}
-
-/// The reply with white space, a leading `<think>…</think>` block and one trailing period
-/// removed: what must then be exactly one allowed answer.
-fn answer_text(reply: &str) -> &str {
-    let mut r = reply.trim();
-    if let Some(rest) = r.strip_prefix("<think>") {
-        if let Some((_, after)) = rest.split_once("</think>") {
-            r = after.trim();
-        }
-    }
-    r.strip_suffix('.').unwrap_or(r).trim()
-}
-
-pub fn parse_presence(reply: &str) -> Option<Presence> {
-    match answer_text(reply) {
-        "0" => Some(Presence::Absent),
-        "1" => Some(Presence::Partial),
-        "2" => Some(Presence::Full),
-        _ => None,
-    }
-}
-
-pub fn parse_correctness(reply: &str) -> Option<Correctness> {
-    match answer_text(reply) {
-        "-1" | "\u{2212}1" => Some(Correctness::Wrong),
-        "0" => Some(Correctness::Unclear),
-        "1" | "+1" => Some(Correctness::Right),
-        _ => None,
-    }
-}
-
-pub fn parse_preference(reply: &str) -> Option<Preference> {
-    match answer_text(reply).to_ascii_uppercase().as_str() {
-        "A" => Some(Preference::A),
-        "B" => Some(Preference::B),
-        "TIE" => Some(Preference::Tie),
-        _ => None,
     }
 }
 
@@ -552,26 +381,6 @@ mod tests {
             endpoint("https://api.example.com/openai/v1/chat/completions"),
             "https://api.example.com/openai/v1/chat/completions"
         );
-    }
-
-    #[test]
-    fn strict_parses() {
-        assert_eq!(parse_presence(" 2\n"), Some(Presence::Full));
-        assert_eq!(parse_presence("1."), Some(Presence::Partial));
-        assert_eq!(
-            parse_presence("<think>hmm, 1 or 2</think>\n0"),
-            Some(Presence::Absent)
-        );
-        for bad in ["3", "two", "2 (explicit)", "The answer is 2", "", "1/2"] {
-            assert_eq!(parse_presence(bad), None, "{bad:?}");
-        }
-        assert_eq!(parse_correctness("+1"), Some(Correctness::Right));
-        assert_eq!(parse_correctness("−1"), Some(Correctness::Wrong));
-        assert_eq!(parse_correctness("0"), Some(Correctness::Unclear));
-        assert_eq!(parse_correctness("2"), None);
-        assert_eq!(parse_preference("tie"), Some(Preference::Tie));
-        assert_eq!(parse_preference("B."), Some(Preference::B));
-        assert_eq!(parse_preference("Trace B"), None);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! Judges are `Sync`: the evaluation asks about many items at once (`run.rs`).
 
 pub mod cache;
+pub mod config;
 pub mod http;
+pub mod prompt;
 pub mod rules;
 
 use crate::pkr::{self, Axis, Correctness, Presence, TraceScore, UnitVerdict};
