@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod chat;
 pub mod collate;
 pub mod config;
+pub mod grade;
 pub mod image;
 pub mod loader;
 pub mod mcq;

@@ -106,7 +106,7 @@ pub fn answer_tag(text: &str) -> Option<String> {
 }
 
 /// The option letter an answer names: `b`, `B`, `B.`, `(B)`, `B) text`, `B. text` → `B`.
-fn answer_letter(answer: &str, options: &[(String, String)]) -> Option<String> {
+pub(crate) fn answer_letter(answer: &str, options: &[(String, String)]) -> Option<String> {
     let a = answer.trim();
     let letter = if let Some((l, _)) = option_line(&a.to_ascii_uppercase()) {
         l

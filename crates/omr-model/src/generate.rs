@@ -30,6 +30,9 @@ pub struct SamplingConfig {
     pub eos_token_ids: Vec<u32>,
     /// Keep each step's logits (tests compare them with a full forward).
     pub keep_logits: bool,
+    /// Ids never sampled (their logits count as −∞, in the log-probs too): GRPO keeps the
+    /// vision placeholders out of completions, where they would be taken for image tokens.
+    pub suppress_tokens: Vec<u32>,
 }
 
 impl Default for SamplingConfig {
@@ -42,6 +45,7 @@ impl Default for SamplingConfig {
             seed: 0,
             eos_token_ids: Vec::new(),
             keep_logits: false,
+            suppress_tokens: Vec::new(),
         }
     }
 }
@@ -148,6 +152,19 @@ pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Resul
 /// Picks a token from one row of logits; returns it with its log-probability under
 /// softmax(logits / temperature) (plain softmax when greedy).
 fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u32, f32) {
+    let suppressed;
+    let logits = if cfg.suppress_tokens.is_empty() {
+        logits
+    } else {
+        let mut l = logits.to_vec();
+        for &t in &cfg.suppress_tokens {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        suppressed = l;
+        &suppressed[..]
+    };
     let temp = if cfg.temperature > 0.0 {
         cfg.temperature as f32
     } else {

@@ -244,7 +244,7 @@ impl SftConfig {
 }
 
 /// `a.b.c=value` → tree["a"]["b"]["c"] = value (tables created as needed).
-fn apply_set(tree: &mut toml::Table, set: &str) -> Result<(), String> {
+pub(crate) fn apply_set(tree: &mut toml::Table, set: &str) -> Result<(), String> {
     let (key, raw) = set
         .split_once('=')
         .ok_or("expected section.key=value".to_string())?;

@@ -8,13 +8,13 @@
 
 use crate::batch;
 use crate::card::EvalResult;
-use crate::config::SftConfig;
+use crate::config::EvalConfig;
 use crate::setup::Built;
 use candle_core::{Device, Tensor};
 use omr_data::collate::collate;
 use omr_data::pipeline::{Processor, Prompt};
-use omr_data::source::{self, SourceSpec};
 use omr_data::sample::{Mcq, Origin, Rubric};
+use omr_data::source::{self, SourceSpec};
 use omr_data::{mcq, Encoded};
 use omr_model::generate::{generate, SamplingConfig};
 use omr_model::linear::Ctx;
@@ -228,14 +228,13 @@ pub fn left_padded<'a>(
 pub fn evaluate_run(
     model: &Qwen2VL,
     set: &EvalSet,
-    cfg: &SftConfig,
+    cfg: &EvalConfig,
+    sources: &[SourceSpec],
     processor: &Processor,
     built: &Built,
 ) -> crate::Result<Vec<EvalResult>> {
-    let split = cfg.eval.split.clone();
-    let dataset = cfg
-        .data
-        .sources
+    let split = cfg.split.clone();
+    let dataset = sources
         .first()
         .map(|s| s.display_name())
         .unwrap_or_default();
@@ -248,17 +247,12 @@ pub fn evaluate_run(
     };
     let mut out = Vec::new();
     if !set.loss_items.is_empty() {
-        let l = eval_loss(
-            model,
-            &set.loss_items,
-            cfg.eval.batch_size,
-            processor.pad_id(),
-        )?;
+        let l = eval_loss(model, &set.loss_items, cfg.batch_size, processor.pad_id())?;
         out.push(row("loss", l));
     }
     if !set.gen_items.is_empty() {
         let sampling = SamplingConfig {
-            max_new_tokens: cfg.eval.max_new_tokens,
+            max_new_tokens: cfg.max_new_tokens,
             eos_token_ids: built.eos_token_ids.clone(),
             ..Default::default()
         };
@@ -267,7 +261,7 @@ pub fn evaluate_run(
         let acc = eval_accuracy(
             model,
             &set.gen_items,
-            cfg.eval.batch_size,
+            cfg.batch_size,
             processor.pad_id(),
             &sampling,
             &decode,

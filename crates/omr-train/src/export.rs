@@ -9,8 +9,9 @@
 
 use crate::card::{DatasetInfo, EvalResult, ModelCard};
 use crate::checkpoint;
-use crate::config::SftConfig;
+use crate::config::{ExportConfig, SftConfig};
 use crate::error::{Result, TrainError};
+use crate::grpo_config::{is_grpo_toml, GrpoConfig};
 use crate::setup::{self, Built};
 use crate::snapshot::{eval_rows, read_saved_state};
 use candle_core::{DType, Device};
@@ -26,7 +27,36 @@ pub fn export(
     step: u64,
     eval: &[EvalResult],
 ) -> Result<()> {
-    let dtype = match cfg.export.dtype.as_str() {
+    let card = model_card(built, cfg, step, adapter_only(built, merge_lora), eval);
+    export_with_card(built, &cfg.export, out, merge_lora, &card)
+}
+
+/// The export of a GRPO run: the same folder, with the GRPO recipe in the card.
+pub fn export_grpo(
+    built: &Built,
+    cfg: &GrpoConfig,
+    out: &Path,
+    merge_lora: bool,
+    step: u64,
+    eval: &[EvalResult],
+) -> Result<()> {
+    let card = grpo_model_card(built, cfg, step, adapter_only(built, merge_lora), eval);
+    export_with_card(built, &cfg.export, out, merge_lora, &card)
+}
+
+fn adapter_only(built: &Built, merge_lora: bool) -> bool {
+    built.params.lora.is_some() && !merge_lora
+}
+
+/// Weights (HF layout or PEFT adapter) + processor files + `README.md` from `card`.
+pub fn export_with_card(
+    built: &Built,
+    export: &ExportConfig,
+    out: &Path,
+    merge_lora: bool,
+    card: &ModelCard,
+) -> Result<()> {
+    let dtype = match export.dtype.as_str() {
         "float32" | "f32" => DType::F32,
         "bfloat16" | "bf16" => DType::BF16,
         "float16" | "f16" => DType::F16,
@@ -36,7 +66,7 @@ pub fn export(
             )))
         }
     };
-    let max_shard_bytes = parse_size(&cfg.export.max_shard_size)
+    let max_shard_bytes = parse_size(&export.max_shard_size)
         .map_err(|e| TrainError::Usage(format!("export.max_shard_size: {e}")))?;
     let is_lora = built.params.lora.is_some();
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
@@ -57,7 +87,6 @@ pub fn export(
         pretrained::save(out, &built.cfg, &tensors, &opts)?;
         write_generation_config(built, out)?;
     }
-    let card = model_card(built, cfg, step, is_lora && !merge_lora, eval);
     let path = out.join("README.md");
     std::fs::write(&path, card.render()).map_err(TrainError::io(&path))?;
     Ok(())
@@ -159,6 +188,101 @@ fn model_card(
 }
 
 /// Provenance and licence of a training source, from its own dataset card when it has one.
+fn grpo_model_card(
+    built: &Built,
+    cfg: &GrpoConfig,
+    step: u64,
+    adapter: bool,
+    eval: &[EvalResult],
+) -> ModelCard {
+    let (n, trainable) = built.params.counts();
+    let g = &cfg.grpo;
+    let o = &cfg.objective;
+    let r = &cfg.rewards;
+    let mut training = vec![
+        (
+            "recipe".to_string(),
+            "GRPO reinforcement learning (omr grpo)".to_string(),
+        ),
+        ("rollout steps".into(), step.to_string()),
+        (
+            "prompts × completions per step".into(),
+            format!("{} × {}", g.prompts_per_step, g.group_size),
+        ),
+        (
+            "objective".into(),
+            format!(
+                "{:?}, scale_rewards {:?}, epsilon {} / {}, beta {}",
+                o.loss_type, o.scale_rewards, o.epsilon, o.epsilon_high, o.beta
+            )
+            .to_lowercase(),
+        ),
+        (
+            "rewards (weights)".into(),
+            format!(
+                "accuracy {}, format {}, overlong {}",
+                r.accuracy, r.format, r.overlong
+            ),
+        ),
+        (
+            "sampling".into(),
+            format!(
+                "temperature {}, top_p {}, top_k {}, max {} tokens",
+                g.temperature, g.top_p, g.top_k, g.max_completion_length
+            ),
+        ),
+        ("peak learning rate".into(), format!("{:e}", cfg.optim.lr)),
+        (
+            "parameters (trainable / total)".into(),
+            format!("{trainable} / {n}"),
+        ),
+        ("seed".into(), cfg.train.seed.to_string()),
+        ("omr version".into(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    if let Some(l) = &cfg.model.lora {
+        training.push((
+            "LoRA".into(),
+            format!(
+                "r {} alpha {} targets {}{}",
+                l.r,
+                l.alpha,
+                l.targets.join(","),
+                if adapter {
+                    " (adapter only)"
+                } else {
+                    " (merged)"
+                }
+            ),
+        ));
+    }
+    ModelCard {
+        model_name: cfg
+            .run
+            .dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "omr-grpo".into()),
+        repo_id: String::new(),
+        base_model: built.base_id.clone(),
+        datasets: cfg
+            .data
+            .sources
+            .iter()
+            .map(|s| dataset_info(s, &cfg.export.data_license))
+            .collect(),
+        license: cfg.export.license.clone(),
+        tags: vec![
+            "grpo".into(),
+            "reinforcement-learning".into(),
+            "qwen2.5-vl".into(),
+        ],
+        pipeline_tag: "image-text-to-text".into(),
+        recipe: "GRPO".into(),
+        training,
+        eval: eval.to_vec(),
+    }
+}
+
 fn dataset_info(s: &omr_data::source::SourceSpec, default_licence: &str) -> DatasetInfo {
     if let Some(hub) = &s.hub {
         return DatasetInfo {
@@ -201,12 +325,27 @@ fn dataset_info(s: &omr_data::source::SourceSpec, default_licence: &str) -> Data
 pub fn export_checkpoint(dir: &Path, out: &Path, merge_lora: bool) -> Result<()> {
     checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
     let cfg_path = dir.join("config.toml");
-    let cfg = SftConfig::load(&cfg_path, &[])?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(TrainError::io(&cfg_path))?;
     let device = Device::Cpu;
+    let saved = read_saved_state(dir)?;
+    if is_grpo_toml(&text) {
+        let cfg = GrpoConfig::load(&cfg_path, &[])?;
+        let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+        setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
+        let eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
+        return export_grpo(
+            &built,
+            &cfg,
+            out,
+            merge_lora || cfg.export.merge_lora,
+            saved.train.step,
+            &eval,
+        );
+    }
+    let cfg = SftConfig::load(&cfg_path, &[])?;
     let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
     setup::restore_trainable(&built.params, &dir.join("weights.safetensors"), &device)?;
-    let saved = read_saved_state(dir)?;
-    let eval = eval_rows(&cfg, &saved.eval);
+    let eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
     crate::export::export(
         &built,
         &cfg,

@@ -1,6 +1,8 @@
 //! omr-train: the training recipes and the state they own.
 //!
-//! `sft::run` is the supervised fine-tuning loop, one function read top to bottom (STYLE.md).
+//! `sft::run` is the supervised fine-tuning loop and `grpo::run` the GRPO one, each one function
+//! read top to bottom (STYLE.md); `rewards` and `rollout` are GRPO's parts, `grpo_loss` its
+//! objective.
 //! Everything it shares with the GRPO recipe lives in its own module: the optimizer (`optim`,
 //! AdamW with fp32 masters and moments), learning-rate `schedule`s, the checkpoint commit
 //! protocol of RELIABILITY.md (`checkpoint`), the one struct holding the full resume state
@@ -13,9 +15,13 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod grpo;
+pub mod grpo_config;
 pub mod grpo_loss;
 pub mod metrics;
 pub mod optim;
+pub mod rewards;
+pub mod rollout;
 pub mod schedule;
 pub mod setup;
 pub mod sft;

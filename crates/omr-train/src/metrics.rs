@@ -292,6 +292,28 @@ impl Metrics {
         Ok(())
     }
 
+    /// A recipe's own step record (GRPO): `line` to stderr, `values` (full names such as
+    /// `grpo/reward_mean`) as one jsonl record and TensorBoard scalars, the bar moved to `step`.
+    pub fn log_step_fields(
+        &mut self,
+        step: u64,
+        line: &str,
+        values: &[(String, f64)],
+    ) -> Result<()> {
+        let wall_time = unix_now();
+        self.print(line);
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+        }
+        let fields = values.iter().map(|(n, v)| (n.as_str(), Value::Float(*v)));
+        self.append(&record(step, wall_time, fields))?;
+        for (name, v) in values {
+            self.tb.add_scalar(name, *v, step, wall_time)?;
+        }
+        self.tb.flush()?;
+        Ok(())
+    }
+
     /// Leaves the progress bar where the run stopped and flushes TensorBoard; the jsonl is
     /// written through already.
     pub fn finish(&mut self) {

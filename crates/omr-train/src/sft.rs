@@ -122,7 +122,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
         st = saved.train;
         // Later checkpoints (and their model cards) carry the last eval, as without the stop.
-        last_eval = eval_rows(cfg, &saved.eval);
+        last_eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
         let changed = state::changed_files(&st.processor, &processor_hashes);
         if !changed.is_empty() && !opts.allow_processor_change {
             return Err(TrainError::Usage(format!(
@@ -247,7 +247,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             // Mid-accumulation: nothing of this step is kept; its data is read again on resume.
             commit(
                 &ckpt_root,
-                cfg,
+                cfg.checkpoint.keep_last,
                 &resolved,
                 &st,
                 &built,
@@ -334,7 +334,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         let eval_due = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
         if let Some(set) = &eval_set {
             if eval_due || last {
-                last_eval = eval::evaluate_run(&model, set, cfg, &processor, &built)?;
+                last_eval = eval::evaluate_run(
+                    &model,
+                    set,
+                    &cfg.eval,
+                    &cfg.data.sources,
+                    &processor,
+                    &built,
+                )?;
                 let values: Vec<(String, f64)> = last_eval
                     .iter()
                     .map(|r| (format!("eval/{}", r.metric), r.value))
@@ -350,7 +357,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         if last || stop || cfg.checkpoint.is_due(step) {
             commit(
                 &ckpt_root,
-                cfg,
+                cfg.checkpoint.keep_last,
                 &resolved,
                 &st,
                 &built,

@@ -5,12 +5,12 @@
 
 use crate::card::EvalResult;
 use crate::checkpoint::{self, FailureCounter};
-use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::setup::{self, Built};
 use crate::state::TrainState;
 use candle_core::{Device, Tensor};
+use omr_data::source::SourceSpec;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,7 +19,7 @@ use std::path::Path;
 #[allow(clippy::too_many_arguments)]
 pub fn commit(
     root: &Path,
-    cfg: &SftConfig,
+    keep_last: usize,
     resolved: &str,
     st: &TrainState,
     built: &Built,
@@ -37,7 +37,7 @@ pub fn commit(
     let result = checkpoint::save(
         root,
         st.step,
-        cfg.checkpoint.keep_last,
+        keep_last,
         |dir: &Path| -> std::result::Result<(), candle_core::Error> {
             let weights: HashMap<String, Tensor> = setup::trainable_tensors(&built.params)
                 .into_iter()
@@ -89,10 +89,8 @@ pub fn load_checkpoint(
 }
 
 /// The (metric, value) pairs of `state.json` as model-card eval rows.
-pub fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
-    let dataset = cfg
-        .data
-        .sources
+pub fn eval_rows(sources: &[SourceSpec], split: &str, saved: &[(String, f64)]) -> Vec<EvalResult> {
+    let dataset = sources
         .first()
         .map(|s| s.display_name())
         .unwrap_or_default();
@@ -101,7 +99,7 @@ pub fn eval_rows(cfg: &SftConfig, saved: &[(String, f64)]) -> Vec<EvalResult> {
         .map(|(metric, value)| EvalResult {
             task: "visual-question-answering".into(),
             dataset: dataset.clone(),
-            split: cfg.eval.split.clone(),
+            split: split.to_string(),
             metric: metric.clone(),
             value: *value,
         })

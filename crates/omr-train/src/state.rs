@@ -41,6 +41,27 @@ pub struct TrainState {
     /// Hashes of the files that turn data into tokens and pixels; resuming with other files
     /// would silently change the data, so it is refused unless asked for.
     pub processor: BTreeMap<String, String>,
+    /// What only GRPO runs carry (absent in SFT checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GrpoState>,
+}
+
+/// The GRPO part of the resume state. The prompt cursor is `TrainState::loader`; sampling has no
+/// RNG state to save because every draw is keyed by (seed, step, round, chunk, row).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpoState {
+    /// Optimizer updates so far (`num_iterations` per step; the schedule's position).
+    pub updates: u64,
+    /// sha256 of the frozen reference model's weights when `objective.beta > 0`: a resumed run
+    /// must compare against the same reference it started with.
+    pub reference: Option<String>,
+    /// Length of `completions.jsonl` at this point (cut back on resume, like the quarantine).
+    pub completions_bytes: u64,
+    /// Groups dropped: no reward could score a completion, or (dynamic sampling) no variance.
+    pub groups_unscored: u64,
+    pub groups_zero_std: u64,
+    /// Per reward: completions it could not score, over the run.
+    pub reward_failures: BTreeMap<String, u64>,
 }
 
 impl TrainState {
@@ -58,6 +79,7 @@ impl TrainState {
             tokens: 0,
             samples: 0,
             processor,
+            grpo: None,
         }
     }
 }

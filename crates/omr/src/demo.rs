@@ -1,9 +1,10 @@
 //! `omr demo`: the README's first command. On a fresh machine, on CPU: synthesise
 //! OpenMedReason-style shards and train their tokenizer, validate both splits, train a tiny
 //! Qwen2.5-VL from scratch with the SFT recipe (`configs/sft/tiny.toml`, embedded), export it
-//! in Hugging Face format, and print base vs SFT accuracy on the synthetic bench (the test
-//! split), next to chance. The SFT row is measured on the *exported* folder, loaded back the
-//! way any user would load it, so the table also checks the export.
+//! in Hugging Face format, continue it with GRPO (`configs/grpo/tiny.toml`, embedded), and
+//! print base / SFT / GRPO accuracy on the synthetic bench (the test split), next to chance.
+//! The SFT and GRPO columns are measured on the *exported* folders, loaded back the way any
+//! user would load them, so the table also checks the exports.
 
 use crate::data::{self, DataArgs, ModelArgs, SynthArgs, ValidateArgs};
 use crate::exit::{Exit, Tag};
@@ -16,6 +17,8 @@ use omr_model::model::Qwen2VL;
 use omr_model::pretrained;
 use omr_train::config::SftConfig;
 use omr_train::eval::{self, Accuracy, GenItem};
+use omr_train::grpo;
+use omr_train::grpo_config::GrpoConfig;
 use omr_train::setup;
 use omr_train::sft::{self, Outcome, Resume, RunOptions};
 use omr_train::signals::StopFlag;
@@ -24,6 +27,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 const PRESET: &str = include_str!("../../../configs/sft/tiny.toml");
+const GRPO_PRESET: &str = include_str!("../../../configs/grpo/tiny.toml");
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -38,6 +42,9 @@ pub struct DemoArgs {
     /// Extra overrides of the embedded SFT preset (e.g. --set train.max_steps=50).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Extra overrides of the embedded GRPO preset (e.g. --grpo-set train.max_steps=10).
+    #[arg(long = "grpo-set", value_name = "SECTION.KEY=VALUE")]
+    pub grpo_sets: Vec<String>,
 }
 
 pub fn run(a: DemoArgs) -> crate::Result<()> {
@@ -136,14 +143,61 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         &eos,
     )?;
 
-    print_table(&base_acc, &sft_acc, eval::chance(&bench.gen_items));
+    let grpo_dir = a.out.join("grpo");
+    let mut gsets = vec![
+        format!("run.dir={}", toml_str(&grpo_dir)),
+        format!("model.path={}", toml_str(&run_dir.join("export"))),
+        format!("data.sources.0.path={}", toml_str(&data_dir)),
+        "eval.generate_samples=0".to_string(),
+    ];
+    gsets.extend(a.grpo_sets.iter().cloned());
+    let gcfg = GrpoConfig::from_toml_str(GRPO_PRESET, "configs/grpo/tiny.toml (embedded)", &gsets)
+        .usage()?;
     eprintln!(
-        "demo finished in {:.0}s (training {:.0}s); run directory {}, HF export {}; `omr plot {}` draws the curves",
+        "== 6. GRPO from the SFT model ({} steps of {} prompts × {} completions, {})",
+        gcfg.train.max_steps,
+        gcfg.grpo.prompts_per_step,
+        gcfg.grpo.group_size,
+        grpo_dir.display()
+    );
+    if grpo_dir.exists() {
+        std::fs::remove_dir_all(&grpo_dir)?;
+    }
+    let t_grpo = Instant::now();
+    match grpo::run(&gcfg, &opts).map_err(train_error)? {
+        Outcome::Done { .. } => {}
+        Outcome::Preempted { step } => {
+            return Err(Exit {
+                code: 75,
+                err: anyhow::anyhow!("demo interrupted in GRPO at step {step}"),
+            })
+        }
+    }
+    let grpo_s = t_grpo.elapsed().as_secs_f64();
+    eprintln!(
+        "== 7. the GRPO export, loaded back from {}",
+        grpo_dir.join("export").display()
+    );
+    let exported = pretrained::load_dir(&grpo_dir.join("export"), DType::F32, &Device::Cpu)?;
+    let grpo_acc = score(
+        &Qwen2VL::new(&exported.config, &exported.params)?,
+        &bench.gen_items,
+        &cfg,
+        &processor,
+        &eos,
+    )?;
+
+    print_table(
+        &[("base", &base_acc), ("SFT", &sft_acc), ("GRPO", &grpo_acc)],
+        eval::chance(&bench.gen_items),
+    );
+    eprintln!(
+        "demo finished in {:.0}s (SFT {:.0}s, GRPO {:.0}s); runs {} and {}, HF exports in their export/; `omr plot DIR` draws the curves",
         t0.elapsed().as_secs_f64(),
         train_s,
+        grpo_s,
         run_dir.display(),
-        run_dir.join("export").display(),
-        run_dir.display()
+        grpo_dir.display(),
     );
     Ok(())
 }
@@ -172,48 +226,54 @@ fn score(
     )?)
 }
 
-fn print_table(base: &Accuracy, sft: &Accuracy, chance: f64) {
+fn print_table(cols: &[(&str, &Accuracy)], chance: f64) {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let row = |label: &str, values: Vec<String>| {
+        let mut line = format!("| {label:<28} |");
+        for v in values {
+            line.push_str(&format!(" {v:>8} |"));
+        }
+        println!("{line}");
+    };
     println!();
     println!(
         "OpenMedReason-style synthetic bench (test split, {} questions, greedy)",
-        sft.total
+        cols.last().map_or(0, |c| c.1.total)
     );
-    println!(
-        "| {:<28} | {:>8} | {:>8} | {:>8} |",
-        "", "base", "SFT", "chance"
-    );
-    println!("|{:-<30}|{:->10}|{:->10}|{:->10}|", "", "", "", "");
-    println!(
-        "| {:<28} | {:>8} | {:>8} | {:>8} |",
-        "answer accuracy",
-        pct(base.value()),
-        pct(sft.value()),
-        pct(chance)
-    );
-    println!(
-        "| {:<28} | {:>8} | {:>8} | {:>8} |",
-        "<answer> tag present",
-        pct(base.format_rate()),
-        pct(sft.format_rate()),
-        ""
-    );
-    for ((key, value), (ok, n)) in &sft.by_group {
+    let mut head: Vec<String> = cols.iter().map(|c| c.0.to_string()).collect();
+    head.push("chance".into());
+    row("", head);
+    let mut sep = format!("|{:-<30}|", "");
+    for _ in 0..=cols.len() {
+        sep.push_str(&format!("{:->10}|", ""));
+    }
+    println!("{sep}");
+    let mut acc: Vec<String> = cols.iter().map(|c| pct(c.1.value())).collect();
+    acc.push(pct(chance));
+    row("answer accuracy", acc);
+    let mut fmt: Vec<String> = cols.iter().map(|c| pct(c.1.format_rate())).collect();
+    fmt.push(String::new());
+    row("<answer> tag present", fmt);
+    let Some((_, last)) = cols.last() else {
+        return;
+    };
+    for ((key, value), (_, n)) in &last.by_group {
         if key != "task_family" {
             continue;
         }
-        let (bok, bn) = base
-            .by_group
-            .get(&(key.clone(), value.clone()))
-            .copied()
-            .unwrap_or((0, 0));
-        println!(
-            "| {:<28} | {:>8} | {:>8} | {:>8} |",
-            format!("  {value} ({n})"),
-            pct(bok as f64 / bn.max(1) as f64),
-            pct(*ok as f64 / (*n).max(1) as f64),
-            ""
-        );
+        let mut v: Vec<String> = cols
+            .iter()
+            .map(|c| {
+                let (ok, n) =
+                    c.1.by_group
+                        .get(&(key.clone(), value.clone()))
+                        .copied()
+                        .unwrap_or((0, 0));
+                pct(ok as f64 / n.max(1) as f64)
+            })
+            .collect();
+        v.push(String::new());
+        row(&format!("  {value} ({n})"), v);
     }
 }
 

@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod eval_cmd;
 mod exit;
+mod grpo_cmd;
 mod model_cmd;
 mod plot;
 mod sft_cmd;
@@ -50,7 +51,9 @@ enum Cmd {
     Generate(model_cmd::GenerateArgs),
     /// Supervised fine-tuning: omr sft --config configs/sft/tiny.toml [--set k=v]
     Sft(sft_cmd::SftArgs),
-    /// Export a checkpoint as a Hugging Face folder with a model card.
+    /// GRPO reinforcement learning: omr grpo --config configs/grpo/tiny.toml [--set k=v]
+    Grpo(grpo_cmd::GrpoArgs),
+    /// Export a checkpoint (SFT or GRPO) as a Hugging Face folder with a model card.
     Export(sft_cmd::ExportArgs),
     /// OpenMedReason-Bench: answer accuracy, PKR trace score with a judge, pairwise preference.
     Eval(eval_cmd::EvalArgs),
@@ -80,6 +83,7 @@ fn main() {
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),
         Cmd::Sft(a) => sft_cmd::run(a),
+        Cmd::Grpo(a) => grpo_cmd::run(a),
         Cmd::Export(a) => sft_cmd::export(a),
         Cmd::Eval(a) => eval_cmd::run(a),
         Cmd::Plot(a) => plot::run(a),

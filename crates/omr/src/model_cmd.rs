@@ -247,6 +247,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         eos_token_ids: omr_model::generate::eos_ids(&m.dir, &m.config.eos_token_ids),
         keep_logits: false,
+        suppress_tokens: Vec::new(),
     };
     let t = std::time::Instant::now();
     let out = generate(&model, &input, &cfg).usage()?;

@@ -38,6 +38,15 @@ pub struct ExportArgs {
     pub merge_lora: bool,
 }
 
+/// `--resume auto|never|DIR`.
+pub fn resume_arg(s: &str) -> Resume {
+    match s {
+        "auto" => Resume::Auto,
+        "never" => Resume::Never,
+        dir => Resume::From(PathBuf::from(dir)),
+    }
+}
+
 pub fn train_error(e: TrainError) -> Exit {
     Exit {
         code: e.exit_code(),
@@ -47,13 +56,8 @@ pub fn train_error(e: TrainError) -> Exit {
 
 pub fn run(a: SftArgs) -> crate::Result<()> {
     let cfg = SftConfig::load(&a.config, &a.sets).usage()?;
-    let resume = match a.resume.as_str() {
-        "auto" => Resume::Auto,
-        "never" => Resume::Never,
-        dir => Resume::From(PathBuf::from(dir)),
-    };
     let opts = RunOptions {
-        resume,
+        resume: resume_arg(&a.resume),
         allow_processor_change: a.allow_processor_change,
         progress: std::io::stderr().is_terminal(),
         stop: StopFlag::from_signals()?,
