@@ -1,7 +1,8 @@
 //! `omr eval` as a library call: [`evaluate`] reads top to bottom: load the model and the bench
 //! items → generate greedily in left-padded batches → grade the answers → judge the traces
 //! against their rubrics (PKR) → the same for the `compare` model → pairwise preference →
-//! [`Report`].
+//! [`Report`]. Its pieces are public for callers with a model already in memory (the demo's
+//! seeded base model): [`answer_bench`] → [`score`] → [`model_report`].
 //!
 //! Notable choices:
 //! - The bench items are read with `omr_train::eval::load_eval_set` (file order, no shuffle),
@@ -203,13 +204,13 @@ impl Evaluation {
     }
 }
 
-/// Loads `model`, reads the bench items with its processor, and answers them greedily.
+/// Loads `model` (a folder or Hub id), reads the bench items with its processor, and answers
+/// them greedily.
 pub fn generate_replies(
     model: &str,
     data: &SourceSpec,
     opts: &EvalOptions,
 ) -> Result<Generated, EvalError> {
-    let t0 = Instant::now();
     let m = pretrained::load(model, opts.dtype, &opts.device).map_err(|source| {
         EvalError::ModelLoad {
             model: model.to_string(),
@@ -224,10 +225,26 @@ pub fn generate_replies(
         dir: m.dir.display().to_string(),
         detail: e.to_string(),
     })?;
+    let net = Qwen2VL::new(&m.config, &m.params)?;
+    let eos = eos_ids(&m.dir, &m.config.eos_token_ids);
+    answer_bench(model, &net, &processor, &eos, data, opts)
+}
+
+/// Answers the bench with a model already in memory (e.g. a seeded init that was never
+/// saved): `name` labels it in the report, `eos` ends a reply.
+pub fn answer_bench(
+    name: &str,
+    net: &Qwen2VL,
+    processor: &Processor,
+    eos: &[u32],
+    data: &SourceSpec,
+    opts: &EvalOptions,
+) -> Result<Generated, EvalError> {
+    let t0 = Instant::now();
     let set = load_eval_set(
         std::slice::from_ref(data),
         &opts.split,
-        &processor,
+        processor,
         0,
         opts.limit.unwrap_or(usize::MAX),
     )?;
@@ -247,11 +264,9 @@ pub fn generate_replies(
             },
         });
     }
-    let net = Qwen2VL::new(&m.config, &m.params)?;
-    let eos = eos_ids(&m.dir, &m.config.eos_token_ids);
     let sampling = SamplingConfig {
         max_new_tokens: opts.max_new_tokens,
-        eos_token_ids: eos.clone(),
+        eos_token_ids: eos.to_vec(),
         ..Default::default()
     };
     let tok = processor.encoder().tokenizer();
@@ -281,7 +296,7 @@ pub fn generate_replies(
         }
         if opts.progress {
             eprintln!(
-                "{model}: {}/{} items answered ({:.0}s)",
+                "{name}: {}/{} items answered ({:.0}s)",
                 ((k + 1) * batch).min(set.gen_items.len()),
                 set.gen_items.len(),
                 t0.elapsed().as_secs_f64()
@@ -289,7 +304,7 @@ pub fn generate_replies(
         }
     }
     Ok(Generated {
-        model: model.to_string(),
+        model: name.to_string(),
         items: set.gen_items,
         replies,
         skipped: set.skipped,
@@ -338,7 +353,8 @@ pub fn score(g: &Generated, judge: &dyn Judge) -> Result<Vec<ItemRecord>, EvalEr
         .collect()
 }
 
-fn model_report(g: &Generated, records: &[ItemRecord]) -> ModelReport {
+/// One model's accuracy, PKR and generation statistics from its scored records.
+pub fn model_report(g: &Generated, records: &[ItemRecord]) -> ModelReport {
     let scores: Vec<pkr::TraceScore> = records
         .iter()
         .filter_map(|r| r.pkr.as_ref().map(|j| j.score.clone()))
