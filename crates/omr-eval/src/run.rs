@@ -278,7 +278,7 @@ pub fn answer_bench(
             processor.pad_id(),
             net.device(),
         )?;
-        for (item, out) in chunk.iter().zip(generate(&net, &input, &sampling)?) {
+        for (item, out) in chunk.iter().zip(generate(net, &input, &sampling)?) {
             let mut ids = out.tokens.as_slice();
             if let Some((last, rest)) = ids.split_last() {
                 if eos.contains(last) {
