@@ -106,6 +106,9 @@ pub struct TrainConfig {
     pub stop_after_micro_batches: Option<u64>,
     /// Fault injection: make the loss of these (1-based) steps NaN, to exercise the skip path.
     pub inject_nonfinite_steps: Vec<u64>,
+    /// "none" | "decoder" | "vision" | "all": which stacks `omr plan` plans to recompute in
+    /// backward. Planning only: the runtime does not recompute yet and keeps every activation.
+    pub activation_checkpointing: crate::plan::Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             max_nonfinite_steps: 5,
             stop_after_micro_batches: None,
             inject_nonfinite_steps: Vec::new(),
+            activation_checkpointing: crate::plan::Checkpointing::None,
         }
     }
 }

@@ -9,17 +9,20 @@
 //! (`state`), and what the user sees (`metrics`, `tensorboard`).
 
 pub mod batch;
+pub mod bench_step;
 pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod flops;
 pub mod grpo;
 pub mod grpo_config;
 pub mod grpo_loss;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod rewards;
 pub mod rollout;
 pub mod schedule;

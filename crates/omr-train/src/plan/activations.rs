@@ -1,0 +1,364 @@
+//! Bytes of the tensors a forward pass keeps alive for backward, counted op by op from what
+//! our candle model does (`omr_model::{text, vision, attention, ops, loss}`), not from a
+//! generic transformer formula.
+//!
+//! candle keeps every intermediate tensor that an op on the path to the loss references: each
+//! tensor holds its op, and the op holds its inputs, until the loss is dropped. So "kept for
+//! backward" is every op output of the forward except views (reshape of a contiguous tensor,
+//! transpose, narrow, broadcast) and values computed outside the graph (detached maxima of the
+//! softmax, frozen parts no gradient flows into). Counting rules, per op:
+//! - linear: the matmul output, plus the bias-add output when the weight is trainable and has a
+//!   bias; a frozen (or LoRA-adapted frozen) linear keeps only its output (`ops::frozen_linear`
+//!   and the fused LoRA op compute outside the graph and attach one value).
+//! - RMSNorm (`ops::rmsnorm`): x² and x·r in f32, the cast back (when the compute dtype is not
+//!   f32) and the weight product. LayerNorm: x−μ, its square, the normed value (f32), the cast,
+//!   weight product and bias sum.
+//! - rotary (`ops::apply_rotary`): x·cos, −x₂, cat, ·sin, sum: 4.5 tensors of x's size.
+//! - eager attention: scores, scaled, (+bias), minus max, exp, divided: 5 or 6 (B, H, T, S)
+//!   tensors; then the PV product and the copy that `reshape` makes of the transposed output.
+//!   A fused (flash-style) kernel keeps its output and a (B, H, T) f32 log-sum-exp instead.
+//! - loss (`Qwen2VL::loss`): lm head only at labelled rows (N, V), then f32 cast, shift and exp.
+//!
+//! Activation checkpointing of a stack keeps only each block's input, and recomputes one block
+//! at a time in backward, so the stack costs L·input + one block.
+
+use super::{AttentionImpl, PlanInput, F32};
+use omr_model::config::Arch;
+
+/// Kept bytes of the forward, by part.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Activations {
+    /// Pixel values, patch embedding, window permutation, vision rotary tables.
+    pub vision_stem: u64,
+    /// One vision block as our model runs it (mean over window and full-attention blocks).
+    pub vision_block: u64,
+    /// All vision blocks (checkpointing applied).
+    pub vision_blocks: u64,
+    /// Merger (norm, two linears, GELU) and the image-order permutation.
+    pub merger: u64,
+    /// Token embeddings, image-feature scatter, M-RoPE tables, the attention mask.
+    pub text_stem: u64,
+    /// One decoder layer.
+    pub decoder_layer: u64,
+    /// All decoder layers (checkpointing applied).
+    pub decoder_layers: u64,
+    /// Final norm, the gathered labelled rows, lm-head logits and the loss' f32 buffers.
+    pub logits_loss: u64,
+    /// The largest single tensor kept: what the backward's in-flight gradients scale with.
+    pub largest_tensor: u64,
+    /// The parts in backward order (loss first), for the backward's peak.
+    pub stages: Vec<Stage>,
+}
+
+/// What one part adds to the backward pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stage {
+    pub name: &'static str,
+    /// Gradients candle computes for untracked inputs (the attention mask, the softmax's
+    /// detached max, rotary tables, frozen norm weights, pixel values) and keeps in the
+    /// `GradStore` until it is dropped: `or_insert` gives every argument of an op a gradient,
+    /// and only tracked nodes are ever removed from the store.
+    pub leak: u64,
+    /// Largest tensor of the part: its gradient and the op's temporaries are in flight.
+    pub largest: u64,
+}
+
+impl Activations {
+    pub fn total(&self) -> u64 {
+        self.vision_stem
+            + self.vision_blocks
+            + self.merger
+            + self.text_stem
+            + self.decoder_layers
+            + self.logits_loss
+    }
+}
+
+/// Counts elements × bytes and remembers the largest tensor.
+struct Tally {
+    bytes: u64,
+    largest: u64,
+    leak: u64,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            bytes: 0,
+            largest: 0,
+            leak: 0,
+        }
+    }
+    /// `k` gradients of `elems` elements left in the gradient store.
+    fn leak(&mut self, k: f64, elems: u64, size: u64) {
+        self.leak += (k * (elems * size) as f64).round() as u64;
+    }
+    /// `k` tensors of `elems` elements of `size` bytes (k may be fractional: the rotary's half).
+    fn add(&mut self, k: f64, elems: u64, size: u64) {
+        let one = elems * size;
+        self.bytes += (k * one as f64).round() as u64;
+        if k > 0.0 {
+            self.largest = self.largest.max(one);
+        }
+    }
+}
+
+pub fn count(p: &PlanInput) -> Activations {
+    let s = p.compute_bytes;
+    let cfg = &p.model;
+    let t = &cfg.text;
+    let v = &cfg.vision;
+    let (b, seq) = (p.batch as u64, p.seq as u64);
+    let n = b * seq;
+    let c = t.hidden_size as u64;
+    let (h, kv, d) = (
+        t.num_attention_heads as u64,
+        t.num_key_value_heads as u64,
+        t.head_dim as u64,
+    );
+    let inter = t.intermediate_size as u64;
+    let cast = |tally: &mut Tally, elems: u64| {
+        if s != F32 {
+            tally.add(1.0, elems, s);
+        }
+    };
+    let lin = |tally: &mut Tally, rows: u64, out: u64, bias: bool, trainable: bool| {
+        let k = if bias && trainable { 2.0 } else { 1.0 };
+        tally.add(k, rows * out, s);
+    };
+    // A frozen norm weight is a detached tensor: its product with x leaves a gradient for it.
+    let rms = |tally: &mut Tally, elems: u64, trainable: bool| {
+        tally.add(2.0, elems, F32);
+        cast(tally, elems);
+        tally.add(1.0, elems, s);
+        if !trainable {
+            tally.leak(1.0, elems, s);
+        }
+    };
+    let layernorm = |tally: &mut Tally, elems: u64, trainable: bool| {
+        tally.add(3.0, elems, F32);
+        cast(tally, elems);
+        tally.add(2.0, elems, s);
+        if !trainable {
+            tally.leak(2.0, elems, s);
+        }
+    };
+    let norm = |tally: &mut Tally, elems: u64, trainable: bool| match cfg.arch {
+        Arch::Qwen25Vl => rms(tally, elems, trainable),
+        Arch::Qwen2Vl => layernorm(tally, elems, trainable),
+    };
+    let mut stages = Vec::new(); // forward order; reversed at the end
+
+    // ---- vision ----------------------------------------------------------------------------
+    let (mut vision_stem, mut vision_block, mut vision_blocks, mut merger) = (0, 0, 0, 0);
+    let vision_tracked = p.trains_vision();
+    let patches = p.patches() as u64;
+    if patches > 0 {
+        let cv = v.hidden_size as u64;
+        let hv = v.num_heads as u64;
+        let iv = v.intermediate_size as u64;
+        let tv = p.trainable.vision;
+        let pd = v.patch_dim() as u64;
+        let mut stem = Tally::new();
+        stem.add(1.0, patches * pd, F32);
+        cast(&mut stem, patches * pd);
+        lin(&mut stem, patches, cv, false, tv);
+        if tv {
+            stem.leak(1.0, patches * pd, s); // the pixels are a matmul input
+        }
+        if v.window_size.is_some() {
+            stem.add(1.0, patches * cv, s);
+        }
+        // cos and sin, (N, D) in f32 and in the compute dtype
+        stem.add(2.0, patches * v.head_dim() as u64, F32);
+        cast(&mut stem, 2 * patches * v.head_dim() as u64);
+
+        let (mut blocks_total, mut block_max) = (0u64, 0u64);
+        let windows = p.vision_windows();
+        let full_lens = p.full_attention_lens();
+        let mut block_stages = Vec::new();
+        for i in 0..v.depth {
+            let full = v.window_size.is_none() || v.fullatt_block_indexes.contains(&i);
+            let lens = if full { &full_lens } else { &windows };
+            let mut blk = Tally::new();
+            norm(&mut blk, patches * cv, tv);
+            lin(&mut blk, patches, 3 * cv, true, tv);
+            blk.add(9.0, patches * cv, s); // rotary of q and k
+            blk.leak(4.0, patches * cv, s); // cos and sin of q and k
+                                            // q, k made contiguous per head, v reshaped then made contiguous
+            blk.add(4.0, patches * cv, s);
+            if !lens.windows(2).all(|w| w[0] == w[1]) {
+                // groups of equal-length ranges: picked q/k/v, the cat and the inverse gather
+                blk.add(5.0, patches * cv, s);
+            }
+            match p.attention {
+                AttentionImpl::Eager => {
+                    for &l in lens {
+                        blk.add(5.0, hv * l * l, s);
+                        blk.leak(1.0, hv * l * l, s); // the softmax's detached max
+                    }
+                    blk.add(2.0, patches * cv, s);
+                }
+                AttentionImpl::Fused => {
+                    blk.add(1.0, patches * hv, F32);
+                    blk.add(1.0, patches * cv, s);
+                }
+            }
+            lin(&mut blk, patches, cv, true, tv);
+            blk.add(1.0, patches * cv, s); // residual
+            norm(&mut blk, patches * cv, tv);
+            match cfg.arch {
+                Arch::Qwen25Vl => {
+                    lin(&mut blk, patches, iv, true, tv);
+                    blk.add(1.0, patches * iv, s); // silu
+                    lin(&mut blk, patches, iv, true, tv);
+                    blk.add(1.0, patches * iv, s); // product
+                }
+                Arch::Qwen2Vl => {
+                    lin(&mut blk, patches, iv, true, tv);
+                    blk.add(5.0, patches * iv, s); // quick_gelu: ·k, exp, +1, 1/x, ·x
+                }
+            }
+            lin(&mut blk, patches, cv, true, tv);
+            blk.add(1.0, patches * cv, s); // residual
+            blocks_total += blk.bytes;
+            block_max = block_max.max(blk.bytes);
+            block_stages.push(Stage {
+                name: "vision block",
+                leak: blk.leak,
+                largest: blk.largest,
+            });
+        }
+        vision_blocks = if p.checkpointing.vision() {
+            v.depth as u64 * patches * cv * s + block_max
+        } else {
+            blocks_total
+        };
+        vision_block = blocks_total / v.depth as u64;
+
+        let units = patches / v.merge_unit() as u64;
+        let merged = cv * v.merge_unit() as u64;
+        let tm = p.trainable.merger;
+        let mut m = Tally::new();
+        norm(&mut m, patches * cv, tm);
+        lin(&mut m, units, merged, true, tm);
+        m.add(1.0, units * merged, s); // gelu
+        lin(&mut m, units, c, true, tm);
+        if v.window_size.is_some() {
+            m.add(1.0, units * c, s);
+        }
+        vision_stem = stem.bytes;
+        merger = m.bytes;
+        if vision_tracked {
+            stages.push(Stage {
+                name: "vision stem",
+                leak: stem.leak,
+                largest: stem.largest,
+            });
+            stages.extend(block_stages);
+            stages.push(Stage {
+                name: "merger",
+                leak: m.leak,
+                largest: m.largest,
+            });
+        } else {
+            // Nothing upstream of the merger output trains: the vision forward runs without a
+            // graph and frees as it goes; only its output stays.
+            vision_stem = 0;
+            vision_blocks = 0;
+            merger = units * c * s;
+        }
+    }
+
+    // ---- language model --------------------------------------------------------------------
+    let tl = p.trainable.language;
+    let mut stem = Tally::new();
+    stem.add(1.0, n * c, s); // embedding gather
+    if patches > 0 {
+        let feats = patches / v.merge_unit() as u64;
+        stem.add(1.0, (n + feats) * c, s); // [embeddings; features]
+        stem.add(1.0, n * c, s); // scattered
+    }
+    stem.add(1.0, b * seq * seq, F32); // attention bias (B, 1, T, T)
+    cast(&mut stem, b * seq * seq);
+    stem.add(2.0, n * d, F32); // M-RoPE cos, sin
+    cast(&mut stem, 2 * n * d);
+    stages.push(Stage {
+        name: "embeddings",
+        leak: 0,
+        largest: stem.largest,
+    });
+
+    let mut layer = Tally::new();
+    rms(&mut layer, n * c, tl);
+    lin(&mut layer, n, h * d, true, tl);
+    lin(&mut layer, n, kv * d, true, tl);
+    lin(&mut layer, n, kv * d, true, tl);
+    layer.add(4.5, n * h * d, s);
+    layer.add(4.5, n * kv * d, s);
+    layer.leak(2.0, n * (h + kv) * d, s); // cos and sin of q and k
+    layer.add(1.0, n * kv * d, s); // v made contiguous
+    match p.attention {
+        AttentionImpl::Eager => {
+            layer.add(6.0, b * h * seq * seq, s);
+            layer.leak(2.0, b * h * seq * seq, s); // the mask and the softmax's detached max
+            layer.add(2.0, n * h * d, s);
+        }
+        AttentionImpl::Fused => {
+            layer.add(1.0, b * h * seq, F32);
+            layer.add(1.0, n * h * d, s);
+        }
+    }
+    lin(&mut layer, n, c, false, tl);
+    layer.add(1.0, n * c, s); // residual
+    rms(&mut layer, n * c, tl);
+    lin(&mut layer, n, inter, false, tl);
+    layer.add(1.0, n * inter, s); // silu
+    lin(&mut layer, n, inter, false, tl);
+    layer.add(1.0, n * inter, s); // product
+    lin(&mut layer, n, c, false, tl);
+    layer.add(1.0, n * c, s); // residual
+    let l = t.num_hidden_layers as u64;
+    let decoder_layers = if p.checkpointing.decoder() {
+        l * n * c * s + layer.bytes
+    } else {
+        l * layer.bytes
+    };
+    for _ in 0..l {
+        stages.push(Stage {
+            name: "decoder layer",
+            leak: layer.leak,
+            largest: layer.largest,
+        });
+    }
+
+    let labelled = p.labelled_rows() as u64;
+    let vocab = t.vocab_size as u64;
+    let mut head = Tally::new();
+    rms(&mut head, n * c, tl);
+    head.add(1.0, labelled * c, s); // labelled rows gathered
+    head.add(1.0, labelled * vocab, s); // logits
+    cast(&mut head, labelled * vocab);
+    head.add(2.0, labelled * vocab, F32); // shifted, exp
+    head.leak(1.0, labelled * vocab, F32); // the detached max
+    stages.push(Stage {
+        name: "lm head + loss",
+        leak: head.leak,
+        largest: head.largest,
+    });
+    stages.reverse();
+    let largest = stages.iter().map(|st| st.largest).max().unwrap_or(0);
+
+    Activations {
+        vision_stem,
+        vision_block,
+        vision_blocks,
+        merger,
+        text_stem: stem.bytes,
+        decoder_layer: layer.bytes,
+        decoder_layers,
+        logits_loss: head.bytes,
+        largest_tensor: largest,
+        stages,
+    }
+}

@@ -1,0 +1,186 @@
+//! Unit tests of the memory plan: parameter counts of the shipped configs against the
+//! published totals, hand-counted state bytes, and the direction and size of each knob's
+//! effect. The CPU measurement lives in `tests/plan_memory.rs`.
+
+use super::*;
+use crate::config::SftConfig;
+
+fn shipped(name: &str) -> ModelConfig {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/models")
+        .join(name);
+    ModelConfig::from_file(&p).unwrap()
+}
+
+fn input(model: ModelConfig, batch: usize, seq: usize, side: usize) -> PlanInput {
+    PlanInput {
+        model,
+        batch,
+        seq,
+        images_per_row: 1,
+        image_hw: (side, side),
+        labelled: batch * (seq / 2),
+        trainable: Trainable {
+            vision: true,
+            merger: true,
+            language: true,
+        },
+        lora: None,
+        compute_bytes: 2,
+        attention: AttentionImpl::Eager,
+        checkpointing: Checkpointing::None,
+        grad_accum: 1,
+    }
+}
+
+#[test]
+fn shipped_configs_have_the_published_parameter_counts() {
+    // The totals of the Hub's safetensors for Qwen2.5-VL-3B/7B-Instruct.
+    let p3 = count_params(&input(shipped("qwen2.5-vl-3b.json"), 1, 1024, 32));
+    assert_eq!(p3.total, 3_754_622_976);
+    let p7 = count_params(&input(shipped("qwen2.5-vl-7b.json"), 1, 1024, 32));
+    assert_eq!(p7.total, 8_292_166_656);
+    assert_eq!(p7.vision + p7.merger + p7.language, p7.total);
+    assert_eq!(p7.trainable, p7.total);
+    // The largest tensor is the 152064 × 3584 embedding (or the untied head of the same size).
+    assert_eq!(p7.largest_trainable, 152_064 * 3584);
+}
+
+#[test]
+fn state_bytes_follow_the_precision_policy() {
+    let mut p = input(shipped("qwen2.5-vl-7b.json"), 1, 512, 16);
+    let n = 8_292_166_656u64;
+    let bf16 = plan(&p);
+    let by = |rows: &[Row], c: &str| rows.iter().find(|r| r.category == c).unwrap().bytes;
+    assert_eq!(by(&bf16.train_rows, "weights"), 2 * n);
+    assert_eq!(by(&bf16.train_rows, "master weights (f32)"), 4 * n);
+    assert_eq!(by(&bf16.train_rows, "AdamW moments (f32)"), 8 * n);
+    // bf16 gradients from backward + their f32 sums
+    assert_eq!(by(&bf16.train_rows, "gradients"), 6 * n);
+    p.compute_bytes = 4;
+    let f32 = plan(&p);
+    assert_eq!(by(&f32.train_rows, "weights"), 4 * n);
+    assert_eq!(by(&f32.train_rows, "master weights (f32)"), 0);
+    assert_eq!(by(&f32.train_rows, "gradients"), 4 * n);
+    p.grad_accum = 4;
+    assert_eq!(by(&plan(&p).train_rows, "gradients"), 8 * n);
+}
+
+#[test]
+fn knobs_move_the_peak_the_right_way() {
+    let base = input(shipped("qwen2.5-vl-3b.json"), 2, 2048, 32);
+    let p0 = plan(&base);
+    let with = |f: &dyn Fn(&mut PlanInput)| {
+        let mut q = base.clone();
+        f(&mut q);
+        plan(&q)
+    };
+    // Checkpointing keeps L inputs + one block instead of L blocks.
+    let ck = with(&|q| q.checkpointing = Checkpointing::Decoder);
+    let layers = base.model.text.num_hidden_layers as u64;
+    let n_c_s = (2 * 2048 * 2048 * 2) as u64;
+    assert_eq!(
+        ck.activations.decoder_layers,
+        layers * n_c_s + p0.activations.decoder_layer
+    );
+    assert!(ck.train_peak < p0.train_peak);
+    let ckv = with(&|q| q.checkpointing = Checkpointing::Vision);
+    assert!(ckv.activations.vision_blocks < p0.activations.vision_blocks);
+    assert_eq!(
+        ckv.activations.decoder_layers,
+        p0.activations.decoder_layers
+    );
+    // Fused attention drops the (B, H, T, T) scores: 6 kept tensors and 2 leaked gradients.
+    let fused = with(&|q| q.attention = AttentionImpl::Fused);
+    let scores = 2 * 16 * 2048 * 2048 * 2u64;
+    assert!(
+        p0.activations.decoder_layer - fused.activations.decoder_layer > 6 * scores - scores / 8
+    );
+    // LoRA: the base is frozen, only adapters train.
+    let lora = with(&|q| {
+        q.lora = Some(LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        })
+    });
+    let l = &base.model.text;
+    let per_layer = 8 * (l.hidden_size + l.num_attention_heads * l.head_dim)
+        + 8 * (l.hidden_size + l.num_key_value_heads * l.head_dim);
+    assert_eq!(lora.params.lora, (l.num_hidden_layers * per_layer) as u64);
+    assert_eq!(lora.params.trainable, 0);
+    // No masters, moments or gradients of the 3.75 B base: ≥ 17 bytes a parameter saved.
+    assert!(p0.peak - lora.peak > 17 * p0.params.total);
+    // More tokens, more memory.
+    assert!(with(&|q| q.batch = 4).peak > p0.peak);
+}
+
+#[test]
+fn seven_b_preset_is_refused_on_80_gib_and_fits_with_the_kernels_and_lora() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft/qwen2.5-vl-7b.toml");
+    let cfg = SftConfig::load(&root, &[]).unwrap();
+    let opts = PlanOptions {
+        model_config: None,
+        compute_bytes: 2,
+        attention: AttentionImpl::Eager,
+        max_pixels: None,
+        images_per_row: None,
+    };
+    let (p, notes) = input_from_sft(&cfg, &opts).unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("qwen2.5-vl-7b.json")),
+        "{notes:?}"
+    );
+    // Packed rows of 8192 with samples of at most 4096 tokens: two images per row.
+    assert_eq!((p.seq, p.images_per_row), (8192, 2));
+    let usable = (80.0 * GIB) as u64 - (1.0 * GIB) as u64;
+    let full = plan(&p);
+    assert!(full.peak > usable);
+    let tips = suggestions(&p, &full, usable);
+    assert!(
+        tips.iter().any(|t| t.contains("fused attention")),
+        "{tips:?}"
+    );
+    // Vision frozen (the preset) + LoRA + fused attention + checkpointing fits one 80 GiB GPU.
+    let mut q = p.clone();
+    q.attention = AttentionImpl::Fused;
+    q.checkpointing = Checkpointing::All;
+    q.lora = Some(LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        targets: vec!["all-linear".into()],
+    });
+    assert!(
+        plan(&q).peak < usable,
+        "{:.1} GiB",
+        plan(&q).peak as f64 / GIB
+    );
+}
+
+#[test]
+fn checkpointing_knob_parses_and_rejects_unknown_values() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft/qwen2.5-vl-7b.toml");
+    let cfg = SftConfig::load(&root, &[]).unwrap();
+    assert_eq!(cfg.train.activation_checkpointing, Checkpointing::None);
+    let cfg = SftConfig::load(&root, &["train.activation_checkpointing=all".into()]).unwrap();
+    assert_eq!(cfg.train.activation_checkpointing, Checkpointing::All);
+    let again = SftConfig::from_toml_str(&cfg.to_toml(), "r.toml", &[]).unwrap();
+    assert_eq!(again.train.activation_checkpointing, Checkpointing::All);
+    let e = SftConfig::load(&root, &["train.activation_checkpointing=some".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("some"), "{e}");
+}
+
+#[test]
+fn windows_follow_transformers_window_index() {
+    // 16×20 patches → 8×10 merge units, windows of 4×4 units (112 px): 2 rows × 3 columns,
+    // the last column 2 units wide.
+    let mut p = input(shipped("qwen2.5-vl-7b.json"), 1, 1024, 16);
+    p.image_hw = (16, 20);
+    let w = p.vision_windows();
+    assert_eq!(w, vec![64, 64, 32, 64, 64, 32]);
+    assert_eq!(w.iter().sum::<u64>(), 16 * 20);
+}
