@@ -32,6 +32,7 @@ use omr_train::eval::{chance, left_padded, load_eval_set, GenItem};
 use rayon::prelude::*;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -107,7 +108,7 @@ pub fn evaluate(
         .map_err(|e| EvalError::Internal(format!("judge thread pool: {e}")))?;
 
     let a = generate_replies(model, data, opts)?;
-    let mut items = pool.install(|| score(&a, judge))?;
+    let mut items = pool.install(|| score(&a, judge, opts.progress))?;
     let a_report = model_report(&a, &items);
 
     let mut compare_items = Vec::new();
@@ -115,7 +116,7 @@ pub fn evaluate(
     let mut pairwise_report = None;
     if let Some(other) = &opts.compare {
         let b = generate_replies(other, data, opts)?;
-        compare_items = pool.install(|| score(&b, judge))?;
+        compare_items = pool.install(|| score(&b, judge, opts.progress))?;
         b_report = Some(model_report(&b, &compare_items));
         // Pair by record: both models read the same data, but a processor may reject
         // different records (e.g. a shorter max length).
@@ -312,45 +313,67 @@ pub fn answer_bench(
     })
 }
 
-/// Grades and judges every reply (in parallel on the current rayon pool).
-pub fn score(g: &Generated, judge: &dyn Judge) -> Result<Vec<ItemRecord>, EvalError> {
+/// Grades and judges every reply (in parallel on the current rayon pool); with `progress`, a
+/// line on stderr every tenth of the items.
+pub fn score(
+    g: &Generated,
+    judge: &dyn Judge,
+    progress: bool,
+) -> Result<Vec<ItemRecord>, EvalError> {
+    let t0 = Instant::now();
+    let done = AtomicUsize::new(0);
+    let n = g.items.len();
+    let every = n.div_ceil(10).max(1);
     g.items
         .par_iter()
         .zip(&g.replies)
         .map(|(item, reply)| {
-            let name = item.origin.to_string();
-            let graded = grade::grade(&reply.text, &item.mcq);
-            let pkr = match &item.rubric {
-                Some(r) if pkr::Axis::ALL.iter().any(|a| !a.units(r).is_empty()) => {
-                    let t = TraceRef {
-                        item: &name,
-                        question: &item.mcq.question,
-                        trace: &reply.text,
-                    };
-                    Some(judge::judge_trace(judge, &t, r)?)
-                }
-                _ => None,
-            };
-            Ok(ItemRecord {
-                groups: item.groups.iter().cloned().collect(),
-                reference_answer: item.answer.clone(),
-                answer: graded.answer,
-                correct: graded.correct,
-                problem: graded.problem.as_ref().map(|p| p.code().to_string()),
-                formatted: grade::extract_answer(&reply.text).is_ok(),
-                finish: match reply.finish {
-                    Finish::Eos => "eos",
-                    Finish::Length => "length",
-                }
-                .into(),
-                new_tokens: reply.new_tokens,
-                reply: reply.text.clone(),
-                pkr,
-                preference: None,
-                item: name,
-            })
+            let record = score_one(item, reply, judge)?;
+            let k = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if progress && (k % every == 0 || k == n) {
+                eprintln!(
+                    "{}: {k}/{n} items judged ({:.0}s)",
+                    g.model,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            Ok(record)
         })
         .collect()
+}
+
+fn score_one(item: &GenItem, reply: &Reply, judge: &dyn Judge) -> Result<ItemRecord, EvalError> {
+    let name = item.origin.to_string();
+    let graded = grade::grade(&reply.text, &item.mcq);
+    let pkr = match &item.rubric {
+        Some(r) if pkr::Axis::ALL.iter().any(|a| !a.units(r).is_empty()) => {
+            let t = TraceRef {
+                item: &name,
+                question: &item.mcq.question,
+                trace: &reply.text,
+            };
+            Some(judge::judge_trace(judge, &t, r)?)
+        }
+        _ => None,
+    };
+    Ok(ItemRecord {
+        groups: item.groups.iter().cloned().collect(),
+        reference_answer: item.answer.clone(),
+        answer: graded.answer,
+        correct: graded.correct,
+        problem: graded.problem.as_ref().map(|p| p.code().to_string()),
+        formatted: grade::extract_answer(&reply.text).is_ok(),
+        finish: match reply.finish {
+            Finish::Eos => "eos",
+            Finish::Length => "length",
+        }
+        .into(),
+        new_tokens: reply.new_tokens,
+        reply: reply.text.clone(),
+        pkr,
+        preference: None,
+        item: name,
+    })
 }
 
 /// One model's accuracy, PKR and generation statistics from its scored records.

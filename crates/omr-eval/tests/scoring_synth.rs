@@ -70,8 +70,8 @@ fn oracle_and_shifted_replies_on_synthetic_shards() {
     let oracle = with_replies("oracle", 0);
     let shifted = with_replies("shifted", 1);
     let (ro, rs) = (
-        score(&oracle, &RuleJudge).unwrap(),
-        score(&shifted, &RuleJudge).unwrap(),
+        score(&oracle, &RuleJudge, false).unwrap(),
+        score(&shifted, &RuleJudge, false).unwrap(),
     );
     let (mo, ms) = (model_report(&oracle, &ro), model_report(&shifted, &rs));
 

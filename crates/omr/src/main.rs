@@ -3,6 +3,7 @@
 
 mod batches;
 mod bench_data;
+mod bench_kernels;
 mod data;
 mod demo;
 mod eval_cmd;
@@ -65,6 +66,8 @@ enum Cmd {
 enum BenchCmd {
     /// Decode + preprocess + tokenize throughput, against transformers' image processor.
     Data(bench_data::BenchDataArgs),
+    /// Fused-kernel throughput (omr-kernels): achieved TB/s or TFLOP/s next to each floor.
+    Kernels(bench_kernels::BenchKernelsArgs),
 }
 
 fn main() {
@@ -79,6 +82,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
+        Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),

@@ -1,0 +1,168 @@
+//! CUDA plumbing shared by the ops (only with the `cuda` feature): the PTX of each
+//! `kernels/<op>.cu` embedded at build time (build.rs), module loading through candle's
+//! custom-module cache, typed views of tensor storages, output allocation and launches.
+//!
+//! Kernels are `extern "C"` entry points named `<op>_<dtype>` (dtype suffix `f32` | `bf16`);
+//! every pointer argument is a contiguous buffer, sizes are `int` (element counts fit in 2^31
+//! for every tensor of a 7B model) and launches go on candle's stream for the device, so the
+//! ops order correctly with candle's own kernels without extra synchronisation.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, LaunchArgs, PushKernelArg,
+};
+use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
+
+pub(crate) use candle_core::cuda::cudarc::driver::LaunchConfig;
+
+macro_rules! ptx {
+    ($name:literal) => {
+        include_str!(concat!(env!("OUT_DIR"), "/", $name, ".ptx"))
+    };
+}
+
+/// The PTX of `kernels/<module>.cu`.
+fn ptx_of(module: &str) -> Result<&'static str> {
+    Ok(match module {
+        "rmsnorm" => ptx!("rmsnorm"),
+        "swiglu" => ptx!("swiglu"),
+        "grad_norm" => ptx!("grad_norm"),
+        "adamw" => ptx!("adamw"),
+        "rotary" => ptx!("rotary"),
+        "linear_ce" => ptx!("linear_ce"),
+        "flash_attn" => ptx!("flash_attn"),
+        other => bail!("omr-kernels: no PTX module `{other}`"),
+    })
+}
+
+/// Function `name` of module `module`, loaded once per device (candle caches the module).
+pub(crate) fn kernel(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
+    let m = format!("omr_{module}");
+    Ok(dev
+        .get_or_load_custom_func(name, &m, ptx_of(module)?)?
+        .into_cuda_function())
+}
+
+/// `f32` | `bf16`, the suffix of a kernel's entry point.
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => bail!("omr-kernels (cuda): dtype {other:?} is not supported"),
+    })
+}
+
+/// A contiguous read-only device buffer of one of the supported dtypes.
+pub(crate) enum In<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, bf16>),
+    U32(CudaView<'a, u32>),
+}
+
+impl<'a> In<'a> {
+    /// The elements of `s` seen through `l`, which must be contiguous.
+    pub(crate) fn new(s: &'a CudaStorage, l: &Layout) -> Result<In<'a>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            bail!("omr-kernels (cuda): inputs must be contiguous")
+        };
+        Ok(match &s.slice {
+            CudaStorageSlice::F32(v) => In::F32(v.slice(a..b)),
+            CudaStorageSlice::BF16(v) => In::Bf16(v.slice(a..b)),
+            CudaStorageSlice::U32(v) => In::U32(v.slice(a..b)),
+            _ => bail!("omr-kernels (cuda): dtype {:?} not supported", s.dtype()),
+        })
+    }
+
+    pub(crate) fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        match self {
+            In::F32(v) => b.arg(v),
+            In::Bf16(v) => b.arg(v),
+            In::U32(v) => b.arg(v),
+        };
+    }
+}
+
+/// A freshly allocated device output (uninitialised: the kernel writes every element).
+pub(crate) enum Out {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl Out {
+    pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Out> {
+        // SAFETY: every kernel writing an `Out` writes all of its elements.
+        Ok(match dtype {
+            DType::F32 => Out::F32(unsafe { dev.alloc::<f32>(n)? }),
+            DType::BF16 => Out::Bf16(unsafe { dev.alloc::<bf16>(n)? }),
+            other => bail!("omr-kernels (cuda): dtype {other:?} not supported"),
+        })
+    }
+
+    pub(crate) fn zeros(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Out> {
+        Ok(match dtype {
+            DType::F32 => Out::F32(dev.alloc_zeros::<f32>(n)?),
+            DType::BF16 => Out::Bf16(dev.alloc_zeros::<bf16>(n)?),
+            other => bail!("omr-kernels (cuda): dtype {other:?} not supported"),
+        })
+    }
+
+    pub(crate) fn push<'b>(&'b mut self, b: &mut LaunchArgs<'b>) {
+        match self {
+            Out::F32(v) => b.arg(v),
+            Out::Bf16(v) => b.arg(v),
+        };
+    }
+
+    pub(crate) fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        match self {
+            Out::F32(v) => CudaStorage::wrap_cuda_slice(v, dev.clone()),
+            Out::Bf16(v) => CudaStorage::wrap_cuda_slice(v, dev.clone()),
+        }
+    }
+
+    /// A tensor without a graph (the result of a backward kernel, or a saved statistic).
+    pub(crate) fn into_tensor(self, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+        Tensor::from_storage(
+            Storage::Cuda(self.into_storage(dev)),
+            shape,
+            BackpropOp::none(),
+            false,
+        )
+    }
+}
+
+/// The CUDA storage of a tensor's storage guard (an error for any other device).
+pub(crate) fn storage(s: &Storage) -> Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => bail!("omr-kernels (cuda): tensor is not on a CUDA device"),
+    }
+}
+
+/// The CUDA device of a tensor.
+pub(crate) fn device_of(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("omr-kernels (cuda): tensor is not on a CUDA device"),
+    }
+}
+
+/// Launches the arguments collected in `b` (from `dev.cuda_stream().launch_builder(&f)`).
+pub(crate) fn run(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu (each op checks
+    // shapes and dtypes before launching), and every buffer outlives the launch on this stream.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// A 1-D launch of `blocks` blocks of `threads` threads with `smem` bytes of dynamic shared memory.
+pub(crate) fn cfg(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}

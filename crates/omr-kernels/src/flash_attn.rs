@@ -1,0 +1,487 @@
+//! Attention for training as one op with a backward, never holding the T × S scores: causal
+//! (language model), block-diagonal by segment ids (packed samples; vision images and windows)
+//! and sliding-window masks, grouped key/value heads, head dims up to 128 (64, 80, 128 for
+//! Qwen2.5-VL's text and vision heads).
+//!
+//! q: (B, T, H, D), k/v: (B, S, KV, D) f32|bf16 (the projections' layout), queries at key
+//! positions S − T + t → o: (B, T, H, D). Query t attends key s iff both carry the same non-zero
+//! segment id ([`AttnMask`]; none given = one segment), s ≤ S − T + t when causal, and
+//! S − T + t − s < window when a window is set. A query with no allowed key (padding) gets
+//! o = 0 (the candle reference gives a uniform average there; that row is never used).
+//!
+//! The forward saves the row log-sum-exp (B, H, T) f32 for the backward, which recomputes the
+//! probabilities tile by tile (FlashAttention-2). CPU: [`fwd_ref`], [`bwd_ref`] (key blocks of
+//! 64 with an online softmax per query row); CUDA: `kernels/flash_attn.cu` (deterministic: no
+//! atomics, dQ and dK/dV from separate kernels).
+
+use crate::host;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+/// Which keys a query may attend.
+#[derive(Clone, Debug, Default)]
+pub struct AttnMask {
+    pub causal: bool,
+    /// Sliding window: keys strictly fewer than `window` positions before the query (0 = off).
+    pub window: usize,
+    /// Segment id of each query (B, T) and key (B, S), u32, 0 = padding.
+    pub q_seg: Option<Tensor>,
+    pub k_seg: Option<Tensor>,
+}
+
+/// Shapes of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub s: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub d: usize,
+}
+
+/// Key blocks of the CPU reference.
+const CPU_KEYS: usize = 64;
+
+/// Attention with `scale` (usually 1/sqrt(D)).
+pub fn flash_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    host::check_float("flash_attn", q.dtype())?;
+    let (b, t, h, d) = q.dims4()?;
+    let (bk, s, kv, dk) = k.dims4()?;
+    if bk != b
+        || dk != d
+        || v.dims() != k.dims()
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+    {
+        bail!(
+            "flash_attn: q (B, T, H, D), k/v (B, S, KV, D) of one dtype; got {:?}, {:?}, {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    if kv == 0 || h % kv != 0 || d % 2 != 0 || d > 128 || s < t {
+        bail!("flash_attn: need H % KV = 0, D even and ≤ 128, S ≥ T (H {h}, KV {kv}, D {d}, T {t}, S {s})")
+    }
+    let seg = |x: &Option<Tensor>, n: usize| -> Result<Tensor> {
+        match x {
+            Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => {
+                x.to_device(q.device())?.contiguous()
+            }
+            Some(x) => bail!(
+                "flash_attn: segment ids must be ({b}, {n}) u32, got {:?} {:?}",
+                x.dims(),
+                x.dtype()
+            ),
+            None => Tensor::ones((b, n), DType::U32, q.device()),
+        }
+    };
+    let op = FlashAttn {
+        causal: mask.causal,
+        window: mask.window,
+        scale: scale as f32,
+        q_seg: seg(&mask.q_seg, t)?,
+        k_seg: seg(&mask.k_seg, s)?,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Forward reference: (o (B·T·H·D), lse (B·H·T)). Never more than one key block of scores.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q_seg: &[u32],
+    k_seg: &[u32],
+    n: Dims,
+    scale: f32,
+    causal: bool,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let Dims { b, t, s, h, kv, d } = n;
+    let rep = h / kv;
+    let off = s - t;
+    let mut o = vec![0f32; b * t * h * d];
+    let mut lse = vec![f32::NEG_INFINITY; b * h * t];
+    let mut sc = [0f32; CPU_KEYS];
+    for bi in 0..b {
+        for ti in 0..t {
+            let qpos = off + ti;
+            let qs = q_seg[bi * t + ti];
+            for hi in 0..h {
+                let kh = hi / rep;
+                let qr = &q[((bi * t + ti) * h + hi) * d..][..d];
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                let mut acc = vec![0f32; d];
+                for k0 in (0..s).step_by(CPU_KEYS) {
+                    let kn = CPU_KEYS.min(s - k0);
+                    let mut mt = f32::NEG_INFINITY;
+                    for j in 0..kn {
+                        let sj = k0 + j;
+                        sc[j] = if allowed(qpos, sj, qs, k_seg[bi * s + sj], causal, window) {
+                            let kr = &k[((bi * s + sj) * kv + kh) * d..][..d];
+                            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        mt = mt.max(sc[j]);
+                    }
+                    let mn = m.max(mt);
+                    if mn == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let alpha = if m == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (m - mn).exp()
+                    };
+                    l *= alpha;
+                    acc.iter_mut().for_each(|a| *a *= alpha);
+                    for j in 0..kn {
+                        let p = (sc[j] - mn).exp();
+                        if p == 0.0 {
+                            continue;
+                        }
+                        l += p;
+                        let vr = &v[((bi * s + k0 + j) * kv + kh) * d..][..d];
+                        acc.iter_mut().zip(vr).for_each(|(a, &x)| *a += p * x);
+                    }
+                    m = mn;
+                }
+                if l > 0.0 {
+                    let out = &mut o[((bi * t + ti) * h + hi) * d..][..d];
+                    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a / l);
+                    lse[(bi * h + hi) * t + ti] = m + l.ln();
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// Backward reference: (dq, dk, dv) from the inputs, o, dO and the saved lse.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    q_seg: &[u32],
+    k_seg: &[u32],
+    n: Dims,
+    scale: f32,
+    causal: bool,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { b, t, s, h, kv, d } = n;
+    let rep = h / kv;
+    let off = s - t;
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    for bi in 0..b {
+        for ti in 0..t {
+            let qpos = off + ti;
+            let qs = q_seg[bi * t + ti];
+            for hi in 0..h {
+                let z = lse[(bi * h + hi) * t + ti];
+                if z == f32::NEG_INFINITY {
+                    continue;
+                }
+                let kh = hi / rep;
+                let base = ((bi * t + ti) * h + hi) * d;
+                let (qr, gr, or) = (&q[base..][..d], &dout[base..][..d], &o[base..][..d]);
+                let delta: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
+                for sj in 0..s {
+                    if !allowed(qpos, sj, qs, k_seg[bi * s + sj], causal, window) {
+                        continue;
+                    }
+                    let kb = ((bi * s + sj) * kv + kh) * d;
+                    let (kr, vr) = (&k[kb..][..d], &v[kb..][..d]);
+                    let sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let p = (sc - z).exp();
+                    let dp: f32 = gr.iter().zip(vr).map(|(a, b)| a * b).sum();
+                    let ds = p * (dp - delta);
+                    for e in 0..d {
+                        dq[base + e] += scale * ds * kr[e];
+                        dk[kb + e] += scale * ds * qr[e];
+                        dv[kb + e] += p * gr[e];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+fn allowed(qpos: usize, s: usize, qs: u32, ks: u32, causal: bool, window: usize) -> bool {
+    qs != 0 && qs == ks && (!causal || s <= qpos) && (window == 0 || s + window > qpos)
+}
+
+struct FlashAttn {
+    causal: bool,
+    window: usize,
+    scale: f32,
+    q_seg: Tensor,
+    k_seg: Tensor,
+    /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl FlashAttn {
+    fn save_lse(&self, lse: Tensor) -> Result<()> {
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash_attn: poisoned".into()))? = Some(lse);
+        Ok(())
+    }
+
+    fn dims(ql: &Layout, kl: &Layout) -> Result<Dims> {
+        let (b, t, h, d) = ql.shape().dims4()?;
+        let (_, s, kv, _) = kl.shape().dims4()?;
+        Ok(Dims { b, t, s, h, kv, d })
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "omr-flash-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = Self::dims(ql, kl)?;
+        let (o, lse) = fwd_ref(
+            &host::read_f32(qs, ql)?,
+            &host::read_f32(ks, kl)?,
+            &host::read_f32(vs, vl)?,
+            &self.q_seg.flatten_all()?.to_vec1()?,
+            &self.k_seg.flatten_all()?.to_vec1()?,
+            n,
+            self.scale,
+            self.causal,
+            self.window,
+        );
+        self.save_lse(Tensor::from_vec(lse, (n.b, n.h, n.t), &Device::Cpu)?)?;
+        Ok((host::store(o, qs.dtype())?, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{self, In, Out};
+        let dev = qs.device().clone();
+        let n = Self::dims(ql, kl)?;
+        let f = cuda::kernel(
+            &dev,
+            "flash_attn",
+            &format!("flash_fwd_{}", cuda::suffix(qs.dtype())?),
+        )?;
+        let (qsg, qsl) = self.q_seg.storage_and_layout();
+        let (ksg, ksl) = self.k_seg.storage_and_layout();
+        let (q, k, v) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
+        let (qg, kg) = (
+            In::new(cuda::storage(&qsg)?, qsl)?,
+            In::new(cuda::storage(&ksg)?, ksl)?,
+        );
+        let mut o = Out::alloc(&dev, qs.dtype(), n.b * n.t * n.h * n.d)?;
+        let mut lse = Out::alloc(&dev, DType::F32, n.b * n.h * n.t)?;
+        let ints = [n.t, n.s, n.h, n.kv, n.d].map(|x| x as i32);
+        let (causal, window) = (self.causal as i32, self.window as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        q.push(&mut b);
+        k.push(&mut b);
+        v.push(&mut b);
+        qg.push(&mut b);
+        kg.push(&mut b);
+        o.push(&mut b);
+        lse.push(&mut b);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&self.scale).arg(&causal).arg(&window);
+        cuda::run(b, grid3(n.t.div_ceil(16), n.h, n.b))?;
+        self.save_lse(lse.into_tensor(&dev, (n.b, n.h, n.t)))?;
+        Ok((o.into_storage(&dev), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash_attn: poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("flash_attn: backward before forward".into()))?;
+        let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+        let (dq, dk, dv) = self.backward(q, k, v, o, &dout, &lse)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FlashAttn {
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            return self.cuda_bwd(q, k, v, o, dout, lse);
+        }
+        let (b, t, h, d) = q.dims4()?;
+        let (_, s, kv, _) = k.dims4()?;
+        let n = Dims { b, t, s, h, kv, d };
+        let (dq, dk, dv) = bwd_ref(
+            &host::tensor_f32(q)?,
+            &host::tensor_f32(k)?,
+            &host::tensor_f32(v)?,
+            &host::tensor_f32(o)?,
+            &host::tensor_f32(dout)?,
+            &host::tensor_f32(lse)?,
+            &self.q_seg.flatten_all()?.to_vec1()?,
+            &self.k_seg.flatten_all()?.to_vec1()?,
+            n,
+            self.scale,
+            self.causal,
+            self.window,
+        );
+        Ok((
+            host::tensor_from(dq, q.shape(), q.dtype(), q.device())?,
+            host::tensor_from(dk, k.shape(), k.dtype(), k.device())?,
+            host::tensor_from(dv, v.shape(), v.dtype(), v.device())?,
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        use crate::cuda::{self, In, Out};
+        let dev = cuda::device_of(q)?;
+        let (q, k, v, o) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            o.contiguous()?,
+        );
+        let (b_, t, h, d) = q.dims4()?;
+        let (_, s, kv, _) = k.dims4()?;
+        let sfx = cuda::suffix(q.dtype())?;
+        let guards =
+            [&q, &k, &v, &o, dout, lse, &self.q_seg, &self.k_seg].map(|x| x.storage_and_layout());
+        let ins: Vec<In> = guards
+            .iter()
+            .map(|(st, l)| In::new(cuda::storage(st)?, l))
+            .collect::<Result<_>>()?;
+        let [qi, ki, vi, oi, gi, li, qg, kg] = &ins[..] else {
+            bail!("flash_attn: internal")
+        };
+        let stream = dev.cuda_stream();
+        let ints = [t, s, h, kv, d].map(|x| x as i32);
+        let (causal, window) = (self.causal as i32, self.window as i32);
+
+        let mut delta = Out::alloc(&dev, DType::F32, b_ * h * t)?;
+        let f = cuda::kernel(&dev, "flash_attn", &format!("flash_bwd_dot_{sfx}"))?;
+        let dims = [b_ as i32, t as i32, h as i32, d as i32];
+        let mut bl = stream.launch_builder(&f);
+        oi.push(&mut bl);
+        gi.push(&mut bl);
+        delta.push(&mut bl);
+        for x in &dims {
+            bl.arg(x);
+        }
+        cuda::run(bl, cuda::cfg((b_ * t * h).div_ceil(8).min(65535), 256, 0))?;
+        let delta = delta.into_tensor(&dev, (b_, h, t));
+        let (ds_, dl) = delta.storage_and_layout();
+        let di = In::new(cuda::storage(&ds_)?, dl)?;
+
+        let mut dq = Out::alloc(&dev, q.dtype(), q.elem_count())?;
+        let f = cuda::kernel(&dev, "flash_attn", &format!("flash_bwd_dq_{sfx}"))?;
+        let mut bl = stream.launch_builder(&f);
+        for x in [qi, ki, vi, qg, kg, gi, li, &di] {
+            x.push(&mut bl);
+        }
+        dq.push(&mut bl);
+        for x in &ints {
+            bl.arg(x);
+        }
+        bl.arg(&self.scale).arg(&causal).arg(&window);
+        cuda::run(bl, grid3(t.div_ceil(8), h, b_))?;
+
+        let mut dk = Out::alloc(&dev, k.dtype(), k.elem_count())?;
+        let mut dv = Out::alloc(&dev, v.dtype(), v.elem_count())?;
+        let f = cuda::kernel(&dev, "flash_attn", &format!("flash_bwd_dkdv_{sfx}"))?;
+        let mut bl = stream.launch_builder(&f);
+        for x in [qi, ki, vi, qg, kg, gi, li, &di] {
+            x.push(&mut bl);
+        }
+        dk.push(&mut bl);
+        dv.push(&mut bl);
+        for x in &ints {
+            bl.arg(x);
+        }
+        bl.arg(&self.scale).arg(&causal).arg(&window);
+        cuda::run(bl, grid3(s.div_ceil(32), kv, b_))?;
+        Ok((
+            dq.into_tensor(&dev, q.shape()),
+            dk.into_tensor(&dev, k.shape()),
+            dv.into_tensor(&dev, v.shape()),
+        ))
+    }
+}
+
+/// A (x, y, z) grid of 128-thread blocks.
+#[cfg(feature = "cuda")]
+fn grid3(x: usize, y: usize, z: usize) -> crate::cuda::LaunchConfig {
+    crate::cuda::LaunchConfig {
+        grid_dim: (x.max(1) as u32, y as u32, z as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

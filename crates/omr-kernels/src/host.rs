@@ -1,0 +1,68 @@
+//! Host-side helpers shared by the CPU references: reading a CPU storage of any layout as f32,
+//! writing f32 results back in the op's dtype (f32 or bf16, rounded once at the end), and
+//! tensors ↔ f32 vectors for the backward passes.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+/// The elements of `s` seen through the contiguous layout `l`, as f32 (f32, bf16, f16). The
+/// public entry points make every input contiguous before applying an op.
+pub(crate) fn read_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("omr-kernels: op input is not contiguous")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        other => bail!("omr-kernels: dtype {:?} is not supported", other.dtype()),
+    })
+}
+
+/// f32 values stored as `dtype` (round to nearest even for bf16).
+pub(crate) fn store(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        other => bail!("omr-kernels: dtype {other:?} is not supported"),
+    })
+}
+
+/// Rounds an f32 to `dtype` and back (what storing an intermediate in that dtype does).
+pub(crate) fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// A tensor's elements in row-major order as f32 (copied to the host).
+pub(crate) fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// A tensor of `shape` and `dtype` on `device` from f32 values.
+pub(crate) fn tensor_from(
+    v: Vec<f32>,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+/// Checks that a tensor is f32 or bf16 (the dtypes the kernels are built for).
+pub(crate) fn check_float(op: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        other => bail!("{op}: dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}

@@ -1,0 +1,39 @@
+//! omr-kernels: the fused ops of the training path, each a candle custom op with a plain-Rust
+//! CPU reference (`cpu_fwd`, f32 accumulation, f32 and bf16 inputs), a CUDA version launching
+//! the PTX of `kernels/<op>.cu` (behind the `cuda` feature) and a backward.
+//!
+//! | op | file | kernel |
+//! |---|---|---|
+//! | RMSNorm (Qwen2RMSNorm) fwd + bwd | [`rmsnorm`] | `kernels/rmsnorm.cu` |
+//! | SwiGLU `silu(g)·u` fwd + bwd | [`swiglu`] | `kernels/swiglu.cu` |
+//! | global gradient L2 norm (many tensors, f64 sums) | [`grad_norm`] | `kernels/grad_norm.cu` |
+//! | AdamW on fp32 masters + moments, writing the bf16 copy | [`adamw`] | `kernels/adamw.cu` |
+//! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
+//! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
+//! | flash attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] | `kernels/flash_attn.cu` |
+//!
+//! The ops stand alone: the model (omr-model) does not call them yet. Every op is checked
+//! against an independent composition of candle ops in `tests/` (and CUDA against CPU where a
+//! CUDA device exists), and timed by [`bench::run_all`] (`omr bench kernels`).
+
+pub mod adamw;
+pub mod bench;
+pub mod flash_attn;
+pub mod grad_norm;
+pub mod linear_ce;
+pub mod rmsnorm;
+pub mod rotary;
+pub mod swiglu;
+
+mod host;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+pub use adamw::{adamw_step, AdamWHyper, AdamWOut};
+pub use flash_attn::{flash_attn, AttnMask};
+pub use grad_norm::global_grad_norm;
+pub use linear_ce::linear_cross_entropy;
+pub use rmsnorm::rmsnorm;
+pub use rotary::{mrope_tables, rotary, vision_tables};
+pub use swiglu::swiglu;

@@ -1,0 +1,395 @@
+//! Fused linear cross-entropy: `Σ_n −log softmax(h_n · Wᵀ)[target_n]` and its gradients dH,
+//! dW without ever holding the N × V logits (Liger's fused linear cross-entropy, chunked over
+//! vocabulary as well as rows).
+//!
+//! For each block of `rows` rows and each block of `vocab` vocabulary entries: a logits tile
+//! `H_r · W_vᵀ` (candle matmul: cuBLAS on CUDA), folded into a running log-sum-exp by the tile
+//! statistics kernel (max, Σexp, target logit: the online softmax); then, with the row's
+//! log-sum-exp known, the tile is recomputed (kept instead when one vocab block covers V) and
+//! turned into `dL = softmax − onehot` by the tile gradient kernel, and `dH_r += dL · W_v`,
+//! `dW_v += dLᵀ · H_r` (accumulated in f32). The peak extra memory is one rows × vocab tile
+//! plus dH and dW. The gradients are computed in the forward (the loss is a scalar, so the
+//! backward only scales them by the incoming gradient), and only when h or w is tracked.
+//!
+//! h: (N, C) f32|bf16, w: (V, C) same dtype, targets: (N) u32 < V → scalar f32 (the sum; the
+//! caller normalises, as `omr_model::loss::causal_lm_loss`). Rows are the labelled positions
+//! only (the caller gathers them, as the model's loss does). Logits tiles are in the compute
+//! dtype (bf16 products on CUDA), their statistics in f32.
+//! Kernels: `kernels/linear_ce.cu`; CPU: [`tile_stats_ref`], [`tile_grad_ref`].
+
+use crate::host;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use std::sync::Mutex;
+
+/// Tile sizes: rows of H and entries of the vocabulary per logits tile.
+#[derive(Clone, Copy, Debug)]
+pub struct LceChunks {
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+impl Default for LceChunks {
+    /// 2048 × 32768: a 256 MiB f32 (128 MiB bf16) tile, against 1.2 GB of bf16 logits for
+    /// 4096 tokens of Qwen2.5's 151 936-entry vocabulary.
+    fn default() -> Self {
+        LceChunks {
+            rows: 2048,
+            vocab: 32768,
+        }
+    }
+}
+
+/// Σ −log softmax(h · wᵀ)[targets] as a scalar f32 tensor, differentiable in h and w.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunks: LceChunks,
+) -> Result<Tensor> {
+    host::check_float("linear_cross_entropy", h.dtype())?;
+    let (n, c) = h.dims2()?;
+    let (_v, cw) = w.dims2()?;
+    if cw != c || w.dtype() != h.dtype() || targets.dims() != [n] || targets.dtype() != DType::U32 {
+        bail!(
+            "linear_cross_entropy: h (N, C), w (V, C) of one dtype and targets (N) u32; got {:?} {:?}, {:?} {:?}, {:?} {:?}",
+            h.dims(), h.dtype(), w.dims(), w.dtype(), targets.dims(), targets.dtype()
+        )
+    }
+    if chunks.rows == 0 || chunks.vocab == 0 {
+        bail!("linear_cross_entropy: chunk sizes must be > 0")
+    }
+    let need_grad = h.track_op() || w.track_op();
+    let (loss, grads) = run(
+        &h.detach(),
+        &w.detach(),
+        &targets.contiguous()?,
+        chunks,
+        need_grad,
+    )?;
+    match grads {
+        None => Ok(loss),
+        Some((dh, dw)) => h.apply_op2(
+            w,
+            Attach {
+                loss: Mutex::new(Some(loss)),
+                dh,
+                dw,
+            },
+        ),
+    }
+}
+
+/// The loss and, when asked, (dH, dW) in the dtypes of h and w.
+fn run(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    ch: LceChunks,
+    need_grad: bool,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let (n, _c) = h.dims2()?;
+    let v = w.dim(0)?;
+    let vblocks: Vec<(usize, usize)> = (0..v)
+        .step_by(ch.vocab)
+        .map(|v0| (v0, ch.vocab.min(v - v0)))
+        .collect();
+    let keep = vblocks.len() == 1;
+    let mut loss = Tensor::zeros((), DType::F32, h.device())?;
+    let mut dh_parts = Vec::new();
+    let mut dw_acc: Vec<Option<Tensor>> = vec![None; vblocks.len()];
+    for r0 in (0..n).step_by(ch.rows) {
+        let r = ch.rows.min(n - r0);
+        let hr = h.narrow(0, r0, r)?;
+        let tr = targets.narrow(0, r0, r)?.contiguous()?;
+        let mut run_stats: Option<(Tensor, Tensor, Tensor)> = None;
+        let mut kept = None;
+        for &(v0, vc) in &vblocks {
+            let logits = hr.matmul(&w.narrow(0, v0, vc)?.t()?)?;
+            let st = logits.apply_op1_no_bwd(&TileStats {
+                targets: tr.clone(),
+                v0,
+            })?;
+            let (mt, st_, tt) = (
+                st.narrow(1, 0, 1)?.squeeze(1)?,
+                st.narrow(1, 1, 1)?.squeeze(1)?,
+                st.narrow(1, 2, 1)?.squeeze(1)?,
+            );
+            run_stats = Some(match run_stats {
+                None => (mt, st_, tt),
+                Some((m, s, t)) => {
+                    let m1 = m.maximum(&mt)?;
+                    let s1 = ((s * (m - &m1)?.exp()?)? + (st_ * (mt - &m1)?.exp()?)?)?;
+                    (m1, s1, (t + tt)?)
+                }
+            });
+            if keep {
+                kept = Some(logits);
+            }
+        }
+        let (m, s, t) = run_stats.expect("at least one vocab block");
+        let lse = (m + s.log()?)?;
+        loss = (loss + (&lse - t)?.sum_all()?)?;
+        if !need_grad {
+            continue;
+        }
+        let mut dh_r: Option<Tensor> = None;
+        for (k, &(v0, vc)) in vblocks.iter().enumerate() {
+            let wv = w.narrow(0, v0, vc)?;
+            let logits = match kept.take() {
+                Some(l) => l,
+                None => hr.matmul(&wv.t()?)?,
+            };
+            let dl = logits.apply_op2_no_bwd(
+                &lse,
+                &TileGrad {
+                    targets: tr.clone(),
+                    v0,
+                    scale: 1.0,
+                },
+            )?;
+            let dh_k = dl.matmul(&wv)?.to_dtype(DType::F32)?;
+            dh_r = Some(match dh_r {
+                None => dh_k,
+                Some(a) => (a + dh_k)?,
+            });
+            let dw_k = dl.t()?.matmul(&hr)?.to_dtype(DType::F32)?;
+            dw_acc[k] = Some(match dw_acc[k].take() {
+                None => dw_k,
+                Some(a) => (a + dw_k)?,
+            });
+        }
+        dh_parts.push(dh_r.expect("at least one vocab block"));
+    }
+    if !need_grad || n == 0 {
+        let grads = if need_grad {
+            Some((h.zeros_like()?, w.zeros_like()?))
+        } else {
+            None
+        };
+        return Ok((loss, grads));
+    }
+    let dh = Tensor::cat(&dh_parts, 0)?.to_dtype(h.dtype())?;
+    let dw_parts: Vec<Tensor> = dw_acc
+        .into_iter()
+        .map(|t| t.expect("every vocab block"))
+        .collect();
+    let dw = Tensor::cat(&dw_parts, 0)?.to_dtype(w.dtype())?;
+    Ok((loss, Some((dh, dw))))
+}
+
+/// Per row of a logits tile (R, Vc) starting at vocab id v0: (max, Σ exp(l − max), l[target]
+/// or 0 when the target is outside the tile). → (R·3)
+pub fn tile_stats_ref(logits: &[f32], targets: &[u32], vc: usize, v0: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(targets.len() * 3);
+    for (row, &t) in logits.chunks(vc).zip(targets) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let s: f32 = row.iter().map(|&l| (l - m).exp()).sum();
+        let t = t as usize;
+        let tl = if (v0..v0 + vc).contains(&t) {
+            row[t - v0]
+        } else {
+            0.0
+        };
+        out.extend([m, s, tl]);
+    }
+    out
+}
+
+/// `scale · (exp(l − lse) − onehot)` over a tile (R, Vc) starting at vocab id v0.
+pub fn tile_grad_ref(
+    logits: &[f32],
+    targets: &[u32],
+    lse: &[f32],
+    vc: usize,
+    v0: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for ((row, &t), &z) in logits.chunks(vc).zip(targets).zip(lse) {
+        for (j, &l) in row.iter().enumerate() {
+            let y = if t as usize == v0 + j { 1.0 } else { 0.0 };
+            out.push(scale * ((l - z).exp() - y));
+        }
+    }
+    out
+}
+
+struct TileStats {
+    targets: Tensor,
+    v0: usize,
+}
+
+impl CustomOp1 for TileStats {
+    fn name(&self) -> &'static str {
+        "omr-ce-tile-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (r, vc) = l.shape().dims2()?;
+        let t: Vec<u32> = self.targets.to_vec1()?;
+        let out = tile_stats_ref(&host::read_f32(s, l)?, &t, vc, self.v0);
+        Ok((CpuStorage::F32(out), Shape::from((r, 3))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{self, In, Out};
+        let dev = s.device().clone();
+        let (r, vc) = l.shape().dims2()?;
+        let f = cuda::kernel(
+            &dev,
+            "linear_ce",
+            &format!("ce_tile_stats_{}", cuda::suffix(s.dtype())?),
+        )?;
+        let (ts, tl) = self.targets.storage_and_layout();
+        let (x, t) = (In::new(s, l)?, In::new(cuda::storage(&ts)?, tl)?);
+        let mut out = Out::alloc(&dev, DType::F32, r * 3)?;
+        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        x.push(&mut b);
+        t.push(&mut b);
+        out.push(&mut b);
+        b.arg(&r_i).arg(&vc_i).arg(&v0);
+        cuda::run(b, cuda::cfg(r.div_ceil(8), 256, 0))?;
+        Ok((out.into_storage(&dev), Shape::from((r, 3))))
+    }
+}
+
+struct TileGrad {
+    targets: Tensor,
+    v0: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for TileGrad {
+    fn name(&self) -> &'static str {
+        "omr-ce-tile-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        zs: &CpuStorage,
+        zl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_r, vc) = l.shape().dims2()?;
+        let t: Vec<u32> = self.targets.to_vec1()?;
+        let out = tile_grad_ref(
+            &host::read_f32(s, l)?,
+            &t,
+            &host::read_f32(zs, zl)?,
+            vc,
+            self.v0,
+            self.scale,
+        );
+        Ok((host::store(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        zs: &candle_core::CudaStorage,
+        zl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{self, In, Out};
+        let dev = s.device().clone();
+        let (r, vc) = l.shape().dims2()?;
+        let f = cuda::kernel(
+            &dev,
+            "linear_ce",
+            &format!("ce_tile_grad_{}", cuda::suffix(s.dtype())?),
+        )?;
+        let (ts, tl) = self.targets.storage_and_layout();
+        let (x, t, z) = (
+            In::new(s, l)?,
+            In::new(cuda::storage(&ts)?, tl)?,
+            In::new(zs, zl)?,
+        );
+        let mut out = Out::alloc(&dev, s.dtype(), r * vc)?;
+        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        x.push(&mut b);
+        t.push(&mut b);
+        z.push(&mut b);
+        out.push(&mut b);
+        b.arg(&r_i).arg(&vc_i).arg(&v0).arg(&self.scale);
+        cuda::run(b, cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0))?;
+        Ok((out.into_storage(&dev), l.shape().clone()))
+    }
+}
+
+/// The loss computed in the forward, attached to (h, w) with the gradients it came with.
+struct Attach {
+    loss: Mutex<Option<Tensor>>,
+    dh: Tensor,
+    dw: Tensor,
+}
+
+impl Attach {
+    fn take(&self) -> Result<Tensor> {
+        self.loss
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("linear_cross_entropy: poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("linear_cross_entropy: forward ran twice".into())
+            })
+    }
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        "omr-linear-ce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let loss = self.take()?;
+        let (s, l) = loss.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, Shape::from(()))),
+            _ => bail!("linear_cross_entropy: loss on another device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let loss = self.take()?;
+        let (s, l) = loss.storage_and_layout();
+        Ok((crate::cuda::storage(&s)?.try_clone(l)?, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = |d: &Tensor| d.broadcast_mul(&grad.to_dtype(d.dtype())?);
+        Ok((Some(scale(&self.dh)?), Some(scale(&self.dw)?)))
+    }
+}
