@@ -76,11 +76,15 @@ pub fn run(a: EvalArgs) -> crate::Result<()> {
         }
     };
 
-    let (data, hub) = match (&a.data, &a.hub) {
+    let as_hub = match (&a.data, &a.hub) {
         (Some(d), None) if !std::path::Path::new(d).exists() && looks_like_hub_id(d) => {
-            (None, Some(d.clone()))
+            Some(d.clone())
         }
-        (d, h) => (d.as_ref().map(PathBuf::from), h.clone()),
+        _ => None,
+    };
+    let (data, hub) = match &as_hub {
+        Some(id) => (None, Some(id.clone())),
+        None => (a.data.as_ref().map(PathBuf::from), a.hub.clone()),
     };
     let spec = DataArgs {
         data,
@@ -107,7 +111,17 @@ pub fn run(a: EvalArgs) -> crate::Result<()> {
         ..Default::default()
     };
     eprintln!("judge: {}", judge.describe());
-    let ev = omr_eval::evaluate(&a.model, &spec, &opts, judge.as_ref()).map_err(exit)?;
+    let ev = omr_eval::evaluate(&a.model, &spec, &opts, judge.as_ref()).map_err(|e| {
+        let hub_guess = matches!(e, EvalError::Source(_)) && as_hub.is_some();
+        let mut x = exit(e);
+        if hub_guess {
+            x.err = x.err.context(format!(
+                "--data {:?} is not a local path, so it was read as a Hub dataset id",
+                a.data.as_deref().unwrap_or_default()
+            ));
+        }
+        x
+    })?;
     println!("{}", ev.report.to_markdown());
     if let Some(out) = &a.out {
         ev.write(out).map_err(exit)?;
