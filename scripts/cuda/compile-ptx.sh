@@ -3,7 +3,7 @@
 # ptxas, failing on any error or warning (nvcc -Werror all-warnings, ptxas --warning-as-error).
 # The CI compile check; also the quick loop while writing a kernel (seconds, no GPU needed).
 #
-#   scripts/cuda/compile-ptx.sh [OUT_DIR]     # default OUT_DIR: a temporary folder
+#   scripts/cuda/compile-ptx.sh [OUT_DIR]     # keeps PTX, cubins, ptxas reports in OUT_DIR
 #
 # nvcc comes from $NVCC when set, else from scripts/cuda/env.sh (ptx profile: installs NVIDIA's
 # pinned nvcc wheels into $OMR_CUDA_DIR, default ~/.cache/omr-cuda, once). Flags match
@@ -17,7 +17,12 @@ if [ -z "${NVCC:-}" ]; then
 fi
 ptxas=$(dirname "$NVCC")/ptxas
 cap=${CUDA_COMPUTE_CAP:-90}
-out=${1:-$(mktemp -d)}
+if [ -n "${1:-}" ]; then
+  out=$1
+else
+  out=$(mktemp -d)
+  trap 'rm -rf "$out"' EXIT
+fi
 mkdir -p "$out"
 shopt -s nullglob
 srcs=("$root"/kernels/*.cu)
@@ -38,5 +43,5 @@ for src in "${srcs[@]}"; do
   echo "compile-ptx: kernels/$name.cu ok ($(grep -c 'Compiling entry' "$out/$name.ptxas.txt") entries, $spills bytes spilled)"
 done
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
-echo "compile-ptx: ${#srcs[@]} files in ${ms} ms, PTX in $out"
+echo "compile-ptx: ${#srcs[@]} files in ${ms} ms${1:+, PTX in $out}"
 exit $fail

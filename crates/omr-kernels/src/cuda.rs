@@ -101,14 +101,6 @@ impl Out {
         })
     }
 
-    pub(crate) fn zeros(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Out> {
-        Ok(match dtype {
-            DType::F32 => Out::F32(dev.alloc_zeros::<f32>(n)?),
-            DType::BF16 => Out::Bf16(dev.alloc_zeros::<bf16>(n)?),
-            other => bail!("omr-kernels (cuda): dtype {other:?} not supported"),
-        })
-    }
-
     pub(crate) fn push<'b>(&'b mut self, b: &mut LaunchArgs<'b>) {
         match self {
             Out::F32(v) => b.arg(v),

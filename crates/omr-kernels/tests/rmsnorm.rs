@@ -4,7 +4,7 @@
 //!
 //! Tolerances (max |a−b| / max |ref|): f32 forward and gradients 1e-5 (sum order is the only
 //! difference); bf16 forward 1e-2 (one bf16 rounding of the output is 3.9e-3 relative) and bf16
-//! gradients against f32 reference gradients 3e-2 (inputs and outputs rounded to bf16).
+//! gradients against f32 reference gradients on the same rounded inputs 1e-2.
 
 mod common;
 
@@ -56,8 +56,8 @@ fn bf16_close_to_f32_reference() -> Result<()> {
     let x0 = Var::from_tensor(&x.to_dtype(DType::F32)?)?;
     let w0 = Var::from_tensor(&w.to_dtype(DType::F32)?)?;
     let (_, dx0, dw0) = grads(&x0, &w0, &r, false)?;
-    check("rmsnorm bf16 dx", &dx, &dx0, 3e-2)?;
-    check("rmsnorm bf16 dw", &dw, &dw0, 3e-2)?;
+    check("rmsnorm bf16 dx", &dx, &dx0, 1e-2)?;
+    check("rmsnorm bf16 dw", &dw, &dw0, 1e-2)?;
     Ok(())
 }
 
