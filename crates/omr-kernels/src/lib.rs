@@ -14,10 +14,12 @@
 //!
 //! The ops stand alone: the model (omr-model) does not call them yet. Every op is checked
 //! against an independent composition of candle ops in `tests/` (and CUDA against CPU where a
-//! CUDA device exists), and timed by [`bench::run_all`] (`omr bench kernels`).
+//! CUDA device exists, also by [`check::check_all`]), and timed by [`bench::run_all`]
+//! (`omr bench kernels` runs both).
 
 pub mod adamw;
 pub mod bench;
+pub mod check;
 pub mod flash_attn;
 pub mod grad_norm;
 pub mod linear_ce;

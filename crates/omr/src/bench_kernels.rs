@@ -1,7 +1,10 @@
-//! `omr bench kernels`: times every fused op of omr-kernels on the first CUDA device (when
-//! built with `--features cuda` and one is present; bf16) or on the CPU (f32, small sizes: a
-//! smoke test), and prints each kernel's achieved TB/s or TFLOP/s next to its floor.
+//! `omr bench kernels`: on the first CUDA device (built with `--features cuda`), first every
+//! fused op of omr-kernels against its CPU reference (values and gradients, f32 and bf16),
+//! then each kernel's achieved TB/s or TFLOP/s next to its floor; on the CPU (or `--cpu`) the
+//! timings only, at small sizes (a smoke test). Exits 1 when a CUDA-vs-CPU check fails, after
+//! printing both tables, so one binary copied to a GPU machine checks and times in one call.
 
+use anyhow::Context;
 use clap::Args;
 
 #[derive(Args)]
@@ -9,15 +12,32 @@ pub struct BenchKernelsArgs {
     /// Run on the CPU even when a CUDA device is present.
     #[arg(long)]
     pub cpu: bool,
+    /// Skip the CUDA-vs-CPU correctness checks.
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 pub fn run(a: BenchKernelsArgs) -> crate::Result<()> {
     let dev = if a.cpu {
         candle_core::Device::Cpu
     } else {
-        candle_core::Device::cuda_if_available(0).map_err(anyhow::Error::from)?
+        candle_core::Device::cuda_if_available(0).context("opening CUDA device 0")?
     };
-    let (ceilings, rows) = omr_kernels::bench::run_all(&dev).map_err(anyhow::Error::from)?;
+    let checks = if a.no_check {
+        Vec::new()
+    } else {
+        omr_kernels::check::check_all(&dev).context("CUDA-vs-CPU checks")?
+    };
+    if !checks.is_empty() {
+        println!("{}", omr_kernels::check::format(&checks));
+    }
+    let (ceilings, rows) = omr_kernels::bench::run_all(&dev).context("kernel benchmark")?;
     print!("{}", omr_kernels::bench::format(&dev, &ceilings, &rows));
+    let failed = checks.iter().filter(|c| !c.ok()).count();
+    if failed > 0 {
+        return Err(
+            anyhow::anyhow!("{failed} of {} CUDA-vs-CPU checks failed", checks.len()).into(),
+        );
+    }
     Ok(())
 }

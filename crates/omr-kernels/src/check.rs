@@ -1,0 +1,290 @@
+//! CUDA-vs-CPU correctness pass of every op, run by `omr bench kernels` before the timings, so
+//! that one binary copied to a GPU machine (which has no Rust toolchain) checks and times the
+//! kernels in one call. The same comparisons as the `cuda_matches_cpu` tests, on seeded random
+//! inputs at sizes that span several blocks and partial tiles: forward values and gradients,
+//! measured as max |cuda − cpu| / max |cpu| against one tolerance per dtype, the loosest of
+//! the tests' CUDA-vs-CPU bounds (kernels/README.md): 1e-4 f32, 3e-2 bf16; the grad norm
+//! 1e-12; AdamW bit-identical (tolerance 0).
+
+use crate::adamw::{adamw_step, AdamWHyper};
+use crate::flash_attn::{flash_attn, AttnMask};
+use crate::grad_norm::global_grad_norm;
+use crate::linear_ce::{linear_cross_entropy, LceChunks};
+use crate::rotary::{mrope_tables, rotary, rotary_inverse};
+use crate::{rmsnorm, swiglu};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+/// One comparison: the measured error and its tolerance.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub err: f64,
+    pub tol: f64,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.err <= self.tol
+    }
+}
+
+fn rand(seed: u64, shape: &[usize], scale: f32, dtype: DType) -> Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// max |a − b| / max |b| in f64 (NaN if anything is not finite).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let f = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()
+    };
+    let (a, b) = (f(a)?, f(b)?);
+    if a.len() != b.len() {
+        return Ok(f64::NAN);
+    }
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        if !d.is_finite() {
+            return Ok(f64::NAN);
+        }
+        worst = worst.max(d);
+    }
+    Ok(worst / scale)
+}
+
+struct Checks<'a> {
+    dev: &'a Device,
+    out: Vec<Check>,
+}
+
+impl Checks<'_> {
+    /// Compares `f` run on CUDA copies of `inputs` with `f` on the CPU inputs, output by output.
+    fn cmp(
+        &mut self,
+        name: &str,
+        tol: f64,
+        inputs: &[&Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    ) -> Result<()> {
+        let cpu_in: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        let dev_in: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(self.dev))
+            .collect::<Result<_>>()?;
+        let (want, got) = (f(&cpu_in)?, f(&dev_in)?);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = rel_err(g, w)?;
+            self.out.push(Check {
+                name: format!("{name} [{i}]"),
+                err: if err.is_nan() { f64::INFINITY } else { err },
+                tol,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn grads_of(out: &Tensor, r: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
+    let g = (out.to_dtype(DType::F32)? * r.to_device(out.device())?)?
+        .sum_all()?
+        .backward()?;
+    let mut v = vec![out.clone()];
+    for x in vars {
+        v.push(
+            g.get(x.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))?
+                .clone(),
+        );
+    }
+    Ok(v)
+}
+
+/// Every op, f32 and bf16, on `dev` against the CPU reference. Empty on the CPU itself.
+pub fn check_all(dev: &Device) -> Result<Vec<Check>> {
+    if !dev.is_cuda() {
+        return Ok(Vec::new());
+    }
+    compare_on(dev)
+}
+
+/// The comparisons of [`check_all`] on any device (on the CPU they compare the reference
+/// with itself: every error is 0, which `tests/check.rs` uses to exercise this file).
+pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
+    let mut c = Checks {
+        dev,
+        out: Vec::new(),
+    };
+    for (dt, name, tol) in [(DType::F32, "f32", 1e-4), (DType::BF16, "bf16", 3e-2)] {
+        let x = rand(1, &[67, 3584], 2.0, dt)?;
+        let w = (rand(2, &[3584], 0.5, DType::F32)? + 1.0)?.to_dtype(dt)?;
+        let dy = rand(3, &[67, 3584], 1.0, dt)?;
+        c.cmp(&format!("rmsnorm fwd {name}"), tol, &[&x, &w], |t| {
+            Ok(vec![rmsnorm::rmsnorm(&t[0], &t[1], 1e-6)?])
+        })?;
+        c.cmp(&format!("rmsnorm bwd {name}"), tol, &[&x, &w, &dy], |t| {
+            let (a, b) = rmsnorm::backward(&t[0], &t[1], &t[2], 1e-6)?;
+            Ok(vec![a, b])
+        })?;
+        let g = rand(4, &[33, 18944], 6.0, dt)?;
+        let u = rand(5, &[33, 18944], 2.0, dt)?;
+        let dyi = rand(6, &[33, 18944], 1.0, dt)?;
+        c.cmp(&format!("swiglu fwd {name}"), tol, &[&g, &u], |t| {
+            Ok(vec![swiglu::swiglu(&t[0], &t[1])?])
+        })?;
+        c.cmp(&format!("swiglu bwd {name}"), tol, &[&g, &u, &dyi], |t| {
+            let (a, b) = swiglu::backward(&t[0], &t[1], &t[2])?;
+            Ok(vec![a, b])
+        })?;
+        let sizes = [91usize, 1, 300, 70_000, 3 << 20];
+        let gs: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(10 + i as u64, &[n], 3.0, dt))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = gs.iter().collect();
+        c.cmp(&format!("grad norm {name}"), 1e-12, &refs, |t| {
+            Ok(vec![global_grad_norm(t)?])
+        })?;
+        let pos: [Vec<Vec<i64>>; 3] =
+            std::array::from_fn(|a| vec![(0..300i64).map(|i| i + a as i64).collect()]);
+        let (cs, sn) = mrope_tables(&pos, &[16, 24, 24], 1e6, 128, &Device::Cpu)?;
+        let q = rand(20, &[1, 300, 28, 128], 2.0, dt)?;
+        c.cmp(&format!("rotary fwd {name}"), tol, &[&q, &cs, &sn], |t| {
+            Ok(vec![rotary(&t[0], &t[1], &t[2])?])
+        })?;
+        c.cmp(&format!("rotary bwd {name}"), tol, &[&q, &cs, &sn], |t| {
+            Ok(vec![rotary_inverse(&t[0], &t[1], &t[2])?])
+        })?;
+        let h = rand(30, &[300, 256], 1.0, dt)?;
+        let wl = rand(31, &[5000, 256], 0.2, dt)?;
+        let tg = Tensor::from_vec(
+            (0..300u32)
+                .map(|i| (i * 7919 + 13) % 5000)
+                .collect::<Vec<_>>(),
+            300,
+            &Device::Cpu,
+        )?;
+        c.cmp(&format!("linear CE {name}"), tol, &[&h, &wl, &tg], |t| {
+            let hv = Var::from_tensor(&t[0])?;
+            let wv = Var::from_tensor(&t[1])?;
+            let loss = linear_cross_entropy(
+                hv.as_tensor(),
+                wv.as_tensor(),
+                &t[2],
+                LceChunks {
+                    rows: 128,
+                    vocab: 2048,
+                },
+            )?;
+            let g = loss.backward()?;
+            Ok(vec![
+                loss,
+                g.get(hv.as_tensor()).expect("dh").clone(),
+                g.get(wv.as_tensor()).expect("dw").clone(),
+            ])
+        })?;
+        // Flash attention: packed causal text with padding (GQA), a window, vision blocks.
+        for (d, causal, window, kv) in [
+            (64usize, true, 0usize, 2usize),
+            (128, true, 37, 1),
+            (80, false, 0, 4),
+        ] {
+            let (b, t_, h_) = (2usize, 300usize, 4usize);
+            let segs: Vec<u32> = (0..b * t_)
+                .map(|i| {
+                    let p = i % t_;
+                    if i / t_ == 0 && p >= 290 {
+                        0
+                    } else {
+                        1 + (p / 97) as u32
+                    }
+                })
+                .collect();
+            let seg = Tensor::from_vec(segs, (b, t_), &Device::Cpu)?;
+            let q = rand(40 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
+            let k = rand(41 + d as u64, &[b, t_, kv, d], 1.5, dt)?;
+            let v = rand(42 + d as u64, &[b, t_, kv, d], 1.0, dt)?;
+            let live = seg.ne(0u32)?.to_dtype(DType::F32)?.reshape((b, t_, 1, 1))?;
+            let r = rand(43, &[b, t_, h_, d], 1.0, DType::F32)?.broadcast_mul(&live)?;
+            c.cmp(
+                &format!("flash attn d{d} causal={causal} window={window} {name}"),
+                tol,
+                &[&q, &k, &v, &seg, &r],
+                |t| {
+                    let (qv, kv_, vv) = (
+                        Var::from_tensor(&t[0])?,
+                        Var::from_tensor(&t[1])?,
+                        Var::from_tensor(&t[2])?,
+                    );
+                    let mask = AttnMask {
+                        causal,
+                        window,
+                        q_seg: Some(t[3].clone()),
+                        k_seg: Some(t[3].clone()),
+                    };
+                    let o = flash_attn(
+                        qv.as_tensor(),
+                        kv_.as_tensor(),
+                        vv.as_tensor(),
+                        &mask,
+                        1.0 / (d as f64).sqrt(),
+                    )?;
+                    // Padding rows are 0 on both devices; r is 0 there too.
+                    grads_of(&o, &t[4], &[&qv, &kv_, &vv])
+                },
+            )?;
+        }
+    }
+    // AdamW: bit-identical (tolerance 0), f32 and bf16 gradients, with and without a gradient.
+    let p = rand(50, &[1 << 20], 1.0, DType::F32)?;
+    let m = rand(51, &[1 << 20], 0.01, DType::F32)?;
+    let v = rand(52, &[1 << 20], 0.01, DType::F32)?.sqr()?;
+    let g = rand(53, &[1 << 20], 1.0, DType::F32)?;
+    let h = AdamWHyper {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 7,
+        grad_coef: 0.37,
+    };
+    for (name, gt) in [
+        ("f32 grad", Some(g.clone())),
+        ("bf16 grad", Some(g.to_dtype(DType::BF16)?)),
+        ("no grad", None),
+    ] {
+        let mut ins = vec![&p, &m, &v];
+        if let Some(gt) = &gt {
+            ins.push(gt);
+        }
+        c.cmp(&format!("adamw {name}"), 0.0, &ins, |t| {
+            let o = adamw_step(&t[0], &t[1], &t[2], t.get(3), &h)?;
+            Ok(vec![o.p, o.m, o.v, o.p_bf16])
+        })?;
+    }
+    Ok(c.out)
+}
+
+/// The checks as a table, failures marked.
+pub fn format(checks: &[Check]) -> String {
+    let mut s = String::from("| check (CUDA vs CPU) | max rel err | tol | |\n|---|---|---|---|\n");
+    for c in checks {
+        s += &format!(
+            "| {} | {:.3e} | {:.0e} | {} |\n",
+            c.name,
+            c.err,
+            c.tol,
+            if c.ok() { "ok" } else { "FAIL" }
+        );
+    }
+    s
+}
