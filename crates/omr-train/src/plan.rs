@@ -123,13 +123,18 @@ impl PlanInput {
     pub fn labelled_rows(&self) -> usize {
         self.labelled
     }
-    /// Whether a gradient flows into the vision tower (so its forward keeps a graph).
-    pub fn trains_vision(&self) -> bool {
-        self.trainable.vision
-            || self.trainable.merger
-            || self.lora.as_ref().is_some_and(|l| {
-                lora_modules(&self.model, l).any(|(n, _)| n.starts_with("visual."))
-            })
+    /// Whether the vision blocks keep a graph: they train, or adapters in them do.
+    pub fn tracks_vision_blocks(&self) -> bool {
+        self.trainable.vision || self.lora_in("visual.blocks.")
+    }
+    /// Whether the merger keeps a graph: it or anything before it trains.
+    pub fn tracks_merger(&self) -> bool {
+        self.tracks_vision_blocks() || self.trainable.merger || self.lora_in("visual.merger.")
+    }
+    fn lora_in(&self, prefix: &str) -> bool {
+        self.lora
+            .as_ref()
+            .is_some_and(|l| lora_modules(&self.model, l).any(|(n, _)| n.starts_with(prefix)))
     }
     /// Patch counts of the windows of a windowed vision block, one entry per window of the
     /// whole batch (transformers' `get_window_index` over a grid of `image_hw`).
@@ -350,7 +355,7 @@ pub fn plan(p: &PlanInput) -> Plan {
             ),
         ),
         row(
-            "backward: untracked-input grads",
+            "backward: untracked grads",
             leak_at_peak,
             "mask, softmax max, rotary tables, frozen norms".into(),
         ),
@@ -381,6 +386,26 @@ pub fn plan(p: &PlanInput) -> Plan {
         peak,
         params: pc,
         activations: acts,
+    }
+}
+
+/// The same rows without images, every token after the first labelled: the lm head's and the
+/// decoder's worst case, where the image-heavy rows are the vision tower's.
+pub fn text_only(p: &PlanInput) -> PlanInput {
+    let mut q = p.clone();
+    q.images_per_row = 0;
+    q.labelled = q.batch * q.seq.saturating_sub(1);
+    q
+}
+
+/// The larger of the image-heavy and the text-only plan, with which one it is.
+pub fn worst_case(p: &PlanInput) -> (PlanInput, Plan, &'static str) {
+    let (a, t) = (plan(p), text_only(p));
+    let b = plan(&t);
+    if b.peak > a.peak {
+        (t, b, "text-only rows (every token labelled)")
+    } else {
+        (p.clone(), a, "image-heavy rows")
     }
 }
 
@@ -436,10 +461,11 @@ pub fn input_from_sft(
         images_per_row,
         image_hw: (gh * merge, gw * merge),
         labelled: 0,
+        // LoRA freezes the whole base (`lora::apply`).
         trainable: Trainable {
-            vision: !cfg.model.freeze_vision,
-            merger: !cfg.model.freeze_merger,
-            language: !cfg.model.freeze_language,
+            vision: !cfg.model.freeze_vision && cfg.model.lora.is_none(),
+            merger: !cfg.model.freeze_merger && cfg.model.lora.is_none(),
+            language: !cfg.model.freeze_language && cfg.model.lora.is_none(),
         },
         lora: cfg.model.lora.clone(),
         compute_bytes: o.compute_bytes,
@@ -455,7 +481,7 @@ pub fn input_from_sft(
     let text = seq - input.image_tokens_per_row() - 2 * input.images_per_row;
     input.labelled = input.batch * text.saturating_sub(1);
     notes.push(format!(
-        "worst case per row: {} tokens, {} image(s) of {}×{} patches ({} image tokens), {} labelled tokens",
+        "image-heavy rows: {} tokens, {} image(s) of {}×{} patches ({} image tokens), {} labelled tokens",
         seq,
         input.images_per_row,
         input.image_hw.0,
@@ -629,15 +655,17 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
     out
 }
 
-/// What to change when a plan does not fit, largest saving first.
+/// What to change when a plan does not fit, smallest resulting peak first, each alone, and the
+/// three changes that need no smaller batch together. `p` is the image-heavy input; every
+/// variant is planned at its worst case.
 pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     let mut out: Vec<(u64, String)> = Vec::new();
     let try_with = |f: &dyn Fn(&mut PlanInput)| {
         let mut q = p.clone();
         f(&mut q);
-        super::plan::plan(&q).peak
+        worst_case(&q).1.peak
     };
-    let mut push = |peak: u64, what: String| {
+    let push = |out: &mut Vec<(u64, String)>, peak: u64, what: String| {
         if peak < plan.peak {
             let fits = if peak <= usable {
                 "fits"
@@ -652,12 +680,14 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     };
     if p.attention == AttentionImpl::Eager {
         push(
+            &mut out,
             try_with(&|q| q.attention = AttentionImpl::Fused),
             "fused attention (the CUDA kernels)".into(),
         );
     }
     if p.checkpointing != Checkpointing::All {
         push(
+&mut out,
             try_with(&|q| q.checkpointing = Checkpointing::All),
             "train.activation_checkpointing = \"all\" (planned; the runtime does not recompute yet)".into(),
         );
@@ -665,6 +695,7 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     if p.batch > 1 {
         let half = p.batch / 2;
         push(
+            &mut out,
             try_with(&|q| {
                 q.labelled = q.labelled / q.batch * half;
                 q.batch = half;
@@ -675,6 +706,7 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     if p.seq >= 256 {
         let half = p.seq / 2;
         push(
+&mut out,
             try_with(&|q| {
                 q.labelled = q.labelled * half / q.seq;
                 q.seq = half;
@@ -687,7 +719,13 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     }
     if p.lora.is_none() {
         push(
+            &mut out,
             try_with(&|q| {
+                q.trainable = Trainable {
+                    vision: false,
+                    merger: false,
+                    language: false,
+                };
                 q.lora = Some(LoraConfig {
                     r: 16,
                     alpha: 32.0,
@@ -696,6 +734,28 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
                 })
             }),
             "LoRA r = 16 on all-linear ([model.lora])".into(),
+        );
+    }
+    if out.iter().all(|(peak, _)| *peak > usable) {
+        let lora = LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: vec!["all-linear".into()],
+        };
+        push(
+            &mut out,
+            try_with(&|q| {
+                q.attention = AttentionImpl::Fused;
+                q.checkpointing = Checkpointing::All;
+                q.trainable = Trainable {
+                    vision: false,
+                    merger: false,
+                    language: false,
+                };
+                q.lora = Some(lora.clone());
+            }),
+            "fused attention + checkpointing \"all\" + LoRA r = 16 together".into(),
         );
     }
     out.sort_by_key(|(peak, _)| *peak);

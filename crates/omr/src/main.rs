@@ -3,6 +3,7 @@
 
 mod batches;
 mod bench_data;
+mod bench_train;
 mod bench_kernels;
 mod data;
 mod demo;
@@ -10,6 +11,7 @@ mod eval_cmd;
 mod exit;
 mod grpo_cmd;
 mod model_cmd;
+mod plan_cmd;
 mod plot;
 mod sft_cmd;
 mod tensors;
@@ -58,6 +60,8 @@ enum Cmd {
     Export(sft_cmd::ExportArgs),
     /// OpenMedReason-Bench: answer accuracy, PKR trace score with a judge, pairwise preference.
     Eval(eval_cmd::EvalArgs),
+    /// Peak GPU memory of a training config, predicted; exit 2 when it does not fit.
+    Plan(plan_cmd::PlanArgs),
     /// Charts of a run's metrics.jsonl (loss, learning rate, eval metrics) as PNG and/or SVG.
     Plot(plot::PlotArgs),
 }
@@ -66,6 +70,8 @@ enum Cmd {
 enum BenchCmd {
     /// Decode + preprocess + tokenize throughput, against transformers' image processor.
     Data(bench_data::BenchDataArgs),
+    /// Training-step throughput, FLOPs, MFU, phases and memory, against torch + transformers.
+    Train(bench_train::BenchTrainArgs),
     /// Fused-kernel throughput (omr-kernels): achieved TB/s or TFLOP/s next to each floor.
     Kernels(bench_kernels::BenchKernelsArgs),
 }
@@ -82,6 +88,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
+        Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
@@ -90,6 +97,7 @@ fn main() {
         Cmd::Grpo(a) => grpo_cmd::run(a),
         Cmd::Export(a) => sft_cmd::export(a),
         Cmd::Eval(a) => eval_cmd::run(a),
+        Cmd::Plan(a) => plan_cmd::run(a),
         Cmd::Plot(a) => plot::run(a),
     };
     match result {

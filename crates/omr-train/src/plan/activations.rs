@@ -151,7 +151,6 @@ pub fn count(p: &PlanInput) -> Activations {
 
     // ---- vision ----------------------------------------------------------------------------
     let (mut vision_stem, mut vision_block, mut vision_blocks, mut merger) = (0, 0, 0, 0);
-    let vision_tracked = p.trains_vision();
     let patches = p.patches() as u64;
     if patches > 0 {
         let cv = v.hidden_size as u64;
@@ -249,24 +248,29 @@ pub fn count(p: &PlanInput) -> Activations {
         }
         vision_stem = stem.bytes;
         merger = m.bytes;
-        if vision_tracked {
+        if p.tracks_vision_blocks() {
             stages.push(Stage {
                 name: "vision stem",
                 leak: stem.leak,
                 largest: stem.largest,
             });
             stages.extend(block_stages);
+        } else {
+            // Frozen blocks run without a graph and free as they go.
+            vision_stem = 0;
+            vision_blocks = 0;
+            if p.tracks_merger() {
+                merger += patches * cv * s; // the last block's output, the merger's input
+            }
+        }
+        if p.tracks_merger() {
             stages.push(Stage {
                 name: "merger",
                 leak: m.leak,
                 largest: m.largest,
             });
         } else {
-            // Nothing upstream of the merger output trains: the vision forward runs without a
-            // graph and frees as it goes; only its output stays.
-            vision_stem = 0;
-            vision_blocks = 0;
-            merger = units * c * s;
+            merger = units * c * s; // only its output stays
         }
     }
 

@@ -135,7 +135,7 @@ fn seven_b_preset_is_refused_on_80_gib_and_fits_with_the_kernels_and_lora() {
     // Packed rows of 8192 with samples of at most 4096 tokens: two images per row.
     assert_eq!((p.seq, p.images_per_row), (8192, 2));
     let usable = (80.0 * GIB) as u64 - (1.0 * GIB) as u64;
-    let full = plan(&p);
+    let (_, full, _) = worst_case(&p);
     assert!(full.peak > usable);
     let tips = suggestions(&p, &full, usable);
     assert!(

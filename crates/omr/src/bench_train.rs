@@ -1,0 +1,401 @@
+//! `omr bench train`: training-step throughput of a randomly initialised Qwen2.5-VL-shaped model
+//! on identical synthetic batches, with the FLOP accounting of PERFORMANCE.md, MFU, the phase
+//! split, peak memory next to `omr plan`'s prediction, and (with `--python`) the same step in
+//! torch + transformers on the same batch and config, printed as a ratio.
+//!
+//! Notable choices: the batch is written once by our side (`SyntheticBatch::save`) and read by
+//! `scripts/bench/train_step.py`, so both sides see the same tokens, pixels and labels. The
+//! first `--warmup` steps are not timed; times are medians. The step is `sft::run`'s
+//! (`bench_step::train_step`). Today the runtime trains in f32 on the CPU (bf16 compute and the
+//! CUDA device come with the kernels); on the CPU MFU is not defined and GFLOP/s are printed.
+
+use crate::exit::{Exit, Tag};
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+use omr_model::config::ModelConfig;
+use omr_model::model::Qwen2VL;
+use omr_model::params::{Params, Part};
+use omr_train::bench_step::{train_step, PhaseTimes, SyntheticBatch};
+use omr_train::flops::step_flops;
+use omr_train::optim::{param_specs, AdamW, OptimConfig};
+use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+
+const TORCH_SCRIPT: &str = include_str!("../../../scripts/bench/train_step.py");
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    /// config.json of the model, or a shipped one by name: tiny, qwen2.5-vl-3b (3b),
+    /// qwen2.5-vl-7b (7b) from configs/models/.
+    #[arg(long, default_value = "tiny")]
+    pub model_config: String,
+    /// B: rows per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// T: tokens per row (image tokens included).
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Side in pixels of each row's square image (multiple of 28); 0 for text only.
+    #[arg(long, default_value_t = 224)]
+    pub image_px: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// cpu | cuda (cuda needs a build with the CUDA feature of the kernels issue).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Peak dense TFLOP/s for MFU (default 989 on CUDA = H100 SXM bf16; none on CPU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Threads of both sides (candle's pool and torch.set_num_threads); default: candle's.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub freeze_vision: bool,
+    #[arg(long)]
+    pub freeze_language: bool,
+    /// Python with torch and transformers: run the same step there and print the ratio.
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `tiny` / `3b` / `7b` or a path → the config.json path.
+fn config_path(name: &str) -> PathBuf {
+    let models = plan::configs_dir().join("models");
+    match name {
+        "tiny" => models.join("tiny.json"),
+        "3b" | "qwen2.5-vl-3b" => models.join("qwen2.5-vl-3b.json"),
+        "7b" | "qwen2.5-vl-7b" => models.join("qwen2.5-vl-7b.json"),
+        other => PathBuf::from(other),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// (VmRSS, VmHWM) of this process in MiB.
+fn rss() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
+    if a.steps == 0 {
+        return Err(Exit::usage(anyhow::anyhow!("--steps must be at least 1")));
+    }
+    if let Some(n) = a.threads {
+        // Read by candle's and rayon's pools when they start, which is below.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let device = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)
+            .context("--device cuda: this build has no CUDA support (it comes with the kernels issue's `cuda` feature)")
+            .usage()?,
+        other => return Err(Exit::usage(anyhow::anyhow!("--device {other}: cpu or cuda"))),
+    };
+    let cfg_path = config_path(&a.model_config);
+    let cfg = ModelConfig::from_file(&cfg_path).usage()?;
+    let batch = SyntheticBatch::new(&cfg, a.batch, a.seq, a.image_px, a.seed)
+        .map_err(|e| Exit::usage(anyhow::anyhow!(e)))?;
+
+    // ---- what the planner predicts for exactly this step ----------------------------------
+    let side = a.image_px / cfg.vision.patch_size;
+    let input_plan = PlanInput {
+        model: cfg.clone(),
+        batch: a.batch,
+        seq: a.seq,
+        images_per_row: usize::from(a.image_px > 0),
+        image_hw: (side, side),
+        labelled: batch.labelled(),
+        trainable: Trainable {
+            vision: !a.freeze_vision,
+            merger: !a.freeze_vision,
+            language: !a.freeze_language,
+        },
+        lora: None,
+        compute_bytes: 4,
+        attention: AttentionImpl::Eager,
+        checkpointing: Checkpointing::None,
+        grad_accum: 1,
+    };
+    let predicted = plan::plan(&input_plan);
+    let flops = step_flops(&input_plan);
+
+    // ---- our side ---------------------------------------------------------------------------
+    let (rss0, _) = rss();
+    let mut params = Params::init(&cfg, a.seed, 0.02, &device)?;
+    params.set_part_trainable(Part::Vision, !a.freeze_vision);
+    params.set_part_trainable(Part::Merger, !a.freeze_vision);
+    params.set_part_trainable(Part::Language, !a.freeze_language);
+    let (n_params, n_trainable) = params.counts();
+    if n_trainable == 0 {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "nothing to train: both parts frozen"
+        )));
+    }
+    let model = Qwen2VL::new(&cfg, &params)?;
+    let trainable: Vec<_> = params
+        .trainable()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    let optim = OptimConfig {
+        lr: 1e-5,
+        ..OptimConfig::default()
+    };
+    let mut opt = AdamW::new(param_specs(trainable, &optim), &optim)?;
+    let input = batch.input(&device, DType::F32)?;
+    let (rss_state, _) = rss();
+    eprintln!(
+        "model {} ({:.1} M params, {:.1} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads",
+        cfg_path.display(),
+        n_params as f64 / 1e6,
+        n_trainable as f64 / 1e6,
+        a.batch,
+        a.seq,
+        batch.patches(),
+        batch.labelled(),
+        threads
+    );
+    let mut times: Vec<PhaseTimes> = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let (loss, t) = train_step(&model, &mut opt, &input, &batch.labels, true)?;
+        losses.push(loss);
+        if i >= a.warmup {
+            times.push(t);
+        }
+    }
+    let (_, hwm) = rss();
+    let med = |f: fn(&PhaseTimes) -> f64| median(times.iter().map(f).collect());
+    let step_s = med(|t| t.step);
+    let (fwd, bwd, opt_s, vis) = (
+        med(|t| t.forward),
+        med(|t| t.backward),
+        med(|t| t.optimizer),
+        med(|t| t.vision_forward),
+    );
+    let tokens = batch.tokens() as f64;
+    let total_flops = flops.total();
+    let achieved = total_flops / step_s;
+    let peak = a
+        .peak_tflops
+        .or(matches!(device, Device::Cuda(_)).then_some(989.0));
+
+    // ---- the reference ------------------------------------------------------------------------
+    let reference = match &a.python {
+        Some(py) => Some(run_reference(py, &cfg_path, &batch, &a, threads)?),
+        None => None,
+    };
+
+    // ---- report -------------------------------------------------------------------------------
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let pct = |x: f64| 100.0 * x / step_s;
+    println!(
+        "omr bench train: {} (random init, seed {})",
+        cfg_path.display(),
+        a.seed
+    );
+    println!(
+        "  step {:.1} ms median of {} | {:.0} tokens/s | {:.3} TFLOP/step | {:.2} GFLOP/s achieved{}",
+        step_s * 1e3,
+        a.steps,
+        tokens / step_s,
+        total_flops / 1e12,
+        achieved / 1e9,
+        match peak {
+            Some(p) => format!(" | MFU {:.1}% of {p} TFLOP/s", 100.0 * achieved / (p * 1e12)),
+            None => " | MFU n/a on CPU".into(),
+        }
+    );
+    println!("  where the time goes (device synchronised between phases):");
+    println!(
+        "    vision forward      {:>9.1} ms {:>5.1}%  (probe on the same pixels, inside the forward)",
+        vis * 1e3,
+        pct(vis)
+    );
+    println!(
+        "    LM forward + loss   {:>9.1} ms {:>5.1}%",
+        (fwd - vis).max(0.0) * 1e3,
+        pct((fwd - vis).max(0.0))
+    );
+    println!(
+        "    backward            {:>9.1} ms {:>5.1}%  (vision + LM: one candle pass)",
+        bwd * 1e3,
+        pct(bwd)
+    );
+    println!(
+        "    optimizer           {:>9.1} ms {:>5.1}%  (accumulate, clip, AdamW)",
+        opt_s * 1e3,
+        pct(opt_s)
+    );
+    println!("  FLOPs per step (PERFORMANCE.md accounting):");
+    for (name, f) in flops.parts() {
+        println!(
+            "    {name:<30} {:>12.4} GFLOP {:>5.1}%",
+            f / 1e9,
+            100.0 * f / total_flops.max(1.0)
+        );
+    }
+    println!(
+        "  memory: peak RSS {:.1} MiB, {:.1} MiB over weights + optimizer state ({:.1} MiB) across \
+         all steps (allocator retention and one-time runtime state included); plan: {:.1} MiB \
+         for a step, {:.1} MiB peak (the exact comparison: crates/omr-train/tests/plan_memory.rs)",
+        hwm,
+        hwm - rss_state,
+        rss_state - rss0,
+        mib(predicted.step_growth),
+        mib(predicted.peak)
+    );
+    println!(
+        "  loss {:.4} → {:.4} (ln V = {:.4})",
+        losses[0],
+        losses[losses.len() - 1],
+        (cfg.text.vocab_size as f64).ln()
+    );
+    let mut report = json!({
+        "model_config": cfg_path.display().to_string(),
+        "device": a.device,
+        "threads": threads,
+        "dtype": "f32",
+        "params": n_params,
+        "trainable": n_trainable,
+        "batch": a.batch,
+        "seq": a.seq,
+        "image_px": a.image_px,
+        "patches": batch.patches(),
+        "tokens_per_step": batch.tokens(),
+        "labelled_tokens": batch.labelled(),
+        "steps": a.steps,
+        "step_s": times.iter().map(|t| t.step).collect::<Vec<_>>(),
+        "median_step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "phases_s": {"vision_forward": vis, "lm_forward": (fwd - vis).max(0.0), "forward": fwd,
+                     "backward": bwd, "optimizer": opt_s},
+        "flops": flops,
+        "flops_total": total_flops,
+        "achieved_gflops": achieved / 1e9,
+        "mfu": peak.map(|p| achieved / (p * 1e12)),
+        "peak_rss_mib": hwm,
+        "step_rss_growth_mib": hwm - rss_state,
+        "plan_step_growth_mib": mib(predicted.step_growth),
+        "plan_peak_mib": mib(predicted.peak),
+        "losses": losses,
+    });
+    if let Some(r) = &reference {
+        let theirs = r["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        let ratio = (tokens / step_s) / theirs;
+        println!(
+            "  torch {} + transformers {} ({}, {}, {} threads): {:.1} ms/step, {:.0} tokens/s, peak {:.1} MiB ({}); loss {:.4}",
+            r["torch"].as_str().unwrap_or("?"),
+            r["transformers"].as_str().unwrap_or("?"),
+            r["precision"].as_str().unwrap_or("?"),
+            r["attention"].as_str().unwrap_or("?"),
+            r["threads"],
+            r["median_step_s"].as_f64().unwrap_or(f64::NAN) * 1e3,
+            theirs,
+            r["peak_mib"].as_f64().unwrap_or(f64::NAN),
+            r["peak_kind"].as_str().unwrap_or("?"),
+            r["losses"][0].as_f64().unwrap_or(f64::NAN),
+        );
+        println!("  ours / theirs tokens/s: {ratio:.2}×");
+        report["reference"] = r.clone();
+        report["ratio_tokens_per_s"] = json!(ratio);
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs scripts/bench/train_step.py on the same batch and config; its JSON report.
+fn run_reference(
+    py: &str,
+    cfg_path: &std::path::Path,
+    batch: &SyntheticBatch,
+    a: &BenchTrainArgs,
+    threads: usize,
+) -> crate::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let batch_path = dir.path().join("batch.safetensors");
+    batch.save(&batch_path)?;
+    let script = dir.path().join("train_step.py");
+    std::fs::write(&script, TORCH_SCRIPT)?;
+    let mut cmd = Command::new(py);
+    cmd.arg(&script)
+        .arg("--config")
+        .arg(cfg_path)
+        .arg("--batch")
+        .arg(&batch_path)
+        .args(["--steps", &a.steps.to_string()])
+        .args(["--warmup", &a.warmup.max(1).to_string()])
+        .args(["--device", &a.device])
+        .args(["--threads", &threads.to_string()])
+        .args(["--seed", &a.seed.to_string()]);
+    if a.freeze_vision {
+        cmd.arg("--freeze-vision");
+    }
+    if a.freeze_language {
+        cmd.arg("--freeze-language");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| {
+            format!("running {py} (pass --python PATH to a Python with torch and transformers)")
+        })
+        .usage()?;
+    if !out.status.success() {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "{py} {}: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    Ok(serde_json::from_str(line)
+        .with_context(|| format!("the reference printed no JSON report: {stdout}"))?)
+}

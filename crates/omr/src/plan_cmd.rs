@@ -1,0 +1,144 @@
+//! `omr plan --config RUN.toml [--set k=v] [--device-memory 80GiB]`: the peak memory of a
+//! training step predicted from the run config (`omr_train::plan`), printed as a table by
+//! category, and exit 2 with what to change when it does not fit.
+//!
+//! The defaults describe the GPU target of issue 6 (bf16 compute with f32 masters on an 80 GiB
+//! H100) with today's eager attention; `--attention fused` plans for the CUDA kernels,
+//! `--compute-dtype f32` for today's CPU runtime.
+
+use crate::exit::{Exit, Tag};
+use anyhow::anyhow;
+use clap::Args;
+use omr_train::config::SftConfig;
+use omr_train::plan::{self, AttentionImpl, PlanOptions, GIB};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// Run config (TOML), e.g. configs/sft/qwen2.5-vl-7b.toml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value: --set data.batch.batch_size=2 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Memory of the device: 80GiB (H100), 141GB (H200), 24GiB, or bytes.
+    #[arg(long, alias = "gpu-mem", default_value = "80GiB")]
+    pub device_memory: String,
+    /// Kept free for the CUDA context, cuBLAS workspace and allocator slack.
+    #[arg(long, default_value = "1GiB")]
+    pub headroom: String,
+    /// bf16 (the GPU path: bf16 compute, f32 masters) | f32 (today's CPU runtime).
+    #[arg(long, default_value = "bf16")]
+    pub compute_dtype: String,
+    /// eager (today's candle attention, scores materialised) | fused (flash-style kernels).
+    #[arg(long, default_value = "eager")]
+    pub attention: String,
+    /// config.json of the model instead of the one model.path points to.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Image area cap instead of the processor's max_pixels.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
+    /// Images per row instead of 1 (padding) or ceil(T / process.max_length) (packing).
+    #[arg(long)]
+    pub images_per_row: Option<usize>,
+    /// Also write the plan as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// "80GiB", "141GB", "24G", "512MiB", "1e9" → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 80GiB, 141GB)"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => GIB,
+        "gb" => 1e9,
+        "t" | "tib" => GIB * 1024.0,
+        "tb" => 1e12,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((x * mul) as u64)
+}
+
+pub fn run(a: PlanArgs) -> crate::Result<()> {
+    let cfg = SftConfig::load(&a.config, &a.sets).usage()?;
+    let device =
+        parse_bytes(&a.device_memory).map_err(|e| Exit::usage(anyhow!("--device-memory {e}")))?;
+    let headroom = parse_bytes(&a.headroom).map_err(|e| Exit::usage(anyhow!("--headroom {e}")))?;
+    let compute_bytes = match a.compute_dtype.as_str() {
+        "bf16" | "bfloat16" => 2,
+        "f32" | "float32" => 4,
+        o => return Err(Exit::usage(anyhow!("--compute-dtype {o}: bf16 or f32"))),
+    };
+    let attention = match a.attention.as_str() {
+        "eager" => AttentionImpl::Eager,
+        "fused" | "flash" => AttentionImpl::Fused,
+        o => return Err(Exit::usage(anyhow!("--attention {o}: eager or fused"))),
+    };
+    let opts = PlanOptions {
+        model_config: a.model_config.clone(),
+        compute_bytes,
+        attention,
+        max_pixels: a.max_pixels,
+        images_per_row: a.images_per_row,
+    };
+    let (input, notes) = plan::input_from_sft(&cfg, &opts).map_err(|e| Exit::usage(anyhow!(e)))?;
+    let base = input;
+    let (input, p, which) = plan::worst_case(&base);
+    println!("omr plan: {}", a.config.display());
+    for n in &notes {
+        println!("  {n}");
+    }
+    println!("  the larger of image-heavy and text-only rows: {which}");
+    if input.checkpointing != plan::Checkpointing::None {
+        println!(
+            "  note: activation_checkpointing = \"{}\" is planned here; the runtime does not recompute yet",
+            input.checkpointing.name()
+        );
+    }
+    print!("{}", plan::render(&input, &p, device, headroom));
+    let usable = device.saturating_sub(headroom);
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "config": a.config.display().to_string(),
+            "device_bytes": device,
+            "headroom_bytes": headroom,
+            "fits": p.peak <= usable,
+            "plan": p,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
+    }
+    if p.peak > usable {
+        let tips = plan::suggestions(&base, &p, usable);
+        let mut msg = format!(
+            "{} needs {:.2} GiB at its peak but the device has {:.2} GiB usable",
+            a.config.display(),
+            p.peak as f64 / GIB,
+            usable as f64 / GIB
+        );
+        if !tips.is_empty() {
+            msg.push_str("; what each change gives:\n  - ");
+            msg.push_str(&tips.join("\n  - "));
+        }
+        return Err(Exit::usage(anyhow!(msg)));
+    }
+    Ok(())
+}

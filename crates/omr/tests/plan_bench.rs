@@ -1,0 +1,183 @@
+//! `omr plan` and `omr bench train` as a user runs them: exit codes, the verdict and the
+//! suggestions of the planner, and the fields of the training benchmark's JSON report on the
+//! tiny dims for 2 steps (no Python needed: the torch side is `--python`, run by hand).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn omr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_omr"))
+        .args(args)
+        .current_dir(root())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn plan_refuses_the_7b_preset_and_accepts_it_with_the_suggested_changes() {
+    let o = omr(&["plan", "--config", "configs/sft/qwen2.5-vl-7b.toml"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("does NOT fit") && t.contains("fused attention"),
+        "{t}"
+    );
+    assert!(t.contains("| AdamW moments (f32)"), "{t}");
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/sft/qwen2.5-vl-7b.toml",
+        "--attention",
+        "fused",
+        "--set",
+        "train.activation_checkpointing=all",
+        "--set",
+        "model.lora.r=16",
+        "--set",
+        "model.lora.alpha=32",
+        "--set",
+        "model.lora.targets=[\"all-linear\"]",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(": fits") && t.contains("runtime does not recompute yet"),
+        "{t}"
+    );
+    // An H200's memory with the same config in f32: too small, exit 2.
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/sft/qwen2.5-vl-7b.toml",
+        "--compute-dtype",
+        "f32",
+        "--gpu-mem",
+        "141GB",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn plan_of_the_tiny_preset_reads_the_model_config_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("plan.json");
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/sft/tiny.toml",
+        "--model-config",
+        "configs/models/tiny.json",
+        "--compute-dtype",
+        "f32",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["fits"], true);
+    let peak = v["plan"]["peak"].as_u64().unwrap();
+    let rows = v["plan"]["train_rows"].as_array().unwrap();
+    let sum: u64 = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert!(peak >= sum && sum > 0, "{v}");
+    // 100 MiB is too small for batch 8 × 1024 tokens of eager attention.
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/sft/tiny.toml",
+        "--model-config",
+        "configs/models/tiny.json",
+        "--device-memory",
+        "100MiB",
+        "--headroom",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("batch_size = 4"), "{}", text(&o));
+}
+
+#[test]
+fn bench_train_tiny_two_steps_reports_sane_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let o = omr(&[
+        "bench",
+        "train",
+        "--model-config",
+        "tiny",
+        "--batch",
+        "1",
+        "--seq",
+        "96",
+        "--image-px",
+        "112",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("where the time goes") && t.contains("MFU n/a on CPU"),
+        "{t}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+    assert_eq!(v["tokens_per_step"], 96);
+    assert_eq!(v["patches"], 64); // (112 / 14)²
+    assert_eq!(v["step_s"].as_array().unwrap().len(), 2);
+    let step = f("median_step_s");
+    assert!(step > 0.0);
+    assert!((f("tokens_per_s") - 96.0 / step).abs() < 1e-6 * f("tokens_per_s"));
+    let ph = &v["phases_s"];
+    for k in ["vision_forward", "forward", "backward", "optimizer"] {
+        assert!(ph[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    // Decoder linears by hand: 6 · L · (2·C·HD + 2·C·KVD + 3·C·I) · tokens for the tiny dims.
+    let per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384;
+    assert_eq!(
+        v["flops"]["text_linear"].as_f64().unwrap(),
+        (6 * 4 * per_layer * 96) as f64
+    );
+    let parts: f64 = [
+        "text_linear",
+        "lm_head",
+        "text_attention",
+        "vision_linear",
+        "vision_attention",
+        "merger",
+    ]
+    .iter()
+    .map(|k| v["flops"][k].as_f64().unwrap())
+    .sum();
+    assert!((parts - f("flops_total")).abs() < 1.0);
+    assert!(v["mfu"].is_null());
+    // Random init: the loss starts near ln V and stays finite.
+    let losses: Vec<f64> = v["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!((losses[0] - (2048f64).ln()).abs() < 0.5, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(f("peak_rss_mib") > 0.0 && f("plan_step_growth_mib") > 0.0);
+}

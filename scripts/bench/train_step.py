@@ -1,0 +1,134 @@
+"""The reference side of `omr bench train`: the same training step in torch + transformers.
+
+Builds `Qwen2_5_VLForConditionalGeneration` (or Qwen2-VL) from the same config.json with random
+weights, reads the batch our side wrote (input_ids, attention_mask, labels, pixel_values,
+image_grid_thw as safetensors), and runs warm-up + timed steps of forward + loss + backward +
+AdamW (clip_grad_norm_ 1.0), as a typical GPU node runs it: on CUDA with fp32 master weights
+under bf16 autocast, fused AdamW, SDPA attention, timed with CUDA events; on CPU in fp32, eager
+attention (what our CPU path computes), wall-clock. Prints one JSON object on stdout.
+
+    python scripts/bench/train_step.py --config configs/models/qwen2.5-vl-3b.json \
+        --batch batch.safetensors --steps 10 --warmup 2 [--device cuda] [--threads N]
+        [--freeze-vision] [--freeze-language]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--batch", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--freeze-vision", action="store_true")
+    ap.add_argument("--freeze-language", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    import transformers
+    from transformers import AutoConfig
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    cfg = AutoConfig.from_pretrained(a.config)
+    attn = "sdpa" if cuda else "eager"
+    if cfg.model_type == "qwen2_5_vl":
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    elif cfg.model_type == "qwen2_vl":
+        cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        sys.exit(f"unsupported model_type {cfg.model_type}")
+    cfg._attn_implementation = attn
+    cfg.use_cache = False
+    model = cls._from_config(cfg, torch_dtype=torch.float32, attn_implementation=attn)
+    model.to(dev)
+    model.train()
+    for name, p in model.named_parameters():
+        vision = "visual" in name
+        if (vision and a.freeze_vision) or (not vision and a.freeze_language):
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=cuda)
+
+    batch = {k: v.to(dev) for k, v in load_file(a.batch).items()}
+    tokens = int(batch["input_ids"].numel())
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    losses = []
+    for _ in range(a.warmup):
+        losses.append(step())
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step())
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    )
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "device": str(dev),
+                "attention": attn,
+                "precision": "bf16 autocast, fp32 masters" if cuda else "fp32",
+                "threads": torch.get_num_threads(),
+                "params": sum(p.numel() for p in model.parameters()),
+                "trainable": sum(p.numel() for p in params),
+                "tokens_per_step": tokens,
+                "step_s": times,
+                "median_step_s": med,
+                "tokens_per_s": tokens / med,
+                "losses": losses,
+                "peak_mib": peak,
+                "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
