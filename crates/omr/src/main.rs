@@ -3,8 +3,8 @@
 
 mod batches;
 mod bench_data;
-mod bench_train;
 mod bench_kernels;
+mod bench_train;
 mod data;
 mod demo;
 mod eval_cmd;
@@ -70,10 +70,10 @@ enum Cmd {
 enum BenchCmd {
     /// Decode + preprocess + tokenize throughput, against transformers' image processor.
     Data(bench_data::BenchDataArgs),
-    /// Training-step throughput, FLOPs, MFU, phases and memory, against torch + transformers.
-    Train(bench_train::BenchTrainArgs),
     /// Fused-kernel throughput (omr-kernels): achieved TB/s or TFLOP/s next to each floor.
     Kernels(bench_kernels::BenchKernelsArgs),
+    /// Training-step throughput, FLOPs, MFU, phases and memory, against torch + transformers.
+    Train(bench_train::BenchTrainArgs),
 }
 
 fn main() {
@@ -88,8 +88,8 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),
         Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
-        Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
+        Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),
