@@ -127,15 +127,15 @@ pub fn fwd_ref(
                 for k0 in (0..s).step_by(CPU_KEYS) {
                     let kn = CPU_KEYS.min(s - k0);
                     let mut mt = f32::NEG_INFINITY;
-                    for j in 0..kn {
+                    for (j, scj) in sc.iter_mut().enumerate().take(kn) {
                         let sj = k0 + j;
-                        sc[j] = if allowed(qpos, sj, qs, k_seg[bi * s + sj], causal, window) {
+                        *scj = if allowed(qpos, sj, qs, k_seg[bi * s + sj], causal, window) {
                             let kr = &k[((bi * s + sj) * kv + kh) * d..][..d];
                             qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
                         } else {
                             f32::NEG_INFINITY
                         };
-                        mt = mt.max(sc[j]);
+                        mt = mt.max(*scj);
                     }
                     let mn = m.max(mt);
                     if mn == f32::NEG_INFINITY {

@@ -79,10 +79,11 @@ pub fn mrope_tables(
         Vec::with_capacity(b * t * half),
         Vec::with_capacity(b * t * half),
     );
-    for bi in 0..b {
-        for ti in 0..t {
-            for j in 0..half {
-                let angle = pos[axis_of[j]][bi][ti] as f32 * inv[j];
+    for ((r0, r1), r2) in pos[0].iter().zip(&pos[1]).zip(&pos[2]) {
+        for ((&p0, &p1), &p2) in r0.iter().zip(r1).zip(r2) {
+            let p = [p0, p1, p2];
+            for (&axis, &f) in axis_of.iter().zip(&inv) {
+                let angle = p[axis] as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
