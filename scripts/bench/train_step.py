@@ -3,13 +3,14 @@
 Builds `Qwen2_5_VLForConditionalGeneration` (or Qwen2-VL) from the same config.json with random
 weights, reads the batch our side wrote (input_ids, attention_mask, labels, pixel_values,
 image_grid_thw as safetensors), and runs warm-up + timed steps of forward + loss + backward +
-AdamW (clip_grad_norm_ 1.0), as a typical GPU node runs it: on CUDA with fp32 master weights
-under bf16 autocast, fused AdamW, SDPA attention, timed with CUDA events; on CPU in fp32, eager
-attention (what our CPU path computes), wall-clock. Prints one JSON object on stdout.
+AdamW (clip_grad_norm_ 1.0). `--precision fp32` (the default, what our side computes today)
+or `bf16` (fp32 master weights under bf16 autocast, as a typical GPU node trains). On CUDA:
+fused AdamW, SDPA attention, CUDA events after warm-up; on CPU: eager attention (what our CPU
+path computes), wall-clock. Prints one JSON object on stdout.
 
     python scripts/bench/train_step.py --config configs/models/qwen2.5-vl-3b.json \
         --batch batch.safetensors --steps 10 --warmup 2 [--device cuda] [--threads N]
-        [--freeze-vision] [--freeze-language]
+        [--precision fp32|bf16] [--freeze-vision] [--freeze-language]
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     ap.add_argument("--freeze-vision", action="store_true")
     ap.add_argument("--freeze-language", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = ap.parse_args()
 
     import transformers
@@ -55,7 +57,8 @@ def main():
         sys.exit(f"unsupported model_type {cfg.model_type}")
     cfg._attn_implementation = attn
     cfg.use_cache = False
-    model = cls._from_config(cfg, torch_dtype=torch.float32, attn_implementation=attn)
+    model = cls._from_config(cfg, attn_implementation=attn)
+    model.to(torch.float32)
     model.to(dev)
     model.train()
     for name, p in model.named_parameters():
@@ -72,8 +75,10 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
+    bf16 = a.precision == "bf16"
+
     def step():
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -114,7 +119,7 @@ def main():
                 "transformers": transformers.__version__,
                 "device": str(dev),
                 "attention": attn,
-                "precision": "bf16 autocast, fp32 masters" if cuda else "fp32",
+                "precision": "bf16 autocast, fp32 masters" if bf16 else "fp32",
                 "threads": torch.get_num_threads(),
                 "params": sum(p.numel() for p in model.parameters()),
                 "trainable": sum(p.numel() for p in params),

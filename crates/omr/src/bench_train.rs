@@ -63,6 +63,10 @@ pub struct BenchTrainArgs {
     /// Python with torch and transformers: run the same step there and print the ratio.
     #[arg(long)]
     pub python: Option<String>,
+    /// Precision of the reference: fp32 (what our side computes today) or bf16 (autocast
+    /// with fp32 masters, the usual GPU recipe).
+    #[arg(long, default_value = "fp32")]
+    pub reference_precision: String,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -362,7 +366,8 @@ fn run_reference(
         .args(["--warmup", &a.warmup.max(1).to_string()])
         .args(["--device", &a.device])
         .args(["--threads", &threads.to_string()])
-        .args(["--seed", &a.seed.to_string()]);
+        .args(["--seed", &a.seed.to_string()])
+        .args(["--precision", &a.reference_precision]);
     if a.freeze_vision {
         cmd.arg("--freeze-vision");
     }
