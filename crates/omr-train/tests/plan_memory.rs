@@ -3,8 +3,8 @@
 //!
 //! - Heap bytes: this test binary counts every allocation (a counting global allocator), so the
 //!   peak of live bytes during the step minus the live bytes before it is exact. Asserted within
-//!   ±10% of the plan's `step_growth` for several shapes (with and without images, a frozen
-//!   vision tower, text only with a longer sequence).
+//!   ±12% of the plan's `step_growth` for several shapes (with and without images, a frozen
+//!   vision tower, text only with a longer sequence, LoRA on a frozen base).
 //! - Peak RSS growth (VmHWM after `clear_refs` minus VmRSS before): what the issue asks to
 //!   compare. glibc keeps freed chunks and maps pages lazily, so it is printed and held to a
 //!   looser ±15%; each case runs in its own process so that its step is the first.
@@ -13,6 +13,7 @@
 
 use candle_core::{DType, Device};
 use omr_model::config::ModelConfig;
+use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
 use omr_train::bench_step::{train_step, SyntheticBatch};
@@ -23,8 +24,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// |plan / measured − 1| allowed for live heap bytes: the plan leaves out a few MiB of
-/// allocator-independent runtime state (gemm's packing buffers, the backward's node list).
-const HEAP_TOLERANCE: f64 = 0.10;
+/// allocator-independent runtime state (gemm's packing buffers, the backward's node list);
+/// measured −2.2% to −6.2% without LoRA and −9.5% with it (its fused op's backward).
+const HEAP_TOLERANCE: f64 = 0.12;
 /// The same for peak RSS growth, which adds page granularity and malloc's own bookkeeping.
 const RSS_TOLERANCE: f64 = 0.15;
 
@@ -83,6 +85,8 @@ struct Case {
     seq: usize,
     image_px: usize,
     freeze_vision: bool,
+    /// LoRA r = 8 on every linear of the language model (the base frozen).
+    lora: bool,
 }
 
 /// (measured heap growth, measured RSS growth, predicted) in MiB.
@@ -92,6 +96,15 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
     let mut params = Params::init(cfg, 0, 0.02, &dev).unwrap();
     params.set_part_trainable(Part::Vision, !c.freeze_vision);
     params.set_part_trainable(Part::Merger, !c.freeze_vision);
+    let lora = c.lora.then(|| LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: vec!["all-linear".into()],
+    });
+    if let Some(l) = &lora {
+        omr_model::lora::apply(&mut params, cfg, l, 0).unwrap();
+    }
     let model = Qwen2VL::new(cfg, &params).unwrap();
     let trainable: Vec<_> = params
         .trainable()
@@ -110,11 +123,11 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         image_hw: (side, side),
         labelled: batch.labelled(),
         trainable: Trainable {
-            vision: !c.freeze_vision,
-            merger: !c.freeze_vision,
-            language: true,
+            vision: !c.freeze_vision && !c.lora,
+            merger: !c.freeze_vision && !c.lora,
+            language: !c.lora,
         },
-        lora: None,
+        lora,
         compute_bytes: 4,
         attention: AttentionImpl::Eager,
         checkpointing: Checkpointing::None,
@@ -140,31 +153,23 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
     (heap, rss, predicted)
 }
 
-const CASES: [Case; 4] = [
+/// (B, T, image side in px, freeze the vision tower, LoRA)
+const fn case(batch: usize, seq: usize, image_px: usize, freeze_vision: bool, lora: bool) -> Case {
     Case {
-        batch: 2,
-        seq: 256,
-        image_px: 224,
-        freeze_vision: false,
-    },
-    Case {
-        batch: 4,
-        seq: 128,
-        image_px: 112,
-        freeze_vision: false,
-    },
-    Case {
-        batch: 2,
-        seq: 256,
-        image_px: 224,
-        freeze_vision: true,
-    },
-    Case {
-        batch: 1,
-        seq: 512,
-        image_px: 0,
-        freeze_vision: false,
-    },
+        batch,
+        seq,
+        image_px,
+        freeze_vision,
+        lora,
+    }
+}
+
+const CASES: [Case; 5] = [
+    case(2, 256, 224, false, false),
+    case(4, 128, 112, false, false),
+    case(2, 256, 224, true, false),
+    case(1, 512, 0, false, false),
+    case(2, 256, 224, false, true),
 ];
 
 /// Each case runs in a fresh process (this test binary again, with `OMR_PLAN_CASE`), so its
@@ -201,8 +206,8 @@ fn plan_matches_measured_step_memory() {
         let (heap, rss, pred) = (nums[0], nums[1], nums[2]);
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
-            "B {} T {} image {} px freeze_vision {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
-            c.batch, c.seq, c.image_px, c.freeze_vision, 100.0 * eh, 100.0 * er
+            "B {} T {} image {} px freeze_vision {} lora {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
+            c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, 100.0 * eh, 100.0 * er
         );
         if eh.abs() > HEAP_TOLERANCE {
             failures.push(format!("heap: plan {pred:.2} vs {heap:.2} MiB (case {i})"));
