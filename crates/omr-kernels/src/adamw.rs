@@ -165,7 +165,7 @@ fn cuda_step(
     g: Option<&Tensor>,
     c: &Consts,
 ) -> Result<AdamWOut> {
-    use crate::cuda::{self, In, Out};
+    use crate::cuda::{self, In, Out, PushKernelArg};
     let dev = cuda::device_of(p)?;
     let (p, m, v) = (p.contiguous()?, m.contiguous()?, v.contiguous()?);
     let g = g.map(|g| g.contiguous()).transpose()?;

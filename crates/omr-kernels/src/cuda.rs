@@ -8,15 +8,13 @@
 //! ops order correctly with candle's own kernels without extra synchronisation.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, LaunchArgs, PushKernelArg,
-};
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs};
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
 use half::bf16;
 
-pub(crate) use candle_core::cuda::cudarc::driver::LaunchConfig;
+pub(crate) use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 
 macro_rules! ptx {
     ($name:literal) => {

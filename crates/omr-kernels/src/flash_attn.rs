@@ -297,7 +297,7 @@ impl CustomOp3 for FlashAttn {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = qs.device().clone();
         let n = Self::dims(ql, kl)?;
         let f = cuda::kernel(
@@ -402,7 +402,7 @@ impl FlashAttn {
         dout: &Tensor,
         lse: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = cuda::device_of(q)?;
         let (q, k, v, o) = (
             q.contiguous()?,

@@ -240,7 +240,7 @@ impl CustomOp1 for TileStats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = s.device().clone();
         let (r, vc) = l.shape().dims2()?;
         let f = cuda::kernel(
@@ -302,7 +302,7 @@ impl CustomOp2 for TileGrad {
         zs: &candle_core::CudaStorage,
         zl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = s.device().clone();
         let (r, vc) = l.shape().dims2()?;
         let f = cuda::kernel(

@@ -122,7 +122,7 @@ impl CustomOp2 for RmsNorm {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = xs.device().clone();
         let c = wl.shape().elem_count();
         let rows = xl.shape().elem_count() / c.max(1);
@@ -163,7 +163,7 @@ const BWD_BLOCKS: usize = 264;
 
 #[cfg(feature = "cuda")]
 fn cuda_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    use crate::cuda::{self, In, Out};
+    use crate::cuda::{self, In, Out, PushKernelArg};
     let dev = cuda::device_of(x)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let c = w.elem_count();

@@ -183,7 +183,7 @@ impl CustomOp3 for Rotary {
         ss: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = xs.device().clone();
         let (b, t, h, d) = xl.shape().dims4()?;
         let f = cuda::kernel(

@@ -88,7 +88,7 @@ impl CustomOp2 for SwiGlu {
         us: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out};
+        use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = gs.device().clone();
         let n = gl.shape().elem_count();
         let f = cuda::kernel(
@@ -123,7 +123,7 @@ impl CustomOp2 for SwiGlu {
 
 #[cfg(feature = "cuda")]
 fn cuda_bwd(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    use crate::cuda::{self, In, Out};
+    use crate::cuda::{self, In, Out, PushKernelArg};
     let dev = cuda::device_of(g)?;
     let (g, u) = (g.contiguous()?, u.contiguous()?);
     let n = g.elem_count();
