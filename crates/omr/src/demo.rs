@@ -9,14 +9,16 @@
 use crate::data::{self, DataArgs, ModelArgs, SynthArgs, ValidateArgs};
 use crate::exit::{Exit, Tag};
 use crate::sft_cmd::train_error;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use omr_data::pipeline::Processor;
-use omr_model::generate::SamplingConfig;
+use omr_data::source::SourceSpec;
+use omr_eval::judge::rules::RuleJudge;
+use omr_eval::pkr::Axis;
+use omr_eval::report::ModelReport;
+use omr_eval::{run, EvalOptions};
 use omr_model::model::Qwen2VL;
-use omr_model::pretrained;
 use omr_train::config::SftConfig;
-use omr_train::eval::{self, Accuracy, GenItem};
 use omr_train::grpo;
 use omr_train::grpo_config::GrpoConfig;
 use omr_train::setup;
@@ -91,17 +93,30 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
     let cfg =
         SftConfig::from_toml_str(PRESET, "configs/sft/tiny.toml (embedded)", &sets).usage()?;
     let processor = Processor::from_model_dir(&processor_dir, &cfg.data.process).usage()?;
-    let bench = eval::load_eval_set(&cfg.data.sources, "test", &processor, 0, a.test)?;
+    let bench_data = SourceSpec::local(&data_dir, "test");
+    let eval_opts = EvalOptions {
+        split: "test".into(),
+        limit: Some(a.test),
+        batch_size: cfg.eval.batch_size,
+        max_new_tokens: cfg.eval.max_new_tokens,
+        max_length: cfg.data.process.max_length,
+        judge_threads: 2,
+        ..EvalOptions::default()
+    };
+    let judge = RuleJudge;
 
     eprintln!("== 3. base model: the seeded tiny init, before training");
     let base = setup::build(&cfg.model, cfg.train.seed, &Device::Cpu).map_err(train_error)?;
-    let base_acc = score(
+    let base_gen = run::answer_bench(
+        "base (seeded init)",
         &Qwen2VL::new(&base.cfg, &base.params)?,
-        &bench.gen_items,
-        &cfg,
         &processor,
         &base.eos_token_ids,
+        &bench_data,
+        &eval_opts,
     )?;
+    let base_items = run::score(&base_gen, &judge, false)?;
+    let base_report = run::model_report(&base_gen, &base_items);
 
     eprintln!(
         "== 4. SFT ({} steps, {})",
@@ -129,20 +144,6 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
     }
     let train_s = t_train.elapsed().as_secs_f64();
 
-    eprintln!(
-        "== 5. the exported model, loaded back from {}",
-        run_dir.join("export").display()
-    );
-    let exported = pretrained::load_dir(&run_dir.join("export"), DType::F32, &Device::Cpu)?;
-    let eos = omr_model::generate::eos_ids(&exported.dir, &exported.config.eos_token_ids);
-    let sft_acc = score(
-        &Qwen2VL::new(&exported.config, &exported.params)?,
-        &bench.gen_items,
-        &cfg,
-        &processor,
-        &eos,
-    )?;
-
     let grpo_dir = a.out.join("grpo");
     let mut gsets = vec![
         format!("run.dir={}", toml_str(&grpo_dir)),
@@ -154,7 +155,7 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
     let gcfg = GrpoConfig::from_toml_str(GRPO_PRESET, "configs/grpo/tiny.toml (embedded)", &gsets)
         .usage()?;
     eprintln!(
-        "== 6. GRPO from the SFT model ({} steps of {} prompts × {} completions, {})",
+        "== 5. GRPO from the SFT export ({} steps of {} prompts × {} completions, {})",
         gcfg.train.max_steps,
         gcfg.grpo.prompts_per_step,
         gcfg.grpo.group_size,
@@ -174,59 +175,63 @@ pub fn run(a: DemoArgs) -> crate::Result<()> {
         }
     }
     let grpo_s = t_grpo.elapsed().as_secs_f64();
-    eprintln!(
-        "== 7. the GRPO export, loaded back from {}",
-        grpo_dir.join("export").display()
-    );
-    let exported = pretrained::load_dir(&grpo_dir.join("export"), DType::F32, &Device::Cpu)?;
-    let grpo_acc = score(
-        &Qwen2VL::new(&exported.config, &exported.params)?,
-        &bench.gen_items,
-        &cfg,
-        &processor,
-        &eos,
+
+    // Both exports loaded back from disk the way any user would load them; GRPO is model A,
+    // SFT the compared model B of the pairwise preference.
+    eprintln!("== 6. omr eval of the SFT and GRPO exports (rule judge)");
+    let eval_dir = a.out.join("eval");
+    let ev = omr_eval::evaluate(
+        &s(&grpo_dir.join("export")),
+        &bench_data,
+        &EvalOptions {
+            compare: Some(s(&run_dir.join("export"))),
+            ..eval_opts.clone()
+        },
+        &judge,
     )?;
+    ev.write(&eval_dir)?;
+    let sft_report = ev
+        .report
+        .compare
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the SFT model was not evaluated"))?;
 
     print_table(
-        &[("base", &base_acc), ("SFT", &sft_acc), ("GRPO", &grpo_acc)],
-        eval::chance(&bench.gen_items),
+        &[
+            ("base", &base_report),
+            ("SFT", &sft_report),
+            ("GRPO", &ev.report.model),
+        ],
+        base_report.accuracy.chance,
     );
+    if let Some(p) = &ev.report.pairwise {
+        println!(
+            "\npairwise, GRPO vs SFT traces ({:?}): {} wins, {} ties, {} losses (preference {:.1}%)",
+            p.method,
+            p.wins,
+            p.ties,
+            p.losses,
+            100.0 * p.preference_rate
+        );
+    }
     eprintln!(
-        "demo finished in {:.0}s (SFT {:.0}s, GRPO {:.0}s); runs {} and {}, HF exports in their export/; `omr plot DIR` draws the curves",
+        "demo finished in {:.0}s (SFT {:.0}s, GRPO {:.0}s); runs {} and {} (HF exports in export/), \
+         eval report {}; `omr plot DIR` draws the curves",
         t0.elapsed().as_secs_f64(),
         train_s,
         grpo_s,
         run_dir.display(),
         grpo_dir.display(),
+        eval_dir.join("eval.md").display(),
     );
     Ok(())
 }
 
-fn score(
-    model: &Qwen2VL,
-    items: &[GenItem],
-    cfg: &SftConfig,
-    processor: &Processor,
-    eos: &[u32],
-) -> crate::Result<Accuracy> {
-    let sampling = SamplingConfig {
-        max_new_tokens: cfg.eval.max_new_tokens,
-        eos_token_ids: eos.to_vec(),
-        ..Default::default()
-    };
-    let tok = processor.encoder().tokenizer();
-    let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
-    Ok(eval::eval_accuracy(
-        model,
-        items,
-        cfg.eval.batch_size,
-        processor.pad_id(),
-        &sampling,
-        &decode,
-    )?)
+fn s(p: &std::path::Path) -> String {
+    p.display().to_string()
 }
 
-fn print_table(cols: &[(&str, &Accuracy)], chance: f64) {
+fn print_table(cols: &[(&str, &ModelReport)], chance: f64) {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     let row = |label: &str, values: Vec<String>| {
         let mut line = format!("| {label:<28} |");
@@ -235,10 +240,13 @@ fn print_table(cols: &[(&str, &Accuracy)], chance: f64) {
         }
         println!("{line}");
     };
+    let Some((_, last)) = cols.last() else {
+        return;
+    };
     println!();
     println!(
-        "OpenMedReason-style synthetic bench (test split, {} questions, greedy)",
-        cols.last().map_or(0, |c| c.1.total)
+        "OpenMedReason-style synthetic bench (test split, {} questions, greedy; trace = PKR with the offline rule judge)",
+        last.accuracy.overall.total
     );
     let mut head: Vec<String> = cols.iter().map(|c| c.0.to_string()).collect();
     head.push("chance".into());
@@ -248,32 +256,47 @@ fn print_table(cols: &[(&str, &Accuracy)], chance: f64) {
         sep.push_str(&format!("{:->10}|", ""));
     }
     println!("{sep}");
-    let mut acc: Vec<String> = cols.iter().map(|c| pct(c.1.value())).collect();
+    let mut acc: Vec<String> = cols
+        .iter()
+        .map(|c| pct(c.1.accuracy.overall.value))
+        .collect();
     acc.push(pct(chance));
     row("answer accuracy", acc);
-    let mut fmt: Vec<String> = cols.iter().map(|c| pct(c.1.format_rate())).collect();
+    let mut fmt: Vec<String> = cols.iter().map(|c| pct(c.1.accuracy.format_rate)).collect();
     fmt.push(String::new());
-    row("<answer> tag present", fmt);
-    let Some((_, last)) = cols.last() else {
-        return;
-    };
-    for ((key, value), (_, n)) in &last.by_group {
-        if key != "task_family" {
-            continue;
+    row("<answer> tag well formed", fmt);
+    if let Some(fams) = last.accuracy.by_group.get("task_family") {
+        for (value, r) in fams {
+            let mut v: Vec<String> = cols
+                .iter()
+                .map(|c| {
+                    c.1.accuracy
+                        .by_group
+                        .get("task_family")
+                        .and_then(|m| m.get(value))
+                        .map_or(String::new(), |x| pct(x.value))
+                })
+                .collect();
+            v.push(String::new());
+            row(&format!("  {value} ({})", r.total), v);
         }
+    }
+    let trace = |c: &ModelReport| c.pkr.as_ref().map_or("n/a".to_string(), |p| pct(p.trace));
+    let mut t: Vec<String> = cols.iter().map(|c| trace(c.1)).collect();
+    t.push(String::new());
+    row("trace score (PKR)", t);
+    for axis in [Axis::Perception, Axis::Knowledge, Axis::Rationale] {
         let mut v: Vec<String> = cols
             .iter()
             .map(|c| {
-                let (ok, n) =
-                    c.1.by_group
-                        .get(&(key.clone(), value.clone()))
-                        .copied()
-                        .unwrap_or((0, 0));
-                pct(ok as f64 / n.max(1) as f64)
+                c.1.pkr
+                    .as_ref()
+                    .and_then(|p| p.axis(axis))
+                    .map_or("n/a".to_string(), |x| pct(x.score))
             })
             .collect();
         v.push(String::new());
-        row(&format!("  {value} ({n})"), v);
+        row(&format!("  {axis:?}"), v);
     }
 }
 
