@@ -185,28 +185,16 @@ impl Default for ExportConfig {
 impl SftConfig {
     /// Reads `path`, applies `--set` overrides, deserializes and checks the result.
     pub fn load(path: &Path, sets: &[String]) -> Result<SftConfig, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        Self::from_toml_str(&text, &p, sets)
+        load_with_sets(path, sets, Self::from_toml_str)
     }
 
     pub fn from_toml_str(text: &str, path: &str, sets: &[String]) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+        let cfg: SftConfig = parse_with_sets(text, path, sets)?;
+        cfg.data.validate(path)?;
+        cfg.check().map_err(|message| ConfigError::Invalid {
             path: path.into(),
             message,
-        };
-        let mut tree: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for s in sets {
-            apply_set(&mut tree, s).map_err(|m| invalid(format!("--set {s}: {m}")))?;
-        }
-        let cfg: SftConfig = toml::Value::Table(tree)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        cfg.data.validate(path)?;
-        cfg.check().map_err(invalid)?;
+        })?;
         Ok(cfg)
     }
 
@@ -220,16 +208,7 @@ impl SftConfig {
         if self.checkpoint.keep_last == 0 {
             return Err("checkpoint.keep_last must be at least 1".into());
         }
-        match self.model.init {
-            ModelInit::Pretrained if self.model.path.is_empty() => Err(
-                "model.path is empty: give a model folder or Hub id, or set model.init = \"tiny\""
-                    .into(),
-            ),
-            ModelInit::Tiny if self.model.processor.is_empty() => Err(
-                "model.init = \"tiny\" needs model.processor (a folder with the tokenizer)".into(),
-            ),
-            _ => Ok(()),
-        }
+        self.model.check()
     }
 
     /// The resolved config as TOML (saved in the run directory and in checkpoints).
@@ -247,8 +226,57 @@ impl SftConfig {
     }
 }
 
+impl ModelSection {
+    /// A pretrained init needs a path; a tiny one needs the processor folder.
+    pub fn check(&self) -> Result<(), String> {
+        match self.init {
+            ModelInit::Pretrained if self.path.is_empty() => Err(
+                "model.path is empty: give a model folder or Hub id, or set model.init = \"tiny\""
+                    .into(),
+            ),
+            ModelInit::Tiny if self.processor.is_empty() => Err(
+                "model.init = \"tiny\" needs model.processor (a folder with the tokenizer)".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads `path` and hands its text to `parse` (a recipe config's `from_toml_str`).
+pub(crate) fn load_with_sets<T>(
+    path: &Path,
+    sets: &[String],
+    parse: impl Fn(&str, &str, &[String]) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    parse(&text, &p, sets)
+}
+
+/// TOML text with `--set` overrides applied, deserialized (unknown keys named by serde).
+pub(crate) fn parse_with_sets<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &str,
+    sets: &[String],
+) -> Result<T, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.into(),
+        message,
+    };
+    let mut tree: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    for s in sets {
+        apply_set(&mut tree, s).map_err(|m| invalid(format!("--set {s}: {m}")))?;
+    }
+    toml::Value::Table(tree)
+        .try_into()
+        .map_err(|e: toml::de::Error| invalid(e.to_string()))
+}
+
 /// `a.b.c=value` → tree["a"]["b"]["c"] = value (tables created as needed).
-pub(crate) fn apply_set(tree: &mut toml::Table, set: &str) -> Result<(), String> {
+fn apply_set(tree: &mut toml::Table, set: &str) -> Result<(), String> {
     let (key, raw) = set
         .split_once('=')
         .ok_or("expected section.key=value".to_string())?;

@@ -21,7 +21,7 @@
 //!   so a resumed run reproduces the uninterrupted one bit for bit on CPU.
 
 use crate::card::EvalResult;
-use crate::checkpoint::{self, FailureCounter};
+use crate::checkpoint::FailureCounter;
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::grpo_config::GrpoConfig;
@@ -31,15 +31,14 @@ use crate::optim::{param_specs, AdamW, StepOutcome};
 use crate::rewards::{mean_std, score_all, Reward, RewardInput};
 use crate::rollout::{self, completion_logps, generate_groups, seq_batch, PromptItem};
 use crate::setup::{self, Built};
-use crate::sft::{Outcome, Resume, RunOptions};
-use crate::snapshot::{commit, eval_rows, load_checkpoint};
+use crate::sft::{Outcome, RunOptions};
+use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, GrpoState, TrainState};
 use candle_core::{Device, Tensor};
-use omr_data::loader::{Item, Loader, LoaderState, Rank, Stream};
+use omr_data::loader::{Item, LoaderState, Stream};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::{Quarantine, QuarantineError, Reason};
-use omr_data::source;
 use omr_model::generate::{Completion, SamplingConfig};
 use omr_model::linear::Ctx;
 use omr_model::model::Qwen2VL;
@@ -104,13 +103,7 @@ pub fn run_with(
     };
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut sources = Vec::new();
-    for spec in &cfg.data.sources {
-        let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
-        sources.push((src, spec.weight));
-    }
-    let mut loader = Loader::new(sources, cfg.data.loader.clone(), Rank::from_env())
-        .map_err(|e| TrainError::Usage(e.to_string()))?;
+    let mut loader = setup::open_loader(&cfg.data)?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
@@ -119,24 +112,7 @@ pub fn run_with(
         ..GrpoState::default()
     });
     let mut last_eval: Vec<EvalResult> = Vec::new();
-    let found = match &opts.resume {
-        Resume::Never => {
-            if !checkpoint::list(&ckpt_root).is_empty() {
-                return Err(TrainError::Usage(format!(
-                    "{} already has checkpoints: pass --resume auto to continue it, or choose another run.dir",
-                    run_dir.display()
-                )));
-            }
-            None
-        }
-        Resume::Auto => checkpoint::load_latest(&ckpt_root)
-            .map_err(|e| TrainError::Usage(e.to_string()))?
-            .map(|l| l.dir),
-        Resume::From(dir) => {
-            checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
-            Some(dir.clone())
-        }
-    };
+    let found = resume_dir(&opts.resume, &ckpt_root, &run_dir)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
         st = saved.train;
@@ -158,16 +134,13 @@ pub fn run_with(
                 now.as_deref().unwrap_or("none"),
             )));
         }
-        let changed = state::changed_files(&st.processor, &processor_hashes);
-        if !changed.is_empty() && !opts.allow_processor_change {
-            return Err(TrainError::Usage(format!(
-                "{}: {} changed since the checkpoint in {}; resuming would change the data. \
-                 Pass --allow-processor-change to resume anyway",
-                built.processor_dir.display(),
-                changed.join(", "),
-                dir.display()
-            )));
-        }
+        check_processor(
+            &st.processor,
+            &processor_hashes,
+            opts.allow_processor_change,
+            &built.processor_dir,
+            dir,
+        )?;
         st.processor = processor_hashes.clone();
         loader
             .restore(st.loader.clone())
@@ -181,19 +154,8 @@ pub fn run_with(
     // ---- prompts, logs, eval set ------------------------------------------------------------
     let qpath = run_dir.join("quarantine.jsonl");
     let cpath = run_dir.join("completions.jsonl");
-    let gstate = st.grpo.clone().unwrap_or_default();
-    for (path, len) in [
-        (&qpath, st.quarantine_bytes),
-        (&cpath, gstate.completions_bytes),
-    ] {
-        if path.exists() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(len))
-                .map_err(TrainError::io(path))?;
-        }
-    }
+    cut_back(&qpath, st.quarantine_bytes)?;
+    cut_back(&cpath, st.grpo.as_ref().map_or(0, |g| g.completions_bytes))?;
     let mut completions_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -9,7 +9,7 @@
 
 use crate::checkpoint::CheckpointConfig;
 use crate::config::{
-    apply_set, ConfigError, EvalConfig, ExportConfig, ModelInit, ModelSection, RunConfig,
+    load_with_sets, parse_with_sets, ConfigError, EvalConfig, ExportConfig, ModelSection, RunConfig,
 };
 use crate::grpo_loss::ObjectiveConfig;
 use crate::optim::OptimConfig;
@@ -122,28 +122,16 @@ impl Default for GrpoTrain {
 
 impl GrpoConfig {
     pub fn load(path: &Path, sets: &[String]) -> Result<GrpoConfig, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        Self::from_toml_str(&text, &p, sets)
+        load_with_sets(path, sets, Self::from_toml_str)
     }
 
     pub fn from_toml_str(text: &str, path: &str, sets: &[String]) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+        let mut cfg: GrpoConfig = parse_with_sets(text, path, sets)?;
+        cfg.data.validate(path)?;
+        cfg.check().map_err(|message| ConfigError::Invalid {
             path: path.into(),
             message,
-        };
-        let mut tree: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for s in sets {
-            apply_set(&mut tree, s).map_err(|m| invalid(format!("--set {s}: {m}")))?;
-        }
-        let mut cfg: GrpoConfig = toml::Value::Table(tree)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        cfg.data.validate(path)?;
-        cfg.check().map_err(invalid)?;
+        })?;
         cfg.objective.max_completion_length = cfg.grpo.max_completion_length;
         Ok(cfg)
     }
@@ -206,16 +194,7 @@ impl GrpoConfig {
         if self.checkpoint.keep_last == 0 {
             return Err("checkpoint.keep_last must be at least 1".into());
         }
-        match self.model.init {
-            ModelInit::Pretrained if self.model.path.is_empty() => Err(
-                "model.path is empty: give the SFT model's folder or a Hub id, or set model.init = \"tiny\""
-                    .into(),
-            ),
-            ModelInit::Tiny if self.model.processor.is_empty() => Err(
-                "model.init = \"tiny\" needs model.processor (a folder with the tokenizer)".into(),
-            ),
-            _ => Ok(()),
-        }
+        self.model.check()
     }
 
     pub fn to_toml(&self) -> String {

@@ -6,6 +6,9 @@
 use crate::config::{ModelInit, ModelSection};
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
+use omr_data::config::DataConfig;
+use omr_data::loader::{Loader, Rank};
+use omr_data::source;
 use omr_model::config::ModelConfig;
 use omr_model::params::{Params, Part};
 use omr_model::tiny::TokenIds;
@@ -109,4 +112,15 @@ pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Resul
         var.set(t)?;
     }
     Ok(())
+}
+
+/// The loader over every source of `data`, striped by the rank of the environment.
+pub fn open_loader(data: &DataConfig) -> Result<Loader> {
+    let mut sources = Vec::new();
+    for spec in &data.sources {
+        let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
+        sources.push((src, spec.weight));
+    }
+    Loader::new(sources, data.loader.clone(), Rank::from_env())
+        .map_err(|e| TrainError::Usage(e.to_string()))
 }

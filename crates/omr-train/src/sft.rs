@@ -17,7 +17,7 @@
 
 use crate::batch::to_input;
 use crate::card::EvalResult;
-use crate::checkpoint::{self, FailureCounter};
+use crate::checkpoint::FailureCounter;
 use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
 use crate::eval;
@@ -25,15 +25,13 @@ use crate::metrics::{rss_mib, Metrics, StepStats};
 use crate::optim::{param_specs, AdamW, StepOutcome};
 use crate::setup;
 use crate::signals::StopFlag;
-use crate::snapshot::{commit, eval_rows, load_checkpoint};
+use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, TrainState};
 use candle_core::Device;
 use omr_data::batcher::{BatchError, Batcher};
-use omr_data::loader::{Loader, Rank};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::{Quarantine, QuarantineError};
-use omr_data::source;
 use omr_model::linear::Ctx;
 use omr_model::model::Qwen2VL;
 use std::path::PathBuf;
@@ -89,50 +87,24 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut sources = Vec::new();
-    for spec in &cfg.data.sources {
-        let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
-        sources.push((src, spec.weight));
-    }
-    let mut loader = Loader::new(sources, cfg.data.loader.clone(), Rank::from_env())
-        .map_err(|e| TrainError::Usage(e.to_string()))?;
+    let mut loader = setup::open_loader(&cfg.data)?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
     let mut last_eval: Vec<EvalResult> = Vec::new();
-    let found = match &opts.resume {
-        Resume::Never => {
-            if !checkpoint::list(&ckpt_root).is_empty() {
-                return Err(TrainError::Usage(format!(
-                    "{} already has checkpoints: pass --resume auto to continue it, or choose another run.dir",
-                    run_dir.display()
-                )));
-            }
-            None
-        }
-        Resume::Auto => checkpoint::load_latest(&ckpt_root)
-            .map_err(|e| TrainError::Usage(e.to_string()))?
-            .map(|l| l.dir),
-        Resume::From(dir) => {
-            checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
-            Some(dir.clone())
-        }
-    };
+    let found = resume_dir(&opts.resume, &ckpt_root, &run_dir)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
         st = saved.train;
         // Later checkpoints (and their model cards) carry the last eval, as without the stop.
         last_eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
-        let changed = state::changed_files(&st.processor, &processor_hashes);
-        if !changed.is_empty() && !opts.allow_processor_change {
-            return Err(TrainError::Usage(format!(
-                "{}: {} changed since the checkpoint in {}; resuming would change the data. \
-                 Pass --allow-processor-change to resume anyway",
-                built.processor_dir.display(),
-                changed.join(", "),
-                dir.display()
-            )));
-        }
+        check_processor(
+            &st.processor,
+            &processor_hashes,
+            opts.allow_processor_change,
+            &built.processor_dir,
+            dir,
+        )?;
         st.processor = processor_hashes.clone();
         loader
             .restore(st.loader.clone())
@@ -146,13 +118,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     // ---- data, eval set, metrics -------------------------------------------------------------
     // Cut back to the checkpoint's length (0 for a fresh run): records after it are read again.
     let qpath = run_dir.join("quarantine.jsonl");
-    if qpath.exists() {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&qpath)
-            .and_then(|f| f.set_len(st.quarantine_bytes))
-            .map_err(TrainError::io(&qpath))?;
-    }
+    cut_back(&qpath, st.quarantine_bytes)?;
     let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
         .map_err(|e| TrainError::Usage(e.to_string()))?;
     quarantine.seen = st.data_seen;

@@ -8,11 +8,13 @@ use crate::checkpoint::{self, FailureCounter};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::setup::{self, Built};
-use crate::state::TrainState;
+use crate::sft::Resume;
+use crate::state::{self, TrainState};
 use candle_core::{Device, Tensor};
 use omr_data::source::SourceSpec;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Commits a checkpoint of the state after `st.step`. `must` (final or preemption save): a
 /// failure is fatal (exit 66) instead of counted.
@@ -110,4 +112,62 @@ pub fn read_saved_state(dir: &Path) -> Result<SavedState> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
     serde_json::from_str(&text).map_err(|e| TrainError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// The checkpoint a run starts from under `resume`: the newest valid one (`Auto`), the one
+/// named (`From`, verified), or none (`Never`, which refuses a run directory that has some).
+pub fn resume_dir(resume: &Resume, ckpt_root: &Path, run_dir: &Path) -> Result<Option<PathBuf>> {
+    match resume {
+        Resume::Never => {
+            if !checkpoint::list(ckpt_root).is_empty() {
+                return Err(TrainError::Usage(format!(
+                    "{} already has checkpoints: pass --resume auto to continue it, or choose another run.dir",
+                    run_dir.display()
+                )));
+            }
+            Ok(None)
+        }
+        Resume::Auto => Ok(checkpoint::load_latest(ckpt_root)
+            .map_err(|e| TrainError::Usage(e.to_string()))?
+            .map(|l| l.dir)),
+        Resume::From(dir) => {
+            checkpoint::verify(dir).map_err(|e| TrainError::Usage(e.to_string()))?;
+            Ok(Some(dir.clone()))
+        }
+    }
+}
+
+/// Refuses to resume from `ckpt` when the processor files changed since it was written,
+/// unless `allow` (`--allow-processor-change`).
+pub fn check_processor(
+    saved: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+    allow: bool,
+    processor_dir: &Path,
+    ckpt: &Path,
+) -> Result<()> {
+    let changed = state::changed_files(saved, now);
+    if !changed.is_empty() && !allow {
+        return Err(TrainError::Usage(format!(
+            "{}: {} changed since the checkpoint in {}; resuming would change the data. \
+             Pass --allow-processor-change to resume anyway",
+            processor_dir.display(),
+            changed.join(", "),
+            ckpt.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Cuts an append-only run log (quarantine, completions) back to its length at the
+/// checkpoint (0 for a fresh run): records after it are written again, not twice.
+pub fn cut_back(path: &Path, len: u64) -> Result<()> {
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(len))
+            .map_err(TrainError::io(path))?;
+    }
+    Ok(())
 }

@@ -62,11 +62,17 @@ pub fn run(a: SftArgs) -> crate::Result<()> {
         progress: std::io::stderr().is_terminal(),
         stop: StopFlag::from_signals()?,
     };
-    match sft::run(&cfg, &opts).map_err(train_error)? {
+    let outcome = sft::run(&cfg, &opts).map_err(train_error)?;
+    finish(outcome, &cfg.run.dir, "")
+}
+
+/// What a recipe's outcome prints, and its exit: 0 done, 75 preempted with a checkpoint.
+pub fn finish(outcome: Outcome, run_dir: &std::path::Path, recipe: &str) -> crate::Result<()> {
+    match outcome {
         Outcome::Done { step, eval } => {
             eprintln!(
-                "done: {step} steps; run directory {}",
-                cfg.run.dir.display()
+                "done: {step} {recipe}steps; run directory {}",
+                run_dir.display()
             );
             for r in eval {
                 eprintln!("  eval/{} = {:.4}", r.metric, r.value);
@@ -76,7 +82,7 @@ pub fn run(a: SftArgs) -> crate::Result<()> {
         Outcome::Preempted { step } => {
             eprintln!(
                 "preempted: checkpoint at step {step} committed in {}; exiting 75 (requeue)",
-                cfg.run.dir.join("checkpoints").display()
+                run_dir.join("checkpoints").display()
             );
             Err(Exit {
                 code: 75,
