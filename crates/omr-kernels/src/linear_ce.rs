@@ -108,6 +108,7 @@ fn run(
         let mut kept = None;
         for &(v0, vc) in &vblocks {
             let logits = hr.matmul(&w.narrow(0, v0, vc)?.t()?)?;
+            // no-grad ok: this op computes dH and dW itself; nothing backpropagates through it.
             let st = logits.apply_op1_no_bwd(&TileStats {
                 targets: tr.clone(),
                 v0,
@@ -142,6 +143,7 @@ fn run(
                 Some(l) => l,
                 None => hr.matmul(&wv.t()?)?,
             };
+            // no-grad ok: the gradient tile, computed by hand (see above).
             let dl = logits.apply_op2_no_bwd(
                 &lse,
                 &TileGrad {
