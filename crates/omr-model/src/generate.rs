@@ -100,7 +100,7 @@ pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Resul
     let mut cache = KvCache::default();
 
     let x = model.embed(prompts, &ctx)?;
-    let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache)?;
+    let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache, &ctx)?;
     let t = h.dim(1)?;
     let mut logits = model.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?;
 
@@ -140,7 +140,7 @@ pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Resul
         let ids = Tensor::from_vec(next, (n, 1), model.device())?;
         let x = model.text.embed(&ids)?;
         let p: Vec<Vec<i64>> = next_pos.iter().map(|&p| vec![p]).collect();
-        let h = model.decode_hidden(&x, &[p.clone(), p.clone(), p], &segments, &mut cache)?;
+        let h = model.decode_hidden(&x, &[p.clone(), p.clone(), p], &segments, &mut cache, &ctx)?;
         for p in next_pos.iter_mut() {
             *p += 1;
         }

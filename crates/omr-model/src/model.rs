@@ -157,7 +157,7 @@ impl Input {
 
 pub struct Qwen2VL {
     pub cfg: ModelConfig,
-    vision: VisionTower,
+    pub(crate) vision: VisionTower,
     pub(crate) text: TextModel,
     lm_head: Linear,
     device: Device,
@@ -201,6 +201,15 @@ impl Qwen2VL {
 
     /// Token embeddings with image features in the image-token positions: (B, T, C).
     pub fn embed(&self, input: &Input, ctx: &Ctx) -> Result<Tensor> {
+        let feats = match &input.pixel_values {
+            Some(pv) => Some(self.image_features(pv, &input.grids, ctx)?),
+            None => None,
+        };
+        self.embed_with(input, feats.as_ref())
+    }
+
+    /// [`Qwen2VL::embed`] with the image features `feats` (image tokens, C) already computed.
+    pub fn embed_with(&self, input: &Input, feats: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = (input.batch(), input.len());
         let flat: Vec<u32> = input.ids.iter().flatten().copied().collect();
         let vocab = self.cfg.text.vocab_size as u32;
@@ -211,10 +220,9 @@ impl Qwen2VL {
         }
         let ids = Tensor::from_slice(&flat, (b, t), &self.device)?;
         let embeds = self.text.embed(&ids)?;
-        let Some(pv) = &input.pixel_values else {
+        let Some(feats) = feats else {
             return Ok(embeds);
         };
-        let feats = self.image_features(pv, &input.grids, ctx)?;
         let n_feats = feats.dim(0)?;
         let image_id = self.cfg.image_token_id;
         let n_tokens = flat.iter().filter(|&&x| x == image_id).count();
@@ -269,6 +277,11 @@ impl Qwen2VL {
     /// the largest activation of a big-vocabulary one, and most positions carry no label.
     pub fn loss(&self, input: &Input, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
         let h = self.hidden(input, ctx)?; // (B, T, C)
+        self.head_loss(&h, labels, ctx)
+    }
+
+    /// The loss of [`Qwen2VL::loss`] from final hidden states `h` (B, T, C).
+    pub fn head_loss(&self, h: &Tensor, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
         let (b, t, c) = h.dims3()?;
         let (rows, targets) = crate::loss::shifted_targets(labels, self.cfg.text.vocab_size)?;
         if labels.len() != b || labels.iter().any(|r| r.len() != t) {
@@ -303,8 +316,9 @@ impl Qwen2VL {
         pos: &[Vec<Vec<i64>>; 3],
         segments: &[Vec<u32>],
         cache: &mut KvCache,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
-        self.decoder(x, pos, segments, Some(cache), &Ctx::default())
+        self.decoder(x, pos, segments, Some(cache), ctx)
     }
 
     /// The decoder with rotary tables and attention bias built from positions and segments.
@@ -316,16 +330,24 @@ impl Qwen2VL {
         cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let (cos, sin, bias) = self.decoder_tables(pos, segments, x)?;
+        Ok(self.text.forward(x, &cos, &sin, &bias, cache, ctx)?)
+    }
+
+    /// Rotary cos/sin and attention bias of a decoder pass over `x`, in its dtype.
+    pub(crate) fn decoder_tables(
+        &self,
+        pos: &[Vec<Vec<i64>>; 3],
+        segments: &[Vec<u32>],
+        x: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let dtype = x.dtype();
         let (cos, sin) = mrope_cos_sin(pos, &self.cfg.text, &self.device)?;
         let bias = attention::bias(segments, x.dim(1)?, &self.device)?;
-        Ok(self.text.forward(
-            x,
-            &cos.to_dtype(dtype)?,
-            &sin.to_dtype(dtype)?,
-            &bias.to_dtype(dtype)?,
-            cache,
-            ctx,
-        )?)
+        Ok((
+            cos.to_dtype(dtype)?,
+            sin.to_dtype(dtype)?,
+            bias.to_dtype(dtype)?,
+        ))
     }
 }

@@ -111,8 +111,6 @@ impl TextModel {
         ctx: &Ctx,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if let Some(cache) = cache.as_deref_mut() {
             cache
                 .layers
@@ -120,32 +118,71 @@ impl TextModel {
         }
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let hs = ops::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
-            let q = heads(layer.q.forward(&hs, ctx)?, h)?;
-            let k = heads(layer.k.forward(&hs, ctx)?, kv)?;
-            let v = heads(layer.v.forward(&hs, ctx)?, kv)?;
-            let q = ops::apply_rotary(&q, cos, sin)?;
-            let mut k = ops::apply_rotary(&k, cos, sin)?.contiguous()?;
-            let mut v = v.contiguous()?;
-            if let Some(cache) = cache.as_deref_mut() {
-                let lc = &mut cache.layers[i];
-                if let (Some(pk), Some(pv)) = (&lc.k, &lc.v) {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                lc.k = Some(k.clone());
-                lc.v = Some(v.clone());
-            }
-            let a = attend(&q, &k, &v, bias)?;
-            x = (x + layer.o.forward(&a, ctx)?)?;
-            let hs = ops::rmsnorm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let g = layer.gate.forward(&hs, ctx)?.silu()?;
-            let m = layer
-                .down
-                .forward(&(g * layer.up.forward(&hs, ctx)?)?, ctx)?;
-            x = (x + m)?;
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(c, &x, cos, sin, bias, lc, ctx)?;
         }
-        ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)
+        self.final_norm(&x)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` alone (no cache): the unit activation checkpointing recomputes.
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        self.layers[i].forward(&self.cfg, x, cos, sin, bias, None, ctx)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rmsnorm(x, &self.norm, self.cfg.rms_norm_eps)
+    }
+}
+
+impl Layer {
+    /// x: (B, T, C) → (B, T, C); extends `cache` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        c: &TextConfig,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut LayerCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let hs = ops::rmsnorm(x, &self.input_norm, c.rms_norm_eps)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+        let q = heads(self.q.forward(&hs, ctx)?, h)?;
+        let k = heads(self.k.forward(&hs, ctx)?, kv)?;
+        let v = heads(self.v.forward(&hs, ctx)?, kv)?;
+        let q = ops::apply_rotary(&q, cos, sin)?;
+        let mut k = ops::apply_rotary(&k, cos, sin)?.contiguous()?;
+        let mut v = v.contiguous()?;
+        if let Some(lc) = cache {
+            if let (Some(pk), Some(pv)) = (&lc.k, &lc.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            lc.k = Some(k.clone());
+            lc.v = Some(v.clone());
+        }
+        let a = attend(&q, &k, &v, bias)?;
+        let x = (x + self.o.forward(&a, ctx)?)?;
+        let hs = ops::rmsnorm(&x, &self.post_norm, c.rms_norm_eps)?;
+        let g = self.gate.forward(&hs, ctx)?.silu()?;
+        let m = self.down.forward(&(g * self.up.forward(&hs, ctx)?)?, ctx)?;
+        x + m
     }
 }

@@ -152,6 +152,25 @@ impl VisionTower {
         grids: &[[usize; 3]],
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let (mut x, run) = self.embed(pixel_values, grids, ctx)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &run, ctx)?;
+        }
+        self.merge(&x, &run, ctx)
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Patch embedding, in window order for Qwen2.5-VL: (N, C·T·P·P) → (N, C), plus what the
+    /// blocks and the merger need.
+    pub fn embed(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[usize; 3]],
+        ctx: &Ctx,
+    ) -> Result<(Tensor, VisionRun)> {
         let v = &self.cfg;
         let unit = v.merge_unit();
         let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
@@ -165,41 +184,52 @@ impl VisionTower {
         let layout = WindowLayout::new(grids, v);
         let x = self.patch_embed.forward(pixel_values, ctx)?;
         let mut coords = vision_patch_coords(grids, v.spatial_merge_size);
-        let (x, perm) = match &layout.window_index {
+        let x = match &layout.window_index {
             Some(order) => {
                 let idx = Tensor::from_vec(order.clone(), (order.len(),), x.device())?;
                 let c = x.dim(1)?;
-                let x = x
-                    .reshape((n / unit, unit, c))?
-                    .index_select(&idx, 0)?
-                    .reshape((n, c))?;
                 coords = order
                     .iter()
                     .flat_map(|&u| coords[u as usize * unit..(u as usize + 1) * unit].to_vec())
                     .collect();
-                (x, Some(order))
+                x.reshape((n / unit, unit, c))?
+                    .index_select(&idx, 0)?
+                    .reshape((n, c))?
             }
-            None => (x, None),
+            None => x,
         };
         let (cos, sin) = vision_cos_sin(&coords, v, x.device())?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        let mut x = x;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let cu = if layout.window_index.is_some() && !v.fullatt_block_indexes.contains(&i) {
-                &layout.cu_windows
-            } else {
-                &layout.cu_full
-            };
-            x = blk.forward(&x, &cos, &sin, cu, ctx)?;
-        }
+        Ok((
+            x,
+            VisionRun {
+                cos,
+                sin,
+                layout,
+                n,
+            },
+        ))
+    }
+
+    /// Vision block `i`: (N, C) → (N, C), the unit activation checkpointing recomputes.
+    pub fn block(&self, i: usize, x: &Tensor, run: &VisionRun, ctx: &Ctx) -> Result<Tensor> {
+        let layout = &run.layout;
+        let cu = if layout.window_index.is_some() && !self.cfg.fullatt_block_indexes.contains(&i) {
+            &layout.cu_windows
+        } else {
+            &layout.cu_full
+        };
+        self.blocks[i].forward(x, &run.cos, &run.sin, cu, ctx)
+    }
+
+    /// Patch merger, back in image order: (N, C) → (N / merge², out_hidden).
+    pub fn merge(&self, x: &Tensor, run: &VisionRun, ctx: &Ctx) -> Result<Tensor> {
+        let (n, unit) = (run.n, self.cfg.merge_unit());
         let c = x.dim(1)?;
-        let h = self
-            .merger_norm
-            .forward(&x)?
-            .reshape((n / unit, unit * c))?;
+        let h = self.merger_norm.forward(x)?.reshape((n / unit, unit * c))?;
         let h = self.merger_fc1.forward(&h, ctx)?.gelu_erf()?;
         let out = self.merger_fc2.forward(&h, ctx)?;
-        match perm {
+        match &run.layout.window_index {
             Some(order) => {
                 let mut inverse = vec![0u32; order.len()];
                 for (pos, &u) in order.iter().enumerate() {
@@ -211,6 +241,15 @@ impl VisionTower {
             None => Ok(out),
         }
     }
+}
+
+/// What one forward of the tower shares between its blocks: the rotary tables and the
+/// attention ranges of the images it runs on.
+pub struct VisionRun {
+    cos: Tensor,
+    sin: Tensor,
+    layout: WindowLayout,
+    n: usize,
 }
 
 /// Which rows attend to which: per-frame ranges for full attention and, for Qwen2.5-VL, the
