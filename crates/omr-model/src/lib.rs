@@ -28,6 +28,6 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
-pub use linear::Ctx;
+pub use linear::{Ctx, Kernels};
 pub use model::{Input, Qwen2VL};
 pub use params::{Params, Part};

@@ -17,9 +17,32 @@ pub struct Linear {
     pub lora: Option<LoraAdapter>,
 }
 
+/// Which implementation the forward's ops use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// Compositions of candle ops (the reference; the fastest on CPU).
+    #[default]
+    Candle,
+    /// The fused ops of omr-kernels (CUDA kernels on a GPU, their CPU references on CPU).
+    Fused,
+}
+
+impl Kernels {
+    /// Fused on CUDA, candle ops on CPU.
+    pub fn auto(device: &candle_core::Device) -> Kernels {
+        if device.is_cuda() {
+            Kernels::Fused
+        } else {
+            Kernels::Candle
+        }
+    }
+}
+
 /// Per-forward settings that reach every layer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ctx {
+    /// Ops implementation.
+    pub kernels: Kernels,
     /// Seed of this forward's dropout masks (LoRA dropout); `None` disables dropout (eval,
     /// generation). The mask of a layer depends only on (seed, layer name), so a forward is
     /// reproducible, and a recomputed forward (activation checkpointing) draws the same masks.

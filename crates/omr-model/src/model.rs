@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{Ctx, Linear};
 use crate::params::Params;
 use crate::rope::{mrope_cos_sin, rope_index};
-use crate::text::{KvCache, TextModel};
+use crate::text::{KvCache, Tables, TextModel};
 use crate::vision::VisionTower;
 use candle_core::{Device, Tensor};
 
@@ -330,8 +330,8 @@ impl Qwen2VL {
         cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let (cos, sin, bias) = self.decoder_tables(pos, segments, x)?;
-        Ok(self.text.forward(x, &cos, &sin, &bias, cache, ctx)?)
+        let tables = self.decoder_tables(pos, segments, x, ctx)?;
+        Ok(self.text.forward(x, &tables, cache, ctx)?)
     }
 
     /// Rotary cos/sin and attention bias of a decoder pass over `x`, in its dtype.
@@ -340,14 +340,15 @@ impl Qwen2VL {
         pos: &[Vec<Vec<i64>>; 3],
         segments: &[Vec<u32>],
         x: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        _ctx: &Ctx,
+    ) -> Result<Tables> {
         let dtype = x.dtype();
         let (cos, sin) = mrope_cos_sin(pos, &self.cfg.text, &self.device)?;
         let bias = attention::bias(segments, x.dim(1)?, &self.device)?;
-        Ok((
-            cos.to_dtype(dtype)?,
-            sin.to_dtype(dtype)?,
-            bias.to_dtype(dtype)?,
-        ))
+        Ok(Tables {
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            bias: bias.to_dtype(dtype)?,
+        })
     }
 }

@@ -58,6 +58,16 @@ impl KvCache {
     }
 }
 
+/// What every decoder layer of one pass shares: rotary tables (B, 1, T, D) and the attention
+/// mask over cache + T keys, in the pass's dtype. Built by the model from positions and
+/// segments.
+pub struct Tables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// (B, 1, T, S) additive bias, S = cached + T.
+    pub bias: Tensor,
+}
+
 pub struct TextModel {
     cfg: TextConfig,
     pub(crate) embed: Tensor,
@@ -99,14 +109,12 @@ impl TextModel {
             .reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// x: (B, T, C) embeddings; cos/sin: (B, 1, T, D); bias: (B, 1, T, S) with S = cached + T.
-    /// Returns the final normed hidden states (B, T, C) and extends `cache` when given.
+    /// x: (B, T, C) embeddings. Returns the final normed hidden states (B, T, C) and extends
+    /// `cache` when given.
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
+        tables: &Tables,
         mut cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
@@ -119,9 +127,9 @@ impl TextModel {
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(c, &x, cos, sin, bias, lc, ctx)?;
+            x = layer.forward(c, &x, tables, lc, ctx)?;
         }
-        self.final_norm(&x)
+        self.final_norm(&x, ctx)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -129,20 +137,12 @@ impl TextModel {
     }
 
     /// Decoder layer `i` alone (no cache): the unit activation checkpointing recomputes.
-    pub fn layer(
-        &self,
-        i: usize,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
-        self.layers[i].forward(&self.cfg, x, cos, sin, bias, None, ctx)
+    pub fn layer(&self, i: usize, x: &Tensor, tables: &Tables, ctx: &Ctx) -> Result<Tensor> {
+        self.layers[i].forward(&self.cfg, x, tables, None, ctx)
     }
 
     /// The final RMSNorm.
-    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn final_norm(&self, x: &Tensor, _ctx: &Ctx) -> Result<Tensor> {
         ops::rmsnorm(x, &self.norm, self.cfg.rms_norm_eps)
     }
 }
@@ -154,12 +154,11 @@ impl Layer {
         &self,
         c: &TextConfig,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
+        tables: &Tables,
         cache: Option<&mut LayerCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let (cos, sin, bias) = (&tables.cos, &tables.sin, &tables.bias);
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let hs = ops::rmsnorm(x, &self.input_norm, c.rms_norm_eps)?;

@@ -368,6 +368,7 @@ pub fn run_with(
                 let b = seq_batch(&pairs, processor.pad_id(), &device)?;
                 let ctx = Ctx {
                     dropout_seed: Some(derive_seed(&[cfg.train.seed, step, it, m as u64])),
+                    ..Ctx::default()
                 };
                 let (logp, entropy) = completion_logps(&model, &b, g.temperature, &suppress, &ctx)?;
                 let ref_logp = match &reference {

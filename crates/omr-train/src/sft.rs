@@ -187,6 +187,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             let (input, labels) = to_input(&batch, &device)?;
             let ctx = Ctx {
                 dropout_seed: Some(derive_seed(&[cfg.train.seed, step, micro])),
+                ..Ctx::default()
             };
             let (mut sum, n) = model.loss(&input, &labels, &ctx)?;
             if cfg.train.inject_nonfinite_steps.contains(&step) {
