@@ -1,0 +1,283 @@
+//! Forward + backward with activation checkpointing: the decoder layers and/or the vision
+//! blocks keep only their inputs in the forward and are recomputed, one at a time, in the
+//! backward.
+//!
+//! candle has no checkpointing hook (its backward walks one graph built by the forward), so the
+//! backward is run segment by segment instead. The forward runs each checkpointed block on a
+//! detached input and detaches its output, so the block's graph (its activations) is dropped
+//! as soon as the next block starts; only the block inputs are kept. The backward then goes
+//! through the segments in reverse: the head (final norm + the caller's loss) on the last
+//! block's output as a leaf variable gives `dL/dx_L`; block i is recomputed from its saved input
+//! (a leaf variable again) and `Σ(out · dL/dout)` is back-propagated, which yields the block's
+//! parameter gradients and `dL/dx_{i-1}`. The gradients of the trainable tensors are summed
+//! over the segments into one [`GradStore`].
+//!
+//! The recomputed forward is the same computation on the same values, with the same dropout
+//! masks (they depend on (seed, layer name), see [`Ctx`]), so the gradients equal those of the
+//! plain backward (tests/recompute.rs). The cost is one more forward of every checkpointed
+//! block; the saving is all of its activations but its input.
+
+use crate::error::Result;
+use crate::linear::Ctx;
+use crate::model::{Input, Qwen2VL};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+/// Which stacks recompute their blocks in the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recompute {
+    pub vision: bool,
+    pub decoder: bool,
+}
+
+impl Recompute {
+    pub const NONE: Recompute = Recompute {
+        vision: false,
+        decoder: false,
+    };
+    pub const ALL: Recompute = Recompute {
+        vision: true,
+        decoder: true,
+    };
+}
+
+/// What one forward + backward gives back.
+pub struct Backward {
+    /// The loss value (the scalar `head` returned).
+    pub loss: f64,
+    /// The gradients of the `wrt` tensors that took part; `None` when the loss is not finite
+    /// (no backward was run).
+    pub grads: Option<GradStore>,
+}
+
+/// Gradients of `wrt`, summed over segments.
+struct Collected<'a> {
+    wrt: &'a [Tensor],
+    store: GradStore,
+}
+
+impl Collected<'_> {
+    fn take(&mut self, mut part: GradStore) -> Result<()> {
+        for t in self.wrt {
+            if let Some(g) = part.remove(t) {
+                let g = g.detach();
+                let sum = match self.store.remove(t) {
+                    Some(s) => (s + g)?,
+                    None => g,
+                };
+                self.store.insert(t, sum);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Back-propagates `Σ(out · g)` from a recomputed `out`: the gradient `g` flowing into `out`.
+fn backward_through(out: &Tensor, g: &Tensor) -> Result<GradStore> {
+    Ok((out * g.to_dtype(out.dtype())?)?.sum_all()?.backward()?)
+}
+
+fn leaf(t: &Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.detach())?)
+}
+
+impl Qwen2VL {
+    /// The loss `head(final hidden states (B, T, C))` and, when it is finite, its gradients
+    /// with respect to `wrt` (the trainable tensors), recomputing the stacks `recompute` names.
+    /// With [`Recompute::NONE`] this is `head(hidden(input))` and one `backward()`.
+    /// `head` must return a scalar; it may be called with a leaf in place of the hidden states.
+    pub fn forward_backward<E>(
+        &self,
+        input: &Input,
+        ctx: &Ctx,
+        recompute: Recompute,
+        wrt: &[Tensor],
+        mut head: impl FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Backward, E>
+    where
+        E: From<crate::ModelError>,
+    {
+        let mut out = Collected {
+            wrt,
+            store: GradStore::default(),
+        };
+
+        // ---- vision: features, keeping only the block inputs when recomputing --------------
+        let mut vision_saved = None;
+        let feats = match &input.pixel_values {
+            None => None,
+            Some(pv) if !recompute.vision => Some(self.image_features(pv, &input.grids, ctx)?),
+            Some(pv) => {
+                let (x0, run) = self
+                    .vision
+                    .embed(pv, &input.grids, ctx)
+                    .map_err(crate::ModelError::from)?;
+                let mut trains = x0.track_op();
+                let mut saved = Vec::with_capacity(self.vision.num_blocks() + 1);
+                let mut x = x0.detach();
+                for i in 0..self.vision.num_blocks() {
+                    let y = self
+                        .vision
+                        .block(i, &x, &run, ctx)
+                        .map_err(crate::ModelError::from)?;
+                    trains |= y.track_op();
+                    saved.push(x);
+                    x = y.detach();
+                }
+                // Below the merger only when something there trains: then the merger runs on a
+                // leaf whose gradient continues the backward.
+                let (feats, merge_in) = if trains {
+                    let v = leaf(&x)?;
+                    (
+                        self.vision
+                            .merge(v.as_tensor(), &run, ctx)
+                            .map_err(crate::ModelError::from)?,
+                        Some(v),
+                    )
+                } else {
+                    (
+                        self.vision
+                            .merge(&x, &run, ctx)
+                            .map_err(crate::ModelError::from)?,
+                        None,
+                    )
+                };
+                if let Some(v) = merge_in {
+                    vision_saved = Some((x0, run, saved, v));
+                }
+                Some(feats)
+            }
+        };
+        let h0 = self.embed_with(input, feats.as_ref())?;
+
+        // ---- decoder -------------------------------------------------------------------------
+        let p = input.positions(&self.cfg)?;
+        let tables = self.decoder_tables(&p.pos, &input.segments, &h0, ctx)?;
+        let text = &self.text;
+        let head_from =
+            |x: &Tensor, head: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>| {
+                let h = text.final_norm(x, ctx).map_err(crate::ModelError::from)?;
+                head(&h)
+            };
+        let mut g; // dL/d(h0)
+        if !recompute.decoder {
+            let mut x = h0.clone();
+            for i in 0..text.num_layers() {
+                x = text
+                    .layer(i, &x, &tables, ctx)
+                    .map_err(crate::ModelError::from)?;
+            }
+            let loss = head_from(&x, &mut head)?;
+            let value = scalar(&loss)?;
+            if !value.is_finite() {
+                return Ok(Backward {
+                    loss: value,
+                    grads: None,
+                });
+            }
+            let mut grads = loss.backward().map_err(crate::ModelError::from)?;
+            let Some((_, _, _, v)) = &vision_saved else {
+                out.take(grads)?;
+                return Ok(Backward {
+                    loss: value,
+                    grads: Some(out.store),
+                });
+            };
+            g = grads.remove(v.as_tensor());
+            out.take(grads)?;
+            return self
+                .vision_backward(vision_saved, g, ctx, &mut out)
+                .map(|()| Backward {
+                    loss: value,
+                    grads: Some(out.store),
+                })
+                .map_err(E::from);
+        }
+        let mut saved = Vec::with_capacity(text.num_layers());
+        let mut x = h0.detach();
+        for i in 0..text.num_layers() {
+            let y = text
+                .layer(i, &x, &tables, ctx)
+                .map_err(crate::ModelError::from)?;
+            saved.push(x);
+            x = y.detach();
+        }
+        let last = leaf(&x)?;
+        drop(x);
+        let loss = head_from(last.as_tensor(), &mut head)?;
+        let value = scalar(&loss)?;
+        if !value.is_finite() {
+            return Ok(Backward {
+                loss: value,
+                grads: None,
+            });
+        }
+        let mut grads = loss.backward().map_err(crate::ModelError::from)?;
+        drop(loss);
+        g = grads.remove(last.as_tensor());
+        out.take(grads)?;
+        drop(last);
+        while let Some(x) = saved.pop() {
+            let i = saved.len();
+            let Some(gi) = g.take() else { break };
+            let v = leaf(&x)?;
+            drop(x);
+            let y = text
+                .layer(i, v.as_tensor(), &tables, ctx)
+                .map_err(crate::ModelError::from)?;
+            let mut grads = backward_through(&y, &gi)?;
+            g = grads.remove(v.as_tensor());
+            out.take(grads)?;
+        }
+        // The embedding (and, without vision recompute, the whole tower) kept its graph.
+        if let Some(gi) = g {
+            if h0.track_op() {
+                let mut grads = backward_through(&h0, &gi)?;
+                let gv = vision_saved
+                    .as_ref()
+                    .and_then(|(_, _, _, v)| grads.remove(v.as_tensor()));
+                out.take(grads)?;
+                self.vision_backward(vision_saved, gv, ctx, &mut out)?;
+            }
+        }
+        Ok(Backward {
+            loss: value,
+            grads: Some(out.store),
+        })
+    }
+
+    /// The vision half of a recomputing backward: merger, blocks in reverse, patch embedding,
+    /// from `g` = dL/d(merger input).
+    fn vision_backward(
+        &self,
+        saved: Option<(Tensor, crate::vision::VisionRun, Vec<Tensor>, Var)>,
+        g: Option<Tensor>,
+        ctx: &Ctx,
+        out: &mut Collected<'_>,
+    ) -> Result<()> {
+        let (Some((x0, run, mut blocks, _)), Some(mut g)) = (saved, g) else {
+            return Ok(());
+        };
+        while let Some(x) = blocks.pop() {
+            let i = blocks.len();
+            let v = leaf(&x)?;
+            drop(x);
+            let y = self.vision.block(i, v.as_tensor(), &run, ctx)?;
+            let mut grads = backward_through(&y, &g)?;
+            let next = grads.remove(v.as_tensor());
+            out.take(grads)?;
+            match next {
+                Some(n) => g = n,
+                None => return Ok(()),
+            }
+        }
+        if x0.track_op() {
+            out.take(backward_through(&x0, &g)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn scalar(loss: &Tensor) -> Result<f64> {
+    Ok(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
