@@ -10,8 +10,11 @@
 //!   written into them with `Var::set`, so every module sees it. A bf16 compute copy (CUDA,
 //!   later) becomes a second field of `Slot` written after the master; until then a non-f32
 //!   `Var` is refused with [`OptimError::Dtype`].
-//! - **Candle ops, one parameter at a time.** The update is plain elementwise candle ops, so it
-//!   runs on any device and is the reference a fused kernel will be checked against.
+//! - **Candle ops or fused ops, one parameter at a time** ([`update`]). The reference update is
+//!   plain elementwise candle ops (about ten allocating ops per parameter, any device); with
+//!   [`AdamW::set_fused`] it is omr-kernels' `adamw_step` (one CUDA kernel per parameter) and
+//!   the norm its `global_grad_norm`. Same bits on the CPU; the default is fused on CUDA only
+//!   ([`AdamW::fused_default`]).
 //! - **Determinism.** Parameters are visited in the order given (sorted HF names from
 //!   `Params::trainable`), micro-batch gradients are summed in arrival order, and the global
 //!   norm is an f64 sum in that same order: the same inputs give the same bits.
@@ -23,12 +26,14 @@
 
 mod accum;
 mod config;
+mod update;
 
 pub use accum::GradAccum;
 pub use config::{param_specs, OptimConfig, OptimError, ParamSpec, Result};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use omr_kernels::AdamWHyper;
 use omr_model::params::Part;
 use std::collections::{BTreeMap, HashMap};
 
@@ -62,6 +67,10 @@ pub struct AdamW {
     max_grad_norm: f64,
     /// Applied steps so far (torch's `state["step"]`); bias corrections use it.
     t: u64,
+    /// Update with omr-kernels' fused ops instead of candle ops.
+    fused: bool,
+    /// Calls of the fused ops so far (updates + norms): how a test tells which path ran.
+    fused_calls: u64,
 }
 
 impl AdamW {
@@ -92,6 +101,9 @@ impl AdamW {
                 v,
             });
         }
+        let fused = slots
+            .first()
+            .is_some_and(|s| Self::fused_default(s.var.device()));
         Ok(AdamW {
             slots,
             beta1: cfg.beta1,
@@ -99,7 +111,33 @@ impl AdamW {
             eps: cfg.eps,
             max_grad_norm: cfg.max_grad_norm,
             t: 0,
+            fused,
+            fused_calls: 0,
         })
+    }
+
+    /// Whether parameters on `device` are best updated by the fused ops: on CUDA when this
+    /// build has the kernels (feature `cuda`); on the CPU the candle ops are the reference and
+    /// the fused CPU path only copies more. [`AdamW::new`] starts with this for its parameters'
+    /// device.
+    pub fn fused_default(device: &Device) -> bool {
+        cfg!(feature = "cuda") && device.is_cuda()
+    }
+
+    /// Use omr-kernels' fused ops (`adamw_step`, `global_grad_norm`) for the following steps,
+    /// or the candle ops. Either gives the same state format, so a run may switch at a resume.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Calls of the fused ops so far: per applied step one norm and one update per non-empty
+    /// parameter (a non-finite step: the norm only). 0 on the candle path.
+    pub fn fused_calls(&self) -> u64 {
+        self.fused_calls
     }
 
     /// An empty gradient accumulator for this optimizer's parameters.
@@ -158,7 +196,13 @@ impl AdamW {
         }
         let sums = acc.take();
 
-        let grad_norm = global_norm(&sums)? * grad_scale;
+        let norm = if self.fused {
+            self.fused_calls += 1;
+            update::fused_norm(&sums)?
+        } else {
+            update::candle_norm(&sums)?
+        };
+        let grad_norm = norm * grad_scale;
         if !grad_norm.is_finite() {
             return Ok(StepOutcome::NonFinite { grad_norm });
         }
@@ -173,24 +217,26 @@ impl AdamW {
         }
 
         self.t += 1;
-        let t = self.t.min(i32::MAX as u64) as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         for (slot, sum) in self.slots.iter_mut().zip(sums) {
             if slot.var.elem_count() == 0 {
                 continue;
             }
-            let g = match sum {
-                Some(g) => g.affine(coef, 0.0)?,
-                None => slot.m.zeros_like()?,
+            let h = AdamWHyper {
+                lr: slot.lr * lr_factor,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: slot.weight_decay,
+                step: self.t,
+                grad_coef: coef,
             };
-            let lr = slot.lr * lr_factor;
-            let m = (slot.m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
-            let v = (slot.v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
             let p = slot.var.as_detached_tensor();
-            let p = p.affine(1.0 - lr * slot.weight_decay, 0.0)?;
-            let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, self.eps)?;
-            let p = (p - m.div(&denom)?.affine(lr / bias1, 0.0)?)?;
+            let (p, m, v) = if self.fused {
+                self.fused_calls += 1;
+                update::fused_update(&p, &slot.m, &slot.v, sum.as_ref(), &h)?
+            } else {
+                update::candle_update(&p, &slot.m, &slot.v, sum.as_ref(), &h)?
+            };
             slot.var.set(&p)?;
             slot.m = m;
             slot.v = v;
@@ -277,18 +323,4 @@ impl AdamW {
         }
         out
     }
-}
-
-/// sqrt of the sum of squares of every gradient, accumulated in f64 in parameter order.
-fn global_norm(sums: &[Option<Tensor>]) -> Result<f64> {
-    let mut parts = Vec::with_capacity(sums.len());
-    for g in sums.iter().flatten() {
-        parts.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
-    }
-    if parts.is_empty() {
-        return Ok(0.0);
-    }
-    // One device sync for the whole model; the stacked sum runs in order on the CPU.
-    let per_param: Vec<f64> = Tensor::stack(&parts, 0)?.to_vec1()?;
-    Ok(per_param.iter().sum::<f64>().sqrt())
 }
