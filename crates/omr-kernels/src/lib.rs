@@ -12,7 +12,10 @@
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
 //! | flash attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] | `kernels/flash_attn.cu` |
 //!
-//! The ops stand alone: the model (omr-model) does not call them yet. Every op is checked
+//! omr-model calls the forward-path ops (rmsnorm, swiglu, rotary, flash_attn, linear_ce) when
+//! a forward's `Ctx::kernels` is `Kernels::Fused` (dispatch in `omr_model::fused`;
+//! `Kernels::auto` picks Fused on CUDA); its `tests/fused.rs` checks the model's logits, loss
+//! and gradients against its candle-op path. Every op is checked
 //! against an independent composition of candle ops in `tests/` (and CUDA against CPU where a
 //! CUDA device exists, also by [`check::check_all`]), and timed by [`bench::run_all`]
 //! (`omr bench kernels` runs both).

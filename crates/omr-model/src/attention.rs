@@ -1,10 +1,13 @@
 //! Attention as plain differentiable candle ops: the causal/padded/packed attention of the
 //! language model and the block-diagonal (per image or per window) attention of the vision
-//! tower. The fused flash-style kernels of the CUDA path replace these; these stay the
-//! reference they are tested against.
+//! tower. The fused flash attention of omr-kernels replaces these under `Kernels::Fused`
+//! (crate::fused); these stay the reference it is tested against.
+//!
+//! Scores go through the softmax in f32 whatever the compute dtype, as transformers' eager
+//! attention does (`softmax(dtype=float32)`, then back to the compute dtype).
 
 use crate::ops::softmax_last;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Additive attention bias (B, 1, T, S): 0 where query t may attend key s, `f32::MIN`
 /// elsewhere. `segments[b][s]` is the segment of key s (0 = padding; packed samples get 1, 2, …),
@@ -35,7 +38,7 @@ pub fn bias(segments: &[Vec<u32>], t: usize, device: &Device) -> Result<Tensor> 
 }
 
 /// Scaled dot-product attention with grouped key/value heads.
-/// q: (B, H, T, D), k/v: (B, KV, S, D), bias: (B, 1, T, S) → (B, T, H·D)
+/// q: (B, H, T, D), k/v: (B, KV, S, D), bias: (B, 1, T, S) f32 → (B, T, H·D)
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (_, kv, s, _) = k.dims4()?;
@@ -45,8 +48,12 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tenso
     // copying keys and values rep times.
     let q = q.contiguous()?.reshape((b, kv, rep * t, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, kv, rep, t, s))?;
-    let scores = scores.broadcast_add(&bias.unsqueeze(1)?)?;
-    let p = softmax_last(&scores)?.reshape((b, kv, rep * t, s))?;
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+    let p = softmax_last(&scores)?
+        .to_dtype(q.dtype())?
+        .reshape((b, kv, rep * t, s))?;
     let o = p.matmul(&v.contiguous()?)?.reshape((b, h, t, d))?;
     o.transpose(1, 2)?.reshape((b, t, h * d))
 }

@@ -7,6 +7,9 @@
 //! cache. Sampling (temperature, top-k, top-p) draws from one seeded ChaCha stream per prompt,
 //! (keyed by the seed and the row), so finished rows leaving the batch never shift the
 //! random draws of the others.
+//!
+//! [`generate`] runs candle ops (the default ctx); [`generate_with`] takes the kernels from
+//! the caller's ctx (e.g. `Kernels::auto(device)`: the fused ops on CUDA).
 
 use crate::error::{ModelError, Result};
 use crate::linear::Ctx;
@@ -66,8 +69,19 @@ pub struct Completion {
     pub logits: Vec<Vec<f32>>,
 }
 
-/// Generates a completion for every row of `prompts` (left padded, or unpadded).
+/// Generates a completion for every row of `prompts` (left padded, or unpadded), with candle
+/// ops.
 pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Result<Vec<Completion>> {
+    generate_with(model, prompts, cfg, &Ctx::default())
+}
+
+/// [`generate`] with the kernels of `ctx` (its dropout seed is ignored: no dropout here).
+pub fn generate_with(
+    model: &Qwen2VL,
+    prompts: &Input,
+    cfg: &SamplingConfig,
+    ctx: &Ctx,
+) -> Result<Vec<Completion>> {
     let b = prompts.batch();
     if prompts.segments.iter().any(|s| s.last() == Some(&0)) {
         return Err(ModelError::Input(
@@ -85,7 +99,10 @@ pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Resul
     if cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let ctx = Ctx::default();
+    let ctx = Ctx {
+        dropout_seed: None,
+        ..*ctx
+    };
     let pos = prompts.positions(&model.cfg)?;
     let mut segments = prompts.segments.clone();
     let mut next_pos: Vec<i64> = pos

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod hub;
 pub mod linear;

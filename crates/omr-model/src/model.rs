@@ -9,7 +9,8 @@
 use crate::attention;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::linear::{Ctx, Linear};
+use crate::fused;
+use crate::linear::{Ctx, Kernels, Linear};
 use crate::params::Params;
 use crate::rope::{mrope_cos_sin, rope_index};
 use crate::text::{KvCache, Tables, TextModel};
@@ -295,6 +296,20 @@ impl Qwen2VL {
         }
         let idx = Tensor::from_vec(rows, (n,), &self.device)?;
         let picked = h.reshape((b * t, c))?.index_select(&idx, 0)?; // (N, C)
+        let head = &self.lm_head;
+        if ctx.kernels == Kernels::Fused && head.lora.is_none() && head.bias.is_none() {
+            // Fused linear cross-entropy: no (N, V) logits. It returns a gradient for the
+            // weight whether it trains or not; a frozen head enters as a fresh view (no copy)
+            // so that gradient is never filed under the frozen weight.
+            let w = if head.weight.track_op() {
+                head.weight.clone()
+            } else {
+                head.weight.reshape(head.weight.shape())?
+            };
+            let targets = Tensor::from_vec(targets, (n,), &self.device)?;
+            let sum = fused::linear_ce(&picked, &w.to_dtype(picked.dtype())?, &targets)?;
+            return Ok((sum, n));
+        }
         let logits = self
             .lm_head
             .forward(&picked, ctx)?
@@ -334,21 +349,41 @@ impl Qwen2VL {
         Ok(self.text.forward(x, &tables, cache, ctx)?)
     }
 
-    /// Rotary cos/sin and attention bias of a decoder pass over `x`, in its dtype.
+    /// Rotary tables and attention mask of a decoder pass over `x`, for `ctx.kernels`:
+    /// candle's cos/sin in x's dtype and an f32 bias, or the fused ops' f32 half tables and
+    /// segment-id mask.
     pub(crate) fn decoder_tables(
         &self,
         pos: &[Vec<Vec<i64>>; 3],
         segments: &[Vec<u32>],
         x: &Tensor,
-        _ctx: &Ctx,
+        ctx: &Ctx,
     ) -> Result<Tables> {
-        let dtype = x.dtype();
-        let (cos, sin) = mrope_cos_sin(pos, &self.cfg.text, &self.device)?;
-        let bias = attention::bias(segments, x.dim(1)?, &self.device)?;
-        Ok(Tables {
-            cos: cos.to_dtype(dtype)?,
-            sin: sin.to_dtype(dtype)?,
-            bias: bias.to_dtype(dtype)?,
+        let (text, t) = (&self.cfg.text, x.dim(1)?);
+        Ok(match ctx.kernels {
+            Kernels::Candle => {
+                let dtype = x.dtype();
+                let (cos, sin) = mrope_cos_sin(pos, text, &self.device)?;
+                Tables::Candle {
+                    cos: cos.to_dtype(dtype)?,
+                    sin: sin.to_dtype(dtype)?,
+                    bias: attention::bias(segments, t, &self.device)?,
+                }
+            }
+            Kernels::Fused => {
+                let (cos, sin) = omr_kernels::mrope_tables(
+                    pos,
+                    &text.mrope_section,
+                    text.rope_theta,
+                    text.head_dim,
+                    &self.device,
+                )?;
+                Tables::Fused {
+                    cos,
+                    sin,
+                    mask: fused::text_mask(segments, t, &self.device)?,
+                }
+            }
         })
     }
 }

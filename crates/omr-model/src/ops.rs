@@ -11,9 +11,13 @@ use candle_core::{
 };
 use std::sync::{Arc, Mutex};
 
-/// Softmax over the last dimension. The max is detached: softmax is shift invariant, so the
-/// gradient is the same, and the reduction's own backward is skipped.
+/// Softmax over the last dimension, in f32 for bf16/f16 input (cast back after). The max is
+/// detached: softmax is shift invariant, so the gradient is the same, and the reduction's own
+/// backward is skipped.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        return softmax_last(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -155,13 +159,16 @@ impl Value {
         Ok(Value(Mutex::new(Some(t.contiguous()?))))
     }
 
-    fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let t = self
-            .0
+    fn take(&self) -> Result<Tensor> {
+        self.0
             .lock()
             .map_err(|_| candle_core::Error::Msg("attach-grad: poisoned".into()))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))
+    }
+
+    fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
             candle_core::bail!("attach-grad: value is not on the CPU");
@@ -183,6 +190,45 @@ impl Value {
         };
         Ok((out, layout.shape().clone()))
     }
+
+    /// A device copy of the value's elements (its storage may be a larger buffer, as a
+    /// narrowed view's is; the op's output must start at offset 0 and hold just these).
+    #[cfg(feature = "cuda")]
+    fn take_cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda::{
+            cudarc::driver::CudaSlice, CudaStorage, CudaStorageSlice, WrapErr,
+        };
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("attach-grad: value is not on a CUDA device");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("attach-grad: value not contiguous".into()))?;
+        fn copy<T: candle_core::cuda::CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr>(
+            v: &CudaSlice<T>,
+            range: std::ops::Range<usize>,
+            dev: &candle_core::CudaDevice,
+        ) -> Result<CudaStorage> {
+            let c = dev.cuda_stream().clone_dtod(&v.slice(range)).w()?;
+            Ok(CudaStorage::wrap_cuda_slice(c, dev.clone()))
+        }
+        let (dev, range) = (s.device(), start..end);
+        let out = match &s.slice {
+            CudaStorageSlice::F32(v) => copy(v, range, dev)?,
+            CudaStorageSlice::F64(v) => copy(v, range, dev)?,
+            CudaStorageSlice::BF16(v) => copy(v, range, dev)?,
+            CudaStorageSlice::F16(v) => copy(v, range, dev)?,
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s.dtype(),
+                    "attach-grad",
+                ))
+            }
+        };
+        Ok((out, layout.shape().clone()))
+    }
 }
 
 struct Attach1 {
@@ -196,6 +242,14 @@ impl CustomOp1 for Attach1 {
     }
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.value.take_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda()
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.grad)(grad_res)?))
@@ -221,6 +275,18 @@ impl CustomOp3 for Attach3 {
         _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.value.take_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda()
     }
     fn bwd(
         &self,

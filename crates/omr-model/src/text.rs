@@ -1,12 +1,18 @@
 //! The Qwen2 language model: decoder layers (GQA with q/k/v biases, M-RoPE, SwiGLU MLP,
 //! RMSNorm) with an optional key/value cache for generation.
+//!
+//! Norms and the MLP gate go through [`fused`] (candle ops or fused kernels, per the ctx);
+//! rotary and attention follow the [`Tables`] of the pass: candle ops on (B, H, T, D), or the
+//! fused rotary and flash attention on the projections' own (B, T, H, D) layout.
 
 use crate::attention::attend;
 use crate::config::TextConfig;
-use crate::linear::{Ctx, Linear};
+use crate::fused;
+use crate::linear::{Ctx, Kernels, Linear};
 use crate::ops;
 use crate::params::Params;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
+use omr_kernels::AttnMask;
 
 struct Layer {
     input_norm: Tensor,
@@ -20,7 +26,8 @@ struct Layer {
     down: Linear,
 }
 
-/// Keys and values of one layer after rotary, (B, KV, S, D), grown along S.
+/// Keys and values of one layer after rotary, grown along S: (B, KV, S, D) when the candle
+/// path fills it, (B, S, KV, D) (the flash kernel's layout) when the fused path does.
 #[derive(Clone, Default)]
 pub struct LayerCache {
     pub k: Option<Tensor>,
@@ -31,15 +38,21 @@ pub struct LayerCache {
 #[derive(Clone, Default)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
+    /// The kernels of the passes that filled it, which fix its layout (see [`LayerCache`]).
+    pub kernels: Kernels,
 }
 
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
+        let seq_dim = match self.kernels {
+            Kernels::Candle => 2,
+            Kernels::Fused => 1,
+        };
         self.layers
             .first()
             .and_then(|l| l.k.as_ref())
-            .map_or(0, |k| k.dim(2).unwrap_or(0))
+            .map_or(0, |k| k.dim(seq_dim).unwrap_or(0))
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -58,14 +71,33 @@ impl KvCache {
     }
 }
 
-/// What every decoder layer of one pass shares: rotary tables (B, 1, T, D) and the attention
-/// mask over cache + T keys, in the pass's dtype. Built by the model from positions and
-/// segments.
-pub struct Tables {
-    pub cos: Tensor,
-    pub sin: Tensor,
-    /// (B, 1, T, S) additive bias, S = cached + T.
-    pub bias: Tensor,
+/// What every decoder layer of one pass shares: rotary tables and the attention mask over
+/// cache + T keys (S = cached + T), in the form its kernels take. Built by the model from
+/// positions and segments.
+pub enum Tables {
+    /// cos/sin (B, 1, T, D) in the pass's dtype; (B, 1, T, S) additive bias in f32 (attention
+    /// adds it to f32 scores).
+    Candle {
+        cos: Tensor,
+        sin: Tensor,
+        bias: Tensor,
+    },
+    /// Half tables cos/sin (B, T, D/2) f32; causal mask with segment ids (B, T) / (B, S).
+    Fused {
+        cos: Tensor,
+        sin: Tensor,
+        mask: AttnMask,
+    },
+}
+
+impl Tables {
+    /// The kernels these tables are for.
+    pub fn kernels(&self) -> Kernels {
+        match self {
+            Tables::Candle { .. } => Kernels::Candle,
+            Tables::Fused { .. } => Kernels::Fused,
+        }
+    }
 }
 
 pub struct TextModel {
@@ -120,6 +152,15 @@ impl TextModel {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         if let Some(cache) = cache.as_deref_mut() {
+            if cache.is_empty() {
+                cache.kernels = tables.kernels();
+            } else if cache.kernels != tables.kernels() {
+                bail!(
+                    "the key/value cache was filled by {:?} kernels and cannot be extended by {:?}",
+                    cache.kernels,
+                    tables.kernels()
+                )
+            }
             cache
                 .layers
                 .resize(self.layers.len(), LayerCache::default());
@@ -142,8 +183,8 @@ impl TextModel {
     }
 
     /// The final RMSNorm.
-    pub fn final_norm(&self, x: &Tensor, _ctx: &Ctx) -> Result<Tensor> {
-        ops::rmsnorm(x, &self.norm, self.cfg.rms_norm_eps)
+    pub fn final_norm(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        fused::rmsnorm(x, &self.norm, self.cfg.rms_norm_eps, ctx)
     }
 }
 
@@ -158,30 +199,58 @@ impl Layer {
         cache: Option<&mut LayerCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let (cos, sin, bias) = (&tables.cos, &tables.sin, &tables.bias);
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let hs = ops::rmsnorm(x, &self.input_norm, c.rms_norm_eps)?;
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+        let hs = fused::rmsnorm(x, &self.input_norm, c.rms_norm_eps, ctx)?;
+        // (B, T, n, D), the projections' layout
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d));
         let q = heads(self.q.forward(&hs, ctx)?, h)?;
         let k = heads(self.k.forward(&hs, ctx)?, kv)?;
         let v = heads(self.v.forward(&hs, ctx)?, kv)?;
-        let q = ops::apply_rotary(&q, cos, sin)?;
-        let mut k = ops::apply_rotary(&k, cos, sin)?.contiguous()?;
-        let mut v = v.contiguous()?;
-        if let Some(lc) = cache {
-            if let (Some(pk), Some(pv)) = (&lc.k, &lc.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let a = match tables {
+            Tables::Candle { cos, sin, bias } => {
+                let q = ops::apply_rotary(&q.transpose(1, 2)?, cos, sin)?;
+                let k = ops::apply_rotary(&k.transpose(1, 2)?, cos, sin)?.contiguous()?;
+                let (k, v) = extend(cache, k, v.transpose(1, 2)?.contiguous()?, 2)?;
+                attend(&q, &k, &v, bias)? // (B, T, H·D)
             }
-            lc.k = Some(k.clone());
-            lc.v = Some(v.clone());
-        }
-        let a = attend(&q, &k, &v, bias)?;
+            Tables::Fused { cos, sin, mask } => {
+                let q = fused::rotary(&q, cos, sin)?;
+                let k = fused::rotary(&k, cos, sin)?;
+                let (k, v) = extend(cache, k, v, 1)?;
+                fused::attention(&q, &k, &v, mask)?.reshape((b, t, h * d))?
+            }
+        };
         let x = (x + self.o.forward(&a, ctx)?)?;
-        let hs = ops::rmsnorm(&x, &self.post_norm, c.rms_norm_eps)?;
-        let g = self.gate.forward(&hs, ctx)?.silu()?;
-        let m = self.down.forward(&(g * self.up.forward(&hs, ctx)?)?, ctx)?;
-        x + m
+        let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
+        let g = fused::swiglu(
+            &self.gate.forward(&hs, ctx)?,
+            &self.up.forward(&hs, ctx)?,
+            ctx,
+        )?;
+        x + self.down.forward(&g, ctx)?
     }
+}
+
+/// Keys and values of the cache followed by this pass's, concatenated along the sequence axis
+/// `seq_dim`; the cache keeps them for the next pass.
+fn extend(
+    cache: Option<&mut LayerCache>,
+    k: Tensor,
+    v: Tensor,
+    seq_dim: usize,
+) -> Result<(Tensor, Tensor)> {
+    let Some(lc) = cache else {
+        return Ok((k, v));
+    };
+    let (k, v) = match (&lc.k, &lc.v) {
+        (Some(pk), Some(pv)) => (
+            Tensor::cat(&[pk, &k], seq_dim)?,
+            Tensor::cat(&[pv, &v], seq_dim)?,
+        ),
+        _ => (k, v),
+    };
+    lc.k = Some(k.clone());
+    lc.v = Some(v.clone());
+    Ok((k, v))
 }

@@ -6,14 +6,20 @@
 //! Qwen2.5-VL attends inside windows of `window_size` pixels except in
 //! `fullatt_block_indexes`; to make windows contiguous it permutes merge units into window order
 //! before the blocks and restores image order after the merger, as transformers does.
+//!
+//! Under `Kernels::Fused` the RMSNorms (Qwen2.5-VL), the SwiGLU gate, the 2-D rotary and the
+//! block-diagonal attention (flash attention with one segment id per image or window, B = 1)
+//! are omr-kernels' fused ops; Qwen2-VL's LayerNorm and QuickGELU stay candle ops.
 
 use crate::attention::attend_blocks;
 use crate::config::{Arch, ModelConfig, VisionConfig};
-use crate::linear::{Ctx, Linear};
+use crate::fused;
+use crate::linear::{Ctx, Kernels, Linear};
 use crate::ops;
 use crate::params::Params;
 use crate::rope::{vision_cos_sin, vision_patch_coords};
 use candle_core::{Result, Tensor};
+use omr_kernels::AttnMask;
 
 enum Norm {
     Rms(Tensor),
@@ -28,9 +34,9 @@ impl Norm {
             Arch::Qwen2Vl => Norm::Layer(w, params.get(&format!("{name}.bias"))?),
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match self {
-            Norm::Rms(w) => ops::rmsnorm(x, w, 1e-6),
+            Norm::Rms(w) => fused::rmsnorm(x, w, 1e-6, ctx),
             Norm::Layer(w, b) => ops::layernorm(x, w, b, 1e-6),
         }
     }
@@ -57,31 +63,51 @@ struct Block {
 }
 
 impl Block {
-    /// x: (N, C) → (N, C)
+    /// x: (N, C) → (N, C). `windowed`: attend inside windows rather than whole images.
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        tables: &VisionTables,
         cu: &[usize],
+        windowed: bool,
         ctx: &Ctx,
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         let d = c / self.heads;
         let qkv = self
             .qkv
-            .forward(&self.norm1.forward(x)?, ctx)?
+            .forward(&self.norm1.forward(x, ctx)?, ctx)?
             .reshape((n, 3, self.heads, d))?;
-        let q = ops::apply_rotary(&qkv.narrow(1, 0, 1)?.squeeze(1)?, cos, sin)?;
-        let k = ops::apply_rotary(&qkv.narrow(1, 1, 1)?.squeeze(1)?, cos, sin)?;
-        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
-        let a = attend_blocks(&q, &k, &v, cu)?;
+        let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1); // (N, H, D)
+        let a = match tables {
+            VisionTables::Candle { cos, sin } => {
+                let q = ops::apply_rotary(&part(0)?, cos, sin)?;
+                let k = ops::apply_rotary(&part(1)?, cos, sin)?;
+                attend_blocks(&q, &k, &part(2)?, cu)?
+            }
+            VisionTables::Fused {
+                cos,
+                sin,
+                full,
+                windows,
+            } => {
+                let mask = match windows {
+                    Some(w) if windowed => w,
+                    _ => full,
+                };
+                // One batch row of N patches: (1, N, H, D).
+                let q = fused::rotary(&part(0)?.unsqueeze(0)?, cos, sin)?;
+                let k = fused::rotary(&part(1)?.unsqueeze(0)?, cos, sin)?;
+                let v = part(2)?.unsqueeze(0)?;
+                fused::attention(&q, &k, &v, mask)?.reshape((n, c))?
+            }
+        };
         let x = (x + self.proj.forward(&a, ctx)?)?;
-        let h = self.norm2.forward(&x)?;
+        let h = self.norm2.forward(&x, ctx)?;
         let m = match &self.mlp {
             Mlp::SwiGlu { gate, up, down } => {
-                let g = gate.forward(&h, ctx)?.silu()?;
-                down.forward(&(g * up.forward(&h, ctx)?)?, ctx)?
+                let g = fused::swiglu(&gate.forward(&h, ctx)?, &up.forward(&h, ctx)?, ctx)?;
+                down.forward(&g, ctx)?
             }
             Mlp::QuickGelu { fc1, fc2 } => {
                 fc2.forward(&ops::quick_gelu(&fc1.forward(&h, ctx)?)?, ctx)?
@@ -198,35 +224,52 @@ impl VisionTower {
             }
             None => x,
         };
-        let (cos, sin) = vision_cos_sin(&coords, v, x.device())?;
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        Ok((
-            x,
-            VisionRun {
-                cos,
-                sin,
-                layout,
-                n,
-            },
-        ))
+        let tables = match ctx.kernels {
+            Kernels::Candle => {
+                let (cos, sin) = vision_cos_sin(&coords, v, x.device())?;
+                VisionTables::Candle {
+                    cos: cos.to_dtype(x.dtype())?,
+                    sin: sin.to_dtype(x.dtype())?,
+                }
+            }
+            Kernels::Fused => {
+                let (cos, sin) = omr_kernels::vision_tables(&coords, v.head_dim(), x.device())?;
+                let windows = match layout.window_index {
+                    Some(_) => Some(fused::ranges_mask(&layout.cu_windows, x.device())?),
+                    None => None,
+                };
+                VisionTables::Fused {
+                    cos,
+                    sin,
+                    full: fused::ranges_mask(&layout.cu_full, x.device())?,
+                    windows,
+                }
+            }
+        };
+        Ok((x, VisionRun { tables, layout, n }))
     }
 
     /// Vision block `i`: (N, C) → (N, C), the unit activation checkpointing recomputes.
     pub fn block(&self, i: usize, x: &Tensor, run: &VisionRun, ctx: &Ctx) -> Result<Tensor> {
         let layout = &run.layout;
-        let cu = if layout.window_index.is_some() && !self.cfg.fullatt_block_indexes.contains(&i) {
+        let windowed =
+            layout.window_index.is_some() && !self.cfg.fullatt_block_indexes.contains(&i);
+        let cu = if windowed {
             &layout.cu_windows
         } else {
             &layout.cu_full
         };
-        self.blocks[i].forward(x, &run.cos, &run.sin, cu, ctx)
+        self.blocks[i].forward(x, &run.tables, cu, windowed, ctx)
     }
 
     /// Patch merger, back in image order: (N, C) → (N / merge², out_hidden).
     pub fn merge(&self, x: &Tensor, run: &VisionRun, ctx: &Ctx) -> Result<Tensor> {
         let (n, unit) = (run.n, self.cfg.merge_unit());
         let c = x.dim(1)?;
-        let h = self.merger_norm.forward(x)?.reshape((n / unit, unit * c))?;
+        let h = self
+            .merger_norm
+            .forward(x, ctx)?
+            .reshape((n / unit, unit * c))?;
         let h = self.merger_fc1.forward(&h, ctx)?.gelu_erf()?;
         let out = self.merger_fc2.forward(&h, ctx)?;
         match &run.layout.window_index {
@@ -246,10 +289,22 @@ impl VisionTower {
 /// What one forward of the tower shares between its blocks: the rotary tables and the
 /// attention ranges of the images it runs on.
 pub struct VisionRun {
-    cos: Tensor,
-    sin: Tensor,
+    tables: VisionTables,
     layout: WindowLayout,
     n: usize,
+}
+
+/// Rotary tables and masks of the blocks, in the form the pass's kernels take.
+enum VisionTables {
+    /// cos/sin (N, 1, D) in the compute dtype; the ranges are passed per block.
+    Candle { cos: Tensor, sin: Tensor },
+    /// Half tables (1, N, D/2) f32; segment-id masks of whole images and (Qwen2.5-VL) windows.
+    Fused {
+        cos: Tensor,
+        sin: Tensor,
+        full: AttnMask,
+        windows: Option<AttnMask>,
+    },
 }
 
 /// Which rows attend to which: per-frame ranges for full attention and, for Qwen2.5-VL, the

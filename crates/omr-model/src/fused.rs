@@ -1,0 +1,122 @@
+//! The ops with two implementations, chosen per forward by [`Ctx::kernels`]: compositions of
+//! candle ops (`Kernels::Candle`, the reference and the fast path on CPU) or the fused ops of
+//! omr-kernels (`Kernels::Fused`: CUDA kernels on a GPU, their plain-Rust references on CPU).
+//!
+//! RMSNorm and the SwiGLU gate dispatch here on the ctx. Rotary and attention take different
+//! layouts in the two paths (candle: (B, H, T, D) after a transpose; fused: the projections'
+//! own (B, T, H, D), no transpose), so text.rs and vision.rs branch on the tables of the pass
+//! and call the fused versions below, which also build those tables (rotary half tables,
+//! segment-id masks). Every fused call is counted per thread ([`calls`]): tests use it to check
+//! which path really ran.
+
+use crate::linear::{Ctx, Kernels};
+use crate::ops;
+use candle_core::{Device, Result, Tensor};
+use omr_kernels::linear_ce::LceChunks;
+use omr_kernels::AttnMask;
+use std::cell::Cell;
+
+/// How many times each fused op ran on this thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedCalls {
+    pub rmsnorm: usize,
+    pub swiglu: usize,
+    pub rotary: usize,
+    pub attention: usize,
+    pub linear_ce: usize,
+}
+
+thread_local! {
+    static CALLS: Cell<FusedCalls> = const {
+        Cell::new(FusedCalls { rmsnorm: 0, swiglu: 0, rotary: 0, attention: 0, linear_ce: 0 })
+    };
+}
+
+/// The fused-op calls made so far by this thread (forwards run on the calling thread).
+pub fn calls() -> FusedCalls {
+    CALLS.with(Cell::get)
+}
+
+fn count(f: impl FnOnce(&mut FusedCalls)) {
+    CALLS.with(|c| {
+        let mut v = c.get();
+        f(&mut v);
+        c.set(v);
+    });
+}
+
+/// Qwen2RMSNorm over the last dimension. x: (…, C), w: (C) → (…, C)
+pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f64, ctx: &Ctx) -> Result<Tensor> {
+    match ctx.kernels {
+        Kernels::Candle => ops::rmsnorm(x, w, eps),
+        Kernels::Fused => {
+            count(|c| c.rmsnorm += 1);
+            omr_kernels::rmsnorm(x, &w.to_dtype(x.dtype())?, eps)
+        }
+    }
+}
+
+/// The SwiGLU gate `silu(g) · u`. g, u: (…, I) → (…, I)
+pub fn swiglu(g: &Tensor, u: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    match ctx.kernels {
+        Kernels::Candle => g.silu()? * u,
+        Kernels::Fused => {
+            count(|c| c.swiglu += 1);
+            omr_kernels::swiglu(g, u)
+        }
+    }
+}
+
+/// Rotary by half tables. x: (B, T, H, D), cos/sin: (B, T, D/2) f32 → (B, T, H, D)
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    count(|c| c.rotary += 1);
+    omr_kernels::rotary(x, cos, sin)
+}
+
+/// Flash attention with scale 1/√D, queries at key positions S − T + t.
+/// q: (B, T, H, D), k/v: (B, S, KV, D) → (B, T, H, D)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+    count(|c| c.attention += 1);
+    let d = q.dim(3)?;
+    omr_kernels::flash_attn(q, k, v, mask, 1.0 / (d as f64).sqrt())
+}
+
+/// Σ −log softmax(h · wᵀ)[target] without the N × V logits. h: (N, C), w: (V, C),
+/// targets: (N) u32 → scalar f32 (the sum).
+pub fn linear_ce(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    count(|c| c.linear_ce += 1);
+    omr_kernels::linear_cross_entropy(h, w, targets, LceChunks::default())
+}
+
+/// The decoder's mask: causal, and a query attends only keys of its own segment.
+/// `segments[b][s]` covers cache + T keys (0 = padding); the queries are the last `t`.
+pub fn text_mask(segments: &[Vec<u32>], t: usize, device: &Device) -> Result<AttnMask> {
+    let b = segments.len();
+    let s = segments.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = segments.iter().flatten().copied().collect();
+    let k_seg = Tensor::from_vec(flat, (b, s), device)?;
+    let q_seg = k_seg.narrow(1, s - t, t)?.contiguous()?;
+    Ok(AttnMask {
+        causal: true,
+        window: 0,
+        q_seg: Some(q_seg),
+        k_seg: Some(k_seg),
+    })
+}
+
+/// The vision tower's block-diagonal mask: rows of range `cu[i]..cu[i+1]` get segment i + 1
+/// and attend only inside it. One batch row: (1, N) ids.
+pub fn ranges_mask(cu: &[usize], device: &Device) -> Result<AttnMask> {
+    let n = cu.last().copied().unwrap_or(0);
+    let mut ids = vec![0u32; n];
+    for (i, w) in cu.windows(2).enumerate() {
+        ids[w[0]..w[1]].fill(i as u32 + 1);
+    }
+    let seg = Tensor::from_vec(ids, (1, n), device)?;
+    Ok(AttnMask {
+        causal: false,
+        window: 0,
+        q_seg: Some(seg.clone()),
+        k_seg: Some(seg),
+    })
+}

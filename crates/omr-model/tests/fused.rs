@@ -1,0 +1,411 @@
+//! `Kernels::Fused` (omr-kernels' fused ops, here their CPU references) against
+//! `Kernels::Candle` (candle ops, the reference) on the tiny random Qwen2.5-VL and Qwen2-VL of
+//! the fixtures (tests/fixtures/model/README.md): logits, loss and the gradient of every
+//! trainable parameter (full fine-tune, and LoRA on a frozen base), on a left-padded batch and
+//! a packed one; greedy generation with the key/value cache; activation checkpointing; bf16.
+//!
+//! Tolerance, f32: max |fused − candle| ≤ 1e-4 · max |candle| per tensor (measured ≤ 2.3e-6:
+//! the two paths sum in different orders, nothing else differs). Padding positions are left
+//! out of the logits comparison: candle's attention averages uniformly there, flash attention
+//! returns 0 (neither is ever used). Each test also checks, by the per-thread call counters of
+//! `omr_model::fused`, that the fused ops really ran (and did not under `Kernels::Candle`).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{model_params, Inputs};
+use omr_model::fused::{self, FusedCalls};
+use omr_model::generate::{generate_with, SamplingConfig};
+use omr_model::lora::{self, LoraConfig};
+use omr_model::text::KvCache;
+use omr_model::{Ctx, Input, Kernels, ModelConfig, Params, Qwen2VL, Recompute};
+
+const TOL: f32 = 1e-4;
+
+fn ctx(kernels: Kernels) -> Ctx {
+    Ctx {
+        kernels,
+        ..Ctx::default()
+    }
+}
+
+/// The fixture's left-padded batch (3 rows, 3 images) and its labels.
+fn padded(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
+    (inputs.padded(), inputs.labels.clone())
+}
+
+/// Two rows of 39: row 0 packs the fixture's row 0 (20 tokens, one image) and row 2 (12 text
+/// tokens), then 7 padding; row 1 is the fixture's row 1 (two images). Images stay in order.
+fn packed(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
+    let valid = |r: usize| -> (Vec<u32>, Vec<i64>) {
+        let start = inputs.mask[r].iter().position(|&m| m != 0).unwrap();
+        (
+            inputs.ids[r][start..].to_vec(),
+            inputs.labels[r][start..].to_vec(),
+        )
+    };
+    let ((i0, l0), (i1, l1), (i2, l2)) = (valid(0), valid(1), valid(2));
+    let t = i1.len();
+    let pad = t - i0.len() - i2.len();
+    let row0: Vec<u32> = [i0.clone(), i2.clone(), vec![306; pad]].concat();
+    let lab0: Vec<i64> = [l0, l2, vec![-100; pad]].concat();
+    let input = Input::packed(
+        vec![row0, i1.clone()],
+        &[vec![i0.len(), i2.len()], vec![t]],
+        Some(inputs.pixels.clone()),
+        inputs.grids.clone(),
+    )
+    .unwrap();
+    (input, vec![lab0, l1])
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let m = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+    d / m.max(1e-12)
+}
+
+fn delta(before: FusedCalls) -> FusedCalls {
+    let now = fused::calls();
+    FusedCalls {
+        rmsnorm: now.rmsnorm - before.rmsnorm,
+        swiglu: now.swiglu - before.swiglu,
+        rotary: now.rotary - before.rotary,
+        attention: now.attention - before.attention,
+        linear_ce: now.linear_ce - before.linear_ce,
+    }
+}
+
+/// Logits at real tokens (segment ≠ 0), flattened.
+fn real_logits(model: &Qwen2VL, input: &Input, kernels: Kernels) -> Vec<f32> {
+    let l = model.forward(input, &ctx(kernels)).unwrap();
+    let v = l.dim(2).unwrap();
+    let all = flat(&l);
+    let mut out = Vec::new();
+    for (b, seg) in input.segments.iter().enumerate() {
+        for (t, &s) in seg.iter().enumerate() {
+            if s != 0 {
+                let row = (b * seg.len() + t) * v;
+                out.extend_from_slice(&all[row..row + v]);
+            }
+        }
+    }
+    out
+}
+
+/// Each parameter's name and gradient (None: it got none).
+type Grads = Vec<(String, Option<Vec<f32>>)>;
+
+/// Loss and the gradients of every parameter that gets one, by name.
+fn loss_grads(
+    model: &Qwen2VL,
+    params: &Params,
+    input: &Input,
+    labels: &[Vec<i64>],
+    kernels: Kernels,
+) -> (f32, usize, Grads) {
+    let (sum, n) = model.loss(input, labels, &ctx(kernels)).unwrap();
+    let grads = sum.backward().unwrap();
+    let g = params
+        .iter()
+        .map(|(name, var)| (name.to_string(), grads.get(var).map(flat)))
+        .collect();
+    (sum.to_scalar::<f32>().unwrap(), n, g)
+}
+
+/// Fused vs candle on one batch: logits, loss, gradients; returns the worst relative error
+/// of (logits, loss, gradients).
+fn compare(
+    name: &str,
+    cfg: &ModelConfig,
+    params: &Params,
+    input: &Input,
+    labels: &[Vec<i64>],
+) -> [f32; 3] {
+    let model = Qwen2VL::new(cfg, params).unwrap();
+    let before = fused::calls();
+    let lc = real_logits(&model, input, Kernels::Candle);
+    let (sc, nc, gc) = loss_grads(&model, params, input, labels, Kernels::Candle);
+    assert_eq!(
+        delta(before),
+        FusedCalls::default(),
+        "{name}: candle ran a fused op"
+    );
+
+    let before = fused::calls();
+    let lf = real_logits(&model, input, Kernels::Fused);
+    let forward = delta(before);
+    let (sf, nf, gf) = loss_grads(&model, params, input, labels, Kernels::Fused);
+    let both = delta(before);
+    let text = cfg.text.num_hidden_layers;
+    assert!(forward.rmsnorm > 2 * text, "{name}: {forward:?}");
+    assert!(forward.swiglu >= text, "{name}: {forward:?}");
+    assert!(
+        forward.rotary >= 2 * text && forward.attention >= text,
+        "{name}: {forward:?}"
+    );
+    assert_eq!(
+        (forward.linear_ce, both.linear_ce),
+        (0, 1),
+        "{name}: {both:?}"
+    );
+    assert_ne!(lf, lc, "{name}: fused logits are bit-identical to candle's");
+
+    let e_logits = rel(&lf, &lc);
+    assert_eq!(nf, nc);
+    let e_loss = (sf - sc).abs() / sc.abs();
+    let mut e_grad = 0f32;
+    let mut trainable = 0;
+    for ((n, a), (_, b)) in gf.iter().zip(&gc) {
+        assert_eq!(
+            a.is_some(),
+            params.is_trainable(n),
+            "{name}: gradient presence of {n} (fused)"
+        );
+        assert_eq!(
+            b.is_some(),
+            params.is_trainable(n),
+            "{name}: gradient presence of {n} (candle)"
+        );
+        if let (Some(a), Some(b)) = (a, b) {
+            let e = rel(a, b);
+            assert!(
+                e <= TOL,
+                "{name}: gradient of {n} differs by {e:.2e} (relative)"
+            );
+            assert!(b.iter().any(|&x| x != 0.0), "{name}: zero gradient for {n}");
+            e_grad = e_grad.max(e);
+            trainable += 1;
+        }
+    }
+    assert!(trainable > 0);
+    println!(
+        "{name}: logits {e_logits:.2e}, loss {e_loss:.2e} ({sf} vs {sc}, n {nf}), \
+         gradients of {trainable} parameters {e_grad:.2e} (max |Δ| / max |ref|)"
+    );
+    assert!(e_logits <= TOL, "{name}: logits differ by {e_logits:.2e}");
+    assert!(e_loss <= TOL, "{name}: loss differs by {e_loss:.2e}");
+    [e_logits, e_loss, e_grad]
+}
+
+/// LoRA on every language-model linear, the vision attention and the merger, with B moved off
+/// zero so every A gets a gradient.
+fn with_lora(cfg: &ModelConfig, mut params: Params) -> Params {
+    let lcfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["all-linear".into(), "qkv".into(), "visual.merger.*".into()],
+    };
+    lora::apply(&mut params, cfg, &lcfg, 5).unwrap();
+    for (name, var) in params.iter() {
+        if name.contains("lora_B") {
+            let (o, r) = var.as_tensor().dims2().unwrap();
+            let v: Vec<f32> = (0..o * r)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) / 40.0)
+                .collect();
+            var.set(&Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    params
+}
+
+fn check_model(fixture: &str) {
+    let (cfg, params) = model_params(fixture);
+    let inputs = Inputs::load(fixture);
+    let mut worst = [0f32; 3];
+    for (batch, (input, labels)) in [("padded", padded(&inputs)), ("packed", packed(&inputs))] {
+        let e = compare(
+            &format!("{fixture} {batch} full"),
+            &cfg,
+            &params,
+            &input,
+            &labels,
+        );
+        let lp = with_lora(&cfg, model_params(fixture).1);
+        let f = compare(
+            &format!("{fixture} {batch} lora"),
+            &cfg,
+            &lp,
+            &input,
+            &labels,
+        );
+        for i in 0..3 {
+            worst[i] = worst[i].max(e[i]).max(f[i]);
+        }
+    }
+    println!(
+        "{fixture}: worst relative error logits {:.2e}, loss {:.2e}, gradients {:.2e}",
+        worst[0], worst[1], worst[2]
+    );
+}
+
+#[test]
+fn qwen25vl_fused_matches_candle() {
+    check_model("qwen25vl");
+}
+
+#[test]
+fn qwen2vl_fused_matches_candle() {
+    check_model("qwen2vl");
+}
+
+/// Greedy decoding with the cache gives the same tokens and close logits on both paths, and
+/// the fused cache reports its length in its own layout.
+#[test]
+fn fused_greedy_generation_matches_candle() {
+    for fixture in ["qwen25vl", "qwen2vl"] {
+        let (cfg, params) = model_params(fixture);
+        let model = Qwen2VL::new(&cfg, &params).unwrap();
+        let prompts = Inputs::load(fixture).padded();
+        let sampling = SamplingConfig {
+            max_new_tokens: 8,
+            keep_logits: true,
+            ..Default::default()
+        };
+        let c = generate_with(&model, &prompts, &sampling, &ctx(Kernels::Candle)).unwrap();
+        let before = fused::calls();
+        let f = generate_with(&model, &prompts, &sampling, &ctx(Kernels::Fused)).unwrap();
+        assert!(
+            delta(before).attention >= 8 * cfg.text.num_hidden_layers,
+            "fused decoding ran"
+        );
+        let mut worst = 0f32;
+        for (b, (x, y)) in f.iter().zip(&c).enumerate() {
+            assert_eq!(x.tokens, y.tokens, "{fixture} row {b}");
+            for (p, q) in x.logits.iter().zip(&y.logits) {
+                worst = worst.max(rel(p, q));
+            }
+        }
+        println!("{fixture}: greedy tokens equal, step logits {worst:.2e} (relative)");
+        assert!(worst <= TOL, "{fixture}: step logits differ by {worst:.2e}");
+
+        let fx = ctx(Kernels::Fused);
+        let x = model.embed(&prompts, &fx).unwrap();
+        let pos = prompts.positions(&cfg).unwrap();
+        let mut cache = KvCache::default();
+        model
+            .decode_hidden(&x, &pos.pos, &prompts.segments, &mut cache, &fx)
+            .unwrap();
+        assert_eq!(cache.len(), prompts.len());
+        cache
+            .select_rows(&Tensor::new(&[2u32, 0], &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(cache.len(), prompts.len());
+        assert_eq!(cache.layers[0].k.as_ref().unwrap().dim(0).unwrap(), 2);
+        let err = model
+            .decode_hidden(
+                &x,
+                &pos.pos,
+                &prompts.segments,
+                &mut cache,
+                &ctx(Kernels::Candle),
+            )
+            .expect_err("a fused cache cannot take a candle pass");
+        assert!(err.to_string().contains("cache"), "{err}");
+    }
+}
+
+/// bf16 compute: both paths run, agree to bf16 precision, and give finite gradients (candle's
+/// attention softmax runs in f32, so the fully masked padding rows do not turn into NaN).
+#[test]
+fn bf16_paths_agree_and_stay_finite() {
+    let (cfg, params) = model_params("qwen25vl");
+    let tensors: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+        .collect();
+    let params = Params::from_tensors(tensors, &Device::Cpu, DType::BF16).unwrap();
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let inputs = Inputs::load("qwen25vl");
+    let (mut input, labels) = padded(&inputs);
+    input.pixel_values = Some(inputs.pixels.to_dtype(DType::BF16).unwrap());
+    let mut losses = Vec::new();
+    for k in [Kernels::Candle, Kernels::Fused] {
+        let (l, n, grads) = loss_grads(&model, &params, &input, &labels, k);
+        assert!(n > 0 && l.is_finite(), "{k:?}: loss {l}");
+        for (name, g) in grads {
+            let g = g.unwrap_or_else(|| panic!("{k:?}: no gradient for {name}"));
+            assert!(
+                g.iter().all(|x| x.is_finite()),
+                "{k:?}: non-finite gradient of {name}"
+            );
+        }
+        losses.push(l / n as f32);
+    }
+    let e = (losses[0] - losses[1]).abs() / losses[0].abs();
+    println!(
+        "bf16 mean loss candle {} fused {} (relative {e:.2e})",
+        losses[0], losses[1]
+    );
+    assert!(e < 2e-2, "bf16 losses differ by {e:.2e}");
+}
+
+/// Forward + backward time of the loss on the packed batch, both paths (printed; run with
+/// `--release --nocapture` for meaningful numbers).
+#[test]
+fn fused_and_candle_step_time() {
+    let (cfg, params) = model_params("qwen25vl");
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let (input, labels) = packed(&Inputs::load("qwen25vl"));
+    for k in [Kernels::Candle, Kernels::Fused] {
+        let reps = 5;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            let (sum, _) = model.loss(&input, &labels, &ctx(k)).unwrap();
+            sum.backward().unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{k:?}: forward + backward {:.1} ms (best of {reps})",
+            best * 1e3
+        );
+    }
+}
+
+/// Activation checkpointing under the fused ops: recomputing every vision block and decoder
+/// layer gives the plain fused backward's loss and gradients (each recomputed op saves its
+/// own statistics, e.g. flash attention's log-sum-exp).
+#[test]
+fn fused_recompute_equals_plain_backward() {
+    let (cfg, params) = model_params("qwen25vl");
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let (input, labels) = packed(&Inputs::load("qwen25vl"));
+    let fx = ctx(Kernels::Fused);
+    let wrt: Vec<Tensor> = params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let run = |r: Recompute| {
+        model
+            .forward_backward::<omr_model::ModelError>(&input, &fx, r, &wrt, |h| {
+                Ok(model.head_loss(h, &labels, &fx)?.0)
+            })
+            .unwrap()
+    };
+    let (plain, re) = (run(Recompute::NONE), run(Recompute::ALL));
+    assert_eq!(plain.loss, re.loss);
+    let (gp, gr) = (plain.grads.unwrap(), re.grads.unwrap());
+    let mut worst = 0f32;
+    for t in &wrt {
+        worst = worst.max(rel(&flat(gr.get(t).unwrap()), &flat(gp.get(t).unwrap())));
+    }
+    println!("fused recompute vs plain: gradients {worst:.2e} (relative)");
+    assert!(worst <= 1e-6, "recomputed gradients differ by {worst:.2e}");
+}
