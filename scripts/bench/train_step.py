@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--freeze-language", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
 
     import transformers
@@ -57,10 +58,13 @@ def main():
         sys.exit(f"unsupported model_type {cfg.model_type}")
     cfg._attn_implementation = attn
     cfg.use_cache = False
-    model = cls._from_config(cfg, attn_implementation=attn)
+    # Initialised on the device itself: a 7B model's random init on the CPU takes minutes.
+    with torch.device(dev):
+        model = cls._from_config(cfg, attn_implementation=attn, torch_dtype=torch.float32)
     model.to(torch.float32)
-    model.to(dev)
     model.train()
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for name, p in model.named_parameters():
         vision = "visual" in name
         if (vision and a.freeze_vision) or (not vision and a.freeze_language):

@@ -48,6 +48,8 @@ pub struct EvalOptions {
     pub compare: Option<String>,
     pub device: Device,
     pub dtype: DType,
+    /// Ops of the generation (fused kernels on a GPU).
+    pub kernels: omr_model::Kernels,
     /// Items judged at once.
     pub judge_threads: usize,
     /// One progress line per batch on stderr.
@@ -65,6 +67,7 @@ impl Default for EvalOptions {
             compare: None,
             device: Device::Cpu,
             dtype: DType::F32,
+            kernels: omr_model::Kernels::Candle,
             judge_threads: 8,
             progress: false,
         }
@@ -226,7 +229,7 @@ pub fn generate_replies(
         dir: m.dir.display().to_string(),
         detail: e.to_string(),
     })?;
-    let net = Qwen2VL::new(&m.config, &m.params)?;
+    let net = Qwen2VL::new(&m.config, &m.params)?.with_kernels(opts.kernels);
     let eos = eos_ids(&m.dir, &m.config.eos_token_ids);
     answer_bench(model, &net, &processor, &eos, data, opts)
 }

@@ -69,10 +69,10 @@ pub struct Completion {
     pub logits: Vec<Vec<f32>>,
 }
 
-/// Generates a completion for every row of `prompts` (left padded, or unpadded), with candle
-/// ops.
+/// Generates a completion for every row of `prompts` (left padded, or unpadded), with the
+/// model's own kernels ([`Qwen2VL::ctx`]).
 pub fn generate(model: &Qwen2VL, prompts: &Input, cfg: &SamplingConfig) -> Result<Vec<Completion>> {
-    generate_with(model, prompts, cfg, &Ctx::default())
+    generate_with(model, prompts, cfg, &model.ctx())
 }
 
 /// [`generate`] with the kernels of `ctx` (its dropout seed is ignored: no dropout here).

@@ -162,6 +162,9 @@ pub struct Qwen2VL {
     pub(crate) text: TextModel,
     lm_head: Linear,
     device: Device,
+    /// The ops of [`Qwen2VL::ctx`]: what callers that pass no `Ctx` of their own (generation,
+    /// evaluation) run with. `Candle` unless set by [`Qwen2VL::with_kernels`].
+    pub kernels: Kernels,
 }
 
 impl Qwen2VL {
@@ -183,7 +186,22 @@ impl Qwen2VL {
             text: TextModel::load(&cfg.text, params)?,
             lm_head,
             device: params.device().clone(),
+            kernels: Kernels::Candle,
         })
+    }
+
+    /// The same model running `kernels` by default.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Qwen2VL {
+        self.kernels = kernels;
+        self
+    }
+
+    /// A `Ctx` with this model's kernels and no dropout (evaluation, generation).
+    pub fn ctx(&self) -> Ctx {
+        Ctx {
+            kernels: self.kernels,
+            dropout_seed: None,
+        }
     }
 
     pub fn device(&self) -> &Device {

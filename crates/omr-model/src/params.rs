@@ -60,6 +60,8 @@ pub struct Params {
     pub lora: Option<crate::lora::LoraConfig>,
     device: Device,
     dtype: DType,
+    /// What modules compute in ([`Params::set_compute_dtype`]); `dtype` unless set.
+    compute: DType,
 }
 
 impl Params {
@@ -85,6 +87,7 @@ impl Params {
             lora: None,
             device: device.clone(),
             dtype,
+            compute: dtype,
         })
     }
 
@@ -93,7 +96,9 @@ impl Params {
     /// draws from its own ChaCha stream keyed by (seed, name), so adding a tensor never shifts
     /// the values of the others, and the result is the same on every machine.
     pub fn init(cfg: &ModelConfig, seed: u64, std: f64, device: &Device) -> Result<Params> {
-        let tensors = param_shapes(cfg).into_iter().map(|(name, shape)| {
+        use rayon::prelude::*;
+        // One tensor per task (a 7B model draws 8e9 normals: minutes on one core).
+        let tensors = param_shapes(cfg).into_par_iter().map(|(name, shape)| {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if name.ends_with(".bias") {
                 vec![0.0; n]
@@ -109,17 +114,49 @@ impl Params {
         Params::from_tensors(tensors, device, DType::F32)
     }
 
-    /// The tensor modules compute with: the `Var` when trainable, else a detached view.
+    /// The tensor modules compute with: the `Var` when trainable, else a detached view; in
+    /// the compute dtype. With mixed precision (compute ≠ the masters' dtype) a trainable
+    /// parameter is a tracked cast of its master (the gradient reaches the master in its own
+    /// dtype), a snapshot: modules must be rebuilt after each optimizer step
+    /// ([`Params::casts_on_get`]).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let e = self
             .entries
             .get(name)
             .ok_or_else(|| ModelError::Input(format!("the model has no parameter `{name}`")))?;
-        Ok(if e.trainable {
+        let t = if e.trainable {
             e.var.as_tensor().clone()
         } else {
             e.var.as_tensor().detach()
-        })
+        };
+        Ok(t.to_dtype(self.compute)?)
+    }
+
+    /// Mixed precision: modules compute in `compute` (bf16, say) while trainable parameters
+    /// stay masters in their own dtype (f32) for the optimizer. Frozen parameters are
+    /// converted to `compute` now (they are never stepped: half the memory in bf16), so set
+    /// what is trainable first. Parameters made trainable later keep the compute dtype.
+    pub fn set_compute_dtype(&mut self, compute: DType) -> Result<()> {
+        for e in self.entries.values_mut() {
+            if !e.trainable && e.var.dtype() != compute {
+                e.var = Var::from_tensor(&e.var.as_tensor().to_dtype(compute)?)?;
+            }
+        }
+        self.compute = compute;
+        Ok(())
+    }
+
+    /// The dtype modules compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// Whether [`Params::get`] casts some trainable parameter, i.e. modules hold copies of
+    /// the masters and must be rebuilt to see an optimizer step.
+    pub fn casts_on_get(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.trainable && e.var.dtype() != self.compute)
     }
 
     pub fn var(&self, name: &str) -> Option<&Var> {

@@ -208,7 +208,9 @@ impl VisionTower {
             );
         }
         let layout = WindowLayout::new(grids, v);
-        let x = self.patch_embed.forward(pixel_values, ctx)?;
+        // Pixels arrive in f32 from the processor; the tower computes in its weights' dtype.
+        let pixel_values = pixel_values.to_dtype(self.patch_embed.weight.dtype())?;
+        let x = self.patch_embed.forward(&pixel_values, ctx)?;
         let mut coords = vision_patch_coords(grids, v.spatial_merge_size);
         let x = match &layout.window_index {
             Some(order) => {

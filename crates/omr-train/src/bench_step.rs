@@ -15,9 +15,10 @@
 use crate::optim::{AdamW, StepOutcome};
 use candle_core::{DType, Device, Tensor};
 use omr_model::config::ModelConfig;
-use omr_model::linear::Ctx;
+use omr_model::linear::{Ctx, Kernels};
 use omr_model::loss::IGNORE;
 use omr_model::model::{Input, Qwen2VL};
+use omr_model::Recompute;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -190,16 +191,24 @@ pub struct PhaseTimes {
 }
 
 /// One SFT step; returns the mean loss over labelled tokens and the phase times.
-/// With `probe_vision`, the vision tower's forward is timed on its own first.
+/// With `probe_vision`, the vision tower's forward is timed on its own first. With
+/// `recompute` (of the gradients of `wrt`), forward and backward are one phase (the backward
+/// recomputes blocks): its time is reported as backward. `kernels`: the ops implementation.
 pub fn train_step(
     model: &Qwen2VL,
     opt: &mut AdamW,
     input: &Input,
     labels: &[Vec<i64>],
     probe_vision: bool,
+    recompute: Recompute,
+    wrt: &[Tensor],
+    kernels: Kernels,
 ) -> crate::Result<(f64, PhaseTimes)> {
     let dev = model.device().clone();
-    let ctx = Ctx::default();
+    let ctx = Ctx {
+        kernels,
+        ..Ctx::default()
+    };
     let mut t = PhaseTimes::default();
     if probe_vision {
         if let Some(pv) = &input.pixel_values {
@@ -213,21 +222,35 @@ pub fn train_step(
     }
     dev.synchronize()?;
     let t0 = Instant::now();
-    let (sum, n) = model.loss(input, labels, &ctx)?;
-    let loss = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-    t.forward = t0.elapsed().as_secs_f64();
-
-    let t1 = Instant::now();
-    let grads = sum.backward()?;
-    dev.synchronize()?;
-    t.backward = t1.elapsed().as_secs_f64();
-
+    let (loss, n, grads) = if recompute == Recompute::NONE {
+        let (sum, n) = model.loss(input, labels, &ctx)?;
+        let loss = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        t.forward = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let grads = sum.backward()?;
+        dev.synchronize()?;
+        t.backward = t1.elapsed().as_secs_f64();
+        (loss, n, grads)
+    } else {
+        let mut n = 0;
+        let out =
+            model.forward_backward::<crate::TrainError>(input, &ctx, recompute, wrt, |h| {
+                let (sum, k) = model.head_loss(h, labels, &ctx)?;
+                n = k;
+                Ok(sum)
+            })?;
+        dev.synchronize()?;
+        t.backward = t0.elapsed().as_secs_f64();
+        let grads = out.grads.ok_or_else(|| {
+            crate::TrainError::Internal("non-finite loss on a synthetic batch".into())
+        })?;
+        (out.loss, n, grads)
+    };
     let t2 = Instant::now();
     let mut acc = opt.grad_accum();
     acc.add(&grads)
         .map_err(|e| crate::TrainError::Internal(e.to_string()))?;
     drop(grads);
-    drop(sum);
     let outcome = opt
         .step_accumulated(&mut acc, 1.0, 1.0 / n.max(1) as f64)
         .map_err(|e| crate::TrainError::Internal(e.to_string()))?;

@@ -35,6 +35,10 @@ pub struct SftConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub export: ExportConfig,
+    /// Device, precision and kernels (`auto`: a GPU in bf16 with the fused kernels when
+    /// there is one, else the CPU in fp32).
+    #[serde(default)]
+    pub runtime: crate::runtime::RuntimeConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,8 +110,9 @@ pub struct TrainConfig {
     pub stop_after_micro_batches: Option<u64>,
     /// Fault injection: make the loss of these (1-based) steps NaN, to exercise the skip path.
     pub inject_nonfinite_steps: Vec<u64>,
-    /// "none" | "decoder" | "vision" | "all": which stacks `omr plan` plans to recompute in
-    /// backward. Planning only: the runtime does not recompute yet and keeps every activation.
+    /// "none" | "decoder" | "vision" | "all": which stacks keep only their block inputs in the
+    /// forward and recompute each block in the backward (one more forward of those blocks, for
+    /// most of their activation memory). `omr plan` counts it the same way.
     pub activation_checkpointing: crate::plan::Checkpointing,
 }
 

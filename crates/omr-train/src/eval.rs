@@ -17,7 +17,6 @@ use omr_data::sample::{Mcq, Origin, Rubric};
 use omr_data::source::{self, SourceSpec};
 use omr_data::{mcq, Encoded};
 use omr_model::generate::{generate, SamplingConfig};
-use omr_model::linear::Ctx;
 use omr_model::model::{Input, Qwen2VL};
 use std::collections::BTreeMap;
 
@@ -122,7 +121,7 @@ pub fn eval_loss(
         let rows: Vec<Vec<&Encoded>> = chunk.iter().map(|e| vec![e]).collect();
         let b = collate(&rows, pad_id, 8);
         let (input, labels) = batch::to_input(&b, model.device())?;
-        let (s, n) = model.loss(&input, &labels, &Ctx::default())?;
+        let (s, n) = model.loss(&input, &labels, &model.ctx())?;
         sum += s.to_scalar::<f32>()? as f64;
         count += n;
     }

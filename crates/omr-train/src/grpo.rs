@@ -29,12 +29,14 @@ use crate::grpo_loss::{advantages, policy_loss, LossType};
 use crate::metrics::{rss_mib, Metrics};
 use crate::optim::{param_specs, AdamW, StepOutcome};
 use crate::rewards::{mean_std, score_all, Reward, RewardInput};
-use crate::rollout::{self, completion_logps, generate_groups, seq_batch, PromptItem};
+use crate::rollout::{
+    self, completion_logps, generate_groups, logps_from_hidden, seq_batch, PromptItem,
+};
 use crate::setup::{self, Built};
 use crate::sft::{Outcome, RunOptions};
 use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, GrpoState, TrainState};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use omr_data::loader::{Item, LoaderState, Stream};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
@@ -74,17 +76,31 @@ pub fn run_with(
         return Err(TrainError::Usage("GRPO needs at least one reward".into()));
     }
     // ---- setup ------------------------------------------------------------------------
-    let device = Device::Cpu;
+    let rt = cfg.runtime.resolve()?;
+    let device = rt.device.clone();
     let g = &cfg.grpo;
     let run_dir = cfg.run.dir.clone();
     let ckpt_root = run_dir.join("checkpoints");
     std::fs::create_dir_all(&run_dir).map_err(TrainError::io(&run_dir))?;
-    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    let mut built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    rt.prepare(&mut built.params)?;
+    tracing::info!("runtime: {}", rt.describe());
     let processor = Arc::new(
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    let model = Qwen2VL::new(&built.cfg, &built.params)?;
+    // With mixed precision the modules hold bf16 casts of the masters: rebuilt after every
+    // change of the masters (resume, optimizer update).
+    let build_model = |b: &setup::Built| -> Result<Qwen2VL> {
+        Ok(Qwen2VL::new(&b.cfg, &b.params)?.with_kernels(rt.kernels))
+    };
+    let mut model = build_model(&built)?;
+    let wrt: Vec<Tensor> = built
+        .params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let recompute = cfg.train.activation_checkpointing.recompute();
     let trainable: Vec<_> = built
         .params
         .trainable()
@@ -92,12 +108,14 @@ pub fn run_with(
         .collect();
     let mut opt = AdamW::new(param_specs(trainable, &cfg.optim), &cfg.optim)
         .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
+    opt.set_fused(rt.fused_optimizer());
     // The frozen reference: the run's initial weights, built again from the same [model].
     let reference = if cfg.objective.beta > 0.0 {
         let mut r = setup::build(&cfg.model, cfg.train.seed, &device)?;
         r.params.set_trainable(|_| true, false);
         let id = weights_identity(&r)?;
-        Some((Qwen2VL::new(&r.cfg, &r.params)?, id))
+        rt.prepare(&mut r.params)?;
+        Some((build_model(&r)?, id))
     } else {
         None
     };
@@ -146,6 +164,9 @@ pub fn run_with(
             .restore(st.loader.clone())
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
+        if built.params.casts_on_get() {
+            model = build_model(&built)?;
+        }
     }
     let resolved = cfg.to_toml();
     let cfg_path = run_dir.join("config.toml");
@@ -368,47 +389,55 @@ pub fn run_with(
                 let b = seq_batch(&pairs, processor.pad_id(), &device)?;
                 let ctx = Ctx {
                     dropout_seed: Some(derive_seed(&[cfg.train.seed, step, it, m as u64])),
-                    ..Ctx::default()
+                    ..model.ctx()
                 };
-                let (logp, entropy) = completion_logps(&model, &b, g.temperature, &suppress, &ctx)?;
                 let ref_logp = match &reference {
                     Some((r, _)) => Some(
-                        completion_logps(r, &b, g.temperature, &suppress, &Ctx::default())?
+                        completion_logps(r, &b, g.temperature, &suppress, &r.ctx())?
                             .0
                             .detach(),
                     ),
                     None => None,
                 };
-                if it == 0 {
-                    entropy_sum += entropy;
-                    let d = ((logp.detach() - &b.old_logp)?.abs()? * &b.mask)?
-                        .max_all()?
-                        .to_scalar::<f32>()? as f64;
-                    mismatch = mismatch.max(d);
-                }
-                let (loss, stats) = policy_loss(
-                    &logp,
-                    &b.old_logp,
-                    ref_logp.as_ref(),
-                    &adv[range.clone()],
-                    &b.mask,
-                    &truncated[range.clone()],
-                    &cfg.objective,
-                )?;
-                let share = match cfg.objective.loss_type {
-                    LossType::Dapo => stats.num_tokens / window_tokens,
-                    _ => 1.0 / micro.len() as f64,
-                };
-                let mut loss = (loss * share)?;
-                if cfg.train.inject_nonfinite_steps.contains(&step) {
-                    loss = (loss * f64::NAN)?;
-                }
-                let l = loss.to_scalar::<f32>()? as f64;
-                if l.is_finite() && finite {
-                    acc.add(&loss.backward()?)
-                        .map_err(|e| TrainError::Internal(e.to_string()))?;
-                } else {
-                    finite = false;
+                let inject = cfg.train.inject_nonfinite_steps.contains(&step);
+                let mut stats = None;
+                let out =
+                    model.forward_backward::<TrainError>(&b.input, &ctx, recompute, &wrt, |h| {
+                        let (logp, entropy) =
+                            logps_from_hidden(&model, h, &b, g.temperature, &suppress, &ctx)?;
+                        if it == 0 {
+                            entropy_sum += entropy;
+                            let d = ((logp.detach() - &b.old_logp)?.abs()? * &b.mask)?
+                                .max_all()?
+                                .to_scalar::<f32>()? as f64;
+                            mismatch = mismatch.max(d);
+                        }
+                        let (loss, st) = policy_loss(
+                            &logp,
+                            &b.old_logp,
+                            ref_logp.as_ref(),
+                            &adv[range.clone()],
+                            &b.mask,
+                            &truncated[range.clone()],
+                            &cfg.objective,
+                        )?;
+                        let share = match cfg.objective.loss_type {
+                            LossType::Dapo => st.num_tokens / window_tokens,
+                            _ => 1.0 / micro.len() as f64,
+                        };
+                        stats = Some(st);
+                        let loss = (loss * share)?;
+                        Ok(if inject { (loss * f64::NAN)? } else { loss })
+                    })?;
+                let stats = stats
+                    .ok_or_else(|| TrainError::Internal("the GRPO loss was not computed".into()))?;
+                let l = out.loss;
+                match out.grads {
+                    Some(grads) if finite => acc
+                        .add(&grads)
+                        .map_err(|e| TrainError::Internal(e.to_string()))?,
+                    Some(_) => {}
+                    None => finite = false,
                 }
                 if it == 0 {
                     loss_sum += l;
@@ -429,6 +458,9 @@ pub fn run_with(
                     grad_norm: f64::NAN,
                 }
             };
+            if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
+                model = build_model(&built)?;
+            }
             gs.updates += 1;
             updates_done += 1;
             match outcome {

@@ -43,6 +43,10 @@ pub struct GrpoConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub export: ExportConfig,
+    /// Device, precision and kernels (`auto`: a GPU in bf16 with the fused kernels when
+    /// there is one, else the CPU in fp32).
+    #[serde(default)]
+    pub runtime: crate::runtime::RuntimeConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,6 +110,9 @@ pub struct GrpoTrain {
     pub stop_after_steps: Option<u64>,
     /// Fault injection: make the loss of these (1-based) steps NaN.
     pub inject_nonfinite_steps: Vec<u64>,
+    /// "none" | "decoder" | "vision" | "all": stacks recomputed in the backward of the
+    /// policy update (as in `omr sft`).
+    pub activation_checkpointing: crate::plan::Checkpointing,
 }
 
 impl Default for GrpoTrain {
@@ -116,6 +123,7 @@ impl Default for GrpoTrain {
             max_nonfinite_steps: 5,
             stop_after_steps: None,
             inject_nonfinite_steps: Vec::new(),
+            activation_checkpointing: crate::plan::Checkpointing::None,
         }
     }
 }

@@ -19,8 +19,8 @@
 //!   them labelled) and text-only rows (every token labelled, the lm head's worst case).
 //! - **Attention** is counted as the code runs it: `eager` (today's candle ops keep ~6 score
 //!   tensors of (B, H, T, T)) or `fused` (the flash-style kernels of the CUDA issue).
-//! - **Activation checkpointing** (`[train] activation_checkpointing`) is planned here but not
-//!   yet done by the runtime, which keeps everything; the plan says so when it is set.
+//! - **Activation checkpointing** (`[train] activation_checkpointing`): a recomputed stack keeps
+//!   each block's input plus one block's activations at a time (`omr_model::recompute`).
 //! - The CUDA context and cuBLAS workspace are outside the model: `headroom` (default 1 GiB)
 //!   is subtracted from the device's memory.
 
@@ -64,6 +64,13 @@ impl Checkpointing {
     }
     pub fn vision(self) -> bool {
         matches!(self, Checkpointing::Vision | Checkpointing::All)
+    }
+    /// What the model recomputes (`Qwen2VL::forward_backward`).
+    pub fn recompute(self) -> omr_model::Recompute {
+        omr_model::Recompute {
+            vision: self.vision(),
+            decoder: self.decoder(),
+        }
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -271,16 +278,40 @@ pub fn plan(p: &PlanInput) -> Plan {
     // in the GradStore, and at each part the gradients of its largest tensor are in flight:
     // the incoming one, the zeros + sum of `GradStore::or_insert`, and the products of the
     // Div/Mul rules (g/rhs, g·lhs, rhs², their quotient): six of that size at the softmax.
-    let (mut piled, mut bwd_extra, mut leak_at_peak) = (0u64, 0u64, 0u64);
+    // A recomputed block (and the head, when the decoder is recomputed) exists only while the
+    // backward is at it, and is back-propagated on its own (`omr_model::recompute`): its
+    // activations are counted there, and its store, with the gradients it leaked, is dropped
+    // after it instead of piling up.
+    let alone = |name: &str| match name {
+        "vision block" => p.checkpointing.vision(),
+        "decoder layer" | "lm head + loss" => p.checkpointing.decoder(),
+        _ => false,
+    };
+    let (mut piled, mut bwd_extra, mut leak_at_peak, mut block_at_peak) = (0u64, 0u64, 0u64, 0u64);
     for st in &acts.stages {
-        piled += st.leak;
-        let here = piled + IN_FLIGHT * st.largest;
+        let leak = piled + st.leak;
+        // The leaf copy of its input, the incoming gradient and the `out · g` product.
+        let block = if alone(st.name) {
+            st.bytes + 3 * st.input
+        } else {
+            0
+        };
+        if block == 0 {
+            piled += st.leak;
+        }
+        let here = block + leak + IN_FLIGHT * st.largest;
         if here > bwd_extra {
             bwd_extra = here;
-            leak_at_peak = piled;
+            leak_at_peak = leak;
+            block_at_peak = block;
         }
     }
-    let bwd_transient = bwd_extra - leak_at_peak;
+    let bwd_transient = bwd_extra - leak_at_peak - block_at_peak;
+    let logits_loss = if p.checkpointing.decoder() {
+        0
+    } else {
+        acts.logits_loss
+    };
     // AdamW on one tensor at a time: scaled gradient, new m, new v, decayed p, denominator,
     // quotient, step, result (optim.rs), all f32 of the largest trainable tensor.
     let opt_transient = 8 * pc.largest_trainable * F32;
@@ -351,11 +382,16 @@ pub fn plan(p: &PlanInput) -> Plan {
         ),
         row(
             "logits + loss",
-            acts.logits_loss,
+            logits_loss,
             format!(
                 "{} labelled rows × {} vocab",
                 p.labelled, p.model.text.vocab_size
             ),
+        ),
+        row(
+            "recomputed block",
+            block_at_peak,
+            "the block the backward is at (checkpointing)".into(),
         ),
         row(
             "backward: untracked grads",
@@ -690,9 +726,9 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     }
     if p.checkpointing != Checkpointing::All {
         push(
-&mut out,
+            &mut out,
             try_with(&|q| q.checkpointing = Checkpointing::All),
-            "train.activation_checkpointing = \"all\" (planned; the runtime does not recompute yet)".into(),
+            "train.activation_checkpointing = \"all\"".into(),
         );
     }
     if p.batch > 1 {

@@ -159,6 +159,18 @@ pub fn completion_logps(
     ctx: &Ctx,
 ) -> omr_model::Result<(Tensor, f64)> {
     let h = model.hidden(&b.input, ctx)?; // (N, T, C)
+    logps_from_hidden(model, &h, b, temperature, suppress, ctx)
+}
+
+/// [`completion_logps`] from the final hidden states `h` (N, T, C) of `b.input`.
+pub fn logps_from_hidden(
+    model: &Qwen2VL,
+    h: &Tensor,
+    b: &SeqBatch,
+    temperature: f64,
+    suppress: &[u32],
+    ctx: &Ctx,
+) -> omr_model::Result<(Tensor, f64)> {
     let (n, t, c) = h.dims3()?;
     let (rows, targets) = omr_model::loss::shifted_targets(&b.labels, model.cfg.text.vocab_size)?;
     let k = rows.len();

@@ -27,7 +27,7 @@ use crate::setup;
 use crate::signals::StopFlag;
 use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, TrainState};
-use candle_core::Device;
+use candle_core::Tensor;
 use omr_data::batcher::{BatchError, Batcher};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
@@ -68,16 +68,30 @@ pub enum Outcome {
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     // ---- setup ------------------------------------------------------------------------
-    let device = Device::Cpu;
+    let rt = cfg.runtime.resolve()?;
+    let device = rt.device.clone();
     let run_dir = cfg.run.dir.clone();
     let ckpt_root = run_dir.join("checkpoints");
     std::fs::create_dir_all(&run_dir).map_err(TrainError::io(&run_dir))?;
-    let built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    let mut built = setup::build(&cfg.model, cfg.train.seed, &device)?;
+    rt.prepare(&mut built.params)?;
+    tracing::info!("runtime: {}", rt.describe());
     let processor = Arc::new(
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    let model = Qwen2VL::new(&built.cfg, &built.params)?;
+    // With mixed precision the modules hold bf16 casts of the masters: rebuilt after every
+    // change of the masters (resume, optimizer step).
+    let build_model = |b: &setup::Built| -> Result<Qwen2VL> {
+        Ok(Qwen2VL::new(&b.cfg, &b.params)?.with_kernels(rt.kernels))
+    };
+    let mut model = build_model(&built)?;
+    let wrt: Vec<Tensor> = built
+        .params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let recompute = cfg.train.activation_checkpointing.recompute();
     let trainable: Vec<_> = built
         .params
         .trainable()
@@ -85,6 +99,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         .collect();
     let mut opt = AdamW::new(param_specs(trainable, &cfg.optim), &cfg.optim)
         .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
+    opt.set_fused(rt.fused_optimizer());
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
     let mut loader = setup::open_loader(&cfg.data)?;
@@ -110,6 +125,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             .restore(st.loader.clone())
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
+        if built.params.casts_on_get() {
+            model = build_model(&built)?;
+        }
     }
     let resolved = cfg.to_toml();
     let cfg_path = run_dir.join("config.toml");
@@ -187,18 +205,22 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             let (input, labels) = to_input(&batch, &device)?;
             let ctx = Ctx {
                 dropout_seed: Some(derive_seed(&[cfg.train.seed, step, micro])),
-                ..Ctx::default()
+                ..model.ctx()
             };
-            let (mut sum, n) = model.loss(&input, &labels, &ctx)?;
-            if cfg.train.inject_nonfinite_steps.contains(&step) {
-                sum = (sum * f64::NAN)?;
-            }
-            let s = sum.to_scalar::<f32>()? as f64;
-            if s.is_finite() && finite {
-                acc.add(&sum.backward()?)
-                    .map_err(|e| TrainError::Internal(e.to_string()))?;
-            } else {
-                finite = false;
+            let mut n = 0;
+            let inject = cfg.train.inject_nonfinite_steps.contains(&step);
+            let out = model.forward_backward::<TrainError>(&input, &ctx, recompute, &wrt, |h| {
+                let (sum, k) = model.head_loss(h, &labels, &ctx)?;
+                n = k;
+                Ok(if inject { (sum * f64::NAN)? } else { sum })
+            })?;
+            let s = out.loss;
+            match out.grads {
+                Some(g) if finite => acc
+                    .add(&g)
+                    .map_err(|e| TrainError::Internal(e.to_string()))?,
+                Some(_) => {}
+                None => finite = false,
             }
             loss_sum += s;
             n_tokens += n;
@@ -245,6 +267,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             opt.step_accumulated(&mut acc, lr_factor, 1.0 / n_tokens as f64)
                 .map_err(|e| TrainError::Internal(e.to_string()))?
         };
+        if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
+            model = build_model(&built)?;
+        }
         let grad_norm = match outcome {
             StepOutcome::Applied { grad_norm, .. } => {
                 st.nonfinite_streak = 0;

@@ -287,6 +287,37 @@ fn resumed_equals_uninterrupted() {
     );
 }
 
+/// Recomputing every block in the policy update's backward changes nothing: same records,
+/// weights, moments and completions, bit for bit (untied embeddings; see omr-model's
+/// tests/recompute.rs for the tied case).
+#[test]
+fn activation_checkpointing_is_bit_identical() {
+    let extra = [
+        "model.tiny.tie_word_embeddings=false",
+        "objective.beta=0.05",
+        "grpo.num_iterations=2",
+        "train.max_steps=3",
+        "checkpoint.every_steps=3",
+    ];
+    let plain = tmp("ckpt-none");
+    run_with(&config(&plain, &extra), &opts(Resume::Never), letter_e()).unwrap();
+    let ckpt = tmp("ckpt-all");
+    let mut with: Vec<&str> = extra.to_vec();
+    with.push("train.activation_checkpointing=\"all\"");
+    run_with(&config(&ckpt, &with), &opts(Resume::Never), letter_e()).unwrap();
+    assert_eq!(records(&plain), records(&ckpt));
+    for f in ["weights.safetensors", "optimizer.safetensors"] {
+        same_file(
+            &plain.join("checkpoints/step-000003").join(f),
+            &ckpt.join("checkpoints/step-000003").join(f),
+        );
+    }
+    same_file(
+        &plain.join("completions.jsonl"),
+        &ckpt.join("completions.jsonl"),
+    );
+}
+
 #[test]
 fn resume_refuses_another_reference() {
     let run = tmp("reference");

@@ -1,6 +1,7 @@
 //! `omr bench kernels`: on the first CUDA device (built with `--features cuda`), first every
-//! fused op of omr-kernels against its CPU reference (values and gradients, f32 and bf16),
-//! then each kernel's achieved TB/s or TFLOP/s next to its floor; on the CPU (or `--cpu`) the
+//! fused op of omr-kernels against its CPU reference (values and gradients, f32 and bf16), then
+//! the whole model's loss and gradients and the optimizer's step against the CPU
+//! (`omr_train::device_check`), then each kernel's achieved TB/s or TFLOP/s next to its floor; on the CPU (or `--cpu`) the
 //! timings only, at small sizes (a smoke test). Exits 1 when a CUDA-vs-CPU check fails, after
 //! printing both tables, so one binary copied to a GPU machine checks and times in one call.
 
@@ -31,13 +32,24 @@ pub fn run(a: BenchKernelsArgs) -> crate::Result<()> {
     if !checks.is_empty() {
         println!("{}", omr_kernels::check::format(&checks));
     }
+    let models = if a.no_check || !dev.is_cuda() {
+        Vec::new()
+    } else {
+        omr_train::device_check::model_checks(&dev).context("model checks")?
+    };
+    if !models.is_empty() {
+        println!("{}", omr_train::device_check::format(&models));
+    }
     let (ceilings, rows) = omr_kernels::bench::run_all(&dev).context("kernel benchmark")?;
     print!("{}", omr_kernels::bench::format(&dev, &ceilings, &rows));
-    let failed = checks.iter().filter(|c| !c.ok()).count();
+    let failed =
+        checks.iter().filter(|c| !c.ok()).count() + models.iter().filter(|c| !c.ok()).count();
     if failed > 0 {
-        return Err(
-            anyhow::anyhow!("{failed} of {} CUDA-vs-CPU checks failed", checks.len()).into(),
-        );
+        return Err(anyhow::anyhow!(
+            "{failed} of {} CUDA-vs-CPU checks failed",
+            checks.len() + models.len()
+        )
+        .into());
     }
     Ok(())
 }

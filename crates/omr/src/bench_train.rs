@@ -6,8 +6,9 @@
 //! Notable choices: the batch is written once by our side (`SyntheticBatch::save`) and read by
 //! `scripts/bench/train_step.py`, so both sides see the same tokens, pixels and labels. The
 //! first `--warmup` steps are not timed; times are medians. The step is `sft::run`'s
-//! (`bench_step::train_step`). Today the runtime trains in f32 on the CPU (bf16 compute and the
-//! CUDA device come with the kernels); on the CPU MFU is not defined and GFLOP/s are printed.
+//! (`bench_step::train_step`), with the precision and kernels of `[runtime]` (`--precision`,
+//! `--kernels`: bf16 on fp32 masters with the fused kernels on CUDA by default). On the CPU
+//! MFU is not defined and GFLOP/s are printed.
 
 use crate::exit::{Exit, Tag};
 use anyhow::Context;
@@ -16,6 +17,7 @@ use clap::Args;
 use omr_model::config::ModelConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
+use omr_model::Kernels;
 use omr_train::bench_step::{train_step, PhaseTimes, SyntheticBatch};
 use omr_train::flops::step_flops;
 use omr_train::optim::{param_specs, AdamW, OptimConfig};
@@ -63,15 +65,28 @@ pub struct BenchTrainArgs {
     /// Python with torch and transformers: run the same step there and print the ratio.
     #[arg(long)]
     pub python: Option<String>,
-    /// Precision of the reference: fp32 (what our side computes today) or bf16 (autocast
-    /// with fp32 masters, the usual GPU recipe).
-    #[arg(long, default_value = "fp32")]
+    /// auto | fp32 | bf16: our compute precision (bf16: bf16 compute on fp32 masters and
+    /// optimizer state, as `[runtime] precision`); auto is bf16 on CUDA, fp32 on the CPU.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// Precision of the reference: same (as ours), fp32, or bf16 (autocast with fp32 masters,
+    /// the usual GPU recipe).
+    #[arg(long, default_value = "same")]
     pub reference_precision: String,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// none | decoder | vision | all: blocks recomputed in backward, on both sides (the
+    /// reference uses transformers' gradient checkpointing, which covers both stacks, for any
+    /// value but none).
+    #[arg(long, default_value = "none")]
+    pub activation_checkpointing: String,
+    /// auto | candle | fused: the ops of our forward and backward (auto: the fused kernels on
+    /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
 }
 
 /// `tiny` / `3b` / `7b` or a path → the config.json path.
@@ -111,6 +126,59 @@ fn rss() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Device memory in use (total − free, MiB) polled every 0.2 ms on a thread until dropped: the
+/// high-water mark of the GPU during the timed steps (candle frees into the driver's
+/// stream-ordered pool, so this reads what the process held, pool included). None on the CPU.
+struct GpuMemPoller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Option<(f64, f64)>>>,
+}
+
+impl GpuMemPoller {
+    fn start(device: &Device) -> GpuMemPoller {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handle = gpu_mem_reader(device).map(|read| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let first = read()?;
+                let mut peak = first;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(u) = read() {
+                        peak = peak.max(u);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                Some((first, peak))
+            })
+        });
+        GpuMemPoller { stop, handle }
+    }
+    /// (in use when started, peak) in MiB.
+    fn finish(mut self) -> Option<(f64, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take()?.join().ok()?
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_mem_reader(device: &Device) -> Option<Box<dyn Fn() -> Option<f64> + Send>> {
+    let ctx = device
+        .as_cuda_device()
+        .ok()?
+        .cuda_stream()
+        .context()
+        .clone();
+    Some(Box::new(move || {
+        let (free, total) = ctx.mem_get_info().ok()?;
+        Some((total - free) as f64 / 1048576.0)
+    }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_mem_reader(_device: &Device) -> Option<Box<dyn Fn() -> Option<f64> + Send>> {
+    None
+}
+
 pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     if a.steps == 0 {
         return Err(Exit::usage(anyhow::anyhow!("--steps must be at least 1")));
@@ -127,6 +195,52 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             .context("--device cuda: this build has no CUDA support (it comes with the kernels issue's `cuda` feature)")
             .usage()?,
         other => return Err(Exit::usage(anyhow::anyhow!("--device {other}: cpu or cuda"))),
+    };
+    let checkpointing = match a.activation_checkpointing.as_str() {
+        "none" => Checkpointing::None,
+        "decoder" => Checkpointing::Decoder,
+        "vision" => Checkpointing::Vision,
+        "all" => Checkpointing::All,
+        other => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--activation-checkpointing {other}: none, decoder, vision or all"
+            )))
+        }
+    };
+    let kernels = match a.kernels.as_str() {
+        "auto" => Kernels::auto(&device),
+        "candle" => Kernels::Candle,
+        "fused" => Kernels::Fused,
+        other => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--kernels {other}: auto, candle or fused"
+            )))
+        }
+    };
+    let compute = match a.precision.as_str() {
+        "auto" if device.is_cuda() => DType::BF16,
+        "auto" | "fp32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--precision {other}: auto, fp32 or bf16"
+            )))
+        }
+    };
+    let precision = if compute == DType::BF16 {
+        "bf16"
+    } else {
+        "fp32"
+    };
+    let reference_precision = match a.reference_precision.as_str() {
+        "same" => precision,
+        "fp32" => "fp32",
+        "bf16" => "bf16",
+        other => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--reference-precision {other}: same, fp32 or bf16"
+            )))
+        }
     };
     let cfg_path = config_path(&a.model_config);
     let cfg = ModelConfig::from_file(&cfg_path).usage()?;
@@ -148,9 +262,9 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             language: !a.freeze_language,
         },
         lora: None,
-        compute_bytes: 4,
+        compute_bytes: if compute == DType::BF16 { 2 } else { 4 },
         attention: AttentionImpl::Eager,
-        checkpointing: Checkpointing::None,
+        checkpointing,
         grad_accum: 1,
     };
     let predicted = plan::plan(&input_plan);
@@ -168,7 +282,12 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             "nothing to train: both parts frozen"
         )));
     }
-    let model = Qwen2VL::new(&cfg, &params)?;
+    params.set_compute_dtype(compute)?;
+    let mut model = Qwen2VL::new(&cfg, &params)?;
+    let wrt: Vec<_> = params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
     let trainable: Vec<_> = params
         .trainable()
         .map(|(n, v)| (n.to_string(), v.clone()))
@@ -178,10 +297,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         ..OptimConfig::default()
     };
     let mut opt = AdamW::new(param_specs(trainable, &optim), &optim)?;
+    opt.set_fused(kernels == Kernels::Fused);
     let input = batch.input(&device, DType::F32)?;
     let (rss_state, _) = rss();
     eprintln!(
-        "model {} ({:.1} M params, {:.1} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads",
+        "model {} ({:.1} M params, {:.1} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads, {:?} kernels",
         cfg_path.display(),
         n_params as f64 / 1e6,
         n_trainable as f64 / 1e6,
@@ -189,18 +309,39 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         a.seq,
         batch.patches(),
         batch.labelled(),
-        threads
+        threads,
+        kernels
     );
+    let poller = GpuMemPoller::start(&device);
     let mut times: Vec<PhaseTimes> = Vec::new();
     let mut losses = Vec::new();
     for i in 0..a.warmup + a.steps {
-        let (loss, t) = train_step(&model, &mut opt, &input, &batch.labels, true)?;
+        let (loss, mut t) = train_step(
+            &model,
+            &mut opt,
+            &input,
+            &batch.labels,
+            true,
+            checkpointing.recompute(),
+            &wrt,
+            kernels,
+        )?;
         losses.push(loss);
+        if params.casts_on_get() {
+            // bf16 modules hold casts of the fp32 masters: the step's last phase, as in sft.
+            device.synchronize()?;
+            let t0 = std::time::Instant::now();
+            model = Qwen2VL::new(&cfg, &params)?;
+            device.synchronize()?;
+            t.optimizer += t0.elapsed().as_secs_f64();
+            t.step += t0.elapsed().as_secs_f64();
+        }
         if i >= a.warmup {
             times.push(t);
         }
     }
     let (_, hwm) = rss();
+    let gpu_mem = poller.finish();
     let med = |f: fn(&PhaseTimes) -> f64| median(times.iter().map(f).collect());
     let step_s = med(|t| t.step);
     let (fwd, bwd, opt_s, vis) = (
@@ -218,7 +359,14 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
 
     // ---- the reference ------------------------------------------------------------------------
     let reference = match &a.python {
-        Some(py) => Some(run_reference(py, &cfg_path, &batch, &a, threads)?),
+        Some(py) => Some(run_reference(
+            py,
+            &cfg_path,
+            &batch,
+            &a,
+            threads,
+            reference_precision,
+        )?),
         None => None,
     };
 
@@ -226,9 +374,12 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     let mib = |b: u64| b as f64 / 1048576.0;
     let pct = |x: f64| 100.0 * x / step_s;
     println!(
-        "omr bench train: {} (random init, seed {})",
+        "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
+         activation checkpointing {}",
         cfg_path.display(),
-        a.seed
+        a.seed,
+        a.device,
+        a.activation_checkpointing
     );
     println!(
         "  step {:.1} ms median of {} | {:.0} tokens/s | {:.3} TFLOP/step | {:.2} GFLOP/s achieved{}",
@@ -281,6 +432,13 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         mib(predicted.step_growth),
         mib(predicted.peak)
     );
+    if let Some((state, peak)) = gpu_mem {
+        println!(
+            "  GPU memory: peak {peak:.0} MiB in use during the steps ({state:.0} MiB before the \
+             first: weights, optimizer state, CUDA context); plan: {:.0} MiB peak",
+            mib(predicted.peak)
+        );
+    }
     println!(
         "  loss {:.4} → {:.4} (ln V = {:.4})",
         losses[0],
@@ -291,7 +449,9 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "model_config": cfg_path.display().to_string(),
         "device": a.device,
         "threads": threads,
-        "dtype": "f32",
+        "dtype": precision,
+        "kernels": format!("{kernels:?}").to_lowercase(),
+        "activation_checkpointing": a.activation_checkpointing,
         "params": n_params,
         "trainable": n_trainable,
         "batch": a.batch,
@@ -311,6 +471,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "achieved_gflops": achieved / 1e9,
         "mfu": peak.map(|p| achieved / (p * 1e12)),
         "peak_rss_mib": hwm,
+        "gpu_mem_mib": gpu_mem.map(|(state, peak)| json!({"before_steps": state, "peak": peak})),
         "step_rss_growth_mib": hwm - rss_state,
         "plan_step_growth_mib": mib(predicted.step_growth),
         "plan_peak_mib": mib(predicted.peak),
@@ -350,6 +511,7 @@ fn run_reference(
     batch: &SyntheticBatch,
     a: &BenchTrainArgs,
     threads: usize,
+    reference_precision: &str,
 ) -> crate::Result<Value> {
     let dir = tempfile::tempdir()?;
     let batch_path = dir.path().join("batch.safetensors");
@@ -367,7 +529,10 @@ fn run_reference(
         .args(["--device", &a.device])
         .args(["--threads", &threads.to_string()])
         .args(["--seed", &a.seed.to_string()])
-        .args(["--precision", &a.reference_precision]);
+        .args(["--precision", reference_precision]);
+    if a.activation_checkpointing != "none" {
+        cmd.arg("--gradient-checkpointing");
+    }
     if a.freeze_vision {
         cmd.arg("--freeze-vision");
     }

@@ -55,6 +55,40 @@ pub struct EvalArgs {
     /// Writes eval.json, eval.md and replies.jsonl (+ replies-compare.jsonl) here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// auto | cpu | cuda (auto: the first GPU of a CUDA build when there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto | fp32 | bf16 (auto: bf16 on a GPU, fp32 on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+}
+
+/// `[runtime]` from the command line's words.
+fn runtime(device: &str, precision: &str) -> crate::Result<omr_train::runtime::Runtime> {
+    use omr_train::runtime::{DeviceChoice, Precision, RuntimeConfig};
+    let device = match device {
+        "auto" => DeviceChoice::Auto,
+        "cpu" => DeviceChoice::Cpu,
+        "cuda" => DeviceChoice::Cuda,
+        other => return Err(Exit::usage(anyhow!("--device {other}: auto, cpu or cuda"))),
+    };
+    let precision = match precision {
+        "auto" => Precision::Auto,
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        other => {
+            return Err(Exit::usage(anyhow!(
+                "--precision {other}: auto, fp32 or bf16"
+            )))
+        }
+    };
+    RuntimeConfig {
+        device,
+        precision,
+        ..Default::default()
+    }
+    .resolve()
+    .map_err(|e| Exit::usage(anyhow!("{e}")))
 }
 
 pub fn run(a: EvalArgs) -> crate::Result<()> {
@@ -99,7 +133,12 @@ pub fn run(a: EvalArgs) -> crate::Result<()> {
             "--batch-size and --max-new-tokens must be at least 1"
         )));
     }
+    let rt = runtime(&a.device, &a.precision)?;
+    eprintln!("runtime: {}", rt.describe());
     let opts = EvalOptions {
+        device: rt.device.clone(),
+        dtype: rt.compute,
+        kernels: rt.kernels,
         split: a.split.clone(),
         limit: a.limit,
         batch_size: a.batch_size,

@@ -108,12 +108,6 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
         println!("  {n}");
     }
     println!("  the larger of image-heavy and text-only rows: {which}");
-    if input.checkpointing != plan::Checkpointing::None {
-        println!(
-            "  note: activation_checkpointing = \"{}\" is planned here; the runtime does not recompute yet",
-            input.checkpointing.name()
-        );
-    }
     print!("{}", plan::render(&input, &p, device, headroom));
     let usable = device.saturating_sub(headroom);
     if let Some(path) = &a.json {

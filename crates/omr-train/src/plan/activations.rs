@@ -19,8 +19,9 @@
 //!   A fused (flash-style) kernel keeps its output and a (B, H, T) f32 log-sum-exp instead.
 //! - loss (`Qwen2VL::loss`): lm head only at labelled rows (N, V), then f32 cast, shift and exp.
 //!
-//! Activation checkpointing of a stack keeps only each block's input, and recomputes one block
-//! at a time in backward, so the stack costs L·input + one block.
+//! Activation checkpointing of a stack keeps only each block's input (L·input here), and
+//! recomputes one block at a time in backward: `plan()` adds that block where the backward
+//! reaches it.
 
 use super::{AttentionImpl, PlanInput, F32};
 use omr_model::config::Arch;
@@ -61,6 +62,11 @@ pub struct Stage {
     pub leak: u64,
     /// Largest tensor of the part: its gradient and the op's temporaries are in flight.
     pub largest: u64,
+    /// What the part keeps for backward (its activations).
+    pub bytes: u64,
+    /// Bytes of the part's input: a recomputed block's leaf copy, incoming gradient and
+    /// `out · g` product are of this size.
+    pub input: u64,
 }
 
 impl Activations {
@@ -172,7 +178,7 @@ pub fn count(p: &PlanInput) -> Activations {
         stem.add(2.0, patches * v.head_dim() as u64, F32);
         cast(&mut stem, 2 * patches * v.head_dim() as u64);
 
-        let (mut blocks_total, mut block_max) = (0u64, 0u64);
+        let mut blocks_total = 0u64;
         let windows = p.vision_windows();
         let full_lens = p.full_attention_lens();
         let mut block_stages = Vec::new();
@@ -221,15 +227,16 @@ pub fn count(p: &PlanInput) -> Activations {
             lin(&mut blk, patches, cv, true, tv);
             blk.add(1.0, patches * cv, s); // residual
             blocks_total += blk.bytes;
-            block_max = block_max.max(blk.bytes);
             block_stages.push(Stage {
                 name: "vision block",
                 leak: blk.leak,
                 largest: blk.largest,
+                bytes: blk.bytes,
+                input: patches * cv * s,
             });
         }
         vision_blocks = if p.checkpointing.vision() {
-            v.depth as u64 * patches * cv * s + block_max
+            v.depth as u64 * patches * cv * s
         } else {
             blocks_total
         };
@@ -253,6 +260,8 @@ pub fn count(p: &PlanInput) -> Activations {
                 name: "vision stem",
                 leak: stem.leak,
                 largest: stem.largest,
+                bytes: stem.bytes,
+                input: 0,
             });
             stages.extend(block_stages);
         } else {
@@ -268,6 +277,8 @@ pub fn count(p: &PlanInput) -> Activations {
                 name: "merger",
                 leak: m.leak,
                 largest: m.largest,
+                bytes: m.bytes,
+                input: 0,
             });
         } else {
             merger = units * c * s; // only its output stays
@@ -291,6 +302,8 @@ pub fn count(p: &PlanInput) -> Activations {
         name: "embeddings",
         leak: 0,
         largest: stem.largest,
+        bytes: stem.bytes,
+        input: 0,
     });
 
     let mut layer = Tally::new();
@@ -324,7 +337,7 @@ pub fn count(p: &PlanInput) -> Activations {
     layer.add(1.0, n * c, s); // residual
     let l = t.num_hidden_layers as u64;
     let decoder_layers = if p.checkpointing.decoder() {
-        l * n * c * s + layer.bytes
+        l * n * c * s
     } else {
         l * layer.bytes
     };
@@ -333,6 +346,8 @@ pub fn count(p: &PlanInput) -> Activations {
             name: "decoder layer",
             leak: layer.leak,
             largest: layer.largest,
+            bytes: layer.bytes,
+            input: n * c * s,
         });
     }
 
@@ -349,6 +364,8 @@ pub fn count(p: &PlanInput) -> Activations {
         name: "lm head + loss",
         leak: head.leak,
         largest: head.largest,
+        bytes: head.bytes,
+        input: n * c * s,
     });
     stages.reverse();
     let largest = stages.iter().map(|st| st.largest).max().unwrap_or(0);

@@ -1,0 +1,339 @@
+//! Whole-model checks of a device against the CPU reference: what `omr bench kernels` runs
+//! after the per-op checks, so one binary copied to a GPU machine also proves that the model
+//! trains the same there.
+//!
+//! For two random-init Qwen2.5-VL shapes (the tiny preset, head dims 32/32; and a "mid" one
+//! with the head dims of the real models, 128 text / 80 vision) and two batches (left-padded,
+//! and packed: two documents in one row, the block-diagonal path), the loss and the gradient
+//! of every parameter are computed on the CPU with candle ops (the reference) and on `dev`
+//! with candle ops, with the fused kernels, and with the fused kernels plus activation
+//! checkpointing of both stacks. Then two AdamW steps on the reference gradients, on the CPU
+//! with candle ops and on `dev` with the fused update, are compared by their parameter
+//! deltas. On the CPU the same comparisons run (the fused ops' CPU references against candle
+//! ops): that is how `tests/device_check.rs` exercises this file.
+//!
+//! Error measure: max |x − ref| / max |ref| per tensor, the worst tensor reported. f32
+//! throughout; tolerance 1e-3 (the paths sum in different orders; measured on the CPU ≤ 1e-5).
+
+use crate::bench_step::SyntheticBatch;
+use crate::optim::{param_specs, AdamW, OptimConfig};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use omr_model::fused;
+use omr_model::{Ctx, Input, Kernels, ModelConfig, Params, Qwen2VL, Recompute};
+
+/// Relative tolerance of every model check.
+pub const TOL: f64 = 1e-3;
+
+/// One comparison: its name, the worst relative error and where it was.
+#[derive(Clone, Debug)]
+pub struct ModelCheck {
+    pub name: String,
+    pub loss_err: f64,
+    pub grad_err: f64,
+    pub worst: String,
+    /// Fused ops that ran (attention + linear CE calls), to prove the fused path was taken.
+    pub fused_ops: usize,
+}
+
+impl ModelCheck {
+    pub fn ok(&self) -> bool {
+        self.loss_err.is_finite()
+            && self.grad_err.is_finite()
+            && self.loss_err <= TOL
+            && self.grad_err <= TOL
+    }
+}
+
+/// The table `omr bench kernels` prints.
+pub fn format(checks: &[ModelCheck]) -> String {
+    let mut s = format!(
+        "model checks (loss and every gradient vs the CPU candle-op reference, f32, tolerance {TOL:e}):\n"
+    );
+    for c in checks {
+        s += &format!(
+            "  {:<62} loss {:>9.2e}  grads {:>9.2e} ({})  fused ops {:>4}  {}\n",
+            c.name,
+            c.loss_err,
+            c.grad_err,
+            c.worst,
+            c.fused_ops,
+            if c.ok() { "ok" } else { "FAIL" }
+        );
+    }
+    s
+}
+
+/// The mid shape: the tiny preset with the real models' head dims.
+fn mid(tiny: &ModelConfig) -> ModelConfig {
+    let mut c = tiny.clone();
+    c.text.hidden_size = 512;
+    c.text.num_attention_heads = 4;
+    c.text.num_key_value_heads = 2;
+    c.text.head_dim = 128;
+    c.text.intermediate_size = 1024;
+    c.text.num_hidden_layers = 2;
+    c.text.mrope_section = vec![16, 24, 24];
+    c.vision.hidden_size = 320;
+    c.vision.num_heads = 4;
+    c.vision.intermediate_size = 640;
+    c.vision.out_hidden_size = 512;
+    c
+}
+
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, |m, x| if x.is_nan() { f64::NAN } else { m.max(x) });
+    let m = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+    d / m.max(1e-30)
+}
+
+/// Loss per labelled token and every trainable parameter's gradient (sorted by name).
+struct Run {
+    loss: f64,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+fn run(
+    cfg: &ModelConfig,
+    params: &Params,
+    input: &Input,
+    labels: &[Vec<i64>],
+    kernels: Kernels,
+    recompute: Recompute,
+) -> crate::Result<Run> {
+    let model = Qwen2VL::new(cfg, params)?;
+    let ctx = Ctx {
+        kernels,
+        ..Ctx::default()
+    };
+    let wrt: Vec<Tensor> = params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let mut n = 0;
+    let out = model.forward_backward::<crate::TrainError>(input, &ctx, recompute, &wrt, |h| {
+        let (sum, k) = model.head_loss(h, labels, &ctx)?;
+        n = k;
+        Ok(sum)
+    })?;
+    let store = out
+        .grads
+        .ok_or_else(|| crate::TrainError::Internal("non-finite loss in a model check".into()))?;
+    let mut grads = Vec::new();
+    for (name, var) in params.trainable() {
+        let g = match store.get(var.as_tensor()) {
+            Some(g) => flat(g)?,
+            None => Vec::new(),
+        };
+        grads.push((name.to_string(), g));
+    }
+    Ok(Run {
+        loss: out.loss / n.max(1) as f64,
+        grads,
+    })
+}
+
+fn compare(name: String, r: &Run, reference: &Run, fused_ops: usize) -> ModelCheck {
+    let mut worst = (0.0f64, String::from("-"));
+    for ((n, a), (_, b)) in r.grads.iter().zip(&reference.grads) {
+        let e = if a.is_empty() != b.is_empty() {
+            f64::INFINITY
+        } else {
+            rel(a, b)
+        };
+        if e.is_nan() || e > worst.0 {
+            worst = (if e.is_nan() { f64::NAN } else { e }, n.clone());
+            if e.is_nan() {
+                break;
+            }
+        }
+    }
+    ModelCheck {
+        name,
+        loss_err: (r.loss - reference.loss).abs() / reference.loss.abs().max(1e-30),
+        grad_err: worst.0,
+        worst: worst.1,
+        fused_ops,
+    }
+}
+
+/// The padded batch (B = 2 rows of T tokens, one image each) and a packed one: row 0 holds
+/// two documents (the image document, then a text one), row 1 one.
+fn batches(
+    cfg: &ModelConfig,
+    dev: &Device,
+) -> crate::Result<Vec<(&'static str, Input, Vec<Vec<i64>>)>> {
+    let b = SyntheticBatch::new(cfg, 2, 96, 112, 11).map_err(crate::TrainError::Internal)?;
+    let padded = b.input(dev, DType::F32)?;
+    let t = b.input_ids[0].len();
+    let split = t - 24;
+    let pv = padded.pixel_values.clone();
+    let packed = Input::packed(
+        b.input_ids.clone(),
+        &[vec![split, t - split], vec![t]],
+        pv,
+        b.grids.clone(),
+    )?;
+    Ok(vec![
+        ("padded", padded, b.labels.clone()),
+        ("packed", packed, b.labels),
+    ])
+}
+
+/// Every model check on `dev` (see the module doc).
+pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
+    let tiny = ModelConfig::from_file(&crate::plan::configs_dir().join("models/tiny.json"))?;
+    let mut out = Vec::new();
+    for (shape, cfg) in [("tiny", tiny.clone()), ("mid", mid(&tiny))] {
+        let cpu_params = Params::init(&cfg, 5, 0.02, &Device::Cpu)?;
+        let dev_params = Params::init(&cfg, 5, 0.02, dev)?;
+        let cpu_batches = batches(&cfg, &Device::Cpu)?;
+        let dev_batches = batches(&cfg, dev)?;
+        for ((what, cin, labels), (_, din, _)) in cpu_batches.iter().zip(&dev_batches) {
+            let reference = run(
+                &cfg,
+                &cpu_params,
+                cin,
+                labels,
+                Kernels::Candle,
+                Recompute::NONE,
+            )?;
+            for (kernels, recompute, label) in [
+                (Kernels::Candle, Recompute::NONE, "candle ops"),
+                (Kernels::Fused, Recompute::NONE, "fused"),
+                (Kernels::Fused, Recompute::ALL, "fused + checkpointing"),
+            ] {
+                let before = fused::calls();
+                let r = run(&cfg, &dev_params, din, labels, kernels, recompute)?;
+                let after = fused::calls();
+                let ops =
+                    (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+                out.push(compare(
+                    format!("{shape} {what}: {} {label}", dev_name(dev)),
+                    &r,
+                    &reference,
+                    ops,
+                ));
+            }
+            if *what == "padded" {
+                out.push(optimizer_check(
+                    shape,
+                    &reference,
+                    &cpu_params,
+                    &dev_params,
+                    dev,
+                )?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn internal(e: impl std::fmt::Display) -> crate::TrainError {
+    crate::TrainError::Internal(e.to_string())
+}
+
+fn dev_name(dev: &Device) -> &'static str {
+    if dev.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Two AdamW steps from the same gradients (the reference's): candle ops on the CPU against
+/// the fused update on `dev` (fused on every device, so the CPU run checks the fused
+/// references). Compared by parameter deltas.
+fn optimizer_check(
+    shape: &str,
+    reference: &Run,
+    cpu_params: &Params,
+    dev_params: &Params,
+    dev: &Device,
+) -> crate::Result<ModelCheck> {
+    let optim = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.1,
+        max_grad_norm: 0.5,
+        ..OptimConfig::default()
+    };
+    // Fresh copies: the model checks above must not see stepped parameters.
+    let copy = |p: &Params| -> crate::Result<Vec<(String, candle_core::Var)>> {
+        p.trainable()
+            .map(|(n, v)| {
+                Ok((
+                    n.to_string(),
+                    candle_core::Var::from_tensor(&v.as_tensor().copy()?)?,
+                ))
+            })
+            .collect()
+    };
+    let (cpu_vars, dev_vars) = (copy(cpu_params)?, copy(dev_params)?);
+    let before: Vec<Vec<f32>> = cpu_vars
+        .iter()
+        .map(|(_, v)| flat(v.as_tensor()))
+        .collect::<candle_core::Result<_>>()?;
+    let mut cpu_opt =
+        AdamW::new(param_specs(cpu_vars.clone(), &optim), &optim).map_err(internal)?;
+    cpu_opt.set_fused(false);
+    let mut dev_opt =
+        AdamW::new(param_specs(dev_vars.clone(), &optim), &optim).map_err(internal)?;
+    dev_opt.set_fused(true);
+    // The reference's GradStore, keyed by the copies.
+    let mut cpu_store = GradStore::default();
+    let mut dev_store = GradStore::default();
+    for ((_, g), ((_, cv), (_, dv))) in reference.grads.iter().zip(cpu_vars.iter().zip(&dev_vars)) {
+        if g.is_empty() {
+            continue;
+        }
+        let t = Tensor::from_slice(g, cv.shape(), &Device::Cpu)?;
+        cpu_store.insert(cv.as_tensor(), t.clone());
+        dev_store.insert(dv.as_tensor(), t.to_device(dev)?);
+    }
+    for _ in 0..2 {
+        cpu_opt.step(&cpu_store, 1.0, 1.0).map_err(internal)?;
+        dev_opt.step(&dev_store, 1.0, 1.0).map_err(internal)?;
+    }
+    let mut worst = (0.0f64, String::from("-"));
+    for (((name, cv), (_, dv)), b) in cpu_vars.iter().zip(&dev_vars).zip(&before) {
+        let dc: Vec<f32> = flat(cv.as_tensor())?
+            .iter()
+            .zip(b)
+            .map(|(x, y)| x - y)
+            .collect();
+        let dd: Vec<f32> = flat(dv.as_tensor())?
+            .iter()
+            .zip(b)
+            .map(|(x, y)| x - y)
+            .collect();
+        let e = rel(&dd, &dc);
+        if e.is_nan() || e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    Ok(ModelCheck {
+        name: format!(
+            "{shape}: 2 AdamW steps, {} fused vs the cpu reference update",
+            dev_name(dev)
+        ),
+        loss_err: 0.0,
+        grad_err: worst.0,
+        worst: worst.1,
+        fused_ops: dev_opt.fused_calls() as usize,
+    })
+}

@@ -1,0 +1,154 @@
+//! `[runtime]`: where and how a run computes. Device, precision and kernels, each `auto` by
+//! default: on a CUDA build with a GPU, the first GPU, bf16 compute on fp32 masters, and the
+//! fused kernels (forward, backward and the optimizer); elsewhere the CPU in fp32 with candle
+//! ops (the fastest there, and the reference the fused path is tested against).
+//!
+//! Mixed precision (`precision = "bf16"`): trainable parameters stay fp32 masters, which the
+//! optimizer updates together with its fp32 moments; the modules compute with bf16 casts of
+//! them (rebuilt after every optimizer step); frozen parameters are stored in bf16. Norms,
+//! softmax, the loss and gradient accumulation stay in fp32 (the kernels accumulate in fp32;
+//! candle's softmax and RMSNorm paths upcast), and gradients reach the masters in fp32.
+
+use crate::{Result, TrainError};
+use candle_core::{DType, Device};
+use omr_model::{Kernels, Params};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when this build has CUDA support and one is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The first CUDA GPU, or an error.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on CUDA, fp32 on the CPU.
+    #[default]
+    Auto,
+    Fp32,
+    /// bf16 compute, fp32 masters and optimizer state.
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelChoice {
+    /// Fused on CUDA, candle ops on the CPU.
+    #[default]
+    Auto,
+    Candle,
+    Fused,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// "auto" | "cpu" | "cuda"
+    pub device: DeviceChoice,
+    /// "auto" | "fp32" | "bf16"
+    pub precision: Precision,
+    /// "auto" | "candle" | "fused": the ops of forward and backward, and of the optimizer
+    /// (fused AdamW + global grad norm).
+    pub kernels: KernelChoice,
+}
+
+/// A resolved `[runtime]`.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    pub device: Device,
+    /// What modules compute in (masters stay fp32).
+    pub compute: DType,
+    pub kernels: Kernels,
+}
+
+impl RuntimeConfig {
+    pub fn resolve(&self) -> Result<Runtime> {
+        let device = match self.device {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
+                TrainError::Usage(format!(
+                    "[runtime] device = \"cuda\": {e} (a build with `--features cuda` on a machine \
+                     with an NVIDIA GPU is needed; use device = \"cpu\" or \"auto\" elsewhere)"
+                ))
+            })?,
+            DeviceChoice::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    match Device::new_cuda(0) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!("[runtime] device = \"auto\": no usable GPU ({e}), training on the CPU");
+                            Device::Cpu
+                        }
+                    }
+                } else {
+                    Device::Cpu
+                }
+            }
+        };
+        let compute = match self.precision {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Auto if device.is_cuda() => DType::BF16,
+            Precision::Auto => DType::F32,
+        };
+        let kernels = match self.kernels {
+            KernelChoice::Auto => Kernels::auto(&device),
+            KernelChoice::Candle => Kernels::Candle,
+            KernelChoice::Fused => Kernels::Fused,
+        };
+        Ok(Runtime {
+            device,
+            compute,
+            kernels,
+        })
+    }
+}
+
+impl Runtime {
+    /// The CPU in fp32 with candle ops.
+    pub fn cpu() -> Runtime {
+        Runtime {
+            device: Device::Cpu,
+            compute: DType::F32,
+            kernels: Kernels::Candle,
+        }
+    }
+
+    /// Applies the precision to freshly built parameters (after freezing): see the module doc.
+    pub fn prepare(&self, params: &mut Params) -> Result<()> {
+        params.set_compute_dtype(self.compute)?;
+        Ok(())
+    }
+
+    /// Whether the optimizer uses the fused update and norm.
+    pub fn fused_optimizer(&self) -> bool {
+        self.kernels == Kernels::Fused
+    }
+
+    /// "cuda:0 bf16 fused", for the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} {}",
+            if self.device.is_cuda() {
+                "cuda:0"
+            } else {
+                "cpu"
+            },
+            match self.compute {
+                DType::BF16 => "bf16 (fp32 masters)",
+                DType::F16 => "f16",
+                _ => "fp32",
+            },
+            match self.kernels {
+                Kernels::Candle => "candle ops",
+                Kernels::Fused => "fused kernels",
+            }
+        )
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU lease's worth of checks and measurements with a `--features cuda` omr binary built
+# elsewhere (see gpu-run.sh), correctness first:
+#
+#   scripts/cuda/gpu-session.sh [BIN] [OUT_DIR] [quick]
+#
+#   1. gpu-run.sh: every kernel against its CPU reference, the whole model (loss and every
+#      gradient, candle ops / fused / fused + checkpointing) and the optimizer against the
+#      CPU, then each kernel's achieved TB/s or TFLOP/s next to its floor;
+#   2. `omr bench train` on the tiny model (a smoke test of the CUDA training step);
+#   3. `omr bench train` on Qwen2.5-VL-3B and -7B shapes (random init) in bf16 with the fused
+#      kernels, next to torch + transformers (python3 with both) on the same batch: tokens/s,
+#      MFU, phases, GPU memory; and 3B with candle ops (what the fused kernels buy).
+#
+# Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
+# session.log (all output), the JSON report of each `bench train` and summary.txt (each
+# step's exit status and seconds), which also ends the output.
+set -uo pipefail
+bin=${1:-.gpu-bin/omr}
+out=${2:-${OUT:-.}}
+quick=${3:-}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
+lib=$(find /usr/local/cuda*/lib64 /opt /usr/lib /usr/local/lib -name 'libcublas.so.13*' 2>/dev/null | head -n 1)
+[ -n "$lib" ] && export LD_LIBRARY_PATH=$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+py=${PYTHON:-python3}
+summary=()
+step() { # name timeout_s command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$out/session.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/session.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-28s rc %-4s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+}
+step kernels 240 "$here/gpu-run.sh" "$bin" /tmp/gpu-run
+step train-tiny 60 "$bin" bench train --device cuda --model-config tiny --steps 3 \
+  --json "$out/train-tiny.json"
+# B 1 × T 2048 with one 448² image (1024 patches, 256 image tokens).
+common=(--device cuda --batch 1 --seq 2048 --image-px 448 --steps 4 --warmup 2)
+step train-3b-bf16 200 "$bin" bench train --model-config 3b "${common[@]}" --python "$py" \
+  --json "$out/train-3b-bf16.json"
+if [ -z "$quick" ]; then
+  step train-3b-candle 120 "$bin" bench train --model-config 3b "${common[@]}" --kernels candle \
+    --json "$out/train-3b-candle.json"
+  step train-7b-bf16-ckpt 200 "$bin" bench train --model-config 7b "${common[@]}" \
+    --activation-checkpointing all --python "$py" --json "$out/train-7b-bf16-ckpt.json"
+fi
+echo "=== summary"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
