@@ -7,12 +7,14 @@
 #   1. gpu-run.sh: every kernel against its CPU reference, the whole model (loss and every
 #      gradient, candle ops / fused / fused + checkpointing) and the optimizer against the
 #      CPU, then each kernel's achieved TB/s or TFLOP/s next to its floor;
-#   2. `omr bench train` on the tiny model (a smoke test of the CUDA training step);
-#   3. `omr bench train` on the Qwen2.5-VL-3B shape (random init, full fine-tune) in bf16 with
+#   2. `omr bench train` on the Qwen2.5-VL-3B shape (random init, full fine-tune) in bf16 with
 #      the fused kernels, next to torch + transformers (python3 with both) on the same batch:
-#      tokens/s, MFU, phases, GPU memory; the same with candle ops (what the fused kernels
-#      buy); and 8192-token rows with activation checkpointing on both sides. (A 7B full
-#      fine-tune with AdamW needs ≈ 136 GiB before activations: not on one 141 GB GPU.)
+#      tokens/s, MFU, phases, GPU memory next to `omr plan`'s prediction; the same step with
+#      activation checkpointing and --profile (where the time goes, segment by segment); and
+#      8192-token rows with checkpointing on both sides. With `quick`: the tiny model's step
+#      and the first 3B run only. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
+#      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
+#      step at T 2048 ran out of the H200's memory.)
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
 # session.log (all output), the JSON report of each `bench train` and summary.txt (each
@@ -36,19 +38,20 @@ step() { # name timeout_s command...
   local rc=${PIPESTATUS[0]}
   summary+=("$(printf '%-28s rc %-4s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
 }
-step kernels 150 "$here/gpu-run.sh" "$bin" /tmp/gpu-run
-step train-tiny 40 "$bin" bench train --device cuda --model-config tiny --steps 3 \
-  --json "$out/train-tiny.json"
+step kernels 120 "$here/gpu-run.sh" "$bin" /tmp/gpu-run
+if [ -n "$quick" ]; then
+  step train-tiny 40 "$bin" bench train --device cuda --model-config tiny --steps 3 \
+    --json "$out/train-tiny.json"
+fi
 # B 1 × T 2048 with one 448² image (1024 patches, 256 image tokens).
-common=(--device cuda --batch 1 --seq 2048 --image-px 448 --steps 4 --warmup 2)
-step train-3b-bf16 150 "$bin" bench train --model-config 3b "${common[@]}" --python "$py" \
-  --json "$out/train-3b-bf16.json"
+common=(--model-config 3b --device cuda --batch 1 --image-px 448)
+step train-3b-2k 120 "$bin" bench train "${common[@]}" --seq 2048 --steps 4 --warmup 2 \
+  --python "$py" --json "$out/train-3b-2k.json"
 if [ -z "$quick" ]; then
-  step train-3b-candle 90 "$bin" bench train --model-config 3b "${common[@]}" --kernels candle \
-    --json "$out/train-3b-candle.json"
-  step train-3b-bf16-ckpt-8k 130 "$bin" bench train --model-config 3b --device cuda --batch 1 \
-    --seq 8192 --image-px 448 --steps 3 --warmup 1 --activation-checkpointing all \
-    --python "$py" --json "$out/train-3b-bf16-ckpt-8k.json"
+  step train-3b-2k-profile 90 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
+    --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"
+  step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
+    --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
 fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -11,7 +11,9 @@
 //! sit in cache there, so a CPU floor can exceed the time: only the CUDA numbers mean much).
 
 use crate::adamw::{adamw_step, AdamWHyper};
-use crate::flash_attn::{flash_attn, AttnMask};
+use crate::flash_attn::{flash_attn_kernel, AttnMask};
+
+type AttnFn = fn(&Tensor, &Tensor, &Tensor, &AttnMask, f64) -> Result<Tensor>;
 use crate::grad_norm::global_grad_norm;
 use crate::linear_ce::{linear_cross_entropy, LceChunks};
 use crate::rotary::{mrope_tables, rotary};
@@ -282,26 +284,31 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     let fwd_flops = 4.0 * (t * t * h * 128) as f64 / 2.0;
     let io = ((2 * t * h + 2 * t * kv) * 128) as f64 * es;
     let scale = 1.0 / (128f64).sqrt();
-    b.add(
-        "flash attn fwd",
-        format!("(1, {t}, {h}/{kv}, 128) causal"),
-        dt,
-        io,
-        fwd_flops,
-        || flash_attn(qa.as_tensor(), &ka, &va, &mask, scale),
-    )?;
-    b.add(
-        "flash attn fwd+bwd",
-        format!("(1, {t}, {h}/{kv}, 128) causal"),
-        dt,
-        2.0 * io,
-        3.5 * fwd_flops,
-        || {
-            flash_attn(qa.as_tensor(), &ka, &va, &mask, scale)?
-                .sum_all()?
-                .backward()
-        },
-    )?;
+    for (path, attn) in [
+        ("kernel", flash_attn_kernel as AttnFn),
+        ("gemm", crate::gemm_attn::gemm_attn as AttnFn),
+    ] {
+        b.add(
+            &format!("attn {path} fwd"),
+            format!("(1, {t}, {h}/{kv}, 128) causal"),
+            dt,
+            io,
+            fwd_flops,
+            || attn(qa.as_tensor(), &ka, &va, &mask, scale),
+        )?;
+        b.add(
+            &format!("attn {path} fwd+bwd"),
+            format!("(1, {t}, {h}/{kv}, 128) causal"),
+            dt,
+            2.0 * io,
+            3.5 * fwd_flops,
+            || {
+                attn(qa.as_tensor(), &ka, &va, &mask, scale)?
+                    .sum_all()?
+                    .backward()
+            },
+        )?;
+    }
     Ok((c, b.rows))
 }
 

@@ -7,7 +7,7 @@
 //! 1e-12; AdamW bit-identical (tolerance 0).
 
 use crate::adamw::{adamw_step, AdamWHyper};
-use crate::flash_attn::{flash_attn, AttnMask};
+use crate::flash_attn::AttnMask;
 use crate::grad_norm::global_grad_norm;
 use crate::linear_ce::{linear_cross_entropy, LceChunks};
 use crate::rotary::{mrope_tables, rotary, rotary_inverse};
@@ -214,33 +214,40 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             let v = rand(42 + d as u64, &[b, t_, kv, d], 1.0, dt)?;
             let live = seg.ne(0u32)?.to_dtype(DType::F32)?.reshape((b, t_, 1, 1))?;
             let r = rand(43, &[b, t_, h_, d], 1.0, DType::F32)?.broadcast_mul(&live)?;
-            c.cmp(
-                &format!("flash attn d{d} causal={causal} window={window} {name}"),
-                tol,
-                &[&q, &k, &v, &seg, &r],
-                |t| {
-                    let (qv, kv_, vv) = (
-                        Var::from_tensor(&t[0])?,
-                        Var::from_tensor(&t[1])?,
-                        Var::from_tensor(&t[2])?,
-                    );
-                    let mask = AttnMask {
-                        causal,
-                        window,
-                        q_seg: Some(t[3].clone()),
-                        k_seg: Some(t[3].clone()),
-                    };
-                    let o = flash_attn(
-                        qv.as_tensor(),
-                        kv_.as_tensor(),
-                        vv.as_tensor(),
-                        &mask,
-                        1.0 / (d as f64).sqrt(),
-                    )?;
-                    // Padding rows are 0 on both devices; r is 0 there too.
-                    grads_of(&o, &t[4], &[&qv, &kv_, &vv])
-                },
-            )?;
+            for (path, gemm) in [("kernel", false), ("gemm", true)] {
+                c.cmp(
+                    &format!("flash attn {path} d{d} causal={causal} window={window} {name}"),
+                    tol,
+                    &[&q, &k, &v, &seg, &r],
+                    |t| {
+                        let (qv, kv_, vv) = (
+                            Var::from_tensor(&t[0])?,
+                            Var::from_tensor(&t[1])?,
+                            Var::from_tensor(&t[2])?,
+                        );
+                        let mask = AttnMask {
+                            causal,
+                            window,
+                            q_seg: Some(t[3].clone()),
+                            k_seg: Some(t[3].clone()),
+                        };
+                        let attn = if gemm {
+                            crate::gemm_attn::gemm_attn
+                        } else {
+                            crate::flash_attn::flash_attn_kernel
+                        };
+                        let o = attn(
+                            qv.as_tensor(),
+                            kv_.as_tensor(),
+                            vv.as_tensor(),
+                            &mask,
+                            1.0 / (d as f64).sqrt(),
+                        )?;
+                        // Padding rows are 0 on both devices; r is 0 there too.
+                        grads_of(&o, &t[4], &[&qv, &kv_, &vv])
+                    },
+                )?;
+            }
         }
     }
     // AdamW: bit-identical (tolerance 0), f32 and bf16 gradients, with and without a gradient.

@@ -44,8 +44,25 @@ pub struct Dims {
 /// Key blocks of the CPU reference.
 const CPU_KEYS: usize = 64;
 
-/// Attention with `scale` (usually 1/sqrt(D)).
+/// Attention with `scale` (usually 1/sqrt(D)). On CUDA: [`crate::gemm_attn::gemm_attn`] (the
+/// blockwise products on cuBLAS's tensor cores, ≈ 20× the CUDA-core kernel of
+/// `flash_attn.cu` on an H200) unless `OMR_ATTN=kernel`; on the CPU: [`flash_attn_kernel`]
+/// (its plain-Rust reference).
 pub fn flash_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    if q.device().is_cuda() && std::env::var("OMR_ATTN").as_deref() != Ok("kernel") {
+        return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
+    }
+    flash_attn_kernel(q, k, v, mask, scale)
+}
+
+/// Attention by `kernels/flash_attn.cu` (its CPU reference on the CPU), forward and backward.
+pub fn flash_attn_kernel(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -10,7 +10,11 @@ fn runs_on_cpu() -> Result<()> {
     let table = format(&Device::Cpu, &c, &rows);
     eprintln!("{table}");
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
-    assert_eq!(rows.len(), 10, "one row per timed kernel");
+    assert_eq!(
+        rows.len(),
+        12,
+        "one row per timed kernel (attention: kernel and gemm)"
+    );
     for r in &rows {
         assert!(
             r.secs.is_finite() && r.secs > 0.0,
@@ -26,7 +30,10 @@ fn runs_on_cpu() -> Result<()> {
         );
     }
     assert!(
-        table.contains("flash attn fwd+bwd") && table.contains("FLOP/s") && table.contains("B/s")
+        table.contains("attn kernel fwd+bwd")
+            && table.contains("attn gemm fwd+bwd")
+            && table.contains("FLOP/s")
+            && table.contains("B/s")
     );
     Ok(())
 }

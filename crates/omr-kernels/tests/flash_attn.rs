@@ -90,8 +90,14 @@ fn inputs(c: &Case, dtype: DType, seed: u64) -> Result<(Var, Var, Var, Tensor)> 
     Ok((q, k, v, r))
 }
 
+type Attn = fn(&Tensor, &Tensor, &Tensor, &AttnMask, f64) -> Result<Tensor>;
+
 fn fused(c: &Case, q: &Var, k: &Var, v: &Var, r: &Tensor) -> Result<[Tensor; 4]> {
-    let o = flash_attn(
+    fused_with(flash_attn, c, q, k, v, r)
+}
+
+fn fused_with(attn: Attn, c: &Case, q: &Var, k: &Var, v: &Var, r: &Tensor) -> Result<[Tensor; 4]> {
+    let o = attn(
         q.as_tensor(),
         k.as_tensor(),
         v.as_tensor(),
@@ -113,8 +119,12 @@ fn naive(c: &Case, q: &Var, k: &Var, v: &Var, r: &Tensor) -> Result<[Tensor; 4]>
 }
 
 fn compare(name: &str, c: &Case, dtype: DType, tol: f64, seed: u64) -> Result<()> {
+    compare_with(flash_attn, name, c, dtype, tol, seed)
+}
+
+fn compare_with(attn: Attn, name: &str, c: &Case, dtype: DType, tol: f64, seed: u64) -> Result<()> {
     let (q, k, v, r) = inputs(c, dtype, seed)?;
-    let got = fused(c, &q, &k, &v, &r)?;
+    let got = fused_with(attn, c, &q, &k, &v, &r)?;
     let want = naive(c, &q, &k, &v, &r)?;
     let live = c.live()?;
     for (i, what) in ["o", "dq", "dk", "dv"].iter().enumerate() {
@@ -195,6 +205,45 @@ fn packed_causal_gqa() -> Result<()> {
     )?;
     compare("packed", &c, DType::F32, 1e-5, 100)?;
     compare("packed", &c, DType::BF16, 3e-2, 110)
+}
+
+/// The blockwise-GEMM attention (what CUDA runs) on every case of the kernel, plus a longer
+/// packed causal row that spans several query blocks (8 blocks of 64 rows: the causal span
+/// and the segment spans narrow each block's keys).
+#[test]
+fn gemm_attention_matches_naive() -> Result<()> {
+    let g: Attn = omr_kernels::gemm_attn::gemm_attn;
+    compare_with(g, "gemm packed", &packed_text(), DType::F32, 1e-5, 100)?;
+    compare_with(g, "gemm packed", &packed_text(), DType::BF16, 3e-2, 110)?;
+    compare_with(g, "gemm cache", &after_cache(), DType::F32, 1e-5, 120)?;
+    compare_with(g, "gemm window", &windowed(), DType::F32, 1e-5, 130)?;
+    let long = Case {
+        b: 2,
+        t: 500,
+        s: 500,
+        h: 4,
+        kv: 2,
+        d: 80,
+        segs: vec![
+            [vec![1; 130], vec![2; 250], vec![3; 100], vec![0; 20]].concat(),
+            [vec![5; 400], vec![6; 100]].concat(),
+        ],
+        causal: true,
+        window: 0,
+    };
+    compare_with(g, "gemm long packed", &long, DType::F32, 1e-5, 140)?;
+    let blocks = Case {
+        causal: false,
+        segs: vec![[vec![1; 64], vec![2; 64], vec![3; 64]].concat()],
+        b: 1,
+        t: 192,
+        s: 192,
+        h: 2,
+        kv: 2,
+        d: 80,
+        window: 0,
+    };
+    compare_with(g, "gemm vision blocks", &blocks, DType::F32, 1e-5, 150)
 }
 
 #[test]

@@ -33,4 +33,4 @@ pub use error::{ModelError, Result};
 pub use linear::{Ctx, Kernels};
 pub use model::{Input, Qwen2VL};
 pub use params::{Params, Part};
-pub use recompute::{Backward, Recompute};
+pub use recompute::{profile_segments, take_profile, Backward, Recompute};

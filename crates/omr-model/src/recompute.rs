@@ -101,6 +101,7 @@ impl Qwen2VL {
             wrt,
             store: GradStore::default(),
         };
+        let mut prof = Prof::new(self.device());
 
         // ---- vision: features, keeping only the block inputs when recomputing --------------
         let mut vision_saved = None;
@@ -148,11 +149,13 @@ impl Qwen2VL {
                 Some(feats)
             }
         };
+        mark(&mut prof, "vision forward");
         let h0 = self.embed_with(input, feats.as_ref())?;
 
         // ---- decoder -------------------------------------------------------------------------
         let p = input.positions(&self.cfg)?;
         let tables = self.decoder_tables(&p.pos, &input.segments, &h0, ctx)?;
+        mark(&mut prof, "embedding + rotary tables");
         let text = &self.text;
         let head_from =
             |x: &Tensor, head: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>| {
@@ -202,10 +205,12 @@ impl Qwen2VL {
             saved.push(x);
             x = y.detach();
         }
+        mark(&mut prof, "decoder forward (inputs kept)");
         let last = leaf(&x)?;
         drop(x);
         let loss = head_from(last.as_tensor(), &mut head)?;
         let value = scalar(&loss)?;
+        mark(&mut prof, "head forward (norm, lm head, loss)");
         if !value.is_finite() {
             return Ok(Backward {
                 loss: value,
@@ -217,6 +222,7 @@ impl Qwen2VL {
         g = grads.remove(last.as_tensor());
         out.take(grads)?;
         drop(last);
+        mark(&mut prof, "head backward");
         while let Some(x) = saved.pop() {
             let i = saved.len();
             let Some(gi) = g.take() else { break };
@@ -225,9 +231,11 @@ impl Qwen2VL {
             let y = text
                 .layer(i, v.as_tensor(), &tables, ctx)
                 .map_err(crate::ModelError::from)?;
+            mark(&mut prof, "decoder layers: recompute");
             let mut grads = backward_through(&y, &gi)?;
             g = grads.remove(v.as_tensor());
             out.take(grads)?;
+            mark(&mut prof, "decoder layers: backward");
         }
         // The embedding (and, without vision recompute, the whole tower) kept its graph.
         if let Some(gi) = g {
@@ -237,7 +245,9 @@ impl Qwen2VL {
                     .as_ref()
                     .and_then(|(_, _, _, v)| grads.remove(v.as_tensor()));
                 out.take(grads)?;
+                mark(&mut prof, "embedding backward");
                 self.vision_backward(vision_saved, gv, ctx, &mut out)?;
+                mark(&mut prof, "vision backward");
             }
         }
         Ok(Backward {
@@ -275,6 +285,62 @@ impl Qwen2VL {
             out.take(backward_through(&x0, &g)?)?;
         }
         Ok(())
+    }
+}
+
+thread_local! {
+    static PROFILE: std::cell::RefCell<Option<Vec<(&'static str, f64)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Time each segment of [`Qwen2VL::forward_backward`] from now on this thread (device
+/// synchronised at each boundary: slower, for benchmarks), or stop (`false`).
+pub fn profile_segments(on: bool) {
+    PROFILE.with(|p| *p.borrow_mut() = on.then(Vec::new));
+}
+
+/// Seconds per segment kind since the last call, summed over segments of a kind, in first-seen
+/// order (empty when not profiling).
+pub fn take_profile() -> Vec<(&'static str, f64)> {
+    PROFILE.with(|p| {
+        p.borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    })
+}
+
+/// Marks the end of a segment when profiling.
+struct Prof {
+    device: candle_core::Device,
+    at: std::time::Instant,
+}
+
+impl Prof {
+    fn new(device: &candle_core::Device) -> Option<Prof> {
+        PROFILE.with(|p| p.borrow().is_some()).then(|| Prof {
+            device: device.clone(),
+            at: std::time::Instant::now(),
+        })
+    }
+    fn mark(&mut self, what: &'static str) {
+        let _ = self.device.synchronize();
+        let dt = self.at.elapsed().as_secs_f64();
+        PROFILE.with(|p| {
+            if let Some(v) = p.borrow_mut().as_mut() {
+                match v.iter_mut().find(|(n, _)| *n == what) {
+                    Some((_, t)) => *t += dt,
+                    None => v.push((what, dt)),
+                }
+            }
+        });
+        self.at = std::time::Instant::now();
+    }
+}
+
+fn mark(p: &mut Option<Prof>, what: &'static str) {
+    if let Some(p) = p {
+        p.mark(what);
     }
 }
 

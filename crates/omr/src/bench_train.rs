@@ -87,6 +87,11 @@ pub struct BenchTrainArgs {
     /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
     #[arg(long, default_value = "auto")]
     pub kernels: String,
+    /// Time each segment of the recomputing backward (vision, decoder forward, head, decoder
+    /// layers' recompute and backward, …), synchronising the device at each boundary; needs
+    /// --activation-checkpointing other than none.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `tiny` / `3b` / `7b` or a path → the config.json path.
@@ -263,7 +268,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         },
         lora: None,
         compute_bytes: if compute == DType::BF16 { 2 } else { 4 },
-        attention: AttentionImpl::Eager,
+        attention: if kernels == Kernels::Fused {
+            AttentionImpl::Fused
+        } else {
+            AttentionImpl::Eager
+        },
         checkpointing,
         grad_accum: 1,
     };
@@ -315,6 +324,9 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     let poller = GpuMemPoller::start(&device);
     let mut times: Vec<PhaseTimes> = Vec::new();
     let mut losses = Vec::new();
+    if a.profile && a.warmup == 0 {
+        omr_model::profile_segments(true);
+    }
     for i in 0..a.warmup + a.steps {
         let (loss, mut t) = train_step(
             &model,
@@ -339,9 +351,14 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         if i >= a.warmup {
             times.push(t);
         }
+        if a.profile && i + 1 == a.warmup {
+            omr_model::profile_segments(true);
+        }
     }
     let (_, hwm) = rss();
     let gpu_mem = poller.finish();
+    let profile = omr_model::take_profile();
+    omr_model::profile_segments(false);
     let med = |f: fn(&PhaseTimes) -> f64| median(times.iter().map(f).collect());
     let step_s = med(|t| t.step);
     let (fwd, bwd, opt_s, vis) = (
@@ -414,6 +431,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         opt_s * 1e3,
         pct(opt_s)
     );
+    if !profile.is_empty() {
+        println!("  inside forward + backward, per step (device synchronised at each boundary):");
+        for (what, secs) in &profile {
+            let per = secs / a.steps as f64;
+            println!("    {what:<36} {:>9.1} ms {:>5.1}%", per * 1e3, pct(per));
+        }
+    } else if a.profile {
+        println!("  (--profile: segments are only timed with --activation-checkpointing)");
+    }
     println!("  FLOPs per step (PERFORMANCE.md accounting):");
     for (name, f) in flops.parts() {
         println!(
@@ -476,6 +502,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "plan_step_growth_mib": mib(predicted.step_growth),
         "plan_peak_mib": mib(predicted.peak),
         "losses": losses,
+        "segments_s": profile.iter().map(|(w, t)| json!([w, t / a.steps as f64])).collect::<Vec<_>>(),
     });
     if let Some(r) = &reference {
         let theirs = r["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
