@@ -32,6 +32,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "rotary" => ptx!("rotary"),
         "linear_ce" => ptx!("linear_ce"),
         "flash_attn" => ptx!("flash_attn"),
+        "attn_softmax" => ptx!("attn_softmax"),
         other => bail!("omr-kernels: no PTX module `{other}`"),
     })
 }

@@ -22,6 +22,17 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
 
+/// A block: query rows [t0, t1), keys [lo, hi).
+type Blk = (usize, usize, usize, usize);
+
+/// Whether the block's softmax (forward) and its backward run as the one-pass kernels of
+/// `kernels/attn_softmax.cu` (CUDA; `OMR_ATTN_SOFTMAX=candle` keeps candle's ops there too).
+fn fused_softmax(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && std::env::var("OMR_ATTN_SOFTMAX").as_deref() != Ok("candle")
+}
+
 /// Bytes of f32 scores one block may hold.
 const BLOCK_BYTES: usize = 256 << 20;
 
@@ -124,7 +135,9 @@ fn prep(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Prep> {
     }
     let seg = |x: &Option<Tensor>, n: usize| -> Result<Tensor> {
         match x {
-            Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => x.to_device(q.device()),
+            Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => {
+                x.to_device(q.device())?.contiguous()
+            }
             Some(x) => bail!(
                 "gemm_attn: segment ids must be ({b}, {n}) u32, got {:?}",
                 x.dims()
@@ -193,6 +206,12 @@ impl Prep {
         ok.where_cond(&zeros, &neg)?.unsqueeze(1)
     }
 
+    /// Unscaled scores of a block in the input dtype, (B, H, n, span): one batched GEMM.
+    fn raw_scores(&self, qr: &Tensor, (t0, t1, lo, hi): Blk) -> Result<Tensor> {
+        let kt = self.kh.narrow(2, lo, hi - lo)?.transpose(2, 3)?; // (B, KV, D, m)
+        qr.matmul(&kt)?.reshape((self.b, self.h, t1 - t0, hi - lo))
+    }
+
     /// Scaled, masked f32 scores of a block, (B, H, n, span).
     fn scores(
         &self,
@@ -226,21 +245,24 @@ pub fn forward(
         let (t0, t1, lo, hi) = blk;
         let n = t1 - t0;
         let qr = p.rows(&q, t0, t1)?;
-        let sc = p.scores(&qr, mask, blk, scale)?; // (B, H, n, m)
-                                                   // A row with no allowed key has max −∞: clamped, its exps are 0 and its sum 0.
-        let mx = sc.max_keepdim(D::Minus1)?.clamp(-1e30f32, f32::INFINITY)?;
-        let e = sc.broadcast_sub(&mx)?.exp()?;
-        let l = e.sum_keepdim(D::Minus1)?;
-        let pr = e.broadcast_div(&l.clamp(1e-30f32, f32::INFINITY)?)?;
-        let pr = pr
-            .to_dtype(q.dtype())?
-            .reshape((p.b, p.kv, (p.h / p.kv) * n, hi - lo))?;
+        let (pr, lb) = if fused_softmax(&q) {
+            softmax_fwd_cuda(&p, &p.raw_scores(&qr, blk)?, blk, mask, scale)?
+        } else {
+            let sc = p.scores(&qr, mask, blk, scale)?; // (B, H, n, m)
+                                                       // A row with no allowed key has max −∞: clamped, its exps are 0 and its sum 0.
+            let mx = sc.max_keepdim(D::Minus1)?.clamp(-1e30f32, f32::INFINITY)?;
+            let e = sc.broadcast_sub(&mx)?.exp()?;
+            let l = e.sum_keepdim(D::Minus1)?;
+            let pr = e.broadcast_div(&l.clamp(1e-30f32, f32::INFINITY)?)?;
+            let lb = (mx + l.log()?)?.squeeze(D::Minus1)?; // (B, H, n)
+            (pr.to_dtype(q.dtype())?, lb)
+        };
+        let pr = pr.reshape((p.b, p.kv, (p.h / p.kv) * n, hi - lo))?;
         let ob = pr.matmul(&p.vh.narrow(2, lo, hi - lo)?.contiguous()?)?; // (B, KV, G·n, D)
         o = o.slice_assign(
             &[0..p.b, t0..t1, 0..p.h, 0..p.d],
             &p.unrows(&ob, n)?.contiguous()?,
         )?;
-        let lb = (mx + l.log()?)?.squeeze(D::Minus1)?; // (B, H, n)
         lse = lse.slice_assign(&[0..p.b, 0..p.h, t0..t1], &lb.contiguous()?)?;
     }
     Ok((o, lse))
@@ -268,7 +290,13 @@ pub fn backward(
         .sum(D::Minus1)?
         .transpose(1, 2)?
         .contiguous()?;
-    let lse = lse.detach().clamp(-1e30f32, f32::INFINITY)?;
+    // The candle path clamps −∞ (rows with no allowed key) so that exp gives 0, not NaN; the
+    // kernel tests for −∞ itself.
+    let lse = if fused_softmax(&q) {
+        lse.detach().to_dtype(DType::F32)?.contiguous()?
+    } else {
+        lse.detach().clamp(-1e30f32, f32::INFINITY)?
+    };
     let mut dq = Tensor::zeros((p.b, p.t, p.h, p.d), q.dtype(), dev)?;
     let mut dk = Tensor::zeros((p.b, p.kv, p.s, p.d), DType::F32, dev)?;
     let mut dv = Tensor::zeros((p.b, p.kv, p.s, p.d), DType::F32, dev)?;
@@ -277,20 +305,24 @@ pub fn backward(
         let (n, m) = (t1 - t0, hi - lo);
         let qr = p.rows(&q, t0, t1)?;
         let gr = p.rows(&dout, t0, t1)?; // (B, KV, G·n, D)
-        let sc = p.scores(&qr, mask, blk, scale)?; // (B, H, n, m)
-        let pr = sc
-            .broadcast_sub(&lse.narrow(2, t0, n)?.unsqueeze(3)?)?
-            .exp()?;
         let vt = p.vh.narrow(2, lo, m)?.transpose(2, 3)?; // (B, KV, D, m)
-        let dp = gr
-            .matmul(&vt)?
-            .to_dtype(DType::F32)?
-            .reshape((p.b, p.h, n, m))?;
-        let ds = (pr.clone() * dp.broadcast_sub(&delta.narrow(2, t0, n)?.unsqueeze(3)?)?)?;
-        let ds = (ds * scale)?
-            .to_dtype(q.dtype())?
-            .reshape((p.b, p.kv, g * n, m))?;
-        let pr = pr.to_dtype(q.dtype())?.reshape((p.b, p.kv, g * n, m))?;
+        let dp = gr.matmul(&vt)?.reshape((p.b, p.h, n, m))?; // input dtype
+        let (pr, ds) = if fused_softmax(&q) {
+            let x = p.raw_scores(&qr, blk)?;
+            let lb = lse.narrow(2, t0, n)?.contiguous()?;
+            let db = delta.narrow(2, t0, n)?.contiguous()?;
+            softmax_bwd_cuda(&p, &x, &dp, &lb, &db, blk, mask, scale)?
+        } else {
+            let sc = p.scores(&qr, mask, blk, scale)?; // (B, H, n, m)
+            let pr = sc
+                .broadcast_sub(&lse.narrow(2, t0, n)?.unsqueeze(3)?)?
+                .exp()?;
+            let dp = dp.to_dtype(DType::F32)?;
+            let ds = (pr.clone() * dp.broadcast_sub(&delta.narrow(2, t0, n)?.unsqueeze(3)?)?)?;
+            (pr.to_dtype(q.dtype())?, (ds * scale)?.to_dtype(q.dtype())?)
+        };
+        let ds = ds.reshape((p.b, p.kv, g * n, m))?;
+        let pr = pr.reshape((p.b, p.kv, g * n, m))?;
         let kb = p.kh.narrow(2, lo, m)?.contiguous()?; // (B, KV, m, D)
         let dqb = ds.matmul(&kb)?; // (B, KV, G·n, D)
         dq = dq.slice_assign(
@@ -396,4 +428,130 @@ impl CustomOp3 for GemmAttn {
         let (dq, dk, dv) = backward(q, k, v, o, dout, &self.lse, &self.mask, self.scale)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// `attn_softmax_fwd` on a block's raw scores x (B, H, n, m): (p in x's dtype, lse (B, H, n)).
+#[cfg(feature = "cuda")]
+fn softmax_fwd_cuda(
+    pp: &Prep,
+    x: &Tensor,
+    (t0, t1, lo, hi): Blk,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    use crate::cuda::{self, In, Out, PushKernelArg};
+    let dev = cuda::device_of(x)?;
+    let x = x.contiguous()?;
+    let (n, m) = (t1 - t0, hi - lo);
+    let rows = pp.b * pp.h * n;
+    let f = cuda::kernel(
+        &dev,
+        "attn_softmax",
+        &format!("attn_softmax_fwd_{}", cuda::suffix(x.dtype())?),
+    )?;
+    let guards = [&x, &pp.q_seg, &pp.k_seg].map(|t| t.storage_and_layout());
+    let ins: Vec<In> = guards
+        .iter()
+        .map(|(st, l)| In::new(cuda::storage(st)?, l))
+        .collect::<Result<_>>()?;
+    let mut p = Out::alloc(&dev, x.dtype(), rows * m)?;
+    let mut lse = Out::alloc(&dev, DType::F32, rows)?;
+    let stream = dev.cuda_stream();
+    let mut bl = stream.launch_builder(&f);
+    for i in &ins {
+        i.push(&mut bl);
+    }
+    p.push(&mut bl);
+    lse.push(&mut bl);
+    let ints = [rows, pp.h, n, m, pp.t, pp.s, t0, lo].map(|v| v as i32);
+    for v in &ints {
+        bl.arg(v);
+    }
+    let (sc, causal, window) = (scale as f32, mask.causal as i32, mask.window as i32);
+    bl.arg(&sc).arg(&causal).arg(&window);
+    // 8 warps (rows) per block.
+    cuda::run(bl, cuda::cfg(rows.div_ceil(8), 256, 0))?;
+    Ok((
+        p.into_tensor(&dev, (pp.b, pp.h, n, m)),
+        lse.into_tensor(&dev, (pp.b, pp.h, n)),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn softmax_fwd_cuda(
+    _: &Prep,
+    _: &Tensor,
+    _: Blk,
+    _: &AttnMask,
+    _: f64,
+) -> Result<(Tensor, Tensor)> {
+    bail!("gemm_attn: built without CUDA")
+}
+
+/// `attn_softmax_bwd`: (p, dS), both (B, H, n, m) in x's dtype, from the raw scores x, dP,
+/// and the block's lse and Δ (B, H, n) f32.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn softmax_bwd_cuda(
+    pp: &Prep,
+    x: &Tensor,
+    dp: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    (t0, t1, lo, hi): Blk,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    use crate::cuda::{self, In, Out, PushKernelArg};
+    let dev = cuda::device_of(x)?;
+    let (x, dp) = (x.contiguous()?, dp.to_dtype(x.dtype())?.contiguous()?);
+    let (n, m) = (t1 - t0, hi - lo);
+    let total = pp.b * pp.h * n * m;
+    let f = cuda::kernel(
+        &dev,
+        "attn_softmax",
+        &format!("attn_softmax_bwd_{}", cuda::suffix(x.dtype())?),
+    )?;
+    let guards = [&x, &dp, lse, delta, &pp.q_seg, &pp.k_seg].map(|t| t.storage_and_layout());
+    let ins: Vec<In> = guards
+        .iter()
+        .map(|(st, l)| In::new(cuda::storage(st)?, l))
+        .collect::<Result<_>>()?;
+    let mut p = Out::alloc(&dev, x.dtype(), total)?;
+    let mut ds = Out::alloc(&dev, x.dtype(), total)?;
+    let stream = dev.cuda_stream();
+    let mut bl = stream.launch_builder(&f);
+    for i in &ins {
+        i.push(&mut bl);
+    }
+    p.push(&mut bl);
+    ds.push(&mut bl);
+    let total_i = total as i64;
+    bl.arg(&total_i);
+    let ints = [pp.h, n, m, pp.t, pp.s, t0, lo].map(|v| v as i32);
+    for v in &ints {
+        bl.arg(v);
+    }
+    let (sc, causal, window) = (scale as f32, mask.causal as i32, mask.window as i32);
+    bl.arg(&sc).arg(&causal).arg(&window);
+    cuda::run(bl, cuda::cfg(total.div_ceil(256).min(132 * 32), 256, 0))?;
+    Ok((
+        p.into_tensor(&dev, (pp.b, pp.h, n, m)),
+        ds.into_tensor(&dev, (pp.b, pp.h, n, m)),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn softmax_bwd_cuda(
+    _: &Prep,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: Blk,
+    _: &AttnMask,
+    _: f64,
+) -> Result<(Tensor, Tensor)> {
+    bail!("gemm_attn: built without CUDA")
 }
