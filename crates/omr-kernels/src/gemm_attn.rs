@@ -13,7 +13,8 @@
 //! Numerics are those of transformers' eager attention: scores from a GEMM in the input dtype
 //! (bf16 on a GPU), scale, mask, softmax and the backward's elementwise algebra in f32,
 //! probabilities cast to the input dtype for the second GEMM. In f32 (the CPU tests) it
-//! matches the reference to ~1e-6.
+//! matches the reference to ~1e-6. On CUDA the softmax and the softmax backward of a block
+//! are one kernel each (`kernels/attn_softmax.cu`); elsewhere candle ops do the same algebra.
 //!
 //! Layouts as `flash_attn`: q (B, T, H, D), k/v (B, S, KV, D), o (B, T, H, D), lse (B, H, T).
 

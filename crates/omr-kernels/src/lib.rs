@@ -10,7 +10,7 @@
 //! | AdamW on fp32 masters + moments, writing the bf16 copy | [`adamw`] | `kernels/adamw.cu` |
 //! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
-//! | flash attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] | `kernels/flash_attn.cu` |
+//! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
 //!
 //! omr-model calls the forward-path ops (rmsnorm, swiglu, rotary, flash_attn, linear_ce) when
 //! a forward's `Ctx::kernels` is `Kernels::Fused` (dispatch in `omr_model::fused`;

@@ -152,3 +152,51 @@ impl Runtime {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_the_cpu_in_fp32_with_candle_ops_without_a_gpu() {
+        let rt = RuntimeConfig::default().resolve().unwrap();
+        if !rt.device.is_cuda() {
+            assert_eq!((rt.compute, rt.kernels), (DType::F32, Kernels::Candle));
+            assert!(!rt.fused_optimizer());
+            assert_eq!(rt.describe(), "cpu fp32 candle ops");
+        }
+        let bf16 = RuntimeConfig {
+            device: DeviceChoice::Cpu,
+            precision: Precision::Bf16,
+            kernels: KernelChoice::Fused,
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!((bf16.compute, bf16.kernels), (DType::BF16, Kernels::Fused));
+        assert!(bf16.fused_optimizer());
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_a_usage_error_naming_the_key() {
+        if candle_core::utils::cuda_is_available() {
+            return; // a CUDA build: a GPU may be present
+        }
+        let err = RuntimeConfig {
+            device: DeviceChoice::Cuda,
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Usage(_)), "{err}");
+        assert!(err.to_string().contains("[runtime] device"), "{err}");
+    }
+
+    #[test]
+    fn the_section_parses_and_rejects_unknown_values() {
+        let c: RuntimeConfig =
+            toml::from_str("device = \"cpu\"\nprecision = \"bf16\"\nkernels = \"fused\"").unwrap();
+        assert_eq!(c.precision, Precision::Bf16);
+        assert!(toml::from_str::<RuntimeConfig>("precision = \"fp8\"").is_err());
+        assert!(toml::from_str::<RuntimeConfig>("dtype = \"bf16\"").is_err());
+    }
+}
