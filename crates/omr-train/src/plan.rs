@@ -86,7 +86,8 @@ impl Checkpointing {
 pub enum AttentionImpl {
     /// Plain candle ops (`omr_model::attention`): scores are materialised.
     Eager,
-    /// A fused flash-style kernel: output and log-sum-exp only.
+    /// The fused kernels (`Kernels::Fused`): attention keeps output and log-sum-exp only,
+    /// and the loss is the fused linear cross-entropy (no N × V logits).
     Fused,
 }
 

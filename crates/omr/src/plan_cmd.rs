@@ -2,9 +2,10 @@
 //! training step predicted from the run config (`omr_train::plan`), printed as a table by
 //! category, and exit 2 with what to change when it does not fit.
 //!
-//! The defaults describe the GPU target of issue 6 (bf16 compute with f32 masters on an 80 GiB
-//! H100) with today's eager attention; `--attention fused` plans for the CUDA kernels,
-//! `--compute-dtype f32` for today's CPU runtime.
+//! The defaults describe bf16 compute with f32 masters on an 80 GiB H100 with eager attention
+//! (candle ops, scores materialised: the conservative case); `--attention fused` plans for the
+//! fused kernels a CUDA build runs by default (`[runtime] kernels = "auto"`: flash-style
+//! attention and the fused linear cross-entropy), `--compute-dtype f32` for the CPU runtime.
 
 use crate::exit::{Exit, Tag};
 use anyhow::anyhow;
@@ -27,10 +28,11 @@ pub struct PlanArgs {
     /// Kept free for the CUDA context, cuBLAS workspace and allocator slack.
     #[arg(long, default_value = "1GiB")]
     pub headroom: String,
-    /// bf16 (the GPU path: bf16 compute, f32 masters) | f32 (today's CPU runtime).
+    /// bf16 (the GPU path: bf16 compute, f32 masters) | f32 (the CPU runtime).
     #[arg(long, default_value = "bf16")]
     pub compute_dtype: String,
-    /// eager (today's candle attention, scores materialised) | fused (flash-style kernels).
+    /// eager (candle ops: attention scores and N × V logits materialised) | fused (the fused
+    /// kernels of a CUDA build: flash-style attention, fused linear cross-entropy).
     #[arg(long, default_value = "eager")]
     pub attention: String,
     /// config.json of the model instead of the one model.path points to.

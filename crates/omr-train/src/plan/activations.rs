@@ -356,10 +356,22 @@ pub fn count(p: &PlanInput) -> Activations {
     let mut head = Tally::new();
     rms(&mut head, n * c, tl);
     head.add(1.0, labelled * c, s); // labelled rows gathered
-    head.add(1.0, labelled * vocab, s); // logits
-    cast(&mut head, labelled * vocab);
-    head.add(2.0, labelled * vocab, F32); // shifted, exp
-    head.leak(1.0, labelled * vocab, F32); // the detached max
+    match p.attention {
+        AttentionImpl::Eager => {
+            head.add(1.0, labelled * vocab, s); // logits
+            cast(&mut head, labelled * vocab);
+            head.add(2.0, labelled * vocab, F32); // shifted, exp
+            head.leak(1.0, labelled * vocab, F32); // the detached max
+        }
+        AttentionImpl::Fused => {
+            // The fused kernels' linear cross-entropy (omr_kernels::linear_ce): no N × V
+            // logits; dH and dW are computed in the forward (f32 sums) and kept for the
+            // backward, next to one logits tile (LceChunks::default, 2048 × 32768, f32).
+            head.add(1.0, labelled * c, F32);
+            head.add(1.0, vocab * c, F32);
+            head.add(1.0, labelled.min(2048) * vocab.min(32768), F32);
+        }
+    }
     stages.push(Stage {
         name: "lm head + loss",
         leak: head.leak,
