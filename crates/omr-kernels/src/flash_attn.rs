@@ -46,8 +46,8 @@ const CPU_KEYS: usize = 64;
 
 /// Attention with `scale` (usually 1/sqrt(D)). On CUDA: [`crate::gemm_attn::gemm_attn`] (the
 /// blockwise products on cuBLAS's tensor cores: 7.3× the CUDA-core kernel of `flash_attn.cu`
-/// forward + backward on an H200) unless `OMR_ATTN=kernel`; on the CPU: [`flash_attn_kernel`]
-/// (its plain-Rust reference).
+/// forward + backward on an H200) for more than 16 query rows unless `OMR_ATTN=kernel`; else
+/// [`flash_attn_kernel`] (on the CPU its plain-Rust reference).
 pub fn flash_attn(
     q: &Tensor,
     k: &Tensor,
@@ -55,7 +55,10 @@ pub fn flash_attn(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    if q.device().is_cuda() && std::env::var("OMR_ATTN").as_deref() != Ok("kernel") {
+    // A handful of query rows (generation with the key/value cache: one per step) stays on the
+    // kernel: the GEMM path reads the segment ids on the host, a device sync per call.
+    let rows = q.dim(1)?;
+    if q.device().is_cuda() && rows > 16 && std::env::var("OMR_ATTN").as_deref() != Ok("kernel") {
         return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
     }
     flash_attn_kernel(q, k, v, mask, scale)
