@@ -30,6 +30,34 @@ pub struct AttnMask {
     pub k_seg: Option<Tensor>,
 }
 
+impl AttnMask {
+    /// The segment ids on `dev`, contiguous: the given ones, checked to be (B, T) and (B, S)
+    /// u32, or all ones.
+    pub(crate) fn segments(
+        &self,
+        b: usize,
+        t: usize,
+        s: usize,
+        dev: &Device,
+        op: &str,
+    ) -> Result<(Tensor, Tensor)> {
+        let seg = |x: &Option<Tensor>, n: usize| -> Result<Tensor> {
+            match x {
+                Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => {
+                    x.to_device(dev)?.contiguous()
+                }
+                Some(x) => bail!(
+                    "{op}: segment ids must be ({b}, {n}) u32, got {:?} {:?}",
+                    x.dims(),
+                    x.dtype()
+                ),
+                None => Tensor::ones((b, n), DType::U32, dev),
+            }
+        };
+        Ok((seg(&self.q_seg, t)?, seg(&self.k_seg, s)?))
+    }
+}
+
 /// Shapes of one call.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
@@ -57,8 +85,9 @@ pub fn flash_attn(
 ) -> Result<Tensor> {
     // A handful of query rows (generation with the key/value cache: one per step) stays on the
     // kernel: the GEMM path reads the segment ids on the host, a device sync per call.
-    let rows = q.dim(1)?;
-    if q.device().is_cuda() && rows > 16 && std::env::var("OMR_ATTN").as_deref() != Ok("kernel") {
+    static KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let forced = *KERNEL.get_or_init(|| std::env::var("OMR_ATTN").as_deref() == Ok("kernel"));
+    if q.device().is_cuda() && q.dim(1)? > 16 && !forced {
         return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
     }
     flash_attn_kernel(q, k, v, mask, scale)
@@ -91,25 +120,13 @@ pub fn flash_attn_kernel(
     if kv == 0 || h % kv != 0 || d % 2 != 0 || d > 128 || s < t {
         bail!("flash_attn: need H % KV = 0, D even and ≤ 128, S ≥ T (H {h}, KV {kv}, D {d}, T {t}, S {s})")
     }
-    let seg = |x: &Option<Tensor>, n: usize| -> Result<Tensor> {
-        match x {
-            Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => {
-                x.to_device(q.device())?.contiguous()
-            }
-            Some(x) => bail!(
-                "flash_attn: segment ids must be ({b}, {n}) u32, got {:?} {:?}",
-                x.dims(),
-                x.dtype()
-            ),
-            None => Tensor::ones((b, n), DType::U32, q.device()),
-        }
-    };
+    let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_attn")?;
     let op = FlashAttn {
         causal: mask.causal,
         window: mask.window,
         scale: scale as f32,
-        q_seg: seg(&mask.q_seg, t)?,
-        k_seg: seg(&mask.k_seg, s)?,
+        q_seg,
+        k_seg,
         lse: Mutex::new(None),
     };
     q.contiguous()?

@@ -18,10 +18,9 @@
 //!
 //! Layouts as `flash_attn`: q (B, T, H, D), k/v (B, S, KV, D), o (B, T, H, D), lse (B, H, T).
 
-use crate::flash_attn::AttnMask;
-use candle_core::backend::BackendStorage;
+use crate::flash_attn::{AttnMask, Dims};
+use crate::host::Precomputed;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use std::sync::Mutex;
 
 /// A block: query rows [t0, t1), keys [lo, hi).
 type Blk = (usize, usize, usize, usize);
@@ -29,9 +28,10 @@ type Blk = (usize, usize, usize, usize);
 /// Whether the block's softmax (forward) and its backward run as the one-pass kernels of
 /// `kernels/attn_softmax.cu` (CUDA; `OMR_ATTN_SOFTMAX=candle` keeps candle's ops there too).
 fn fused_softmax(x: &Tensor) -> bool {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cfg!(feature = "cuda")
         && x.device().is_cuda()
-        && std::env::var("OMR_ATTN_SOFTMAX").as_deref() != Ok("candle")
+        && !*CANDLE.get_or_init(|| std::env::var("OMR_ATTN_SOFTMAX").as_deref() == Ok("candle"))
 }
 
 /// Bytes of f32 scores one block may hold.
@@ -109,12 +109,7 @@ fn plan(
 }
 
 struct Prep {
-    b: usize,
-    t: usize,
-    s: usize,
-    h: usize,
-    kv: usize,
-    d: usize,
+    dims: Dims,
     /// (B, KV, S, D)
     kh: Tensor,
     vh: Tensor,
@@ -134,29 +129,12 @@ fn prep(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Prep> {
             v.dims()
         )
     }
-    let seg = |x: &Option<Tensor>, n: usize| -> Result<Tensor> {
-        match x {
-            Some(x) if x.dims() == [b, n] && x.dtype() == DType::U32 => {
-                x.to_device(q.device())?.contiguous()
-            }
-            Some(x) => bail!(
-                "gemm_attn: segment ids must be ({b}, {n}) u32, got {:?}",
-                x.dims()
-            ),
-            None => Tensor::ones((b, n), DType::U32, q.device()),
-        }
-    };
-    let (q_seg, k_seg) = (seg(&mask.q_seg, t)?, seg(&mask.k_seg, s)?);
+    let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "gemm_attn")?;
     let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
     let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
     let plan = plan(&qs, &ks, b, t, s, h, mask);
     Ok(Prep {
-        b,
-        t,
-        s,
-        h,
-        kv,
-        d,
+        dims: Dims { b, t, s, h, kv, d },
         kh: k.transpose(1, 2)?.contiguous()?,
         vh: v.transpose(1, 2)?.contiguous()?,
         q_seg,
@@ -172,13 +150,19 @@ impl Prep {
         x.narrow(1, t0, n)?
             .transpose(1, 2)? // (B, H, n, D)
             .contiguous()?
-            .reshape((self.b, self.kv, (self.h / self.kv) * n, self.d))
+            .reshape((
+                self.dims.b,
+                self.dims.kv,
+                (self.dims.h / self.dims.kv) * n,
+                self.dims.d,
+            ))
     }
 
     /// (B, KV, G·n, X) → (B, n, H, X)
     fn unrows(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let last = x.dim(D::Minus1)?;
-        x.reshape((self.b, self.h, n, last))?.transpose(1, 2)
+        x.reshape((self.dims.b, self.dims.h, n, last))?
+            .transpose(1, 2)
     }
 
     /// Additive mask of a block, (B, 1, n, span) f32: 0 where allowed, −∞ elsewhere.
@@ -188,10 +172,10 @@ impl Prep {
         let qs = self.q_seg.narrow(1, t0, n)?.unsqueeze(2)?; // (B, n, 1)
         let ks = self.k_seg.narrow(1, lo, m)?.unsqueeze(1)?; // (B, 1, m)
         let same = qs.broadcast_eq(&ks)?; // (B, n, m) u8
-        let real = qs.ne(0u32)?.broadcast_as((self.b, n, m))?;
+        let real = qs.ne(0u32)?.broadcast_as((self.dims.b, n, m))?;
         let mut ok = (same * real)?;
         if mask.causal || mask.window > 0 {
-            let off = (self.s - self.t) as f32;
+            let off = (self.dims.s - self.dims.t) as f32;
             let qpos = Tensor::arange(t0 as f32 + off, t1 as f32 + off, dev)?.reshape((n, 1))?;
             let kpos = Tensor::arange(lo as f32, hi as f32, dev)?.reshape((1, m))?;
             if mask.causal {
@@ -202,15 +186,16 @@ impl Prep {
                 ok = ok.broadcast_mul(&near)?;
             }
         }
-        let zeros = Tensor::zeros((self.b, n, m), DType::F32, dev)?;
-        let neg = Tensor::full(f32::NEG_INFINITY, (self.b, n, m), dev)?;
+        let zeros = Tensor::zeros((self.dims.b, n, m), DType::F32, dev)?;
+        let neg = Tensor::full(f32::NEG_INFINITY, (self.dims.b, n, m), dev)?;
         ok.where_cond(&zeros, &neg)?.unsqueeze(1)
     }
 
     /// Unscaled scores of a block in the input dtype, (B, H, n, span): one batched GEMM.
     fn raw_scores(&self, qr: &Tensor, (t0, t1, lo, hi): Blk) -> Result<Tensor> {
         let kt = self.kh.narrow(2, lo, hi - lo)?.transpose(2, 3)?; // (B, KV, D, m)
-        qr.matmul(&kt)?.reshape((self.b, self.h, t1 - t0, hi - lo))
+        qr.matmul(&kt)?
+            .reshape((self.dims.b, self.dims.h, t1 - t0, hi - lo))
     }
 
     /// Scaled, masked f32 scores of a block, (B, H, n, span).
@@ -224,7 +209,7 @@ impl Prep {
         let n = t1 - t0;
         let kt = self.kh.narrow(2, lo, hi - lo)?.transpose(2, 3)?; // (B, KV, D, m)
         let sc = qr.matmul(&kt)?.to_dtype(DType::F32)?; // (B, KV, G·n, m)
-        let sc = (sc.reshape((self.b, self.h, n, hi - lo))? * scale)?;
+        let sc = (sc.reshape((self.dims.b, self.dims.h, n, hi - lo))? * scale)?;
         sc.broadcast_add(&self.bias(mask, t0, t1, lo, hi)?)
     }
 }
@@ -240,8 +225,8 @@ pub fn forward(
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let p = prep(&q, &k, &v, mask)?;
     let dev = q.device();
-    let mut o = Tensor::zeros((p.b, p.t, p.h, p.d), q.dtype(), dev)?;
-    let mut lse = Tensor::full(f32::NEG_INFINITY, (p.b, p.h, p.t), dev)?;
+    let mut o = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
+    let mut lse = Tensor::full(f32::NEG_INFINITY, (p.dims.b, p.dims.h, p.dims.t), dev)?;
     for &blk in &p.plan.blocks {
         let (t0, t1, lo, hi) = blk;
         let n = t1 - t0;
@@ -258,13 +243,13 @@ pub fn forward(
             let lb = (mx + l.log()?)?.squeeze(D::Minus1)?; // (B, H, n)
             (pr.to_dtype(q.dtype())?, lb)
         };
-        let pr = pr.reshape((p.b, p.kv, (p.h / p.kv) * n, hi - lo))?;
+        let pr = pr.reshape((p.dims.b, p.dims.kv, (p.dims.h / p.dims.kv) * n, hi - lo))?;
         let ob = pr.matmul(&p.vh.narrow(2, lo, hi - lo)?.contiguous()?)?; // (B, KV, G·n, D)
         o = o.slice_assign(
-            &[0..p.b, t0..t1, 0..p.h, 0..p.d],
+            &[0..p.dims.b, t0..t1, 0..p.dims.h, 0..p.dims.d],
             &p.unrows(&ob, n)?.contiguous()?,
         )?;
-        lse = lse.slice_assign(&[0..p.b, 0..p.h, t0..t1], &lb.contiguous()?)?;
+        lse = lse.slice_assign(&[0..p.dims.b, 0..p.dims.h, t0..t1], &lb.contiguous()?)?;
     }
     Ok((o, lse))
 }
@@ -285,7 +270,7 @@ pub fn backward(
     let dout = dout.detach().to_dtype(q.dtype())?;
     let p = prep(&q, &k, &v, mask)?;
     let dev = q.device();
-    let g = p.h / p.kv;
+    let g = p.dims.h / p.dims.kv;
     // Δ = rowsum(dO · O), (B, H, T) f32
     let delta = (dout.to_dtype(DType::F32)? * o.detach().to_dtype(DType::F32)?)?
         .sum(D::Minus1)?
@@ -298,16 +283,16 @@ pub fn backward(
     } else {
         lse.detach().clamp(-1e30f32, f32::INFINITY)?
     };
-    let mut dq = Tensor::zeros((p.b, p.t, p.h, p.d), q.dtype(), dev)?;
-    let mut dk = Tensor::zeros((p.b, p.kv, p.s, p.d), DType::F32, dev)?;
-    let mut dv = Tensor::zeros((p.b, p.kv, p.s, p.d), DType::F32, dev)?;
+    let mut dq = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
+    let mut dk = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
+    let mut dv = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
     for &blk in &p.plan.blocks {
         let (t0, t1, lo, hi) = blk;
         let (n, m) = (t1 - t0, hi - lo);
         let qr = p.rows(&q, t0, t1)?;
         let gr = p.rows(&dout, t0, t1)?; // (B, KV, G·n, D)
         let vt = p.vh.narrow(2, lo, m)?.transpose(2, 3)?; // (B, KV, D, m)
-        let dp = gr.matmul(&vt)?.reshape((p.b, p.h, n, m))?; // input dtype
+        let dp = gr.matmul(&vt)?.reshape((p.dims.b, p.dims.h, n, m))?; // input dtype
         let (pr, ds) = if fused_softmax(&q) {
             let x = p.raw_scores(&qr, blk)?;
             let lb = lse.narrow(2, t0, n)?.contiguous()?;
@@ -322,18 +307,18 @@ pub fn backward(
             let ds = (pr.clone() * dp.broadcast_sub(&delta.narrow(2, t0, n)?.unsqueeze(3)?)?)?;
             (pr.to_dtype(q.dtype())?, (ds * scale)?.to_dtype(q.dtype())?)
         };
-        let ds = ds.reshape((p.b, p.kv, g * n, m))?;
-        let pr = pr.reshape((p.b, p.kv, g * n, m))?;
+        let ds = ds.reshape((p.dims.b, p.dims.kv, g * n, m))?;
+        let pr = pr.reshape((p.dims.b, p.dims.kv, g * n, m))?;
         let kb = p.kh.narrow(2, lo, m)?.contiguous()?; // (B, KV, m, D)
         let dqb = ds.matmul(&kb)?; // (B, KV, G·n, D)
         dq = dq.slice_assign(
-            &[0..p.b, t0..t1, 0..p.h, 0..p.d],
+            &[0..p.dims.b, t0..t1, 0..p.dims.h, 0..p.dims.d],
             &p.unrows(&dqb, n)?.contiguous()?,
         )?;
         let ds_t = ds.transpose(2, 3)?; // (B, KV, m, G·n)
         let dkb = ds_t.matmul(&qr)?.to_dtype(DType::F32)?;
         let dvb = pr.transpose(2, 3)?.matmul(&gr)?.to_dtype(DType::F32)?;
-        let range = [0..p.b, 0..p.kv, lo..hi, 0..p.d];
+        let range = [0..p.dims.b, 0..p.dims.kv, lo..hi, 0..p.dims.d];
         let dk_old = dk.narrow(2, lo, m)?;
         dk = dk.slice_assign(&range, &(dk_old + dkb)?.contiguous()?)?;
         let dv_old = dv.narrow(2, lo, m)?;
@@ -355,7 +340,7 @@ pub fn gemm_attn(
 ) -> Result<Tensor> {
     let (o, lse) = forward(q, k, v, mask, scale)?;
     let op = GemmAttn {
-        out: Mutex::new(Some(o.contiguous()?)),
+        out: Precomputed::new("gemm_attn", o.contiguous()?),
         lse,
         mask: mask.clone(),
         scale,
@@ -365,20 +350,10 @@ pub fn gemm_attn(
 
 /// The forward's output, attached to (q, k, v) with the blockwise backward.
 struct GemmAttn {
-    out: Mutex<Option<Tensor>>,
+    out: Precomputed,
     lse: Tensor,
     mask: AttnMask,
     scale: f64,
-}
-
-impl GemmAttn {
-    fn take(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("gemm_attn: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("gemm_attn: forward ran twice".into()))
-    }
 }
 
 impl CustomOp3 for GemmAttn {
@@ -395,12 +370,7 @@ impl CustomOp3 for GemmAttn {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let o = self.take()?;
-        let (s, l) = o.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => bail!("gemm_attn: output on another device"),
-        }
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -413,9 +383,7 @@ impl CustomOp3 for GemmAttn {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let o = self.take()?;
-        let (s, l) = o.storage_and_layout();
-        Ok((crate::cuda::storage(&s)?.try_clone(l)?, l.shape().clone()))
+        self.out.cuda()
     }
 
     fn bwd(
@@ -444,7 +412,7 @@ fn softmax_fwd_cuda(
     let dev = cuda::device_of(x)?;
     let x = x.contiguous()?;
     let (n, m) = (t1 - t0, hi - lo);
-    let rows = pp.b * pp.h * n;
+    let rows = pp.dims.b * pp.dims.h * n;
     let f = cuda::kernel(
         &dev,
         "attn_softmax",
@@ -464,7 +432,7 @@ fn softmax_fwd_cuda(
     }
     p.push(&mut bl);
     lse.push(&mut bl);
-    let ints = [rows, pp.h, n, m, pp.t, pp.s, t0, lo].map(|v| v as i32);
+    let ints = [rows, pp.dims.h, n, m, pp.dims.t, pp.dims.s, t0, lo].map(|v| v as i32);
     for v in &ints {
         bl.arg(v);
     }
@@ -473,8 +441,8 @@ fn softmax_fwd_cuda(
     // 8 warps (rows) per block.
     cuda::run(bl, cuda::cfg(rows.div_ceil(8), 256, 0))?;
     Ok((
-        p.into_tensor(&dev, (pp.b, pp.h, n, m)),
-        lse.into_tensor(&dev, (pp.b, pp.h, n)),
+        p.into_tensor(&dev, (pp.dims.b, pp.dims.h, n, m)),
+        lse.into_tensor(&dev, (pp.dims.b, pp.dims.h, n)),
     ))
 }
 
@@ -507,7 +475,7 @@ fn softmax_bwd_cuda(
     let dev = cuda::device_of(x)?;
     let (x, dp) = (x.contiguous()?, dp.to_dtype(x.dtype())?.contiguous()?);
     let (n, m) = (t1 - t0, hi - lo);
-    let total = pp.b * pp.h * n * m;
+    let total = pp.dims.b * pp.dims.h * n * m;
     let f = cuda::kernel(
         &dev,
         "attn_softmax",
@@ -529,7 +497,7 @@ fn softmax_bwd_cuda(
     ds.push(&mut bl);
     let total_i = total as i64;
     bl.arg(&total_i);
-    let ints = [pp.h, n, m, pp.t, pp.s, t0, lo].map(|v| v as i32);
+    let ints = [pp.dims.h, n, m, pp.dims.t, pp.dims.s, t0, lo].map(|v| v as i32);
     for v in &ints {
         bl.arg(v);
     }
@@ -537,8 +505,8 @@ fn softmax_bwd_cuda(
     bl.arg(&sc).arg(&causal).arg(&window);
     cuda::run(bl, cuda::cfg(total.div_ceil(256).min(132 * 32), 256, 0))?;
     Ok((
-        p.into_tensor(&dev, (pp.b, pp.h, n, m)),
-        ds.into_tensor(&dev, (pp.b, pp.h, n, m)),
+        p.into_tensor(&dev, (pp.dims.b, pp.dims.h, n, m)),
+        ds.into_tensor(&dev, (pp.dims.b, pp.dims.h, n, m)),
     ))
 }
 

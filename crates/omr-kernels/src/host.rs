@@ -66,3 +66,46 @@ pub(crate) fn check_float(op: &str, dtype: DType) -> Result<()> {
         other => bail!("{op}: dtype {other:?} is not supported (f32 or bf16)"),
     }
 }
+
+/// An op's output computed before the op is applied (from detached inputs), which its forward
+/// only hands over, once: how the ops that compute their gradients in the forward
+/// (`linear_ce`) or recompute them blockwise (`gemm_attn`) attach to candle's graph.
+pub(crate) struct Precomputed {
+    op: &'static str,
+    value: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl Precomputed {
+    pub(crate) fn new(op: &'static str, value: Tensor) -> Precomputed {
+        Precomputed {
+            op,
+            value: std::sync::Mutex::new(Some(value)),
+        }
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.op)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.op)))
+    }
+
+    /// The value's storage, for `cpu_fwd`.
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => bail!("{}: output on another device", self.op),
+        }
+    }
+
+    /// The value's storage, for `cuda_fwd`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        Ok((crate::cuda::storage(&s)?.try_clone(l)?, l.shape().clone()))
+    }
+}

@@ -17,12 +17,9 @@
 //! dtype (bf16 products on CUDA), their statistics in f32.
 //! Kernels: `kernels/linear_ce.cu`; CPU: [`tile_stats_ref`], [`tile_grad_ref`].
 
-use crate::host;
+use crate::host::{self, Precomputed};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
-};
-use std::sync::Mutex;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// Tile sizes: rows of H and entries of the vocabulary per logits tile.
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +71,7 @@ pub fn linear_cross_entropy(
         Some((dh, dw)) => h.apply_op2(
             w,
             Attach {
-                loss: Mutex::new(Some(loss)),
+                loss: Precomputed::new("linear_cross_entropy", loss),
                 dh,
                 dw,
             },
@@ -334,21 +331,9 @@ impl CustomOp2 for TileGrad {
 
 /// The loss computed in the forward, attached to (h, w) with the gradients it came with.
 struct Attach {
-    loss: Mutex<Option<Tensor>>,
+    loss: Precomputed,
     dh: Tensor,
     dw: Tensor,
-}
-
-impl Attach {
-    fn take(&self) -> Result<Tensor> {
-        self.loss
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("linear_cross_entropy: poisoned".into()))?
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("linear_cross_entropy: forward ran twice".into())
-            })
-    }
 }
 
 impl CustomOp2 for Attach {
@@ -363,12 +348,7 @@ impl CustomOp2 for Attach {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let loss = self.take()?;
-        let (s, l) = loss.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => Ok((c.try_clone(l)?, Shape::from(()))),
-            _ => bail!("linear_cross_entropy: loss on another device"),
-        }
+        self.loss.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -379,9 +359,7 @@ impl CustomOp2 for Attach {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let loss = self.take()?;
-        let (s, l) = loss.storage_and_layout();
-        Ok((crate::cuda::storage(&s)?.try_clone(l)?, Shape::from(())))
+        self.loss.cuda()
     }
 
     fn bwd(

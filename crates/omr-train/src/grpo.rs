@@ -27,7 +27,7 @@ use crate::eval;
 use crate::grpo_config::GrpoConfig;
 use crate::grpo_loss::{advantages, policy_loss, LossType};
 use crate::metrics::{rss_mib, Metrics};
-use crate::optim::{param_specs, AdamW, StepOutcome};
+use crate::optim::StepOutcome;
 use crate::rewards::{mean_std, score_all, Reward, RewardInput};
 use crate::rollout::{
     self, completion_logps, generate_groups, logps_from_hidden, seq_batch, PromptItem,
@@ -43,7 +43,6 @@ use omr_data::pipeline::Processor;
 use omr_data::quarantine::{Quarantine, QuarantineError, Reason};
 use omr_model::generate::{Completion, SamplingConfig};
 use omr_model::linear::Ctx;
-use omr_model::model::Qwen2VL;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -89,33 +88,16 @@ pub fn run_with(
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    // With mixed precision the modules hold bf16 casts of the masters: rebuilt after every
-    // change of the masters (resume, optimizer update).
-    let build_model = |b: &setup::Built| -> Result<Qwen2VL> {
-        Ok(Qwen2VL::new(&b.cfg, &b.params)?.with_kernels(rt.kernels))
-    };
-    let mut model = build_model(&built)?;
-    let wrt: Vec<Tensor> = built
-        .params
-        .trainable()
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect();
+    let mut model = built.model(&rt)?;
     let recompute = cfg.train.activation_checkpointing.recompute();
-    let trainable: Vec<_> = built
-        .params
-        .trainable()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(param_specs(trainable, &cfg.optim), &cfg.optim)
-        .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
-    opt.set_fused(rt.fused_optimizer());
+    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     // The frozen reference: the run's initial weights, built again from the same [model].
     let reference = if cfg.objective.beta > 0.0 {
         let mut r = setup::build(&cfg.model, cfg.train.seed, &device)?;
         r.params.set_trainable(|_| true, false);
         let id = weights_identity(&r)?;
         rt.prepare(&mut r.params)?;
-        Some((build_model(&r)?, id))
+        Some((r.model(&rt)?, id))
     } else {
         None
     };
@@ -165,7 +147,7 @@ pub fn run_with(
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
-            model = build_model(&built)?;
+            model = built.model(&rt)?;
         }
     }
     let resolved = cfg.to_toml();
@@ -459,7 +441,7 @@ pub fn run_with(
                 }
             };
             if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
-                model = build_model(&built)?;
+                model = built.model(&rt)?;
             }
             gs.updates += 1;
             updates_done += 1;

@@ -58,6 +58,29 @@ pub struct RuntimeConfig {
     pub kernels: KernelChoice,
 }
 
+/// The command-line words of the `[runtime]` keys (`--device`, `--precision`, `--kernels`),
+/// the same as in TOML; the error names the flag's choices.
+macro_rules! from_words {
+    ($t:ty, $flag:literal, $($word:literal => $v:expr),+) => {
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($word => Ok($v),)+
+                    other => Err(format!(
+                        concat!($flag, " {}: ", from_words!(@list $($word),+)),
+                        other
+                    )),
+                }
+            }
+        }
+    };
+    (@list $first:literal $(, $rest:literal)*) => { concat!($first $(, ", ", $rest)*) };
+}
+from_words!(DeviceChoice, "--device", "auto" => DeviceChoice::Auto, "cpu" => DeviceChoice::Cpu, "cuda" => DeviceChoice::Cuda);
+from_words!(Precision, "--precision", "auto" => Precision::Auto, "fp32" => Precision::Fp32, "bf16" => Precision::Bf16);
+from_words!(KernelChoice, "--kernels", "auto" => KernelChoice::Auto, "candle" => KernelChoice::Candle, "fused" => KernelChoice::Fused);
+
 /// A resolved `[runtime]`.
 #[derive(Clone, Debug)]
 pub struct Runtime {
@@ -198,5 +221,10 @@ mod tests {
         assert_eq!(c.precision, Precision::Bf16);
         assert!(toml::from_str::<RuntimeConfig>("precision = \"fp8\"").is_err());
         assert!(toml::from_str::<RuntimeConfig>("dtype = \"bf16\"").is_err());
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert_eq!(
+            "fp8".parse::<Precision>(),
+            Err("--precision fp8: auto, fp32, bf16".to_string())
+        );
     }
 }

@@ -5,6 +5,8 @@
 
 use crate::config::{ModelInit, ModelSection};
 use crate::error::{Result, TrainError};
+use crate::optim::{param_specs, AdamW, OptimConfig};
+use crate::runtime::Runtime;
 use candle_core::{DType, Device, Tensor};
 use omr_data::config::DataConfig;
 use omr_data::loader::{Loader, Rank};
@@ -12,7 +14,7 @@ use omr_data::source;
 use omr_model::config::ModelConfig;
 use omr_model::params::{Params, Part};
 use omr_model::tiny::TokenIds;
-use omr_model::{lora, pretrained};
+use omr_model::{lora, pretrained, Qwen2VL};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -81,6 +83,32 @@ pub fn build(m: &ModelSection, seed: u64, device: &Device) -> Result<Built> {
         base_id,
         eos_token_ids: eos,
     })
+}
+
+impl Built {
+    /// The modules, running `rt`'s kernels. With mixed precision they hold bf16 casts of the
+    /// masters: a run builds them again after every change of the masters (resume, optimizer
+    /// step) when `params.casts_on_get()`.
+    pub fn model(&self, rt: &Runtime) -> Result<Qwen2VL> {
+        Ok(Qwen2VL::new(&self.cfg, &self.params)?.with_kernels(rt.kernels))
+    }
+}
+
+/// AdamW over the trainable parameters of `params` (the fused update when `rt` uses the fused
+/// kernels), and those parameters as tensors: what `Qwen2VL::forward_backward` differentiates.
+pub fn optimizer(params: &Params, cfg: &OptimConfig, rt: &Runtime) -> Result<(AdamW, Vec<Tensor>)> {
+    let trainable: Vec<_> = params
+        .trainable()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    let wrt = trainable
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let mut opt = AdamW::new(param_specs(trainable, cfg), cfg)
+        .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
+    opt.set_fused(rt.fused_optimizer());
+    Ok((opt, wrt))
 }
 
 /// The trainable tensors, by name (what a checkpoint's `weights.safetensors` holds).

@@ -22,18 +22,16 @@ use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::metrics::{rss_mib, Metrics, StepStats};
-use crate::optim::{param_specs, AdamW, StepOutcome};
+use crate::optim::StepOutcome;
 use crate::setup;
 use crate::signals::StopFlag;
 use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, TrainState};
-use candle_core::Tensor;
 use omr_data::batcher::{BatchError, Batcher};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::{Quarantine, QuarantineError};
 use omr_model::linear::Ctx;
-use omr_model::model::Qwen2VL;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,26 +78,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    // With mixed precision the modules hold bf16 casts of the masters: rebuilt after every
-    // change of the masters (resume, optimizer step).
-    let build_model = |b: &setup::Built| -> Result<Qwen2VL> {
-        Ok(Qwen2VL::new(&b.cfg, &b.params)?.with_kernels(rt.kernels))
-    };
-    let mut model = build_model(&built)?;
-    let wrt: Vec<Tensor> = built
-        .params
-        .trainable()
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect();
+    let mut model = built.model(&rt)?;
     let recompute = cfg.train.activation_checkpointing.recompute();
-    let trainable: Vec<_> = built
-        .params
-        .trainable()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(param_specs(trainable, &cfg.optim), &cfg.optim)
-        .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
-    opt.set_fused(rt.fused_optimizer());
+    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
     let mut loader = setup::open_loader(&cfg.data)?;
@@ -126,7 +107,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
-            model = build_model(&built)?;
+            model = built.model(&rt)?;
         }
     }
     let resolved = cfg.to_toml();
@@ -268,7 +249,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
                 .map_err(|e| TrainError::Internal(e.to_string()))?
         };
         if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
-            model = build_model(&built)?;
+            model = built.model(&rt)?;
         }
         let grad_norm = match outcome {
             StepOutcome::Applied { grad_norm, .. } => {

@@ -20,8 +20,9 @@ use omr_model::params::{Params, Part};
 use omr_model::Kernels;
 use omr_train::bench_step::{train_step, PhaseTimes, SyntheticBatch};
 use omr_train::flops::step_flops;
-use omr_train::optim::{param_specs, AdamW, OptimConfig};
+use omr_train::optim::OptimConfig;
 use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
+use omr_train::runtime::RuntimeConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
@@ -49,7 +50,7 @@ pub struct BenchTrainArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// cpu | cuda (cuda needs a build with the CUDA feature of the kernels issue).
+    /// cpu | cuda | auto (cuda needs a build with `--features cuda`; auto: cuda when there is one).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Peak dense TFLOP/s for MFU (default 989 on CUDA = H100 SXM bf16; none on CPU).
@@ -194,13 +195,6 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
-    let device = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)
-            .context("--device cuda: this build has no CUDA support (it comes with the kernels issue's `cuda` feature)")
-            .usage()?,
-        other => return Err(Exit::usage(anyhow::anyhow!("--device {other}: cpu or cuda"))),
-    };
     let checkpointing = match a.activation_checkpointing.as_str() {
         "none" => Checkpointing::None,
         "decoder" => Checkpointing::Decoder,
@@ -212,26 +206,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             )))
         }
     };
-    let kernels = match a.kernels.as_str() {
-        "auto" => Kernels::auto(&device),
-        "candle" => Kernels::Candle,
-        "fused" => Kernels::Fused,
-        other => {
-            return Err(Exit::usage(anyhow::anyhow!(
-                "--kernels {other}: auto, candle or fused"
-            )))
-        }
-    };
-    let compute = match a.precision.as_str() {
-        "auto" if device.is_cuda() => DType::BF16,
-        "auto" | "fp32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => {
-            return Err(Exit::usage(anyhow::anyhow!(
-                "--precision {other}: auto, fp32 or bf16"
-            )))
-        }
-    };
+    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
+    let rt = RuntimeConfig {
+        device: a.device.parse().map_err(words)?,
+        precision: a.precision.parse().map_err(words)?,
+        kernels: a.kernels.parse().map_err(words)?,
+    }
+    .resolve()
+    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))?;
+    let (device, compute, kernels) = (rt.device.clone(), rt.compute, rt.kernels);
     let precision = if compute == DType::BF16 {
         "bf16"
     } else {
@@ -293,20 +276,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     }
     params.set_compute_dtype(compute)?;
     let mut model = Qwen2VL::new(&cfg, &params)?;
-    let wrt: Vec<_> = params
-        .trainable()
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect();
-    let trainable: Vec<_> = params
-        .trainable()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
     let optim = OptimConfig {
         lr: 1e-5,
         ..OptimConfig::default()
     };
-    let mut opt = AdamW::new(param_specs(trainable, &optim), &optim)?;
-    opt.set_fused(kernels == Kernels::Fused);
+    let (mut opt, wrt) = omr_train::setup::optimizer(&params, &optim, &rt)?;
     let input = batch.input(&device, DType::F32)?;
     let (rss_state, _) = rss();
     eprintln!(

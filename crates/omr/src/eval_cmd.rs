@@ -65,26 +65,10 @@ pub struct EvalArgs {
 
 /// `[runtime]` from the command line's words.
 fn runtime(device: &str, precision: &str) -> crate::Result<omr_train::runtime::Runtime> {
-    use omr_train::runtime::{DeviceChoice, Precision, RuntimeConfig};
-    let device = match device {
-        "auto" => DeviceChoice::Auto,
-        "cpu" => DeviceChoice::Cpu,
-        "cuda" => DeviceChoice::Cuda,
-        other => return Err(Exit::usage(anyhow!("--device {other}: auto, cpu or cuda"))),
-    };
-    let precision = match precision {
-        "auto" => Precision::Auto,
-        "fp32" => Precision::Fp32,
-        "bf16" => Precision::Bf16,
-        other => {
-            return Err(Exit::usage(anyhow!(
-                "--precision {other}: auto, fp32 or bf16"
-            )))
-        }
-    };
-    RuntimeConfig {
-        device,
-        precision,
+    let words = |e: String| Exit::usage(anyhow!(e));
+    omr_train::runtime::RuntimeConfig {
+        device: device.parse().map_err(words)?,
+        precision: precision.parse().map_err(words)?,
         ..Default::default()
     }
     .resolve()
