@@ -7,15 +7,17 @@
 // through a correctly rounded intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn) so nvcc
 // contracts nothing into FMAs: the result is bit for bit the CPU reference's and the
 // optimizer's. The `+ 0` of candle's affine is kept (it turns −0 into +0). Outputs are new
-// buffers (the optimizer replaces its moments each step); g may be f32 or bf16, or absent
-// (has_g = 0: a zero gradient, the parameter had none this step).
+// buffers, or the inputs (the optimizer's in-place step); the bf16 copy is optional
+// (has_pb); g may be f32 or bf16, or absent (has_g = 0: a zero gradient, the parameter had
+// none this step).
 #include "common.cuh"
 
+// The outputs may be the inputs themselves (po = p, mo = m, vo = v: the optimizer's in-place
+// step), hence no __restrict__ on them: each element is read, then written, by one thread.
 template <typename G>
-__device__ void adamw_step(const float* __restrict__ p, const float* __restrict__ m,
-                           const float* __restrict__ v, const G* __restrict__ g, int has_g,
-                           float* __restrict__ po, float* __restrict__ mo, float* __restrict__ vo,
-                           bf16* __restrict__ pb, long n, float coef, float b1, float omb1,
+__device__ void adamw_step(const float* p, const float* m, const float* v,
+                           const G* __restrict__ g, int has_g, float* po, float* mo, float* vo,
+                           bf16* pb, int has_pb, long n, float coef, float b1, float omb1,
                            float b2, float omb2, float decay, float inv_b2, float eps,
                            float step) {
   const long stride = (long)gridDim.x * blockDim.x;
@@ -31,17 +33,17 @@ __device__ void adamw_step(const float* __restrict__ p, const float* __restrict_
     po[i] = p1;
     mo[i] = m1;
     vo[i] = v1;
-    pb[i] = __float2bfloat16_rn(p1);
+    if (has_pb) pb[i] = __float2bfloat16_rn(p1);
   }
 }
 
 #define ENTRY(G, S)                                                                            \
   extern "C" __global__ void adamw_step_##S(                                                   \
       const float* p, const float* m, const float* v, const G* g, int has_g, float* po,        \
-      float* mo, float* vo, bf16* pb, long n, float coef, float b1, float omb1, float b2,      \
-      float omb2, float decay, float inv_b2, float eps, float step) {                          \
-    adamw_step<G>(p, m, v, g, has_g, po, mo, vo, pb, n, coef, b1, omb1, b2, omb2, decay,      \
-                  inv_b2, eps, step);                                                          \
+      float* mo, float* vo, bf16* pb, int has_pb, long n, float coef, float b1, float omb1,    \
+      float b2, float omb2, float decay, float inv_b2, float eps, float step) {                \
+    adamw_step<G>(p, m, v, g, has_g, po, mo, vo, pb, has_pb, n, coef, b1, omb1, b2, omb2,     \
+                  decay, inv_b2, eps, step);                                                   \
   }
 ENTRY(float, f32)
 ENTRY(bf16, bf16)

@@ -16,6 +16,9 @@
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
 #
+#   3. with .gpu-bin/libomr_prof.so (scripts/cuda/prof/build.sh): a CUPTI kernel profile of
+#      the 3B step.
+#
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
 # session.log (all output), the JSON report of each `bench train` and summary.txt (each
 # step's exit status and seconds), which also ends the output.
@@ -52,6 +55,13 @@ if [ -z "$quick" ]; then
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
+fi
+# Kernel-level profile (CUPTI; scripts/cuda/prof) of the fused 3B step, when built and the
+# machine has libcupti (torch's CUDA 13 wheels bring it): calls and time per kernel, GPU busy
+# time against the span of the run, the driver calls that cost the host most.
+if [ -f "$here/../../.gpu-bin/libomr_prof.so" ]; then
+  step prof-3b-2k 120 "$here/prof/run.sh" "$out/prof-3b-2k.txt" "$bin" bench train "${common[@]}" \
+    --seq 2048 --steps 2 --warmup 1
 fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

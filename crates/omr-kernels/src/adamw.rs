@@ -192,6 +192,7 @@ fn cuda_step(
     let mut vo = Out::alloc(&dev, DType::F32, n)?;
     let mut pb = Out::alloc(&dev, DType::BF16, n)?;
     let has_g = g.is_some() as i32;
+    let has_pb = 1i32;
     let n_i = n as i64;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -204,6 +205,7 @@ fn cuda_step(
     mo.push(&mut b);
     vo.push(&mut b);
     pb.push(&mut b);
+    b.arg(&has_pb);
     b.arg(&n_i)
         .arg(&c.coef)
         .arg(&c.b1)
@@ -222,4 +224,121 @@ fn cuda_step(
         v: vo.into_tensor(&dev, shape.clone()),
         p_bf16: pb.into_tensor(&dev, shape),
     })
+}
+
+/// One AdamW step written into `p`, `m` and `v` themselves (f32, contiguous, one shape), and
+/// into `copy` (bf16, p's shape) when given: the optimizer's update on a GPU, one pass over
+/// memory with no new buffers. The same arithmetic as [`adamw_step`], bit for bit. CUDA only
+/// (an error elsewhere: CPU tensors cannot be written in place; use [`adamw_step`]).
+pub fn adamw_step_in_place(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: Option<&Tensor>,
+    h: &AdamWHyper,
+    copy: Option<&Tensor>,
+) -> Result<()> {
+    for (name, t) in [("p", p), ("m", m), ("v", v)] {
+        if t.dtype() != DType::F32 || t.shape() != p.shape() || !t.is_contiguous() {
+            bail!(
+                "adamw_step_in_place: {name} must be contiguous f32 {:?}, got {:?} {:?}",
+                p.dims(),
+                t.dtype(),
+                t.dims()
+            )
+        }
+    }
+    if let Some(c) = copy {
+        if c.dtype() != DType::BF16 || c.shape() != p.shape() || !c.is_contiguous() {
+            bail!(
+                "adamw_step_in_place: the copy must be contiguous bf16 {:?}, got {:?} {:?}",
+                p.dims(),
+                c.dtype(),
+                c.dims()
+            )
+        }
+    }
+    if let Some(g) = g {
+        host::check_float("adamw_step_in_place", g.dtype())?;
+        if g.shape() != p.shape() {
+            bail!(
+                "adamw_step_in_place: g {:?} is not p's shape {:?}",
+                g.dims(),
+                p.dims()
+            )
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        return cuda_step_in_place(p, m, v, g, &h.consts(), copy);
+    }
+    let _ = h;
+    bail!(
+        "adamw_step_in_place: CUDA tensors only (got {:?})",
+        p.device()
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_step_in_place(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: Option<&Tensor>,
+    c: &Consts,
+    copy: Option<&Tensor>,
+) -> Result<()> {
+    use crate::cuda::{self, In, PushKernelArg};
+    let dev = cuda::device_of(p)?;
+    let g = g.map(|g| g.contiguous()).transpose()?;
+    let n = p.elem_count();
+    // Without a gradient the kernel never reads g, without a copy it never writes one; p
+    // stands in for those pointers.
+    let gt = g.as_ref().unwrap_or(p);
+    let ct = copy.unwrap_or(p);
+    let f = cuda::kernel(
+        &dev,
+        "adamw",
+        &format!("adamw_step_{}", cuda::suffix(gt.dtype())?),
+    )?;
+    let (ps, pl) = p.storage_and_layout();
+    let (ms, ml) = m.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (gs, gl) = gt.storage_and_layout();
+    let (cs, cl) = ct.storage_and_layout();
+    // The kernel reads each element of p, m, v and then writes it back, through the same
+    // pointers (stream-ordered after every reader of the old values, like any candle op).
+    let (pi, mi, vi, gi, ci) = (
+        In::new(cuda::storage(&ps)?, pl)?,
+        In::new(cuda::storage(&ms)?, ml)?,
+        In::new(cuda::storage(&vs)?, vl)?,
+        In::new(cuda::storage(&gs)?, gl)?,
+        In::new(cuda::storage(&cs)?, cl)?,
+    );
+    let has_g = g.is_some() as i32;
+    let has_pb = copy.is_some() as i32;
+    let n_i = n as i64;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    pi.push(&mut b);
+    mi.push(&mut b);
+    vi.push(&mut b);
+    gi.push(&mut b);
+    b.arg(&has_g);
+    pi.push(&mut b);
+    mi.push(&mut b);
+    vi.push(&mut b);
+    ci.push(&mut b);
+    b.arg(&has_pb);
+    b.arg(&n_i)
+        .arg(&c.coef)
+        .arg(&c.b1)
+        .arg(&c.omb1)
+        .arg(&c.b2)
+        .arg(&c.omb2)
+        .arg(&c.decay)
+        .arg(&c.inv_b2)
+        .arg(&c.eps)
+        .arg(&c.step);
+    cuda::run(b, cuda::cfg(n.div_ceil(256).min(132 * 16), 256, 0))
 }

@@ -254,6 +254,18 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         0.0,
         || adamw_step(&p, &m, &v, Some(&gr), &hyp),
     )?;
+    if gpu {
+        // What the optimizer runs on a GPU: p, m, v and the bf16 copy written in place.
+        let pb = p.to_dtype(DType::BF16)?;
+        b.add(
+            "adamw step in place",
+            format!("({n}) f32 + bf16 copy"),
+            DType::F32,
+            30.0 * n as f64,
+            0.0,
+            || crate::adamw::adamw_step_in_place(&p, &m, &v, Some(&gr), &hyp, Some(&pb)),
+        )?;
+    }
 
     // Fused linear cross-entropy, forward + gradients (Qwen2.5 vocabulary).
     let (nt, vocab) = if gpu { (4096, 151_936) } else { (64, 8192) };

@@ -230,6 +230,7 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                             window,
                             q_seg: Some(t[3].clone()),
                             k_seg: Some(t[3].clone()),
+                            host: None,
                         };
                         let attn = if gemm {
                             crate::gemm_attn::gemm_attn
@@ -276,6 +277,17 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
         c.cmp(&format!("adamw {name}"), 0.0, &ins, |t| {
             let o = adamw_step(&t[0], &t[1], &t[2], t.get(3), &h)?;
             Ok(vec![o.p, o.m, o.v, o.p_bf16])
+        })?;
+        // The optimizer's in-place step on the GPU against the reference on the CPU.
+        c.cmp(&format!("adamw in place {name}"), 0.0, &ins, |t| {
+            if t[0].device().is_cpu() {
+                let o = adamw_step(&t[0], &t[1], &t[2], t.get(3), &h)?;
+                return Ok(vec![o.p, o.m, o.v, o.p_bf16]);
+            }
+            let (p, m, v) = (t[0].copy()?, t[1].copy()?, t[2].copy()?);
+            let pb = p.to_dtype(DType::BF16)?;
+            crate::adamw::adamw_step_in_place(&p, &m, &v, t.get(3), &h, Some(&pb))?;
+            Ok(vec![p, m, v, pb])
         })?;
     }
     Ok(c.out)

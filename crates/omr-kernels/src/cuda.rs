@@ -157,3 +157,53 @@ pub(crate) fn cfg(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
         shared_mem_bytes: smem,
     }
 }
+
+/// Makes the device's default memory pool keep what it has allocated. candle allocates every
+/// output through `cuMemAllocAsync` on that pool, whose release threshold is 0 by default: at
+/// each synchronisation (a loss read back, a norm for clipping) the pool hands its free memory
+/// back to the driver, and the next allocations map it again, page by page. A training step
+/// allocates and frees tens of GB, so this churn is paid every step. With the threshold at
+/// u64::MAX the pool behaves like PyTorch's caching allocator: freed blocks are reused.
+pub(crate) fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    // SAFETY: a plain driver call on a live pool; `value` outlives the call.
+    unsafe {
+        let mut value: u64 = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut value as *mut u64 as *mut std::ffi::c_void,
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            bail!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {r:?}")
+        }
+    }
+    Ok(())
+}
+
+/// The device's default memory pool (the one candle's `cuMemAllocAsync` allocates from).
+fn default_pool(dev: &CudaDevice) -> Result<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on a live context's device.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuDeviceGetDefaultMemPool: {r:?}")
+    }
+    Ok(pool)
+}
+
+/// Releases every free block of the default pool to the driver.
+pub(crate) fn trim_pool(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    // SAFETY: a plain driver call on a live pool.
+    let r = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuMemPoolTrimTo: {r:?}")
+    }
+    Ok(())
+}

@@ -28,6 +28,10 @@ pub struct AttnMask {
     /// Segment id of each query (B, T) and key (B, S), u32, 0 = padding.
     pub q_seg: Option<Tensor>,
     pub k_seg: Option<Tensor>,
+    /// The same ids on the host, (B·T) and (B·S) row-major, when the mask's builder has them:
+    /// the GEMM attention plans its blocks from them without reading the device (a read is a
+    /// synchronisation per call).
+    pub host: Option<std::sync::Arc<(Vec<u32>, Vec<u32>)>>,
 }
 
 impl AttnMask {

@@ -130,9 +130,17 @@ fn prep(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Prep> {
         )
     }
     let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "gemm_attn")?;
-    let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
-    let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
-    let plan = plan(&qs, &ks, b, t, s, h, mask);
+    let plan = match mask.host.as_deref() {
+        Some((qs, ks)) if qs.len() == b * t && ks.len() == b * s => plan(qs, ks, b, t, s, h, mask),
+        _ if mask.q_seg.is_none() && mask.k_seg.is_none() => {
+            plan(&vec![1; b * t], &vec![1; b * s], b, t, s, h, mask)
+        }
+        _ => {
+            let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
+            let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
+            plan(&qs, &ks, b, t, s, h, mask)
+        }
+    };
     Ok(Prep {
         dims: Dims { b, t, s, h, kv, d },
         kh: k.transpose(1, 2)?.contiguous()?,
@@ -225,8 +233,10 @@ pub fn forward(
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let p = prep(&q, &k, &v, mask)?;
     let dev = q.device();
-    let mut o = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
-    let mut lse = Tensor::full(f32::NEG_INFINITY, (p.dims.b, p.dims.h, p.dims.t), dev)?;
+    // Filled block by block in place (slice_set: one copy of the block; slice_assign would
+    // rebuild the whole tensor per block). Rows no block covers keep o = 0, lse = −∞.
+    let o = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
+    let lse = Tensor::full(f32::NEG_INFINITY, (p.dims.b, p.dims.h, p.dims.t), dev)?;
     for &blk in &p.plan.blocks {
         let (t0, t1, lo, hi) = blk;
         let n = t1 - t0;
@@ -245,11 +255,8 @@ pub fn forward(
         };
         let pr = pr.reshape((p.dims.b, p.dims.kv, (p.dims.h / p.dims.kv) * n, hi - lo))?;
         let ob = pr.matmul(&p.vh.narrow(2, lo, hi - lo)?.contiguous()?)?; // (B, KV, G·n, D)
-        o = o.slice_assign(
-            &[0..p.dims.b, t0..t1, 0..p.dims.h, 0..p.dims.d],
-            &p.unrows(&ob, n)?.contiguous()?,
-        )?;
-        lse = lse.slice_assign(&[0..p.dims.b, 0..p.dims.h, t0..t1], &lb.contiguous()?)?;
+        o.slice_set(&p.unrows(&ob, n)?.contiguous()?, 1, t0)?;
+        lse.slice_set(&lb.to_dtype(DType::F32)?.contiguous()?, 2, t0)?;
     }
     Ok((o, lse))
 }
@@ -283,9 +290,10 @@ pub fn backward(
     } else {
         lse.detach().clamp(-1e30f32, f32::INFINITY)?
     };
-    let mut dq = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
-    let mut dk = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
-    let mut dv = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
+    // Accumulated in place, block by block (see `forward`).
+    let dq = Tensor::zeros((p.dims.b, p.dims.t, p.dims.h, p.dims.d), q.dtype(), dev)?;
+    let dk = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
+    let dv = Tensor::zeros((p.dims.b, p.dims.kv, p.dims.s, p.dims.d), DType::F32, dev)?;
     for &blk in &p.plan.blocks {
         let (t0, t1, lo, hi) = blk;
         let (n, m) = (t1 - t0, hi - lo);
@@ -311,18 +319,12 @@ pub fn backward(
         let pr = pr.reshape((p.dims.b, p.dims.kv, g * n, m))?;
         let kb = p.kh.narrow(2, lo, m)?.contiguous()?; // (B, KV, m, D)
         let dqb = ds.matmul(&kb)?; // (B, KV, G·n, D)
-        dq = dq.slice_assign(
-            &[0..p.dims.b, t0..t1, 0..p.dims.h, 0..p.dims.d],
-            &p.unrows(&dqb, n)?.contiguous()?,
-        )?;
+        dq.slice_set(&p.unrows(&dqb, n)?.contiguous()?, 1, t0)?;
         let ds_t = ds.transpose(2, 3)?; // (B, KV, m, G·n)
         let dkb = ds_t.matmul(&qr)?.to_dtype(DType::F32)?;
         let dvb = pr.transpose(2, 3)?.matmul(&gr)?.to_dtype(DType::F32)?;
-        let range = [0..p.dims.b, 0..p.dims.kv, lo..hi, 0..p.dims.d];
-        let dk_old = dk.narrow(2, lo, m)?;
-        dk = dk.slice_assign(&range, &(dk_old + dkb)?.contiguous()?)?;
-        let dv_old = dv.narrow(2, lo, m)?;
-        dv = dv.slice_assign(&range, &(dv_old + dvb)?.contiguous()?)?;
+        dk.slice_set(&(dk.narrow(2, lo, m)? + dkb)?.contiguous()?, 2, lo)?;
+        dv.slice_set(&(dv.narrow(2, lo, m)? + dvb)?.contiguous()?, 2, lo)?;
     }
     let back = |x: Tensor, like: &Tensor| -> Result<Tensor> {
         x.transpose(1, 2)?.contiguous()?.to_dtype(like.dtype())

@@ -36,7 +36,34 @@ mod host;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-pub use adamw::{adamw_step, AdamWHyper, AdamWOut};
+pub use adamw::{adamw_step, adamw_step_in_place, AdamWHyper, AdamWOut};
+
+/// Sets a device up for training: on CUDA, the default memory pool keeps freed memory for
+/// reuse instead of returning it to the driver at every synchronisation (see
+/// `cuda::keep_pool_memory`; `OMR_CUDA_POOL=release` keeps the driver's default). A no-op on
+/// the CPU. Call once after opening the device.
+pub fn prepare_device(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        if std::env::var("OMR_CUDA_POOL").as_deref() != Ok("release") {
+            cuda::keep_pool_memory(dev)?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Returns the memory pool's free blocks to the driver (after [`prepare_device`] they are
+/// kept), e.g. before another process uses the GPU. Waits for the device. A no-op on the CPU.
+pub fn release_device_memory(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        device.synchronize()?;
+        cuda::trim_pool(dev)?;
+    }
+    let _ = device;
+    Ok(())
+}
 pub use flash_attn::{flash_attn, AttnMask};
 pub use grad_norm::global_grad_norm;
 pub use linear_ce::linear_cross_entropy;

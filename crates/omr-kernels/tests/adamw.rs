@@ -39,6 +39,7 @@ fn compare(dev: &Device, steps: usize) -> anyhow::Result<()> {
         specs.push(ParamSpec {
             name: format!("p{i}"),
             var: Var::from_tensor(&p0)?,
+            copy: None,
             lr: cfg.lr,
             weight_decay: decay[i],
         });

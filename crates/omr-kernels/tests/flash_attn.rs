@@ -38,8 +38,10 @@ impl Case {
         Ok(AttnMask {
             causal: self.causal,
             window: self.window,
-            q_seg: Some(Tensor::from_vec(q, (self.b, self.t), dev)?),
-            k_seg: Some(Tensor::from_vec(k, (self.b, self.s), dev)?),
+            q_seg: Some(Tensor::from_slice(&q, (self.b, self.t), dev)?),
+            k_seg: Some(Tensor::from_slice(&k, (self.b, self.s), dev)?),
+            // Every other mask plans from the host ids, the rest from the device's.
+            host: ((self.b + self.t) % 2 == 0).then(|| std::sync::Arc::new((q, k))),
         })
     }
 

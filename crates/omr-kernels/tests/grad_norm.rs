@@ -37,6 +37,7 @@ fn equals_the_optimizers_norm() -> anyhow::Result<()> {
         specs.push(ParamSpec {
             name: format!("p{i}"),
             var,
+            copy: None,
             lr: 0.0,
             weight_decay: 0.0,
         });

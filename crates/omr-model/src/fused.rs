@@ -94,13 +94,18 @@ pub fn text_mask(segments: &[Vec<u32>], t: usize, device: &Device) -> Result<Att
     let b = segments.len();
     let s = segments.first().map_or(0, Vec::len);
     let flat: Vec<u32> = segments.iter().flatten().copied().collect();
-    let k_seg = Tensor::from_vec(flat, (b, s), device)?;
-    let q_seg = k_seg.narrow(1, s - t, t)?.contiguous()?;
+    let q_host: Vec<u32> = segments
+        .iter()
+        .flat_map(|r| r[s - t..].iter().copied())
+        .collect();
+    let k_seg = Tensor::from_slice(&flat, (b, s), device)?;
+    let q_seg = Tensor::from_slice(&q_host, (b, t), device)?;
     Ok(AttnMask {
         causal: true,
         window: 0,
         q_seg: Some(q_seg),
         k_seg: Some(k_seg),
+        host: Some(std::sync::Arc::new((q_host, flat))),
     })
 }
 
@@ -112,11 +117,12 @@ pub fn ranges_mask(cu: &[usize], device: &Device) -> Result<AttnMask> {
     for (i, w) in cu.windows(2).enumerate() {
         ids[w[0]..w[1]].fill(i as u32 + 1);
     }
-    let seg = Tensor::from_vec(ids, (1, n), device)?;
+    let seg = Tensor::from_slice(&ids, (1, n), device)?;
     Ok(AttnMask {
         causal: false,
         window: 0,
         q_seg: Some(seg.clone()),
         k_seg: Some(seg),
+        host: Some(std::sync::Arc::new((ids.clone(), ids))),
     })
 }

@@ -71,7 +71,9 @@ impl Linear {
             return l.forward(x, &self.weight, self.bias.as_ref(), &self.name, ctx);
         }
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
-        if trainable {
+        if trainable && ctx.kernels == Kernels::Fused {
+            ops::linear_op(x, &self.weight, self.bias.as_ref())
+        } else if trainable {
             ops::linear(x, &self.weight, self.bias.as_ref())
         } else {
             ops::frozen_linear(x, &self.weight, self.bias.as_ref())

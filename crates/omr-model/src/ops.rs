@@ -6,8 +6,8 @@
 //! Norms and softmax run in f32 whatever the compute dtype, as transformers does.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
-    Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor, D,
 };
 use std::sync::{Arc, Mutex};
 
@@ -87,6 +87,54 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
+    }
+}
+
+/// `x @ wᵀ (+ b)` as one op whose backward is three GEMMs (the fused kernels' path):
+/// dx = g·w, dw = gᵀ·x in w's own (O, I) layout, db = 1ᵀ·g. Through candle's ops the weight
+/// gradient arrives as the transpose of a (I, O) product and the bias gradient as a strided
+/// reduction; each then costs a strided copy or add per step on a GPU. Gradients are computed
+/// only for the arguments that track one. x: (…, I), w: (O, I), b: (O) → (…, O)
+pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (xd, wd) = (x.detach(), w.detach());
+    let y = linear(&xd, &wd, b.map(|b| b.detach()).as_ref())?;
+    let dims = x.dims().to_vec();
+    let i = *dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / i.max(1);
+    let o = w.dim(0)?;
+    let need = [x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op())];
+    let grads = move |g: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g2 = g.reshape((rows, o))?;
+        let dx = match need[0] {
+            true => Some(g2.matmul(&wd)?.reshape(dims.as_slice())?),
+            false => None,
+        };
+        let dw = match need[1] {
+            true => Some(g2.t()?.matmul(&xd.reshape((rows, i))?)?),
+            false => None,
+        };
+        let db = match need[2] {
+            true => Some(
+                Tensor::ones((1, rows), g2.dtype(), g2.device())?
+                    .matmul(&g2)?
+                    .reshape(o)?,
+            ),
+            false => None,
+        };
+        Ok((dx, dw, db))
+    };
+    match b {
+        Some(b) => attach_grad3([x, w, b], y, grads),
+        None => x.apply_op2(
+            w,
+            Attach2 {
+                value: Value::new(y)?,
+                grad: Arc::new(move |g| {
+                    let (dx, dw, _) = grads(g)?;
+                    Ok((dx, dw))
+                }),
+            },
+        ),
     }
 }
 
@@ -253,6 +301,47 @@ impl CustomOp1 for Attach1 {
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.grad)(grad_res)?))
+    }
+}
+
+type GradFn2 = dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+
+struct Attach2 {
+    value: Value,
+    grad: Arc<GradFn2>,
+}
+
+impl CustomOp2 for Attach2 {
+    fn name(&self) -> &'static str {
+        "attach-grad2"
+    }
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.take_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda()
+    }
+    fn bwd(
+        &self,
+        _a1: &Tensor,
+        _a2: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.grad)(grad_res)
     }
 }
 

@@ -52,6 +52,9 @@ pub fn decays(name: &str, shape: &[usize]) -> bool {
 struct Entry {
     var: Var,
     trainable: bool,
+    /// With mixed precision, a trainable master's copy in the compute dtype: what modules
+    /// compute with and where the gradient lands; the optimizer writes it with each update.
+    copy: Option<Var>,
 }
 
 pub struct Params {
@@ -79,6 +82,7 @@ impl Params {
                 Entry {
                     var,
                     trainable: true,
+                    copy: None,
                 },
             );
         }
@@ -116,14 +120,19 @@ impl Params {
 
     /// The tensor modules compute with: the `Var` when trainable, else a detached view; in
     /// the compute dtype. With mixed precision (compute ≠ the masters' dtype) a trainable
-    /// parameter is a tracked cast of its master (the gradient reaches the master in its own
-    /// dtype), a snapshot: modules must be rebuilt after each optimizer step
+    /// parameter is its compute copy (a `Var` of its own, [`Params::copy_of`]: the gradient
+    /// lands there in the compute dtype and the optimizer rewrites the copy with each update);
+    /// one made trainable after [`Params::set_compute_dtype`] is a tracked cast of its master
+    /// instead, a snapshot: modules must then be rebuilt after each optimizer step
     /// ([`Params::casts_on_get`]).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let e = self
             .entries
             .get(name)
             .ok_or_else(|| ModelError::Input(format!("the model has no parameter `{name}`")))?;
+        if let (true, Some(c)) = (e.trainable, &e.copy) {
+            return Ok(c.as_tensor().clone());
+        }
         let t = if e.trainable {
             e.var.as_tensor().clone()
         } else {
@@ -136,13 +145,40 @@ impl Params {
     /// stay masters in their own dtype (f32) for the optimizer. Frozen parameters are
     /// converted to `compute` now (they are never stepped: half the memory in bf16), so set
     /// what is trainable first. Parameters made trainable later keep the compute dtype.
+    ///
+    /// Each trainable master gets its compute copy now ([`Params::copy_of`]).
     pub fn set_compute_dtype(&mut self, compute: DType) -> Result<()> {
         for e in self.entries.values_mut() {
             if !e.trainable && e.var.dtype() != compute {
                 e.var = Var::from_tensor(&e.var.as_tensor().to_dtype(compute)?)?;
             }
+            e.copy = if e.trainable && e.var.dtype() != compute {
+                Some(Var::from_tensor(&e.var.as_tensor().to_dtype(compute)?)?)
+            } else {
+                None
+            };
         }
         self.compute = compute;
+        Ok(())
+    }
+
+    /// The compute copy of a trainable master (mixed precision), which the optimizer must
+    /// keep equal to the master rounded to the compute dtype.
+    pub fn copy_of(&self, name: &str) -> Option<&Var> {
+        self.entries
+            .get(name)
+            .filter(|e| e.trainable)
+            .and_then(|e| e.copy.as_ref())
+    }
+
+    /// Rewrites every compute copy from its master: after the masters were set other than by
+    /// the optimizer (a checkpoint restored into them).
+    pub fn sync_copies(&self) -> Result<()> {
+        for e in self.entries.values() {
+            if let Some(c) = &e.copy {
+                c.set(&e.var.as_tensor().to_dtype(c.dtype())?)?;
+            }
+        }
         Ok(())
     }
 
@@ -156,7 +192,7 @@ impl Params {
     pub fn casts_on_get(&self) -> bool {
         self.entries
             .values()
-            .any(|e| e.trainable && e.var.dtype() != self.compute)
+            .any(|e| e.trainable && e.var.dtype() != self.compute && e.copy.is_none())
     }
 
     pub fn var(&self, name: &str) -> Option<&Var> {
@@ -169,7 +205,14 @@ impl Params {
 
     pub fn insert(&mut self, name: String, t: &Tensor, trainable: bool) -> Result<()> {
         let var = Var::from_tensor(&t.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        self.entries.insert(name, Entry { var, trainable });
+        self.entries.insert(
+            name,
+            Entry {
+                var,
+                trainable,
+                copy: None,
+            },
+        );
         Ok(())
     }
 
@@ -182,6 +225,9 @@ impl Params {
         for (name, e) in self.entries.iter_mut() {
             if pred(name) {
                 e.trainable = trainable;
+                if !trainable {
+                    e.copy = None;
+                }
             }
         }
     }

@@ -121,9 +121,10 @@ fn run(
         kernels,
         ..Ctx::default()
     };
+    // Gradients land on the compute copies when there are some (mixed precision).
     let wrt: Vec<Tensor> = params
         .trainable()
-        .map(|(_, v)| v.as_tensor().clone())
+        .map(|(n, v)| params.copy_of(n).unwrap_or(v).as_tensor().clone())
         .collect();
     let mut n = 0;
     let out = model.forward_backward::<crate::TrainError>(input, &ctx, recompute, &wrt, |h| {
@@ -136,7 +137,7 @@ fn run(
         .ok_or_else(|| crate::TrainError::Internal("non-finite loss in a model check".into()))?;
     let mut grads = Vec::new();
     for (name, var) in params.trainable() {
-        let g = match store.get(var.as_tensor()) {
+        let g = match store.get(params.copy_of(name).unwrap_or(var).as_tensor()) {
             Some(g) => flat(g)?,
             None => Vec::new(),
         };

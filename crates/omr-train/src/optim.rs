@@ -50,10 +50,13 @@ pub enum StepOutcome {
 struct Slot {
     name: String,
     var: Var,
+    /// The master's compute copy (see [`ParamSpec::copy`]).
+    copy: Option<Var>,
     lr: f64,
     weight_decay: f64,
-    /// exp_avg, f32, the parameter's shape. Replaced (never written in place) each step, so
-    /// clones handed out by `state_tensors` stay valid snapshots.
+    /// exp_avg, f32, the parameter's shape. Replaced each step, except by the fused update on
+    /// a GPU, which writes it in place: clones handed out by `state_tensors` are snapshots
+    /// only until the next step.
     m: Tensor,
     /// exp_avg_sq, f32, the parameter's shape.
     v: Tensor,
@@ -71,6 +74,13 @@ pub struct AdamW {
     fused: bool,
     /// Calls of the fused ops so far (updates + norms): how a test tells which path ran.
     fused_calls: u64,
+}
+
+impl Slot {
+    /// The tensor the gradient arrives on: the compute copy when there is one.
+    fn grad_var(&self) -> &Var {
+        self.copy.as_ref().unwrap_or(&self.var)
+    }
 }
 
 impl AdamW {
@@ -95,6 +105,7 @@ impl AdamW {
             slots.push(Slot {
                 name: s.name,
                 var: s.var,
+                copy: s.copy,
                 lr: s.lr,
                 weight_decay: s.weight_decay,
                 m,
@@ -144,7 +155,7 @@ impl AdamW {
     pub fn grad_accum(&self) -> GradAccum {
         GradAccum::new(
             self.slots.iter().map(|s| s.name.clone()).collect(),
-            self.slots.iter().map(|s| s.var.clone()).collect(),
+            self.slots.iter().map(|s| s.grad_var().clone()).collect(),
         )
     }
 
@@ -186,7 +197,7 @@ impl AdamW {
                 "grad scale {grad_scale} is not finite and > 0"
             )));
         }
-        if !acc.is_for(self.slots.iter().map(|s| &s.var)) {
+        if !acc.is_for(self.slots.iter().map(|s| s.grad_var())) {
             return Err(OptimError::Arg(
                 "the gradient accumulator belongs to another optimizer".into(),
             ));
@@ -231,6 +242,13 @@ impl AdamW {
                 grad_coef: coef,
             };
             let p = slot.var.as_detached_tensor();
+            if self.fused && p.device().is_cuda() {
+                // One pass: master, moments and compute copy written where they are.
+                self.fused_calls += 1;
+                let copy = slot.copy.as_ref().map(|c| c.as_tensor());
+                omr_kernels::adamw_step_in_place(&p, &slot.m, &slot.v, sum.as_ref(), &h, copy)?;
+                continue;
+            }
             let (p, m, v) = if self.fused {
                 self.fused_calls += 1;
                 update::fused_update(&p, &slot.m, &slot.v, sum.as_ref(), &h)?
@@ -238,6 +256,9 @@ impl AdamW {
                 update::candle_update(&p, &slot.m, &slot.v, sum.as_ref(), &h)?
             };
             slot.var.set(&p)?;
+            if let Some(c) = &slot.copy {
+                c.set(&p.to_dtype(c.dtype())?)?;
+            }
             slot.m = m;
             slot.v = v;
         }

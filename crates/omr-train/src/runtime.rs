@@ -114,6 +114,7 @@ impl RuntimeConfig {
                 }
             }
         };
+        omr_kernels::prepare_device(&device)?;
         let compute = match self.precision {
             Precision::Fp32 => DType::F32,
             Precision::Bf16 => DType::BF16,

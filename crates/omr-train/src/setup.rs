@@ -86,9 +86,10 @@ pub fn build(m: &ModelSection, seed: u64, device: &Device) -> Result<Built> {
 }
 
 impl Built {
-    /// The modules, running `rt`'s kernels. With mixed precision they hold bf16 casts of the
-    /// masters: a run builds them again after every change of the masters (resume, optimizer
-    /// step) when `params.casts_on_get()`.
+    /// The modules, running `rt`'s kernels. With mixed precision they hold the masters'
+    /// compute copies, which the optimizer and a resume rewrite in place; only parameters
+    /// without a copy are casts, and then (`params.casts_on_get()`) a run builds the modules
+    /// again after every change of the masters.
     pub fn model(&self, rt: &Runtime) -> Result<Qwen2VL> {
         Ok(Qwen2VL::new(&self.cfg, &self.params)?.with_kernels(rt.kernels))
     }
@@ -101,12 +102,17 @@ pub fn optimizer(params: &Params, cfg: &OptimConfig, rt: &Runtime) -> Result<(Ad
         .trainable()
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
+    // With mixed precision the modules compute with the masters' compute copies: the
+    // gradients are taken there.
     let wrt = trainable
         .iter()
-        .map(|(_, v)| v.as_tensor().clone())
+        .map(|(n, v)| params.copy_of(n).unwrap_or(v).as_tensor().clone())
         .collect();
-    let mut opt = AdamW::new(param_specs(trainable, cfg), cfg)
-        .map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
+    let mut specs = param_specs(trainable, cfg);
+    for s in &mut specs {
+        s.copy = params.copy_of(&s.name).cloned();
+    }
+    let mut opt = AdamW::new(specs, cfg).map_err(|e| TrainError::Usage(format!("[optim]: {e}")))?;
     opt.set_fused(rt.fused_optimizer());
     Ok((opt, wrt))
 }
@@ -139,6 +145,7 @@ pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Resul
         }
         var.set(t)?;
     }
+    params.sync_copies()?;
     Ok(())
 }
 

@@ -312,12 +312,14 @@ fn accumulates_backward_gradients() {
         ParamSpec {
             name: "w".into(),
             var: w.clone(),
+            copy: None,
             lr: 0.1,
             weight_decay: 0.0,
         },
         ParamSpec {
             name: "b".into(),
             var: b.clone(),
+            copy: None,
             lr: 0.1,
             weight_decay: 0.0,
         },

@@ -24,6 +24,7 @@ pub fn run(a: BenchKernelsArgs) -> crate::Result<()> {
     } else {
         candle_core::Device::cuda_if_available(0).context("opening CUDA device 0")?
     };
+    omr_kernels::prepare_device(&dev).context("setting up the CUDA memory pool")?;
     let checks = if a.no_check {
         Vec::new()
     } else {

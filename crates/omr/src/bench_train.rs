@@ -349,6 +349,12 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         .or(matches!(device, Device::Cuda(_)).then_some(989.0));
 
     // ---- the reference ------------------------------------------------------------------------
+    if a.python.is_some() {
+        // Torch runs next on the same GPU: hand our weights, optimizer state and the memory
+        // pool's cached blocks back first.
+        drop((model, opt, wrt, input, params));
+        omr_kernels::release_device_memory(&device)?;
+    }
     let reference = match &a.python {
         Some(py) => Some(run_reference(
             py,

@@ -59,10 +59,12 @@ impl GradAccum {
         }
         for (sum, g) in self.sums.iter_mut().zip(found) {
             let Some(g) = g else { continue };
-            let g = g.detach().to_dtype(DType::F32)?;
+            // A single micro-batch's gradient stays in its dtype (bf16 on a compute copy: the
+            // update reads it as is, exactly as its f32 cast); sums are f32.
+            let g = g.detach();
             *sum = Some(match sum.take() {
                 None => g,
-                Some(s) => s.add(&g)?,
+                Some(s) => s.to_dtype(DType::F32)?.add(&g.to_dtype(DType::F32)?)?,
             });
         }
         self.micro_batches += 1;

@@ -136,7 +136,11 @@ impl OptimConfig {
 #[derive(Clone, Debug)]
 pub struct ParamSpec {
     pub name: String,
+    /// The f32 master.
     pub var: Var,
+    /// Its copy in the compute dtype (mixed precision, `Params::copy_of`): where the
+    /// gradient lands, rewritten by each update. `None`: modules use the master itself.
+    pub copy: Option<Var>,
     /// Peak learning rate of its group (the schedule multiplies it).
     pub lr: f64,
     pub weight_decay: f64,
@@ -157,6 +161,7 @@ pub fn param_specs(trainable: Vec<(String, Var)>, cfg: &OptimConfig) -> Vec<Para
             ParamSpec {
                 name,
                 var,
+                copy: None,
                 lr,
                 weight_decay,
             }

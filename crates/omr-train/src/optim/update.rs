@@ -30,7 +30,7 @@ pub(super) fn candle_update(
     let bias1 = 1.0 - h.beta1.powi(t);
     let bias2_sqrt = (1.0 - h.beta2.powi(t)).sqrt();
     let g = match g {
-        Some(g) => g.affine(h.grad_coef, 0.0)?,
+        Some(g) => g.to_dtype(DType::F32)?.affine(h.grad_coef, 0.0)?,
         None => m.zeros_like()?,
     };
     let m = (m.affine(h.beta1, 0.0)? + g.affine(1.0 - h.beta1, 0.0)?)?;
@@ -71,6 +71,21 @@ pub(super) fn candle_norm(sums: &[Option<Tensor>]) -> Result<f64> {
 
 /// The same norm by omr-kernels' `global_grad_norm` (one device sync).
 pub(super) fn fused_norm(sums: &[Option<Tensor>]) -> Result<f64> {
-    let grads: Vec<Tensor> = sums.iter().flatten().cloned().collect();
-    Ok(omr_kernels::global_grad_norm(&grads)?.to_scalar::<f64>()?)
+    // One kernel call per gradient dtype (bf16 on compute copies, f32 on masters and sums).
+    let mut norms = Vec::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let grads: Vec<Tensor> = sums
+            .iter()
+            .flatten()
+            .filter(|g| g.dtype() == dtype)
+            .cloned()
+            .collect();
+        if !grads.is_empty() {
+            norms.push(omr_kernels::global_grad_norm(&grads)?.to_scalar::<f64>()?);
+        }
+    }
+    Ok(match norms.as_slice() {
+        [n] => *n,
+        all => all.iter().map(|n| n * n).sum::<f64>().sqrt(),
+    })
 }
