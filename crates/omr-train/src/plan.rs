@@ -12,7 +12,11 @@
 //! - **Precision policy** (one place): compute copies of every weight in the compute dtype;
 //!   trainable parameters also keep an f32 master unless the compute dtype is f32 (then the
 //!   compute copy *is* the master, as on the CPU today); AdamW moments are f32; gradients come
-//!   out of backward in the compute dtype and are summed in f32 by `optim::GradAccum`.
+//!   out of backward in the compute dtype (on the compute copies) and are summed in f32 by
+//!   `optim::GradAccum` only with several micro-batches (one is stepped on as it is).
+//! - **The optimizer** with the fused kernels (a GPU) updates masters, moments and compute
+//!   copies in place (`omr_kernels::adamw_step_in_place`): no temporaries; with candle ops
+//!   each tensor's update has its temporaries.
 //! - **Worst case of the data**: every row is `T` tokens long, and the larger of two plans
 //!   counts ([`worst_case`]): image-heavy rows (images at `max_pixels`, one per sample: 1 per
 //!   row when padding, `ceil(T / process.max_length)` when packing, every text token after
@@ -267,14 +271,10 @@ pub fn plan(p: &PlanInput) -> Plan {
     let weights = pc.total * s + pc.lora * s;
     let masters = if s == F32 { 0 } else { train_n * F32 };
     let moments = train_n * 2 * F32;
-    // The gradients backward returns (compute dtype); the f32 sums of GradAccum are the same
-    // tensors when both are f32 and there is one micro-batch.
+    // The gradients backward returns (compute dtype); GradAccum sums them in f32 only when
+    // there are several micro-batches (one micro-batch's are stepped on as they are).
     let grads_store = train_n * s;
-    let grads_sum = if s == F32 && p.grad_accum == 1 {
-        0
-    } else {
-        train_n * F32
-    };
+    let grads_sum = if p.grad_accum == 1 { 0 } else { train_n * F32 };
     // Backward, in its order (loss first): gradients candle leaves for untracked inputs pile up
     // in the GradStore, and at each part the gradients of its largest tensor are in flight:
     // the incoming one, the zeros + sum of `GradStore::or_insert`, and the products of the
@@ -288,6 +288,11 @@ pub fn plan(p: &PlanInput) -> Plan {
         "decoder layer" | "lm head + loss" => p.checkpointing.decoder(),
         _ => false,
     };
+    // The fused path's ops have no Div/Mul chains: the incoming gradient, the zeros and the sum.
+    let in_flight = match p.attention {
+        AttentionImpl::Eager => IN_FLIGHT,
+        AttentionImpl::Fused => 3,
+    };
     let (mut piled, mut bwd_extra, mut leak_at_peak, mut block_at_peak) = (0u64, 0u64, 0u64, 0u64);
     for st in &acts.stages {
         let leak = piled + st.leak;
@@ -300,7 +305,7 @@ pub fn plan(p: &PlanInput) -> Plan {
         if block == 0 {
             piled += st.leak;
         }
-        let here = block + leak + IN_FLIGHT * st.largest;
+        let here = block + leak + in_flight * st.largest;
         if here > bwd_extra {
             bwd_extra = here;
             leak_at_peak = leak;
@@ -313,9 +318,18 @@ pub fn plan(p: &PlanInput) -> Plan {
     } else {
         acts.logits_loss
     };
-    // AdamW on one tensor at a time: scaled gradient, new m, new v, decayed p, denominator,
-    // quotient, step, result (optim.rs), all f32 of the largest trainable tensor.
-    let opt_transient = 8 * pc.largest_trainable * F32;
+    // AdamW on one tensor at a time: with candle ops, scaled gradient, new m, new v, decayed
+    // p, denominator, quotient, step, result (optim.rs), all f32 of the largest trainable
+    // tensor; the fused kernels' update writes in place.
+    let opt_transient = match p.attention {
+        AttentionImpl::Eager => 8 * pc.largest_trainable * F32,
+        AttentionImpl::Fused => 0,
+    };
+    let opt_grads = if p.grad_accum == 1 {
+        grads_store
+    } else {
+        train_n * F32
+    };
 
     let row = |category: &str, bytes: u64, note: String| Row {
         category: category.into(),
@@ -402,16 +416,27 @@ pub fn plan(p: &PlanInput) -> Plan {
         row(
             "backward in-flight",
             bwd_transient,
-            format!("{IN_FLIGHT} × largest tensor of the peak's part"),
+            format!("{in_flight} × largest tensor of the peak's part"),
         ),
     ]);
     let mut optim_rows = state.clone();
     optim_rows.extend([
-        row("gradients (f32 sums)", train_n * F32, String::new()),
+        row(
+            "gradients",
+            opt_grads,
+            if p.grad_accum == 1 {
+                format!("{dtype}, as backward made them")
+            } else {
+                "f32 sums".into()
+            },
+        ),
         row(
             "AdamW temporaries",
             opt_transient,
-            "8 × largest trainable tensor (f32)".into(),
+            match p.attention {
+                AttentionImpl::Eager => "8 × largest trainable tensor (f32)".into(),
+                AttentionImpl::Fused => "none: the fused update writes in place".into(),
+            },
         ),
     ]);
     let sum = |rows: &[Row]| rows.iter().map(|r| r.bytes).sum::<u64>();

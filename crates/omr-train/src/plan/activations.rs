@@ -128,15 +128,27 @@ pub fn count(p: &PlanInput) -> Activations {
             tally.add(1.0, elems, s);
         }
     };
+    // The fused kernels' path (a GPU): a trainable linear is one op that keeps its output only
+    // (the bias is added inside it), norms, rotary and SwiGLU are one op each that keep their
+    // output, and the backward has no Div/Mul chains.
+    let fused = p.attention == AttentionImpl::Fused;
     let lin = |tally: &mut Tally, rows: u64, out: u64, bias: bool, trainable: bool| {
-        let k = if bias && trainable { 2.0 } else { 1.0 };
+        let k = if bias && trainable && !fused {
+            2.0
+        } else {
+            1.0
+        };
         tally.add(k, rows * out, s);
     };
     // A frozen norm weight is a detached tensor: its product with x leaves a gradient for it.
     let rms = |tally: &mut Tally, elems: u64, trainable: bool| {
-        tally.add(2.0, elems, F32);
-        cast(tally, elems);
-        tally.add(1.0, elems, s);
+        if fused {
+            tally.add(1.0, elems, s);
+        } else {
+            tally.add(2.0, elems, F32);
+            cast(tally, elems);
+            tally.add(1.0, elems, s);
+        }
         if !trainable {
             tally.leak(1.0, elems, s);
         }
@@ -188,11 +200,16 @@ pub fn count(p: &PlanInput) -> Activations {
             let mut blk = Tally::new();
             norm(&mut blk, patches * cv, tv);
             lin(&mut blk, patches, 3 * cv, true, tv);
-            blk.add(9.0, patches * cv, s); // rotary of q and k
-            blk.leak(4.0, patches * cv, s); // cos and sin of q and k
-                                            // q, k made contiguous per head, v reshaped then made contiguous
-            blk.add(4.0, patches * cv, s);
-            if !lens.windows(2).all(|w| w[0] == w[1]) {
+            if fused {
+                // q and k made contiguous, rotated; v made contiguous for the attention
+                blk.add(5.0, patches * cv, s);
+            } else {
+                blk.add(9.0, patches * cv, s); // rotary of q and k
+                blk.leak(4.0, patches * cv, s); // cos and sin of q and k
+                                                // q, k made contiguous per head, v reshaped then made contiguous
+                blk.add(4.0, patches * cv, s);
+            }
+            if !fused && !lens.windows(2).all(|w| w[0] == w[1]) {
                 // groups of equal-length ranges: picked q/k/v, the cat and the inverse gather
                 blk.add(5.0, patches * cv, s);
             }
@@ -215,9 +232,9 @@ pub fn count(p: &PlanInput) -> Activations {
             match cfg.arch {
                 Arch::Qwen25Vl => {
                     lin(&mut blk, patches, iv, true, tv);
-                    blk.add(1.0, patches * iv, s); // silu
                     lin(&mut blk, patches, iv, true, tv);
-                    blk.add(1.0, patches * iv, s); // product
+                    // silu and the product (one SwiGLU op on the fused path)
+                    blk.add(if fused { 1.0 } else { 2.0 }, patches * iv, s);
                 }
                 Arch::Qwen2Vl => {
                     lin(&mut blk, patches, iv, true, tv);
@@ -311,10 +328,15 @@ pub fn count(p: &PlanInput) -> Activations {
     lin(&mut layer, n, h * d, true, tl);
     lin(&mut layer, n, kv * d, true, tl);
     lin(&mut layer, n, kv * d, true, tl);
-    layer.add(4.5, n * h * d, s);
-    layer.add(4.5, n * kv * d, s);
-    layer.leak(2.0, n * (h + kv) * d, s); // cos and sin of q and k
-    layer.add(1.0, n * kv * d, s); // v made contiguous
+    if fused {
+        // q and k rotated (one op each); v used where the projection left it
+        layer.add(1.0, n * (h + kv) * d, s);
+    } else {
+        layer.add(4.5, n * h * d, s);
+        layer.add(4.5, n * kv * d, s);
+        layer.leak(2.0, n * (h + kv) * d, s); // cos and sin of q and k
+        layer.add(1.0, n * kv * d, s); // v made contiguous
+    }
     match p.attention {
         AttentionImpl::Eager => {
             layer.add(6.0, b * h * seq * seq, s);
@@ -330,9 +352,9 @@ pub fn count(p: &PlanInput) -> Activations {
     layer.add(1.0, n * c, s); // residual
     rms(&mut layer, n * c, tl);
     lin(&mut layer, n, inter, false, tl);
-    layer.add(1.0, n * inter, s); // silu
     lin(&mut layer, n, inter, false, tl);
-    layer.add(1.0, n * inter, s); // product
+    // silu and the product (one SwiGLU op on the fused path)
+    layer.add(if fused { 1.0 } else { 2.0 }, n * inter, s);
     lin(&mut layer, n, c, false, tl);
     layer.add(1.0, n * c, s); // residual
     let l = t.num_hidden_layers as u64;
