@@ -85,7 +85,30 @@ __device__ void attn_softmax_bwd(const T* __restrict__ x, const T* __restrict__ 
   }
 }
 
+// Δ of the backward: delta[(b·H + h)·T + t] = Σ_d dO[b, t, h, d] · O[b, t, h, d] in f32, from
+// dO and O in their (B, T, H, D) layout, one warp per (b, t, h) row, written in the (B, H, T)
+// layout the softmax backward reads.
+template <typename T>
+__device__ void attn_delta(const T* __restrict__ dout, const T* __restrict__ o,
+                           float* __restrict__ delta, int rows, int H, int T_, int D) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const long base = (long)row * D;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc += to_f(dout[base + d]) * to_f(o[base + d]);
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    const int h = row % H, t = (row / H) % T_, b = row / (H * T_);
+    delta[((long)b * H + h) * T_ + t] = acc;
+  }
+}
+
 #define ENTRIES(T, S_)                                                                          \
+  extern "C" __global__ void attn_delta_##S_(const T* dout, const T* o, float* delta, int rows, \
+                                             int H, int T_, int D) {                            \
+    attn_delta<T>(dout, o, delta, rows, H, T_, D);                                              \
+  }                                                                                              \
   extern "C" __global__ void attn_softmax_fwd_##S_(                                             \
       const T* x, const unsigned* qseg, const unsigned* kseg, T* p, float* lse, int rows, int H, \
       int n, int m, int T_, int S, int t0, int lo, float scale, int causal, int window) {       \

@@ -24,7 +24,24 @@ __device__ void sumsq_chunks(const unsigned long long* __restrict__ ptrs,
   const long start = (long)(b - chunk_start[lo]) * chunk;
   const long end = min(start + chunk, sizes[lo]);
   double acc = 0.0;
-  for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+  // 16-byte loads where the chunk starts 16-byte aligned (a fresh buffer's chunks do: CHUNK
+  // is a multiple of 8 elements), the tail and any unaligned chunk element by element.
+  constexpr int V = 16 / sizeof(T);
+  long i = start;
+  if ((reinterpret_cast<unsigned long long>(x + start) & 15) == 0) {
+    const long vend = start + (end - start) / V * V;
+    for (long j = start + (long)threadIdx.x * V; j < vend; j += (long)blockDim.x * V) {
+      const uint4 w = *reinterpret_cast<const uint4*>(x + j);
+      const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+      for (int k = 0; k < V; k++) {
+        const double v = (double)to_f(e[k]);
+        acc += v * v;
+      }
+    }
+    i = vend;
+  }
+  for (i += threadIdx.x; i < end; i += blockDim.x) {
     const double v = (double)to_f(x[i]);
     acc += v * v;
   }
