@@ -296,10 +296,14 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     let fwd_flops = 4.0 * (t * t * h * 128) as f64 / 2.0;
     let io = ((2 * t * h + 2 * t * kv) * 128) as f64 * es;
     let scale = 1.0 / (128f64).sqrt();
-    for (path, attn) in [
+    let mut paths = vec![
         ("kernel", flash_attn_kernel as AttnFn),
         ("gemm", crate::gemm_attn::gemm_attn as AttnFn),
-    ] {
+    ];
+    if crate::flash_mma::supported(qa.as_tensor(), &ka) {
+        paths.push(("mma", crate::flash_mma::flash_mma as AttnFn));
+    }
+    for (path, attn) in paths {
         b.add(
             &format!("attn {path} fwd"),
             format!("(1, {t}, {h}/{kv}, 128) causal"),

@@ -214,7 +214,11 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             let v = rand(42 + d as u64, &[b, t_, kv, d], 1.0, dt)?;
             let live = seg.ne(0u32)?.to_dtype(DType::F32)?.reshape((b, t_, 1, 1))?;
             let r = rand(43, &[b, t_, h_, d], 1.0, DType::F32)?.broadcast_mul(&live)?;
-            for (path, gemm) in [("kernel", false), ("gemm", true)] {
+            for path in ["kernel", "gemm", "mma"] {
+                // The tensor-core kernels take bf16 only.
+                if path == "mma" && dt != DType::BF16 {
+                    continue;
+                }
                 c.cmp(
                     &format!("flash attn {path} d{d} causal={causal} window={window} {name}"),
                     tol,
@@ -232,10 +236,10 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                             k_seg: Some(t[3].clone()),
                             host: None,
                         };
-                        let attn = if gemm {
-                            crate::gemm_attn::gemm_attn
-                        } else {
-                            crate::flash_attn::flash_attn_kernel
+                        let attn = match path {
+                            "gemm" => crate::gemm_attn::gemm_attn,
+                            "mma" if t[0].device().is_cuda() => crate::flash_mma::flash_mma,
+                            _ => crate::flash_attn::flash_attn_kernel,
                         };
                         let o = attn(
                             qv.as_tensor(),

@@ -33,6 +33,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "linear_ce" => ptx!("linear_ce"),
         "flash_attn" => ptx!("flash_attn"),
         "attn_softmax" => ptx!("attn_softmax"),
+        "flash_mma" => ptx!("flash_mma"),
         other => bail!("omr-kernels: no PTX module `{other}`"),
     })
 }

@@ -87,11 +87,17 @@ pub fn flash_attn(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    // A handful of query rows (generation with the key/value cache: one per step) stays on the
-    // kernel: the GEMM path reads the segment ids on the host, a device sync per call.
-    static KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let forced = *KERNEL.get_or_init(|| std::env::var("OMR_ATTN").as_deref() == Ok("kernel"));
-    if q.device().is_cuda() && q.dim(1)? > 16 && !forced {
+    // `OMR_ATTN`: "kernel" forces flash_attn.cu, "mma" picks the tensor-core kernels
+    // (flash_mma.cu) where they apply; by default the GEMM path on CUDA. A handful of query
+    // rows (generation with the key/value cache: one per step) stays on the kernel.
+    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let choice = CHOICE
+        .get_or_init(|| std::env::var("OMR_ATTN").ok())
+        .as_deref();
+    if choice == Some("mma") && crate::flash_mma::supported(q, k) {
+        return crate::flash_mma::flash_mma(q, k, v, mask, scale);
+    }
+    if q.device().is_cuda() && q.dim(1)? > 16 && choice != Some("kernel") {
         return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
     }
     flash_attn_kernel(q, k, v, mask, scale)

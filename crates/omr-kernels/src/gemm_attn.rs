@@ -409,7 +409,7 @@ impl CustomOp3 for GemmAttn {
 
 /// `attn_delta`: Δ (B, H, T) f32 from dO and O, both (B, T, H, D) in one dtype.
 #[cfg(feature = "cuda")]
-fn delta_cuda(dout: &Tensor, o: &Tensor) -> Result<Tensor> {
+pub(crate) fn delta_cuda(dout: &Tensor, o: &Tensor) -> Result<Tensor> {
     use crate::cuda::{self, In, Out, PushKernelArg};
     let dev = cuda::device_of(o)?;
     let dout = dout.contiguous()?;
@@ -442,7 +442,7 @@ fn delta_cuda(dout: &Tensor, o: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn delta_cuda(_: &Tensor, _: &Tensor) -> Result<Tensor> {
+pub(crate) fn delta_cuda(_: &Tensor, _: &Tensor) -> Result<Tensor> {
     bail!("gemm_attn: built without CUDA")
 }
 

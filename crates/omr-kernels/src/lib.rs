@@ -24,6 +24,7 @@ pub mod adamw;
 pub mod bench;
 pub mod check;
 pub mod flash_attn;
+pub mod flash_mma;
 pub mod gemm_attn;
 pub mod grad_norm;
 pub mod linear_ce;

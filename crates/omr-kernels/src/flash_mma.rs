@@ -1,0 +1,423 @@
+//! Attention on the tensor cores (`kernels/flash_mma.cu`, CUDA, bf16, head dim 64 / 80 / 128):
+//! FlashAttention-2's forward and backward with mma.sync, the scores of a tile in registers.
+//! The same function as [`crate::flash_attn`] (causal, segments, window, GQA; o = 0 and
+//! lse = −∞ for a query with no allowed key), checked against its CPU reference by
+//! `omr bench kernels` (`check.rs`).
+//!
+//! The host gives the kernels, per batch row and block of rows, the span of the other side
+//! that can hold allowed pairs (from the segment ids, the causal and the window limits), so a
+//! block-diagonal mask costs what its blocks cost, as in [`crate::gemm_attn`].
+
+use crate::flash_attn::{AttnMask, Dims};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BC).
+const FWD_ROWS: usize = 64;
+const BWD_KEYS: usize = 64;
+
+/// Whether the kernels take these inputs: CUDA, bf16, head dim 64, 80 or 128.
+pub fn supported(q: &Tensor, k: &Tensor) -> bool {
+    let d = q.dims().last().copied().unwrap_or(0);
+    cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && q.dtype() == DType::BF16
+        && k.dtype() == DType::BF16
+        && matches!(d, 64 | 80 | 128)
+        && q.rank() == 4
+        && k.rank() == 4
+}
+
+/// Per batch row, each segment id's [first, last + 1) over `ids` (B · n, row-major).
+fn ranges(ids: &[u32], b: usize, n: usize) -> Vec<HashMap<u32, (usize, usize)>> {
+    let mut out = vec![HashMap::new(); b];
+    for (bi, m) in out.iter_mut().enumerate() {
+        for (i, &id) in ids[bi * n..(bi + 1) * n].iter().enumerate() {
+            if id == 0 {
+                continue;
+            }
+            let e = m.entry(id).or_insert((i, i + 1));
+            e.0 = e.0.min(i);
+            e.1 = e.1.max(i + 1);
+        }
+    }
+    out
+}
+
+/// The spans of both kernels, `[lo, hi)` pairs: per (b, block of 64 query rows) the keys the
+/// forward visits, per (b, block of 64 keys) the query rows the backward visits.
+fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u32>) {
+    let (b, t, s) = (d.b, d.t, d.s);
+    let off = (s - t) as i64;
+    let (qr, kr) = (ranges(qs, b, t), ranges(ks, b, s));
+    let w = mask.window as i64;
+    let mut fwd = Vec::new();
+    for bi in 0..b {
+        for t0 in (0..t).step_by(FWD_ROWS) {
+            let t1 = (t0 + FWD_ROWS).min(t);
+            let (mut lo, mut hi) = (i64::MAX, 0i64);
+            for &id in &qs[bi * t + t0..bi * t + t1] {
+                if let Some(&(a, z)) = kr[bi].get(&id) {
+                    lo = lo.min(a as i64);
+                    hi = hi.max(z as i64);
+                }
+            }
+            if mask.causal {
+                hi = hi.min(off + t1 as i64);
+            }
+            if w > 0 {
+                lo = lo.max(off + t0 as i64 + 1 - w);
+            }
+            let (lo, hi) = if lo < hi { (lo, hi) } else { (0, 0) };
+            fwd.extend([lo as u32, hi as u32]);
+        }
+    }
+    let mut bwd = Vec::new();
+    for bi in 0..b {
+        for j0 in (0..s).step_by(BWD_KEYS) {
+            let j1 = (j0 + BWD_KEYS).min(s);
+            let (mut lo, mut hi) = (i64::MAX, 0i64);
+            for &id in &ks[bi * s + j0..bi * s + j1] {
+                if let Some(&(a, z)) = qr[bi].get(&id) {
+                    lo = lo.min(a as i64);
+                    hi = hi.max(z as i64);
+                }
+            }
+            if mask.causal {
+                lo = lo.max(j0 as i64 - off);
+            }
+            if w > 0 {
+                hi = hi.min(j1 as i64 - 1 + w - off);
+            }
+            let (lo, hi) = if lo < hi { (lo.max(0), hi) } else { (0, 0) };
+            bwd.extend([lo as u32, hi as u32]);
+        }
+    }
+    (fwd, bwd)
+}
+
+/// Attention through the tensor-core kernels; the inputs must pass [`supported`].
+pub fn flash_mma(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, h, d) = q.dims4()?;
+    let (bk, s, kv, dk) = k.dims4()?;
+    if !supported(q, k)
+        || v.dims() != k.dims()
+        || v.dtype() != k.dtype()
+        || bk != b
+        || dk != d
+        || kv == 0
+        || h % kv != 0
+        || s < t
+    {
+        bail!(
+            "flash_mma: q (B, T, H, D), k/v (B, S, KV, D) in bf16 on CUDA, D 64/80/128, H % KV = 0, S ≥ T; got {:?}, {:?}, {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let dims = Dims { b, t, s, h, kv, d };
+    let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_mma")?;
+    let (fwd, bwd) = match mask.host.as_deref() {
+        Some((qs, ks)) if qs.len() == b * t && ks.len() == b * s => spans(qs, ks, &dims, mask),
+        _ if mask.q_seg.is_none() && mask.k_seg.is_none() => {
+            spans(&vec![1; b * t], &vec![1; b * s], &dims, mask)
+        }
+        _ => {
+            let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
+            let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
+            spans(&qs, &ks, &dims, mask)
+        }
+    };
+    let dev = q.device();
+    let op = FlashMma {
+        dims,
+        causal: mask.causal,
+        window: mask.window,
+        scale: scale as f32,
+        q_seg,
+        k_seg,
+        fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(FWD_ROWS), 2), dev)?,
+        bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(BWD_KEYS), 2), dev)?,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashMma {
+    dims: Dims,
+    causal: bool,
+    window: usize,
+    scale: f32,
+    q_seg: Tensor,
+    k_seg: Tensor,
+    fwd_span: Tensor,
+    bwd_span: Tensor,
+    /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for FlashMma {
+    fn name(&self) -> &'static str {
+        "flash-mma"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("flash_mma: CUDA only (the CPU runs crate::flash_attn)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{self, In, Out, PushKernelArg};
+        let dev = qs.device.clone();
+        let d = &self.dims;
+        let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_fwd_d{}", d.d))?;
+        let guards = [&self.q_seg, &self.k_seg, &self.fwd_span].map(|t| t.storage_and_layout());
+        let aux: Vec<In> = guards
+            .iter()
+            .map(|(st, l)| In::new(cuda::storage(st)?, l))
+            .collect::<Result<_>>()?;
+        let (qi, ki, vi) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
+        let mut o = Out::alloc(&dev, DType::BF16, d.b * d.t * d.h * d.d)?;
+        let mut lse = Out::alloc(&dev, DType::F32, d.b * d.h * d.t)?;
+        let stream = dev.cuda_stream();
+        let mut bl = stream.launch_builder(&f);
+        qi.push(&mut bl);
+        ki.push(&mut bl);
+        vi.push(&mut bl);
+        for a in &aux {
+            a.push(&mut bl);
+        }
+        o.push(&mut bl);
+        lse.push(&mut bl);
+        let ints = [d.t, d.s, d.h, d.kv].map(|x| x as i32);
+        for x in &ints {
+            bl.arg(x);
+        }
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let (causal, window) = (self.causal as i32, self.window as i32);
+        bl.arg(&scale_log2).arg(&causal).arg(&window);
+        let cfg = cuda::LaunchConfig {
+            grid_dim: (d.t.div_ceil(FWD_ROWS) as u32, (d.b * d.h) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda::run(bl, cfg)?;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash_mma: poisoned".into()))? =
+            Some(lse.into_tensor(&dev, (d.b, d.h, d.t)));
+        Ok((o.into_storage(&dev), Shape::from((d.b, d.t, d.h, d.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash_mma: poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("flash_mma: backward before forward".into()))?;
+        let (dq, dk, dv) = self.backward(q, k, v, o, grad, &lse)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FlashMma {
+    #[cfg(feature = "cuda")]
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+        lse: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        use crate::cuda::{self, In, Out, PushKernelArg};
+        let d = &self.dims;
+        let dev = cuda::device_of(q)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let dout = grad.to_dtype(DType::BF16)?.contiguous()?;
+        let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
+        let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
+        let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_bwd_d{}", d.d))?;
+        let guards = [
+            &q,
+            &k,
+            &v,
+            &dout,
+            lse,
+            &delta,
+            &self.q_seg,
+            &self.k_seg,
+            &self.bwd_span,
+            &dq,
+        ]
+        .map(|t| t.storage_and_layout());
+        let ins: Vec<In> = guards
+            .iter()
+            .map(|(st, l)| In::new(cuda::storage(st)?, l))
+            .collect::<Result<_>>()?;
+        let per_head = d.b * d.s * d.h * d.d;
+        let mut dk = Out::alloc(&dev, DType::F32, per_head)?;
+        let mut dv = Out::alloc(&dev, DType::F32, per_head)?;
+        let stream = dev.cuda_stream();
+        let mut bl = stream.launch_builder(&f);
+        for i in &ins {
+            i.push(&mut bl);
+        }
+        dk.push(&mut bl);
+        dv.push(&mut bl);
+        let ints = [d.t, d.s, d.h, d.kv].map(|x| x as i32);
+        for x in &ints {
+            bl.arg(x);
+        }
+        let (causal, window) = (self.causal as i32, self.window as i32);
+        bl.arg(&self.scale).arg(&causal).arg(&window);
+        let cfg = cuda::LaunchConfig {
+            grid_dim: (d.s.div_ceil(BWD_KEYS) as u32, (d.b * d.h) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda::run(bl, cfg)?;
+        let g = d.h / d.kv;
+        // dK, dV per query head → summed over each key/value head's group.
+        let group = |x: Out| -> Result<Tensor> {
+            x.into_tensor(&dev, (d.b, d.s, d.kv, g, d.d))
+                .sum(3)?
+                .to_dtype(DType::BF16)
+        };
+        Ok((dq.to_dtype(DType::BF16)?, group(dk)?, group(dv)?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        bail!("flash_mma: built without CUDA")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(b: usize, t: usize, s: usize) -> Dims {
+        Dims {
+            b,
+            t,
+            s,
+            h: 2,
+            kv: 1,
+            d: 64,
+        }
+    }
+
+    /// Brute force: every pair a span leaves out is disallowed by the mask.
+    fn check(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) {
+        let (fwd, bwd) = spans(qs, ks, d, mask);
+        let off = d.s - d.t;
+        let ok = |bi: usize, i: usize, j: usize| {
+            let (a, z) = (qs[bi * d.t + i], ks[bi * d.s + j]);
+            a != 0
+                && a == z
+                && (!mask.causal || j <= i + off)
+                && (mask.window == 0 || j + mask.window > i + off)
+        };
+        let nq = d.t.div_ceil(FWD_ROWS);
+        let nk = d.s.div_ceil(BWD_KEYS);
+        for bi in 0..d.b {
+            for i in 0..d.t {
+                for j in 0..d.s {
+                    if !ok(bi, i, j) {
+                        continue;
+                    }
+                    let f = 2 * (bi * nq + i / FWD_ROWS);
+                    assert!(
+                        (fwd[f] as usize..fwd[f + 1] as usize).contains(&j),
+                        "forward span misses ({bi}, {i}, {j})"
+                    );
+                    let k = 2 * (bi * nk + j / BWD_KEYS);
+                    assert!(
+                        (bwd[k] as usize..bwd[k + 1] as usize).contains(&i),
+                        "backward span misses ({bi}, {i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spans_cover_every_allowed_pair() {
+        // Two rows: packed segments with padding, and one segment; S > T (a cache).
+        let (t, s) = (150usize, 170usize);
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        for bi in 0..2u32 {
+            let seg = |p: usize| if bi == 0 { 1 + (p / 45) as u32 } else { 1 };
+            ks.extend((0..s).map(|p| if bi == 0 && p >= 160 { 0 } else { seg(p) }));
+            qs.extend((0..t).map(|i| ks[bi as usize * s + i + (s - t)]));
+        }
+        for (causal, window) in [(true, 0), (false, 0), (true, 37), (false, 20)] {
+            let mask = AttnMask {
+                causal,
+                window,
+                ..AttnMask::default()
+            };
+            check(&qs, &ks, &dims(2, t, s), &mask);
+        }
+    }
+
+    #[test]
+    fn spans_skip_what_causality_forbids() {
+        let (t, s) = (256usize, 256usize);
+        let ones = vec![1u32; t];
+        let mask = AttnMask {
+            causal: true,
+            ..AttnMask::default()
+        };
+        let (fwd, bwd) = spans(&ones, &ones, &dims(1, t, s), &mask);
+        // Query block 0 sees keys [0, 64); key block 3 is seen by queries [192, 256).
+        assert_eq!(&fwd[..2], &[0, 64]);
+        assert_eq!(&bwd[6..8], &[192, 256]);
+    }
+}
