@@ -157,6 +157,8 @@ pub fn adamw_step(
     })
 }
 
+/// The allocating step on CUDA: copies of p, m, v and a fresh bf16 copy, updated in place by
+/// the optimizer's kernel (checks and the CPU-side API; training calls the in-place step).
 #[cfg(feature = "cuda")]
 fn cuda_step(
     p: &Tensor,
@@ -165,64 +167,15 @@ fn cuda_step(
     g: Option<&Tensor>,
     c: &Consts,
 ) -> Result<AdamWOut> {
-    use crate::cuda::{self, In, Out, PushKernelArg};
-    let dev = cuda::device_of(p)?;
-    let (p, m, v) = (p.contiguous()?, m.contiguous()?, v.contiguous()?);
-    let g = g.map(|g| g.contiguous()).transpose()?;
-    let n = p.elem_count();
-    // Without a gradient the kernel never reads g; p stands in for the pointer.
-    let gt = g.as_ref().unwrap_or(&p);
-    let f = cuda::kernel(
-        &dev,
-        "adamw",
-        &format!("adamw_step_{}", cuda::suffix(gt.dtype())?),
-    )?;
-    let (ps, pl) = p.storage_and_layout();
-    let (ms, ml) = m.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (gs, gl) = gt.storage_and_layout();
-    let (pi, mi, vi, gi) = (
-        In::new(cuda::storage(&ps)?, pl)?,
-        In::new(cuda::storage(&ms)?, ml)?,
-        In::new(cuda::storage(&vs)?, vl)?,
-        In::new(cuda::storage(&gs)?, gl)?,
-    );
-    let mut po = Out::alloc(&dev, DType::F32, n)?;
-    let mut mo = Out::alloc(&dev, DType::F32, n)?;
-    let mut vo = Out::alloc(&dev, DType::F32, n)?;
-    let mut pb = Out::alloc(&dev, DType::BF16, n)?;
-    let has_g = g.is_some() as i32;
-    let has_pb = 1i32;
-    let n_i = n as i64;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    pi.push(&mut b);
-    mi.push(&mut b);
-    vi.push(&mut b);
-    gi.push(&mut b);
-    b.arg(&has_g);
-    po.push(&mut b);
-    mo.push(&mut b);
-    vo.push(&mut b);
-    pb.push(&mut b);
-    b.arg(&has_pb);
-    b.arg(&n_i)
-        .arg(&c.coef)
-        .arg(&c.b1)
-        .arg(&c.omb1)
-        .arg(&c.b2)
-        .arg(&c.omb2)
-        .arg(&c.decay)
-        .arg(&c.inv_b2)
-        .arg(&c.eps)
-        .arg(&c.step);
-    cuda::run(b, cuda::cfg(n.div_ceil(256).min(132 * 16), 256, 0))?;
-    let shape = p.shape().clone();
+    let fresh = |t: &Tensor| t.contiguous()?.copy();
+    let (po, mo, vo) = (fresh(p)?, fresh(m)?, fresh(v)?);
+    let pb = Tensor::zeros(p.shape(), DType::BF16, p.device())?;
+    cuda_step_in_place(&po, &mo, &vo, g, c, Some(&pb))?;
     Ok(AdamWOut {
-        p: po.into_tensor(&dev, shape.clone()),
-        m: mo.into_tensor(&dev, shape.clone()),
-        v: vo.into_tensor(&dev, shape.clone()),
-        p_bf16: pb.into_tensor(&dev, shape),
+        p: po,
+        m: mo,
+        v: vo,
+        p_bf16: pb,
     })
 }
 

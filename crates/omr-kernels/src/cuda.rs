@@ -85,6 +85,16 @@ impl<'a> In<'a> {
     }
 }
 
+/// The device views of storage guards (`t.storage_and_layout()` of each input), in order.
+pub(crate) fn views<'a, G: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(G, &Layout)],
+) -> Result<Vec<In<'a>>> {
+    guards
+        .iter()
+        .map(|(s, l)| In::new(storage(s)?, l))
+        .collect()
+}
+
 /// A freshly allocated device output (uninitialised: the kernel writes every element).
 pub(crate) enum Out {
     F32(CudaSlice<f32>),

@@ -17,7 +17,6 @@
 use crate::host;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use std::sync::Mutex;
 
 /// Which keys a query may attend.
 #[derive(Clone, Debug, Default)]
@@ -137,7 +136,7 @@ pub fn flash_attn_kernel(
         scale: scale as f32,
         q_seg,
         k_seg,
-        lse: Mutex::new(None),
+        lse: host::Saved::new("flash_attn"),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -285,18 +284,10 @@ struct FlashAttn {
     q_seg: Tensor,
     k_seg: Tensor,
     /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
-    lse: Mutex<Option<Tensor>>,
+    lse: host::Saved,
 }
 
 impl FlashAttn {
-    fn save_lse(&self, lse: Tensor) -> Result<()> {
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash_attn: poisoned".into()))? = Some(lse);
-        Ok(())
-    }
-
     fn dims(ql: &Layout, kl: &Layout) -> Result<Dims> {
         let (b, t, h, d) = ql.shape().dims4()?;
         let (_, s, kv, _) = kl.shape().dims4()?;
@@ -330,7 +321,8 @@ impl CustomOp3 for FlashAttn {
             self.causal,
             self.window,
         );
-        self.save_lse(Tensor::from_vec(lse, (n.b, n.h, n.t), &Device::Cpu)?)?;
+        self.lse
+            .put(Tensor::from_vec(lse, (n.b, n.h, n.t), &Device::Cpu)?)?;
         Ok((host::store(o, qs.dtype())?, ql.shape().clone()))
     }
 
@@ -377,7 +369,7 @@ impl CustomOp3 for FlashAttn {
         }
         b.arg(&self.scale).arg(&causal).arg(&window);
         cuda::run(b, grid3(n.t.div_ceil(16), n.h, n.b))?;
-        self.save_lse(lse.into_tensor(&dev, (n.b, n.h, n.t)))?;
+        self.lse.put(lse.into_tensor(&dev, (n.b, n.h, n.t)))?;
         Ok((o.into_storage(&dev), ql.shape().clone()))
     }
 
@@ -389,12 +381,7 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash_attn: poisoned".into()))?
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("flash_attn: backward before forward".into()))?;
+        let lse = self.lse.get()?;
         let dout = dout.to_dtype(q.dtype())?.contiguous()?;
         let (dq, dk, dv) = self.backward(q, k, v, o, &dout, &lse)?;
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -462,10 +449,7 @@ impl FlashAttn {
         let sfx = cuda::suffix(q.dtype())?;
         let guards =
             [&q, &k, &v, &o, dout, lse, &self.q_seg, &self.k_seg].map(|x| x.storage_and_layout());
-        let ins: Vec<In> = guards
-            .iter()
-            .map(|(st, l)| In::new(cuda::storage(st)?, l))
-            .collect::<Result<_>>()?;
+        let ins = cuda::views(&guards)?;
         let [qi, ki, vi, oi, gi, li, qg, kg] = &ins[..] else {
             bail!("flash_attn: internal")
         };

@@ -11,7 +11,6 @@
 use crate::flash_attn::{AttnMask, Dims};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BC).
 const FWD_ROWS: usize = 64;
@@ -52,17 +51,19 @@ fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u3
     let off = (s - t) as i64;
     let (qr, kr) = (ranges(qs, b, t), ranges(ks, b, s));
     let w = mask.window as i64;
+    // The union of the other side's ranges of the segments among `ids`.
+    let union = |ids: &[u32], other: &HashMap<u32, (usize, usize)>| {
+        ids.iter()
+            .filter_map(|id| other.get(id))
+            .fold((i64::MAX, 0i64), |(lo, hi), &(a, z)| {
+                (lo.min(a as i64), hi.max(z as i64))
+            })
+    };
     let mut fwd = Vec::new();
     for bi in 0..b {
         for t0 in (0..t).step_by(FWD_ROWS) {
             let t1 = (t0 + FWD_ROWS).min(t);
-            let (mut lo, mut hi) = (i64::MAX, 0i64);
-            for &id in &qs[bi * t + t0..bi * t + t1] {
-                if let Some(&(a, z)) = kr[bi].get(&id) {
-                    lo = lo.min(a as i64);
-                    hi = hi.max(z as i64);
-                }
-            }
+            let (mut lo, mut hi) = union(&qs[bi * t + t0..bi * t + t1], &kr[bi]);
             if mask.causal {
                 hi = hi.min(off + t1 as i64);
             }
@@ -77,13 +78,7 @@ fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u3
     for bi in 0..b {
         for j0 in (0..s).step_by(BWD_KEYS) {
             let j1 = (j0 + BWD_KEYS).min(s);
-            let (mut lo, mut hi) = (i64::MAX, 0i64);
-            for &id in &ks[bi * s + j0..bi * s + j1] {
-                if let Some(&(a, z)) = qr[bi].get(&id) {
-                    lo = lo.min(a as i64);
-                    hi = hi.max(z as i64);
-                }
-            }
+            let (mut lo, mut hi) = union(&ks[bi * s + j0..bi * s + j1], &qr[bi]);
             if mask.causal {
                 lo = lo.max(j0 as i64 - off);
             }
@@ -146,7 +141,7 @@ pub fn flash_mma(
         k_seg,
         fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(FWD_ROWS), 2), dev)?,
         bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(BWD_KEYS), 2), dev)?,
-        lse: Mutex::new(None),
+        lse: crate::host::Saved::new("flash_mma"),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -163,7 +158,7 @@ struct FlashMma {
     fwd_span: Tensor,
     bwd_span: Tensor,
     /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
-    lse: Mutex<Option<Tensor>>,
+    lse: crate::host::Saved,
 }
 
 impl CustomOp3 for FlashMma {
@@ -198,10 +193,7 @@ impl CustomOp3 for FlashMma {
         let d = &self.dims;
         let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_fwd_d{}", d.d))?;
         let guards = [&self.q_seg, &self.k_seg, &self.fwd_span].map(|t| t.storage_and_layout());
-        let aux: Vec<In> = guards
-            .iter()
-            .map(|(st, l)| In::new(cuda::storage(st)?, l))
-            .collect::<Result<_>>()?;
+        let aux = cuda::views(&guards)?;
         let (qi, ki, vi) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
         let mut o = Out::alloc(&dev, DType::BF16, d.b * d.t * d.h * d.d)?;
         let mut lse = Out::alloc(&dev, DType::F32, d.b * d.h * d.t)?;
@@ -228,11 +220,7 @@ impl CustomOp3 for FlashMma {
             shared_mem_bytes: 0,
         };
         cuda::run(bl, cfg)?;
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash_mma: poisoned".into()))? =
-            Some(lse.into_tensor(&dev, (d.b, d.h, d.t)));
+        self.lse.put(lse.into_tensor(&dev, (d.b, d.h, d.t)))?;
         Ok((o.into_storage(&dev), Shape::from((d.b, d.t, d.h, d.d))))
     }
 
@@ -244,12 +232,7 @@ impl CustomOp3 for FlashMma {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash_mma: poisoned".into()))?
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("flash_mma: backward before forward".into()))?;
+        let lse = self.lse.get()?;
         let (dq, dk, dv) = self.backward(q, k, v, o, grad, &lse)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -266,7 +249,7 @@ impl FlashMma {
         grad: &Tensor,
         lse: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
+        use crate::cuda::{self, Out, PushKernelArg};
         let d = &self.dims;
         let dev = cuda::device_of(q)?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -287,10 +270,7 @@ impl FlashMma {
             &dq,
         ]
         .map(|t| t.storage_and_layout());
-        let ins: Vec<In> = guards
-            .iter()
-            .map(|(st, l)| In::new(cuda::storage(st)?, l))
-            .collect::<Result<_>>()?;
+        let ins = cuda::views(&guards)?;
         let per_head = d.b * d.s * d.h * d.d;
         let mut dk = Out::alloc(&dev, DType::F32, per_head)?;
         let mut dv = Out::alloc(&dev, DType::F32, per_head)?;

@@ -410,7 +410,7 @@ impl CustomOp3 for GemmAttn {
 /// `attn_delta`: Δ (B, H, T) f32 from dO and O, both (B, T, H, D) in one dtype.
 #[cfg(feature = "cuda")]
 pub(crate) fn delta_cuda(dout: &Tensor, o: &Tensor) -> Result<Tensor> {
-    use crate::cuda::{self, In, Out, PushKernelArg};
+    use crate::cuda::{self, Out, PushKernelArg};
     let dev = cuda::device_of(o)?;
     let dout = dout.contiguous()?;
     let (b, t, h, d) = o.dims4()?;
@@ -421,10 +421,7 @@ pub(crate) fn delta_cuda(dout: &Tensor, o: &Tensor) -> Result<Tensor> {
         &format!("attn_delta_{}", cuda::suffix(o.dtype())?),
     )?;
     let guards = [&dout, o].map(|t| t.storage_and_layout());
-    let ins: Vec<In> = guards
-        .iter()
-        .map(|(st, l)| In::new(cuda::storage(st)?, l))
-        .collect::<Result<_>>()?;
+    let ins = cuda::views(&guards)?;
     let mut delta = Out::alloc(&dev, DType::F32, rows)?;
     let stream = dev.cuda_stream();
     let mut bl = stream.launch_builder(&f);
@@ -455,7 +452,7 @@ fn softmax_fwd_cuda(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    use crate::cuda::{self, In, Out, PushKernelArg};
+    use crate::cuda::{self, Out, PushKernelArg};
     let dev = cuda::device_of(x)?;
     let x = x.contiguous()?;
     let (n, m) = (t1 - t0, hi - lo);
@@ -466,10 +463,7 @@ fn softmax_fwd_cuda(
         &format!("attn_softmax_fwd_{}", cuda::suffix(x.dtype())?),
     )?;
     let guards = [&x, &pp.q_seg, &pp.k_seg].map(|t| t.storage_and_layout());
-    let ins: Vec<In> = guards
-        .iter()
-        .map(|(st, l)| In::new(cuda::storage(st)?, l))
-        .collect::<Result<_>>()?;
+    let ins = cuda::views(&guards)?;
     let mut p = Out::alloc(&dev, x.dtype(), rows * m)?;
     let mut lse = Out::alloc(&dev, DType::F32, rows)?;
     let stream = dev.cuda_stream();
@@ -518,7 +512,7 @@ fn softmax_bwd_cuda(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    use crate::cuda::{self, In, Out, PushKernelArg};
+    use crate::cuda::{self, Out, PushKernelArg};
     let dev = cuda::device_of(x)?;
     let (x, dp) = (x.contiguous()?, dp.to_dtype(x.dtype())?.contiguous()?);
     let (n, m) = (t1 - t0, hi - lo);
@@ -529,10 +523,7 @@ fn softmax_bwd_cuda(
         &format!("attn_softmax_bwd_{}", cuda::suffix(x.dtype())?),
     )?;
     let guards = [&x, &dp, lse, delta, &pp.q_seg, &pp.k_seg].map(|t| t.storage_and_layout());
-    let ins: Vec<In> = guards
-        .iter()
-        .map(|(st, l)| In::new(cuda::storage(st)?, l))
-        .collect::<Result<_>>()?;
+    let ins = cuda::views(&guards)?;
     let mut p = Out::alloc(&dev, x.dtype(), total)?;
     let mut ds = Out::alloc(&dev, x.dtype(), total)?;
     let stream = dev.cuda_stream();

@@ -60,10 +60,7 @@ fn cuda_norm(grads: &[Tensor]) -> Result<Tensor> {
         .map(|g| g.contiguous())
         .collect::<Result<_>>()?;
     let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
-    let views: Vec<In> = guards
-        .iter()
-        .map(|(s, l)| In::new(cuda::storage(s)?, l))
-        .collect::<Result<_>>()?;
+    let views = cuda::views(&guards)?;
     let mut ptrs = Vec::with_capacity(views.len());
     let mut syncs = Vec::with_capacity(views.len());
     for v in &views {

@@ -109,3 +109,34 @@ impl Precomputed {
         Ok((crate::cuda::storage(&s)?.try_clone(l)?, l.shape().clone()))
     }
 }
+
+/// A tensor a forward keeps for its backward (the attention ops' row log-sum-exp).
+pub(crate) struct Saved {
+    op: &'static str,
+    value: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl Saved {
+    pub(crate) fn new(op: &'static str) -> Saved {
+        Saved {
+            op,
+            value: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn put(&self, t: Tensor) -> Result<()> {
+        *self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.op)))? = Some(t);
+        Ok(())
+    }
+
+    pub(crate) fn get(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.op)))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: backward before forward", self.op)))
+    }
+}
