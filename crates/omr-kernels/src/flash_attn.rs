@@ -17,6 +17,8 @@
 use crate::host;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 /// Which keys a query may attend.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +61,56 @@ impl AttnMask {
         };
         Ok((seg(&self.q_seg, t)?, seg(&self.k_seg, s)?))
     }
+}
+
+impl AttnMask {
+    /// The segment ids on the host, (B·T) and (B·S) row-major, for planning which blocks to
+    /// visit: the builder's host copy when it gave one, all ones when the mask has no ids,
+    /// else read back from `q_seg` / `k_seg` (what [`AttnMask::segments`] gave; a device sync).
+    pub(crate) fn host_ids<'a>(
+        &'a self,
+        (b, t, s): (usize, usize, usize),
+        q_seg: &Tensor,
+        k_seg: &Tensor,
+    ) -> Result<(Cow<'a, [u32]>, Cow<'a, [u32]>)> {
+        Ok(match self.host.as_deref() {
+            Some((qs, ks)) if qs.len() == b * t && ks.len() == b * s => {
+                (Cow::Borrowed(qs.as_slice()), Cow::Borrowed(ks.as_slice()))
+            }
+            _ if self.q_seg.is_none() && self.k_seg.is_none() => {
+                (Cow::Owned(vec![1; b * t]), Cow::Owned(vec![1; b * s]))
+            }
+            _ => (
+                Cow::Owned(q_seg.flatten_all()?.to_vec1()?),
+                Cow::Owned(k_seg.flatten_all()?.to_vec1()?),
+            ),
+        })
+    }
+}
+
+/// Per batch row, each segment id's [first, last + 1) over `ids` (B · n, row-major; 0, the
+/// padding, has none). A segment id in several runs gets the range covering all of them.
+pub(crate) fn segment_ranges(ids: &[u32], b: usize, n: usize) -> Vec<HashMap<u32, (usize, usize)>> {
+    let mut out = vec![HashMap::new(); b];
+    for (bi, m) in out.iter_mut().enumerate() {
+        for (i, &id) in ids[bi * n..(bi + 1) * n].iter().enumerate() {
+            if id == 0 {
+                continue;
+            }
+            let e = m.entry(id).or_insert((i, i + 1));
+            e.0 = e.0.min(i);
+            e.1 = e.1.max(i + 1);
+        }
+    }
+    out
+}
+
+/// The union `[lo, hi)` of the ranges (of the other side) of the segments among `ids`;
+/// `(usize::MAX, 0)` when none has one.
+pub(crate) fn covering(ids: &[u32], ranges: &HashMap<u32, (usize, usize)>) -> (usize, usize) {
+    ids.iter()
+        .filter_map(|id| ranges.get(id))
+        .fold((usize::MAX, 0), |(lo, hi), &(a, z)| (lo.min(a), hi.max(z)))
 }
 
 /// Shapes of one call.

@@ -8,9 +8,8 @@
 //! that can hold allowed pairs (from the segment ids, the causal and the window limits), so a
 //! block-diagonal mask costs what its blocks cost, as in [`crate::gemm_attn`].
 
-use crate::flash_attn::{AttnMask, Dims};
+use crate::flash_attn::{covering, segment_ranges, AttnMask, Dims};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use std::collections::HashMap;
 
 /// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BC).
 const FWD_ROWS: usize = 64;
@@ -28,36 +27,16 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
         && k.rank() == 4
 }
 
-/// Per batch row, each segment id's [first, last + 1) over `ids` (B · n, row-major).
-fn ranges(ids: &[u32], b: usize, n: usize) -> Vec<HashMap<u32, (usize, usize)>> {
-    let mut out = vec![HashMap::new(); b];
-    for (bi, m) in out.iter_mut().enumerate() {
-        for (i, &id) in ids[bi * n..(bi + 1) * n].iter().enumerate() {
-            if id == 0 {
-                continue;
-            }
-            let e = m.entry(id).or_insert((i, i + 1));
-            e.0 = e.0.min(i);
-            e.1 = e.1.max(i + 1);
-        }
-    }
-    out
-}
-
 /// The spans of both kernels, `[lo, hi)` pairs: per (b, block of 64 query rows) the keys the
 /// forward visits, per (b, block of 64 keys) the query rows the backward visits.
 fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u32>) {
     let (b, t, s) = (d.b, d.t, d.s);
     let off = (s - t) as i64;
-    let (qr, kr) = (ranges(qs, b, t), ranges(ks, b, s));
+    let (qr, kr) = (segment_ranges(qs, b, t), segment_ranges(ks, b, s));
     let w = mask.window as i64;
-    // The union of the other side's ranges of the segments among `ids`.
-    let union = |ids: &[u32], other: &HashMap<u32, (usize, usize)>| {
-        ids.iter()
-            .filter_map(|id| other.get(id))
-            .fold((i64::MAX, 0i64), |(lo, hi), &(a, z)| {
-                (lo.min(a as i64), hi.max(z as i64))
-            })
+    let union = |ids: &[u32], other| {
+        let (lo, hi) = covering(ids, other);
+        (i64::try_from(lo).unwrap_or(i64::MAX), hi as i64)
     };
     let mut fwd = Vec::new();
     for bi in 0..b {
@@ -120,17 +99,8 @@ pub fn flash_mma(
     }
     let dims = Dims { b, t, s, h, kv, d };
     let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_mma")?;
-    let (fwd, bwd) = match mask.host.as_deref() {
-        Some((qs, ks)) if qs.len() == b * t && ks.len() == b * s => spans(qs, ks, &dims, mask),
-        _ if mask.q_seg.is_none() && mask.k_seg.is_none() => {
-            spans(&vec![1; b * t], &vec![1; b * s], &dims, mask)
-        }
-        _ => {
-            let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
-            let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
-            spans(&qs, &ks, &dims, mask)
-        }
-    };
+    let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
+    let (fwd, bwd) = spans(&qs, &ks, &dims, mask);
     let dev = q.device();
     let op = FlashMma {
         dims,

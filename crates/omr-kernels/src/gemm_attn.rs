@@ -18,7 +18,7 @@
 //!
 //! Layouts as `flash_attn`: q (B, T, H, D), k/v (B, S, KV, D), o (B, T, H, D), lse (B, H, T).
 
-use crate::flash_attn::{AttnMask, Dims};
+use crate::flash_attn::{covering, segment_ranges, AttnMask, Dims};
 use crate::host::Precomputed;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -55,21 +55,9 @@ fn plan(
     mask: &AttnMask,
 ) -> Plan {
     let off = s - t;
-    // Each row's segment → its key span (segments are contiguous runs of keys; a segment id
-    // that appears in several runs gets the span covering all of them, still correct).
-    let mut spans: Vec<std::collections::HashMap<u32, (usize, usize)>> =
-        vec![Default::default(); b];
-    for bi in 0..b {
-        for si in 0..s {
-            let id = k_seg[bi * s + si];
-            if id == 0 {
-                continue;
-            }
-            let e = spans[bi].entry(id).or_insert((si, si + 1));
-            e.0 = e.0.min(si);
-            e.1 = e.1.max(si + 1);
-        }
-    }
+    // Each segment's key span (segments are contiguous runs of keys; a segment id that appears
+    // in several runs gets the span covering all of them, still correct).
+    let spans = segment_ranges(k_seg, b, s);
     // Rows per block: the scores of a block fit BLOCK_BYTES; with a causal mask up to 8
     // blocks, so the empty upper triangle is mostly skipped, but not below 512 rows: each
     // block costs ~40 launches forward + backward, which at T 2048 outweighs the 11% of
@@ -84,17 +72,10 @@ fn plan(
     while t0 < t {
         let t1 = (t0 + n).min(t);
         let (mut lo, mut hi) = (usize::MAX, 0usize);
-        for bi in 0..b {
-            for ti in t0..t1 {
-                let id = q_seg[bi * t + ti];
-                if id == 0 {
-                    continue;
-                }
-                if let Some(&(a, z)) = spans[bi].get(&id) {
-                    lo = lo.min(a);
-                    hi = hi.max(z);
-                }
-            }
+        for (bi, row) in spans.iter().enumerate() {
+            let (a, z) = covering(&q_seg[bi * t + t0..bi * t + t1], row);
+            lo = lo.min(a);
+            hi = hi.max(z);
         }
         if mask.causal {
             hi = hi.min(off + t1);
@@ -132,17 +113,8 @@ fn prep(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Prep> {
         )
     }
     let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "gemm_attn")?;
-    let plan = match mask.host.as_deref() {
-        Some((qs, ks)) if qs.len() == b * t && ks.len() == b * s => plan(qs, ks, b, t, s, h, mask),
-        _ if mask.q_seg.is_none() && mask.k_seg.is_none() => {
-            plan(&vec![1; b * t], &vec![1; b * s], b, t, s, h, mask)
-        }
-        _ => {
-            let qs: Vec<u32> = q_seg.flatten_all()?.to_vec1()?;
-            let ks: Vec<u32> = k_seg.flatten_all()?.to_vec1()?;
-            plan(&qs, &ks, b, t, s, h, mask)
-        }
-    };
+    let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
+    let plan = plan(&qs, &ks, b, t, s, h, mask);
     Ok(Prep {
         dims: Dims { b, t, s, h, kv, d },
         kh: k.transpose(1, 2)?.contiguous()?,
