@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::config::SftConfig;
+use std::path::Path;
 
 fn shipped(name: &str) -> ModelConfig {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,187 @@
+//! The plan's input from an SFT config: the model's config.json (local, shipped for the Hub
+//! ids, or the Hub's), the processor's max_pixels, the batching mode's rows and images.
+
+use super::{AttentionImpl, PlanInput, Trainable, QWEN_DEFAULT_MAX_PIXELS};
+use crate::config::{ModelInit, SftConfig};
+use omr_data::collate::CollateMode;
+use omr_model::config::ModelConfig;
+use std::path::{Path, PathBuf};
+
+/// What the user asks of `omr plan` besides the run config.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// config.json to use instead of the one `model.path` points to.
+    pub model_config: Option<PathBuf>,
+    pub compute_bytes: u64,
+    pub attention: AttentionImpl,
+    /// Overrides the processor's max_pixels.
+    pub max_pixels: Option<u64>,
+    /// Overrides the images per row the batching mode implies.
+    pub images_per_row: Option<usize>,
+}
+
+/// The plan input of an SFT config, and notes on where each number came from.
+pub fn input_from_sft(
+    cfg: &SftConfig,
+    o: &PlanOptions,
+) -> Result<(PlanInput, Vec<String>), String> {
+    let mut notes = Vec::new();
+    let model = model_config(cfg, o.model_config.as_deref(), &mut notes)?;
+    let b = &cfg.data.batch;
+    let process_len = cfg.data.process.max_length;
+    let (seq, per_row) = match b.mode {
+        CollateMode::Pack => (b.max_length, b.max_length.div_ceil(process_len.max(1))),
+        CollateMode::Pad => (
+            process_len.div_ceil(b.pad_to_multiple.max(1)) * b.pad_to_multiple.max(1),
+            1,
+        ),
+    };
+    let images_per_row = o.images_per_row.unwrap_or(per_row);
+    let max_pixels = match o.max_pixels {
+        Some(m) => {
+            notes.push(format!("max_pixels {m} (--max-pixels)"));
+            m
+        }
+        None => processor_max_pixels(Path::new(cfg.processor_ref()), &mut notes),
+    };
+    let v = &model.vision;
+    let unit_px = (v.patch_size * v.spatial_merge_size) as u64;
+    // Image tokens of one image: smart_resize keeps h·w ≤ max_pixels in units of 28×28 px; a
+    // sample never has more tokens than process.max_length (longer ones are rejected).
+    let tokens = ((max_pixels / (unit_px * unit_px)) as usize).min(process_len.saturating_sub(2));
+    let gh = (tokens as f64).sqrt().floor().max(1.0) as usize;
+    let gw = (tokens / gh).max(1);
+    let merge = v.spatial_merge_size;
+    let mut input = PlanInput {
+        model,
+        batch: b.batch_size,
+        seq,
+        images_per_row,
+        image_hw: (gh * merge, gw * merge),
+        labelled: 0,
+        // LoRA freezes the whole base (`lora::apply`).
+        trainable: Trainable {
+            vision: !cfg.model.freeze_vision && cfg.model.lora.is_none(),
+            merger: !cfg.model.freeze_merger && cfg.model.lora.is_none(),
+            language: !cfg.model.freeze_language && cfg.model.lora.is_none(),
+        },
+        lora: cfg.model.lora.clone(),
+        compute_bytes: o.compute_bytes,
+        attention: o.attention,
+        checkpointing: cfg.train.activation_checkpointing,
+        grad_accum: cfg.train.grad_accum,
+    };
+    // Image tokens (and their start/end markers) never fit in more than a row.
+    while input.images_per_row > 0 && input.image_tokens_per_row() + 2 * input.images_per_row > seq
+    {
+        input.images_per_row -= 1;
+    }
+    let text = seq - input.image_tokens_per_row() - 2 * input.images_per_row;
+    input.labelled = input.batch * text.saturating_sub(1);
+    notes.push(format!(
+        "image-heavy rows: {} tokens, {} image(s) of {}×{} patches ({} image tokens), {} labelled tokens",
+        seq,
+        input.images_per_row,
+        input.image_hw.0,
+        input.image_hw.1,
+        input.image_tokens_per_row(),
+        text.saturating_sub(1)
+    ));
+    Ok((input, notes))
+}
+
+/// The model's config.json: `--model-config`, the tiny spec, a local folder, a fixture under
+/// configs/models/ for the Hub ids we ship, or the Hugging Face cache.
+fn model_config(
+    cfg: &SftConfig,
+    explicit: Option<&Path>,
+    notes: &mut Vec<String>,
+) -> Result<ModelConfig, String> {
+    let read = |p: &Path, notes: &mut Vec<String>| {
+        notes.push(format!("model dims from {}", p.display()));
+        ModelConfig::from_file(p).map_err(|e| e.to_string())
+    };
+    if let Some(p) = explicit {
+        return read(p, notes);
+    }
+    let m = &cfg.model;
+    if m.init == ModelInit::Tiny {
+        let proc = Path::new(&m.processor);
+        let ids = omr_model::tiny::TokenIds::from_tokenizer_dir(proc).map_err(|e| {
+            format!("model.init = \"tiny\" takes its vocabulary from model.processor: {e} (make it with `omr data synth`, or pass --model-config)")
+        })?;
+        notes.push(format!(
+            "model dims from [model.tiny] and the tokenizer in {}",
+            proc.display()
+        ));
+        return ModelConfig::from_value(m.tiny.config_json(&ids), Path::new("<tiny spec>"))
+            .map_err(|e| e.to_string());
+    }
+    let local = Path::new(&m.path).join("config.json");
+    if local.is_file() {
+        return read(&local, notes);
+    }
+    if let Some(f) = shipped_config(&m.path) {
+        return read(&f, notes);
+    }
+    // Only config.json from the Hub (or its cache), never the weights.
+    use omr_data::source::hub_repo::{HubEnv, HubRepo, RepoType};
+    let env = HubEnv::from_process();
+    if let Ok(p) =
+        HubRepo::open(&m.path, RepoType::Model, None, &env).and_then(|r| r.fetch("config.json"))
+    {
+        return read(&p, notes);
+    }
+    Err(format!(
+        "no config.json for model.path = {:?}: not a folder, not a shipped fixture under configs/models/, \
+         not in the Hugging Face cache; pass --model-config FILE",
+        m.path
+    ))
+}
+
+/// configs/models/<name>.json for the Hub ids whose config.json is shipped with the repository.
+pub fn shipped_config(hub_id: &str) -> Option<PathBuf> {
+    let name = match hub_id {
+        "Qwen/Qwen2.5-VL-3B-Instruct" | "Qwen/Qwen2.5-VL-3B" => "qwen2.5-vl-3b.json",
+        "Qwen/Qwen2.5-VL-7B-Instruct" | "Qwen/Qwen2.5-VL-7B" => "qwen2.5-vl-7b.json",
+        _ => return None,
+    };
+    let p = configs_dir().join("models").join(name);
+    p.is_file().then_some(p)
+}
+
+/// The repository's configs/ (beside the binary's crate at build time; the current directory's
+/// `configs/` when run elsewhere).
+pub fn configs_dir() -> PathBuf {
+    let here = PathBuf::from("configs");
+    if here.join("models").is_dir() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+/// max_pixels of the processor folder's preprocessor_config.json, else the Qwen default.
+fn processor_max_pixels(dir: &Path, notes: &mut Vec<String>) -> u64 {
+    let path = dir.join("preprocessor_config.json");
+    let found = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("max_pixels")
+                .and_then(|x| x.as_u64())
+                .or_else(|| v.get("size")?.get("longest_edge")?.as_u64())
+        });
+    match found {
+        Some(m) => {
+            notes.push(format!("max_pixels {m} from {}", path.display()));
+            m
+        }
+        None => {
+            notes.push(format!(
+                "max_pixels {QWEN_DEFAULT_MAX_PIXELS} (the Qwen2.5-VL processor default; {} not readable; --max-pixels overrides)",
+                path.display()
+            ));
+            QWEN_DEFAULT_MAX_PIXELS
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The plan as `omr plan` prints it, and what to change when it does not fit.
+
+use super::{worst_case, AttentionImpl, Checkpointing, Plan, PlanInput, Trainable, F32, GIB};
+use omr_model::lora::LoraConfig;
+use std::fmt::Write as _;
+
+/// The plan as a table: both phases by category, the peak and the verdict.
+pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> String {
+    let gib = |b: u64| b as f64 / GIB;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "B {} × T {} tokens, {} patches, {}, attention {}, checkpointing {}, grad_accum {}",
+        p.batch,
+        p.seq,
+        p.patches(),
+        if p.compute_bytes == F32 {
+            "f32 compute"
+        } else {
+            "bf16 compute, f32 masters"
+        },
+        match p.attention {
+            AttentionImpl::Eager => "eager",
+            AttentionImpl::Fused => "fused",
+        },
+        p.checkpointing.name(),
+        p.grad_accum
+    );
+    for (title, rows, total) in [
+        ("forward + backward", &plan.train_rows, plan.train_peak),
+        ("optimizer step", &plan.optim_rows, plan.optim_peak),
+    ] {
+        let _ = writeln!(out, "\n| {title:<30} | {:>10} | {:<48} |", "GiB", "");
+        let _ = writeln!(out, "|{:-<32}|{:->12}|{:-<50}|", "", "", "");
+        for r in rows.iter() {
+            let _ = writeln!(
+                out,
+                "| {:<30} | {:>10.3} | {:<48} |",
+                r.category,
+                gib(r.bytes),
+                r.note
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| {:<30} | {:>10.3} | {:<48} |",
+            "total",
+            gib(total),
+            ""
+        );
+    }
+    let usable = device_bytes.saturating_sub(headroom);
+    let _ = writeln!(
+        out,
+        "\npeak {:.2} GiB ({}) vs device {:.2} GiB − {:.2} GiB headroom = {:.2} GiB usable: {}",
+        gib(plan.peak),
+        if plan.train_peak >= plan.optim_peak {
+            "forward + backward"
+        } else {
+            "optimizer step"
+        },
+        gib(device_bytes),
+        gib(headroom),
+        gib(usable),
+        if plan.peak <= usable {
+            "fits"
+        } else {
+            "does NOT fit"
+        }
+    );
+    out
+}
+
+/// What to change when a plan does not fit, smallest resulting peak first, each alone, and the
+/// three changes that need no smaller batch together. `p` is the image-heavy input; every
+/// variant is planned at its worst case.
+pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    let try_with = |f: &dyn Fn(&mut PlanInput)| {
+        let mut q = p.clone();
+        f(&mut q);
+        worst_case(&q).1.peak
+    };
+    let push = |out: &mut Vec<(u64, String)>, peak: u64, what: String| {
+        if peak < plan.peak {
+            let fits = if peak <= usable {
+                "fits"
+            } else {
+                "still too large"
+            };
+            out.push((
+                peak,
+                format!("{what}: {:.2} GiB ({fits})", peak as f64 / GIB),
+            ));
+        }
+    };
+    if p.attention == AttentionImpl::Eager {
+        push(
+            &mut out,
+            try_with(&|q| q.attention = AttentionImpl::Fused),
+            "fused attention (the CUDA kernels)".into(),
+        );
+    }
+    if p.checkpointing != Checkpointing::All {
+        push(
+            &mut out,
+            try_with(&|q| q.checkpointing = Checkpointing::All),
+            "train.activation_checkpointing = \"all\"".into(),
+        );
+    }
+    if p.batch > 1 {
+        let half = p.batch / 2;
+        push(
+            &mut out,
+            try_with(&|q| {
+                q.labelled = q.labelled / q.batch * half;
+                q.batch = half;
+            }),
+            format!("data.batch.batch_size = {half} (and double train.grad_accum)"),
+        );
+    }
+    if p.seq >= 256 {
+        let half = p.seq / 2;
+        push(
+&mut out,
+            try_with(&|q| {
+                q.labelled = q.labelled * half / q.seq;
+                q.seq = half;
+                while q.images_per_row > 0 && q.image_tokens_per_row() + 2 * q.images_per_row > half {
+                    q.images_per_row -= 1;
+                }
+            }),
+            format!("max_length {half} (data.batch.max_length when packing, data.process.max_length when padding)"),
+        );
+    }
+    if p.lora.is_none() {
+        push(
+            &mut out,
+            try_with(&|q| {
+                q.trainable = Trainable {
+                    vision: false,
+                    merger: false,
+                    language: false,
+                };
+                q.lora = Some(LoraConfig {
+                    r: 16,
+                    alpha: 32.0,
+                    dropout: 0.0,
+                    targets: vec!["all-linear".into()],
+                })
+            }),
+            "LoRA r = 16 on all-linear ([model.lora])".into(),
+        );
+    }
+    if out.iter().all(|(peak, _)| *peak > usable) {
+        let lora = LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: vec!["all-linear".into()],
+        };
+        push(
+            &mut out,
+            try_with(&|q| {
+                q.attention = AttentionImpl::Fused;
+                q.checkpointing = Checkpointing::All;
+                q.trainable = Trainable {
+                    vision: false,
+                    merger: false,
+                    language: false,
+                };
+                q.lora = Some(lora.clone());
+            }),
+            "fused attention + checkpointing \"all\" + LoRA r = 16 together".into(),
+        );
+    }
+    out.sort_by_key(|(peak, _)| *peak);
+    out.into_iter().map(|(_, s)| s).collect()
+}
