@@ -5,25 +5,37 @@
 // key gets o = 0 and lse = −∞.
 //
 // Layouts: q (B, T, H, D), k/v (B, S, KV, D), o (B, T, H, D), lse / delta (B, H, T) f32.
-// D ∈ {64, 80, 128} (a multiple of 16). The keys of S are the last T's context: off = S − T,
-// key j is allowed for query i when qseg[i] ≠ 0, kseg[j] = qseg[i], j ≤ i + off (causal) and
-// j + window > i + off (window > 0).
+// D ∈ {64, 80, 128} (a multiple of 16); every row starts 16-byte aligned (the host checks the
+// base offsets). The keys of S are the last T's context: off = S − T, key j is allowed for
+// query i when qseg[i] ≠ 0, kseg[j] = qseg[i], j ≤ i + off (causal) and j + window > i + off
+// (window > 0).
 //
-// forward: one CTA per (64 query rows, b·H + h), 4 warps of 16 rows; K and V tiles of 64 keys
-//   in shared memory; online softmax in the exp2 domain; P cast to bf16 for P·V (as the
-//   reference casts the probabilities to the input dtype). The host gives each (b, block of
-//   64 rows) the key span [lo, hi) that can hold allowed keys (segments, causal, window).
+// forward: one CTA per (64 query rows, b·H + h), 4 warps of 16 rows, Q fragments in
+//   registers; tiles of 64 keys, K and V in shared memory, loaded with cp.async so that V's
+//   load overlaps S = Q·K^T and the next K's load overlaps O += P·V (FA2's two-stage
+//   pipeline with one buffer each). Online softmax in the exp2 domain; P cast to bf16 for P·V
+//   (the reference casts the probabilities to the input dtype). The host gives each
+//   (b, block of 64 rows) the key span [lo, hi) that can hold allowed keys; the heaviest
+//   (last, under a causal mask) blocks start first.
 // backward: one CTA per (64 keys, b·H + h), 4 warps of 16 keys, over the blocks of 32 query
-//   rows the host's span allows: S^T = K·Q^T, P^T, dV += P^T·dO, dP^T = V·dO^T,
-//   dS^T = P^T ∘ (dP^T − Δ)·scale, dK += dS^T·Q (registers), dQ += dS·K through shared memory
-//   and f32 atomics. dK and dV are written per query head (f32, (B, S, H, D)); the host sums
-//   a GQA group's heads.
+//   rows the host's span allows, Q / dO / lse / Δ / segments double-buffered with cp.async:
+//   S^T = K·Q^T, P^T, dP^T = V·dO^T, dS^T = P^T ∘ (dP^T − Δ)·scale, dV += P^T·dO and
+//   dK += dS^T·Q in registers, dQ += dS·K through shared memory and f32 atomics (float2).
+//   dK and dV are written per query head (f32, (B, S, H, D)); the host sums a GQA group's
+//   heads. Dynamic shared memory (flash_mma_bwd_smem below; the host raises the limit).
+//
+// A tile that the mask leaves whole (one segment on both sides, below the causal diagonal,
+// inside the window, no row past T or S) skips the per-element mask; a warp whose tile the
+// causal mask removes entirely skips its products.
 //
 // mma.sync.m16n8k16 fragments (lane = 4·g + t): A (16 × 16, row major) regs {(g, 2t..2t+1),
 // (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B (16 × 8, "col": element (k, n)) regs
 // {(2t..2t+1, g), (2t+8..2t+9, g)}; C (16 × 8 f32) {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
 // The C fragments of two adjacent n-tiles are the A fragment of one k-step: P and dS go from
-// one product into the next without leaving registers.
+// one product into the next without leaving registers. Fragments come from shared memory by
+// ldmatrix: an 8×8 bf16 matrix per 8 lanes' row addresses, `.trans` when the fragment's pairs
+// run down a column of the stored tile (V and dO as B, dS^T as A). Rows are padded by 8 bf16
+// (16 bytes), which puts the 8 rows of a matrix in distinct banks.
 #include "common.cuh"
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -36,14 +48,53 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8×8 matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m holds it.
+__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm4t(uint32_t* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm2t(uint32_t* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+// cp.async of 16 (or 4) bytes; `valid` false writes zeros instead (src-size 0).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
 __device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint32_t pack_h(bf16 lo, bf16 hi) {
-  return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) {
@@ -63,6 +114,19 @@ __device__ __forceinline__ void c_to_a(const float (*c)[4], int kk, uint32_t* a)
   a[3] = pack_f(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// `rows` rows of D bf16 starting at global row `r0` (row r at src + r·stride) into a padded
+// shared tile; rows at or past `n` are zeros.
+template <int D, int LD>
+__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long stride, int r0, int n,
+                                          int rows) {
+  constexpr int C = D / 8;  // 16-byte chunks per row
+  for (int idx = threadIdx.x; idx < rows * C; idx += blockDim.x) {
+    const int row = idx / C, c = idx % C, r = r0 + row;
+    const bool ok = r < n;
+    cp16(&dst[row * LD + c * 8], src + (ok ? r : 0) * stride + c * 8, ok);
+  }
+}
+
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const unsigned* __restrict__ qseg,
@@ -73,13 +137,29 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   __shared__ __align__(16) bf16 ks[BC * LD];
   __shared__ __align__(16) bf16 vs[BC * LD];
   __shared__ unsigned kss[BC];
-  const int qb = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+  const int qb = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
+  const int kvh = h / (H / KV);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int off = S - T;
-  const int r0 = qb * BR + warp * 16 + g, r1 = r0 + 8;
+  const int w0 = qb * BR + warp * 16;  // the warp's first row
+  const int r0 = w0 + g, r1 = r0 + 8;
   const int nblk = (T + BR - 1) / BR;
   const int lo = span[2 * (b * nblk + qb)], hi = span[2 * (b * nblk + qb) + 1];
+  const bf16* kb = k + ((long)b * S * KV + kvh) * D;
+  const bf16* vb = v + ((long)b * S * KV + kvh) * D;
+  const long kstride = (long)KV * D;
 
+  // The block's rows in one segment (qblk ≠ 0) or not (qblk = 0: every tile is masked).
+  const unsigned q_first = qseg[(long)b * T + qb * BR];
+  const int q_uni = __syncthreads_and(threadIdx.x >= BR || qb * BR + (int)threadIdx.x >= T ||
+                                      qseg[(long)b * T + qb * BR + threadIdx.x] == q_first);
+  const unsigned qblk = q_uni ? q_first : 0u;
+  const int w_last = min(w0 + 15, T - 1);
+
+  if (lo < hi) {
+    load_rows<D, LD>(ks, kb, kstride, lo, S, BC);
+    cp_commit();
+  }
   uint32_t qf[D / 16][4];
   {
     const bf16* q0 = q + (((long)b * T + min(r0, T - 1)) * H + h) * D;
@@ -100,86 +180,115 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
   for (int j0 = lo; j0 < hi; j0 += BC) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < BC * (D / 2); idx += blockDim.x) {
-      const int row = idx / (D / 2), c2 = idx % (D / 2), j = j0 + row;
-      uint32_t kw = 0u, vw = 0u;
-      if (j < S) {
-        const long base = (((long)b * S + j) * KV + kvh) * D + 2 * c2;
-        kw = ld32(k + base);
-        vw = ld32(v + base);
-      }
-      *reinterpret_cast<uint32_t*>(&ks[row * LD + 2 * c2]) = kw;
-      *reinterpret_cast<uint32_t*>(&vs[row * LD + 2 * c2]) = vw;
+    // This tile's key segments, and whether they are all the block's one segment.
+    bool seg_whole = true;
+    if (threadIdx.x < BC) {
+      const int j = j0 + threadIdx.x;
+      const unsigned s = j < S ? kseg[(long)b * S + j] : 0u;
+      kss[threadIdx.x] = s;
+      seg_whole = j < S && s == qblk && qblk != 0u;
     }
-    for (int row = threadIdx.x; row < BC; row += blockDim.x)
-      kss[row] = j0 + row < S ? kseg[(long)b * S + j0 + row] : 0u;
-    __syncthreads();
-    // A warp whose rows all precede the tile (causal) has nothing to do in it.
-    if (causal && j0 > qb * BR + warp * 16 + 15 + off) continue;
+    cp_wait<0>();
+    // K has landed for every thread; every warp is done with the last tile's V.
+    const bool tile_whole = __syncthreads_and(seg_whole);
+    load_rows<D, LD>(vs, vb, kstride, j0, S, BC);
+    cp_commit();
+    const bool skip = causal && j0 > w0 + 15 + off;
+    const bool whole = tile_whole && (!causal || j0 + BC - 1 <= w0 + off) &&
+                       (window == 0 || j0 + window > w_last + off);
 
     float s[BC / 8][4];
+    if (!skip) {
 #pragma unroll
-    for (int n = 0; n < BC / 8; n++) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int n = 0; n < BC / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
-        const bf16* kp = &ks[(n * 8 + g) * LD + kk * 16 + 2 * t];
-        mma16816(s[n], qf[kk], ld32(kp), ld32(kp + 8));
+#pragma unroll
+        for (int np = 0; np < BC / 16; np++) {
+          uint32_t bk[4];
+          ldsm4(bk, &ks[(np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8]);
+          mma16816(s[2 * np], qf[kk], bk[0], bk[1]);
+          mma16816(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+        }
       }
-    }
-    float mx0 = NEG_INF, mx1 = NEG_INF;
+      float mx0 = NEG_INF, mx1 = NEG_INF;
+      if (whole) {
 #pragma unroll
-    for (int n = 0; n < BC / 8; n++) {
+        for (int n = 0; n < BC / 8; n++) {
+          s[n][0] *= scale_log2;
+          s[n][1] *= scale_log2;
+          s[n][2] *= scale_log2;
+          s[n][3] *= scale_log2;
+          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+      } else {
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
-        const bool top = e < 2;
-        const int i = top ? r0 : r1;
-        const bool ok = j < S && i < T && allowed(i, j, top ? qs0 : qs1, kss[jl], off, causal, window);
-        const float x = ok ? s[n][e] * scale_log2 : NEG_INF;
-        s[n][e] = x;
-        if (top) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+        for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
+            const bool top = e < 2;
+            const int i = top ? r0 : r1;
+            const bool ok =
+                j < S && i < T && allowed(i, j, top ? qs0 : qs1, kss[jl], off, causal, window);
+            const float x = ok ? s[n][e] * scale_log2 : NEG_INF;
+            s[n][e] = x;
+            if (top) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+          }
+        }
       }
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    // Rescale of what was summed so far (1 while nothing was: the sums are 0 then).
-    const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0 - mn0);
-    const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1 - mn1);
-    float sum0 = 0.f, sum1 = 0.f;
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      // Rescale of what was summed so far (1 while nothing was: the sums are 0 then); a row
+      // with no allowed key yet subtracts 0 instead of −∞ (its scores are all −∞ → 0).
+      const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0 - mn0);
+      const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1 - mn1);
+      const float z0 = mn0 == NEG_INF ? 0.f : mn0, z1 = mn1 == NEG_INF ? 0.f : mn1;
+      float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-    for (int n = 0; n < BC / 8; n++) {
-      s[n][0] = mn0 == NEG_INF ? 0.f : exp2f(s[n][0] - mn0);
-      s[n][1] = mn0 == NEG_INF ? 0.f : exp2f(s[n][1] - mn0);
-      s[n][2] = mn1 == NEG_INF ? 0.f : exp2f(s[n][2] - mn1);
-      s[n][3] = mn1 == NEG_INF ? 0.f : exp2f(s[n][3] - mn1);
-      sum0 += s[n][0] + s[n][1];
-      sum1 += s[n][2] + s[n][3];
-    }
-    l0 = l0 * a0 + sum0;
-    l1 = l1 * a1 + sum1;
-    m0 = mn0;
-    m1 = mn1;
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) {
-      acc[n][0] *= a0;
-      acc[n][1] *= a0;
-      acc[n][2] *= a1;
-      acc[n][3] *= a1;
-    }
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++) {
-      uint32_t a[4];
-      c_to_a(s, kk, a);
-      const bf16* v0 = &vs[(kk * 16 + 2 * t) * LD + g];
+      for (int n = 0; n < BC / 8; n++) {
+        s[n][0] = exp2f(s[n][0] - z0);
+        s[n][1] = exp2f(s[n][1] - z0);
+        s[n][2] = exp2f(s[n][2] - z1);
+        s[n][3] = exp2f(s[n][3] - z1);
+        sum0 += s[n][0] + s[n][1];
+        sum1 += s[n][2] + s[n][3];
+      }
+      l0 = l0 * a0 + sum0;
+      l1 = l1 * a1 + sum1;
+      m0 = mn0;
+      m1 = mn1;
 #pragma unroll
       for (int n = 0; n < D / 8; n++) {
-        const bf16* vp = v0 + n * 8;
-        mma16816(acc[n], a, pack_h(vp[0], vp[LD]), pack_h(vp[8 * LD], vp[9 * LD]));
+        acc[n][0] *= a0;
+        acc[n][1] *= a0;
+        acc[n][2] *= a1;
+        acc[n][3] *= a1;
+      }
+    }
+    cp_wait<0>();
+    // V has landed; every warp is done with this tile's K.
+    __syncthreads();
+    if (j0 + BC < hi) {
+      load_rows<D, LD>(ks, kb, kstride, j0 + BC, S, BC);
+      cp_commit();
+    }
+    if (!skip) {
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; kk++) {
+        uint32_t a[4];
+        c_to_a(s, kk, a);
+#pragma unroll
+        for (int np = 0; np < D / 16; np++) {
+          uint32_t bv[4];
+          ldsm4t(bv, &vs[(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + np * 16 + (lane / 16) * 8]);
+          mma16816(acc[2 * np], a, bv[0], bv[1]);
+          mma16816(acc[2 * np + 1], a, bv[2], bv[3]);
+        }
       }
     }
   }
@@ -203,6 +312,12 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   }
 }
 
+// Dynamic shared memory of the backward, in bytes: K (BC rows), Q and dO (2 × BR rows each),
+// dS^T (BC × (BR + 8)), then lse, Δ, segment ids (2 × BR each). flash_mma.rs has the same sum.
+#define BWD_BR 32
+#define BWD_BC 64
+#define BWD_SMEM(D) (2 * (BWD_BC * ((D) + 8) + 4 * BWD_BR * ((D) + 8) + BWD_BC * (BWD_BR + 8)) + 3 * 2 * BWD_BR * 4)
+
 template <int D>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -211,39 +326,61 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const int* __restrict__ span, float* __restrict__ dq,
                           float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                           int KV, float scale, int causal, int window) {
-  constexpr int BR = 32, BC = 64, LD = D + 8, LDS = BR + 8;
-  __shared__ __align__(16) bf16 ks[BC * LD];
-  __shared__ __align__(16) bf16 qs[BR * LD];
-  __shared__ __align__(16) bf16 dos[BR * LD];
-  __shared__ __align__(16) bf16 dst[BC * LDS];
-  __shared__ float lses[BR], dls[BR];
-  __shared__ unsigned qss[BR];
+  constexpr int BR = BWD_BR, BC = BWD_BC, LD = D + 8, LDS = BR + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* ks = reinterpret_cast<bf16*>(smem);
+  bf16* qs = ks + BC * LD;          // [2][BR × LD]
+  bf16* dos = qs + 2 * BR * LD;     // [2][BR × LD]
+  bf16* dst = dos + 2 * BR * LD;    // BC × LDS
+  float* lses = reinterpret_cast<float*>(dst + BC * LDS);  // [2][BR]
+  float* dls = lses + 2 * BR;                              // [2][BR]
+  unsigned* qss = reinterpret_cast<unsigned*>(dls + 2 * BR);  // [2][BR]
   const int kb = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int off = S - T;
   const int nblk = (S + BC - 1) / BC;
   const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
-  const int k0 = kb * BC + warp * 16 + g, k1 = k0 + 8;  // this thread's key rows
+  const int kw = kb * BC + warp * 16;  // the warp's first key
+  const int k0 = kw + g, k1 = k0 + 8;  // this thread's key rows
+  const long qstride = (long)H * D;
+  const bf16* qb = q + ((long)b * T * H + h) * D;
+  const bf16* dob = dout + ((long)b * T * H + h) * D;
+  const float* lseb = lse + ((long)b * H + h) * T;
+  const float* dlb = delta + ((long)b * H + h) * T;
+  const unsigned* qsegb = qseg + (long)b * T;
 
-  for (int idx = threadIdx.x; idx < BC * (D / 2); idx += blockDim.x) {
-    const int row = idx / (D / 2), c2 = idx % (D / 2), j = kb * BC + row;
-    uint32_t w = 0u;
-    if (j < S) w = ld32(k + (((long)b * S + j) * KV + kvh) * D + 2 * c2);
-    *reinterpret_cast<uint32_t*>(&ks[row * LD + 2 * c2]) = w;
-  }
-  __syncthreads();
-  uint32_t kf[D / 16][4], vf[D / 16][4];
+  // The block's keys in one segment and all before S (kblk ≠ 0), or not (every tile masked).
+  const unsigned k_first = kseg[(long)b * S + kb * BC];
+  const int k_uni = __syncthreads_and(threadIdx.x >= BC ||
+                                      (kb * BC + (int)threadIdx.x < S &&
+                                       kseg[(long)b * S + kb * BC + threadIdx.x] == k_first));
+  const unsigned kblk = k_uni ? k_first : 0u;
+
+  // Q, dO, lse, Δ and segment ids of query rows [i0, i0 + BR) into buffer `buf`; thread r
+  // copies row r's scalars (so it may read them after its own wait).
+  auto load_q = [&](int i0, int buf) {
+    load_rows<D, LD>(qs + buf * BR * LD, qb, qstride, i0, T, BR);
+    load_rows<D, LD>(dos + buf * BR * LD, dob, qstride, i0, T, BR);
+    if (threadIdx.x < BR) {
+      const int i = i0 + threadIdx.x;
+      const bool ok = i < T;
+      const int ic = ok ? i : 0;
+      cp4(&lses[buf * BR + threadIdx.x], lseb + ic, ok);
+      cp4(&dls[buf * BR + threadIdx.x], dlb + ic, ok);
+      cp4(&qss[buf * BR + threadIdx.x], qsegb + ic, ok);
+    }
+  };
+
+  load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, BC);
+  cp_commit();
+  if (lo < hi) load_q(lo, 0);
+  cp_commit();
+  uint32_t vf[D / 16][4];
   {
     const bf16* v0 = v + (((long)b * S + min(k0, S - 1)) * KV + kvh) * D;
     const bf16* v1 = v + (((long)b * S + min(k1, S - 1)) * KV + kvh) * D;
-    const bf16* kr0 = &ks[(warp * 16 + g) * LD];
-    const bf16* kr1 = kr0 + 8 * LD;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-      kf[kk][0] = ld32(kr0 + kk * 16 + 2 * t);
-      kf[kk][1] = ld32(kr1 + kk * 16 + 2 * t);
-      kf[kk][2] = ld32(kr0 + kk * 16 + 8 + 2 * t);
-      kf[kk][3] = ld32(kr1 + kk * 16 + 8 + 2 * t);
       vf[kk][0] = ld32(v0 + kk * 16 + 2 * t);
       vf[kk][1] = ld32(v1 + kk * 16 + 2 * t);
       vf[kk][2] = ld32(v0 + kk * 16 + 8 + 2 * t);
@@ -259,72 +396,84 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
 
   // dQ: warp w owns query rows (w % 2)·16 of the block and half (w / 2) of D.
-  const int mq = (warp % 2) * 16, nh = (warp / 2) * (D / 16);
-  for (int i0 = lo; i0 < hi; i0 += BR) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < BR * (D / 2); idx += blockDim.x) {
-      const int row = idx / (D / 2), c2 = idx % (D / 2), i = i0 + row;
-      uint32_t qw = 0u, dw = 0u;
-      if (i < T) {
-        const long base = (((long)b * T + i) * H + h) * D + 2 * c2;
-        qw = ld32(q + base);
-        dw = ld32(dout + base);
-      }
-      *reinterpret_cast<uint32_t*>(&qs[row * LD + 2 * c2]) = qw;
-      *reinterpret_cast<uint32_t*>(&dos[row * LD + 2 * c2]) = dw;
-    }
-    for (int row = threadIdx.x; row < BR; row += blockDim.x) {
-      const int i = i0 + row;
-      const bool in = i < T;
-      qss[row] = in ? qseg[(long)b * T + i] : 0u;
-      lses[row] = in ? lse[((long)b * H + h) * T + i] : 0.f;
-      dls[row] = in ? delta[((long)b * H + h) * T + i] : 0.f;
-    }
-    __syncthreads();
-
-    // S^T = K·Q^T (16 keys × 32 queries) → P^T
+  constexpr int DQN = D / 16;  // n-tiles of 8 columns per warp
+  const int mq = (warp % 2) * 16, nh = (warp / 2) * DQN;
+  int buf = 0;
+  for (int i0 = lo; i0 < hi; i0 += BR, buf ^= 1) {
+    if (i0 + BR < hi) load_q(i0 + BR, buf ^ 1);
+    cp_commit();
+    cp_wait<1>();
+    bool seg_whole = true;
+    if (threadIdx.x < BR)
+      seg_whole = i0 + (int)threadIdx.x < T && qss[buf * BR + threadIdx.x] == kblk && kblk != 0u;
+    // This block's rows have landed for every thread; every warp is done with dS^T of the
+    // last block.
+    const bool tile_whole = __syncthreads_and(seg_whole);
+    const bf16* qt = qs + buf * BR * LD;
+    const bf16* dot = dos + buf * BR * LD;
+    const float* lt = lses + buf * BR;
+    const float* dlt = dls + buf * BR;
+    const bool skip = causal && kw > i0 + BR - 1 + off;
+    const bool whole = tile_whole && (!causal || kw + 15 <= i0 + off) &&
+                       (window == 0 || kw + window > i0 + BR - 1 + off);
     float p[BR / 8][4], dp[BR / 8][4];
 #pragma unroll
-    for (int n = 0; n < BR / 8; n++) {
-      p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.f;
-      dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+    for (int n = 0; n < BR / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.f;
+    if (!skip) {
+      // S^T = K·Q^T and dP^T = V·dO^T (16 keys × BR queries)
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
-        const bf16* qp = &qs[(n * 8 + g) * LD + kk * 16 + 2 * t];
-        mma16816(p[n], kf[kk], ld32(qp), ld32(qp + 8));
-        const bf16* dp_ = &dos[(n * 8 + g) * LD + kk * 16 + 2 * t];
-        mma16816(dp[n], vf[kk], ld32(dp_), ld32(dp_ + 8));
+        uint32_t ka[4];
+        ldsm4(ka, &ks[(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + kk * 16 + (lane / 16) * 8]);
+#pragma unroll
+        for (int np = 0; np < BR / 16; np++) {
+          const int at = (np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8;
+          uint32_t bq[4], bd[4];
+          ldsm4(bq, &qt[at]);
+          ldsm4(bd, &dot[at]);
+          mma16816(p[2 * np], ka, bq[0], bq[1]);
+          mma16816(p[2 * np + 1], ka, bq[2], bq[3]);
+          mma16816(dp[2 * np], vf[kk], bd[0], bd[1]);
+          mma16816(dp[2 * np + 1], vf[kk], bd[2], bd[3]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < BR / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
+          const int j = e < 2 ? k0 : k1;
+          const bool ok = whole || (i < T && j < S &&
+                                    allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off,
+                                            causal, window));
+          const float pe = ok ? __expf(p[n][e] * scale - lt[il]) : 0.f;
+          p[n][e] = pe;
+          dp[n][e] = pe * (dp[n][e] - dlt[il]) * scale;  // dS^T
+        }
+      }
+      // dV += P^T·dO, dK += dS^T·Q (k = the block's BR queries)
+#pragma unroll
+      for (int kk = 0; kk < BR / 16; kk++) {
+        uint32_t ap[4], as[4];
+        c_to_a(p, kk, ap);
+        c_to_a(dp, kk, as);
+#pragma unroll
+        for (int np = 0; np < D / 16; np++) {
+          const int at = (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + np * 16 + (lane / 16) * 8;
+          uint32_t bd[4], bq[4];
+          ldsm4t(bd, &dot[at]);
+          ldsm4t(bq, &qt[at]);
+          mma16816(dva[2 * np], ap, bd[0], bd[1]);
+          mma16816(dva[2 * np + 1], ap, bd[2], bd[3]);
+          mma16816(dka[2 * np], as, bq[0], bq[1]);
+          mma16816(dka[2 * np + 1], as, bq[2], bq[3]);
+        }
       }
     }
-#pragma unroll
-    for (int n = 0; n < BR / 8; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
-        const int j = e < 2 ? k0 : k1;
-        const bool ok = i < T && j < S && allowed(i, j, qss[il], e < 2 ? ks0 : ks1, off, causal, window);
-        const float pe = ok ? __expf(p[n][e] * scale - lses[il]) : 0.f;
-        p[n][e] = pe;
-        dp[n][e] = pe * (dp[n][e] - dls[il]) * scale;  // dS^T
-      }
-    }
-    // dV += P^T·dO, dK += dS^T·Q (k = the block's 32 queries)
-#pragma unroll
-    for (int kk = 0; kk < BR / 16; kk++) {
-      uint32_t ap[4], as[4];
-      c_to_a(p, kk, ap);
-      c_to_a(dp, kk, as);
-      const bf16* d0 = &dos[(kk * 16 + 2 * t) * LD + g];
-      const bf16* q0 = &qs[(kk * 16 + 2 * t) * LD + g];
-#pragma unroll
-      for (int n = 0; n < D / 8; n++) {
-        const bf16* dp_ = d0 + n * 8;
-        mma16816(dva[n], ap, pack_h(dp_[0], dp_[LD]), pack_h(dp_[8 * LD], dp_[9 * LD]));
-        const bf16* qp = q0 + n * 8;
-        mma16816(dka[n], as, pack_h(qp[0], qp[LD]), pack_h(qp[8 * LD], qp[9 * LD]));
-      }
-    }
-    // dS^T to shared memory (bf16), then dQ = dS·K over the CTA's 64 keys.
+    // dS^T to shared memory (bf16; zeros where the warp skipped), then dQ = dS·K over the
+    // CTA's 64 keys.
 #pragma unroll
     for (int n = 0; n < BR / 8; n++) {
       const int col = n * 8 + 2 * t;
@@ -332,39 +481,38 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       *reinterpret_cast<uint32_t*>(&dst[(warp * 16 + g + 8) * LDS + col]) = pack_f(dp[n][2], dp[n][3]);
     }
     __syncthreads();
-    float dqa[D / 16][4];
+    float dqa[DQN][4];
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
+    for (int n = 0; n < DQN; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < BC / 16; kk++) {
-      // A (query, key) = dS^T[key][query]
-      const bf16* s0 = &dst[(kk * 16 + 2 * t) * LDS + mq + g];
+      // A (query, key) = dS^T[key][query]: the transposed matrices of dS^T's tile.
       uint32_t a[4];
-      a[0] = pack_h(s0[0], s0[LDS]);
-      a[1] = pack_h(s0[8], s0[LDS + 8]);
-      a[2] = pack_h(s0[8 * LDS], s0[9 * LDS]);
-      a[3] = pack_h(s0[8 * LDS + 8], s0[9 * LDS + 8]);
-      const bf16* kp0 = &ks[(kk * 16 + 2 * t) * LD + g];
+      ldsm4t(a, &dst[(kk * 16 + (lane / 16) * 8 + lane % 8) * LDS + mq + ((lane / 8) % 2) * 8]);
+      const bf16* kr = &ks[(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nh * 8];
 #pragma unroll
-      for (int n = 0; n < D / 16; n++) {
-        const bf16* kp = kp0 + (nh + n) * 8;
-        mma16816(dqa[n], a, pack_h(kp[0], kp[LD]), pack_h(kp[8 * LD], kp[9 * LD]));
+      for (int np = 0; np < DQN / 2; np++) {
+        uint32_t bk[4];
+        ldsm4t(bk, kr + np * 16 + (lane / 16) * 8);
+        mma16816(dqa[2 * np], a, bk[0], bk[1]);
+        mma16816(dqa[2 * np + 1], a, bk[2], bk[3]);
+      }
+      if (DQN % 2) {
+        uint32_t bk[2];
+        ldsm2t(bk, kr + (DQN - 1) * 8);
+        mma16816(dqa[DQN - 1], a, bk[0], bk[1]);
       }
     }
-    const int qa = i0 + mq + g, qb = qa + 8;
+    const int qa = i0 + mq + g, qc = qa + 8;
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) {
+    for (int n = 0; n < DQN; n++) {
       const int col = (nh + n) * 8 + 2 * t;
-      if (qa < T) {
-        float* d = dq + (((long)b * T + qa) * H + h) * D + col;
-        atomicAdd(d, dqa[n][0]);
-        atomicAdd(d + 1, dqa[n][1]);
-      }
-      if (qb < T) {
-        float* d = dq + (((long)b * T + qb) * H + h) * D + col;
-        atomicAdd(d, dqa[n][2]);
-        atomicAdd(d + 1, dqa[n][3]);
-      }
+      if (qa < T)
+        atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qa) * H + h) * D + col),
+                  make_float2(dqa[n][0], dqa[n][1]));
+      if (qc < T)
+        atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qc) * H + h) * D + col),
+                  make_float2(dqa[n][2], dqa[n][3]));
     }
   }
 #pragma unroll
@@ -372,17 +520,13 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const int col = n * 8 + 2 * t;
     if (k0 < S) {
       const long r = (((long)b * S + k0) * H + h) * D + col;
-      dk[r] = dka[n][0];
-      dk[r + 1] = dka[n][1];
-      dv[r] = dva[n][0];
-      dv[r + 1] = dva[n][1];
+      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][0], dka[n][1]);
+      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][0], dva[n][1]);
     }
     if (k1 < S) {
       const long r = (((long)b * S + k1) * H + h) * D + col;
-      dk[r] = dka[n][2];
-      dk[r + 1] = dka[n][3];
-      dv[r] = dva[n][2];
-      dv[r + 1] = dva[n][3];
+      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][2], dka[n][3]);
+      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][2], dva[n][3]);
     }
   }
 }

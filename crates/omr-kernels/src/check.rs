@@ -255,6 +255,50 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             }
         }
     }
+    // Attention over one long segment, with a cache (S > T) in the second case: whole tiles,
+    // where the tensor-core kernels skip the per-element mask, next to the diagonal's.
+    for (d, causal, window, kv, t_, s_) in [
+        (128usize, true, 0usize, 2usize, 333usize, 333usize),
+        (64, true, 100, 1, 270, 333),
+    ] {
+        let (b, h_, dt) = (1usize, 4usize, DType::BF16);
+        let q = rand(60 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
+        let k = rand(61 + d as u64, &[b, s_, kv, d], 1.5, dt)?;
+        let v = rand(62 + d as u64, &[b, s_, kv, d], 1.0, dt)?;
+        let r = rand(63, &[b, t_, h_, d], 1.0, DType::F32)?;
+        for path in ["gemm", "mma"] {
+            c.cmp(
+                &format!("flash attn {path} d{d} one segment S {s_} T {t_} window={window} bf16"),
+                3e-2,
+                &[&q, &k, &v, &r],
+                |t| {
+                    let (qv, kv_, vv) = (
+                        Var::from_tensor(&t[0])?,
+                        Var::from_tensor(&t[1])?,
+                        Var::from_tensor(&t[2])?,
+                    );
+                    let mask = AttnMask {
+                        causal,
+                        window,
+                        ..AttnMask::default()
+                    };
+                    let attn = match path {
+                        "gemm" => crate::gemm_attn::gemm_attn,
+                        "mma" if t[0].device().is_cuda() => crate::flash_mma::flash_mma,
+                        _ => crate::flash_attn::flash_attn_kernel,
+                    };
+                    let o = attn(
+                        qv.as_tensor(),
+                        kv_.as_tensor(),
+                        vv.as_tensor(),
+                        &mask,
+                        1.0 / (d as f64).sqrt(),
+                    )?;
+                    grads_of(&o, &t[3], &[&qv, &kv_, &vv])
+                },
+            )?;
+        }
+    }
     // AdamW: bit-identical (tolerance 0), f32 and bf16 gradients, with and without a gradient.
     let p = rand(50, &[1 << 20], 1.0, DType::F32)?;
     let m = rand(51, &[1 << 20], 0.01, DType::F32)?;

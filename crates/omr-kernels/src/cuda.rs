@@ -160,6 +160,17 @@ pub(crate) fn run(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     Ok(())
 }
 
+/// Allows `f` up to `bytes` of dynamic shared memory per block (beyond the default 48 KB).
+pub(crate) fn allow_dynamic_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
+    use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(())
+}
+
 /// A 1-D launch of `blocks` blocks of `threads` threads with `smem` bytes of dynamic shared memory.
 pub(crate) fn cfg(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {

@@ -11,9 +11,31 @@
 use crate::flash_attn::{covering, segment_ranges, AttnMask, Dims};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BC).
+/// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BWD_BC).
 const FWD_ROWS: usize = 64;
 const BWD_KEYS: usize = 64;
+/// Query rows per backward step (`flash_mma.cu`'s BWD_BR).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const BWD_ROWS: usize = 32;
+
+/// The backward's dynamic shared memory for head dim `d` (`flash_mma.cu`'s BWD_SMEM): K, the
+/// double-buffered Q and dO, dS^T, then lse, Δ and segment ids, double-buffered.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bwd_smem(d: usize) -> usize {
+    let ld = d + 8;
+    2 * (BWD_KEYS * ld + 4 * BWD_ROWS * ld + BWD_KEYS * (BWD_ROWS + 8)) + 3 * 2 * BWD_ROWS * 4
+}
+
+/// `x` contiguous with its first element 16-byte aligned (the kernels copy rows in 16-byte
+/// chunks): a fresh copy (`affine(1, 0)`, which keeps the graph) when a view starts mid-chunk.
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.layout().start_offset() % 8 == 0 {
+        Ok(x)
+    } else {
+        x.affine(1.0, 0.0)
+    }
+}
 
 /// Whether the kernels take these inputs: CUDA, bf16, head dim 64, 80 or 128.
 pub fn supported(q: &Tensor, k: &Tensor) -> bool {
@@ -113,8 +135,7 @@ pub fn flash_mma(
         bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(BWD_KEYS), 2), dev)?,
         lse: crate::host::Saved::new("flash_mma"),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -222,11 +243,13 @@ impl FlashMma {
         use crate::cuda::{self, Out, PushKernelArg};
         let d = &self.dims;
         let dev = cuda::device_of(q)?;
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let dout = grad.to_dtype(DType::BF16)?.contiguous()?;
+        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+        let dout = aligned(&grad.to_dtype(DType::BF16)?)?;
         let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
         let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
         let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_bwd_d{}", d.d))?;
+        let smem = bwd_smem(d.d) as u32;
+        cuda::allow_dynamic_smem(&f, smem)?;
         let guards = [
             &q,
             &k,
@@ -260,7 +283,7 @@ impl FlashMma {
         let cfg = cuda::LaunchConfig {
             grid_dim: (d.s.div_ceil(BWD_KEYS) as u32, (d.b * d.h) as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         cuda::run(bl, cfg)?;
         let g = d.h / d.kv;
@@ -355,6 +378,27 @@ mod tests {
             };
             check(&qs, &ks, &dims(2, t, s), &mask);
         }
+    }
+
+    #[test]
+    fn tile_sizes_match_the_kernel() {
+        let src = include_str!("../../../kernels/flash_mma.cu");
+        assert!(src.contains(&format!("#define BWD_BR {BWD_ROWS}\n")));
+        assert!(src.contains(&format!("#define BWD_BC {BWD_KEYS}\n")));
+        assert!(src.contains(&format!("constexpr int BR = {FWD_ROWS}, BC = 64")));
+        // 128-wide heads: K, Q and dO twice each, dS^T, three f32 rows twice.
+        assert_eq!(bwd_smem(128), 58112);
+    }
+
+    #[test]
+    fn misaligned_views_are_copied() -> Result<()> {
+        let x = Tensor::arange(0f32, 40., &candle_core::Device::Cpu)?;
+        let view = x.narrow(0, 3, 16)?;
+        let a = aligned(&view)?;
+        assert_eq!(a.layout().start_offset(), 0);
+        assert_eq!(a.to_vec1::<f32>()?, view.to_vec1::<f32>()?);
+        assert_eq!(aligned(&x.narrow(0, 8, 16)?)?.layout().start_offset(), 8);
+        Ok(())
     }
 
     #[test]
