@@ -127,13 +127,13 @@ __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long strid
   }
 }
 
-template <int D>
+template <int D, int NW>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const unsigned* __restrict__ qseg,
                           const unsigned* __restrict__ kseg, const int* __restrict__ span,
                           bf16* __restrict__ o, float* __restrict__ lse, int T, int S, int H,
                           int KV, float scale_log2, int causal, int window) {
-  constexpr int BR = 64, BC = 64, LD = D + 8;
+  constexpr int BR = 16 * NW, BC = 64, LD = D + 8;
   __shared__ __align__(16) bf16 ks[BC * LD];
   __shared__ __align__(16) bf16 vs[BC * LD];
   __shared__ unsigned kss[BC];
@@ -312,13 +312,12 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   }
 }
 
-// Dynamic shared memory of the backward, in bytes: K (BC rows), Q and dO (2 × BR rows each),
-// dS^T (BC × (BR + 8)), then lse, Δ, segment ids (2 × BR each). flash_mma.rs has the same sum.
+// The backward's query rows per step. Its dynamic shared memory, in bytes, for BC = 16·NW
+// keys: K (BC rows), Q and dO (2 × BWD_BR rows each), dS^T (BC × (BWD_BR + 8)), then lse, Δ,
+// segment ids (2 × BWD_BR each); flash_mma.rs's bwd_smem is the same sum.
 #define BWD_BR 32
-#define BWD_BC 64
-#define BWD_SMEM(D) (2 * (BWD_BC * ((D) + 8) + 4 * BWD_BR * ((D) + 8) + BWD_BC * (BWD_BR + 8)) + 3 * 2 * BWD_BR * 4)
 
-template <int D>
+template <int D, int NW>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
@@ -326,7 +325,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const int* __restrict__ span, float* __restrict__ dq,
                           float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                           int KV, float scale, int causal, int window) {
-  constexpr int BR = BWD_BR, BC = BWD_BC, LD = D + 8, LDS = BR + 8;
+  constexpr int BR = BWD_BR, BC = 16 * NW, LD = D + 8, LDS = BR + 8;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + BC * LD;          // [2][BR × LD]
@@ -395,8 +394,9 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
 
-  // dQ: warp w owns query rows (w % 2)·16 of the block and half (w / 2) of D.
-  constexpr int DQN = D / 16;  // n-tiles of 8 columns per warp
+  // dQ: warp w owns query rows (w % 2)·16 of the block and the (w / 2)-th of NW / 2 parts of D.
+  constexpr int DQN = D / 8 / (NW / 2);  // n-tiles of 8 columns per warp
+  static_assert(DQN * 8 * (NW / 2) == D, "D splits into NW / 2 parts of whole n-tiles");
   const int mq = (warp % 2) * 16, nh = (warp / 2) * DQN;
   int buf = 0;
   for (int i0 = lo; i0 < hi; i0 += BR, buf ^= 1) {
@@ -531,20 +531,33 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   }
 }
 
-#define ENTRIES(D_)                                                                               \
-  extern "C" __global__ void __launch_bounds__(128) flash_mma_fwd_d##D_(                         \
+// Entry points: `flash_mma_{fwd,bwd}_d{D}` with 4 warps (64 query rows / 64 keys per CTA),
+// `flash_mma_{fwd,bwd}8_d{D}` with 8 (128 / 128); the backward's 8-warp form splits D in 4
+// for dQ, so it exists for D 64 and 128.
+#define FWD(NAME, D_, NW_)                                                                        \
+  extern "C" __global__ void __launch_bounds__(32 * NW_) NAME(                                    \
       const bf16* q, const bf16* k, const bf16* v, const unsigned* qseg, const unsigned* kseg,   \
       const int* span, bf16* o, float* lse, int T, int S, int H, int KV, float scale_log2,        \
       int causal, int window) {                                                                   \
-    flash_fwd<D_>(q, k, v, qseg, kseg, span, o, lse, T, S, H, KV, scale_log2, causal, window);   \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(128) flash_mma_bwd_d##D_(                         \
+    flash_fwd<D_, NW_>(q, k, v, qseg, kseg, span, o, lse, T, S, H, KV, scale_log2, causal,       \
+                       window);                                                                   \
+  }
+#define BWD(NAME, D_, NW_)                                                                        \
+  extern "C" __global__ void __launch_bounds__(32 * NW_) NAME(                                    \
       const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,            \
       const float* delta, const unsigned* qseg, const unsigned* kseg, const int* span, float* dq, \
       float* dk, float* dv, int T, int S, int H, int KV, float scale, int causal, int window) {   \
-    flash_bwd<D_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H, KV, scale,  \
-                  causal, window);                                                                \
+    flash_bwd<D_, NW_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H, KV,     \
+                       scale, causal, window);                                                    \
   }
-ENTRIES(64)
-ENTRIES(80)
-ENTRIES(128)
+FWD(flash_mma_fwd_d64, 64, 4)
+FWD(flash_mma_fwd_d80, 80, 4)
+FWD(flash_mma_fwd_d128, 128, 4)
+FWD(flash_mma_fwd8_d64, 64, 8)
+FWD(flash_mma_fwd8_d80, 80, 8)
+FWD(flash_mma_fwd8_d128, 128, 8)
+BWD(flash_mma_bwd_d64, 64, 4)
+BWD(flash_mma_bwd_d80, 80, 4)
+BWD(flash_mma_bwd_d128, 128, 4)
+BWD(flash_mma_bwd8_d64, 64, 8)
+BWD(flash_mma_bwd8_d128, 128, 8)

@@ -13,7 +13,7 @@
 use crate::adamw::{adamw_step, AdamWHyper};
 use crate::flash_attn::{flash_attn_kernel, AttnMask};
 
-type AttnFn = fn(&Tensor, &Tensor, &Tensor, &AttnMask, f64) -> Result<Tensor>;
+type AttnFn = dyn Fn(&Tensor, &Tensor, &Tensor, &AttnMask, f64) -> Result<Tensor>;
 use crate::grad_norm::global_grad_norm;
 use crate::linear_ce::{linear_cross_entropy, LceChunks};
 use crate::rotary::{mrope_tables, rotary};
@@ -297,12 +297,20 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     let fwd_flops = 4.0 * (t * t * h * 128) as f64 / 2.0;
     let io = ((2 * t * h + 2 * t * kv) * 128) as f64 * es;
     let scale = 1.0 / (128f64).sqrt();
-    let mut paths = vec![
-        ("kernel", flash_attn_kernel as AttnFn),
-        ("gemm", crate::gemm_attn::gemm_attn as AttnFn),
+    let mut paths: Vec<(&str, Box<AttnFn>)> = vec![
+        ("kernel", Box::new(flash_attn_kernel)),
+        ("gemm", Box::new(crate::gemm_attn::gemm_attn)),
     ];
     if crate::flash_mma::supported(qa.as_tensor(), &ka) {
-        paths.push(("mma", crate::flash_mma::flash_mma as AttnFn));
+        use crate::flash_mma::{flash_mma_warps, Warps};
+        // CTAs of 4 or 8 warps, forward / backward.
+        for (name, fwd, bwd) in [("mma", 4, 4), ("mma 8/8", 8, 8), ("mma 8/4", 8, 4)] {
+            let w = Warps { fwd, bwd };
+            paths.push((
+                name,
+                Box::new(move |q, k, v, m, s| flash_mma_warps(q, k, v, m, s, w)),
+            ));
+        }
     }
     for (path, attn) in paths {
         b.add(

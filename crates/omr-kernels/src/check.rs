@@ -92,6 +92,26 @@ impl Checks<'_> {
     }
 }
 
+/// Attention by one of the paths the checks compare: "gemm", "mma" (tensor cores, 4-warp
+/// CTAs), "mma8" (8-warp CTAs) on CUDA; on the CPU every path is the reference.
+fn attend_by(
+    path: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    use crate::flash_mma::{flash_mma_warps, Warps};
+    let cuda = q.device().is_cuda();
+    match path {
+        "gemm" => crate::gemm_attn::gemm_attn(q, k, v, mask, scale),
+        "mma" if cuda => flash_mma_warps(q, k, v, mask, scale, Warps::default()),
+        "mma8" if cuda => flash_mma_warps(q, k, v, mask, scale, Warps { fwd: 8, bwd: 8 }),
+        _ => crate::flash_attn::flash_attn_kernel(q, k, v, mask, scale),
+    }
+}
+
 fn grads_of(out: &Tensor, r: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
     let g = (out.to_dtype(DType::F32)? * r.to_device(out.device())?)?
         .sum_all()?
@@ -105,6 +125,115 @@ fn grads_of(out: &Tensor, r: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
         );
     }
     Ok(v)
+}
+
+/// Flash attention: packed causal text with padding (GQA), a window, vision blocks; `paths`
+/// as [`attend_by`] takes them.
+fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&str]) -> Result<()> {
+    // Flash attention: packed causal text with padding (GQA), a window, vision blocks.
+    for (d, causal, window, kv) in [
+        (64usize, true, 0usize, 2usize),
+        (128, true, 37, 1),
+        (80, false, 0, 4),
+    ] {
+        let (b, t_, h_) = (2usize, 300usize, 4usize);
+        let segs: Vec<u32> = (0..b * t_)
+            .map(|i| {
+                let p = i % t_;
+                if i / t_ == 0 && p >= 290 {
+                    0
+                } else {
+                    1 + (p / 97) as u32
+                }
+            })
+            .collect();
+        let seg = Tensor::from_vec(segs, (b, t_), &Device::Cpu)?;
+        let q = rand(40 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
+        let k = rand(41 + d as u64, &[b, t_, kv, d], 1.5, dt)?;
+        let v = rand(42 + d as u64, &[b, t_, kv, d], 1.0, dt)?;
+        let live = seg.ne(0u32)?.to_dtype(DType::F32)?.reshape((b, t_, 1, 1))?;
+        let r = rand(43, &[b, t_, h_, d], 1.0, DType::F32)?.broadcast_mul(&live)?;
+        for &path in paths {
+            // The tensor-core kernels take bf16 only.
+            if path.starts_with("mma") && dt != DType::BF16 {
+                continue;
+            }
+            c.cmp(
+                &format!("flash attn {path} d{d} causal={causal} window={window} {name}"),
+                tol,
+                &[&q, &k, &v, &seg, &r],
+                |t| {
+                    let (qv, kv_, vv) = (
+                        Var::from_tensor(&t[0])?,
+                        Var::from_tensor(&t[1])?,
+                        Var::from_tensor(&t[2])?,
+                    );
+                    let mask = AttnMask {
+                        causal,
+                        window,
+                        q_seg: Some(t[3].clone()),
+                        k_seg: Some(t[3].clone()),
+                        host: None,
+                    };
+                    let o = attend_by(
+                        path,
+                        qv.as_tensor(),
+                        kv_.as_tensor(),
+                        vv.as_tensor(),
+                        &mask,
+                        1.0 / (d as f64).sqrt(),
+                    )?;
+                    // Padding rows are 0 on both devices; r is 0 there too.
+                    grads_of(&o, &t[4], &[&qv, &kv_, &vv])
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Attention over one long segment, with a cache (S > T) in the second case: whole tiles,
+/// where the tensor-core kernels skip the per-element mask, next to the diagonal's (bf16).
+fn long_segment_checks(c: &mut Checks, paths: &[&str]) -> Result<()> {
+    for (d, causal, window, kv, t_, s_) in [
+        (128usize, true, 0usize, 2usize, 333usize, 333usize),
+        (64, true, 100, 1, 270, 333),
+    ] {
+        let (b, h_, dt) = (1usize, 4usize, DType::BF16);
+        let q = rand(60 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
+        let k = rand(61 + d as u64, &[b, s_, kv, d], 1.5, dt)?;
+        let v = rand(62 + d as u64, &[b, s_, kv, d], 1.0, dt)?;
+        let r = rand(63, &[b, t_, h_, d], 1.0, DType::F32)?;
+        for &path in paths {
+            c.cmp(
+                &format!("flash attn {path} d{d} one segment S {s_} T {t_} window={window} bf16"),
+                3e-2,
+                &[&q, &k, &v, &r],
+                |t| {
+                    let (qv, kv_, vv) = (
+                        Var::from_tensor(&t[0])?,
+                        Var::from_tensor(&t[1])?,
+                        Var::from_tensor(&t[2])?,
+                    );
+                    let mask = AttnMask {
+                        causal,
+                        window,
+                        ..AttnMask::default()
+                    };
+                    let o = attend_by(
+                        path,
+                        qv.as_tensor(),
+                        kv_.as_tensor(),
+                        vv.as_tensor(),
+                        &mask,
+                        1.0 / (d as f64).sqrt(),
+                    )?;
+                    grads_of(&o, &t[3], &[&qv, &kv_, &vv])
+                },
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Every op, f32 and bf16, on `dev` against the CPU reference. Empty on the CPU itself.
@@ -191,114 +320,9 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                 g.get(wv.as_tensor()).expect("dw").clone(),
             ])
         })?;
-        // Flash attention: packed causal text with padding (GQA), a window, vision blocks.
-        for (d, causal, window, kv) in [
-            (64usize, true, 0usize, 2usize),
-            (128, true, 37, 1),
-            (80, false, 0, 4),
-        ] {
-            let (b, t_, h_) = (2usize, 300usize, 4usize);
-            let segs: Vec<u32> = (0..b * t_)
-                .map(|i| {
-                    let p = i % t_;
-                    if i / t_ == 0 && p >= 290 {
-                        0
-                    } else {
-                        1 + (p / 97) as u32
-                    }
-                })
-                .collect();
-            let seg = Tensor::from_vec(segs, (b, t_), &Device::Cpu)?;
-            let q = rand(40 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
-            let k = rand(41 + d as u64, &[b, t_, kv, d], 1.5, dt)?;
-            let v = rand(42 + d as u64, &[b, t_, kv, d], 1.0, dt)?;
-            let live = seg.ne(0u32)?.to_dtype(DType::F32)?.reshape((b, t_, 1, 1))?;
-            let r = rand(43, &[b, t_, h_, d], 1.0, DType::F32)?.broadcast_mul(&live)?;
-            for path in ["kernel", "gemm", "mma"] {
-                // The tensor-core kernels take bf16 only.
-                if path == "mma" && dt != DType::BF16 {
-                    continue;
-                }
-                c.cmp(
-                    &format!("flash attn {path} d{d} causal={causal} window={window} {name}"),
-                    tol,
-                    &[&q, &k, &v, &seg, &r],
-                    |t| {
-                        let (qv, kv_, vv) = (
-                            Var::from_tensor(&t[0])?,
-                            Var::from_tensor(&t[1])?,
-                            Var::from_tensor(&t[2])?,
-                        );
-                        let mask = AttnMask {
-                            causal,
-                            window,
-                            q_seg: Some(t[3].clone()),
-                            k_seg: Some(t[3].clone()),
-                            host: None,
-                        };
-                        let attn = match path {
-                            "gemm" => crate::gemm_attn::gemm_attn,
-                            "mma" if t[0].device().is_cuda() => crate::flash_mma::flash_mma,
-                            _ => crate::flash_attn::flash_attn_kernel,
-                        };
-                        let o = attn(
-                            qv.as_tensor(),
-                            kv_.as_tensor(),
-                            vv.as_tensor(),
-                            &mask,
-                            1.0 / (d as f64).sqrt(),
-                        )?;
-                        // Padding rows are 0 on both devices; r is 0 there too.
-                        grads_of(&o, &t[4], &[&qv, &kv_, &vv])
-                    },
-                )?;
-            }
-        }
+        attention_checks(&mut c, dt, name, tol, &["kernel", "gemm", "mma"])?;
     }
-    // Attention over one long segment, with a cache (S > T) in the second case: whole tiles,
-    // where the tensor-core kernels skip the per-element mask, next to the diagonal's.
-    for (d, causal, window, kv, t_, s_) in [
-        (128usize, true, 0usize, 2usize, 333usize, 333usize),
-        (64, true, 100, 1, 270, 333),
-    ] {
-        let (b, h_, dt) = (1usize, 4usize, DType::BF16);
-        let q = rand(60 + d as u64, &[b, t_, h_, d], 1.5, dt)?;
-        let k = rand(61 + d as u64, &[b, s_, kv, d], 1.5, dt)?;
-        let v = rand(62 + d as u64, &[b, s_, kv, d], 1.0, dt)?;
-        let r = rand(63, &[b, t_, h_, d], 1.0, DType::F32)?;
-        for path in ["gemm", "mma"] {
-            c.cmp(
-                &format!("flash attn {path} d{d} one segment S {s_} T {t_} window={window} bf16"),
-                3e-2,
-                &[&q, &k, &v, &r],
-                |t| {
-                    let (qv, kv_, vv) = (
-                        Var::from_tensor(&t[0])?,
-                        Var::from_tensor(&t[1])?,
-                        Var::from_tensor(&t[2])?,
-                    );
-                    let mask = AttnMask {
-                        causal,
-                        window,
-                        ..AttnMask::default()
-                    };
-                    let attn = match path {
-                        "gemm" => crate::gemm_attn::gemm_attn,
-                        "mma" if t[0].device().is_cuda() => crate::flash_mma::flash_mma,
-                        _ => crate::flash_attn::flash_attn_kernel,
-                    };
-                    let o = attn(
-                        qv.as_tensor(),
-                        kv_.as_tensor(),
-                        vv.as_tensor(),
-                        &mask,
-                        1.0 / (d as f64).sqrt(),
-                    )?;
-                    grads_of(&o, &t[3], &[&qv, &kv_, &vv])
-                },
-            )?;
-        }
-    }
+    long_segment_checks(&mut c, &["gemm", "mma"])?;
     // AdamW: bit-identical (tolerance 0), f32 and bf16 gradients, with and without a gradient.
     let p = rand(50, &[1 << 20], 1.0, DType::F32)?;
     let m = rand(51, &[1 << 20], 0.01, DType::F32)?;
@@ -338,6 +362,9 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             Ok(vec![p, m, v, pb])
         })?;
     }
+    // The 8-warp tensor-core CTAs last: a fault in them cannot hide the other checks.
+    attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &["mma8"])?;
+    long_segment_checks(&mut c, &["mma8"])?;
     Ok(c.out)
 }
 

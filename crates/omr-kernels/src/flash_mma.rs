@@ -11,19 +11,77 @@
 use crate::flash_attn::{covering, segment_ranges, AttnMask, Dims};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// Query rows per forward CTA and keys per backward CTA (`flash_mma.cu`'s BR / BWD_BC).
-const FWD_ROWS: usize = 64;
-const BWD_KEYS: usize = 64;
 /// Query rows per backward step (`flash_mma.cu`'s BWD_BR).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const BWD_ROWS: usize = 32;
 
-/// The backward's dynamic shared memory for head dim `d` (`flash_mma.cu`'s BWD_SMEM): K, the
+/// Warps per CTA of each kernel (4 or 8; each warp takes 16 query rows in the forward and 16
+/// keys in the backward). The backward's 8-warp form exists for head dims 64 and 128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Warps {
+    pub fwd: usize,
+    pub bwd: usize,
+}
+
+impl Default for Warps {
+    fn default() -> Self {
+        Warps { fwd: 4, bwd: 4 }
+    }
+}
+
+impl Warps {
+    /// `OMR_MMA_WARPS=F,B` (e.g. `8,4`), else the default.
+    pub fn from_env() -> Warps {
+        static W: std::sync::OnceLock<Warps> = std::sync::OnceLock::new();
+        *W.get_or_init(|| {
+            std::env::var("OMR_MMA_WARPS")
+                .ok()
+                .and_then(|v| {
+                    let (f, b) = v.split_once(',')?;
+                    let w = Warps {
+                        fwd: f.trim().parse().ok()?,
+                        bwd: b.trim().parse().ok()?,
+                    };
+                    [w.fwd, w.bwd]
+                        .iter()
+                        .all(|n| matches!(n, 4 | 8))
+                        .then_some(w)
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// These warps for head dim `d`: the backward falls back to 4 warps where 8 do not exist.
+    fn for_dim(self, d: usize) -> Warps {
+        let bwd = if d == 80 { 4 } else { self.bwd };
+        Warps { fwd: self.fwd, bwd }
+    }
+
+    fn fwd_rows(self) -> usize {
+        16 * self.fwd
+    }
+
+    fn bwd_keys(self) -> usize {
+        16 * self.bwd
+    }
+
+    /// Entry-point infix of a kernel with `n` warps.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn infix(n: usize) -> &'static str {
+        if n == 8 {
+            "8"
+        } else {
+            ""
+        }
+    }
+}
+
+/// The backward's dynamic shared memory for head dim `d` and `keys` keys per CTA: K, the
 /// double-buffered Q and dO, dS^T, then lse, Δ and segment ids, double-buffered.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn bwd_smem(d: usize) -> usize {
+fn bwd_smem(d: usize, keys: usize) -> usize {
     let ld = d + 8;
-    2 * (BWD_KEYS * ld + 4 * BWD_ROWS * ld + BWD_KEYS * (BWD_ROWS + 8)) + 3 * 2 * BWD_ROWS * 4
+    2 * (keys * ld + 4 * BWD_ROWS * ld + keys * (BWD_ROWS + 8)) + 3 * 2 * BWD_ROWS * 4
 }
 
 /// `x` contiguous with its first element 16-byte aligned (the kernels copy rows in 16-byte
@@ -49,27 +107,29 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
         && k.rank() == 4
 }
 
-/// The spans of both kernels, `[lo, hi)` pairs: per (b, block of 64 query rows) the keys the
-/// forward visits, per (b, block of 64 keys) the query rows the backward visits.
-fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u32>) {
+/// The spans of both kernels, `[lo, hi)` pairs: per (b, block of `w.fwd_rows()` query rows) the
+/// keys the forward visits, per (b, block of `w.bwd_keys()` keys) the query rows the backward
+/// visits.
+fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Warps) -> (Vec<u32>, Vec<u32>) {
+    let (fwd_rows, bwd_keys) = (w.fwd_rows(), w.bwd_keys());
     let (b, t, s) = (d.b, d.t, d.s);
     let off = (s - t) as i64;
     let (qr, kr) = (segment_ranges(qs, b, t), segment_ranges(ks, b, s));
-    let w = mask.window as i64;
+    let win = mask.window as i64;
     let union = |ids: &[u32], other| {
         let (lo, hi) = covering(ids, other);
         (i64::try_from(lo).unwrap_or(i64::MAX), hi as i64)
     };
     let mut fwd = Vec::new();
     for bi in 0..b {
-        for t0 in (0..t).step_by(FWD_ROWS) {
-            let t1 = (t0 + FWD_ROWS).min(t);
+        for t0 in (0..t).step_by(fwd_rows) {
+            let t1 = (t0 + fwd_rows).min(t);
             let (mut lo, mut hi) = union(&qs[bi * t + t0..bi * t + t1], &kr[bi]);
             if mask.causal {
                 hi = hi.min(off + t1 as i64);
             }
-            if w > 0 {
-                lo = lo.max(off + t0 as i64 + 1 - w);
+            if win > 0 {
+                lo = lo.max(off + t0 as i64 + 1 - win);
             }
             let (lo, hi) = if lo < hi { (lo, hi) } else { (0, 0) };
             fwd.extend([lo as u32, hi as u32]);
@@ -77,14 +137,14 @@ fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u3
     }
     let mut bwd = Vec::new();
     for bi in 0..b {
-        for j0 in (0..s).step_by(BWD_KEYS) {
-            let j1 = (j0 + BWD_KEYS).min(s);
+        for j0 in (0..s).step_by(bwd_keys) {
+            let j1 = (j0 + bwd_keys).min(s);
             let (mut lo, mut hi) = union(&ks[bi * s + j0..bi * s + j1], &qr[bi]);
             if mask.causal {
                 lo = lo.max(j0 as i64 - off);
             }
-            if w > 0 {
-                hi = hi.min(j1 as i64 - 1 + w - off);
+            if win > 0 {
+                hi = hi.min(j1 as i64 - 1 + win - off);
             }
             let (lo, hi) = if lo < hi { (lo.max(0), hi) } else { (0, 0) };
             bwd.extend([lo as u32, hi as u32]);
@@ -93,13 +153,26 @@ fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) -> (Vec<u32>, Vec<u3
     (fwd, bwd)
 }
 
-/// Attention through the tensor-core kernels; the inputs must pass [`supported`].
+/// Attention through the tensor-core kernels with [`Warps::from_env`]; the inputs must pass
+/// [`supported`].
 pub fn flash_mma(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
+) -> Result<Tensor> {
+    flash_mma_warps(q, k, v, mask, scale, Warps::from_env())
+}
+
+/// [`flash_mma`] with CTAs of `warps` warps.
+pub fn flash_mma_warps(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    warps: Warps,
 ) -> Result<Tensor> {
     let (b, t, h, d) = q.dims4()?;
     let (bk, s, kv, dk) = k.dims4()?;
@@ -122,17 +195,19 @@ pub fn flash_mma(
     let dims = Dims { b, t, s, h, kv, d };
     let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_mma")?;
     let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
-    let (fwd, bwd) = spans(&qs, &ks, &dims, mask);
+    let warps = warps.for_dim(d);
+    let (fwd, bwd) = spans(&qs, &ks, &dims, mask, warps);
     let dev = q.device();
     let op = FlashMma {
         dims,
+        warps,
         causal: mask.causal,
         window: mask.window,
         scale: scale as f32,
         q_seg,
         k_seg,
-        fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(FWD_ROWS), 2), dev)?,
-        bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(BWD_KEYS), 2), dev)?,
+        fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(warps.fwd_rows()), 2), dev)?,
+        bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(warps.bwd_keys()), 2), dev)?,
         lse: crate::host::Saved::new("flash_mma"),
     };
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
@@ -141,6 +216,7 @@ pub fn flash_mma(
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashMma {
     dims: Dims,
+    warps: Warps,
     causal: bool,
     window: usize,
     scale: f32,
@@ -182,7 +258,9 @@ impl CustomOp3 for FlashMma {
         use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = qs.device.clone();
         let d = &self.dims;
-        let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_fwd_d{}", d.d))?;
+        let w = self.warps;
+        let name = format!("flash_mma_fwd{}_d{}", Warps::infix(w.fwd), d.d);
+        let f = cuda::kernel(&dev, "flash_mma", &name)?;
         let guards = [&self.q_seg, &self.k_seg, &self.fwd_span].map(|t| t.storage_and_layout());
         let aux = cuda::views(&guards)?;
         let (qi, ki, vi) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
@@ -206,8 +284,8 @@ impl CustomOp3 for FlashMma {
         let (causal, window) = (self.causal as i32, self.window as i32);
         bl.arg(&scale_log2).arg(&causal).arg(&window);
         let cfg = cuda::LaunchConfig {
-            grid_dim: (d.t.div_ceil(FWD_ROWS) as u32, (d.b * d.h) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (d.t.div_ceil(w.fwd_rows()) as u32, (d.b * d.h) as u32, 1),
+            block_dim: (32 * w.fwd as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         cuda::run(bl, cfg)?;
@@ -247,8 +325,10 @@ impl FlashMma {
         let dout = aligned(&grad.to_dtype(DType::BF16)?)?;
         let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
         let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
-        let f = cuda::kernel(&dev, "flash_mma", &format!("flash_mma_bwd_d{}", d.d))?;
-        let smem = bwd_smem(d.d) as u32;
+        let w = self.warps;
+        let name = format!("flash_mma_bwd{}_d{}", Warps::infix(w.bwd), d.d);
+        let f = cuda::kernel(&dev, "flash_mma", &name)?;
+        let smem = bwd_smem(d.d, w.bwd_keys()) as u32;
         cuda::allow_dynamic_smem(&f, smem)?;
         let guards = [
             &q,
@@ -281,8 +361,8 @@ impl FlashMma {
         let (causal, window) = (self.causal as i32, self.window as i32);
         bl.arg(&self.scale).arg(&causal).arg(&window);
         let cfg = cuda::LaunchConfig {
-            grid_dim: (d.s.div_ceil(BWD_KEYS) as u32, (d.b * d.h) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (d.s.div_ceil(w.bwd_keys()) as u32, (d.b * d.h) as u32, 1),
+            block_dim: (32 * w.bwd as u32, 1, 1),
             shared_mem_bytes: smem,
         };
         cuda::run(bl, cfg)?;
@@ -326,8 +406,9 @@ mod tests {
     }
 
     /// Brute force: every pair a span leaves out is disallowed by the mask.
-    fn check(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask) {
-        let (fwd, bwd) = spans(qs, ks, d, mask);
+    fn check(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Warps) {
+        let (fwd, bwd) = spans(qs, ks, d, mask, w);
+        let (fwd_rows, bwd_keys) = (w.fwd_rows(), w.bwd_keys());
         let off = d.s - d.t;
         let ok = |bi: usize, i: usize, j: usize| {
             let (a, z) = (qs[bi * d.t + i], ks[bi * d.s + j]);
@@ -336,20 +417,20 @@ mod tests {
                 && (!mask.causal || j <= i + off)
                 && (mask.window == 0 || j + mask.window > i + off)
         };
-        let nq = d.t.div_ceil(FWD_ROWS);
-        let nk = d.s.div_ceil(BWD_KEYS);
+        let nq = d.t.div_ceil(fwd_rows);
+        let nk = d.s.div_ceil(bwd_keys);
         for bi in 0..d.b {
             for i in 0..d.t {
                 for j in 0..d.s {
                     if !ok(bi, i, j) {
                         continue;
                     }
-                    let f = 2 * (bi * nq + i / FWD_ROWS);
+                    let f = 2 * (bi * nq + i / fwd_rows);
                     assert!(
                         (fwd[f] as usize..fwd[f + 1] as usize).contains(&j),
                         "forward span misses ({bi}, {i}, {j})"
                     );
-                    let k = 2 * (bi * nk + j / BWD_KEYS);
+                    let k = 2 * (bi * nk + j / bwd_keys);
                     assert!(
                         (bwd[k] as usize..bwd[k + 1] as usize).contains(&i),
                         "backward span misses ({bi}, {i}, {j})"
@@ -376,7 +457,9 @@ mod tests {
                 window,
                 ..AttnMask::default()
             };
-            check(&qs, &ks, &dims(2, t, s), &mask);
+            for (fwd, bwd) in [(4, 4), (8, 8), (8, 4)] {
+                check(&qs, &ks, &dims(2, t, s), &mask, Warps { fwd, bwd });
+            }
         }
     }
 
@@ -384,10 +467,17 @@ mod tests {
     fn tile_sizes_match_the_kernel() {
         let src = include_str!("../../../kernels/flash_mma.cu");
         assert!(src.contains(&format!("#define BWD_BR {BWD_ROWS}\n")));
-        assert!(src.contains(&format!("#define BWD_BC {BWD_KEYS}\n")));
-        assert!(src.contains(&format!("constexpr int BR = {FWD_ROWS}, BC = 64")));
-        // 128-wide heads: K, Q and dO twice each, dS^T, three f32 rows twice.
-        assert_eq!(bwd_smem(128), 58112);
+        assert!(src.contains("constexpr int BR = BWD_BR, BC = 16 * NW,"));
+        assert!(src.contains("constexpr int BR = 16 * NW, BC = 64,"));
+        for (name, d, nw) in [("fwd8", 80, 8), ("bwd8", 128, 8), ("bwd", 80, 4)] {
+            assert!(src.contains(&format!("flash_mma_{name}_d{d}, {d}, {nw})")));
+        }
+        assert!(!src.contains("flash_mma_bwd8_d80"));
+        // 128-wide heads, 64 keys: K, Q and dO twice each, dS^T, three f32 rows twice.
+        assert_eq!(bwd_smem(128, 64), 58112);
+        assert_eq!(Warps::default().for_dim(80), Warps { fwd: 4, bwd: 4 });
+        let w8 = Warps { fwd: 8, bwd: 8 };
+        assert_eq!(w8.for_dim(80), Warps { fwd: 8, bwd: 4 });
     }
 
     #[test]
@@ -409,7 +499,7 @@ mod tests {
             causal: true,
             ..AttnMask::default()
         };
-        let (fwd, bwd) = spans(&ones, &ones, &dims(1, t, s), &mask);
+        let (fwd, bwd) = spans(&ones, &ones, &dims(1, t, s), &mask, Warps::default());
         // Query block 0 sees keys [0, 64); key block 3 is seen by queries [192, 256).
         assert_eq!(&fwd[..2], &[0, 64]);
         assert_eq!(&bwd[6..8], &[192, 256]);

@@ -135,13 +135,17 @@ impl CustomOp2 for RmsNorm {
         let mut y = Out::alloc(&dev, xs.dtype(), rows * c)?;
         let (rows_i, c_i) = (rows as i32, c as i32);
         let (inv_c, eps) = ((1.0 / c as f64) as f32, self.eps as f32);
+        // Small blocks (one group of 128 threads for C = 3584 bf16: 8 rows in flight per
+        // multiprocessor), one per row group; the kernel strides over rows beyond the grid.
+        let (tpr, groups) = row_layout(c, FWD_VEC * (16 / xs.dtype().size_in_bytes()), 128);
+        let blocks = rows.div_ceil(groups).clamp(1, 1 << 20);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         x.push(&mut b);
         w.push(&mut b);
         y.push(&mut b);
         b.arg(&rows_i).arg(&c_i).arg(&inv_c).arg(&eps);
-        cuda::run(b, cuda::cfg(rows.min(65535), 256, 0))?;
+        cuda::run(b, row_cfg(blocks, tpr, groups))?;
         Ok((y.into_storage(&dev), xl.shape().clone()))
     }
 
@@ -157,26 +161,83 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Rows are spread over at most this many blocks; dw is reduced from that many partial rows.
+/// 16-byte accesses per thread and row that the forward holds in registers (rmsnorm.cu's
+/// kFwdVec): 32 bf16 / 16 f32 columns per thread; a longer row's others are streamed.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FWD_VEC: usize = 4;
+
+/// Columns per thread of the backward, which must cover the row: rmsnorm.cu's kBwdVec = 3
+/// 16-byte accesses of 8 bf16 / 4 f32, so C ≤ 1024 × this.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bwd_cols_per_thread(dtype: DType) -> usize {
+    3 * (16 / dtype.size_in_bytes())
+}
+
+/// Row groups per backward block for `tpr` threads per row: up to 512 threads, and while
+/// the groups' dw accumulators (C f32 each, in dynamic shared memory beside one copy of w)
+/// stay within 48 KiB.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bwd_groups(c: usize, tpr: usize) -> usize {
+    (512 / tpr).min(12 * 1024 / c.max(1)).max(1)
+}
+
+/// Block shape of the row kernels for rows of `c` columns, `per_thread` columns per thread:
+/// (threads per row, a multiple of 32 that covers the row, at most 1024; rows per block, as
+/// many as fit in `block` threads). Few threads per row and many rows in flight per
+/// multiprocessor keep enough bytes moving; a row's sums need one barrier.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn row_layout(c: usize, per_thread: usize, block: usize) -> (usize, usize) {
+    let tpr = c.div_ceil(per_thread).next_multiple_of(32).clamp(32, 1024);
+    (tpr, (block / tpr).max(1))
+}
+
 #[cfg(feature = "cuda")]
-const BWD_BLOCKS: usize = 264;
+fn row_cfg(blocks: usize, tpr: usize, groups: usize) -> crate::cuda::LaunchConfig {
+    crate::cuda::LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (tpr as u32, groups as u32, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 #[cfg(feature = "cuda")]
 fn cuda_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     use crate::cuda::{self, In, Out, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    use candle_core::cuda::WrapErr;
     let dev = cuda::device_of(x)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let c = w.elem_count();
     let rows = x.elem_count() / c.max(1);
-    let blocks = rows.clamp(1, BWD_BLOCKS);
-    if c * 4 > 48 * 1024 {
-        bail!("rmsnorm (cuda): C = {c} needs more than 48 KiB of shared memory")
+    let per_thread = bwd_cols_per_thread(x.dtype());
+    if c.div_ceil(per_thread) > 1024 {
+        bail!("rmsnorm (cuda): C = {c} is more than the backward's 1024 × {per_thread} columns")
     }
-    let f = cuda::kernel(
-        &dev,
-        "rmsnorm",
-        &format!("rmsnorm_bwd_{}", cuda::suffix(x.dtype())?),
-    )?;
+    let (tpr, _) = row_layout(c, per_thread, 0);
+    let groups = bwd_groups(c, tpr);
+    // The groups' dw accumulators (f32), then one copy of w.
+    let smem = groups * c * 4 + c * x.dtype().size_in_bytes();
+    let sfx = cuda::suffix(x.dtype())?;
+    let f = cuda::kernel(&dev, "rmsnorm", &format!("rmsnorm_bwd_{sfx}"))?;
+    if smem > 47 * 1024 {
+        // Beyond the default 48 KiB per block (less the kernel's 1 KiB of static shared memory).
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
+    // One wave of blocks, all resident at once: as many rows in flight as the multiprocessors
+    // hold, and few partial rows of dw (one per block) to sum afterwards.
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor((tpr * groups) as u32, smem, None)
+        .w()? as usize;
+    let blocks = (sms * per_sm).min(rows.div_ceil(groups)).max(1);
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();
@@ -197,10 +258,58 @@ fn cuda_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Te
     dx.push(&mut b);
     part.push(&mut b);
     b.arg(&rows_i).arg(&c_i).arg(&inv_c).arg(&eps);
-    cuda::run(b, cuda::cfg(blocks, 256, (c * 4) as u32))?;
-    let dw = part
-        .into_tensor(&dev, (blocks, c))
-        .sum(0)?
-        .to_dtype(w.dtype())?;
-    Ok((dx.into_tensor(&dev, x.shape()), dw))
+    let mut cfg = row_cfg(blocks, tpr, groups);
+    cfg.shared_mem_bytes = smem as u32;
+    cuda::run(b, cfg)?;
+    // dw: the partial rows summed in a fixed order, written in w's dtype.
+    let f = cuda::kernel(&dev, "rmsnorm", &format!("rmsnorm_dw_{sfx}"))?;
+    let mut dw = Out::alloc(&dev, w.dtype(), c)?;
+    let p_i = blocks as i32;
+    let mut b = stream.launch_builder(&f);
+    part.push(&mut b);
+    dw.push(&mut b);
+    b.arg(&p_i).arg(&c_i);
+    let cfg = cuda::LaunchConfig {
+        grid_dim: (c.div_ceil(32).max(1) as u32, 1, 1),
+        block_dim: (32, 32, 1),
+        shared_mem_bytes: 0,
+    };
+    cuda::run(b, cfg)?;
+    Ok((
+        dx.into_tensor(&dev, x.shape()),
+        dw.into_tensor(&dev, w.shape()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The launch shapes the H200 measurements were taken with, and rows always covered.
+    #[test]
+    fn launch_shapes() {
+        // Forward, C = 3584 bf16: 448 accesses of 16 bytes over 128 threads (4 held each).
+        assert_eq!(row_layout(3584, FWD_VEC * 8, 128), (128, 1));
+        // f32: 896 accesses over 224 threads.
+        assert_eq!(row_layout(3584, FWD_VEC * 4, 128), (224, 1));
+        // Short rows: one warp per row, several rows per block.
+        assert_eq!(row_layout(96, FWD_VEC * 8, 128), (32, 4));
+        // Long rows: at most 1024 threads (the forward streams what registers don't hold).
+        assert_eq!(row_layout(100_000, FWD_VEC * 8, 128), (1024, 1));
+        // Backward, C = 3584 bf16: 160 threads of 3 accesses, 3 rows per block.
+        let per = bwd_cols_per_thread(DType::BF16);
+        assert_eq!(per, 24);
+        let (tpr, _) = row_layout(3584, per, 0);
+        assert_eq!((tpr, bwd_groups(3584, tpr)), (160, 3));
+        assert_eq!(bwd_cols_per_thread(DType::F32), 12);
+        for dtype in [DType::F32, DType::BF16] {
+            let per = bwd_cols_per_thread(dtype);
+            for c in [1, 7, 96, 1280, 3584, 3585, 8192, 12_288] {
+                let (tpr, _) = row_layout(c, per, 0);
+                let g = bwd_groups(c, tpr);
+                assert!(tpr * per >= c && tpr % 32 == 0 && tpr * g <= 1024, "{c}");
+                assert!(g * c * 4 <= 48 * 1024 || g == 1, "{c}");
+            }
+        }
+    }
 }

@@ -202,8 +202,16 @@ impl CustomOp3 for Rotary {
         s.push(&mut bld);
         y.push(&mut bld);
         bld.arg(&bt).arg(&h_i).arg(&d_i).arg(&self.sign);
-        let threads = (h * d / 2).next_multiple_of(32).min(512) as u32;
-        cuda::run(bld, cuda::cfg((b * t).min(65535), threads, 0))?;
+        // One thread per work item: 16 bytes of the head's first half and 16 of its second
+        // (rotary.cu; one element each when D/2 is not a multiple of 16 bytes), blocks of 256
+        // over all tokens and heads; the kernel's grid-stride loop covers any beyond 2^20 blocks.
+        let per = 16 / xs.dtype().size_in_bytes();
+        let per = if (d / 2) % per == 0 { per } else { 1 };
+        let items = b * t * h * (d / 2) / per;
+        cuda::run(
+            bld,
+            cuda::cfg(items.div_ceil(256).clamp(1, 1 << 20), 256, 0),
+        )?;
         Ok((y.into_storage(&dev), xl.shape().clone()))
     }
 
