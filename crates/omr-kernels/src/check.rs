@@ -174,6 +174,7 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
                         q_seg: Some(t[3].clone()),
                         k_seg: Some(t[3].clone()),
                         host: None,
+                        plans: Default::default(),
                     };
                     let o = attend_by(
                         path,

@@ -33,9 +33,82 @@ pub struct AttnMask {
     /// the GEMM attention plans its blocks from them without reading the device (a read is a
     /// synchronisation per call).
     pub host: Option<std::sync::Arc<(Vec<u32>, Vec<u32>)>>,
+    /// What the kernels derive from the mask (device segment ids, block spans), kept for the
+    /// next call: every layer of a pass attends with one mask. Clones share it.
+    pub plans: PlanCache,
+}
+
+/// A mask's cache of derived plans, keyed by what they depend on (shapes, tiles, the segment
+/// tensors' ids, causal, window); at most [`PlanCache::CAP`] entries.
+#[derive(Clone, Default)]
+pub struct PlanCache(
+    std::sync::Arc<
+        std::sync::Mutex<Vec<(String, std::sync::Arc<dyn std::any::Any + Send + Sync>)>>,
+    >,
+);
+
+impl std::fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |v| v.len());
+        write!(f, "PlanCache({n} entries)")
+    }
+}
+
+impl PlanCache {
+    const CAP: usize = 8;
+
+    /// The plan under `key`, made by `make` on the first call.
+    pub(crate) fn get<T: Send + Sync + 'static>(
+        &self,
+        key: String,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<std::sync::Arc<T>> {
+        let hit = {
+            let v = self
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("plan cache poisoned".into()))?;
+            v.iter().find(|(k, _)| *k == key).map(|(_, p)| p.clone())
+        };
+        if let Some(p) = hit.and_then(|p| p.downcast::<T>().ok()) {
+            return Ok(p);
+        }
+        let p = std::sync::Arc::new(make()?);
+        let mut v = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("plan cache poisoned".into()))?;
+        if v.len() >= Self::CAP {
+            v.remove(0);
+        }
+        v.push((key, p.clone()));
+        Ok(p)
+    }
+
+    /// Number of plans held.
+    pub fn len(&self) -> usize {
+        self.0.lock().map_or(0, |v| v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl AttnMask {
+    /// What a plan of this mask depends on besides shapes: causal, window, the segment
+    /// tensors (by id) and the host ids (by address).
+    pub(crate) fn plan_key(&self) -> String {
+        format!(
+            "causal {} window {} q {:?} k {:?} host {:?}",
+            self.causal,
+            self.window,
+            self.q_seg.as_ref().map(|t| t.id()),
+            self.k_seg.as_ref().map(|t| t.id()),
+            self.host.as_ref().map(std::sync::Arc::as_ptr),
+        )
+    }
+
     /// The segment ids on `dev`, contiguous: the given ones, checked to be (B, T) and (B, S)
     /// u32, or all ones.
     pub(crate) fn segments(
@@ -566,5 +639,40 @@ fn grid3(x: usize, y: usize, z: usize) -> crate::cuda::LaunchConfig {
         grid_dim: (x.max(1) as u32, y as u32, z as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod plan_cache_tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_made_once_per_key_and_shared_by_clones() -> Result<()> {
+        let mask = AttnMask {
+            causal: true,
+            ..AttnMask::default()
+        };
+        let made = std::cell::Cell::new(0);
+        let make = || {
+            made.set(made.get() + 1);
+            Ok(made.get())
+        };
+        let a = mask.plans.get("a".into(), make)?;
+        let again = mask.clone().plans.get("a".into(), make)?;
+        assert_eq!((*a, *again, made.get()), (1, 1, 1));
+        assert_eq!(*mask.plans.get("b".into(), make)?, 2);
+        // The oldest plan leaves once the cache is full.
+        for i in 0..PlanCache::CAP {
+            mask.plans.get(format!("k{i}"), make)?;
+        }
+        assert_eq!(mask.plans.len(), PlanCache::CAP);
+        assert_eq!(*mask.plans.get("a".into(), make)?, made.get());
+        // A mask with other segments keys its plans apart.
+        let other = AttnMask {
+            q_seg: Some(Tensor::ones((1, 4), DType::U32, &Device::Cpu)?),
+            ..mask.clone()
+        };
+        assert_ne!(other.plan_key(), mask.plan_key());
+        Ok(())
     }
 }

@@ -193,24 +193,46 @@ pub fn flash_mma_warps(
         )
     }
     let dims = Dims { b, t, s, h, kv, d };
-    let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_mma")?;
-    let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
     let warps = warps.for_dim(d);
-    let (fwd, bwd) = spans(&qs, &ks, &dims, mask, warps);
     let dev = q.device();
+    // Segment ids and spans on the device, once per mask and shape (every layer shares them).
+    let key = format!(
+        "flash_mma {b} {t} {s} {warps:?} {:?} {}",
+        dev.location(),
+        mask.plan_key()
+    );
+    let plan = mask.plans.get(key, || {
+        let (q_seg, k_seg) = mask.segments(b, t, s, dev, "flash_mma")?;
+        let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
+        let (fwd, bwd) = spans(&qs, &ks, &dims, mask, warps);
+        Ok(Plan {
+            fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(warps.fwd_rows()), 2), dev)?,
+            bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(warps.bwd_keys()), 2), dev)?,
+            q_seg,
+            k_seg,
+        })
+    })?;
     let op = FlashMma {
         dims,
         warps,
         causal: mask.causal,
         window: mask.window,
         scale: scale as f32,
-        q_seg,
-        k_seg,
-        fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(warps.fwd_rows()), 2), dev)?,
-        bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(warps.bwd_keys()), 2), dev)?,
+        q_seg: plan.q_seg.clone(),
+        k_seg: plan.k_seg.clone(),
+        fwd_span: plan.fwd_span.clone(),
+        bwd_span: plan.bwd_span.clone(),
         lse: crate::host::Saved::new("flash_mma"),
     };
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// What a mask gives the kernels for one shape: segment ids and spans on the device.
+struct Plan {
+    q_seg: Tensor,
+    k_seg: Tensor,
+    fwd_span: Tensor,
+    bwd_span: Tensor,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

@@ -42,6 +42,7 @@ impl Case {
             k_seg: Some(Tensor::from_slice(&k, (self.b, self.s), dev)?),
             // Every other mask plans from the host ids, the rest from the device's.
             host: ((self.b + self.t) % 2 == 0).then(|| std::sync::Arc::new((q, k))),
+            plans: Default::default(),
         })
     }
 

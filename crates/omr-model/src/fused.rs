@@ -106,6 +106,7 @@ pub fn text_mask(segments: &[Vec<u32>], t: usize, device: &Device) -> Result<Att
         q_seg: Some(q_seg),
         k_seg: Some(k_seg),
         host: Some(std::sync::Arc::new((q_host, flat))),
+        plans: Default::default(),
     })
 }
 
@@ -124,5 +125,6 @@ pub fn ranges_mask(cu: &[usize], device: &Device) -> Result<AttnMask> {
         q_seg: Some(seg.clone()),
         k_seg: Some(seg),
         host: Some(std::sync::Arc::new((ids.clone(), ids))),
+        plans: Default::default(),
     })
 }
