@@ -11,8 +11,9 @@
 #      the fused kernels, next to torch + transformers (python3 with both) on the same batch:
 #      tokens/s, MFU, phases, GPU memory next to `omr plan`'s prediction; the same step with
 #      activation checkpointing and --profile (where the time goes, segment by segment); and
-#      8192-token rows with checkpointing on both sides. With `quick`: the tiny model's step
-#      and the first 3B run only. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
+#      8192-token rows with checkpointing on both sides; the opt-ins not yet measured
+#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA_WARPS=8,8 at 8192). With `quick`: the tiny
+#      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
 #
@@ -50,11 +51,21 @@ fi
 common=(--model-config 3b --device cuda --batch 1 --image-px 448)
 step train-3b-2k 120 "$bin" bench train "${common[@]}" --seq 2048 --steps 4 --warmup 2 \
   --python "$py" --json "$out/train-3b-2k.json"
+# The opt-ins not yet measured on a GPU, against the default step above: decoder layers as
+# one op (OMR_BLOCK_OP=1, omr_model::block; the model checks of step 1 cover it).
+step train-3b-2k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
+  --steps 4 --warmup 2
 if [ -z "$quick" ]; then
   step train-3b-2k-profile 90 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
+  # 8-warp attention CTAs (OMR_MMA_WARPS; checked last in step 1) and the one-op layers at
+  # long rows.
+  step train-3b-8k-mma8 90 env OMR_MMA_WARPS=8,8 "$bin" bench train "${common[@]}" --seq 8192 \
+    --steps 3 --warmup 1 --activation-checkpointing all
+  step train-3b-8k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 8192 \
+    --steps 3 --warmup 1 --activation-checkpointing all
 fi
 # Kernel-level profile (CUPTI; scripts/cuda/prof) of the fused 3B step, when built and the
 # machine has libcupti (torch's CUDA 13 wheels bring it): calls and time per kernel, GPU busy

@@ -213,10 +213,7 @@ pub fn flash_attn(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let choice = CHOICE
-        .get_or_init(|| std::env::var("OMR_ATTN").ok())
-        .as_deref();
+    let choice = attn_choice();
     let rows = q.dim(1)?;
     if q.device().is_cuda() && rows > 16 && choice != Some("kernel") {
         if choice != Some("gemm") && crate::flash_mma::supported(q, k) {
@@ -225,6 +222,76 @@ pub fn flash_attn(
         return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
     }
     flash_attn_kernel(q, k, v, mask, scale)
+}
+
+/// Attention for an op that chains its own backward (a whole decoder block as one op): the
+/// forward without autograd, and [`AttnSaved::backward`]. On CUDA the tensor-core kernels
+/// where [`flash_attn`] takes them (same `OMR_ATTN` choice); elsewhere the blockwise
+/// [`crate::gemm_attn`] forward and backward (candle ops on the CPU).
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, AttnSaved)> {
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let mma = q.device().is_cuda()
+        && q.dim(1)? > 16
+        && !matches!(attn_choice(), Some("gemm") | Some("kernel"))
+        && crate::flash_mma::supported(&q, &k);
+    if mma {
+        let (o, saved) = crate::flash_mma::forward_saved(&q, &k, &v, mask, scale)?;
+        return Ok((o, AttnSaved(Saved::Mma(saved))));
+    }
+    let (o, lse) = crate::gemm_attn::forward(&q, &k, &v, mask, scale)?;
+    Ok((
+        o,
+        AttnSaved(Saved::Gemm {
+            lse,
+            mask: mask.clone(),
+            scale,
+        }),
+    ))
+}
+
+/// What [`attention_forward`] keeps for the backward.
+pub struct AttnSaved(Saved);
+
+enum Saved {
+    Mma(crate::flash_mma::MmaSaved),
+    Gemm {
+        lse: Tensor,
+        mask: AttnMask,
+        scale: f64,
+    },
+}
+
+impl AttnSaved {
+    /// (dq, dk, dv) from the forward's inputs, its output and dO, in the inputs' dtypes.
+    pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.0 {
+            Saved::Mma(m) => m.backward(q, k, v, o, dout),
+            Saved::Gemm { lse, mask, scale } => {
+                crate::gemm_attn::backward(q, k, v, o, dout, lse, mask, *scale)
+            }
+        }
+    }
+}
+
+/// `OMR_ATTN`, read once.
+fn attn_choice() -> Option<&'static str> {
+    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| std::env::var("OMR_ATTN").ok())
+        .as_deref()
 }
 
 /// Attention by `kernels/flash_attn.cu` (its CPU reference on the CPU), forward and backward.

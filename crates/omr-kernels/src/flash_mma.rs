@@ -174,6 +174,52 @@ pub fn flash_mma_warps(
     scale: f64,
     warps: Warps,
 ) -> Result<Tensor> {
+    let op = build(q, k, v, mask, scale, warps)?;
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// The forward without autograd (inputs detached) and what [`MmaSaved::backward`] needs, for
+/// ops that chain their own backward (`omr_kernels::attention_forward`).
+pub(crate) fn forward_saved(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, MmaSaved)> {
+    let op = build(q, k, v, mask, scale, Warps::from_env())?;
+    let keep = op.clone();
+    let o = aligned(&q.detach())?.apply_op3(&aligned(&k.detach())?, &aligned(&v.detach())?, op)?;
+    Ok((o, MmaSaved(keep)))
+}
+
+/// The forward's op (spans, segment ids, its lse once it ran).
+pub(crate) struct MmaSaved(FlashMma);
+
+impl MmaSaved {
+    /// (dq, dk, dv) given the forward's inputs, output and dO.
+    pub(crate) fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let lse = self.0.lse.get()?;
+        self.0.backward(q, k, v, o, dout, &lse)
+    }
+}
+
+/// The op of one call: checks the inputs, plans the spans (once per mask and shape).
+fn build(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    warps: Warps,
+) -> Result<FlashMma> {
     let (b, t, h, d) = q.dims4()?;
     let (bk, s, kv, dk) = k.dims4()?;
     if !supported(q, k)
@@ -222,9 +268,9 @@ pub fn flash_mma_warps(
         k_seg: plan.k_seg.clone(),
         fwd_span: plan.fwd_span.clone(),
         bwd_span: plan.bwd_span.clone(),
-        lse: crate::host::Saved::new("flash_mma"),
+        lse: std::sync::Arc::new(crate::host::Saved::new("flash_mma")),
     };
-    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+    Ok(op)
 }
 
 /// What a mask gives the kernels for one shape: segment ids and spans on the device.
@@ -235,6 +281,7 @@ struct Plan {
     bwd_span: Tensor,
 }
 
+#[derive(Clone)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashMma {
     dims: Dims,
@@ -246,8 +293,8 @@ struct FlashMma {
     k_seg: Tensor,
     fwd_span: Tensor,
     bwd_span: Tensor,
-    /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
-    lse: crate::host::Saved,
+    /// The forward's row log-sum-exp (B, H, T) f32, for the backward (shared by clones).
+    lse: std::sync::Arc<crate::host::Saved>,
 }
 
 impl CustomOp3 for FlashMma {

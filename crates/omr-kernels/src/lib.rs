@@ -10,7 +10,7 @@
 //! | AdamW on fp32 masters + moments, writing the bf16 copy | [`adamw`] | `kernels/adamw.cu` |
 //! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
-//! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
+//! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`flash_mma`] for bf16, else [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
 //!
 //! omr-model calls the forward-path ops (rmsnorm, swiglu, rotary, flash_attn, linear_ce) when
 //! a forward's `Ctx::kernels` is `Kernels::Fused` (dispatch in `omr_model::fused`;
@@ -65,7 +65,7 @@ pub fn release_device_memory(device: &candle_core::Device) -> candle_core::Resul
     let _ = device;
     Ok(())
 }
-pub use flash_attn::{flash_attn, AttnMask};
+pub use flash_attn::{attention_forward, flash_attn, AttnMask, AttnSaved};
 pub use grad_norm::global_grad_norm;
 pub use linear_ce::linear_cross_entropy;
 pub use rmsnorm::rmsnorm;

@@ -45,6 +45,14 @@ fn count(f: impl FnOnce(&mut FusedCalls)) {
     });
 }
 
+/// A decoder layer ran as one op ([`crate::block`]): its two rotary calls and its attention.
+pub(crate) fn count_decoder_block() {
+    count(|c| {
+        c.rotary += 2;
+        c.attention += 1;
+    });
+}
+
 /// Qwen2RMSNorm over the last dimension. x: (…, C), w: (C) → (…, C)
 pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f64, ctx: &Ctx) -> Result<Tensor> {
     match ctx.kernels {

@@ -7,6 +7,7 @@
 //! tracked arguments (§5), see [`params`] and [`ops::frozen_linear`].
 
 pub mod attention;
+pub mod block;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -179,6 +179,22 @@ pub fn attach_grad(
     })
 }
 
+/// [`attach_grad`] with two differentiable arguments; `grads(dL/dvalue)` returns the gradient
+/// of each.
+pub fn attach_grad2(
+    args: [&Tensor; 2],
+    value: Tensor,
+    grads: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    args[0].apply_op2(
+        args[1],
+        Attach2 {
+            value: Value::new(value)?,
+            grad: Arc::new(grads),
+        },
+    )
+}
+
 /// [`attach_grad`] with three differentiable arguments (a fused frozen linear + LoRA:
 /// x, lora_A, lora_B); `grads(dL/dvalue)` returns the gradient of each.
 pub fn attach_grad3(

@@ -6,6 +6,7 @@
 //! fused rotary and flash attention on the projections' own (B, T, H, D) layout.
 
 use crate::attention::attend;
+use crate::block::{self, DecoderDims, DecoderWeights};
 use crate::config::TextConfig;
 use crate::fused;
 use crate::linear::{Ctx, Kernels, Linear};
@@ -201,6 +202,23 @@ impl Layer {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if let (Tables::Fused { cos, sin, mask }, None) = (tables, &cache) {
+            if self.as_one_op(x, ctx) {
+                return block::decoder_layer(
+                    x,
+                    &self.weights(),
+                    DecoderDims {
+                        heads: h,
+                        kv_heads: kv,
+                        head_dim: d,
+                        eps: c.rms_norm_eps,
+                    },
+                    cos,
+                    sin,
+                    mask,
+                );
+            }
+        }
         let hs = fused::rmsnorm(x, &self.input_norm, c.rms_norm_eps, ctx)?;
         // (B, T, n, D), the projections' layout
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d));
@@ -229,6 +247,37 @@ impl Layer {
             ctx,
         )?;
         x + self.down.forward(&g, ctx)?
+    }
+}
+
+impl Layer {
+    /// Whether this layer runs as one op ([`block`]): opted in, fused kernels, no LoRA.
+    fn as_one_op(&self, x: &Tensor, ctx: &Ctx) -> bool {
+        let linears = [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ];
+        ctx.kernels == Kernels::Fused
+            && block::block_op_enabled()
+            && block::supports(x)
+            && linears.iter().all(|l| l.lora.is_none())
+            && [&self.o, &self.gate, &self.up, &self.down]
+                .iter()
+                .all(|l| l.bias.is_none())
+    }
+
+    fn weights(&self) -> DecoderWeights {
+        let wb = |l: &Linear| (l.weight.clone(), l.bias.clone());
+        DecoderWeights {
+            input_norm: self.input_norm.clone(),
+            q: wb(&self.q),
+            k: wb(&self.k),
+            v: wb(&self.v),
+            o: self.o.weight.clone(),
+            post_norm: self.post_norm.clone(),
+            gate: self.gate.weight.clone(),
+            up: self.up.weight.clone(),
+            down: self.down.weight.clone(),
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{model_params, Inputs};
+use common::{model_params, packed, Inputs};
 use omr_model::fused::{self, FusedCalls};
 use omr_model::generate::{generate_with, SamplingConfig};
 use omr_model::lora::{self, LoraConfig};
@@ -32,31 +32,6 @@ fn ctx(kernels: Kernels) -> Ctx {
 /// The fixture's left-padded batch (3 rows, 3 images) and its labels.
 fn padded(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
     (inputs.padded(), inputs.labels.clone())
-}
-
-/// Two rows of 39: row 0 packs the fixture's row 0 (20 tokens, one image) and row 2 (12 text
-/// tokens), then 7 padding; row 1 is the fixture's row 1 (two images). Images stay in order.
-fn packed(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
-    let valid = |r: usize| -> (Vec<u32>, Vec<i64>) {
-        let start = inputs.mask[r].iter().position(|&m| m != 0).unwrap();
-        (
-            inputs.ids[r][start..].to_vec(),
-            inputs.labels[r][start..].to_vec(),
-        )
-    };
-    let ((i0, l0), (i1, l1), (i2, l2)) = (valid(0), valid(1), valid(2));
-    let t = i1.len();
-    let pad = t - i0.len() - i2.len();
-    let row0: Vec<u32> = [i0.clone(), i2.clone(), vec![306; pad]].concat();
-    let lab0: Vec<i64> = [l0, l2, vec![-100; pad]].concat();
-    let input = Input::packed(
-        vec![row0, i1.clone()],
-        &[vec![i0.len(), i2.len()], vec![t]],
-        Some(inputs.pixels.clone()),
-        inputs.grids.clone(),
-    )
-    .unwrap();
-    (input, vec![lab0, l1])
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {

@@ -6,8 +6,9 @@
 //! with the head dims of the real models, 128 text / 80 vision) and two batches (left-padded,
 //! and packed: two documents in one row, the block-diagonal path), the loss and the gradient
 //! of every parameter are computed on the CPU with candle ops (the reference) and on `dev`
-//! with candle ops, with the fused kernels, and with the fused kernels plus activation
-//! checkpointing of both stacks. Then two AdamW steps on the reference gradients, on the CPU
+//! with candle ops, with the fused kernels, with the fused kernels plus activation
+//! checkpointing of both stacks, and with each decoder layer as one op (`omr_model::block`),
+//! with and without checkpointing. Then two AdamW steps on the reference gradients, on the CPU
 //! with candle ops and on `dev` with the fused update, are compared by their parameter
 //! deltas. On the CPU the same comparisons run (the fused ops' CPU references against candle
 //! ops): that is how `tests/device_check.rs` exercises this file.
@@ -214,13 +215,33 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                 Kernels::Candle,
                 Recompute::NONE,
             )?;
-            for (kernels, recompute, label) in [
-                (Kernels::Candle, Recompute::NONE, "candle ops"),
-                (Kernels::Fused, Recompute::NONE, "fused"),
-                (Kernels::Fused, Recompute::ALL, "fused + checkpointing"),
+            for (kernels, recompute, block, label) in [
+                (Kernels::Candle, Recompute::NONE, false, "candle ops"),
+                (Kernels::Fused, Recompute::NONE, false, "fused"),
+                (
+                    Kernels::Fused,
+                    Recompute::ALL,
+                    false,
+                    "fused + checkpointing",
+                ),
+                // Decoder layers as one op each (omr_model::block, OMR_BLOCK_OP=1).
+                (
+                    Kernels::Fused,
+                    Recompute::NONE,
+                    true,
+                    "fused, layers as one op",
+                ),
+                (
+                    Kernels::Fused,
+                    Recompute::ALL,
+                    true,
+                    "fused, one op, checkpointing",
+                ),
             ] {
                 let before = fused::calls();
-                let r = run(&cfg, &dev_params, din, labels, kernels, recompute)?;
+                let r = omr_model::block::with_block_op(block, || {
+                    run(&cfg, &dev_params, din, labels, kernels, recompute)
+                })?;
                 let after = fused::calls();
                 let ops =
                     (after.attention - before.attention) + (after.linear_ce - before.linear_ce);

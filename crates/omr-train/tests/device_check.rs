@@ -10,8 +10,12 @@ use omr_train::device_check::{format, model_checks, TOL};
 fn model_checks_pass_on_the_cpu() {
     let checks = model_checks(&Device::Cpu).unwrap();
     println!("{}", format(&checks));
-    // 2 shapes × 2 batches × 3 paths, and one optimizer check per shape.
-    assert_eq!(checks.len(), 14);
+    // 2 shapes × 2 batches × 5 paths, and one optimizer check per shape.
+    assert_eq!(checks.len(), 22);
+    assert_eq!(
+        checks.iter().filter(|c| c.name.contains("one op")).count(),
+        8
+    );
     for c in &checks {
         assert!(c.ok(), "{c:?} (tolerance {TOL})");
         if c.name.contains("candle ops") {

@@ -1,0 +1,308 @@
+//! A decoder layer as one autograd op on the fused path (opt-in: `OMR_BLOCK_OP=1`, or
+//! [`with_block_op`]).
+//!
+//! candle's backward starts every gradient it accumulates from `zeros_like` and adds into it
+//! (`GradStore::or_insert`), once per graph node and argument: about 40 adds per decoder
+//! layer through the per-op path (norms, three projections, reshapes, rotary, attention,
+//! residuals, the MLP), ~70 ms of the 3B step on an H200 (run 6 profile). Here the layer's
+//! forward runs without a graph and its backward is chained by hand from the fused ops'
+//! backward functions (RMSNorm, SwiGLU, rotary inverse, attention, the GEMMs of each linear),
+//! so only the layer input and its trainable weights meet the `GradStore`.
+//!
+//! candle's custom ops take at most three arguments, so the layer's output is attached to its
+//! input and weights by a short chain of attach ops: the last one (reached first by the
+//! backward) computes every gradient of the layer and leaves the others for the earlier ones,
+//! which pass dL/dy along unchanged. Same function and gradients as the per-op path
+//! (`tests/block.rs` compares them on CPU).
+
+use crate::ops::{attach_grad, attach_grad2, attach_grad3, matmul_nt, matmul_t};
+use candle_core::{DType, Result, Tensor};
+use omr_kernels::AttnMask;
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+
+thread_local! {
+    static FORCE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether decoder layers on the fused path run as one op: [`with_block_op`]'s choice on this
+/// thread, else `OMR_BLOCK_OP=1`.
+pub fn block_op_enabled() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    FORCE.with(Cell::get).unwrap_or_else(|| {
+        *ENV.get_or_init(|| std::env::var("OMR_BLOCK_OP").is_ok_and(|v| v == "1"))
+    })
+}
+
+/// Runs `f` with the block op switched on or off on this thread (forwards run on the calling
+/// thread; the backward uses what the forward built).
+pub fn with_block_op<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = FORCE.with(|c| c.replace(Some(on)));
+    let r = f();
+    FORCE.with(|c| c.set(before));
+    r
+}
+
+/// The weights of one decoder layer (compute copies on a GPU), in the order their gradients
+/// are returned: norms as stored (their gradient is cast back), projections (O, I).
+pub struct DecoderWeights {
+    pub input_norm: Tensor,
+    pub q: (Tensor, Option<Tensor>),
+    pub k: (Tensor, Option<Tensor>),
+    pub v: (Tensor, Option<Tensor>),
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl DecoderWeights {
+    fn params(&self) -> [Option<&Tensor>; 12] {
+        [
+            Some(&self.input_norm),
+            Some(&self.q.0),
+            self.q.1.as_ref(),
+            Some(&self.k.0),
+            self.k.1.as_ref(),
+            Some(&self.v.0),
+            self.v.1.as_ref(),
+            Some(&self.o),
+            Some(&self.post_norm),
+            Some(&self.gate),
+            Some(&self.up),
+            Some(&self.down),
+        ]
+    }
+}
+
+/// Shapes of the layer: heads, key/value heads, head dim, RMSNorm epsilon.
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+}
+
+/// One decoder layer, x: (B, T, C) → (B, T, C), with the fused ops and the rotary half
+/// tables cos/sin (B, T, D/2) of the pass.
+pub fn decoder_layer(
+    x: &Tensor,
+    w: &DecoderWeights,
+    dims: DecoderDims,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let DecoderDims {
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
+        eps,
+    } = dims;
+    let dt = x.dtype();
+    let xd = x.detach();
+    let det = |t: &Tensor| t.detach();
+    let lin = |x: &Tensor, (w, b): &(Tensor, Option<Tensor>)| -> Result<Tensor> {
+        let y = matmul_t(x, &det(w))?;
+        match b {
+            Some(b) => y.broadcast_add(&det(b)),
+            None => Ok(y),
+        }
+    };
+    crate::fused::count_decoder_block();
+    // Forward without a graph; what the backward needs is kept.
+    let w_in = det(&w.input_norm).to_dtype(dt)?;
+    let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
+    let q = lin(&hs, &w.q)?.reshape((b, t, h, d))?;
+    let k = lin(&hs, &w.k)?.reshape((b, t, kv, d))?;
+    let v = lin(&hs, &w.v)?.reshape((b, t, kv, d))?;
+    let qr = omr_kernels::rotary(&q, cos, sin)?;
+    let kr = omr_kernels::rotary(&k, cos, sin)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (a, attn) = omr_kernels::attention_forward(&qr, &kr, &v, mask, scale)?;
+    let a2 = a.reshape((b, t, h * d))?;
+    let wo = det(&w.o);
+    let x2 = (&xd + matmul_t(&a2, &wo)?)?;
+    let w_post = det(&w.post_norm).to_dtype(dt)?;
+    let hs2 = omr_kernels::rmsnorm(&x2, &w_post, eps)?;
+    let (wg, wu, wd) = (det(&w.gate), det(&w.up), det(&w.down));
+    let gt = matmul_t(&hs2, &wg)?;
+    let up = matmul_t(&hs2, &wu)?;
+    let g = omr_kernels::swiglu(&gt, &up)?;
+    let y = (&x2 + matmul_t(&g, &wd)?)?;
+
+    let params = w.params();
+    let need: Vec<bool> = params
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let norm_dtypes = (w.input_norm.dtype(), w.post_norm.dtype());
+    let (wq, wk, wv) = (det(&w.q.0), det(&w.k.0), det(&w.v.0));
+    let (cos, sin) = (cos.clone(), sin.clone());
+    let rows = b * t;
+    let need_c = need.clone();
+    // dL/dy → (dL/dx, the gradient of each of the 12 parameters that needs one).
+    let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let need = &need_c;
+        let flat = |x: &Tensor| -> Result<Tensor> {
+            let n = x.elem_count() / rows;
+            x.reshape((rows, n))
+        };
+        // dW = gᵀ·x in the weight's (O, I) layout; db = 1ᵀ·g.
+        let dw = |i: usize, g: &Tensor, x: &Tensor| -> Result<Option<Tensor>> {
+            match need[i] {
+                true => Ok(Some(flat(g)?.t()?.matmul(&flat(x)?)?)),
+                false => Ok(None),
+            }
+        };
+        let db = |i: usize, g: &Tensor| -> Result<Option<Tensor>> {
+            if !need[i] {
+                return Ok(None);
+            }
+            let g = flat(g)?;
+            let n = g.dim(1)?;
+            Ok(Some(
+                Tensor::ones((1, rows), g.dtype(), g.device())?
+                    .matmul(&g)?
+                    .reshape(n)?,
+            ))
+        };
+        let dy = dy.to_dtype(dt)?;
+        // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ
+        let dg = matmul_nt(&dy, &wd)?;
+        let d_down = dw(11, &dy, &g)?;
+        let (dgt, dup) = omr_kernels::swiglu::backward(&gt, &up, &dg)?;
+        let d_gate = dw(9, &dgt, &hs2)?;
+        let d_up = dw(10, &dup, &hs2)?;
+        let dhs2 = (matmul_nt(&dgt, &wg)? + matmul_nt(&dup, &wu)?)?;
+        let (dx2n, dw_post) = omr_kernels::rmsnorm::backward(&x2, &w_post, &dhs2, eps)?;
+        let dx2 = (&dy + dx2n)?;
+        // Attention: x2 = x + attn(rot(q), rot(k), v)·Woᵀ
+        let da = matmul_nt(&dx2, &wo)?.reshape((b, t, h, d))?;
+        let d_o = dw(7, &dx2, &a2)?;
+        let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
+        let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
+        let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
+        let dv = dv.to_dtype(dt)?;
+        let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
+        let dhs = (dq.matmul(&wq)? + dk.matmul(&wk)? + dv.matmul(&wv)?)?.reshape((b, t, c))?;
+        let grads = vec![
+            None, // input norm, below
+            dw(1, &dq, &hs)?,
+            db(2, &dq)?,
+            dw(3, &dk, &hs)?,
+            db(4, &dk)?,
+            dw(5, &dv, &hs)?,
+            db(6, &dv)?,
+            d_o,
+            match need[8] {
+                true => Some(dw_post.to_dtype(norm_dtypes.1)?),
+                false => None,
+            },
+            d_gate,
+            d_up,
+            d_down,
+        ];
+        let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
+        let mut grads = grads;
+        if need[0] {
+            grads[0] = Some(dw_in.to_dtype(norm_dtypes.0)?);
+        }
+        Ok(((dx2 + dxn)?, grads))
+    };
+    attach_chain(x, &params, &need, y, backward)
+}
+
+/// The gradients the chain's last op computed, taken by the others.
+type Stash = Arc<Mutex<Option<(Option<Tensor>, Vec<Option<Tensor>>)>>>;
+
+/// `y` attached to `x` and the parameters that need a gradient, through ops of at most three
+/// arguments: x and two parameters first, then the previous op's output and two more each.
+/// Only the last op outputs `y`; the others output a one-element token (the chain's edges
+/// need no values), whose gradient is a one-element zero.
+fn attach_chain(
+    x: &Tensor,
+    params: &[Option<&Tensor>],
+    need: &[bool],
+    y: Tensor,
+    backward: impl Fn(&Tensor) -> Result<(Tensor, Vec<Option<Tensor>>)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let tracked: Vec<usize> = (0..params.len()).filter(|&i| need[i]).collect();
+    let x_tracks = x.track_op();
+    if tracked.is_empty() && !x_tracks {
+        return Ok(y);
+    }
+    let stash: Stash = Arc::new(Mutex::new(None));
+    let y_dims = y.dims().to_vec();
+    let (dtype, device) = (y.dtype(), y.device().clone());
+    // The gradients of parameters `idx`, and what goes to the op's first argument (dx for the
+    // first op, a token's zero for the others). The last op, which every backward pass reaches
+    // first (with dL/dy), computes all of them; the others read them.
+    let take = move |dy: &Tensor,
+                     idx: &[usize],
+                     first: bool,
+                     last: bool|
+          -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+        let mut s = stash
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("decoder block: poisoned".into()))?;
+        if last {
+            if dy.dims() != y_dims.as_slice() {
+                candle_core::bail!("decoder block: dL/dy is {:?}, not {y_dims:?}", dy.dims())
+            }
+            let (dx, g) = backward(dy)?;
+            *s = Some((Some(dx), g));
+        }
+        let Some((dx, g)) = s.as_ref() else {
+            candle_core::bail!("decoder block: the backward reached a token before the output")
+        };
+        let out = idx.iter().map(|&i| g[i].clone()).collect();
+        let first_arg = match first {
+            true => dx.clone().filter(|_| x_tracks),
+            false => Some(Tensor::zeros(1, dtype, &device)?),
+        };
+        if first {
+            // The first op is the last one the backward reaches: nothing else reads these.
+            *s = None;
+        }
+        Ok((first_arg, out))
+    };
+    let take = Arc::new(take);
+    if tracked.is_empty() {
+        return attach_grad(x, y, move |dy| {
+            let (dx, _) = take(dy, &[], true, true)?;
+            dx.ok_or_else(|| candle_core::Error::Msg("decoder block: no input gradient".into()))
+        });
+    }
+    let mut carrier = x.clone();
+    let ops = tracked.len().div_ceil(2);
+    for (n, idx) in tracked.chunks(2).enumerate() {
+        let (idx, take, first, last) = (idx.to_vec(), take.clone(), n == 0, n + 1 == ops);
+        let value = match last {
+            true => y.clone(),
+            false => Tensor::zeros(1, y.dtype(), y.device())?,
+        };
+        let p = |j: usize| params[idx[j]].expect("tracked parameters exist");
+        carrier = match idx.len() {
+            2 => attach_grad3([&carrier, p(0), p(1)], value, move |dy| {
+                let (c, mut g) = take(dy, &idx, first, last)?;
+                let g1 = g.pop().flatten();
+                let g0 = g.pop().flatten();
+                Ok((c, g0, g1))
+            })?,
+            _ => attach_grad2([&carrier, p(0)], value, move |dy| {
+                let (c, mut g) = take(dy, &idx, first, last)?;
+                Ok((c, g.pop().flatten()))
+            })?,
+        };
+    }
+    Ok(carrier)
+}
+
+/// A dtype check the callers share: the block op runs where the fused ops do (f32 or bf16).
+pub fn supports(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16)
+}
