@@ -1,5 +1,5 @@
-//! A decoder layer as one autograd op on the fused path (opt-in: `OMR_BLOCK_OP=1`, or
-//! [`with_block_op`]).
+//! A decoder layer (and a Qwen2.5-VL vision block) as one autograd op on the fused path
+//! (opt-in: `OMR_BLOCK_OP=1`, or [`with_block_op`]).
 //!
 //! candle's backward starts every gradient it accumulates from `zeros_like` and adds into it
 //! (`GradStore::or_insert`), once per graph node and argument: about 40 adds per decoder
@@ -146,30 +146,15 @@ pub fn decoder_layer(
     let need_c = need.clone();
     // dL/dy → (dL/dx, the gradient of each of the 12 parameters that needs one).
     let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
-        let need = &need_c;
-        let flat = |x: &Tensor| -> Result<Tensor> {
-            let n = x.elem_count() / rows;
-            x.reshape((rows, n))
+        let gr = Grads {
+            rows,
+            need: &need_c,
         };
-        // dW = gᵀ·x in the weight's (O, I) layout; db = 1ᵀ·g.
-        let dw = |i: usize, g: &Tensor, x: &Tensor| -> Result<Option<Tensor>> {
-            match need[i] {
-                true => Ok(Some(flat(g)?.t()?.matmul(&flat(x)?)?)),
-                false => Ok(None),
-            }
-        };
-        let db = |i: usize, g: &Tensor| -> Result<Option<Tensor>> {
-            if !need[i] {
-                return Ok(None);
-            }
-            let g = flat(g)?;
-            let n = g.dim(1)?;
-            Ok(Some(
-                Tensor::ones((1, rows), g.dtype(), g.device())?
-                    .matmul(&g)?
-                    .reshape(n)?,
-            ))
-        };
+        let (dw, db, flat) = (
+            |i, g: &Tensor, x: &Tensor| gr.dw(i, g, x),
+            |i, g: &Tensor| gr.db(i, g),
+            |x: &Tensor| gr.flat(x),
+        );
         let dy = dy.to_dtype(dt)?;
         // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ
         let dg = matmul_nt(&dy, &wd)?;
@@ -189,8 +174,9 @@ pub fn decoder_layer(
         let dv = dv.to_dtype(dt)?;
         let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
         let dhs = (dq.matmul(&wq)? + dk.matmul(&wk)? + dv.matmul(&wv)?)?.reshape((b, t, c))?;
+        let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
         let grads = vec![
-            None, // input norm, below
+            gr.norm(0, dw_in, norm_dtypes.0)?,
             dw(1, &dq, &hs)?,
             db(2, &dq)?,
             dw(3, &dk, &hs)?,
@@ -198,22 +184,189 @@ pub fn decoder_layer(
             dw(5, &dv, &hs)?,
             db(6, &dv)?,
             d_o,
-            match need[8] {
-                true => Some(dw_post.to_dtype(norm_dtypes.1)?),
-                false => None,
-            },
+            gr.norm(8, dw_post, norm_dtypes.1)?,
             d_gate,
             d_up,
             d_down,
         ];
-        let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
-        let mut grads = grads;
-        if need[0] {
-            grads[0] = Some(dw_in.to_dtype(norm_dtypes.0)?);
-        }
         Ok(((dx2 + dxn)?, grads))
     };
     attach_chain(x, &params, &need, y, backward)
+}
+
+/// The weights of one Qwen2.5-VL vision block (RMSNorm, SwiGLU MLP, every linear with a
+/// bias), in the order their gradients are returned.
+pub struct VisionWeights {
+    pub norm1: Tensor,
+    pub qkv: (Tensor, Tensor),
+    pub proj: (Tensor, Tensor),
+    pub norm2: Tensor,
+    pub gate: (Tensor, Tensor),
+    pub up: (Tensor, Tensor),
+    pub down: (Tensor, Tensor),
+}
+
+impl VisionWeights {
+    fn params(&self) -> [Option<&Tensor>; 12] {
+        [
+            Some(&self.norm1),
+            Some(&self.qkv.0),
+            Some(&self.qkv.1),
+            Some(&self.proj.0),
+            Some(&self.proj.1),
+            Some(&self.norm2),
+            Some(&self.gate.0),
+            Some(&self.gate.1),
+            Some(&self.up.0),
+            Some(&self.up.1),
+            Some(&self.down.0),
+            Some(&self.down.1),
+        ]
+    }
+}
+
+/// One Qwen2.5-VL vision block, x: (N, C) → (N, C), with `heads` heads, the 2-D rotary half
+/// tables cos/sin (1, N, D/2) and the block-diagonal mask (whole images or windows) of the
+/// pass; RMSNorm epsilon 1e-6 as the per-op path.
+pub fn vision_layer(
+    x: &Tensor,
+    w: &VisionWeights,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    let (n, c) = x.dims2()?;
+    let (h, d, eps) = (heads, c / heads, 1e-6);
+    let dt = x.dtype();
+    let xd = x.detach();
+    let det = |t: &Tensor| t.detach();
+    let lin = |x: &Tensor, (w, b): &(Tensor, Tensor)| -> Result<Tensor> {
+        matmul_t(x, &det(w))?.broadcast_add(&det(b))
+    };
+    crate::fused::count_decoder_block();
+    let w1 = det(&w.norm1).to_dtype(dt)?;
+    let hs = omr_kernels::rmsnorm(&xd, &w1, eps)?;
+    let qkv = lin(&hs, &w.qkv)?.reshape((n, 3, h, d))?;
+    // One batch row of N patches: (1, N, H, D).
+    let part = |i: usize| qkv.narrow(1, i, 1)?.reshape((1, n, h, d))?.contiguous();
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let qr = omr_kernels::rotary(&q, cos, sin)?;
+    let kr = omr_kernels::rotary(&k, cos, sin)?;
+    let (a, attn) = omr_kernels::attention_forward(&qr, &kr, &v, mask, 1.0 / (d as f64).sqrt())?;
+    let a2 = a.reshape((n, c))?;
+    let x2 = (&xd + lin(&a2, &w.proj)?)?;
+    let w2 = det(&w.norm2).to_dtype(dt)?;
+    let hs2 = omr_kernels::rmsnorm(&x2, &w2, eps)?;
+    let gt = lin(&hs2, &w.gate)?;
+    let up = lin(&hs2, &w.up)?;
+    let g = omr_kernels::swiglu(&gt, &up)?;
+    let y = (&x2 + lin(&g, &w.down)?)?;
+
+    let params = w.params();
+    let need: Vec<bool> = params
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let norm_dtypes = (w.norm1.dtype(), w.norm2.dtype());
+    let (wqkv, wp, wg, wu, wd) = (
+        det(&w.qkv.0),
+        det(&w.proj.0),
+        det(&w.gate.0),
+        det(&w.up.0),
+        det(&w.down.0),
+    );
+    let (cos, sin) = (cos.clone(), sin.clone());
+    let need_c = need.clone();
+    let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let gr = Grads {
+            rows: n,
+            need: &need_c,
+        };
+        let dy = dy.to_dtype(dt)?;
+        // MLP
+        let dg = matmul_nt(&dy, &wd)?;
+        let (dgt, dup) = omr_kernels::swiglu::backward(&gt, &up, &dg)?;
+        let dhs2 = (matmul_nt(&dgt, &wg)? + matmul_nt(&dup, &wu)?)?;
+        let (dx2n, dw2) = omr_kernels::rmsnorm::backward(&x2, &w2, &dhs2, eps)?;
+        let dx2 = (&dy + dx2n)?;
+        // Attention
+        let da = matmul_nt(&dx2, &wp)?.reshape((1, n, h, d))?;
+        let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
+        let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
+        let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
+        let dqkv = Tensor::stack(
+            &[
+                dq.reshape((n, h, d))?,
+                dk.reshape((n, h, d))?,
+                dv.to_dtype(dt)?.reshape((n, h, d))?,
+            ],
+            1,
+        )?
+        .reshape((n, 3 * c))?;
+        let dhs = dqkv.matmul(&wqkv)?;
+        let (dxn, dw1) = omr_kernels::rmsnorm::backward(&xd, &w1, &dhs, eps)?;
+        let grads = vec![
+            gr.norm(0, dw1, norm_dtypes.0)?,
+            gr.dw(1, &dqkv, &hs)?,
+            gr.db(2, &dqkv)?,
+            gr.dw(3, &dx2, &a2)?,
+            gr.db(4, &dx2)?,
+            gr.norm(5, dw2, norm_dtypes.1)?,
+            gr.dw(6, &dgt, &hs2)?,
+            gr.db(7, &dgt)?,
+            gr.dw(8, &dup, &hs2)?,
+            gr.db(9, &dup)?,
+            gr.dw(10, &dy, &g)?,
+            gr.db(11, &dy)?,
+        ];
+        Ok(((dx2 + dxn)?, grads))
+    };
+    attach_chain(x, &params, &need, y, backward)
+}
+
+/// The weight and bias gradients of a layer's linears, for the parameters that need one.
+struct Grads<'a> {
+    rows: usize,
+    need: &'a [bool],
+}
+
+impl Grads<'_> {
+    /// x as (rows, features).
+    fn flat(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.elem_count() / self.rows;
+        x.reshape((self.rows, n))
+    }
+
+    /// dW = gᵀ·x in the weight's (O, I) layout, for parameter i.
+    fn dw(&self, i: usize, g: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
+        match self.need[i] {
+            true => Ok(Some(self.flat(g)?.t()?.matmul(&self.flat(x)?)?)),
+            false => Ok(None),
+        }
+    }
+
+    /// db = 1ᵀ·g, for parameter i.
+    fn db(&self, i: usize, g: &Tensor) -> Result<Option<Tensor>> {
+        if !self.need[i] {
+            return Ok(None);
+        }
+        let g = self.flat(g)?;
+        let n = g.dim(1)?;
+        Ok(Some(
+            Tensor::ones((1, self.rows), g.dtype(), g.device())?
+                .matmul(&g)?
+                .reshape(n)?,
+        ))
+    }
+
+    /// A norm weight's gradient, cast back to the parameter's dtype.
+    fn norm(&self, i: usize, g: Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        match self.need[i] {
+            true => Ok(Some(g.to_dtype(dtype)?)),
+            false => Ok(None),
+        }
+    }
 }
 
 /// The gradients the chain's last op computed, taken by the others.

@@ -45,7 +45,8 @@ fn count(f: impl FnOnce(&mut FusedCalls)) {
     });
 }
 
-/// A decoder layer ran as one op ([`crate::block`]): its two rotary calls and its attention.
+/// A decoder layer or vision block ran as one op ([`crate::block`]): its two rotary calls and
+/// its attention.
 pub(crate) fn count_decoder_block() {
     count(|c| {
         c.rotary += 2;

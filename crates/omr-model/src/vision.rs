@@ -12,6 +12,7 @@
 //! are omr-kernels' fused ops; Qwen2-VL's LayerNorm and QuickGELU stay candle ops.
 
 use crate::attention::attend_blocks;
+use crate::block::{self, VisionWeights};
 use crate::config::{Arch, ModelConfig, VisionConfig};
 use crate::fused;
 use crate::linear::{Ctx, Kernels, Linear};
@@ -74,6 +75,21 @@ impl Block {
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         let d = c / self.heads;
+        if let VisionTables::Fused {
+            cos,
+            sin,
+            full,
+            windows,
+        } = tables
+        {
+            if let Some(w) = self.one_op_weights(x, ctx) {
+                let mask = match windows {
+                    Some(m) if windowed => m,
+                    _ => full,
+                };
+                return block::vision_layer(x, &w, self.heads, cos, sin, mask);
+            }
+        }
         let qkv = self
             .qkv
             .forward(&self.norm1.forward(x, ctx)?, ctx)?
@@ -114,6 +130,34 @@ impl Block {
             }
         };
         x + m
+    }
+}
+
+impl Block {
+    /// The weights when this block runs as one op ([`block`]): opted in, fused kernels,
+    /// Qwen2.5-VL's RMSNorm and SwiGLU, every linear with its bias and no LoRA.
+    fn one_op_weights(&self, x: &Tensor, ctx: &Ctx) -> Option<VisionWeights> {
+        if ctx.kernels != Kernels::Fused || !block::block_op_enabled() || !block::supports(x) {
+            return None;
+        }
+        let (Norm::Rms(n1), Norm::Rms(n2), Mlp::SwiGlu { gate, up, down }) =
+            (&self.norm1, &self.norm2, &self.mlp)
+        else {
+            return None;
+        };
+        let wb = |l: &Linear| match (&l.lora, &l.bias) {
+            (None, Some(b)) => Some((l.weight.clone(), b.clone())),
+            _ => None,
+        };
+        Some(VisionWeights {
+            norm1: n1.clone(),
+            qkv: wb(&self.qkv)?,
+            proj: wb(&self.proj)?,
+            norm2: n2.clone(),
+            gate: wb(gate)?,
+            up: wb(up)?,
+            down: wb(down)?,
+        })
     }
 }
 

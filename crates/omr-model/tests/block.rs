@@ -1,5 +1,5 @@
-//! A decoder layer as one op (`omr_model::block`, `OMR_BLOCK_OP=1`) against the per-op fused
-//! path it replaces, on the tiny random Qwen2.5-VL of the fixtures, on CPU (the fused ops'
+//! Decoder layers and vision blocks as one op each (`omr_model::block`, `OMR_BLOCK_OP=1`)
+//! against the per-op fused path they replace, on the tiny random Qwen2.5-VL of the fixtures, on CPU (the fused ops'
 //! plain-Rust references; attention through the blockwise GEMM path): loss and the gradient
 //! of every trainable parameter on a left-padded and a packed batch, with a frozen part,
 //! with activation checkpointing, and in bf16.
@@ -70,10 +70,10 @@ fn compare(name: &str, params: &Params, input: &Input, labels: &[Vec<i64>], tol:
     let (cfg, _) = model_params("qwen25vl");
     let (l0, g0, n0) = run(params, input, labels, false);
     let (l1, g1, n1) = run(params, input, labels, true);
-    // Two RMSNorms per decoder layer left the per-op path.
+    // Two RMSNorms per decoder layer and vision block left the per-op path.
     assert_eq!(
         n0 - n1,
-        2 * cfg.text.num_hidden_layers,
+        2 * (cfg.text.num_hidden_layers + cfg.vision.depth),
         "{name}: block op did not run"
     );
     let e_loss = (l1 - l0).abs() / l0.abs();
