@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::{model_params, packed, Inputs};
+use common::{flat, model_params, packed, rel, Inputs};
 use omr_model::block::with_block_op;
 use omr_model::fused;
 use omr_model::{Ctx, Input, Kernels, Params, Qwen2VL, Recompute};
@@ -20,26 +20,6 @@ fn fused_ctx() -> Ctx {
         kernels: Kernels::Fused,
         ..Ctx::default()
     }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// max |a − b| / max |b|.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    let m = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
-    d / m.max(1e-12)
 }
 
 /// Each parameter's name and gradient (None: it got none).

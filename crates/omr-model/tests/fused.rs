@@ -13,7 +13,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{model_params, packed, Inputs};
+use common::{flat, model_params, packed, rel, Inputs};
 use omr_model::fused::{self, FusedCalls};
 use omr_model::generate::{generate_with, SamplingConfig};
 use omr_model::lora::{self, LoraConfig};
@@ -32,26 +32,6 @@ fn ctx(kernels: Kernels) -> Ctx {
 /// The fixture's left-padded batch (3 rows, 3 images) and its labels.
 fn padded(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
     (inputs.padded(), inputs.labels.clone())
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// max |a − b| / max |b|.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    let m = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
-    d / m.max(1e-12)
 }
 
 /// ‖a − b‖₂ / ‖b‖₂.

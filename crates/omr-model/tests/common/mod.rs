@@ -102,3 +102,24 @@ pub fn packed(inputs: &Inputs) -> (Input, Vec<Vec<i64>>) {
     .unwrap();
     (input, vec![lab0, l1])
 }
+
+/// A tensor's elements as f32, flattened.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |a − b| / max |b|.
+pub fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let m = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+    d / m.max(1e-12)
+}
