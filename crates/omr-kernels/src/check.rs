@@ -112,6 +112,26 @@ fn attend_by(
     }
 }
 
+/// o, dq, dk, dv of attention by `path` (as [`attend_by`] takes it) on q, k, v = t[0..3],
+/// scale 1/√D, against the cotangent `r`.
+fn attention_grads(path: &str, t: &[Tensor], mask: &AttnMask, r: &Tensor) -> Result<Vec<Tensor>> {
+    let (q, k, v) = (
+        Var::from_tensor(&t[0])?,
+        Var::from_tensor(&t[1])?,
+        Var::from_tensor(&t[2])?,
+    );
+    let scale = 1.0 / (t[0].dim(3)? as f64).sqrt();
+    let o = attend_by(
+        path,
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        mask,
+        scale,
+    )?;
+    grads_of(&o, r, &[&q, &k, &v])
+}
+
 fn grads_of(out: &Tensor, r: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
     let g = (out.to_dtype(DType::F32)? * r.to_device(out.device())?)?
         .sum_all()?
@@ -130,7 +150,6 @@ fn grads_of(out: &Tensor, r: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
 /// Flash attention: packed causal text with padding (GQA), a window, vision blocks; `paths`
 /// as [`attend_by`] takes them.
 fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&str]) -> Result<()> {
-    // Flash attention: packed causal text with padding (GQA), a window, vision blocks.
     for (d, causal, window, kv) in [
         (64usize, true, 0usize, 2usize),
         (128, true, 37, 1),
@@ -163,11 +182,6 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
                 tol,
                 &[&q, &k, &v, &seg, &r],
                 |t| {
-                    let (qv, kv_, vv) = (
-                        Var::from_tensor(&t[0])?,
-                        Var::from_tensor(&t[1])?,
-                        Var::from_tensor(&t[2])?,
-                    );
                     let mask = AttnMask {
                         causal,
                         window,
@@ -176,16 +190,8 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
                         host: None,
                         plans: Default::default(),
                     };
-                    let o = attend_by(
-                        path,
-                        qv.as_tensor(),
-                        kv_.as_tensor(),
-                        vv.as_tensor(),
-                        &mask,
-                        1.0 / (d as f64).sqrt(),
-                    )?;
                     // Padding rows are 0 on both devices; r is 0 there too.
-                    grads_of(&o, &t[4], &[&qv, &kv_, &vv])
+                    attention_grads(path, t, &mask, &t[4])
                 },
             )?;
         }
@@ -211,25 +217,12 @@ fn long_segment_checks(c: &mut Checks, paths: &[&str]) -> Result<()> {
                 3e-2,
                 &[&q, &k, &v, &r],
                 |t| {
-                    let (qv, kv_, vv) = (
-                        Var::from_tensor(&t[0])?,
-                        Var::from_tensor(&t[1])?,
-                        Var::from_tensor(&t[2])?,
-                    );
                     let mask = AttnMask {
                         causal,
                         window,
                         ..AttnMask::default()
                     };
-                    let o = attend_by(
-                        path,
-                        qv.as_tensor(),
-                        kv_.as_tensor(),
-                        vv.as_tensor(),
-                        &mask,
-                        1.0 / (d as f64).sqrt(),
-                    )?;
-                    grads_of(&o, &t[3], &[&qv, &kv_, &vv])
+                    attention_grads(path, t, &mask, &t[3])
                 },
             )?;
         }

@@ -213,15 +213,35 @@ pub fn flash_attn(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let choice = attn_choice();
-    let rows = q.dim(1)?;
-    if q.device().is_cuda() && rows > 16 && choice != Some("kernel") {
-        if choice != Some("gemm") && crate::flash_mma::supported(q, k) {
-            return crate::flash_mma::flash_mma(q, k, v, mask, scale);
-        }
-        return crate::gemm_attn::gemm_attn(q, k, v, mask, scale);
+    match cuda_path(q, k)? {
+        Some(CudaPath::Mma) => crate::flash_mma::flash_mma(q, k, v, mask, scale),
+        Some(CudaPath::Gemm) => crate::gemm_attn::gemm_attn(q, k, v, mask, scale),
+        None => flash_attn_kernel(q, k, v, mask, scale),
     }
-    flash_attn_kernel(q, k, v, mask, scale)
+}
+
+/// The CUDA attention paths past the CUDA-core kernel.
+#[derive(Debug, PartialEq, Eq)]
+enum CudaPath {
+    Mma,
+    Gemm,
+}
+
+/// Which path [`flash_attn`] takes on CUDA for more than 16 query rows (`None`: the kernel of
+/// `flash_attn.cu`, or its CPU reference): the tensor cores where [`crate::flash_mma`] takes
+/// the inputs, else the GEMM path; `OMR_ATTN=gemm` / `kernel` force those.
+fn cuda_path(q: &Tensor, k: &Tensor) -> Result<Option<CudaPath>> {
+    let choice = attn_choice();
+    if !q.device().is_cuda() || q.dim(1)? <= 16 || choice == Some("kernel") {
+        return Ok(None);
+    }
+    Ok(Some(
+        if choice != Some("gemm") && crate::flash_mma::supported(q, k) {
+            CudaPath::Mma
+        } else {
+            CudaPath::Gemm
+        },
+    ))
 }
 
 /// Attention for an op that chains its own backward (a whole decoder block as one op): the
@@ -236,11 +256,7 @@ pub fn attention_forward(
     scale: f64,
 ) -> Result<(Tensor, AttnSaved)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
-    let mma = q.device().is_cuda()
-        && q.dim(1)? > 16
-        && !matches!(attn_choice(), Some("gemm") | Some("kernel"))
-        && crate::flash_mma::supported(&q, &k);
-    if mma {
+    if cuda_path(&q, &k)? == Some(CudaPath::Mma) {
         let (o, saved) = crate::flash_mma::forward_saved(&q, &k, &v, mask, scale)?;
         return Ok((o, AttnSaved(Saved::Mma(saved))));
     }

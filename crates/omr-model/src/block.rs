@@ -15,7 +15,7 @@
 //! which pass dL/dy along unchanged. Same function and gradients as the per-op path
 //! (`tests/block.rs` compares them on CPU).
 
-use crate::ops::{attach_grad, attach_grad2, attach_grad3, matmul_nt, matmul_t};
+use crate::ops::{self, attach_grad, attach_grad2, attach_grad3, matmul_nt, matmul_t};
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
 use std::cell::Cell;
@@ -105,14 +105,10 @@ pub fn decoder_layer(
     let dt = x.dtype();
     let xd = x.detach();
     let det = |t: &Tensor| t.detach();
-    let lin = |x: &Tensor, (w, b): &(Tensor, Option<Tensor>)| -> Result<Tensor> {
-        let y = matmul_t(x, &det(w))?;
-        match b {
-            Some(b) => y.broadcast_add(&det(b)),
-            None => Ok(y),
-        }
+    let lin = |x: &Tensor, (w, b): &(Tensor, Option<Tensor>)| {
+        ops::linear(x, &det(w), b.as_ref().map(det).as_ref())
     };
-    crate::fused::count_decoder_block();
+    crate::fused::count_block();
     // Forward without a graph; what the backward needs is kept.
     let w_in = det(&w.input_norm).to_dtype(dt)?;
     let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
@@ -241,10 +237,8 @@ pub fn vision_layer(
     let dt = x.dtype();
     let xd = x.detach();
     let det = |t: &Tensor| t.detach();
-    let lin = |x: &Tensor, (w, b): &(Tensor, Tensor)| -> Result<Tensor> {
-        matmul_t(x, &det(w))?.broadcast_add(&det(b))
-    };
-    crate::fused::count_decoder_block();
+    let lin = |x: &Tensor, (w, b): &(Tensor, Tensor)| ops::linear(x, &det(w), Some(&det(b)));
+    crate::fused::count_block();
     let w1 = det(&w.norm1).to_dtype(dt)?;
     let hs = omr_kernels::rmsnorm(&xd, &w1, eps)?;
     let qkv = lin(&hs, &w.qkv)?.reshape((n, 3, h, d))?;

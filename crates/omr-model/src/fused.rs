@@ -47,7 +47,7 @@ fn count(f: impl FnOnce(&mut FusedCalls)) {
 
 /// A decoder layer or vision block ran as one op ([`crate::block`]): its two rotary calls and
 /// its attention.
-pub(crate) fn count_decoder_block() {
+pub(crate) fn count_block() {
     count(|c| {
         c.rotary += 2;
         c.attention += 1;

@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::{flat, model_params, packed, rel, Inputs};
+use common::{flat, grads_by_name, model_params, packed, rel, Grads, Inputs};
 use omr_model::block::with_block_op;
 use omr_model::fused;
 use omr_model::{Ctx, Input, Kernels, Params, Qwen2VL, Recompute};
@@ -22,9 +22,6 @@ fn fused_ctx() -> Ctx {
     }
 }
 
-/// Each parameter's name and gradient (None: it got none).
-type Grads = Vec<(String, Option<Vec<f32>>)>;
-
 /// Loss, each parameter's gradient by name, and the fused RMSNorm calls the forward made
 /// through `omr_model::fused` (the block op calls the kernels directly).
 fn run(params: &Params, input: &Input, labels: &[Vec<i64>], block: bool) -> (f32, Grads, usize) {
@@ -34,14 +31,7 @@ fn run(params: &Params, input: &Input, labels: &[Vec<i64>], block: bool) -> (f32
         let before = fused::calls().rmsnorm;
         let (sum, _) = model.loss(input, labels, &fused_ctx()).unwrap();
         let norms = fused::calls().rmsnorm - before;
-        let grads = sum.backward().unwrap();
-        let g = params
-            .iter()
-            .map(|(name, var)| {
-                let at = params.copy_of(name).unwrap_or(var);
-                (name.to_string(), grads.get(at).map(flat))
-            })
-            .collect();
+        let g = grads_by_name(params, &sum.backward().unwrap());
         (sum.to_scalar::<f32>().unwrap(), g, norms)
     })
 }

@@ -13,7 +13,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{flat, model_params, packed, rel, Inputs};
+use common::{flat, grads_by_name, model_params, packed, rel, Grads, Inputs};
 use omr_model::fused::{self, FusedCalls};
 use omr_model::generate::{generate_with, SamplingConfig};
 use omr_model::lora::{self, LoraConfig};
@@ -69,9 +69,6 @@ fn real_logits(model: &Qwen2VL, input: &Input, kernels: Kernels) -> Vec<f32> {
     out
 }
 
-/// Each parameter's name and gradient (None: it got none).
-type Grads = Vec<(String, Option<Vec<f32>>)>;
-
 /// Loss and the gradients of every parameter that gets one, by name.
 fn loss_grads(
     model: &Qwen2VL,
@@ -81,15 +78,7 @@ fn loss_grads(
     kernels: Kernels,
 ) -> (f32, usize, Grads) {
     let (sum, n) = model.loss(input, labels, &ctx(kernels)).unwrap();
-    let grads = sum.backward().unwrap();
-    let g = params
-        .iter()
-        .map(|(name, var)| {
-            // With mixed precision the gradient lands on the master's compute copy.
-            let at = params.copy_of(name).unwrap_or(var);
-            (name.to_string(), grads.get(at).map(flat))
-        })
-        .collect();
+    let g = grads_by_name(params, &sum.backward().unwrap());
     (sum.to_scalar::<f32>().unwrap(), n, g)
 }
 

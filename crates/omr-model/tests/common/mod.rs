@@ -123,3 +123,18 @@ pub fn rel(a: &[f32], b: &[f32]) -> f32 {
     let m = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
     d / m.max(1e-12)
 }
+
+/// Each parameter's name and gradient (None: it got none).
+pub type Grads = Vec<(String, Option<Vec<f32>>)>;
+
+/// Every parameter's gradient in `grads`, by name; with mixed precision the gradient lands
+/// on the master's compute copy.
+pub fn grads_by_name(params: &Params, grads: &candle_core::backprop::GradStore) -> Grads {
+    params
+        .iter()
+        .map(|(name, var)| {
+            let at = params.copy_of(name).unwrap_or(var);
+            (name.to_string(), grads.get(at).map(flat))
+        })
+        .collect()
+}
