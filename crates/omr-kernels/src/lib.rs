@@ -28,6 +28,7 @@ pub mod flash_mma;
 pub mod gemm_attn;
 pub mod grad_norm;
 pub mod linear_ce;
+pub mod mask;
 pub mod rmsnorm;
 pub mod rotary;
 pub mod swiglu;
