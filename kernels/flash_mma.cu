@@ -127,22 +127,26 @@ __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long strid
   }
 }
 
-template <int D, int NW>
+template <int D, int NW, int MT>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const unsigned* __restrict__ qseg,
                           const unsigned* __restrict__ kseg, const int* __restrict__ span,
                           bf16* __restrict__ o, float* __restrict__ lse, int T, int S, int H,
                           int KV, float scale_log2, int causal, int window) {
-  constexpr int BR = 16 * NW, BC = 64, LD = D + 8;
+  // MT m-tiles of 16 rows per warp: with MT = 1 the Q fragments stay in registers; with
+  // MT = 2 Q waits in (dynamic) shared memory and each K / V fragment feeds both m-tiles.
+  constexpr int BR = 16 * NW * MT, BC = 64, LD = D + 8;
+  constexpr bool Q_SMEM = MT > 1;
   __shared__ __align__(16) bf16 ks[BC * LD];
   __shared__ __align__(16) bf16 vs[BC * LD];
   __shared__ unsigned kss[BC];
+  extern __shared__ __align__(16) unsigned char qsmem[];  // BR × LD bf16 when Q_SMEM
+  bf16* qsm = reinterpret_cast<bf16*>(qsmem);
   const int qb = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
   const int kvh = h / (H / KV);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int off = S - T;
-  const int w0 = qb * BR + warp * 16;  // the warp's first row
-  const int r0 = w0 + g, r1 = r0 + 8;
+  const int w0 = qb * BR + warp * 16 * MT;  // the warp's first row
   const int nblk = (T + BR - 1) / BR;
   const int lo = span[2 * (b * nblk + qb)], hi = span[2 * (b * nblk + qb) + 1];
   const bf16* kb = k + ((long)b * S * KV + kvh) * D;
@@ -154,30 +158,40 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   const int q_uni = __syncthreads_and(threadIdx.x >= BR || qb * BR + (int)threadIdx.x >= T ||
                                       qseg[(long)b * T + qb * BR + threadIdx.x] == q_first);
   const unsigned qblk = q_uni ? q_first : 0u;
-  const int w_last = min(w0 + 15, T - 1);
+  const int w_last = min(w0 + 16 * MT - 1, T - 1);
 
   if (lo < hi) {
+    if (Q_SMEM) load_rows<D, LD>(qsm, q + ((long)b * T * H + h) * D, (long)H * D, qb * BR, T, BR);
     load_rows<D, LD>(ks, kb, kstride, lo, S, BC);
     cp_commit();
   }
-  uint32_t qf[D / 16][4];
-  {
+  uint32_t qf[Q_SMEM ? 1 : D / 16][4];
+  if (!Q_SMEM) {
+    const int r0 = w0 + g, r1 = r0 + 8;
     const bf16* q0 = q + (((long)b * T + min(r0, T - 1)) * H + h) * D;
     const bf16* q1 = q + (((long)b * T + min(r1, T - 1)) * H + h) * D;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
+    for (int kk = 0; kk < (Q_SMEM ? 1 : D / 16); kk++) {
       qf[kk][0] = ld32(q0 + kk * 16 + 2 * t);
       qf[kk][1] = ld32(q1 + kk * 16 + 2 * t);
       qf[kk][2] = ld32(q0 + kk * 16 + 8 + 2 * t);
       qf[kk][3] = ld32(q1 + kk * 16 + 8 + 2 * t);
     }
   }
-  const unsigned qs0 = r0 < T ? qseg[(long)b * T + r0] : 0u;
-  const unsigned qs1 = r1 < T ? qseg[(long)b * T + r1] : 0u;
-  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-  float acc[D / 8][4];
+  // Per m-tile: rows r0 = w0 + 16·mt + g and r1 = r0 + 8, their segments, running max and sum.
+  unsigned qs0[MT], qs1[MT];
+  float m0[MT], m1[MT], l0[MT], l1[MT];
+  float acc[MT][D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int mt = 0; mt < MT; mt++) {
+    const int r0 = w0 + 16 * mt + g, r1 = r0 + 8;
+    qs0[mt] = r0 < T ? qseg[(long)b * T + r0] : 0u;
+    qs1[mt] = r1 < T ? qseg[(long)b * T + r1] : 0u;
+    m0[mt] = m1[mt] = NEG_INF;
+    l0[mt] = l1[mt] = 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  }
 
   for (int j0 = lo; j0 < hi; j0 += BC) {
     // This tile's key segments, and whether they are all the block's one segment.
@@ -189,85 +203,107 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       seg_whole = j < S && s == qblk && qblk != 0u;
     }
     cp_wait<0>();
-    // K has landed for every thread; every warp is done with the last tile's V.
+    // K (and Q) have landed for every thread; every warp is done with the last tile's V.
     const bool tile_whole = __syncthreads_and(seg_whole);
     load_rows<D, LD>(vs, vb, kstride, j0, S, BC);
     cp_commit();
-    const bool skip = causal && j0 > w0 + 15 + off;
+    const bool skip = causal && j0 > w0 + 16 * MT - 1 + off;
     const bool whole = tile_whole && (!causal || j0 + BC - 1 <= w0 + off) &&
                        (window == 0 || j0 + window > w_last + off);
 
-    float s[BC / 8][4];
+    float s[MT][BC / 8][4];
+    uint32_t pa[MT][BC / 16][4];  // P as the A fragments of O += P·V (bf16)
     if (!skip) {
 #pragma unroll
-      for (int n = 0; n < BC / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t qa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          if (Q_SMEM)
+            ldsm4(qa[mt], &qsm[(warp * 16 * MT + mt * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD +
+                               kk * 16 + (lane / 16) * 8]);
+          else
+#pragma unroll
+            for (int e = 0; e < 4; e++) qa[mt][e] = qf[Q_SMEM ? 0 : kk][e];
+        }
 #pragma unroll
         for (int np = 0; np < BC / 16; np++) {
           uint32_t bk[4];
           ldsm4(bk, &ks[(np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8]);
-          mma16816(s[2 * np], qf[kk], bk[0], bk[1]);
-          mma16816(s[2 * np + 1], qf[kk], bk[2], bk[3]);
-        }
-      }
-      float mx0 = NEG_INF, mx1 = NEG_INF;
-      if (whole) {
 #pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-          s[n][0] *= scale_log2;
-          s[n][1] *= scale_log2;
-          s[n][2] *= scale_log2;
-          s[n][3] *= scale_log2;
-          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-      } else {
-#pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
-            const bool top = e < 2;
-            const int i = top ? r0 : r1;
-            const bool ok =
-                j < S && i < T && allowed(i, j, top ? qs0 : qs1, kss[jl], off, causal, window);
-            const float x = ok ? s[n][e] * scale_log2 : NEG_INF;
-            s[n][e] = x;
-            if (top) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+          for (int mt = 0; mt < MT; mt++) {
+            mma16816(s[mt][2 * np], qa[mt], bk[0], bk[1]);
+            mma16816(s[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
           }
         }
       }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      // Rescale of what was summed so far (1 while nothing was: the sums are 0 then); a row
-      // with no allowed key yet subtracts 0 instead of −∞ (its scores are all −∞ → 0).
-      const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0 - mn0);
-      const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1 - mn1);
-      const float z0 = mn0 == NEG_INF ? 0.f : mn0, z1 = mn1 == NEG_INF ? 0.f : mn1;
-      float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-      for (int n = 0; n < BC / 8; n++) {
-        s[n][0] = exp2f(s[n][0] - z0);
-        s[n][1] = exp2f(s[n][1] - z0);
-        s[n][2] = exp2f(s[n][2] - z1);
-        s[n][3] = exp2f(s[n][3] - z1);
-        sum0 += s[n][0] + s[n][1];
-        sum1 += s[n][2] + s[n][3];
-      }
-      l0 = l0 * a0 + sum0;
-      l1 = l1 * a1 + sum1;
-      m0 = mn0;
-      m1 = mn1;
+      for (int mt = 0; mt < MT; mt++) {
+        const int r0 = w0 + 16 * mt + g, r1 = r0 + 8;
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+        if (whole) {
 #pragma unroll
-      for (int n = 0; n < D / 8; n++) {
-        acc[n][0] *= a0;
-        acc[n][1] *= a0;
-        acc[n][2] *= a1;
-        acc[n][3] *= a1;
+          for (int n = 0; n < BC / 8; n++) {
+            s[mt][n][0] *= scale_log2;
+            s[mt][n][1] *= scale_log2;
+            s[mt][n][2] *= scale_log2;
+            s[mt][n][3] *= scale_log2;
+            mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
+              const bool top = e < 2;
+              const int i = top ? r0 : r1;
+              const bool ok = j < S && i < T &&
+                              allowed(i, j, top ? qs0[mt] : qs1[mt], kss[jl], off, causal, window);
+              const float x = ok ? s[mt][n][e] * scale_log2 : NEG_INF;
+              s[mt][n][e] = x;
+              if (top) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+          }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);
+        // Rescale of what was summed so far (1 while nothing was: the sums are 0 then); a row
+        // with no allowed key yet subtracts 0 instead of −∞ (its scores are all −∞ → 0).
+        const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0[mt] - mn0);
+        const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1[mt] - mn1);
+        const float z0 = mn0 == NEG_INF ? 0.f : mn0, z1 = mn1 == NEG_INF ? 0.f : mn1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) {
+          s[mt][n][0] = exp2f(s[mt][n][0] - z0);
+          s[mt][n][1] = exp2f(s[mt][n][1] - z0);
+          s[mt][n][2] = exp2f(s[mt][n][2] - z1);
+          s[mt][n][3] = exp2f(s[mt][n][3] - z1);
+          sum0 += s[mt][n][0] + s[mt][n][1];
+          sum1 += s[mt][n][2] + s[mt][n][3];
+        }
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) c_to_a(s[mt], kk, pa[mt][kk]);
+        l0[mt] = l0[mt] * a0 + sum0;
+        l1[mt] = l1[mt] * a1 + sum1;
+        m0[mt] = mn0;
+        m1[mt] = mn1;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+          acc[mt][n][0] *= a0;
+          acc[mt][n][1] *= a0;
+          acc[mt][n][2] *= a1;
+          acc[mt][n][3] *= a1;
+        }
       }
     }
     cp_wait<0>();
@@ -280,35 +316,41 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     if (!skip) {
 #pragma unroll
       for (int kk = 0; kk < BC / 16; kk++) {
-        uint32_t a[4];
-        c_to_a(s, kk, a);
 #pragma unroll
         for (int np = 0; np < D / 16; np++) {
           uint32_t bv[4];
           ldsm4t(bv, &vs[(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + np * 16 + (lane / 16) * 8]);
-          mma16816(acc[2 * np], a, bv[0], bv[1]);
-          mma16816(acc[2 * np + 1], a, bv[2], bv[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++) {
+            mma16816(acc[mt][2 * np], pa[mt][kk], bv[0], bv[1]);
+            mma16816(acc[mt][2 * np + 1], pa[mt][kk], bv[2], bv[3]);
+          }
         }
       }
     }
   }
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   const float ln2 = 0.69314718055994531f;
-  if (r0 < T) {
-    uint32_t* o0 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r0) * H + h) * D + 2 * t);
 #pragma unroll
-    for (int n = 0; n < D / 8; n++) o0[n * 4] = pack_f(acc[n][0] * inv0, acc[n][1] * inv0);
-    if (t == 0) lse[((long)b * H + h) * T + r0] = l0 > 0.f ? (m0 + log2f(l0)) * ln2 : NEG_INF;
-  }
-  if (r1 < T) {
-    uint32_t* o1 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r1) * H + h) * D + 2 * t);
+  for (int mt = 0; mt < MT; mt++) {
+    const int r0 = w0 + 16 * mt + g, r1 = r0 + 8;
+    float L0 = l0[mt], L1 = l1[mt];
+    L0 += __shfl_xor_sync(0xffffffffu, L0, 1);
+    L0 += __shfl_xor_sync(0xffffffffu, L0, 2);
+    L1 += __shfl_xor_sync(0xffffffffu, L1, 1);
+    L1 += __shfl_xor_sync(0xffffffffu, L1, 2);
+    const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
+    if (r0 < T) {
+      uint32_t* o0 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r0) * H + h) * D + 2 * t);
 #pragma unroll
-    for (int n = 0; n < D / 8; n++) o1[n * 4] = pack_f(acc[n][2] * inv1, acc[n][3] * inv1);
-    if (t == 0) lse[((long)b * H + h) * T + r1] = l1 > 0.f ? (m1 + log2f(l1)) * ln2 : NEG_INF;
+      for (int n = 0; n < D / 8; n++) o0[n * 4] = pack_f(acc[mt][n][0] * inv0, acc[mt][n][1] * inv0);
+      if (t == 0) lse[((long)b * H + h) * T + r0] = L0 > 0.f ? (m0[mt] + log2f(L0)) * ln2 : NEG_INF;
+    }
+    if (r1 < T) {
+      uint32_t* o1 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r1) * H + h) * D + 2 * t);
+#pragma unroll
+      for (int n = 0; n < D / 8; n++) o1[n * 4] = pack_f(acc[mt][n][2] * inv1, acc[mt][n][3] * inv1);
+      if (t == 0) lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1[mt] + log2f(L1)) * ln2 : NEG_INF;
+    }
   }
 }
 
@@ -317,7 +359,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 // segment ids (2 × BWD_BR each); flash_mma.rs's bwd_smem is the same sum.
 #define BWD_BR 32
 
-template <int D, int NW>
+template <int D, int NW, int DQV>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
@@ -504,15 +546,32 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       }
     }
     const int qa = i0 + mq + g, qc = qa + 8;
+    if (DQV == 4) {
+      // Lanes t and t ^ 1 swap halves so that the even one holds 4 columns of row qa and the
+      // odd one 4 columns of row qc: one float4 atomic each instead of two float2.
+      const bool odd = t & 1;
+      const int row = odd ? qc : qa;
 #pragma unroll
-    for (int n = 0; n < DQN; n++) {
-      const int col = (nh + n) * 8 + 2 * t;
-      if (qa < T)
-        atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qa) * H + h) * D + col),
-                  make_float2(dqa[n][0], dqa[n][1]));
-      if (qc < T)
-        atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qc) * H + h) * D + col),
-                  make_float2(dqa[n][2], dqa[n][3]));
+      for (int n = 0; n < DQN; n++) {
+        const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dqa[n][0] : dqa[n][2], 1);
+        const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dqa[n][1] : dqa[n][3], 1);
+        const float4 val = odd ? make_float4(x0, x1, dqa[n][2], dqa[n][3])
+                               : make_float4(dqa[n][0], dqa[n][1], x0, x1);
+        const int col = (nh + n) * 8 + 2 * (t & ~1);
+        if (row < T)
+          atomicAdd(reinterpret_cast<float4*>(dq + (((long)b * T + row) * H + h) * D + col), val);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < DQN; n++) {
+        const int col = (nh + n) * 8 + 2 * t;
+        if (qa < T)
+          atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qa) * H + h) * D + col),
+                    make_float2(dqa[n][0], dqa[n][1]));
+        if (qc < T)
+          atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qc) * H + h) * D + col),
+                    make_float2(dqa[n][2], dqa[n][3]));
+      }
     }
   }
 #pragma unroll
@@ -533,31 +592,36 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
 // Entry points: `flash_mma_{fwd,bwd}_d{D}` with 4 warps (64 query rows / 64 keys per CTA),
 // `flash_mma_{fwd,bwd}8_d{D}` with 8 (128 / 128); the backward's 8-warp form splits D in 4
-// for dQ, so it exists for D 64 and 128.
-#define FWD(NAME, D_, NW_)                                                                        \
+// for dQ, so it exists for D 64 and 128. Variants for D 128 (opt-in until measured):
+// `flash_mma_fwd_m2_d128`, 4 warps of two m-tiles (128 rows, Q in `fwd_smem` bytes of dynamic
+// shared memory), and `flash_mma_bwd{,8}_q4_d128`, dQ added with float4 atomics.
+#define FWD(NAME, D_, NW_, MT_)                                                                   \
   extern "C" __global__ void __launch_bounds__(32 * NW_) NAME(                                    \
       const bf16* q, const bf16* k, const bf16* v, const unsigned* qseg, const unsigned* kseg,   \
       const int* span, bf16* o, float* lse, int T, int S, int H, int KV, float scale_log2,        \
       int causal, int window) {                                                                   \
-    flash_fwd<D_, NW_>(q, k, v, qseg, kseg, span, o, lse, T, S, H, KV, scale_log2, causal,       \
-                       window);                                                                   \
+    flash_fwd<D_, NW_, MT_>(q, k, v, qseg, kseg, span, o, lse, T, S, H, KV, scale_log2, causal,  \
+                            window);                                                              \
   }
-#define BWD(NAME, D_, NW_)                                                                        \
+#define BWD(NAME, D_, NW_, DQV_)                                                                  \
   extern "C" __global__ void __launch_bounds__(32 * NW_) NAME(                                    \
       const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,            \
       const float* delta, const unsigned* qseg, const unsigned* kseg, const int* span, float* dq, \
       float* dk, float* dv, int T, int S, int H, int KV, float scale, int causal, int window) {   \
-    flash_bwd<D_, NW_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H, KV,     \
-                       scale, causal, window);                                                    \
+    flash_bwd<D_, NW_, DQV_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H,   \
+                             KV, scale, causal, window);                                          \
   }
-FWD(flash_mma_fwd_d64, 64, 4)
-FWD(flash_mma_fwd_d80, 80, 4)
-FWD(flash_mma_fwd_d128, 128, 4)
-FWD(flash_mma_fwd8_d64, 64, 8)
-FWD(flash_mma_fwd8_d80, 80, 8)
-FWD(flash_mma_fwd8_d128, 128, 8)
-BWD(flash_mma_bwd_d64, 64, 4)
-BWD(flash_mma_bwd_d80, 80, 4)
-BWD(flash_mma_bwd_d128, 128, 4)
-BWD(flash_mma_bwd8_d64, 64, 8)
-BWD(flash_mma_bwd8_d128, 128, 8)
+FWD(flash_mma_fwd_d64, 64, 4, 1)
+FWD(flash_mma_fwd_d80, 80, 4, 1)
+FWD(flash_mma_fwd_d128, 128, 4, 1)
+FWD(flash_mma_fwd8_d64, 64, 8, 1)
+FWD(flash_mma_fwd8_d80, 80, 8, 1)
+FWD(flash_mma_fwd8_d128, 128, 8, 1)
+FWD(flash_mma_fwd_m2_d128, 128, 4, 2)
+BWD(flash_mma_bwd_d64, 64, 4, 2)
+BWD(flash_mma_bwd_d80, 80, 4, 2)
+BWD(flash_mma_bwd_d128, 128, 4, 2)
+BWD(flash_mma_bwd8_d64, 64, 8, 2)
+BWD(flash_mma_bwd8_d128, 128, 8, 2)
+BWD(flash_mma_bwd_q4_d128, 128, 4, 4)
+BWD(flash_mma_bwd8_q4_d128, 128, 8, 4)

@@ -12,7 +12,7 @@
 #      tokens/s, MFU, phases, GPU memory next to `omr plan`'s prediction; the same step with
 #      activation checkpointing and --profile (where the time goes, segment by segment); and
 #      8192-token rows with checkpointing on both sides; the opt-ins not yet measured
-#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA_WARPS=8,8 at 8192). With `quick`: the tiny
+#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192). With `quick`: the tiny
 #      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
@@ -60,9 +60,10 @@ if [ -z "$quick" ]; then
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
-  # 8-warp attention CTAs (OMR_MMA_WARPS; checked last in step 1) and the one-op layers at
-  # long rows.
-  step train-3b-8k-mma8 90 env OMR_MMA_WARPS=8,8 "$bin" bench train "${common[@]}" --seq 8192 \
+  # Attention tilings (OMR_MMA, flash_mma::Tiling; checked last in step 1, timed one by one
+  # in its bench rows: pick the best forward and backward there for a rerun) and the one-op
+  # layers at long rows.
+  step train-3b-8k-mma 90 env OMR_MMA=f4x2,b8,q4 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
   step train-3b-8k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all

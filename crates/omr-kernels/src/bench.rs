@@ -297,18 +297,23 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     let fwd_flops = 4.0 * (t * t * h * 128) as f64 / 2.0;
     let io = ((2 * t * h + 2 * t * kv) * 128) as f64 * es;
     let scale = 1.0 / (128f64).sqrt();
-    let mut paths: Vec<(&str, Box<AttnFn>)> = vec![
-        ("kernel", Box::new(flash_attn_kernel)),
-        ("gemm", Box::new(crate::gemm_attn::gemm_attn)),
+    let mut paths: Vec<(String, Box<AttnFn>)> = vec![
+        ("kernel".to_string(), Box::new(flash_attn_kernel)),
+        ("gemm".to_string(), Box::new(crate::gemm_attn::gemm_attn)),
     ];
     if crate::flash_mma::supported(qa.as_tensor(), &ka) {
-        use crate::flash_mma::{flash_mma_warps, Warps};
-        // CTAs of 4 or 8 warps, forward / backward.
-        for (name, fwd, bwd) in [("mma", 4, 4), ("mma 8/8", 8, 8), ("mma 8/4", 8, 4)] {
-            let w = Warps { fwd, bwd };
+        use crate::flash_mma::{flash_mma_tiled, Tiling};
+        // The default tiling and the others OMR_MMA can choose (flash_mma::Tiling).
+        for spec in ["", "f8,b8", "f8", "f4x2", "q4", "b8,q4", "f4x2,b8,q4"] {
+            let tiling = Tiling::parse(spec).map_err(candle_core::Error::msg)?;
+            let name = if spec.is_empty() {
+                "mma".to_string()
+            } else {
+                format!("mma {spec}")
+            };
             paths.push((
                 name,
-                Box::new(move |q, k, v, m, s| flash_mma_warps(q, k, v, m, s, w)),
+                Box::new(move |q, k, v, m, s| flash_mma_tiled(q, k, v, m, s, tiling)),
             ));
         }
     }

@@ -63,6 +63,8 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 struct Checks<'a> {
     dev: &'a Device,
     out: Vec<Check>,
+    /// CPU results kept for [`Checks::cmp_shared`], by case.
+    reference: std::collections::HashMap<String, Vec<Tensor>>,
 }
 
 impl Checks<'_> {
@@ -74,12 +76,35 @@ impl Checks<'_> {
         inputs: &[&Tensor],
         f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<()> {
+        self.cmp_shared(name, None, tol, inputs, f)
+    }
+
+    /// [`Checks::cmp`] whose CPU result is computed once per `case` and kept: the paths
+    /// compared in the same case (several CUDA variants of one op) share it.
+    fn cmp_shared(
+        &mut self,
+        name: &str,
+        case: Option<&str>,
+        tol: f64,
+        inputs: &[&Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    ) -> Result<()> {
         let cpu_in: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        let want = match case.and_then(|c| self.reference.get(c)) {
+            Some(w) => w.clone(),
+            None => {
+                let w = f(&cpu_in)?;
+                if let Some(c) = case {
+                    self.reference.insert(c.to_string(), w.clone());
+                }
+                w
+            }
+        };
         let dev_in: Vec<Tensor> = inputs
             .iter()
             .map(|t| t.to_device(self.dev))
             .collect::<Result<_>>()?;
-        let (want, got) = (f(&cpu_in)?, f(&dev_in)?);
+        let got = f(&dev_in)?;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let err = rel_err(g, w)?;
             self.out.push(Check {
@@ -92,8 +117,9 @@ impl Checks<'_> {
     }
 }
 
-/// Attention by one of the paths the checks compare: "gemm", "mma" (tensor cores, 4-warp
-/// CTAs), "mma8" (8-warp CTAs) on CUDA; on the CPU every path is the reference.
+/// Attention by one of the paths the checks compare: "gemm", "mma" (tensor cores, the default
+/// tiling), "mma:SPEC" (tensor cores tiled as `OMR_MMA=SPEC` would, e.g. "mma:f8,b8") on
+/// CUDA; on the CPU every path is the reference.
 fn attend_by(
     path: &str,
     q: &Tensor,
@@ -102,12 +128,15 @@ fn attend_by(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    use crate::flash_mma::{flash_mma_warps, Warps};
+    use crate::flash_mma::{flash_mma_tiled, Tiling};
     let cuda = q.device().is_cuda();
-    match path {
-        "gemm" => crate::gemm_attn::gemm_attn(q, k, v, mask, scale),
-        "mma" if cuda => flash_mma_warps(q, k, v, mask, scale, Warps::default()),
-        "mma8" if cuda => flash_mma_warps(q, k, v, mask, scale, Warps { fwd: 8, bwd: 8 }),
+    let spec = path.strip_prefix("mma").map(|s| s.trim_start_matches(':'));
+    match (path, spec) {
+        ("gemm", _) if cuda => crate::gemm_attn::gemm_attn(q, k, v, mask, scale),
+        (_, Some(spec)) if cuda => {
+            let tiling = Tiling::parse(spec).map_err(candle_core::Error::msg)?;
+            flash_mma_tiled(q, k, v, mask, scale, tiling)
+        }
         _ => crate::flash_attn::flash_attn_kernel(q, k, v, mask, scale),
     }
 }
@@ -177,8 +206,10 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
             if path.starts_with("mma") && dt != DType::BF16 {
                 continue;
             }
-            c.cmp(
-                &format!("flash attn {path} d{d} causal={causal} window={window} {name}"),
+            let case = format!("d{d} causal={causal} window={window} {name}");
+            c.cmp_shared(
+                &format!("flash attn {path} {case}"),
+                Some(&case),
                 tol,
                 &[&q, &k, &v, &seg, &r],
                 |t| {
@@ -212,8 +243,10 @@ fn long_segment_checks(c: &mut Checks, paths: &[&str]) -> Result<()> {
         let v = rand(62 + d as u64, &[b, s_, kv, d], 1.0, dt)?;
         let r = rand(63, &[b, t_, h_, d], 1.0, DType::F32)?;
         for &path in paths {
-            c.cmp(
-                &format!("flash attn {path} d{d} one segment S {s_} T {t_} window={window} bf16"),
+            let case = format!("d{d} one segment S {s_} T {t_} window={window} bf16");
+            c.cmp_shared(
+                &format!("flash attn {path} {case}"),
+                Some(&case),
                 3e-2,
                 &[&q, &k, &v, &r],
                 |t| {
@@ -244,6 +277,7 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
     let mut c = Checks {
         dev,
         out: Vec::new(),
+        reference: Default::default(),
     };
     for (dt, name, tol) in [(DType::F32, "f32", 1e-4), (DType::BF16, "bf16", 3e-2)] {
         let x = rand(1, &[67, 3584], 2.0, dt)?;
@@ -356,9 +390,12 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             Ok(vec![p, m, v, pb])
         })?;
     }
-    // The 8-warp tensor-core CTAs last: a fault in them cannot hide the other checks.
-    attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &["mma8"])?;
-    long_segment_checks(&mut c, &["mma8"])?;
+    // The tensor-core tilings not yet verified on a GPU last (OMR_MMA; every entry point that
+    // is not the default): a fault in them cannot hide the other checks. Their CPU
+    // references are the ones computed above.
+    let tilings = ["mma:f8,b8", "mma:f4x2,q4", "mma:b8,q4"];
+    attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &tilings)?;
+    long_segment_checks(&mut c, &tilings)?;
     Ok(c.out)
 }
 

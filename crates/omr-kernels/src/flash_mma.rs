@@ -15,63 +15,107 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const BWD_ROWS: usize = 32;
 
-/// Warps per CTA of each kernel (4 or 8; each warp takes 16 query rows in the forward and 16
-/// keys in the backward). The backward's 8-warp form exists for head dims 64 and 128.
+/// How the kernels tile the work. Each warp takes `fwd_mtiles` tiles of 16 query rows in the
+/// forward (`fwd` warps per CTA) and 16 keys in the backward (`bwd` warps per CTA); `dq4` adds
+/// the backward's dQ with float4 atomics instead of float2. The default is what the last GPU
+/// run verified and measured fastest; the others exist for head dim 128 (the 8-warp backward
+/// also for 64), and [`Tiling::for_dim`] falls back to the default elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Warps {
+pub struct Tiling {
     pub fwd: usize,
+    pub fwd_mtiles: usize,
     pub bwd: usize,
+    pub dq4: bool,
 }
 
-impl Default for Warps {
+impl Default for Tiling {
     fn default() -> Self {
-        Warps { fwd: 4, bwd: 4 }
+        Tiling {
+            fwd: 4,
+            fwd_mtiles: 1,
+            bwd: 4,
+            dq4: false,
+        }
     }
 }
 
-impl Warps {
-    /// `OMR_MMA_WARPS=F,B` (e.g. `8,4`), else the default.
-    pub fn from_env() -> Warps {
-        static W: std::sync::OnceLock<Warps> = std::sync::OnceLock::new();
-        *W.get_or_init(|| {
-            std::env::var("OMR_MMA_WARPS")
-                .ok()
-                .and_then(|v| {
-                    let (f, b) = v.split_once(',')?;
-                    let w = Warps {
-                        fwd: f.trim().parse().ok()?,
-                        bwd: b.trim().parse().ok()?,
-                    };
-                    [w.fwd, w.bwd]
-                        .iter()
-                        .all(|n| matches!(n, 4 | 8))
-                        .then_some(w)
-                })
-                .unwrap_or_default()
+impl Tiling {
+    /// `OMR_MMA`, a comma-separated list of `f4`, `f8`, `f4x2` (forward warps, × m-tiles),
+    /// `b4`, `b8` (backward warps) and `q4` (float4 dQ atomics), e.g. `f4x2,b8,q4`; what it
+    /// leaves out stays at the default. An unknown item is an error.
+    pub fn from_env() -> Result<Tiling> {
+        static T: std::sync::OnceLock<std::result::Result<Tiling, String>> =
+            std::sync::OnceLock::new();
+        T.get_or_init(|| match std::env::var("OMR_MMA") {
+            Ok(v) => Tiling::parse(&v),
+            Err(_) => Ok(Tiling::default()),
         })
+        .clone()
+        .map_err(candle_core::Error::msg)
     }
 
-    /// These warps for head dim `d`: the backward falls back to 4 warps where 8 do not exist.
-    fn for_dim(self, d: usize) -> Warps {
-        let bwd = if d == 80 { 4 } else { self.bwd };
-        Warps { fwd: self.fwd, bwd }
+    /// [`Tiling::from_env`]'s syntax.
+    pub fn parse(spec: &str) -> std::result::Result<Tiling, String> {
+        let mut t = Tiling::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item {
+                "f4" => (t.fwd, t.fwd_mtiles) = (4, 1),
+                "f8" => (t.fwd, t.fwd_mtiles) = (8, 1),
+                "f4x2" => (t.fwd, t.fwd_mtiles) = (4, 2),
+                "b4" => t.bwd = 4,
+                "b8" => t.bwd = 8,
+                "q4" => t.dq4 = true,
+                _ => {
+                    return Err(format!(
+                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, b4, b8, q4 (e.g. f4x2,b8,q4), or unset it"
+                    ))
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// This tiling for head dim `d`: the variants that do not exist for `d` fall back.
+    fn for_dim(self, d: usize) -> Tiling {
+        Tiling {
+            fwd: self.fwd,
+            fwd_mtiles: if d == 128 { self.fwd_mtiles } else { 1 },
+            bwd: if d == 80 { 4 } else { self.bwd },
+            dq4: self.dq4 && d == 128,
+        }
     }
 
     fn fwd_rows(self) -> usize {
-        16 * self.fwd
+        16 * self.fwd * self.fwd_mtiles
     }
 
     fn bwd_keys(self) -> usize {
         16 * self.bwd
     }
 
-    /// Entry-point infix of a kernel with `n` warps.
+    /// The forward's entry point for head dim `d`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn infix(n: usize) -> &'static str {
-        if n == 8 {
-            "8"
+    fn fwd_entry(self, d: usize) -> String {
+        let w = if self.fwd == 8 { "8" } else { "" };
+        let m = if self.fwd_mtiles == 2 { "_m2" } else { "" };
+        format!("flash_mma_fwd{w}{m}_d{d}")
+    }
+
+    /// The backward's entry point for head dim `d`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn bwd_entry(self, d: usize) -> String {
+        let w = if self.bwd == 8 { "8" } else { "" };
+        let q = if self.dq4 { "_q4" } else { "" };
+        format!("flash_mma_bwd{w}{q}_d{d}")
+    }
+
+    /// The forward's dynamic shared memory: the Q tile when a warp takes two m-tiles.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn fwd_smem(self, d: usize) -> usize {
+        if self.fwd_mtiles > 1 {
+            self.fwd_rows() * (d + 8) * 2
         } else {
-            ""
+            0
         }
     }
 }
@@ -110,7 +154,7 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
 /// The spans of both kernels, `[lo, hi)` pairs: per (b, block of `w.fwd_rows()` query rows) the
 /// keys the forward visits, per (b, block of `w.bwd_keys()` keys) the query rows the backward
 /// visits.
-fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Warps) -> (Vec<u32>, Vec<u32>) {
+fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Tiling) -> (Vec<u32>, Vec<u32>) {
     let (fwd_rows, bwd_keys) = (w.fwd_rows(), w.bwd_keys());
     let (b, t, s) = (d.b, d.t, d.s);
     let off = (s - t) as i64;
@@ -153,7 +197,7 @@ fn spans(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Warps) -> (Vec<u3
     (fwd, bwd)
 }
 
-/// Attention through the tensor-core kernels with [`Warps::from_env`]; the inputs must pass
+/// Attention through the tensor-core kernels with [`Tiling::from_env`]; the inputs must pass
 /// [`supported`].
 pub fn flash_mma(
     q: &Tensor,
@@ -162,19 +206,19 @@ pub fn flash_mma(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    flash_mma_warps(q, k, v, mask, scale, Warps::from_env())
+    flash_mma_tiled(q, k, v, mask, scale, Tiling::from_env()?)
 }
 
-/// [`flash_mma`] with CTAs of `warps` warps.
-pub fn flash_mma_warps(
+/// [`flash_mma`] with the given tiling.
+pub fn flash_mma_tiled(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-    warps: Warps,
+    tiling: Tiling,
 ) -> Result<Tensor> {
-    let op = build(q, k, v, mask, scale, warps)?;
+    let op = build(q, k, v, mask, scale, tiling)?;
     aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
 }
 
@@ -187,7 +231,7 @@ pub(crate) fn forward_saved(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<(Tensor, MmaSaved)> {
-    let op = build(q, k, v, mask, scale, Warps::from_env())?;
+    let op = build(q, k, v, mask, scale, Tiling::from_env()?)?;
     let keep = op.clone();
     let o = aligned(&q.detach())?.apply_op3(&aligned(&k.detach())?, &aligned(&v.detach())?, op)?;
     Ok((o, MmaSaved(keep)))
@@ -218,7 +262,7 @@ fn build(
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-    warps: Warps,
+    tiling: Tiling,
 ) -> Result<FlashMma> {
     let (b, t, h, d) = q.dims4()?;
     let (bk, s, kv, dk) = k.dims4()?;
@@ -239,28 +283,28 @@ fn build(
         )
     }
     let dims = Dims { b, t, s, h, kv, d };
-    let warps = warps.for_dim(d);
+    let tiling = tiling.for_dim(d);
     let dev = q.device();
     // Segment ids and spans on the device, once per mask and shape (every layer shares them).
     let key = format!(
-        "flash_mma {b} {t} {s} {warps:?} {:?} {}",
+        "flash_mma {b} {t} {s} {tiling:?} {:?} {}",
         dev.location(),
         mask.plan_key()
     );
     let plan = mask.plans.get(key, || {
         let (q_seg, k_seg) = mask.segments(b, t, s, dev, "flash_mma")?;
         let (qs, ks) = mask.host_ids((b, t, s), &q_seg, &k_seg)?;
-        let (fwd, bwd) = spans(&qs, &ks, &dims, mask, warps);
+        let (fwd, bwd) = spans(&qs, &ks, &dims, mask, tiling);
         Ok(Plan {
-            fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(warps.fwd_rows()), 2), dev)?,
-            bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(warps.bwd_keys()), 2), dev)?,
+            fwd_span: Tensor::from_vec(fwd, (b * t.div_ceil(tiling.fwd_rows()), 2), dev)?,
+            bwd_span: Tensor::from_vec(bwd, (b * s.div_ceil(tiling.bwd_keys()), 2), dev)?,
             q_seg,
             k_seg,
         })
     })?;
     let op = FlashMma {
         dims,
-        warps,
+        tiling,
         causal: mask.causal,
         window: mask.window,
         scale: scale as f32,
@@ -285,7 +329,7 @@ struct Plan {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashMma {
     dims: Dims,
-    warps: Warps,
+    tiling: Tiling,
     causal: bool,
     window: usize,
     scale: f32,
@@ -327,9 +371,12 @@ impl CustomOp3 for FlashMma {
         use crate::cuda::{self, In, Out, PushKernelArg};
         let dev = qs.device.clone();
         let d = &self.dims;
-        let w = self.warps;
-        let name = format!("flash_mma_fwd{}_d{}", Warps::infix(w.fwd), d.d);
-        let f = cuda::kernel(&dev, "flash_mma", &name)?;
+        let w = self.tiling;
+        let f = cuda::kernel(&dev, "flash_mma", &w.fwd_entry(d.d))?;
+        let smem = w.fwd_smem(d.d) as u32;
+        if smem > 0 {
+            cuda::allow_dynamic_smem(&f, smem)?;
+        }
         let guards = [&self.q_seg, &self.k_seg, &self.fwd_span].map(|t| t.storage_and_layout());
         let aux = cuda::views(&guards)?;
         let (qi, ki, vi) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
@@ -355,7 +402,7 @@ impl CustomOp3 for FlashMma {
         let cfg = cuda::LaunchConfig {
             grid_dim: (d.t.div_ceil(w.fwd_rows()) as u32, (d.b * d.h) as u32, 1),
             block_dim: (32 * w.fwd as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         cuda::run(bl, cfg)?;
         self.lse.put(lse.into_tensor(&dev, (d.b, d.h, d.t)))?;
@@ -394,9 +441,8 @@ impl FlashMma {
         let dout = aligned(&grad.to_dtype(DType::BF16)?)?;
         let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
         let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
-        let w = self.warps;
-        let name = format!("flash_mma_bwd{}_d{}", Warps::infix(w.bwd), d.d);
-        let f = cuda::kernel(&dev, "flash_mma", &name)?;
+        let w = self.tiling;
+        let f = cuda::kernel(&dev, "flash_mma", &w.bwd_entry(d.d))?;
         let smem = bwd_smem(d.d, w.bwd_keys()) as u32;
         cuda::allow_dynamic_smem(&f, smem)?;
         let guards = [
@@ -475,7 +521,7 @@ mod tests {
     }
 
     /// Brute force: every pair a span leaves out is disallowed by the mask.
-    fn check(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Warps) {
+    fn check(qs: &[u32], ks: &[u32], d: &Dims, mask: &AttnMask, w: Tiling) {
         let (fwd, bwd) = spans(qs, ks, d, mask, w);
         let (fwd_rows, bwd_keys) = (w.fwd_rows(), w.bwd_keys());
         let off = d.s - d.t;
@@ -526,8 +572,14 @@ mod tests {
                 window,
                 ..AttnMask::default()
             };
-            for (fwd, bwd) in [(4, 4), (8, 8), (8, 4)] {
-                check(&qs, &ks, &dims(2, t, s), &mask, Warps { fwd, bwd });
+            for spec in ["", "f8,b8", "f8", "f4x2,b8,q4"] {
+                check(
+                    &qs,
+                    &ks,
+                    &dims(2, t, s),
+                    &mask,
+                    Tiling::parse(spec).unwrap(),
+                );
             }
         }
     }
@@ -537,16 +589,43 @@ mod tests {
         let src = include_str!("../../../kernels/flash_mma.cu");
         assert!(src.contains(&format!("#define BWD_BR {BWD_ROWS}\n")));
         assert!(src.contains("constexpr int BR = BWD_BR, BC = 16 * NW,"));
-        assert!(src.contains("constexpr int BR = 16 * NW, BC = 64,"));
-        for (name, d, nw) in [("fwd8", 80, 8), ("bwd8", 128, 8), ("bwd", 80, 4)] {
-            assert!(src.contains(&format!("flash_mma_{name}_d{d}, {d}, {nw})")));
-        }
-        assert!(!src.contains("flash_mma_bwd8_d80"));
+        assert!(src.contains("constexpr int BR = 16 * NW * MT, BC = 64,"));
         // 128-wide heads, 64 keys: K, Q and dO twice each, dS^T, three f32 rows twice.
         assert_eq!(bwd_smem(128, 64), 58112);
-        assert_eq!(Warps::default().for_dim(80), Warps { fwd: 4, bwd: 4 });
-        let w8 = Warps { fwd: 8, bwd: 8 };
-        assert_eq!(w8.for_dim(80), Warps { fwd: 8, bwd: 4 });
+        // Every entry point a tiling can name, for every head dim, exists with its shape.
+        let all = ["", "f8", "f4x2", "b8", "q4", "f8,b8,q4", "f4x2,b8,q4"];
+        for d in [64, 80, 128] {
+            for spec in all {
+                let t = Tiling::parse(spec).unwrap().for_dim(d);
+                let fwd = format!("{}, {d}, {}, {})", t.fwd_entry(d), t.fwd, t.fwd_mtiles);
+                let dqv = if t.dq4 { 4 } else { 2 };
+                let bwd = format!("{}, {d}, {}, {dqv})", t.bwd_entry(d), t.bwd);
+                assert!(src.contains(&format!("FWD({fwd}\n")), "{spec} d {d}: {fwd}");
+                assert!(src.contains(&format!("BWD({bwd}\n")), "{spec} d {d}: {bwd}");
+            }
+        }
+        assert_eq!(
+            Tiling::parse("f4x2,b8,q4").unwrap().for_dim(80),
+            Tiling {
+                fwd: 4,
+                fwd_mtiles: 1,
+                bwd: 4,
+                dq4: false
+            }
+        );
+        assert_eq!(Tiling::parse("f4x2").unwrap().fwd_smem(128), 128 * 136 * 2);
+        assert_eq!(Tiling::default().fwd_smem(128), 0);
+    }
+
+    #[test]
+    fn tiling_spec() {
+        assert_eq!(Tiling::parse(""), Ok(Tiling::default()));
+        let t = Tiling::parse(" f4x2 , b8,q4").unwrap();
+        assert_eq!((t.fwd, t.fwd_mtiles, t.bwd, t.dq4), (4, 2, 8, true));
+        assert_eq!(t.fwd_rows(), 128);
+        assert_eq!(t.bwd_keys(), 128);
+        let e = Tiling::parse("f4,x9").unwrap_err();
+        assert!(e.contains("\"x9\"") && e.contains("f4x2"), "{e}");
     }
 
     #[test]
@@ -568,7 +647,7 @@ mod tests {
             causal: true,
             ..AttnMask::default()
         };
-        let (fwd, bwd) = spans(&ones, &ones, &dims(1, t, s), &mask, Warps::default());
+        let (fwd, bwd) = spans(&ones, &ones, &dims(1, t, s), &mask, Tiling::default());
         // Query block 0 sees keys [0, 64); key block 3 is seen by queries [192, 256).
         assert_eq!(&fwd[..2], &[0, 64]);
         assert_eq!(&bwd[6..8], &[192, 256]);

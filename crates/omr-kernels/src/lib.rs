@@ -42,14 +42,16 @@ pub use adamw::{adamw_step, adamw_step_in_place, AdamWHyper, AdamWOut};
 
 /// Sets a device up for training: on CUDA, the default memory pool keeps freed memory for
 /// reuse instead of returning it to the driver at every synchronisation (see
-/// `cuda::keep_pool_memory`; `OMR_CUDA_POOL=release` keeps the driver's default). A no-op on
-/// the CPU. Call once after opening the device.
+/// `cuda::keep_pool_memory`; `OMR_CUDA_POOL=release` keeps the driver's default), and buffers
+/// allocated from now on skip the cross-stream events nothing here uses (see
+/// `cuda::single_stream`). A no-op on the CPU. Call once after opening the device.
 pub fn prepare_device(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = device {
         if std::env::var("OMR_CUDA_POOL").as_deref() != Ok("release") {
             cuda::keep_pool_memory(dev)?;
         }
+        cuda::single_stream(dev);
     }
     let _ = device;
     Ok(())

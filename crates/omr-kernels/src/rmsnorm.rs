@@ -203,8 +203,6 @@ fn row_cfg(blocks: usize, tpr: usize, groups: usize) -> crate::cuda::LaunchConfi
 #[cfg(feature = "cuda")]
 fn cuda_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     use crate::cuda::{self, In, Out, PushKernelArg};
-    use candle_core::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-    use candle_core::cuda::WrapErr;
     let dev = cuda::device_of(x)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let c = w.elem_count();
@@ -221,23 +219,12 @@ fn cuda_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Te
     let f = cuda::kernel(&dev, "rmsnorm", &format!("rmsnorm_bwd_{sfx}"))?;
     if smem > 47 * 1024 {
         // Beyond the default 48 KiB per block (less the kernel's 1 KiB of static shared memory).
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        cuda::allow_dynamic_smem(&f, smem as u32)?;
     }
     // One wave of blocks, all resident at once: as many rows in flight as the multiprocessors
     // hold, and few partial rows of dw (one per block) to sum afterwards.
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()? as usize;
-    let per_sm = f
-        .occupancy_max_active_blocks_per_multiprocessor((tpr * groups) as u32, smem, None)
-        .w()? as usize;
-    let blocks = (sms * per_sm).min(rows.div_ceil(groups)).max(1);
+    let resident = cuda::resident_blocks(&dev, &f, (tpr * groups) as u32, smem)?;
+    let blocks = resident.min(rows.div_ceil(groups)).max(1);
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();

@@ -132,18 +132,41 @@ fn rss() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Device memory in use (total − free, MiB) polled every 0.2 ms on a thread until dropped: the
-/// high-water mark of the GPU during the timed steps (candle frees into the driver's
-/// stream-ordered pool, so this reads what the process held, pool included). None on the CPU.
+/// The high-water mark of device memory in use (total − free, MiB) over the timed steps. While
+/// the memory pool keeps what it allocated (`omr_kernels::prepare_device`, the default), what
+/// the process holds never shrinks during the steps, so the reading after them is the peak
+/// (candle frees into the driver's stream-ordered pool: this counts what the pool holds). With
+/// `OMR_CUDA_POOL=release` the pool shrinks at synchronisations, and a thread polls every
+/// 0.2 ms instead (each poll is a driver call beside the step's own). None on the CPU.
+/// Reads device memory in use (MiB).
+type MemReader = Box<dyn Fn() -> Option<f64> + Send>;
+
 struct GpuMemPoller {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<Option<(f64, f64)>>>,
+    /// Without polling: the reader and the reading at the start.
+    ends: Option<(MemReader, Option<f64>)>,
 }
 
 impl GpuMemPoller {
     fn start(device: &Device) -> GpuMemPoller {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let handle = gpu_mem_reader(device).map(|read| {
+        let Some(read) = gpu_mem_reader(device) else {
+            return GpuMemPoller {
+                stop,
+                handle: None,
+                ends: None,
+            };
+        };
+        if std::env::var("OMR_CUDA_POOL").as_deref() != Ok("release") {
+            let first = read();
+            return GpuMemPoller {
+                stop,
+                handle: None,
+                ends: Some((read, first)),
+            };
+        }
+        let handle = {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let first = read()?;
@@ -156,18 +179,26 @@ impl GpuMemPoller {
                 }
                 Some((first, peak))
             })
-        });
-        GpuMemPoller { stop, handle }
+        };
+        GpuMemPoller {
+            stop,
+            handle: Some(handle),
+            ends: None,
+        }
     }
     /// (in use when started, peak) in MiB.
     fn finish(mut self) -> Option<(f64, f64)> {
+        if let Some((read, first)) = self.ends.take() {
+            let first = first?;
+            return Some((first, read()?.max(first)));
+        }
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.take()?.join().ok()?
     }
 }
 
 #[cfg(feature = "cuda")]
-fn gpu_mem_reader(device: &Device) -> Option<Box<dyn Fn() -> Option<f64> + Send>> {
+fn gpu_mem_reader(device: &Device) -> Option<MemReader> {
     let ctx = device
         .as_cuda_device()
         .ok()?
@@ -181,7 +212,7 @@ fn gpu_mem_reader(device: &Device) -> Option<Box<dyn Fn() -> Option<f64> + Send>
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_mem_reader(_device: &Device) -> Option<Box<dyn Fn() -> Option<f64> + Send>> {
+fn gpu_mem_reader(_device: &Device) -> Option<MemReader> {
     None
 }
 
