@@ -114,6 +114,39 @@ __device__ __forceinline__ void c_to_a(const float (*c)[4], int kk, uint32_t* a)
   a[3] = pack_f(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// Adds a warp's dQ fragments, 16 rows from `r0` × N n-tiles of 8 columns from `c0`, into
+// dq (f32; element (row, col) at dq[row · rstride + col]) with f32 atomics; rows at or past T
+// are left out. DQV = 2: a float2 per row and column pair; DQV = 4: lanes t and t ^ 1 swap
+// halves first, so that the even lane adds 4 columns of row r0 + g and the odd lane 4 of row
+// r0 + g + 8, one float4 each (half the atomic operations).
+template <int DQV, int N>
+__device__ __forceinline__ void add_dq(float* dq, long rstride, const float (*acc)[4], int r0,
+                                       int c0, int T, int g, int t) {
+  const int ra = r0 + g, rc = ra + 8;
+  if (DQV == 4) {
+    const bool odd = t & 1;
+    const int row = odd ? rc : ra;
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+      const float x0 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][0] : acc[n][2], 1);
+      const float x1 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][1] : acc[n][3], 1);
+      const float4 val = odd ? make_float4(x0, x1, acc[n][2], acc[n][3])
+                             : make_float4(acc[n][0], acc[n][1], x0, x1);
+      if (row < T)
+        atomicAdd(reinterpret_cast<float4*>(dq + row * rstride + c0 + n * 8 + 2 * (t & ~1)), val);
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+      const int col = c0 + n * 8 + 2 * t;
+      if (ra < T)
+        atomicAdd(reinterpret_cast<float2*>(dq + ra * rstride + col), make_float2(acc[n][0], acc[n][1]));
+      if (rc < T)
+        atomicAdd(reinterpret_cast<float2*>(dq + rc * rstride + col), make_float2(acc[n][2], acc[n][3]));
+    }
+  }
+}
+
 // `rows` rows of D bf16 starting at global row `r0` (row r at src + r·stride) into a padded
 // shared tile; rows at or past `n` are zeros.
 template <int D, int LD>
@@ -545,34 +578,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         mma16816(dqa[DQN - 1], a, bk[0], bk[1]);
       }
     }
-    const int qa = i0 + mq + g, qc = qa + 8;
-    if (DQV == 4) {
-      // Lanes t and t ^ 1 swap halves so that the even one holds 4 columns of row qa and the
-      // odd one 4 columns of row qc: one float4 atomic each instead of two float2.
-      const bool odd = t & 1;
-      const int row = odd ? qc : qa;
-#pragma unroll
-      for (int n = 0; n < DQN; n++) {
-        const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dqa[n][0] : dqa[n][2], 1);
-        const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dqa[n][1] : dqa[n][3], 1);
-        const float4 val = odd ? make_float4(x0, x1, dqa[n][2], dqa[n][3])
-                               : make_float4(dqa[n][0], dqa[n][1], x0, x1);
-        const int col = (nh + n) * 8 + 2 * (t & ~1);
-        if (row < T)
-          atomicAdd(reinterpret_cast<float4*>(dq + (((long)b * T + row) * H + h) * D + col), val);
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < DQN; n++) {
-        const int col = (nh + n) * 8 + 2 * t;
-        if (qa < T)
-          atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qa) * H + h) * D + col),
-                    make_float2(dqa[n][0], dqa[n][1]));
-        if (qc < T)
-          atomicAdd(reinterpret_cast<float2*>(dq + (((long)b * T + qc) * H + h) * D + col),
-                    make_float2(dqa[n][2], dqa[n][3]));
-      }
-    }
+    add_dq<DQV, DQN>(dq + ((long)b * T * H + h) * D, (long)H * D, dqa, i0 + mq, nh * 8, T, g, t);
   }
 #pragma unroll
   for (int n = 0; n < D / 8; n++) {
@@ -590,11 +596,261 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   }
 }
 
+// The backward in FlashAttention-2's layout, for D 64 and 128: one CTA of 8 warps per
+// (128 keys, b·H + h), K and V in shared memory for the whole CTA, steps of 64 query rows
+// with Q / dO / lse / Δ / segment ids double-buffered by cp.async. Per step:
+//   1. S = Q·K^T and dP = dO·V^T (64 × 128): warps 2 (rows) × 4 (keys), 32 × 32 each;
+//   2. P = exp(S·scale − lse) and dS = P ∘ (dP − Δ)·scale in registers, then to shared
+//      memory as bf16, [query][key];
+//   3. dV += P^T·dO and dK += dS^T·Q (128 × D): warps 4 (keys) × 2 (columns), accumulated
+//      in registers over the steps;
+//   4. dQ += dS·K (64 × D): warps 2 (rows) × 4 (columns), added with f32 atomics (add_dq).
+// Two barriers per step (half the current kernel's per row), half its dQ atomics (128 keys
+// per CTA). dK / dV per query head as flash_bwd. Dynamic shared memory: K, V (128 rows),
+// Q and dO (2 × 64 rows), P and dS (64 × 136), lse, Δ and segment ids (2 × 64), key
+// segment ids (128); flash_mma.rs's bwd64_smem is the same sum.
+template <int D, int DQV>
+__device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                            const float* __restrict__ lse, const float* __restrict__ delta,
+                            const unsigned* __restrict__ qseg, const unsigned* __restrict__ kseg,
+                            const int* __restrict__ span, float* __restrict__ dq,
+                            float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
+                            int KV, float scale, int causal, int window) {
+  constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8;
+  constexpr int NV = D / 16;  // dK / dV n-tiles per warp (D / 2 columns)
+  constexpr int NQ = D / 32;  // dQ n-tiles per warp (D / 4 columns)
+  static_assert(NQ % 2 == 0, "D is 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* ks = reinterpret_cast<bf16*>(smem);  // BC × LD
+  bf16* vs = ks + BC * LD;                   // BC × LD
+  bf16* qs = vs + BC * LD;                   // [2][BR × LD]
+  bf16* dos = qs + 2 * BR * LD;              // [2][BR × LD]
+  bf16* ps = dos + 2 * BR * LD;              // BR × LDP
+  bf16* dss = ps + BR * LDP;                 // BR × LDP
+  float* lses = reinterpret_cast<float*>(dss + BR * LDP);     // [2][BR]
+  float* dls = lses + 2 * BR;                                 // [2][BR]
+  unsigned* qss = reinterpret_cast<unsigned*>(dls + 2 * BR);  // [2][BR]
+  unsigned* kss = qss + 2 * BR;                               // [BC]
+  const int kb = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int off = S - T;
+  const int nblk = (S + BC - 1) / BC;
+  const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
+  const int j0 = kb * BC;  // the CTA's first key
+  const long qstride = (long)H * D;
+  const bf16* qb = q + ((long)b * T * H + h) * D;
+  const bf16* dob = dout + ((long)b * T * H + h) * D;
+  const float* lseb = lse + ((long)b * H + h) * T;
+  const float* dlb = delta + ((long)b * H + h) * T;
+  const unsigned* qsegb = qseg + (long)b * T;
+
+  // The keys' segment ids (0 past S), and whether all BC keys are one segment before S.
+  unsigned kid = 0u;
+  if (threadIdx.x < BC) {
+    const int j = j0 + threadIdx.x;
+    kid = j < S ? kseg[(long)b * S + j] : 0u;
+    kss[threadIdx.x] = kid;
+  }
+  const unsigned k_first = kseg[(long)b * S + j0];
+  const int k_uni = __syncthreads_and(threadIdx.x >= BC ||
+                                      (j0 + (int)threadIdx.x < S && kid == k_first));
+  const unsigned kblk = k_uni ? k_first : 0u;
+
+  auto load_q = [&](int i0, int buf) {
+    load_rows<D, LD>(qs + buf * BR * LD, qb, qstride, i0, T, BR);
+    load_rows<D, LD>(dos + buf * BR * LD, dob, qstride, i0, T, BR);
+    if (threadIdx.x < BR) {
+      const int i = i0 + threadIdx.x;
+      const bool ok = i < T;
+      const int ic = ok ? i : 0;
+      cp4(&lses[buf * BR + threadIdx.x], lseb + ic, ok);
+      cp4(&dls[buf * BR + threadIdx.x], dlb + ic, ok);
+      cp4(&qss[buf * BR + threadIdx.x], qsegb + ic, ok);
+    }
+  };
+  load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
+  load_rows<D, LD>(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
+  if (lo < hi) load_q(lo, 0);
+  cp_commit();
+
+  // Steps 1–2: the warp's rows qr + [0, 32) and keys kc + [0, 32) of the step's tile.
+  const int qr = (warp / 4) * 32, kc = (warp % 4) * 32;
+  // Step 3: keys kr + [0, 32), columns dc + [0, D / 2).
+  const int kr = (warp % 4) * 32, dc = (warp / 4) * (D / 2);
+  // Step 4: rows qr4 + [0, 32), columns qc4 + [0, D / 4).
+  const int qr4 = (warp % 2) * 32, qc4 = (warp / 2) * (D / 4);
+  float dka[2][NV][4], dva[2][NV][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+    for (int n = 0; n < NV; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) dka[mt][n][e] = dva[mt][n][e] = 0.f;
+
+  int buf = 0;
+  for (int i0 = lo; i0 < hi; i0 += BR, buf ^= 1) {
+    cp_wait<0>();
+    bool seg_whole = true;
+    if (threadIdx.x < BR)
+      seg_whole = i0 + (int)threadIdx.x < T && qss[buf * BR + threadIdx.x] == kblk && kblk != 0u;
+    // This step's rows (and at the first, K and V) have landed for every thread; every warp
+    // is done with the last step, so its buffer, P and dS may be overwritten.
+    const bool tile_whole = __syncthreads_and(seg_whole);
+    if (i0 + BR < hi) load_q(i0 + BR, buf ^ 1);
+    cp_commit();
+    const bf16* qt = qs + buf * BR * LD;
+    const bf16* dot = dos + buf * BR * LD;
+    const float* lt = lses + buf * BR;
+    const float* dlt = dls + buf * BR;
+    const unsigned* st = qss + buf * BR;
+
+    // 1. S and dP.
+    const bool skip = causal && j0 + kc > i0 + qr + 31 + off;
+    const bool whole = tile_whole && (!causal || j0 + kc + 31 <= i0 + qr + off) &&
+                       (window == 0 || j0 + kc + window > i0 + qr + 31 + off);
+    float sp[2][4][4], dp[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+      for (int n = 0; n < 4; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) sp[mt][n][e] = dp[mt][n][e] = 0.f;
+    if (!skip) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t qa[2][4], da[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+          const int at = (qr + mt * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + kk * 16 + (lane / 16) * 8;
+          ldsm4(qa[mt], &qt[at]);
+          ldsm4(da[mt], &dot[at]);
+        }
+#pragma unroll
+        for (int np = 0; np < 2; np++) {
+          const int bt = (kc + np * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8;
+          uint32_t bk[4], bv[4];
+          ldsm4(bk, &ks[bt]);
+          ldsm4(bv, &vs[bt]);
+#pragma unroll
+          for (int mt = 0; mt < 2; mt++) {
+            mma16816(sp[mt][2 * np], qa[mt], bk[0], bk[1]);
+            mma16816(sp[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
+            mma16816(dp[mt][2 * np], da[mt], bv[0], bv[1]);
+            mma16816(dp[mt][2 * np + 1], da[mt], bv[2], bv[3]);
+          }
+        }
+      }
+      // 2. P and dS.
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0), i = i0 + il;
+            const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
+            const bool ok = whole || (i < T && j < S &&
+                                      allowed(i, j, st[il], kss[jl], off, causal, window));
+            const float pe = ok ? __expf(sp[mt][n][e] * scale - lt[il]) : 0.f;
+            sp[mt][n][e] = pe;
+            dp[mt][n][e] = pe * (dp[mt][n][e] - dlt[il]) * scale;
+          }
+    }
+    // P and dS to shared memory (zeros where the warp skipped).
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+      for (int n = 0; n < 4; n++) {
+        const int r = qr + mt * 16 + g, c = kc + n * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(&ps[r * LDP + c]) = pack_f(sp[mt][n][0], sp[mt][n][1]);
+        *reinterpret_cast<uint32_t*>(&ps[(r + 8) * LDP + c]) = pack_f(sp[mt][n][2], sp[mt][n][3]);
+        *reinterpret_cast<uint32_t*>(&dss[r * LDP + c]) = pack_f(dp[mt][n][0], dp[mt][n][1]);
+        *reinterpret_cast<uint32_t*>(&dss[(r + 8) * LDP + c]) = pack_f(dp[mt][n][2], dp[mt][n][3]);
+      }
+    __syncthreads();
+
+    // 3. dV += P^T·dO, dK += dS^T·Q: A (key, query) = the transposed matrices of P / dS.
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; kk++) {
+      uint32_t pa[2][4], sa[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++) {
+        const int at = (kk * 16 + (lane / 16) * 8 + lane % 8) * LDP + kr + mt * 16 + ((lane / 8) % 2) * 8;
+        ldsm4t(pa[mt], &ps[at]);
+        ldsm4t(sa[mt], &dss[at]);
+      }
+#pragma unroll
+      for (int np = 0; np < NV / 2; np++) {
+        const int bt = (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dc + np * 16 + (lane / 16) * 8;
+        uint32_t bd[4], bq[4];
+        ldsm4t(bd, &dot[bt]);
+        ldsm4t(bq, &qt[bt]);
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+          mma16816(dva[mt][2 * np], pa[mt], bd[0], bd[1]);
+          mma16816(dva[mt][2 * np + 1], pa[mt], bd[2], bd[3]);
+          mma16816(dka[mt][2 * np], sa[mt], bq[0], bq[1]);
+          mma16816(dka[mt][2 * np + 1], sa[mt], bq[2], bq[3]);
+        }
+      }
+    }
+
+    // 4. dQ += dS·K over the CTA's 128 keys.
+    float dqa[2][NQ][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+      for (int n = 0; n < NQ; n++) dqa[mt][n][0] = dqa[mt][n][1] = dqa[mt][n][2] = dqa[mt][n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++)
+        ldsm4(a[mt], &dss[(qr4 + mt * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LDP + kk * 16 + (lane / 16) * 8]);
+      const bf16* kp = &ks[(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + qc4];
+#pragma unroll
+      for (int np = 0; np < NQ / 2; np++) {
+        uint32_t bk[4];
+        ldsm4t(bk, kp + np * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+          mma16816(dqa[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma16816(dqa[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+      add_dq<DQV, NQ>(dq + ((long)b * T * H + h) * D, (long)H * D, dqa[mt], i0 + qr4 + mt * 16, qc4,
+                      T, g, t);
+  }
+  cp_wait<0>();
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+    for (int n = 0; n < NV; n++) {
+      const int col = dc + n * 8 + 2 * t;
+      const int k0 = j0 + kr + mt * 16 + g, k1 = k0 + 8;
+      if (k0 < S) {
+        const long r = (((long)b * S + k0) * H + h) * D + col;
+        *reinterpret_cast<float2*>(dk + r) = make_float2(dka[mt][n][0], dka[mt][n][1]);
+        *reinterpret_cast<float2*>(dv + r) = make_float2(dva[mt][n][0], dva[mt][n][1]);
+      }
+      if (k1 < S) {
+        const long r = (((long)b * S + k1) * H + h) * D + col;
+        *reinterpret_cast<float2*>(dk + r) = make_float2(dka[mt][n][2], dka[mt][n][3]);
+        *reinterpret_cast<float2*>(dv + r) = make_float2(dva[mt][n][2], dva[mt][n][3]);
+      }
+    }
+}
+
 // Entry points: `flash_mma_{fwd,bwd}_d{D}` with 4 warps (64 query rows / 64 keys per CTA),
 // `flash_mma_{fwd,bwd}8_d{D}` with 8 (128 / 128); the backward's 8-warp form splits D in 4
 // for dQ, so it exists for D 64 and 128. Variants for D 128 (opt-in until measured):
 // `flash_mma_fwd_m2_d128`, 4 warps of two m-tiles (128 rows, Q in `fwd_smem` bytes of dynamic
-// shared memory), and `flash_mma_bwd{,8}_q4_d128`, dQ added with float4 atomics.
+// shared memory), `flash_mma_bwd{,8}_q4_d128`, dQ added with float4 atomics, and
+// `flash_mma_bwd8r64{,_q4}_d128` / `flash_mma_bwd8r64_d64`, the backward in FA2's layout.
 #define FWD(NAME, D_, NW_, MT_)                                                                   \
   extern "C" __global__ void __launch_bounds__(32 * NW_) NAME(                                    \
       const bf16* q, const bf16* k, const bf16* v, const unsigned* qseg, const unsigned* kseg,   \
@@ -611,6 +867,14 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     flash_bwd<D_, NW_, DQV_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H,   \
                              KV, scale, causal, window);                                          \
   }
+#define BWD64(NAME, D_, DQV_)                                                                     \
+  extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                      \
+      const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,            \
+      const float* delta, const unsigned* qseg, const unsigned* kseg, const int* span, float* dq, \
+      float* dk, float* dv, int T, int S, int H, int KV, float scale, int causal, int window) {   \
+    flash_bwd64<D_, DQV_>(q, k, v, dout, lse, delta, qseg, kseg, span, dq, dk, dv, T, S, H, KV,  \
+                          scale, causal, window);                                                 \
+  }
 FWD(flash_mma_fwd_d64, 64, 4, 1)
 FWD(flash_mma_fwd_d80, 80, 4, 1)
 FWD(flash_mma_fwd_d128, 128, 4, 1)
@@ -625,3 +889,6 @@ BWD(flash_mma_bwd8_d64, 64, 8, 2)
 BWD(flash_mma_bwd8_d128, 128, 8, 2)
 BWD(flash_mma_bwd_q4_d128, 128, 4, 4)
 BWD(flash_mma_bwd8_q4_d128, 128, 8, 4)
+BWD64(flash_mma_bwd8r64_d64, 64, 2)
+BWD64(flash_mma_bwd8r64_d128, 128, 2)
+BWD64(flash_mma_bwd8r64_q4_d128, 128, 4)

@@ -18,7 +18,14 @@
 #      step at T 2048 ran out of the H200's memory.)
 #
 #   3. with .gpu-bin/libomr_prof.so (scripts/cuda/prof/build.sh): a CUPTI kernel profile of
-#      the 3B step.
+#      the 3B step;
+#   4. the user's commands end to end on CUDA: `omr demo` (synthetic shards, tiny SFT with
+#      checkpoints, GRPO, exports, eval) with the runtime on CUDA, `omr sft --resume auto`
+#      continuing the demo's SFT run from its last checkpoint, `omr eval --device cuda` on
+#      the SFT export.
+#
+# The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
+# (step 4 alone), nothing for all of it (longer than one 10-minute device call: split it).
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
 # session.log (all output), the JSON report of each `bench train` and summary.txt (each
@@ -42,6 +49,23 @@ step() { # name timeout_s command...
   local rc=${PIPESTATUS[0]}
   summary+=("$(printf '%-28s rc %-4s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
 }
+e2e_steps() {
+  local e2e=/tmp/omr-e2e
+  rm -rf "$e2e"
+  step demo-cuda 300 "$bin" demo --out "$e2e" --train 400 --test 40 \
+    --set runtime.device=cuda --set train.max_steps=60 --set checkpoint.every_steps=30 \
+    --grpo-set runtime.device=cuda --grpo-set train.max_steps=3
+  step sft-resume-cuda 120 "$bin" sft --config "$e2e/sft/config.toml" --set train.max_steps=90 \
+    --resume auto
+  step eval-cuda 120 "$bin" eval --model "$e2e/sft/export" --data "$e2e/data" --limit 40 \
+    --device cuda --out "$e2e/eval"
+}
+if [ "$quick" = e2e ]; then
+  e2e_steps
+  echo "=== summary"
+  printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+  exit 0
+fi
 step kernels 120 "$here/gpu-run.sh" "$bin" /tmp/gpu-run
 if [ -n "$quick" ]; then
   step train-tiny 40 "$bin" bench train --device cuda --model-config tiny --steps 3 \
@@ -63,7 +87,7 @@ if [ -z "$quick" ]; then
   # Attention tilings (OMR_MMA, flash_mma::Tiling; checked last in step 1, timed one by one
   # in its bench rows: pick the best forward and backward there for a rerun) and the one-op
   # layers at long rows.
-  step train-3b-8k-mma 90 env OMR_MMA=f4x2,b8,q4 "$bin" bench train "${common[@]}" --seq 8192 \
+  step train-3b-8k-mma 90 env OMR_MMA=f4x2,b8r64,q4 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
   step train-3b-8k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
@@ -75,5 +99,6 @@ if [ -f "$here/../../.gpu-bin/libomr_prof.so" ]; then
   step prof-3b-2k 120 "$here/prof/run.sh" "$out/prof-3b-2k.txt" "$bin" bench train "${common[@]}" \
     --seq 2048 --steps 2 --warmup 1
 fi
+[ -z "$quick" ] && e2e_steps
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -304,7 +304,17 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     if crate::flash_mma::supported(qa.as_tensor(), &ka) {
         use crate::flash_mma::{flash_mma_tiled, Tiling};
         // The default tiling and the others OMR_MMA can choose (flash_mma::Tiling).
-        for spec in ["", "f8,b8", "f8", "f4x2", "q4", "b8,q4", "f4x2,b8,q4"] {
+        for spec in [
+            "",
+            "f8,b8",
+            "f8",
+            "f4x2",
+            "q4",
+            "b8,q4",
+            "b8r64",
+            "b8r64,q4",
+            "f4x2,b8r64,q4",
+        ] {
             let tiling = Tiling::parse(spec).map_err(candle_core::Error::msg)?;
             let name = if spec.is_empty() {
                 "mma".to_string()

@@ -393,7 +393,13 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
     // The tensor-core tilings not yet verified on a GPU last (OMR_MMA; every entry point that
     // is not the default): a fault in them cannot hide the other checks. Their CPU
     // references are the ones computed above.
-    let tilings = ["mma:f8,b8", "mma:f4x2,q4", "mma:b8,q4"];
+    let tilings = [
+        "mma:f8,b8",
+        "mma:f4x2,q4",
+        "mma:b8,q4",
+        "mma:b8r64",
+        "mma:b8r64,q4",
+    ];
     attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &tilings)?;
     long_segment_checks(&mut c, &tilings)?;
     Ok(c.out)
