@@ -147,6 +147,20 @@ __device__ __forceinline__ void add_dq(float* dq, long rstride, const float (*ac
   }
 }
 
+// A fragments (16 rows × D) straight from global memory: rows g and g + 8 of the tile are
+// `r0` and `r1`, one 16-column k-step per kk.
+template <int D>
+__device__ __forceinline__ void load_a_frags(uint32_t (*f)[4], const bf16* r0, const bf16* r1,
+                                             int t) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk++) {
+    f[kk][0] = ld32(r0 + kk * 16 + 2 * t);
+    f[kk][1] = ld32(r1 + kk * 16 + 2 * t);
+    f[kk][2] = ld32(r0 + kk * 16 + 8 + 2 * t);
+    f[kk][3] = ld32(r1 + kk * 16 + 8 + 2 * t);
+  }
+}
+
 // `rows` rows of D bf16 starting at global row `r0` (row r at src + r·stride) into a padded
 // shared tile; rows at or past `n` are zeros.
 template <int D, int LD>
@@ -203,13 +217,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const int r0 = w0 + g, r1 = r0 + 8;
     const bf16* q0 = q + (((long)b * T + min(r0, T - 1)) * H + h) * D;
     const bf16* q1 = q + (((long)b * T + min(r1, T - 1)) * H + h) * D;
-#pragma unroll
-    for (int kk = 0; kk < (Q_SMEM ? 1 : D / 16); kk++) {
-      qf[kk][0] = ld32(q0 + kk * 16 + 2 * t);
-      qf[kk][1] = ld32(q1 + kk * 16 + 2 * t);
-      qf[kk][2] = ld32(q0 + kk * 16 + 8 + 2 * t);
-      qf[kk][3] = ld32(q1 + kk * 16 + 8 + 2 * t);
-    }
+    load_a_frags<Q_SMEM ? 16 : D>(qf, q0, q1, t);
   }
   // Per m-tile: rows r0 = w0 + 16·mt + g and r1 = r0 + 8, their segments, running max and sum.
   unsigned qs0[MT], qs1[MT];
@@ -453,13 +461,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   {
     const bf16* v0 = v + (((long)b * S + min(k0, S - 1)) * KV + kvh) * D;
     const bf16* v1 = v + (((long)b * S + min(k1, S - 1)) * KV + kvh) * D;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-      vf[kk][0] = ld32(v0 + kk * 16 + 2 * t);
-      vf[kk][1] = ld32(v1 + kk * 16 + 2 * t);
-      vf[kk][2] = ld32(v0 + kk * 16 + 8 + 2 * t);
-      vf[kk][3] = ld32(v1 + kk * 16 + 8 + 2 * t);
-    }
+    load_a_frags<D>(vf, v0, v1, t);
   }
   const unsigned ks0 = k0 < S ? kseg[(long)b * S + k0] : 0u;
   const unsigned ks1 = k1 < S ? kseg[(long)b * S + k1] : 0u;

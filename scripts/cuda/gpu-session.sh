@@ -58,7 +58,7 @@ e2e_steps() {
   step sft-resume-cuda 120 "$bin" sft --config "$e2e/sft/config.toml" --set train.max_steps=90 \
     --resume auto
   step eval-cuda 120 "$bin" eval --model "$e2e/sft/export" --data "$e2e/data" --limit 40 \
-    --device cuda --out "$e2e/eval"
+    --device cuda --out "$e2e/eval-cuda"
 }
 if [ "$quick" = e2e ]; then
   e2e_steps

@@ -271,7 +271,7 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     // Fused linear cross-entropy, forward + gradients (Qwen2.5 vocabulary).
     let (nt, vocab) = if gpu { (4096, 151_936) } else { (64, 8192) };
     let hs = Var::from_tensor(&rand(40, &[nt, cdim], 1.0, dt, dev)?)?;
-    let wl = rand(41, &[vocab, cdim], 0.02, dt, dev)?;
+    let wl = Var::from_tensor(&rand(41, &[vocab, cdim], 0.02, dt, dev)?)?;
     let tg: Vec<u32> = (0..nt as u32).map(|i| (i * 7919) % vocab as u32).collect();
     let tg = Tensor::from_vec(tg, nt, dev)?;
     let lce_flops = 6.0 * (nt * cdim * vocab) as f64;
@@ -282,7 +282,17 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         dt,
         lce_bytes,
         lce_flops,
-        || linear_cross_entropy(hs.as_tensor(), &wl, &tg, LceChunks::default()),
+        || linear_cross_entropy(hs.as_tensor(), wl.as_tensor(), &tg, LceChunks::default()),
+    )?;
+    // The same with a frozen head (LoRA): no dW products.
+    let frozen = wl.as_tensor().detach();
+    b.add(
+        "linear CE fwd+dH (frozen head)",
+        format!("N {nt}, C {cdim}, V {vocab}"),
+        dt,
+        lce_bytes,
+        4.0 * (nt * cdim * vocab) as f64,
+        || linear_cross_entropy(hs.as_tensor(), &frozen, &tg, LceChunks::default()),
     )?;
 
     // Flash attention, causal, 28 query / 4 kv heads of 128.

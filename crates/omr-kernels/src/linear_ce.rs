@@ -9,7 +9,9 @@
 //! turned into `dL = softmax − onehot` by the tile gradient kernel, and `dH_r += dL · W_v`,
 //! `dW_v += dLᵀ · H_r` (accumulated in f32). The peak extra memory is one rows × vocab tile
 //! plus dH and dW. The gradients are computed in the forward (the loss is a scalar, so the
-//! backward only scales them by the incoming gradient), and only when h or w is tracked.
+//! backward only scales them by the incoming gradient), each only when its input is tracked:
+//! a frozen lm head (LoRA, or a frozen tied embedding) skips the dW products and their
+//! V × C f32 accumulator, a quarter of the op's GEMM work.
 //!
 //! h: (N, C) f32|bf16, w: (V, C) same dtype, targets: (N) u32 < V → scalar f32 (the sum; the
 //! caller normalises, as `omr_model::loss::causal_lm_loss`). Rows are the labelled positions
@@ -58,35 +60,47 @@ pub fn linear_cross_entropy(
     if chunks.rows == 0 || chunks.vocab == 0 {
         bail!("linear_cross_entropy: chunk sizes must be > 0")
     }
-    let need_grad = h.track_op() || w.track_op();
-    let (loss, grads) = run(
+    let need = Need {
+        dh: h.track_op(),
+        dw: w.track_op(),
+    };
+    let (loss, dh, dw) = run(
         &h.detach(),
         &w.detach(),
         &targets.contiguous()?,
         chunks,
-        need_grad,
+        need,
     )?;
-    match grads {
-        None => Ok(loss),
-        Some((dh, dw)) => h.apply_op2(
+    if dh.is_none() && dw.is_none() {
+        Ok(loss)
+    } else {
+        h.apply_op2(
             w,
             Attach {
                 loss: Precomputed::new("linear_cross_entropy", loss),
                 dh,
                 dw,
             },
-        ),
+        )
     }
 }
 
-/// The loss and, when asked, (dH, dW) in the dtypes of h and w.
+/// Which gradients the caller needs: those of the tracked inputs.
+#[derive(Clone, Copy, Debug)]
+struct Need {
+    dh: bool,
+    dw: bool,
+}
+
+/// The loss and the gradients `need` asks for, in the dtypes of h and w.
 fn run(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     ch: LceChunks,
-    need_grad: bool,
-) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    need: Need,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let need_grad = need.dh || need.dw;
     let (n, _c) = h.dims2()?;
     let v = w.dim(0)?;
     let vblocks: Vec<(usize, usize)> = (0..v)
@@ -149,34 +163,42 @@ fn run(
                     scale: 1.0,
                 },
             )?;
-            let dh_k = dl.matmul(&wv)?.to_dtype(DType::F32)?;
-            dh_r = Some(match dh_r {
-                None => dh_k,
-                Some(a) => (a + dh_k)?,
-            });
-            let dw_k = dl.t()?.matmul(&hr)?.to_dtype(DType::F32)?;
-            dw_acc[k] = Some(match dw_acc[k].take() {
-                None => dw_k,
-                Some(a) => (a + dw_k)?,
-            });
+            if need.dh {
+                let dh_k = dl.matmul(&wv)?.to_dtype(DType::F32)?;
+                dh_r = Some(match dh_r {
+                    None => dh_k,
+                    Some(a) => (a + dh_k)?,
+                });
+            }
+            if need.dw {
+                let dw_k = dl.t()?.matmul(&hr)?.to_dtype(DType::F32)?;
+                dw_acc[k] = Some(match dw_acc[k].take() {
+                    None => dw_k,
+                    Some(a) => (a + dw_k)?,
+                });
+            }
         }
-        dh_parts.push(dh_r.expect("at least one vocab block"));
+        if let Some(d) = dh_r {
+            dh_parts.push(d);
+        }
     }
-    if !need_grad || n == 0 {
-        let grads = if need_grad {
-            Some((h.zeros_like()?, w.zeros_like()?))
-        } else {
-            None
-        };
-        return Ok((loss, grads));
-    }
-    let dh = Tensor::cat(&dh_parts, 0)?.to_dtype(h.dtype())?;
-    let dw_parts: Vec<Tensor> = dw_acc
-        .into_iter()
-        .map(|t| t.expect("every vocab block"))
-        .collect();
-    let dw = Tensor::cat(&dw_parts, 0)?.to_dtype(w.dtype())?;
-    Ok((loss, Some((dh, dw))))
+    let dh = match need.dh {
+        false => None,
+        true if n == 0 => Some(h.zeros_like()?),
+        true => Some(Tensor::cat(&dh_parts, 0)?.to_dtype(h.dtype())?),
+    };
+    let dw = match need.dw {
+        false => None,
+        true if n == 0 => Some(w.zeros_like()?),
+        true => {
+            let parts: Vec<Tensor> = dw_acc
+                .into_iter()
+                .map(|t| t.expect("every vocab block"))
+                .collect();
+            Some(Tensor::cat(&parts, 0)?.to_dtype(w.dtype())?)
+        }
+    };
+    Ok((loss, dh, dw))
 }
 
 /// Per row of a logits tile (R, Vc) starting at vocab id v0: (max, Σ exp(l − max), l[target]
@@ -329,11 +351,12 @@ impl CustomOp2 for TileGrad {
     }
 }
 
-/// The loss computed in the forward, attached to (h, w) with the gradients it came with.
+/// The loss computed in the forward, attached to (h, w) with the gradients it came with
+/// (`None` for an input that is not tracked).
 struct Attach {
     loss: Precomputed,
-    dh: Tensor,
-    dw: Tensor,
+    dh: Option<Tensor>,
+    dw: Option<Tensor>,
 }
 
 impl CustomOp2 for Attach {
@@ -369,7 +392,11 @@ impl CustomOp2 for Attach {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let scale = |d: &Tensor| d.broadcast_mul(&grad.to_dtype(d.dtype())?);
-        Ok((Some(scale(&self.dh)?), Some(scale(&self.dw)?)))
+        let scale = |d: &Option<Tensor>| -> Result<Option<Tensor>> {
+            d.as_ref()
+                .map(|d| d.broadcast_mul(&grad.to_dtype(d.dtype())?))
+                .transpose()
+        };
+        Ok((scale(&self.dh)?, scale(&self.dw)?))
     }
 }

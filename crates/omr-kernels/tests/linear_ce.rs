@@ -77,6 +77,44 @@ fn matches_unfused_f32() -> Result<()> {
 }
 
 #[test]
+fn frozen_inputs_get_no_gradient() -> Result<()> {
+    // A frozen lm head (LoRA) or frozen hidden states: only the tracked side's gradient is
+    // computed, equal to the full op's, and the untracked side gets none.
+    let (n, c, v) = (21, 32, 200);
+    let h = Var::from_tensor(&rand(96, &[n, c], 1.0, DType::F32)?)?;
+    let w = Var::from_tensor(&rand(97, &[v, c], 0.5, DType::F32)?)?;
+    let t = targets(n, v);
+    let (l0, dh0, dw0) = naive(&h, &w, &t)?;
+    let tt = Tensor::from_vec(t, n, &Device::Cpu)?;
+    let ch = LceChunks { rows: 8, vocab: 64 };
+    let frozen_w = w.as_tensor().detach();
+    let l = linear_cross_entropy(h.as_tensor(), &frozen_w, &tt, ch)?;
+    let g = l.backward()?;
+    check("lce frozen w loss", &l, &l0, 1e-5)?;
+    check(
+        "lce frozen w dh",
+        g.get(h.as_tensor()).expect("dh"),
+        &dh0,
+        1e-5,
+    )?;
+    assert!(g.get(&frozen_w).is_none(), "a frozen head gets no gradient");
+    let frozen_h = h.as_tensor().detach();
+    let l = linear_cross_entropy(&frozen_h, w.as_tensor(), &tt, ch)?;
+    let g = l.backward()?;
+    check(
+        "lce frozen h dw",
+        g.get(w.as_tensor()).expect("dw"),
+        &dw0,
+        1e-5,
+    )?;
+    assert!(
+        g.get(&frozen_h).is_none(),
+        "frozen hidden states get no gradient"
+    );
+    Ok(())
+}
+
+#[test]
 fn bf16_close_to_f32() -> Result<()> {
     let (n, c, v) = (40, 64, 500);
     let h = Var::from_tensor(&rand(92, &[n, c], 1.0, DType::BF16)?)?;

@@ -316,16 +316,11 @@ impl Qwen2VL {
         let picked = h.reshape((b * t, c))?.index_select(&idx, 0)?; // (N, C)
         let head = &self.lm_head;
         if ctx.kernels == Kernels::Fused && head.lora.is_none() && head.bias.is_none() {
-            // Fused linear cross-entropy: no (N, V) logits. It returns a gradient for the
-            // weight whether it trains or not; a frozen head enters as a fresh view (no copy)
-            // so that gradient is never filed under the frozen weight.
-            let w = if head.weight.track_op() {
-                head.weight.clone()
-            } else {
-                head.weight.reshape(head.weight.shape())?
-            };
+            // Fused linear cross-entropy: no (N, V) logits; a frozen head (not tracked) costs
+            // no weight-gradient products.
             let targets = Tensor::from_vec(targets, (n,), &self.device)?;
-            let sum = fused::linear_ce(&picked, &w.to_dtype(picked.dtype())?, &targets)?;
+            let w = head.weight.to_dtype(picked.dtype())?;
+            let sum = fused::linear_ce(&picked, &w, &targets)?;
             return Ok((sum, n));
         }
         let logits = self

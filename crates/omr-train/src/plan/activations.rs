@@ -387,10 +387,13 @@ pub fn count(p: &PlanInput) -> Activations {
         }
         AttentionImpl::Fused => {
             // The fused kernels' linear cross-entropy (omr_kernels::linear_ce): no N × V
-            // logits; dH and dW are computed in the forward (f32 sums) and kept for the
-            // backward, next to one logits tile (LceChunks::default, 2048 × 32768, f32).
+            // logits; dH and (for a head that trains) dW are computed in the forward (f32
+            // sums) and kept for the backward, next to one logits tile (LceChunks::default,
+            // 2048 × 32768, f32).
             head.add(1.0, labelled * c, F32);
-            head.add(1.0, vocab * c, F32);
+            if p.trainable.language {
+                head.add(1.0, vocab * c, F32);
+            }
             head.add(1.0, labelled.min(2048) * vocab.min(32768), F32);
         }
     }

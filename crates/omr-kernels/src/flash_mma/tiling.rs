@@ -1,0 +1,231 @@
+//! The tensor-core attention's tilings (`OMR_MMA`): warps and m-tiles per CTA, the
+//! backward's layout, the dQ atomics' width; each names its entry points in
+//! `kernels/flash_mma.cu` and their dynamic shared memory.
+
+use candle_core::Result;
+
+/// Query rows per backward step (`flash_mma.cu`'s BWD_BR).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const BWD_ROWS: usize = 32;
+
+/// How the kernels tile the work. Each warp takes `fwd_mtiles` tiles of 16 query rows in the
+/// forward (`fwd` warps per CTA) and 16 keys in the backward (`bwd` warps per CTA, 32 query
+/// rows per step); `bwd_r64` runs the backward in FlashAttention-2's layout instead (8 warps,
+/// 128 keys, 64 query rows per step, `flash_bwd64`); `dq4` adds the backward's dQ with
+/// float4 atomics instead of float2. The default is what the last GPU run verified and
+/// measured fastest; the others exist for head dim 128 (the 8-warp backwards also for 64),
+/// and [`Tiling::for_dim`] falls back to the default elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    pub fwd: usize,
+    pub fwd_mtiles: usize,
+    pub bwd: usize,
+    pub bwd_r64: bool,
+    pub dq4: bool,
+}
+
+impl Default for Tiling {
+    fn default() -> Self {
+        Tiling {
+            fwd: 4,
+            fwd_mtiles: 1,
+            bwd: 4,
+            bwd_r64: false,
+            dq4: false,
+        }
+    }
+}
+
+impl Tiling {
+    /// `OMR_MMA`, a comma-separated list of `f4`, `f8`, `f4x2` (forward warps, × m-tiles),
+    /// `b4`, `b8` (backward warps), `b8r64` (the FA2-layout backward) and `q4` (float4 dQ
+    /// atomics), e.g. `f4x2,b8r64,q4`; what it leaves out stays at the default. An unknown
+    /// item is an error.
+    pub fn from_env() -> Result<Tiling> {
+        static T: std::sync::OnceLock<std::result::Result<Tiling, String>> =
+            std::sync::OnceLock::new();
+        T.get_or_init(|| match std::env::var("OMR_MMA") {
+            Ok(v) => Tiling::parse(&v),
+            Err(_) => Ok(Tiling::default()),
+        })
+        .clone()
+        .map_err(candle_core::Error::msg)
+    }
+
+    /// [`Tiling::from_env`]'s syntax.
+    pub fn parse(spec: &str) -> std::result::Result<Tiling, String> {
+        let mut t = Tiling::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item {
+                "f4" => (t.fwd, t.fwd_mtiles) = (4, 1),
+                "f8" => (t.fwd, t.fwd_mtiles) = (8, 1),
+                "f4x2" => (t.fwd, t.fwd_mtiles) = (4, 2),
+                "b4" => (t.bwd, t.bwd_r64) = (4, false),
+                "b8" => (t.bwd, t.bwd_r64) = (8, false),
+                "b8r64" => (t.bwd, t.bwd_r64) = (8, true),
+                "q4" => t.dq4 = true,
+                _ => {
+                    return Err(format!(
+                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, b4, b8, b8r64, q4 (e.g. f4x2,b8r64,q4), or unset it"
+                    ))
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// This tiling for head dim `d`: the variants that do not exist for `d` fall back.
+    pub(super) fn for_dim(self, d: usize) -> Tiling {
+        Tiling {
+            fwd: self.fwd,
+            fwd_mtiles: if d == 128 { self.fwd_mtiles } else { 1 },
+            bwd: if d == 80 { 4 } else { self.bwd },
+            bwd_r64: self.bwd_r64 && d != 80,
+            dq4: self.dq4 && d == 128,
+        }
+    }
+
+    pub(super) fn fwd_rows(self) -> usize {
+        16 * self.fwd * self.fwd_mtiles
+    }
+
+    pub(super) fn bwd_keys(self) -> usize {
+        16 * self.bwd
+    }
+
+    /// The forward's entry point for head dim `d`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn fwd_entry(self, d: usize) -> String {
+        let w = if self.fwd == 8 { "8" } else { "" };
+        let m = if self.fwd_mtiles == 2 { "_m2" } else { "" };
+        format!("flash_mma_fwd{w}{m}_d{d}")
+    }
+
+    /// The backward's entry point for head dim `d`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn bwd_entry(self, d: usize) -> String {
+        let w = match (self.bwd, self.bwd_r64) {
+            (_, true) => "8r64",
+            (8, _) => "8",
+            _ => "",
+        };
+        let q = if self.dq4 { "_q4" } else { "" };
+        format!("flash_mma_bwd{w}{q}_d{d}")
+    }
+
+    /// The backward's dynamic shared memory for head dim `d`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn bwd_smem(self, d: usize) -> usize {
+        if self.bwd_r64 {
+            bwd64_smem(d)
+        } else {
+            bwd_smem(d, self.bwd_keys())
+        }
+    }
+
+    /// The forward's dynamic shared memory: the Q tile when a warp takes two m-tiles.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn fwd_smem(self, d: usize) -> usize {
+        if self.fwd_mtiles > 1 {
+            self.fwd_rows() * (d + 8) * 2
+        } else {
+            0
+        }
+    }
+}
+
+/// The backward's dynamic shared memory for head dim `d` and `keys` keys per CTA: K, the
+/// double-buffered Q and dO, dS^T, then lse, Δ and segment ids, double-buffered.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) fn bwd_smem(d: usize, keys: usize) -> usize {
+    let ld = d + 8;
+    2 * (keys * ld + 4 * BWD_ROWS * ld + keys * (BWD_ROWS + 8)) + 3 * 2 * BWD_ROWS * 4
+}
+
+/// `flash_bwd64`'s dynamic shared memory for head dim `d`: K and V (128 rows), Q and dO
+/// (2 × 64 rows), P and dS (64 × 136 bf16), lse, Δ and segment ids (2 × 64), key segment ids.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bwd64_smem(d: usize) -> usize {
+    let ld = d + 8;
+    2 * (2 * 128 * ld + 4 * 64 * ld + 2 * 64 * 136) + 4 * (3 * 2 * 64 + 128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_sizes_match_the_kernel() {
+        let src = include_str!("../../../../kernels/flash_mma.cu");
+        assert!(src.contains(&format!("#define BWD_BR {BWD_ROWS}\n")));
+        assert!(src.contains("constexpr int BR = BWD_BR, BC = 16 * NW,"));
+        assert!(src.contains("constexpr int BR = 16 * NW * MT, BC = 64,"));
+        // 128-wide heads, 64 keys: K, Q and dO twice each, dS^T, three f32 rows twice.
+        assert_eq!(bwd_smem(128, 64), 58112);
+        // Every entry point a tiling can name, for every head dim, exists with its shape.
+        let all = [
+            "",
+            "f8",
+            "f4x2",
+            "b8",
+            "q4",
+            "f8,b8,q4",
+            "f4x2,b8,q4",
+            "b8r64",
+            "f4x2,b8r64,q4",
+        ];
+        for d in [64, 80, 128] {
+            for spec in all {
+                let t = Tiling::parse(spec).unwrap().for_dim(d);
+                let fwd = format!("{}, {d}, {}, {})", t.fwd_entry(d), t.fwd, t.fwd_mtiles);
+                let dqv = if t.dq4 { 4 } else { 2 };
+                let bwd = if t.bwd_r64 {
+                    format!("BWD64({}, {d}, {dqv})", t.bwd_entry(d))
+                } else {
+                    format!("BWD({}, {d}, {}, {dqv})", t.bwd_entry(d), t.bwd)
+                };
+                assert!(src.contains(&format!("FWD({fwd}\n")), "{spec} d {d}: {fwd}");
+                assert!(src.contains(&format!("{bwd}\n")), "{spec} d {d}: {bwd}");
+            }
+        }
+        // The FA2-layout backward: 8 warps, 128 keys, 64 rows per step; 172 KiB at D 128.
+        assert!(src.contains("constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8;"));
+        assert!(src.contains("__launch_bounds__(256, 1)"));
+        assert_eq!(Tiling::parse("b8r64").unwrap().bwd_keys(), 128);
+        assert_eq!(bwd64_smem(128), 176128);
+        assert_eq!(Tiling::parse("b8r64").unwrap().bwd_smem(128), 176128);
+        assert_eq!(
+            Tiling::parse("f4x2,b8,q4").unwrap().for_dim(80),
+            Tiling {
+                fwd: 4,
+                fwd_mtiles: 1,
+                bwd: 4,
+                bwd_r64: false,
+                dq4: false
+            }
+        );
+        assert_eq!(Tiling::parse("f4x2").unwrap().fwd_smem(128), 128 * 136 * 2);
+        assert_eq!(Tiling::default().fwd_smem(128), 0);
+    }
+
+    #[test]
+    fn tiling_spec() {
+        assert_eq!(Tiling::parse(""), Ok(Tiling::default()));
+        let t = Tiling::parse(" f4x2 , b8,q4").unwrap();
+        assert_eq!((t.fwd, t.fwd_mtiles, t.bwd, t.dq4), (4, 2, 8, true));
+        assert_eq!(t.fwd_rows(), 128);
+        assert_eq!(t.bwd_keys(), 128);
+        let t = Tiling::parse("b8r64,b4").unwrap();
+        assert_eq!(
+            (t.bwd, t.bwd_r64),
+            (4, false),
+            "the last backward item wins"
+        );
+        assert_eq!(
+            Tiling::parse("b8r64").unwrap().for_dim(80),
+            Tiling::default()
+        );
+        let e = Tiling::parse("f4,x9").unwrap_err();
+        assert!(e.contains("\"x9\"") && e.contains("f4x2"), "{e}");
+    }
+}
