@@ -12,9 +12,12 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        12,
-        "one row per timed kernel (attention: kernel and gemm)"
+        13,
+        "one row per timed kernel (linear CE: trained and frozen head; attention: kernel and gemm)"
     );
+    assert!(rows
+        .iter()
+        .any(|r| r.name == "linear CE fwd+dH (frozen head)"));
     for r in &rows {
         assert!(
             r.secs.is_finite() && r.secs > 0.0,
