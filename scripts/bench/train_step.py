@@ -10,11 +10,16 @@ path computes), wall-clock. Prints one JSON object on stdout.
 
     python scripts/bench/train_step.py --config configs/models/qwen2.5-vl-3b.json \
         --batch batch.safetensors --steps 10 --warmup 2 [--device cuda] [--threads N]
-        [--precision fp32|bf16] [--freeze-vision] [--freeze-language]
+        [--precision fp32|bf16] [--freeze-vision] [--freeze-language] [--lora-rank R]
+
+`--lora-rank R`: the base frozen and a LoRA adapter (PEFT's math and init: A Kaiming-uniform,
+B zero, scale alpha / r with alpha = 2r) on every linear layer of the language model's decoder
+layers, as our `all-linear`; written here so that no PEFT install is needed.
 """
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import sys
@@ -22,6 +27,37 @@ import time
 
 import torch
 from safetensors.torch import load_file
+
+
+class LoraLinear(torch.nn.Module):
+    """base(x) + scale · B(A(x)), the base frozen (PEFT's LoRA without dropout)."""
+
+    def __init__(self, base, r, alpha, dev):
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, device=dev)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, device=dev)
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+def add_lora(model, r, alpha, dev):
+    """LoRA on every nn.Linear of the language model's decoder layers (not the vision tower,
+    not the head): the modules our `all-linear` selects."""
+    chosen = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "visual" not in name and ".layers." in name
+    ]
+    if not chosen:
+        sys.exit("--lora-rank: no linear layer of the language model found")
+    for name, m in chosen:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LoraLinear(m, r, alpha, dev))
 
 
 def main():
@@ -38,6 +74,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=0)
     a = ap.parse_args()
 
     import transformers
@@ -67,8 +104,11 @@ def main():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for name, p in model.named_parameters():
         vision = "visual" in name
-        if (vision and a.freeze_vision) or (not vision and a.freeze_language):
+        lora = a.lora_rank > 0
+        if lora or (vision and a.freeze_vision) or (not vision and a.freeze_language):
             p.requires_grad_(False)
+    if a.lora_rank > 0:
+        add_lora(model, a.lora_rank, 2.0 * a.lora_rank, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=cuda)
 

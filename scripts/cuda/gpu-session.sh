@@ -12,7 +12,8 @@
 #      tokens/s, MFU, phases, GPU memory next to `omr plan`'s prediction; the same step with
 #      activation checkpointing and --profile (where the time goes, segment by segment); and
 #      8192-token rows with checkpointing on both sides; the opt-ins not yet measured
-#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192). With `quick`: the tiny
+#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192); the 7B shape with LoRA
+#      rank 16 at T 4096 on both sides. With `quick`: the tiny
 #      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
@@ -91,6 +92,11 @@ if [ -z "$quick" ]; then
     --steps 3 --warmup 1 --activation-checkpointing all
   step train-3b-8k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
+  # PERFORMANCE.md's LoRA anchor: 7B, rank 16 on every decoder linear, T 4096 (NeMo ≈ 14.1k
+  # tokens/s), checkpointing on both sides.
+  step train-7b-lora-4k 150 "$bin" bench train --model-config 7b --device cuda --batch 1 \
+    --image-px 448 --seq 4096 --lora-rank 16 --steps 3 --warmup 1 \
+    --activation-checkpointing all --python "$py" --json "$out/train-7b-lora-4k.json"
 fi
 # Kernel-level profile (CUPTI; scripts/cuda/prof) of the fused 3B step, when built and the
 # machine has libcupti (torch's CUDA 13 wheels bring it): calls and time per kernel, GPU busy

@@ -6,8 +6,10 @@
 //!
 //! The factor 6 is 2 (forward) + 4 (gradients of input and weight). A frozen part that a
 //! gradient must cross costs 4 (input gradient only, `ops::frozen_linear`); a frozen part that
-//! no gradient reaches (the vision tower when nothing in it trains) costs 2. Embedding lookups,
-//! norms, rotary and elementwise ops are not counted (they are memory-bound, not FLOPs).
+//! no gradient reaches (the vision tower when nothing in it trains) costs 2. A LoRA adapter
+//! adds 6·r·(in + out) per token of its module (A and B forward, their weight and input
+//! gradients). Embedding lookups, norms, rotary and elementwise ops are not counted (they are
+//! memory-bound, not FLOPs).
 
 use crate::plan::PlanInput;
 use omr_model::config::Arch;
@@ -27,6 +29,8 @@ pub struct StepFlops {
     pub vision_attention: f64,
     /// Merger linears at the merged tokens.
     pub merger: f64,
+    /// LoRA adapters (A and B of every selected module) at their module's tokens.
+    pub lora: f64,
 }
 
 impl StepFlops {
@@ -37,16 +41,18 @@ impl StepFlops {
             + self.vision_linear
             + self.vision_attention
             + self.merger
+            + self.lora
     }
     /// The parts as (name, flops) for printing.
-    pub fn parts(&self) -> [(&'static str, f64); 6] {
+    pub fn parts(&self) -> [(&'static str, f64); 7] {
         [
-            ("decoder linears 6·N·T", self.text_linear),
+            ("decoder linears 6·N·T (4· frozen)", self.text_linear),
             ("lm head (labelled rows)", self.lm_head),
             ("decoder attention 12·L·T²·C", self.text_attention),
             ("vision linears 6·N·T_patches", self.vision_linear),
             ("vision attention", self.vision_attention),
             ("merger", self.merger),
+            ("LoRA adapters 6·r·(in+out)·T", self.lora),
         ]
     }
 }
@@ -112,7 +118,28 @@ pub fn step_flops(p: &PlanInput) -> StepFlops {
     let merger = merger_mult
         * (patches / f(v.merge_unit()))
         * (merged * merged + merged * f(v.out_hidden_size));
+    // Each adapter at its module's token count: decoder layers at every token, the head at the
+    // labelled rows, vision blocks at the patches, the merger at the merged tokens.
+    let lora = p.lora.as_ref().map_or(0.0, |l| {
+        omr_model::lora::linear_modules(cfg)
+            .iter()
+            .filter(|(n, _)| omr_model::lora::selects(&l.targets, n))
+            .map(|(n, (out, inp))| {
+                let at = if n == "lm_head" {
+                    f(p.labelled)
+                } else if n.starts_with("visual.merger.") {
+                    patches / f(v.merge_unit())
+                } else if n.starts_with("visual.") {
+                    patches
+                } else {
+                    tokens
+                };
+                6.0 * f(l.r) * f(inp + out) * at
+            })
+            .sum()
+    });
     StepFlops {
+        lora,
         text_linear,
         lm_head,
         text_attention,

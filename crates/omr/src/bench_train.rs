@@ -15,6 +15,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 use omr_model::config::ModelConfig;
+use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
 use omr_model::Kernels;
@@ -63,6 +64,10 @@ pub struct BenchTrainArgs {
     pub freeze_vision: bool,
     #[arg(long)]
     pub freeze_language: bool,
+    /// LoRA of this rank on every linear layer of the language model (`all-linear`, alpha
+    /// 2·rank), the whole base frozen, on both sides; 0: no LoRA.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
     /// Python with torch and transformers: run the same step there and print the ratio.
     #[arg(long)]
     pub python: Option<String>,
@@ -261,6 +266,12 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             )))
         }
     };
+    let lora = (a.lora_rank > 0).then(|| LoraConfig {
+        r: a.lora_rank,
+        alpha: 2.0 * a.lora_rank as f64,
+        dropout: 0.0,
+        targets: vec!["all-linear".into()],
+    });
     let cfg_path = config_path(&a.model_config);
     let cfg = ModelConfig::from_file(&cfg_path).usage()?;
     let batch = SyntheticBatch::new(&cfg, a.batch, a.seq, a.image_px, a.seed)
@@ -275,12 +286,13 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         images_per_row: usize::from(a.image_px > 0),
         image_hw: (side, side),
         labelled: batch.labelled(),
+        // LoRA freezes the whole base (`lora::apply`).
         trainable: Trainable {
-            vision: !a.freeze_vision,
-            merger: !a.freeze_vision,
-            language: !a.freeze_language,
+            vision: !a.freeze_vision && lora.is_none(),
+            merger: !a.freeze_vision && lora.is_none(),
+            language: !a.freeze_language && lora.is_none(),
         },
-        lora: None,
+        lora: lora.clone(),
         compute_bytes: if compute == DType::BF16 { 2 } else { 4 },
         attention: if kernels == Kernels::Fused {
             AttentionImpl::Fused
@@ -299,6 +311,9 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     params.set_part_trainable(Part::Vision, !a.freeze_vision);
     params.set_part_trainable(Part::Merger, !a.freeze_vision);
     params.set_part_trainable(Part::Language, !a.freeze_language);
+    if let Some(l) = &lora {
+        omr_model::lora::apply(&mut params, &cfg, l, a.seed)?;
+    }
     let (n_params, n_trainable) = params.counts();
     if n_trainable == 0 {
         return Err(Exit::usage(anyhow::anyhow!(
@@ -315,7 +330,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     let input = batch.input(&device, DType::F32)?;
     let (rss_state, _) = rss();
     eprintln!(
-        "model {} ({:.1} M params, {:.1} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads, {:?} kernels",
+        "model {} ({:.1} M params, {:.3} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads, {:?} kernels",
         cfg_path.display(),
         n_params as f64 / 1e6,
         n_trainable as f64 / 1e6,
@@ -403,11 +418,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     let pct = |x: f64| 100.0 * x / step_s;
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}",
+         activation checkpointing {}{}",
         cfg_path.display(),
         a.seed,
         a.device,
-        a.activation_checkpointing
+        a.activation_checkpointing,
+        match a.lora_rank {
+            0 => String::new(),
+            r => format!(", LoRA rank {r} on every language-model linear layer (base frozen)"),
+        }
     );
     println!(
         "  step {:.1} ms median of {} | {:.0} tokens/s | {:.3} TFLOP/step | {:.2} GFLOP/s achieved{}",
@@ -489,6 +508,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "dtype": precision,
         "kernels": format!("{kernels:?}").to_lowercase(),
         "activation_checkpointing": a.activation_checkpointing,
+        "lora_rank": a.lora_rank,
         "params": n_params,
         "trainable": n_trainable,
         "batch": a.batch,
@@ -576,6 +596,9 @@ fn run_reference(
     }
     if a.freeze_language {
         cmd.arg("--freeze-language");
+    }
+    if a.lora_rank > 0 {
+        cmd.args(["--lora-rank", &a.lora_rank.to_string()]);
     }
     let out = cmd
         .output()

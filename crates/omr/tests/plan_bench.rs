@@ -160,6 +160,7 @@ fn bench_train_tiny_two_steps_reports_sane_fields() {
         "vision_linear",
         "vision_attention",
         "merger",
+        "lora",
     ]
     .iter()
     .map(|k| v["flops"][k].as_f64().unwrap())
@@ -177,4 +178,67 @@ fn bench_train_tiny_two_steps_reports_sane_fields() {
     assert!((losses[0] - (2048f64).ln()).abs() < 0.5, "{losses:?}");
     assert!(losses.iter().all(|l| l.is_finite()));
     assert!(f("peak_rss_mib") > 0.0 && f("plan_step_growth_mib") > 0.0);
+}
+
+#[test]
+fn bench_train_with_lora_trains_only_the_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let args = |rank: &'static str| {
+        [
+            "bench",
+            "train",
+            "--model-config",
+            "tiny",
+            "--seq",
+            "64",
+            "--image-px",
+            "56",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--lora-rank",
+            rank,
+            "--json",
+            json.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let run = |rank: &'static str| -> Value {
+        let a = args(rank);
+        let o = omr(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        if rank != "0" {
+            assert!(t.contains("LoRA rank 4"), "{t}");
+        }
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let (full, lora) = (run("0"), run("4"));
+    assert_eq!(lora["lora_rank"], 4);
+    // Tiny dims: 4 layers of q, k, v, o (128 → 128, 64, 64, 128 ← 128) and gate, up, down
+    // (128 ↔ 384); an adapter of rank 4 holds 4 · (in + out) parameters.
+    let per_layer = 4 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 384) * 3);
+    assert_eq!(lora["trainable"], 4 * per_layer);
+    assert_eq!(
+        lora["params"].as_u64().unwrap(),
+        full["params"].as_u64().unwrap() + 4 * per_layer as u64
+    );
+    // B starts at zero: the first loss is the base model's, the same random init.
+    assert_eq!(lora["losses"][0], full["losses"][0]);
+    // The frozen base has no weight gradients: 4·N·T for the decoder linears, 2·N·T for the
+    // vision tower no gradient reaches; the adapters add 6·r·(in + out) per token.
+    let flops = |v: &Value, k: &str| v["flops"][k].as_f64().unwrap();
+    assert_eq!(
+        flops(&lora, "text_linear"),
+        flops(&full, "text_linear") * 4.0 / 6.0
+    );
+    assert_eq!(
+        flops(&lora, "vision_linear"),
+        flops(&full, "vision_linear") * 2.0 / 6.0
+    );
+    assert_eq!(flops(&lora, "lora"), 6.0 * 64.0 * (4 * per_layer) as f64);
+    assert_eq!(flops(&full, "lora"), 0.0);
+    assert!(lora["flops_total"].as_f64().unwrap() < full["flops_total"].as_f64().unwrap());
 }
