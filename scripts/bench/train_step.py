@@ -102,12 +102,12 @@ def main():
     model.train()
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = a.lora_rank > 0
     for name, p in model.named_parameters():
         vision = "visual" in name
-        lora = a.lora_rank > 0
         if lora or (vision and a.freeze_vision) or (not vision and a.freeze_language):
             p.requires_grad_(False)
-    if a.lora_rank > 0:
+    if lora:
         add_lora(model, a.lora_rank, 2.0 * a.lora_rank, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=cuda)
