@@ -57,7 +57,7 @@ impl Source for Fake {
                     shard: self.shards[0].clone(),
                     row: b.first_row + r,
                 };
-                if self.bad_every > 0 && origin.row % self.bad_every == 0 {
+                if self.bad_every > 0 && origin.row.is_multiple_of(self.bad_every) {
                     return Err((origin, Reason::ImageEmpty));
                 }
                 Ok(Sample {

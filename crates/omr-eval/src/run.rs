@@ -333,7 +333,7 @@ pub fn score(
         .map(|(item, reply)| {
             let record = score_one(item, reply, judge)?;
             let k = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if progress && (k % every == 0 || k == n) {
+            if progress && (k.is_multiple_of(every) || k == n) {
                 eprintln!(
                     "{}: {k}/{n} items judged ({:.0}s)",
                     g.model,

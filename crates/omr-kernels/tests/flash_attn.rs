@@ -41,7 +41,9 @@ impl Case {
             q_seg: Some(Tensor::from_slice(&q, (self.b, self.t), dev)?),
             k_seg: Some(Tensor::from_slice(&k, (self.b, self.s), dev)?),
             // Every other mask plans from the host ids, the rest from the device's.
-            host: ((self.b + self.t) % 2 == 0).then(|| std::sync::Arc::new((q, k))),
+            host: (self.b + self.t)
+                .is_multiple_of(2)
+                .then(|| std::sync::Arc::new((q, k))),
             plans: Default::default(),
         })
     }

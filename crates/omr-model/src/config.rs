@@ -260,13 +260,13 @@ impl ModelConfig {
         if let Some((k, _)) = nonzero.iter().find(|(_, x)| *x == 0) {
             return Err(format!("`{k}` must be positive"));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if t.head_dim % 2 != 0 || t.mrope_section.len() != 3 {
+        if !t.head_dim.is_multiple_of(2) || t.mrope_section.len() != 3 {
             return Err("mrope_section must have 3 entries and head_dim must be even".into());
         }
         if t.mrope_section.iter().sum::<usize>() != t.head_dim / 2 {
@@ -276,7 +276,7 @@ impl ModelConfig {
                 t.head_dim / 2
             ));
         }
-        if v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) || !v.head_dim().is_multiple_of(4) {
             return Err(format!(
                 "vision hidden size {} must split into {} heads whose dim is a multiple of 4",
                 v.hidden_size, v.num_heads

@@ -75,7 +75,7 @@ fn batch(ids: &TokenIds, text_len: usize) -> (Input, Vec<Vec<i64>>) {
     let row0 = [a.clone(), b.clone()].concat();
     let t = row0.len();
     let row1: Vec<u32> = (0..t).map(|i| 7 + (i * 3 % 80) as u32).collect();
-    let lens0 = vec![a.len(), b.len()];
+    let lens0 = [a.len(), b.len()];
     let mut seg1 = vec![1u32; t - 5];
     seg1.resize(t, 0);
     let label = |row: &[u32], from: usize, keep: &dyn Fn(usize) -> bool| -> Vec<i64> {

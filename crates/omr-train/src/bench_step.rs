@@ -54,7 +54,7 @@ impl SyntheticBatch {
     ) -> Result<SyntheticBatch, String> {
         let v = &cfg.vision;
         let unit = v.patch_size * v.spatial_merge_size;
-        if image_px % unit != 0 {
+        if !image_px.is_multiple_of(unit) {
             return Err(format!(
                 "image side {image_px} px must be a multiple of patch·merge = {unit}"
             ));

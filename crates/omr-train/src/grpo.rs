@@ -463,7 +463,7 @@ pub fn run_with(
         }
 
         // completions log
-        if g.completions_every > 0 && step % g.completions_every == 0 {
+        if g.completions_every > 0 && step.is_multiple_of(g.completions_every) {
             let names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
             let mut k = 0usize;
             for gr in groups.iter().take(g.completions_groups) {
@@ -588,7 +588,7 @@ pub fn run_with(
 
         // eval
         let last = step == cfg.train.max_steps;
-        let eval_due = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
+        let eval_due = cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps);
         if let Some(set) = &eval_set {
             if eval_due || last {
                 last_eval = eval::evaluate_run(

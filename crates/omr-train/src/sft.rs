@@ -304,7 +304,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
 
         // eval
         let last = step == max_steps;
-        let eval_due = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
+        let eval_due = cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps);
         if let Some(set) = &eval_set {
             if eval_due || last {
                 last_eval = eval::evaluate_run(

@@ -83,7 +83,7 @@ fn fused_kernels_update_in_place() {
     assert_eq!(by(&fused.optim_rows, "AdamW temporaries"), 0);
     assert_eq!(
         by(&fused.optim_rows, "gradients"),
-        2 * count_params(&p).trainable as u64
+        2 * count_params(&p).trainable
     );
 }
 
