@@ -97,6 +97,9 @@ if [ -z "$quick" ]; then
   step train-7b-lora-4k 150 "$bin" bench train --model-config 7b --device cuda --batch 1 \
     --image-px 448 --seq 4096 --lora-rank 16 --steps 3 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-7b-lora-4k.json"
+  step train-7b-lora-4k-block 120 env OMR_BLOCK_OP=1 "$bin" bench train --model-config 7b \
+    --device cuda --batch 1 --image-px 448 --seq 4096 --lora-rank 16 --steps 3 --warmup 1 \
+    --activation-checkpointing all
 fi
 # Kernel-level profile (CUPTI; scripts/cuda/prof) of the fused 3B step, when built and the
 # machine has libcupti (torch's CUDA 13 wheels bring it): calls and time per kernel, GPU busy

@@ -1,5 +1,6 @@
 //! A decoder layer (and a Qwen2.5-VL vision block) as one autograd op on the fused path
-//! (opt-in: `OMR_BLOCK_OP=1`, or [`with_block_op`]).
+//! (opt-in: `OMR_BLOCK_OP=1`, or [`with_block_op`]). Decoder layers carry LoRA adapters
+//! (without dropout) in the op too.
 //!
 //! candle's backward starts every gradient it accumulates from `zeros_like` and adds into it
 //! (`GradStore::or_insert`), once per graph node and argument: about 40 adds per decoder
@@ -43,8 +44,18 @@ pub fn with_block_op<R>(on: bool, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// A LoRA adapter of one linear, y += scale · (x Aᵀ) Bᵀ with A (r, I) and B (O, r), in a
+/// forward that draws no dropout mask.
+#[derive(Clone)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
 /// The weights of one decoder layer (compute copies on a GPU), in the order their gradients
-/// are returned: norms as stored (their gradient is cast back), projections (O, I).
+/// are returned: norms as stored (their gradient is cast back), projections (O, I), then A and
+/// B of each adapter.
 pub struct DecoderWeights {
     pub input_norm: Tensor,
     pub q: (Tensor, Option<Tensor>),
@@ -55,11 +66,25 @@ pub struct DecoderWeights {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// Adapters of q, k, v, o, gate, up, down (in [`LINEARS`]' order).
+    pub lora: [Option<Adapter>; 7],
 }
 
+/// The layer's linears, the order of [`DecoderWeights::lora`].
+const LINEARS: usize = 7;
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+/// Parameters before the adapters' A and B (norms, weights, biases).
+const BASE_PARAMS: usize = 12;
+
 impl DecoderWeights {
-    fn params(&self) -> [Option<&Tensor>; 12] {
-        [
+    fn params(&self) -> Vec<Option<&Tensor>> {
+        let mut p = vec![
             Some(&self.input_norm),
             Some(&self.q.0),
             self.q.1.as_ref(),
@@ -72,7 +97,12 @@ impl DecoderWeights {
             Some(&self.gate),
             Some(&self.up),
             Some(&self.down),
-        ]
+        ];
+        for ad in &self.lora {
+            p.push(ad.as_ref().map(|a| &a.a));
+            p.push(ad.as_ref().map(|a| &a.b));
+        }
+        p
     }
 }
 
@@ -105,30 +135,49 @@ pub fn decoder_layer(
     let dt = x.dtype();
     let xd = x.detach();
     let det = |t: &Tensor| t.detach();
-    let lin = |x: &Tensor, (w, b): &(Tensor, Option<Tensor>)| {
-        ops::linear(x, &det(w), b.as_ref().map(det).as_ref())
+    let ads: [Option<Adapter>; LINEARS] = w.lora.clone().map(|ad| {
+        ad.map(|ad| Adapter {
+            a: det(&ad.a),
+            b: det(&ad.b),
+            scale: ad.scale,
+        })
+    });
+    // Linear `li` on x: x Wᵀ (+ b) + scale · (x Aᵀ) Bᵀ, and x Aᵀ for the backward.
+    let lin = |li: usize, x: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
+        let y = ops::linear(x, &det(w), bias.map(det).as_ref())?;
+        match &ads[li] {
+            None => Ok::<_, candle_core::Error>((y, None)),
+            Some(ad) => {
+                let xa = matmul_t(x, &ad.a)?;
+                let y = (y + (matmul_t(&xa, &ad.b)? * ad.scale)?)?;
+                Ok((y, Some(xa)))
+            }
+        }
     };
     crate::fused::count_block();
     // Forward without a graph; what the backward needs is kept.
     let w_in = det(&w.input_norm).to_dtype(dt)?;
     let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
-    let q = lin(&hs, &w.q)?.reshape((b, t, h, d))?;
-    let k = lin(&hs, &w.k)?.reshape((b, t, kv, d))?;
-    let v = lin(&hs, &w.v)?.reshape((b, t, kv, d))?;
+    let (q, xa_q) = lin(Q, &hs, &w.q.0, w.q.1.as_ref())?;
+    let (k, xa_k) = lin(K, &hs, &w.k.0, w.k.1.as_ref())?;
+    let (v, xa_v) = lin(V, &hs, &w.v.0, w.v.1.as_ref())?;
+    let q = q.reshape((b, t, h, d))?;
+    let k = k.reshape((b, t, kv, d))?;
+    let v = v.reshape((b, t, kv, d))?;
     let qr = omr_kernels::rotary(&q, cos, sin)?;
     let kr = omr_kernels::rotary(&k, cos, sin)?;
     let scale = 1.0 / (d as f64).sqrt();
     let (a, attn) = omr_kernels::attention_forward(&qr, &kr, &v, mask, scale)?;
     let a2 = a.reshape((b, t, h * d))?;
-    let wo = det(&w.o);
-    let x2 = (&xd + matmul_t(&a2, &wo)?)?;
+    let (ao, xa_o) = lin(O, &a2, &w.o, None)?;
+    let x2 = (&xd + ao)?;
     let w_post = det(&w.post_norm).to_dtype(dt)?;
     let hs2 = omr_kernels::rmsnorm(&x2, &w_post, eps)?;
-    let (wg, wu, wd) = (det(&w.gate), det(&w.up), det(&w.down));
-    let gt = matmul_t(&hs2, &wg)?;
-    let up = matmul_t(&hs2, &wu)?;
+    let (gt, xa_gate) = lin(GATE, &hs2, &w.gate, None)?;
+    let (up, xa_up) = lin(UP, &hs2, &w.up, None)?;
     let g = omr_kernels::swiglu(&gt, &up)?;
-    let y = (&x2 + matmul_t(&g, &wd)?)?;
+    let (down, xa_down) = lin(DOWN, &g, &w.down, None)?;
+    let y = (&x2 + down)?;
 
     let params = w.params();
     let need: Vec<bool> = params
@@ -136,11 +185,12 @@ pub fn decoder_layer(
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
     let norm_dtypes = (w.input_norm.dtype(), w.post_norm.dtype());
-    let (wq, wk, wv) = (det(&w.q.0), det(&w.k.0), det(&w.v.0));
+    let ws = [&w.q.0, &w.k.0, &w.v.0, &w.o, &w.gate, &w.up, &w.down].map(det);
+    let xa = [xa_q, xa_k, xa_v, xa_o, xa_gate, xa_up, xa_down];
     let (cos, sin) = (cos.clone(), sin.clone());
     let rows = b * t;
     let need_c = need.clone();
-    // dL/dy → (dL/dx, the gradient of each of the 12 parameters that needs one).
+    // dL/dy → (dL/dx, the gradient of each parameter that needs one).
     let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
         let gr = Grads {
             rows,
@@ -151,27 +201,45 @@ pub fn decoder_layer(
             |i, g: &Tensor| gr.db(i, g),
             |x: &Tensor| gr.flat(x),
         );
+        let mut lora_grads: Vec<Option<Tensor>> = vec![None; 2 * LINEARS];
+        // Through linear `li` with input x and output gradient g: dL/dx, and its adapter's
+        // gradients into `lora_grads`.
+        let mut back = |li: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
+            let dx = matmul_nt(g, &ws[li])?;
+            let (Some(ad), Some(xa)) = (&ads[li], &xa[li]) else {
+                return Ok(dx);
+            };
+            let gb = (matmul_nt(g, &ad.b)? * ad.scale)?; // scale · g B: (…, r)
+            let (ia, ib) = (BASE_PARAMS + 2 * li, BASE_PARAMS + 2 * li + 1);
+            lora_grads[2 * li] = gr.dw(ia, &gb, x)?; // (r, I)
+            lora_grads[2 * li + 1] = match gr.dw(ib, g, xa)? {
+                Some(g) => Some((g * ad.scale)?), // scale · gᵀ (x Aᵀ): (O, r)
+                None => None,
+            };
+            dx + matmul_nt(&gb, &ad.a)?
+        };
         let dy = dy.to_dtype(dt)?;
         // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ
-        let dg = matmul_nt(&dy, &wd)?;
+        let dg = back(DOWN, &dy, &g)?;
         let d_down = dw(11, &dy, &g)?;
         let (dgt, dup) = omr_kernels::swiglu::backward(&gt, &up, &dg)?;
         let d_gate = dw(9, &dgt, &hs2)?;
         let d_up = dw(10, &dup, &hs2)?;
-        let dhs2 = (matmul_nt(&dgt, &wg)? + matmul_nt(&dup, &wu)?)?;
+        let dhs2 = (back(GATE, &dgt, &hs2)? + back(UP, &dup, &hs2)?)?;
         let (dx2n, dw_post) = omr_kernels::rmsnorm::backward(&x2, &w_post, &dhs2, eps)?;
         let dx2 = (&dy + dx2n)?;
         // Attention: x2 = x + attn(rot(q), rot(k), v)·Woᵀ
-        let da = matmul_nt(&dx2, &wo)?.reshape((b, t, h, d))?;
+        let da = back(O, &dx2, &a2)?.reshape((b, t, h, d))?;
         let d_o = dw(7, &dx2, &a2)?;
         let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
         let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
         let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
         let dv = dv.to_dtype(dt)?;
         let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
-        let dhs = (dq.matmul(&wq)? + dk.matmul(&wk)? + dv.matmul(&wv)?)?.reshape((b, t, c))?;
+        let dhs =
+            (back(Q, &dq, &hs)? + back(K, &dk, &hs)? + back(V, &dv, &hs)?)?.reshape((b, t, c))?;
         let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
-        let grads = vec![
+        let mut grads = vec![
             gr.norm(0, dw_in, norm_dtypes.0)?,
             dw(1, &dq, &hs)?,
             db(2, &dq)?,
@@ -185,6 +253,7 @@ pub fn decoder_layer(
             d_up,
             d_down,
         ];
+        grads.extend(lora_grads);
         Ok(((dx2 + dxn)?, grads))
     };
     attach_chain(x, &params, &need, y, backward)

@@ -65,6 +65,17 @@ impl LoraAdapter {
         }))
     }
 
+    /// A, B and the scale when this forward draws no dropout mask (no dropout configured, or
+    /// `ctx` without a dropout seed): what a layer run as one op ([`crate::block`]) needs.
+    pub fn without_dropout(&self, ctx: &Ctx) -> Option<crate::block::Adapter> {
+        let draws = ctx.dropout_seed.is_some() && self.dropout > 0.0;
+        (!draws).then(|| crate::block::Adapter {
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+        })
+    }
+
     /// The dropout mask of this forward for module `name`, scaled by 1/keep; `None` when no
     /// dropout applies. x: (…, I)
     fn dropout_mask(

@@ -206,7 +206,7 @@ impl Layer {
             if self.as_one_op(x, ctx) {
                 return block::decoder_layer(
                     x,
-                    &self.weights(),
+                    &self.weights(ctx),
                     DecoderDims {
                         heads: h,
                         kv_heads: kv,
@@ -251,21 +251,29 @@ impl Layer {
 }
 
 impl Layer {
-    /// Whether this layer runs as one op ([`block`]): opted in, fused kernels, no LoRA.
-    fn as_one_op(&self, x: &Tensor, ctx: &Ctx) -> bool {
-        let linears = [
+    fn linears(&self) -> [&Linear; 7] {
+        [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ];
+        ]
+    }
+
+    /// Whether this layer runs as one op ([`block`]): opted in, fused kernels, no LoRA
+    /// dropout mask in this forward.
+    fn as_one_op(&self, x: &Tensor, ctx: &Ctx) -> bool {
         ctx.kernels == Kernels::Fused
             && block::block_op_enabled()
             && block::supports(x)
-            && linears.iter().all(|l| l.lora.is_none())
+            && self.linears().iter().all(|l| {
+                l.lora
+                    .as_ref()
+                    .is_none_or(|a| a.without_dropout(ctx).is_some())
+            })
             && [&self.o, &self.gate, &self.up, &self.down]
                 .iter()
                 .all(|l| l.bias.is_none())
     }
 
-    fn weights(&self) -> DecoderWeights {
+    fn weights(&self, ctx: &Ctx) -> DecoderWeights {
         let wb = |l: &Linear| (l.weight.clone(), l.bias.clone());
         DecoderWeights {
             input_norm: self.input_norm.clone(),
@@ -277,6 +285,9 @@ impl Layer {
             gate: self.gate.weight.clone(),
             up: self.up.weight.clone(),
             down: self.down.weight.clone(),
+            lora: self
+                .linears()
+                .map(|l| l.lora.as_ref().and_then(|a| a.without_dropout(ctx))),
         }
     }
 }

@@ -144,3 +144,81 @@ fn block_op_in_bf16() {
         }
     }
 }
+
+/// LoRA of rank 4 on every decoder linear (B drawn away from zero so that every adapter
+/// gradient is non-trivial), on a frozen base and on a base partly trained with it.
+fn with_lora(dropout: f64) -> Params {
+    let (cfg, mut params) = model_params("qwen25vl");
+    let lora = omr_model::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        targets: vec!["all-linear".into()],
+    };
+    omr_model::lora::apply(&mut params, &cfg, &lora, 7).unwrap();
+    let bs: Vec<(String, Tensor)> = params
+        .trainable()
+        .filter(|(n, _)| n.ends_with("lora_B.weight"))
+        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+        .collect();
+    assert!(!bs.is_empty());
+    for (n, b) in bs {
+        let r = Tensor::randn(0f32, 0.05, b.shape(), b.device()).unwrap();
+        params.insert(n, &r, true).unwrap();
+    }
+    params
+}
+
+#[test]
+fn block_op_with_lora_matches_the_per_op_path() {
+    let inputs = Inputs::load("qwen25vl");
+    let (input, labels) = packed(&inputs);
+    let params = with_lora(0.0);
+    compare("LoRA, frozen base", &params, &input, &labels, 1e-4);
+    compare(
+        "LoRA, padded",
+        &params,
+        &inputs.padded(),
+        &inputs.labels,
+        1e-4,
+    );
+    // A trainable base weight and bias under an adapter: both paths give them gradients too.
+    let mut params = with_lora(0.0);
+    params.set_trainable(
+        |n| {
+            n == "model.layers.1.mlp.down_proj.weight"
+                || n == "model.layers.0.self_attn.q_proj.bias"
+                || n == "model.layers.0.self_attn.k_proj.weight"
+        },
+        true,
+    );
+    compare("LoRA, partly trained base", &params, &input, &labels, 1e-4);
+}
+
+/// A forward that draws LoRA dropout masks keeps the decoder layers on the per-op path (the
+/// masks are drawn there), and the loss is the per-op one.
+#[test]
+fn lora_dropout_keeps_decoder_layers_per_op() {
+    let (cfg, _) = model_params("qwen25vl");
+    let params = with_lora(0.1);
+    let inputs = Inputs::load("qwen25vl");
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let ctx = Ctx {
+        dropout_seed: Some(3),
+        ..fused_ctx()
+    };
+    let run = |block: bool| {
+        with_block_op(block, || {
+            let before = fused::calls().rmsnorm;
+            let (sum, _) = model.loss(&inputs.padded(), &inputs.labels, &ctx).unwrap();
+            (
+                sum.to_scalar::<f32>().unwrap(),
+                fused::calls().rmsnorm - before,
+            )
+        })
+    };
+    let ((l0, n0), (l1, n1)) = (run(false), run(true));
+    // Only the vision blocks (no adapters there) left the per-op path.
+    assert_eq!(n0 - n1, 2 * cfg.vision.depth);
+    assert!((l1 - l0).abs() <= 1e-5 * l0.abs(), "loss {l1} vs {l0}");
+}

@@ -8,7 +8,8 @@
 //! of every parameter are computed on the CPU with candle ops (the reference) and on `dev`
 //! with candle ops, with the fused kernels, with the fused kernels plus activation
 //! checkpointing of both stacks, and with each decoder layer as one op (`omr_model::block`),
-//! with and without checkpointing. Then two AdamW steps on the reference gradients, on the CPU
+//! with and without checkpointing; and, with LoRA adapters on a frozen base, the fused
+//! per-op adapters and the one-op layers carrying them. Then two AdamW steps on the reference gradients, on the CPU
 //! with candle ops and on `dev` with the fused update, are compared by their parameter
 //! deltas. On the CPU the same comparisons run (the fused ops' CPU references against candle
 //! ops): that is how `tests/device_check.rs` exercises this file.
@@ -262,8 +263,72 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                 )?);
             }
         }
+        // LoRA on the padded batch: the per-op adapters and the adapters inside one-op layers.
+        let (cpu_lora, dev_lora) = lora_params(&cfg, dev)?;
+        let (_, cin, labels) = &cpu_batches[0];
+        let (_, din, _) = &dev_batches[0];
+        let reference = run(
+            &cfg,
+            &cpu_lora,
+            cin,
+            labels,
+            Kernels::Candle,
+            Recompute::NONE,
+        )?;
+        for (block, label) in [(false, "fused, LoRA"), (true, "fused, one op, LoRA")] {
+            let before = fused::calls();
+            let r = omr_model::block::with_block_op(block, || {
+                run(
+                    &cfg,
+                    &dev_lora,
+                    din,
+                    labels,
+                    Kernels::Fused,
+                    Recompute::NONE,
+                )
+            })?;
+            let after = fused::calls();
+            let ops = (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+            out.push(compare(
+                format!("{shape} padded: {} {label}", dev_name(dev)),
+                &r,
+                &reference,
+                ops,
+            ));
+        }
     }
     Ok(out)
+}
+
+/// The model of the checks with LoRA rank 4 on every decoder linear (base frozen), on the CPU
+/// and on `dev`: A as `lora::apply` draws it, B drawn away from zero (the same values on both)
+/// so that every adapter gradient is non-trivial.
+fn lora_params(cfg: &ModelConfig, dev: &Device) -> crate::Result<(Params, Params)> {
+    let lora = omr_model::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["all-linear".into()],
+    };
+    let mut cpu = Params::init(cfg, 5, 0.02, &Device::Cpu)?;
+    let mut on_dev = Params::init(cfg, 5, 0.02, dev)?;
+    omr_model::lora::apply(&mut cpu, cfg, &lora, 9)?;
+    omr_model::lora::apply(&mut on_dev, cfg, &lora, 9)?;
+    let bs: Vec<(String, Vec<usize>)> = cpu
+        .trainable()
+        .filter(|(n, _)| n.ends_with(".lora_B.weight"))
+        .map(|(n, v)| (n.to_string(), v.dims().to_vec()))
+        .collect();
+    for (k, (name, dims)) in bs.into_iter().enumerate() {
+        let n: usize = dims.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|i| 0.05 * (((i * 7 + k * 13) % 17) as f32 / 8.0 - 1.0))
+            .collect();
+        let b = Tensor::from_vec(vals, dims, &Device::Cpu)?;
+        cpu.insert(name.clone(), &b, true)?;
+        on_dev.insert(name, &b, true)?;
+    }
+    Ok((cpu, on_dev))
 }
 
 fn internal(e: impl std::fmt::Display) -> crate::TrainError {

@@ -10,12 +10,13 @@ use omr_train::device_check::{format, model_checks, TOL};
 fn model_checks_pass_on_the_cpu() {
     let checks = model_checks(&Device::Cpu).unwrap();
     println!("{}", format(&checks));
-    // 2 shapes × 2 batches × 5 paths, and one optimizer check per shape.
-    assert_eq!(checks.len(), 22);
+    // 2 shapes × 2 batches × 5 paths, two LoRA paths and one optimizer check per shape.
+    assert_eq!(checks.len(), 26);
     assert_eq!(
         checks.iter().filter(|c| c.name.contains("one op")).count(),
-        8
+        10
     );
+    assert_eq!(checks.iter().filter(|c| c.name.contains("LoRA")).count(), 4);
     for c in &checks {
         assert!(c.ok(), "{c:?} (tolerance {TOL})");
         if c.name.contains("candle ops") {
