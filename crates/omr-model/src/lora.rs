@@ -68,12 +68,16 @@ impl LoraAdapter {
     /// A, B and the scale when this forward draws no dropout mask (no dropout configured, or
     /// `ctx` without a dropout seed): what a layer run as one op ([`crate::block`]) needs.
     pub fn without_dropout(&self, ctx: &Ctx) -> Option<crate::block::Adapter> {
-        let draws = ctx.dropout_seed.is_some() && self.dropout > 0.0;
-        (!draws).then(|| crate::block::Adapter {
+        (!self.draws_dropout(ctx)).then(|| crate::block::Adapter {
             a: self.a.clone(),
             b: self.b.clone(),
             scale: self.scale,
         })
+    }
+
+    /// Whether this forward draws a dropout mask (then `dropout_mask` returns one).
+    pub fn draws_dropout(&self, ctx: &Ctx) -> bool {
+        ctx.dropout_seed.is_some() && self.dropout > 0.0
     }
 
     /// The dropout mask of this forward for module `name`, scaled by 1/keep; `None` when no
@@ -84,7 +88,7 @@ impl LoraAdapter {
         name: &str,
         ctx: &Ctx,
     ) -> candle_core::Result<Option<Tensor>> {
-        let Some(seed) = ctx.dropout_seed.filter(|_| self.dropout > 0.0) else {
+        let Some(seed) = ctx.dropout_seed.filter(|_| self.draws_dropout(ctx)) else {
             return Ok(None);
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ crate::params::fnv1a(name.as_bytes()));

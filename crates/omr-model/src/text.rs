@@ -263,11 +263,10 @@ impl Layer {
         ctx.kernels == Kernels::Fused
             && block::block_op_enabled()
             && block::supports(x)
-            && self.linears().iter().all(|l| {
-                l.lora
-                    .as_ref()
-                    .is_none_or(|a| a.without_dropout(ctx).is_some())
-            })
+            && self
+                .linears()
+                .iter()
+                .all(|l| l.lora.as_ref().is_none_or(|a| !a.draws_dropout(ctx)))
             && [&self.o, &self.gate, &self.up, &self.down]
                 .iter()
                 .all(|l| l.bias.is_none())
