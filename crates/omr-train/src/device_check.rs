@@ -175,12 +175,12 @@ fn compare(name: String, r: &Run, reference: &Run, fused_ops: usize) -> ModelChe
     }
 }
 
+/// A batch of the checks: its name, the model input and the labels.
+type Batch = (&'static str, Input, Vec<Vec<i64>>);
+
 /// The padded batch (B = 2 rows of T tokens, one image each) and a packed one: row 0 holds
 /// two documents (the image document, then a text one), row 1 one.
-fn batches(
-    cfg: &ModelConfig,
-    dev: &Device,
-) -> crate::Result<Vec<(&'static str, Input, Vec<Vec<i64>>)>> {
+fn batches(cfg: &ModelConfig, dev: &Device) -> crate::Result<Vec<Batch>> {
     let b = SyntheticBatch::new(cfg, 2, 96, 112, 11).map_err(crate::TrainError::Internal)?;
     let padded = b.input(dev, DType::F32)?;
     let t = b.input_ids[0].len();
