@@ -135,21 +135,25 @@ pub fn decoder_layer(
     let dt = x.dtype();
     let xd = x.detach();
     let det = |t: &Tensor| t.detach();
-    let ads: [Option<Adapter>; LINEARS] = w.lora.clone().map(|ad| {
-        ad.map(|ad| Adapter {
-            a: det(&ad.a),
-            b: det(&ad.b),
-            scale: ad.scale,
-        })
-    });
-    // Linear `li` on x: x Wᵀ (+ b) + scale · (x Aᵀ) Bᵀ, and x Aᵀ for the backward.
+    // The adapters with B scaled once here (O × r), not each (…, O) output.
+    let mut ads: [Option<Adapter>; LINEARS] = Default::default();
+    for (slot, ad) in ads.iter_mut().zip(&w.lora) {
+        if let Some(ad) = ad {
+            *slot = Some(Adapter {
+                a: det(&ad.a),
+                b: (det(&ad.b) * ad.scale)?,
+                scale: ad.scale,
+            });
+        }
+    }
+    // Linear `li` on x: x Wᵀ (+ b) + (x Aᵀ)(scale · B)ᵀ, and x Aᵀ for the backward.
     let lin = |li: usize, x: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
         let y = ops::linear(x, &det(w), bias.map(det).as_ref())?;
         match &ads[li] {
             None => Ok::<_, candle_core::Error>((y, None)),
             Some(ad) => {
                 let xa = matmul_t(x, &ad.a)?;
-                let y = (y + (matmul_t(&xa, &ad.b)? * ad.scale)?)?;
+                let y = (y + matmul_t(&xa, &ad.b)?)?;
                 Ok((y, Some(xa)))
             }
         }
@@ -209,7 +213,7 @@ pub fn decoder_layer(
             let (Some(ad), Some(xa)) = (&ads[li], &xa[li]) else {
                 return Ok(dx);
             };
-            let gb = (matmul_nt(g, &ad.b)? * ad.scale)?; // scale · g B: (…, r)
+            let gb = matmul_nt(g, &ad.b)?; // g (scale · B): (…, r)
             let (ia, ib) = (BASE_PARAMS + 2 * li, BASE_PARAMS + 2 * li + 1);
             lora_grads[2 * li] = gr.dw(ia, &gb, x)?; // (r, I)
             lora_grads[2 * li + 1] = match gr.dw(ib, g, xa)? {

@@ -126,22 +126,25 @@ impl LoraAdapter {
                 Some(m) => x.mul(m)?,
                 None => x.clone(),
             };
-            return crate::ops::linear(x, w, bias)?
-                .add(&(matmul_t(&matmul_t(&xd, &self.a)?, &self.b)? * self.scale)?);
+            // B scaled (O × r) rather than the (…, O) output: one pass less over it.
+            return crate::ops::linear(x, w, bias)?.add(&matmul_t(
+                &matmul_t(&xd, &self.a)?,
+                &(&self.b * self.scale)?,
+            )?);
         }
-        let (xv, a, b) = (x.detach(), self.a.detach(), self.b.detach());
+        let (xv, a) = (x.detach(), self.a.detach());
+        let bs = (self.b.detach() * self.scale)?; // scale · B
         let xd = match &mask {
             Some(m) => xv.mul(m)?,
             None => xv.clone(),
         };
-        let y = crate::ops::linear(&xv, w, bias)?
-            .add(&(matmul_t(&matmul_t(&xd, &a)?, &b)? * self.scale)?)?;
+        let y = crate::ops::linear(&xv, w, bias)?.add(&matmul_t(&matmul_t(&xd, &a)?, &bs)?)?;
         let (w, scale) = (w.clone(), self.scale);
         crate::ops::attach_grad3([x, &self.a, &self.b], y, move |g| {
             let (o, i) = w.dims2()?;
             let n = g.elem_count() / o;
             let g2 = g.reshape((n, o))?;
-            let gb = (g2.matmul(&b)? * scale)?; // (N, r)
+            let gb = g2.matmul(&bs)?; // g (scale · B): (N, r)
             let through_lora = match &mask {
                 // Only the LoRA path saw the dropout mask.
                 Some(m) => gb.matmul(&a)?.mul(&m.reshape((n, i))?)?,
