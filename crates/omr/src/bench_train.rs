@@ -221,6 +221,15 @@ fn gpu_mem_reader(_device: &Device) -> Option<MemReader> {
     None
 }
 
+/// Environment switches that pick a kernel or model variant (README, "GPU").
+const OPT_INS: [&str; 5] = [
+    "OMR_ATTN",
+    "OMR_ATTN_SOFTMAX",
+    "OMR_MMA",
+    "OMR_BLOCK_OP",
+    "OMR_CUDA_POOL",
+];
+
 pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     if a.steps == 0 {
         return Err(Exit::usage(anyhow::anyhow!("--steps must be at least 1")));
@@ -416,9 +425,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     // ---- report -------------------------------------------------------------------------------
     let mib = |b: u64| b as f64 / 1048576.0;
     let pct = |x: f64| 100.0 * x / step_s;
+    // The opt-in switches of the kernels and the model set for this run, so that a log or a
+    // JSON report says which variant it measured.
+    let opt_ins: Vec<(&str, String)> = OPT_INS
+        .iter()
+        .filter_map(|&k| std::env::var(k).ok().map(|v| (k, v)))
+        .collect();
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}{}",
+         activation checkpointing {}{}{}",
         cfg_path.display(),
         a.seed,
         a.device,
@@ -426,7 +441,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         match a.lora_rank {
             0 => String::new(),
             r => format!(", LoRA rank {r} on every language-model linear layer (base frozen)"),
-        }
+        },
+        opt_ins
+            .iter()
+            .map(|(k, v)| format!(", {k}={v}"))
+            .collect::<String>()
     );
     println!(
         "  step {:.1} ms median of {} | {:.0} tokens/s | {:.3} TFLOP/step | {:.2} GFLOP/s achieved{}",
@@ -509,6 +528,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "kernels": format!("{kernels:?}").to_lowercase(),
         "activation_checkpointing": a.activation_checkpointing,
         "lora_rank": a.lora_rank,
+        "opt_ins": opt_ins.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "params": n_params,
         "trainable": n_trainable,
         "batch": a.batch,

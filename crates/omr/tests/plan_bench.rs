@@ -200,16 +200,25 @@ fn bench_train_with_lora_trains_only_the_adapters() {
             "0",
             "--lora-rank",
             rank,
+            "--kernels",
+            "fused",
             "--json",
             json.to_str().unwrap(),
         ]
         .map(String::from)
     };
+    // The fused ops' CPU references with the decoder layers as one op (adapters inside).
     let run = |rank: &'static str| -> Value {
-        let a = args(rank);
-        let o = omr(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = Command::new(env!("CARGO_BIN_EXE_omr"))
+            .args(args(rank))
+            .current_dir(root())
+            .env("RAYON_NUM_THREADS", "1")
+            .env("OMR_BLOCK_OP", "1")
+            .output()
+            .unwrap();
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
+        assert!(t.contains("OMR_BLOCK_OP=1"), "{t}");
         if rank != "0" {
             assert!(t.contains("LoRA rank 4"), "{t}");
         }
@@ -217,6 +226,7 @@ fn bench_train_with_lora_trains_only_the_adapters() {
     };
     let (full, lora) = (run("0"), run("4"));
     assert_eq!(lora["lora_rank"], 4);
+    assert_eq!(lora["opt_ins"]["OMR_BLOCK_OP"], "1");
     // Tiny dims: 4 layers of q, k, v, o (128 → 128, 64, 64, 128 ← 128) and gate, up, down
     // (128 ↔ 384); an adapter of rank 4 holds 4 · (in + out) parameters.
     let per_layer = 4 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 384) * 3);
