@@ -174,6 +174,80 @@ __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long strid
   }
 }
 
+// The backward's query side of one (b, h): each step's Q and dO rows, lse, Δ and segment ids,
+// loaded by cp.async into buffer `buf` (BR rows) of their shared tiles; thread r copies row
+// r's scalars, so it may read them after its own wait.
+template <int D, int LD, int BR>
+struct QSide {
+  const bf16* q;
+  const bf16* dout;
+  const float* lse;
+  const float* delta;
+  const unsigned* qseg;
+  bf16* qs;       // [2][BR × LD]
+  bf16* dos;      // [2][BR × LD]
+  float* lses;    // [2][BR]
+  float* dls;     // [2][BR]
+  unsigned* qss;  // [2][BR]
+  int T;
+  long stride;
+
+  __device__ __forceinline__ QSide(const bf16* q_, const bf16* dout_, const float* lse_,
+                                   const float* delta_, const unsigned* qseg_, bf16* qs_,
+                                   bf16* dos_, float* lses_, float* dls_, unsigned* qss_, int b,
+                                   int h, int T_, int H)
+      : q(q_ + ((long)b * T_ * H + h) * D),
+        dout(dout_ + ((long)b * T_ * H + h) * D),
+        lse(lse_ + ((long)b * H + h) * T_),
+        delta(delta_ + ((long)b * H + h) * T_),
+        qseg(qseg_ + (long)b * T_),
+        qs(qs_),
+        dos(dos_),
+        lses(lses_),
+        dls(dls_),
+        qss(qss_),
+        T(T_),
+        stride((long)H * D) {}
+
+  // Rows [i0, i0 + BR) into buffer `buf`.
+  __device__ __forceinline__ void load(int i0, int buf) const {
+    load_rows<D, LD>(qs + buf * BR * LD, q, stride, i0, T, BR);
+    load_rows<D, LD>(dos + buf * BR * LD, dout, stride, i0, T, BR);
+    if (threadIdx.x < BR) {
+      const int i = i0 + threadIdx.x;
+      const bool ok = i < T;
+      const int ic = ok ? i : 0;
+      cp4(&lses[buf * BR + threadIdx.x], lse + ic, ok);
+      cp4(&dls[buf * BR + threadIdx.x], delta + ic, ok);
+      cp4(&qss[buf * BR + threadIdx.x], qseg + ic, ok);
+    }
+  }
+};
+
+// dK and dV of one m-tile of keys (rows k0 and k0 + 8 of C fragments; N n-tiles of 8
+// columns from c0), f32 per query head: element (key, col) at [((b·S + key)·H + h)·D + col].
+// Keys at or past S are left out.
+template <int D, int N>
+__device__ __forceinline__ void store_dkv(float* dk, float* dv, const float (*dka)[4],
+                                          const float (*dva)[4], int k0, int c0, int b, int h,
+                                          int S, int H, int t) {
+  const int k1 = k0 + 8;
+#pragma unroll
+  for (int n = 0; n < N; n++) {
+    const int col = c0 + n * 8 + 2 * t;
+    if (k0 < S) {
+      const long r = (((long)b * S + k0) * H + h) * D + col;
+      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][0], dka[n][1]);
+      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][0], dva[n][1]);
+    }
+    if (k1 < S) {
+      const long r = (((long)b * S + k1) * H + h) * D + col;
+      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][2], dka[n][3]);
+      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][2], dva[n][3]);
+    }
+  }
+}
+
 template <int D, int NW, int MT>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const unsigned* __restrict__ qseg,
@@ -424,12 +498,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
   const int kw = kb * BC + warp * 16;  // the warp's first key
   const int k0 = kw + g, k1 = k0 + 8;  // this thread's key rows
-  const long qstride = (long)H * D;
-  const bf16* qb = q + ((long)b * T * H + h) * D;
-  const bf16* dob = dout + ((long)b * T * H + h) * D;
-  const float* lseb = lse + ((long)b * H + h) * T;
-  const float* dlb = delta + ((long)b * H + h) * T;
-  const unsigned* qsegb = qseg + (long)b * T;
+  const QSide<D, LD, BR> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
 
   // The block's keys in one segment and all before S (kblk ≠ 0), or not (every tile masked).
   const unsigned k_first = kseg[(long)b * S + kb * BC];
@@ -438,24 +507,9 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                                        kseg[(long)b * S + kb * BC + threadIdx.x] == k_first));
   const unsigned kblk = k_uni ? k_first : 0u;
 
-  // Q, dO, lse, Δ and segment ids of query rows [i0, i0 + BR) into buffer `buf`; thread r
-  // copies row r's scalars (so it may read them after its own wait).
-  auto load_q = [&](int i0, int buf) {
-    load_rows<D, LD>(qs + buf * BR * LD, qb, qstride, i0, T, BR);
-    load_rows<D, LD>(dos + buf * BR * LD, dob, qstride, i0, T, BR);
-    if (threadIdx.x < BR) {
-      const int i = i0 + threadIdx.x;
-      const bool ok = i < T;
-      const int ic = ok ? i : 0;
-      cp4(&lses[buf * BR + threadIdx.x], lseb + ic, ok);
-      cp4(&dls[buf * BR + threadIdx.x], dlb + ic, ok);
-      cp4(&qss[buf * BR + threadIdx.x], qsegb + ic, ok);
-    }
-  };
-
   load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, BC);
   cp_commit();
-  if (lo < hi) load_q(lo, 0);
+  if (lo < hi) qside.load(lo, 0);
   cp_commit();
   uint32_t vf[D / 16][4];
   {
@@ -477,7 +531,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   const int mq = (warp % 2) * 16, nh = (warp / 2) * DQN;
   int buf = 0;
   for (int i0 = lo; i0 < hi; i0 += BR, buf ^= 1) {
-    if (i0 + BR < hi) load_q(i0 + BR, buf ^ 1);
+    if (i0 + BR < hi) qside.load(i0 + BR, buf ^ 1);
     cp_commit();
     cp_wait<1>();
     bool seg_whole = true;
@@ -582,20 +636,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
     add_dq<DQV, DQN>(dq + ((long)b * T * H + h) * D, (long)H * D, dqa, i0 + mq, nh * 8, T, g, t);
   }
-#pragma unroll
-  for (int n = 0; n < D / 8; n++) {
-    const int col = n * 8 + 2 * t;
-    if (k0 < S) {
-      const long r = (((long)b * S + k0) * H + h) * D + col;
-      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][0], dka[n][1]);
-      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][0], dva[n][1]);
-    }
-    if (k1 < S) {
-      const long r = (((long)b * S + k1) * H + h) * D + col;
-      *reinterpret_cast<float2*>(dk + r) = make_float2(dka[n][2], dka[n][3]);
-      *reinterpret_cast<float2*>(dv + r) = make_float2(dva[n][2], dva[n][3]);
-    }
-  }
+  store_dkv<D, D / 8>(dk, dv, dka, dva, k0, 0, b, h, S, H, t);
 }
 
 // The backward in FlashAttention-2's layout, for D 64 and 128: one CTA of 8 warps per
@@ -640,12 +681,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
   const int nblk = (S + BC - 1) / BC;
   const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
   const int j0 = kb * BC;  // the CTA's first key
-  const long qstride = (long)H * D;
-  const bf16* qb = q + ((long)b * T * H + h) * D;
-  const bf16* dob = dout + ((long)b * T * H + h) * D;
-  const float* lseb = lse + ((long)b * H + h) * T;
-  const float* dlb = delta + ((long)b * H + h) * T;
-  const unsigned* qsegb = qseg + (long)b * T;
+  const QSide<D, LD, BR> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
 
   // The keys' segment ids (0 past S), and whether all BC keys are one segment before S.
   unsigned kid = 0u;
@@ -659,21 +695,9 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
                                       (j0 + (int)threadIdx.x < S && kid == k_first));
   const unsigned kblk = k_uni ? k_first : 0u;
 
-  auto load_q = [&](int i0, int buf) {
-    load_rows<D, LD>(qs + buf * BR * LD, qb, qstride, i0, T, BR);
-    load_rows<D, LD>(dos + buf * BR * LD, dob, qstride, i0, T, BR);
-    if (threadIdx.x < BR) {
-      const int i = i0 + threadIdx.x;
-      const bool ok = i < T;
-      const int ic = ok ? i : 0;
-      cp4(&lses[buf * BR + threadIdx.x], lseb + ic, ok);
-      cp4(&dls[buf * BR + threadIdx.x], dlb + ic, ok);
-      cp4(&qss[buf * BR + threadIdx.x], qsegb + ic, ok);
-    }
-  };
   load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
   load_rows<D, LD>(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
-  if (lo < hi) load_q(lo, 0);
+  if (lo < hi) qside.load(lo, 0);
   cp_commit();
 
   // Steps 1–2: the warp's rows qr + [0, 32) and keys kc + [0, 32) of the step's tile.
@@ -699,7 +723,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
     // This step's rows (and at the first, K and V) have landed for every thread; every warp
     // is done with the last step, so its buffer, P and dS may be overwritten.
     const bool tile_whole = __syncthreads_and(seg_whole);
-    if (i0 + BR < hi) load_q(i0 + BR, buf ^ 1);
+    if (i0 + BR < hi) qside.load(i0 + BR, buf ^ 1);
     cp_commit();
     const bf16* qt = qs + buf * BR * LD;
     const bf16* dot = dos + buf * BR * LD;
@@ -830,21 +854,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
   cp_wait<0>();
 #pragma unroll
   for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-    for (int n = 0; n < NV; n++) {
-      const int col = dc + n * 8 + 2 * t;
-      const int k0 = j0 + kr + mt * 16 + g, k1 = k0 + 8;
-      if (k0 < S) {
-        const long r = (((long)b * S + k0) * H + h) * D + col;
-        *reinterpret_cast<float2*>(dk + r) = make_float2(dka[mt][n][0], dka[mt][n][1]);
-        *reinterpret_cast<float2*>(dv + r) = make_float2(dva[mt][n][0], dva[mt][n][1]);
-      }
-      if (k1 < S) {
-        const long r = (((long)b * S + k1) * H + h) * D + col;
-        *reinterpret_cast<float2*>(dk + r) = make_float2(dka[mt][n][2], dka[mt][n][3]);
-        *reinterpret_cast<float2*>(dv + r) = make_float2(dva[mt][n][2], dva[mt][n][3]);
-      }
-    }
+    store_dkv<D, NV>(dk, dv, dka[mt], dva[mt], j0 + kr + mt * 16 + g, dc, b, h, S, H, t);
 }
 
 // Entry points: `flash_mma_{fwd,bwd}_d{D}` with 4 warps (64 query rows / 64 keys per CTA),
