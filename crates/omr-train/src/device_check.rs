@@ -104,13 +104,35 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     d / m.max(1e-30)
 }
 
-/// Loss per labelled token and every trainable parameter's gradient (sorted by name).
+/// Loss per labelled token, every trainable parameter's gradient (sorted by name), and the
+/// fused ops that ran (attention + linear CE calls).
 struct Run {
     loss: f64,
     grads: Vec<(String, Vec<f32>)>,
+    fused_ops: usize,
 }
 
+/// One pass, with the decoder layers as one op each when `block` (omr_model::block).
+#[allow(clippy::too_many_arguments)]
 fn run(
+    cfg: &ModelConfig,
+    params: &Params,
+    input: &Input,
+    labels: &[Vec<i64>],
+    kernels: Kernels,
+    recompute: Recompute,
+    block: bool,
+) -> crate::Result<Run> {
+    let before = fused::calls();
+    let mut r = omr_model::block::with_block_op(block, || {
+        pass(cfg, params, input, labels, kernels, recompute)
+    })?;
+    let after = fused::calls();
+    r.fused_ops = (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+    Ok(r)
+}
+
+fn pass(
     cfg: &ModelConfig,
     params: &Params,
     input: &Input,
@@ -148,10 +170,11 @@ fn run(
     Ok(Run {
         loss: out.loss / n.max(1) as f64,
         grads,
+        fused_ops: 0,
     })
 }
 
-fn compare(name: String, r: &Run, reference: &Run, fused_ops: usize) -> ModelCheck {
+fn compare(name: String, r: &Run, reference: &Run) -> ModelCheck {
     let mut worst = (0.0f64, String::from("-"));
     for ((n, a), (_, b)) in r.grads.iter().zip(&reference.grads) {
         let e = if a.is_empty() != b.is_empty() {
@@ -171,7 +194,7 @@ fn compare(name: String, r: &Run, reference: &Run, fused_ops: usize) -> ModelChe
         loss_err: (r.loss - reference.loss).abs() / reference.loss.abs().max(1e-30),
         grad_err: worst.0,
         worst: worst.1,
-        fused_ops,
+        fused_ops: r.fused_ops,
     }
 }
 
@@ -215,6 +238,7 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                 labels,
                 Kernels::Candle,
                 Recompute::NONE,
+                false,
             )?;
             for (kernels, recompute, block, label) in [
                 (Kernels::Candle, Recompute::NONE, false, "candle ops"),
@@ -239,18 +263,11 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                     "fused, one op, checkpointing",
                 ),
             ] {
-                let before = fused::calls();
-                let r = omr_model::block::with_block_op(block, || {
-                    run(&cfg, &dev_params, din, labels, kernels, recompute)
-                })?;
-                let after = fused::calls();
-                let ops =
-                    (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+                let r = run(&cfg, &dev_params, din, labels, kernels, recompute, block)?;
                 out.push(compare(
                     format!("{shape} {what}: {} {label}", dev_name(dev)),
                     &r,
                     &reference,
-                    ops,
                 ));
             }
             if *what == "padded" {
@@ -274,26 +291,22 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
             labels,
             Kernels::Candle,
             Recompute::NONE,
+            false,
         )?;
         for (block, label) in [(false, "fused, LoRA"), (true, "fused, one op, LoRA")] {
-            let before = fused::calls();
-            let r = omr_model::block::with_block_op(block, || {
-                run(
-                    &cfg,
-                    &dev_lora,
-                    din,
-                    labels,
-                    Kernels::Fused,
-                    Recompute::NONE,
-                )
-            })?;
-            let after = fused::calls();
-            let ops = (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+            let r = run(
+                &cfg,
+                &dev_lora,
+                din,
+                labels,
+                Kernels::Fused,
+                Recompute::NONE,
+                block,
+            )?;
             out.push(compare(
                 format!("{shape} padded: {} {label}", dev_name(dev)),
                 &r,
                 &reference,
-                ops,
             ));
         }
     }

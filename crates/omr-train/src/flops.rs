@@ -81,11 +81,15 @@ pub fn step_flops(p: &PlanInput) -> StepFlops {
         Arch::Qwen25Vl => 3.0 * cv * iv,
         Arch::Qwen2Vl => 2.0 * cv * iv,
     };
-    let lora_in_vision = p.lora.as_ref().is_some_and(|l| {
-        omr_model::lora::linear_modules(cfg).iter().any(|(n, _)| {
-            n.starts_with("visual.blocks.") && omr_model::lora::selects(&l.targets, n)
-        })
+    // The modules that carry an adapter, (name, (out, in)), and the adapters' rank.
+    let adapted: Vec<(String, (usize, usize))> = p.lora.as_ref().map_or(Vec::new(), |l| {
+        omr_model::lora::linear_modules(cfg)
+            .into_iter()
+            .filter(|(n, _)| omr_model::lora::selects(&l.targets, n))
+            .collect()
     });
+    let rank = p.lora.as_ref().map_or(0, |l| l.r);
+    let lora_in_vision = adapted.iter().any(|(n, _)| n.starts_with("visual.blocks."));
     let (block_mult, attn_mult) = if p.trainable.vision {
         (6.0, 3.0)
     } else if lora_in_vision {
@@ -120,24 +124,21 @@ pub fn step_flops(p: &PlanInput) -> StepFlops {
         * (merged * merged + merged * f(v.out_hidden_size));
     // Each adapter at its module's token count: decoder layers at every token, the head at the
     // labelled rows, vision blocks at the patches, the merger at the merged tokens.
-    let lora = p.lora.as_ref().map_or(0.0, |l| {
-        omr_model::lora::linear_modules(cfg)
-            .iter()
-            .filter(|(n, _)| omr_model::lora::selects(&l.targets, n))
-            .map(|(n, (out, inp))| {
-                let at = if n == "lm_head" {
-                    f(p.labelled)
-                } else if n.starts_with("visual.merger.") {
-                    patches / f(v.merge_unit())
-                } else if n.starts_with("visual.") {
-                    patches
-                } else {
-                    tokens
-                };
-                6.0 * f(l.r) * f(inp + out) * at
-            })
-            .sum()
-    });
+    let lora = adapted
+        .iter()
+        .map(|(n, (out, inp))| {
+            let at = if n == "lm_head" {
+                f(p.labelled)
+            } else if n.starts_with("visual.merger.") {
+                patches / f(v.merge_unit())
+            } else if n.starts_with("visual.") {
+                patches
+            } else {
+                tokens
+            };
+            6.0 * f(rank) * f(inp + out) * at
+        })
+        .sum();
     StepFlops {
         lora,
         text_linear,
