@@ -3,7 +3,8 @@
 //! nothing, so the default build needs no CUDA toolkit.
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH (scripts/cuda/env.sh
-//! exports all three). The target is `sm_$CUDA_COMPUTE_CAP` (default 90: H100/H200), the same
+//! exports all three). The target is `sm_$CUDA_COMPUTE_CAP` (default 90: H100/H200; files named
+//! `*_sm90a.cu` always `sm_90a`), the same
 //! flags as scripts/cuda/compile-ptx.sh, and any nvcc warning fails the build.
 
 use std::path::PathBuf;
@@ -40,9 +41,16 @@ fn main() {
             .to_string_lossy()
             .to_string();
         let ptx = out.join(format!("{stem}.ptx"));
+        // `*_sm90a.cu` uses Hopper's arch-specific instructions (wgmma): always sm_90a; the
+        // host loads it only on a compute capability 9.0 device.
+        let arch = if stem.ends_with("_sm90a") {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{cap}")
+        };
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-Werror", "all-warnings"])
-            .arg(format!("-arch=sm_{cap}"))
+            .arg(format!("-arch={arch}"))
             .arg("-o")
             .arg(&ptx)
             .arg(&src)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every kernels/*.cu to PTX for sm_90 (H100/H200) with nvcc and assembles the PTX with
+# Compiles every kernels/*.cu to PTX for sm_90 (H100/H200; *_sm90a.cu for sm_90a) with nvcc and assembles the PTX with
 # ptxas, failing on any error or warning (nvcc -Werror all-warnings, ptxas --warning-as-error).
 # The CI compile check; also the quick loop while writing a kernel (seconds, no GPU needed).
 #
@@ -31,10 +31,13 @@ start=$(date +%s%N)
 fail=0
 for src in "${srcs[@]}"; do
   name=$(basename "$src" .cu)
-  if ! "$NVCC" --ptx -O3 -std=c++17 -Werror all-warnings -arch="sm_$cap" -o "$out/$name.ptx" "$src"; then
+  # Files named *_sm90a.cu use Hopper's arch-specific instructions (wgmma): sm_90a always.
+  arch=sm_$cap
+  case $name in *_sm90a) arch=sm_90a ;; esac
+  if ! "$NVCC" --ptx -O3 -std=c++17 -Werror all-warnings -arch="$arch" -o "$out/$name.ptx" "$src"; then
     echo "compile-ptx: nvcc failed on kernels/$name.cu" >&2; fail=1; continue
   fi
-  if ! "$ptxas" -arch="sm_$cap" -v --warning-as-error -o "$out/$name.cubin" "$out/$name.ptx" \
+  if ! "$ptxas" -arch="$arch" -v --warning-as-error -o "$out/$name.cubin" "$out/$name.ptx" \
       > "$out/$name.ptxas.txt" 2>&1; then
     cat "$out/$name.ptxas.txt" >&2
     echo "compile-ptx: ptxas failed on kernels/$name.cu" >&2; fail=1; continue

@@ -324,7 +324,12 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
             "b8r64",
             "b8r64,q4",
             "f4x2,b8r64,q4",
+            "wg",
+            "wg,b8r64,q4",
         ] {
+            if spec.starts_with("wg") && !crate::flash_mma::wgmma_runs(qa.device()) {
+                continue;
+            }
             let tiling = Tiling::parse(spec).map_err(candle_core::Error::msg)?;
             let name = if spec.is_empty() {
                 "mma".to_string()

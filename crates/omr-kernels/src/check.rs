@@ -402,6 +402,24 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
     ];
     attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &tilings)?;
     long_segment_checks(&mut c, &tilings)?;
+    // The wgmma forward (sm_90a) last of all, after its layout probe: a GEMM each way through
+    // the same shared-memory layouts and descriptors (a fault in the probe names the layout).
+    if crate::flash_mma::wgmma_runs(c.dev) {
+        let a = rand(70, &[64, 128], 1.0, DType::BF16)?;
+        let bk = rand(71, &[128, 128], 1.0, DType::BF16)?;
+        c.cmp(
+            "wgmma probe (a·bkᵀ K-major, a·bk N-major)",
+            1e-4,
+            &[&a, &bk],
+            |t| {
+                let (s, o) = crate::flash_mma::wgmma_probe(&t[0], &t[1])?;
+                Ok(vec![s, o])
+            },
+        )?;
+        let wg = ["mma:wg", "mma:wg,b8r64,q4"];
+        attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &wg)?;
+        long_segment_checks(&mut c, &wg)?;
+    }
     Ok(c.out)
 }
 

@@ -34,6 +34,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "flash_attn" => ptx!("flash_attn"),
         "attn_softmax" => ptx!("attn_softmax"),
         "flash_mma" => ptx!("flash_mma"),
+        "flash_wgmma_sm90a" => ptx!("flash_wgmma_sm90a"),
         other => bail!("omr-kernels: no PTX module `{other}`"),
     })
 }

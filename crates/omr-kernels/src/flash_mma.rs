@@ -141,6 +141,75 @@ impl MmaSaved {
     }
 }
 
+/// Whether `dev` runs the sm_90a kernels (`flash_wgmma_sm90a.cu`): a compute capability 9.0 GPU.
+pub(crate) fn wgmma_runs(dev: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = dev {
+        use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
+        let cc = |a| d.cuda_stream().context().attribute(a).unwrap_or(0);
+        return cc(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == 9
+            && cc(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) == 0;
+    }
+    let _ = dev;
+    false
+}
+
+/// The wgmma layout probe (`wgmma_probe` in `kernels/flash_wgmma_sm90a.cu`): for bf16 `a`
+/// (64, 128) and `bk` (128, 128), (a·bkᵀ, a·bk) in f32, on an sm_90 GPU through the
+/// shared-memory layouts, descriptors and fragments of the wgmma forward (`OMR_MMA=wg`); on the
+/// CPU by candle's matmul, the reference `omr bench kernels` compares them with.
+pub fn wgmma_probe(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
+    if a.dims() != [64, 128] || bk.dims() != [128, 128] {
+        bail!(
+            "wgmma_probe: a (64, 128) and bk (128, 128); got {:?}, {:?}",
+            a.dims(),
+            bk.dims()
+        )
+    }
+    if a.device().is_cpu() {
+        let (a, bk) = (a.to_dtype(DType::F32)?, bk.to_dtype(DType::F32)?);
+        return Ok((a.matmul(&bk.t()?)?, a.matmul(&bk)?));
+    }
+    probe_cuda(&a.to_dtype(DType::BF16)?, &bk.to_dtype(DType::BF16)?)
+}
+
+#[cfg(feature = "cuda")]
+fn probe_cuda(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
+    use crate::cuda::{self, Out};
+    let dev = cuda::device_of(a)?;
+    let f = cuda::kernel(&dev, "flash_wgmma_sm90a", "wgmma_probe")?;
+    // WG_PROBE_SMEM: a and bk in the swizzled layout, 1024 bytes of alignment.
+    let smem = (1024 + 2 * (64 * 128 + 128 * 128)) as u32;
+    cuda::allow_dynamic_smem(&f, smem)?;
+    let (a, bk) = (a.contiguous()?, bk.contiguous()?);
+    let guards = [&a, &bk].map(|t| t.storage_and_layout());
+    let ins = cuda::views(&guards)?;
+    let mut s = Out::alloc(&dev, DType::F32, 64 * 128)?;
+    let mut o = Out::alloc(&dev, DType::F32, 64 * 128)?;
+    let stream = dev.cuda_stream();
+    let mut bl = stream.launch_builder(&f);
+    for i in &ins {
+        i.push(&mut bl);
+    }
+    s.push(&mut bl);
+    o.push(&mut bl);
+    let cfg = cuda::LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    cuda::run(bl, cfg)?;
+    Ok((
+        s.into_tensor(&dev, (64, 128)),
+        o.into_tensor(&dev, (64, 128)),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn probe_cuda(_: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
+    bail!("wgmma_probe: built without CUDA")
+}
+
 /// The op of one call: checks the inputs, plans the spans (once per mask and shape).
 fn build(
     q: &Tensor,
@@ -258,7 +327,15 @@ impl CustomOp3 for FlashMma {
         let dev = qs.device.clone();
         let d = &self.dims;
         let w = self.tiling;
-        let f = cuda::kernel(&dev, "flash_mma", &w.fwd_entry(d.d))?;
+        let f = cuda::kernel(&dev, w.fwd_module(), &w.fwd_entry(d.d)).map_err(|e| {
+            if w.fwd_wg {
+                candle_core::Error::msg(format!(
+                    "OMR_MMA=wg: the wgmma forward needs an sm_90 GPU (H100/H200): {e}"
+                ))
+            } else {
+                e
+            }
+        })?;
         let smem = w.fwd_smem(d.d) as u32;
         if smem > 0 {
             cuda::allow_dynamic_smem(&f, smem)?;
@@ -287,7 +364,7 @@ impl CustomOp3 for FlashMma {
         bl.arg(&scale_log2).arg(&causal).arg(&window);
         let cfg = cuda::LaunchConfig {
             grid_dim: (d.t.div_ceil(w.fwd_rows()) as u32, (d.b * d.h) as u32, 1),
-            block_dim: (32 * w.fwd as u32, 1, 1),
+            block_dim: (w.fwd_threads(), 1, 1),
             shared_mem_bytes: smem,
         };
         cuda::run(bl, cfg)?;

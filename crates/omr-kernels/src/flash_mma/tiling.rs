@@ -1,6 +1,7 @@
 //! The tensor-core attention's tilings (`OMR_MMA`): warps and m-tiles per CTA, the
 //! backward's layout, the dQ atomics' width; each names its entry points in
-//! `kernels/flash_mma.cu` and their dynamic shared memory.
+//! `kernels/flash_mma.cu` (or, for the wgmma forward, `kernels/flash_wgmma_sm90a.cu`) and their
+//! dynamic shared memory.
 
 use candle_core::Result;
 
@@ -12,7 +13,9 @@ pub(super) const BWD_ROWS: usize = 32;
 /// forward (`fwd` warps per CTA) and 16 keys in the backward (`bwd` warps per CTA, 32 query
 /// rows per step); `bwd_r64` runs the backward in FlashAttention-2's layout instead (8 warps,
 /// 128 keys, 64 query rows per step, `flash_bwd64`); `dq4` adds the backward's dQ with
-/// float4 atomics instead of float2. The default is what the last GPU run verified and
+/// float4 atomics instead of float2; `fwd_wg` runs the forward on Hopper's warpgroup tensor
+/// cores (`flash_wg_fwd_d128`: two warpgroups, 128 rows, wgmma; head dim 128, sm_90a only).
+/// The default is what the last GPU run verified and
 /// measured fastest; the others exist for head dim 128 (the 8-warp backwards also for 64),
 /// and [`Tiling::for_dim`] falls back to the default elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +25,7 @@ pub struct Tiling {
     pub bwd: usize,
     pub bwd_r64: bool,
     pub dq4: bool,
+    pub fwd_wg: bool,
 }
 
 impl Default for Tiling {
@@ -32,15 +36,22 @@ impl Default for Tiling {
             bwd: 4,
             bwd_r64: false,
             dq4: false,
+            fwd_wg: false,
         }
     }
 }
 
+/// `flash_wg_fwd_d128`'s dynamic shared memory (`WG_SMEM` in the kernel): Q (128 rows), K and V
+/// (128 keys, twice each) of 128 bf16, two rows of key segment ids, 1024 bytes of alignment.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const WG_SMEM: usize = 1024 + 2 * (128 * 128 + 4 * 128 * 128) + 4 * 2 * 128;
+
 impl Tiling {
     /// `OMR_MMA`, a comma-separated list of `f4`, `f8`, `f4x2` (forward warps, × m-tiles),
-    /// `b4`, `b8` (backward warps), `b8r64` (the FA2-layout backward) and `q4` (float4 dQ
-    /// atomics), e.g. `f4x2,b8r64,q4`; what it leaves out stays at the default. An unknown
-    /// item is an error.
+    /// `wg` (the wgmma forward), `b4`, `b8` (backward warps), `b8r64` (the FA2-layout
+    /// backward) and `q4` (float4 dQ atomics), e.g. `f4x2,b8r64,q4` or `wg,b8r64`; what it
+    /// leaves out stays at the default, and the last forward item wins. An unknown item is an
+    /// error.
     pub fn from_env() -> Result<Tiling> {
         static T: std::sync::OnceLock<std::result::Result<Tiling, String>> =
             std::sync::OnceLock::new();
@@ -57,16 +68,17 @@ impl Tiling {
         let mut t = Tiling::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item {
-                "f4" => (t.fwd, t.fwd_mtiles) = (4, 1),
-                "f8" => (t.fwd, t.fwd_mtiles) = (8, 1),
-                "f4x2" => (t.fwd, t.fwd_mtiles) = (4, 2),
+                "f4" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 1, false),
+                "f8" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, false),
+                "f4x2" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 2, false),
+                "wg" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true),
                 "b4" => (t.bwd, t.bwd_r64) = (4, false),
                 "b8" => (t.bwd, t.bwd_r64) = (8, false),
                 "b8r64" => (t.bwd, t.bwd_r64) = (8, true),
                 "q4" => t.dq4 = true,
                 _ => {
                     return Err(format!(
-                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, b4, b8, b8r64, q4 (e.g. f4x2,b8r64,q4), or unset it"
+                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, wg, b4, b8, b8r64, q4 (e.g. f4x2,b8r64,q4), or unset it"
                     ))
                 }
             }
@@ -76,17 +88,36 @@ impl Tiling {
 
     /// This tiling for head dim `d`: the variants that do not exist for `d` fall back.
     pub(super) fn for_dim(self, d: usize) -> Tiling {
+        let wg = self.fwd_wg && d == 128;
         Tiling {
-            fwd: self.fwd,
+            fwd: if self.fwd_wg && !wg { 4 } else { self.fwd },
             fwd_mtiles: if d == 128 { self.fwd_mtiles } else { 1 },
             bwd: if d == 80 { 4 } else { self.bwd },
             bwd_r64: self.bwd_r64 && d != 80,
             dq4: self.dq4 && d == 128,
+            fwd_wg: wg,
         }
     }
 
+    /// Query rows per forward CTA (the wgmma forward: 2 warpgroups of 64).
     pub(super) fn fwd_rows(self) -> usize {
         16 * self.fwd * self.fwd_mtiles
+    }
+
+    /// Threads per forward CTA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn fwd_threads(self) -> u32 {
+        32 * self.fwd as u32
+    }
+
+    /// The PTX module of the forward's entry point.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn fwd_module(self) -> &'static str {
+        if self.fwd_wg {
+            "flash_wgmma_sm90a"
+        } else {
+            "flash_mma"
+        }
     }
 
     pub(super) fn bwd_keys(self) -> usize {
@@ -96,6 +127,9 @@ impl Tiling {
     /// The forward's entry point for head dim `d`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn fwd_entry(self, d: usize) -> String {
+        if self.fwd_wg {
+            return format!("flash_wg_fwd_d{d}");
+        }
         let w = if self.fwd == 8 { "8" } else { "" };
         let m = if self.fwd_mtiles == 2 { "_m2" } else { "" };
         format!("flash_mma_fwd{w}{m}_d{d}")
@@ -126,7 +160,9 @@ impl Tiling {
     /// The forward's dynamic shared memory: the Q tile when a warp takes two m-tiles.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn fwd_smem(self, d: usize) -> usize {
-        if self.fwd_mtiles > 1 {
+        if self.fwd_wg {
+            WG_SMEM
+        } else if self.fwd_mtiles > 1 {
             self.fwd_rows() * (d + 8) * 2
         } else {
             0
@@ -173,18 +209,30 @@ mod tests {
             "f4x2,b8,q4",
             "b8r64",
             "f4x2,b8r64,q4",
+            "wg",
+            "wg,b8r64,q4",
         ];
+        let wg_src = include_str!("../../../../kernels/flash_wgmma_sm90a.cu");
         for d in [64, 80, 128] {
             for spec in all {
                 let t = Tiling::parse(spec).unwrap().for_dim(d);
+                assert_eq!(t.fwd_wg, spec.starts_with("wg") && d == 128, "{spec} d {d}");
                 let fwd = format!("{}, {d}, {}, {})", t.fwd_entry(d), t.fwd, t.fwd_mtiles);
+                if t.fwd_wg {
+                    assert_eq!(t.fwd_module(), "flash_wgmma_sm90a");
+                    let entry = format!("__launch_bounds__(256, 1)\n    {}(", t.fwd_entry(d));
+                    assert!(wg_src.contains(&entry), "{spec}: {entry}");
+                    assert_eq!((t.fwd_rows(), t.fwd_threads()), (128, 256));
+                } else {
+                    assert_eq!(t.fwd_module(), "flash_mma");
+                    assert!(src.contains(&format!("FWD({fwd}\n")), "{spec} d {d}: {fwd}");
+                }
                 let dqv = if t.dq4 { 4 } else { 2 };
                 let bwd = if t.bwd_r64 {
                     format!("BWD64({}, {d}, {dqv})", t.bwd_entry(d))
                 } else {
                     format!("BWD({}, {d}, {}, {dqv})", t.bwd_entry(d), t.bwd)
                 };
-                assert!(src.contains(&format!("FWD({fwd}\n")), "{spec} d {d}: {fwd}");
                 assert!(src.contains(&format!("{bwd}\n")), "{spec} d {d}: {bwd}");
             }
         }
@@ -201,10 +249,17 @@ mod tests {
                 fwd_mtiles: 1,
                 bwd: 4,
                 bwd_r64: false,
-                dq4: false
+                dq4: false,
+                fwd_wg: false,
             }
         );
         assert_eq!(Tiling::parse("f4x2").unwrap().fwd_smem(128), 128 * 136 * 2);
+        // The wgmma forward: 128 × 128 tiles, 165 888 bytes with the alignment slack.
+        assert!(wg_src.contains("constexpr int WG_BR = 128, WG_BC = 128, WG_D = 128;"));
+        assert!(wg_src.contains(
+            "#define WG_SMEM (1024 + 2 * (WG_BR * WG_D + 4 * WG_BC * WG_D) + 4 * 2 * WG_BC)"
+        ));
+        assert_eq!(Tiling::parse("wg").unwrap().fwd_smem(128), 165_888);
         assert_eq!(Tiling::default().fwd_smem(128), 0);
     }
 
@@ -224,6 +279,17 @@ mod tests {
         assert_eq!(
             Tiling::parse("b8r64").unwrap().for_dim(80),
             Tiling::default()
+        );
+        let t = Tiling::parse("f4x2,wg").unwrap();
+        assert!(
+            t.fwd_wg && t.fwd_rows() == 128,
+            "the last forward item wins"
+        );
+        assert!(!Tiling::parse("wg,f4").unwrap().fwd_wg);
+        assert_eq!(
+            Tiling::parse("wg,b8").unwrap().for_dim(64),
+            Tiling::parse("b8").unwrap(),
+            "no wgmma forward below head dim 128"
         );
         let e = Tiling::parse("f4,x9").unwrap_err();
         assert!(e.contains("\"x9\"") && e.contains("f4x2"), "{e}");
