@@ -12,8 +12,8 @@
 #      tokens/s, MFU, phases, GPU memory next to `omr plan`'s prediction; the same step with
 #      activation checkpointing and --profile (where the time goes, segment by segment); and
 #      8192-token rows with checkpointing on both sides; the opt-ins not yet measured
-#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192, the wgmma forward
-#      included); the 7B shape with LoRA
+#      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192, the wgmma
+#      attention included); the 7B shape with LoRA
 #      rank 16 at T 4096 on both sides. With `quick`: the tiny
 #      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
@@ -91,8 +91,8 @@ if [ -z "$quick" ]; then
   # layers at long rows.
   step train-3b-8k-mma 90 env OMR_MMA=f4x2,b8r64,q4 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
-  # The wgmma forward (OMR_MMA=wg, sm_90a; its layout probe and checks end step 1).
-  step train-3b-8k-wg 90 env OMR_MMA=wg,b8r64,q4 "$bin" bench train "${common[@]}" --seq 8192 \
+  # The wgmma attention (OMR_MMA=wg, sm_90a; its layout probe and checks end step 1).
+  step train-3b-8k-wg 90 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all
   step train-3b-8k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 3 --warmup 1 --activation-checkpointing all

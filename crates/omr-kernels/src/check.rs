@@ -402,21 +402,19 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
     ];
     attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &tilings)?;
     long_segment_checks(&mut c, &tilings)?;
-    // The wgmma forward (sm_90a) last of all, after its layout probe: a GEMM each way through
-    // the same shared-memory layouts and descriptors (a fault in the probe names the layout).
+    // The wgmma kernels (sm_90a) last of all, after their layout probe: GEMMs through the same
+    // shared-memory layouts, descriptors and fragments (a fault in the probe names the layout).
     if crate::flash_mma::wgmma_runs(c.dev) {
         let a = rand(70, &[64, 128], 1.0, DType::BF16)?;
         let bk = rand(71, &[128, 128], 1.0, DType::BF16)?;
         c.cmp(
-            "wgmma probe (a·bkᵀ K-major, a·bk N-major)",
+            "wgmma probe (a·bkᵀ, a·bk, bk[64..]·aᵀ, bk[..64,..64]·a, bk[..,..64]ᵀ·bk[..,64..])",
             1e-4,
             &[&a, &bk],
-            |t| {
-                let (s, o) = crate::flash_mma::wgmma_probe(&t[0], &t[1])?;
-                Ok(vec![s, o])
-            },
+            |t| crate::flash_mma::wgmma_probe(&t[0], &t[1]),
         )?;
-        let wg = ["mma:wg", "mma:wg,b8r64,q4"];
+        // Forward alone (default backward), backward alone, both.
+        let wg = ["mma:wgf", "mma:wgb", "mma:wg"];
         attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &wg)?;
         long_segment_checks(&mut c, &wg)?;
     }

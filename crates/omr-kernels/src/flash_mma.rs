@@ -155,10 +155,11 @@ pub(crate) fn wgmma_runs(dev: &candle_core::Device) -> bool {
 }
 
 /// The wgmma layout probe (`wgmma_probe` in `kernels/flash_wgmma_sm90a.cu`): for bf16 `a`
-/// (64, 128) and `bk` (128, 128), (a·bkᵀ, a·bk) in f32, on an sm_90 GPU through the
-/// shared-memory layouts, descriptors and fragments of the wgmma forward (`OMR_MMA=wg`); on the
+/// (64, 128) and `bk` (128, 128), in f32, a·bkᵀ, a·bk, bk[64..]·aᵀ, bk[..64, ..64]·a and
+/// bk[.., ..64]ᵀ·bk[.., 64..]: on an sm_90 GPU each through the shared-memory layouts,
+/// descriptors and fragments one product of the wgmma attention uses (`OMR_MMA=wg`); on the
 /// CPU by candle's matmul, the reference `omr bench kernels` compares them with.
-pub fn wgmma_probe(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn wgmma_probe(a: &Tensor, bk: &Tensor) -> Result<Vec<Tensor>> {
     if a.dims() != [64, 128] || bk.dims() != [128, 128] {
         bail!(
             "wgmma_probe: a (64, 128) and bk (128, 128); got {:?}, {:?}",
@@ -168,13 +169,20 @@ pub fn wgmma_probe(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
     }
     if a.device().is_cpu() {
         let (a, bk) = (a.to_dtype(DType::F32)?, bk.to_dtype(DType::F32)?);
-        return Ok((a.matmul(&bk.t()?)?, a.matmul(&bk)?));
+        let (lo, hi) = (bk.narrow(1, 0, 64)?, bk.narrow(1, 64, 64)?);
+        return Ok(vec![
+            a.matmul(&bk.t()?)?,
+            a.matmul(&bk)?,
+            bk.narrow(0, 64, 64)?.matmul(&a.t()?)?,
+            bk.narrow(0, 0, 64)?.narrow(1, 0, 64)?.matmul(&a)?,
+            lo.t()?.matmul(&hi)?,
+        ]);
     }
     probe_cuda(&a.to_dtype(DType::BF16)?, &bk.to_dtype(DType::BF16)?)
 }
 
 #[cfg(feature = "cuda")]
-fn probe_cuda(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
+fn probe_cuda(a: &Tensor, bk: &Tensor) -> Result<Vec<Tensor>> {
     use crate::cuda::{self, Out};
     let dev = cuda::device_of(a)?;
     let f = cuda::kernel(&dev, "flash_wgmma_sm90a", "wgmma_probe")?;
@@ -184,29 +192,34 @@ fn probe_cuda(a: &Tensor, bk: &Tensor) -> Result<(Tensor, Tensor)> {
     let (a, bk) = (a.contiguous()?, bk.contiguous()?);
     let guards = [&a, &bk].map(|t| t.storage_and_layout());
     let ins = cuda::views(&guards)?;
-    let mut s = Out::alloc(&dev, DType::F32, 64 * 128)?;
-    let mut o = Out::alloc(&dev, DType::F32, 64 * 128)?;
+    let shapes = [(64, 128), (64, 128), (64, 64), (64, 128), (64, 64)];
+    let mut outs = shapes
+        .iter()
+        .map(|&(r, c)| Out::alloc(&dev, DType::F32, r * c))
+        .collect::<Result<Vec<_>>>()?;
     let stream = dev.cuda_stream();
     let mut bl = stream.launch_builder(&f);
     for i in &ins {
         i.push(&mut bl);
     }
-    s.push(&mut bl);
-    o.push(&mut bl);
+    for o in outs.iter_mut() {
+        o.push(&mut bl);
+    }
     let cfg = cuda::LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem,
     };
     cuda::run(bl, cfg)?;
-    Ok((
-        s.into_tensor(&dev, (64, 128)),
-        o.into_tensor(&dev, (64, 128)),
-    ))
+    Ok(outs
+        .into_iter()
+        .zip(shapes)
+        .map(|(o, s)| o.into_tensor(&dev, s))
+        .collect())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn probe_cuda(_: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
+fn probe_cuda(_: &Tensor, _: &Tensor) -> Result<Vec<Tensor>> {
     bail!("wgmma_probe: built without CUDA")
 }
 
@@ -330,7 +343,7 @@ impl CustomOp3 for FlashMma {
         let f = cuda::kernel(&dev, w.fwd_module(), &w.fwd_entry(d.d)).map_err(|e| {
             if w.fwd_wg {
                 candle_core::Error::msg(format!(
-                    "OMR_MMA=wg: the wgmma forward needs an sm_90 GPU (H100/H200): {e}"
+                    "OMR_MMA=wg/wgf: the wgmma forward needs an sm_90 GPU (H100/H200): {e}"
                 ))
             } else {
                 e
@@ -405,7 +418,15 @@ impl FlashMma {
         let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
         let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
         let w = self.tiling;
-        let f = cuda::kernel(&dev, "flash_mma", &w.bwd_entry(d.d))?;
+        let f = cuda::kernel(&dev, w.bwd_module(), &w.bwd_entry(d.d)).map_err(|e| {
+            if w.bwd_wg {
+                candle_core::Error::msg(format!(
+                    "OMR_MMA=wg/wgb: the wgmma backward needs an sm_90 GPU (H100/H200): {e}"
+                ))
+            } else {
+                e
+            }
+        })?;
         let smem = w.bwd_smem(d.d) as u32;
         cuda::allow_dynamic_smem(&f, smem)?;
         let guards = [
@@ -440,7 +461,7 @@ impl FlashMma {
         bl.arg(&self.scale).arg(&causal).arg(&window);
         let cfg = cuda::LaunchConfig {
             grid_dim: (d.s.div_ceil(w.bwd_keys()) as u32, (d.b * d.h) as u32, 1),
-            block_dim: (32 * w.bwd as u32, 1, 1),
+            block_dim: (w.bwd_threads(), 1, 1),
             shared_mem_bytes: smem,
         };
         cuda::run(bl, cfg)?;

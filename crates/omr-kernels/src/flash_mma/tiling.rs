@@ -13,8 +13,9 @@ pub(super) const BWD_ROWS: usize = 32;
 /// forward (`fwd` warps per CTA) and 16 keys in the backward (`bwd` warps per CTA, 32 query
 /// rows per step); `bwd_r64` runs the backward in FlashAttention-2's layout instead (8 warps,
 /// 128 keys, 64 query rows per step, `flash_bwd64`); `dq4` adds the backward's dQ with
-/// float4 atomics instead of float2; `fwd_wg` runs the forward on Hopper's warpgroup tensor
-/// cores (`flash_wg_fwd_d128`: two warpgroups, 128 rows, wgmma; head dim 128, sm_90a only).
+/// float4 atomics instead of float2; `fwd_wg` / `bwd_wg` run the forward / backward on
+/// Hopper's warpgroup tensor cores (`flash_wg_{fwd,bwd}_d128` in `flash_wgmma_sm90a.cu`: two
+/// warpgroups, 128 query rows / keys per CTA, wgmma; head dim 128, sm_90a only).
 /// The default is what the last GPU run verified and
 /// measured fastest; the others exist for head dim 128 (the 8-warp backwards also for 64),
 /// and [`Tiling::for_dim`] falls back to the default elsewhere.
@@ -26,6 +27,7 @@ pub struct Tiling {
     pub bwd_r64: bool,
     pub dq4: bool,
     pub fwd_wg: bool,
+    pub bwd_wg: bool,
 }
 
 impl Default for Tiling {
@@ -37,6 +39,7 @@ impl Default for Tiling {
             bwd_r64: false,
             dq4: false,
             fwd_wg: false,
+            bwd_wg: false,
         }
     }
 }
@@ -46,12 +49,18 @@ impl Default for Tiling {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const WG_SMEM: usize = 1024 + 2 * (128 * 128 + 4 * 128 * 128) + 4 * 2 * 128;
 
+/// `flash_wg_bwd_d128`'s dynamic shared memory (`WG_BWD_SMEM`): K and V (128 keys), Q and dO
+/// (64 rows, twice each) of 128 bf16, dS^T (128 × 64 bf16), lse, Δ and segment ids (2 × 64),
+/// 1024 bytes of alignment.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const WG_BWD_SMEM: usize = 1024 + 2 * (4 * 128 * 128 + 128 * 64) + 4 * 3 * 2 * 64;
+
 impl Tiling {
     /// `OMR_MMA`, a comma-separated list of `f4`, `f8`, `f4x2` (forward warps, × m-tiles),
-    /// `wg` (the wgmma forward), `b4`, `b8` (backward warps), `b8r64` (the FA2-layout
-    /// backward) and `q4` (float4 dQ atomics), e.g. `f4x2,b8r64,q4` or `wg,b8r64`; what it
-    /// leaves out stays at the default, and the last forward item wins. An unknown item is an
-    /// error.
+    /// `wgf` (the wgmma forward), `b4`, `b8` (backward warps), `b8r64` (the FA2-layout
+    /// backward), `wgb` (the wgmma backward), `q4` (float4 dQ atomics) and `wg` (`wgf,wgb`),
+    /// e.g. `f4x2,b8r64,q4` or `wg`; what it leaves out stays at the default, and the last
+    /// forward or backward item wins. An unknown item is an error.
     pub fn from_env() -> Result<Tiling> {
         static T: std::sync::OnceLock<std::result::Result<Tiling, String>> =
             std::sync::OnceLock::new();
@@ -71,14 +80,19 @@ impl Tiling {
                 "f4" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 1, false),
                 "f8" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, false),
                 "f4x2" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 2, false),
-                "wg" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true),
-                "b4" => (t.bwd, t.bwd_r64) = (4, false),
-                "b8" => (t.bwd, t.bwd_r64) = (8, false),
-                "b8r64" => (t.bwd, t.bwd_r64) = (8, true),
+                "wgf" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true),
+                "b4" => (t.bwd, t.bwd_r64, t.bwd_wg) = (4, false, false),
+                "b8" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, false),
+                "b8r64" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, true, false),
+                "wgb" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, true),
+                "wg" => {
+                    (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true);
+                    (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, true);
+                }
                 "q4" => t.dq4 = true,
                 _ => {
                     return Err(format!(
-                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, wg, b4, b8, b8r64, q4 (e.g. f4x2,b8r64,q4), or unset it"
+                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, wgf, b4, b8, b8r64, wgb, q4, wg (e.g. f4x2,b8r64,q4), or unset it"
                     ))
                 }
             }
@@ -88,14 +102,19 @@ impl Tiling {
 
     /// This tiling for head dim `d`: the variants that do not exist for `d` fall back.
     pub(super) fn for_dim(self, d: usize) -> Tiling {
-        let wg = self.fwd_wg && d == 128;
+        let (fwd_wg, bwd_wg) = (self.fwd_wg && d == 128, self.bwd_wg && d == 128);
         Tiling {
-            fwd: if self.fwd_wg && !wg { 4 } else { self.fwd },
+            fwd: if self.fwd_wg && !fwd_wg { 4 } else { self.fwd },
             fwd_mtiles: if d == 128 { self.fwd_mtiles } else { 1 },
-            bwd: if d == 80 { 4 } else { self.bwd },
+            bwd: if d == 80 || (self.bwd_wg && !bwd_wg) {
+                4
+            } else {
+                self.bwd
+            },
             bwd_r64: self.bwd_r64 && d != 80,
-            dq4: self.dq4 && d == 128,
-            fwd_wg: wg,
+            dq4: self.dq4 && d == 128 && !bwd_wg,
+            fwd_wg,
+            bwd_wg,
         }
     }
 
@@ -120,6 +139,22 @@ impl Tiling {
         }
     }
 
+    /// The PTX module of the backward's entry point.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn bwd_module(self) -> &'static str {
+        if self.bwd_wg {
+            "flash_wgmma_sm90a"
+        } else {
+            "flash_mma"
+        }
+    }
+
+    /// Threads per backward CTA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn bwd_threads(self) -> u32 {
+        32 * self.bwd as u32
+    }
+
     pub(super) fn bwd_keys(self) -> usize {
         16 * self.bwd
     }
@@ -138,6 +173,9 @@ impl Tiling {
     /// The backward's entry point for head dim `d`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn bwd_entry(self, d: usize) -> String {
+        if self.bwd_wg {
+            return format!("flash_wg_bwd_d{d}");
+        }
         let w = match (self.bwd, self.bwd_r64) {
             (_, true) => "8r64",
             (8, _) => "8",
@@ -150,7 +188,9 @@ impl Tiling {
     /// The backward's dynamic shared memory for head dim `d`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn bwd_smem(self, d: usize) -> usize {
-        if self.bwd_r64 {
+        if self.bwd_wg {
+            WG_BWD_SMEM
+        } else if self.bwd_r64 {
             bwd64_smem(d)
         } else {
             bwd_smem(d, self.bwd_keys())
@@ -209,14 +249,19 @@ mod tests {
             "f4x2,b8,q4",
             "b8r64",
             "f4x2,b8r64,q4",
+            "wgf",
+            "wgf,b8r64,q4",
+            "wgb",
             "wg",
-            "wg,b8r64,q4",
+            "f4x2,wgb,q4",
         ];
         let wg_src = include_str!("../../../../kernels/flash_wgmma_sm90a.cu");
         for d in [64, 80, 128] {
             for spec in all {
                 let t = Tiling::parse(spec).unwrap().for_dim(d);
-                assert_eq!(t.fwd_wg, spec.starts_with("wg") && d == 128, "{spec} d {d}");
+                let named = |x: &str| spec.split(',').any(|i| i == x || i == "wg");
+                assert_eq!(t.fwd_wg, named("wgf") && d == 128, "{spec} d {d}");
+                assert_eq!(t.bwd_wg, named("wgb") && d == 128, "{spec} d {d}");
                 let fwd = format!("{}, {d}, {}, {})", t.fwd_entry(d), t.fwd, t.fwd_mtiles);
                 if t.fwd_wg {
                     assert_eq!(t.fwd_module(), "flash_wgmma_sm90a");
@@ -228,7 +273,13 @@ mod tests {
                     assert!(src.contains(&format!("FWD({fwd}\n")), "{spec} d {d}: {fwd}");
                 }
                 let dqv = if t.dq4 { 4 } else { 2 };
-                let bwd = if t.bwd_r64 {
+                let bwd = if t.bwd_wg {
+                    assert_eq!(t.bwd_module(), "flash_wgmma_sm90a");
+                    assert_eq!((t.bwd_keys(), t.bwd_threads()), (128, 256));
+                    let entry = format!("__launch_bounds__(256, 1)\n    {}(", t.bwd_entry(d));
+                    assert!(wg_src.contains(&entry), "{spec}: {entry}");
+                    continue;
+                } else if t.bwd_r64 {
                     format!("BWD64({}, {d}, {dqv})", t.bwd_entry(d))
                 } else {
                     format!("BWD({}, {d}, {}, {dqv})", t.bwd_entry(d), t.bwd)
@@ -251,6 +302,7 @@ mod tests {
                 bwd_r64: false,
                 dq4: false,
                 fwd_wg: false,
+                bwd_wg: false,
             }
         );
         assert_eq!(Tiling::parse("f4x2").unwrap().fwd_smem(128), 128 * 136 * 2);
@@ -260,6 +312,10 @@ mod tests {
             "#define WG_SMEM (1024 + 2 * (WG_BR * WG_D + 4 * WG_BC * WG_D) + 4 * 2 * WG_BC)"
         ));
         assert_eq!(Tiling::parse("wg").unwrap().fwd_smem(128), 165_888);
+        assert!(wg_src.contains(
+            "#define WG_BWD_SMEM (1024 + 2 * (4 * 128 * 128 + 128 * 64) + 4 * 3 * 2 * 64)"
+        ));
+        assert_eq!(Tiling::parse("wg").unwrap().bwd_smem(128), 150_016);
         assert_eq!(Tiling::default().fwd_smem(128), 0);
     }
 
@@ -280,17 +336,19 @@ mod tests {
             Tiling::parse("b8r64").unwrap().for_dim(80),
             Tiling::default()
         );
-        let t = Tiling::parse("f4x2,wg").unwrap();
+        let t = Tiling::parse("f4x2,wgf").unwrap();
         assert!(
-            t.fwd_wg && t.fwd_rows() == 128,
+            t.fwd_wg && !t.bwd_wg && t.fwd_rows() == 128,
             "the last forward item wins"
         );
-        assert!(!Tiling::parse("wg,f4").unwrap().fwd_wg);
+        let t = Tiling::parse("wg,f4").unwrap();
+        assert!(!t.fwd_wg && t.bwd_wg && t.bwd_keys() == 128);
         assert_eq!(
-            Tiling::parse("wg,b8").unwrap().for_dim(64),
-            Tiling::parse("b8").unwrap(),
-            "no wgmma forward below head dim 128"
+            Tiling::parse("wg,q4").unwrap().for_dim(64),
+            Tiling::default(),
+            "no wgmma below head dim 128"
         );
+        assert!(!Tiling::parse("wg,q4").unwrap().for_dim(128).dq4);
         let e = Tiling::parse("f4,x9").unwrap_err();
         assert!(e.contains("\"x9\"") && e.contains("f4x2"), "{e}");
     }
