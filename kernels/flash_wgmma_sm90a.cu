@@ -1,7 +1,9 @@
-// flash_wgmma_sm90a.cu: the attention forward of flash_mma.cu on Hopper's warpgroup tensor
-// cores (wgmma.mma_async, sm_90a only: build.rs and compile-ptx.sh give files named *_sm90a.cu
-// `-arch=sm_90a`). Same function, inputs, outputs and host spans as flash_mma.cu's forward
-// (read its header for the layouts and the mask); opt-in as `OMR_MMA=wg` for head dim 128.
+// flash_wgmma_sm90a.cu: the attention of flash_mma.cu on Hopper's warpgroup tensor cores
+// (wgmma.mma_async, sm_90a only: build.rs and compile-ptx.sh give files named *_sm90a.cu
+// `-arch=sm_90a`). Same function, inputs, outputs and host spans as flash_mma.cu's forward and
+// backward (read its header for the layouts and the mask); opt-in as `OMR_MMA=wg` (`wgf`
+// forward, `wgb` backward) for head dim 128. The forward is described here, the backward above
+// flash_wg_bwd_d128.
 //
 // One CTA per (128 query rows, b·H + h): two warpgroups of 64 rows, 128-key tiles. Q, K and V
 // sit in shared memory in the 128-byte-swizzled K-major layout (below); K and V are double
@@ -23,9 +25,12 @@
 //     at block kk / 4, byte 32·(kk % 4) of the row;
 //   N-major (V as B, K = keys, N = head dim): SBO = 1024 (8 keys), LBO = R·128 bytes (the next
 //     64 columns: the other block); k-step kk starts at key 16·kk (2048 bytes on).
-// `wgmma_probe` runs these helpers alone on one warpgroup (a GEMM each way) so that a layout
-// fault shows in `omr bench kernels` apart from the attention.
+// `wgmma_probe` runs each operand layout alone on one warpgroup (a GEMM each) so that a layout
+// fault shows in `omr bench kernels` apart from the attention; scripts/cuda/emu runs this file
+// on the CPU (OMR_EMU) against attention in double precision.
+#ifndef OMR_EMU
 #include "common.cuh"
+#endif
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_wgmma_sm90a.cu needs -arch=sm_90a"
@@ -33,6 +38,12 @@
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// The inline-PTX helpers: smem addresses, cp.async, proxy fence, wgmma and its fences. With
+// OMR_EMU defined (the header to include instead), scripts/cuda/emu runs these kernels on the
+// CPU with its own versions of them, each the PTX ISA's documented semantics.
+#ifdef OMR_EMU
+#include OMR_EMU
+#else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -40,6 +51,12 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 __device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0)
                : "memory");
 }
 
@@ -77,39 +94,6 @@ template <int N>
 __device__ __forceinline__ void pin(uint32_t* r) {
 #pragma unroll
   for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
-}
-
-__device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint32_t ld32(const bf16* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, int off,
-                                        int causal, int window) {
-  return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
-}
-
-// A shared-memory descriptor, 128-byte swizzle; `lbo` and SBO = 1024 in bytes.
-__device__ __forceinline__ uint64_t sw128_desc(const bf16* p, unsigned lbo) {
-  const unsigned a = smem_addr(p);
-  return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
-         ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-// `rows` rows of 128 bf16 from global row `r0` (row r at src + r·stride) into the SW128 layout
-// at dst, by `nthreads` threads from `tid`; rows at or past `n` are zeros.
-__device__ __forceinline__ void load_sw128(bf16* dst, const bf16* src, long stride, int r0, int n,
-                                           int rows, int tid, int nthreads) {
-  for (int idx = tid; idx < rows * 16; idx += nthreads) {
-    const int row = idx / 16, c = idx % 16, r = r0 + row;
-    const bool ok = r < n;
-    cp16(dst + (c / 8) * rows * 64 + row * 64 + ((c % 8) ^ (row % 8)) * 8,
-         src + (ok ? r : 0) * stride + c * 8, ok);
-  }
 }
 
 #define ACC64                                                                                   \
@@ -152,6 +136,41 @@ __device__ __forceinline__ void wgmma_ss64(float* d, uint64_t a, uint64_t b) {
                ", %32, %33, 1, 1, 1, %34, %34;\n"
                : D32
                : "l"(a), "l"(b), "n"(TRANS));
+}
+
+#endif  // OMR_EMU
+
+__device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, int off,
+                                        int causal, int window) {
+  return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
+}
+
+// A shared-memory descriptor, 128-byte swizzle; `lbo` and SBO = 1024 in bytes.
+__device__ __forceinline__ uint64_t sw128_desc(const bf16* p, unsigned lbo) {
+  const unsigned a = smem_addr(p);
+  return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+         ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// `rows` rows of 128 bf16 from global row `r0` (row r at src + r·stride) into the SW128 layout
+// at dst, by `nthreads` threads from `tid`; rows at or past `n` are zeros.
+__device__ __forceinline__ void load_sw128(bf16* dst, const bf16* src, long stride, int r0, int n,
+                                           int rows, int tid, int nthreads) {
+  for (int idx = tid; idx < rows * 16; idx += nthreads) {
+    const int row = idx / 16, c = idx % 16, r = r0 + row;
+    const bool ok = r < n;
+    cp16(dst + (c / 8) * rows * 64 + row * 64 + ((c % 8) ^ (row % 8)) * 8,
+         src + (ok ? r : 0) * stride + c * 8, ok);
+  }
 }
 
 // The A fragment of k-step kk from accumulator fragments (n-tiles 2kk, 2kk + 1).
@@ -368,12 +387,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 // dK / dV per query head as flash_mma.cu's backward (f32, (B, S, H, D)); the host sums a GQA
 // group's heads. Dynamic shared memory WG_BWD_SMEM (flash_mma/tiling.rs's wg_bwd_smem).
 #define WG_BWD_SMEM (1024 + 2 * (4 * 128 * 128 + 128 * 64) + 4 * 3 * 2 * 64)
-
-__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 4 : 0)
-               : "memory");
-}
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     flash_wg_bwd_d128(const bf16* __restrict__ q, const bf16* __restrict__ k,

@@ -1,0 +1,270 @@
+// sm90_emu.h: runs kernels/flash_wgmma_sm90a.cu on the CPU. The kernel file includes this
+// header instead of its inline-PTX helpers when OMR_EMU names it (flash_wgmma_emu.cpp), so the
+// kernels' own C++ (indexing, masks, softmax, pipelining, descriptors) runs unchanged, each
+// CUDA thread a std::thread, one CTA at a time. The helpers follow the PTX ISA:
+//   - wgmma.mma_async (m64nNk16, f32 += bf16·bf16): each thread computes its own accumulator
+//     fragment (warp w of the warpgroup: rows 16w + g and + 8, columns 8j + 2t and + 1) from
+//     the operands read through the descriptors by the ISA's canonical layouts ("Shared Memory
+//     Matrix Layout"; K-major ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major
+//     ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), Swizzle<3,4,3> on the byte address); A from
+//     registers is mma.sync's A fragment, gathered from the warp's lanes;
+//   - cp.async completes at once (copies or zero-fills), wgmma at issue; the fences and waits
+//     are then no-ops, and a missing one is not caught here (a race between threads may be);
+//   - shared memory starts poisoned (0xFF: bf16 NaN), so a read of a byte nothing wrote shows.
+// What the emulation cannot show: that the hardware matches the ISA text. `wgmma_probe` on a GPU
+// (`omr bench kernels`) checks that.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+typedef __nv_bfloat16 bf16;
+// cuda_bf16.h's host_defines.h gives these CUDA meanings: plain C++ here.
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 gridDim, blockDim;
+
+using std::min;
+
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline float __expf(float x) { return std::exp(x); }
+
+// The dynamic shared memory of the CTA that runs (the kernels declare it `extern`).
+constexpr size_t EMU_SMEM_MAX = 232448;
+alignas(1024) unsigned char wg_raw[EMU_SMEM_MAX];
+
+namespace emu {
+[[noreturn]] inline void fail(const char* what, long a, long b) {
+  std::fprintf(stderr, "emu: %s (%ld, %ld)\n", what, a, b);
+  std::abort();
+}
+
+inline size_t smem_bytes = 0;
+
+struct Warp {
+  std::barrier<> bar{32};
+  float f[32];
+  uint32_t a[32][4];
+};
+
+struct Cta {
+  explicit Cta(unsigned threads) : bar(threads), warps(threads / 32) {}
+  std::barrier<> bar;
+  std::atomic<int> all[2] = {1, 1};
+  std::vector<Warp> warps;
+};
+inline Cta* cta = nullptr;
+inline thread_local int and_calls = 0;
+inline std::mutex atomics;
+
+inline void check_smem(unsigned addr, unsigned bytes) {
+  if (addr + bytes > smem_bytes) fail("shared-memory access past the launch's bytes", addr, smem_bytes);
+}
+
+inline float smem_bf16(unsigned addr) {
+  check_smem(addr, 2);
+  __nv_bfloat16_raw raw;
+  std::memcpy(&raw.x, wg_raw + addr, 2);
+  return __bfloat162float(bf16(raw));
+}
+
+struct Desc {
+  unsigned start, lbo, sbo;
+};
+
+inline Desc decode(uint64_t d) {
+  if ((d >> 62) != 1) fail("descriptor: swizzle mode is not 128 B", (long)(d >> 62), 1);
+  if (((d >> 49) & 7) != 0) fail("descriptor: base offset is not 0", (long)((d >> 49) & 7), 0);
+  return {(unsigned)(d & 0x3FFF) << 4, (unsigned)((d >> 16) & 0x3FFF) << 4,
+          (unsigned)((d >> 32) & 0x3FFF) << 4};
+}
+
+inline unsigned swizzle(unsigned a) { return a ^ (((a >> 7) & 7u) << 4); }
+
+// Byte address of element (r, k) of a K-major operand (r the M or N index, k < 16).
+inline unsigned kmajor(const Desc& d, int r, int k) {
+  return swizzle(d.start + 2 * ((r % 8) * 64 + (k % 8) + 8 * (k / 8)) + (r / 8) * d.sbo);
+}
+
+// Byte address of element (n, k) of an MN-major operand.
+inline unsigned mnmajor(const Desc& d, int n, int k) {
+  return swizzle(d.start + 2 * ((n % 8) + 8 * ((n / 8) % 8) + 64 * (k % 8)) + (n / 64) * d.lbo +
+                 (k / 8) * d.sbo);
+}
+
+// d (this thread's fragment of 64 × N) += A·B with A(row, k) given and B from a descriptor.
+template <int N, class A>
+void mma(float* d, A a, uint64_t bdesc, bool b_mn) {
+  const Desc b = decode(bdesc);
+  const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int j = 0; j < N / 8; j++)
+    for (int e = 0; e < 4; e++) {
+      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * t + (e & 1);
+      float acc = d[4 * j + e];
+      for (int k = 0; k < 16; k++)
+        acc += a(row, k) * smem_bf16(b_mn ? mnmajor(b, col, k) : kmajor(b, col, k));
+      d[4 * j + e] = acc;
+    }
+}
+
+template <int N>
+void mma_ss(float* d, uint64_t adesc, uint64_t bdesc, bool a_mn, bool b_mn) {
+  const Desc a = decode(adesc);
+  mma<N>(d, [&](int row, int k) { return smem_bf16(a_mn ? mnmajor(a, row, k) : kmajor(a, row, k)); },
+         bdesc, b_mn);
+}
+
+// A from registers: each lane's four registers are mma.sync's A fragment of its warp's 16 rows.
+template <int N>
+void mma_rs(float* d, const uint32_t* ar, uint64_t bdesc, bool b_mn) {
+  Warp& wp = cta->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; i++) wp.a[lane][i] = ar[i];
+  wp.bar.arrive_and_wait();
+  const int w = (threadIdx.x / 32) % 4;
+  mma<N>(d,
+         [&](int row, int k) {
+           const int rl = row - 16 * w, gg = rl % 8, tt = (k % 8) / 2;
+           const int reg = (rl >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+           const uint32_t r = wp.a[4 * gg + tt][reg];
+           __nv_bfloat16_raw raw;
+           raw.x = (k % 2) ? (unsigned short)(r >> 16) : (unsigned short)(r & 0xFFFF);
+           return __bfloat162float(bf16(raw));
+         },
+         bdesc, b_mn);
+  wp.bar.arrive_and_wait();
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::cta->bar.arrive_and_wait(); }
+
+inline int __syncthreads_and(int pred) {
+  // Two alternating flags: a flag is reset by thread 0 one call after it was read, before
+  // thread 0 reaches the barrier of the next call, and written again a call later.
+  emu::Cta& c = *emu::cta;
+  const int slot = emu::and_calls++ & 1;
+  if (!pred) c.all[slot].store(0);
+  c.bar.arrive_and_wait();
+  const int r = c.all[slot].load();
+  c.bar.arrive_and_wait();
+  if (threadIdx.x == 0) c.all[slot].store(1);
+  return r;
+}
+
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  w.f[lane] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.f[lane ^ m];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+inline float2 atomicAdd(float2* p, float2 v) {
+  std::lock_guard<std::mutex> l(emu::atomics);
+  const float2 old = *p;
+  p->x += v.x;
+  p->y += v.y;
+  return old;
+}
+
+// ---- the kernel file's inline-PTX helpers ----
+
+inline unsigned smem_addr(const void* p) {
+  const long off = (const unsigned char*)p - wg_raw;
+  if (off < 0 || off >= (long)EMU_SMEM_MAX) emu::fail("smem_addr of a pointer outside shared memory", off, 0);
+  return (unsigned)off;
+}
+
+inline void cp16(void* dst, const void* src, bool valid) {
+  const unsigned a = smem_addr(dst);
+  emu::check_smem(a, 16);
+  if (a % 16) emu::fail("cp.async 16: destination not 16-byte aligned", a, 16);
+  if (valid)
+    std::memcpy(dst, src, 16);
+  else
+    std::memset(dst, 0, 16);
+}
+
+inline void cp4(void* dst, const void* src, bool valid) {
+  emu::check_smem(smem_addr(dst), 4);
+  if (valid)
+    std::memcpy(dst, src, 4);
+  else
+    std::memset(dst, 0, 4);
+}
+
+inline void cp_commit() {}
+template <int N>
+inline void cp_wait() {}
+inline void fence_proxy_async() {}
+inline void wg_fence() {}
+inline void wg_commit() {}
+inline void wg_wait0() {}
+template <int N>
+inline void pin(float*) {}
+template <int N>
+inline void pin(uint32_t*) {}
+
+inline void wgmma_ss(float* d, uint64_t a, uint64_t b) { emu::mma_ss<128>(d, a, b, false, false); }
+inline void wgmma_rs_tn(float* d, const uint32_t* a, uint64_t b) { emu::mma_rs<128>(d, a, b, true); }
+template <int TRANS>
+inline void wgmma_ss64(float* d, uint64_t a, uint64_t b) {
+  emu::mma_ss<64>(d, a, b, TRANS == 1, TRANS == 1);
+}
+
+// Runs kernel(args...) over grid × `threads` threads with `smem` bytes of dynamic shared
+// memory, one CTA at a time.
+template <class F, class... Args>
+void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args) {
+  if (smem > EMU_SMEM_MAX) emu::fail("dynamic shared memory over the limit", (long)smem, (long)EMU_SMEM_MAX);
+  gridDim = grid;
+  blockDim = {threads, 1, 1};
+  emu::smem_bytes = smem;
+  for (unsigned by = 0; by < grid.y; by++)
+    for (unsigned bx = 0; bx < grid.x; bx++) {
+      std::memset(wg_raw, 0xFF, EMU_SMEM_MAX);
+      auto c = std::make_unique<emu::Cta>(threads);
+      emu::cta = c.get();
+      std::vector<std::thread> ts;
+      ts.reserve(threads);
+      for (unsigned i = 0; i < threads; i++)
+        ts.emplace_back([=] {
+          threadIdx = {i, 0, 0};
+          blockIdx = {bx, by, 0};
+          kernel(args...);
+        });
+      for (auto& t : ts) t.join();
+      emu::cta = nullptr;
+    }
+}
