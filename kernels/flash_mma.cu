@@ -36,9 +36,19 @@
 // ldmatrix: an 8×8 bf16 matrix per 8 lanes' row addresses, `.trans` when the fragment's pairs
 // run down a column of the stored tile (V and dO as B, dS^T as A). Rows are padded by 8 bf16
 // (16 bytes), which puts the 8 rows of a matrix in distinct banks.
+#ifndef OMR_EMU
 #include "common.cuh"
+#endif
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+
+// The inline-PTX helpers: mma.sync, ldmatrix, cp.async. With OMR_EMU defined (the header to
+// include instead), scripts/cuda/emu runs these kernels on the CPU with its own versions of them,
+// each the PTX ISA's documented semantics.
+#ifdef OMR_EMU
+#include OMR_EMU
+#else
+#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
 
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -90,6 +100,8 @@ template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+#endif  // OMR_EMU
 
 // Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
 __device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
@@ -261,7 +273,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   __shared__ __align__(16) bf16 ks[BC * LD];
   __shared__ __align__(16) bf16 vs[BC * LD];
   __shared__ unsigned kss[BC];
-  extern __shared__ __align__(16) unsigned char qsmem[];  // BR × LD bf16 when Q_SMEM
+  DYN_SMEM(16, qsmem);  // BR × LD bf16 when Q_SMEM
   bf16* qsm = reinterpret_cast<bf16*>(qsmem);
   const int qb = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
   const int kvh = h / (H / KV);
@@ -483,7 +495,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                           int KV, float scale, int causal, int window) {
   constexpr int BR = BWD_BR, BC = 16 * NW, LD = D + 8, LDS = BR + 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  DYN_SMEM(16, smem);
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + BC * LD;          // [2][BR × LD]
   bf16* dos = qs + 2 * BR * LD;     // [2][BR × LD]
@@ -664,7 +676,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
   constexpr int NV = D / 16;  // dK / dV n-tiles per warp (D / 2 columns)
   constexpr int NQ = D / 32;  // dQ n-tiles per warp (D / 4 columns)
   static_assert(NQ % 2 == 0, "D is 64 or 128");
-  extern __shared__ __align__(16) unsigned char smem[];
+  DYN_SMEM(16, smem);
   bf16* ks = reinterpret_cast<bf16*>(smem);  // BC × LD
   bf16* vs = ks + BC * LD;                   // BC × LD
   bf16* qs = vs + BC * LD;                   // [2][BR × LD]

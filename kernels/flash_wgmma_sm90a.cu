@@ -44,6 +44,7 @@
 #ifdef OMR_EMU
 #include OMR_EMU
 #else
+#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -198,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                       bf16* __restrict__ o, float* __restrict__ lse, int T, int S, int H, int KV,
                       float scale_log2, int causal, int window) {
   constexpr int BR = WG_BR, BC = WG_BC, D = WG_D;
-  extern __shared__ __align__(1024) unsigned char wg_raw[];
+  DYN_SMEM(1024, wg_raw);
   bf16* qs = aligned_smem(wg_raw);  // BR × D
   bf16* ks = qs + BR * D;           // [2][BC × D]
   bf16* vs = ks + 2 * BC * D;       // [2][BC × D]
@@ -397,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                       float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H, int KV,
                       float scale, int causal, int window) {
   constexpr int BR = 64, BC = 128, D = 128;
-  extern __shared__ __align__(1024) unsigned char wg_raw[];
+  DYN_SMEM(1024, wg_raw);
   bf16* ks = aligned_smem(wg_raw);  // BC × D
   bf16* vs = ks + BC * D;           // BC × D
   bf16* qs = vs + BC * D;           // [2][BR × D]
@@ -628,7 +629,7 @@ extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe(const bf16* __restrict__ a, const bf16* __restrict__ bk, float* __restrict__ s_out,
                 float* __restrict__ o_out, float* __restrict__ s64_out,
                 float* __restrict__ o64_out, float* __restrict__ q64_out) {
-  extern __shared__ __align__(1024) unsigned char wg_raw[];
+  DYN_SMEM(1024, wg_raw);
   bf16* as = aligned_smem(wg_raw);  // 64 × 128
   bf16* bs = as + 64 * 128;         // 128 × 128
   const int tid = threadIdx.x, wl = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds and runs flash_wgmma_emu.cpp: kernels/flash_wgmma_sm90a.cu on the CPU through
-# sm90_emu.h, against attention in double precision (no GPU; g++ ≥ 12 for C++20 std::barrier,
-# cuda_bf16.h from scripts/cuda/env.sh's nvcc wheels). What CI runs after compile-ptx.sh.
+# Builds and runs the kernel emulations: kernels/flash_mma.cu (every OMR_MMA entry point) and
+# kernels/flash_wgmma_sm90a.cu on the CPU through cuda_emu.h, against attention in double
+# precision (attention_ref.h). No GPU; g++ ≥ 12 (C++20 std::barrier) and cuda_bf16.h from
+# scripts/cuda/env.sh's nvcc wheels. What CI runs after compile-ptx.sh (≈ 2 min on 2 cores).
 #
-#   scripts/cuda/emu/run.sh
+#   scripts/cuda/emu/run.sh [wgmma|mma [NAME]]   # both by default; NAME keeps the flash_mma
+#                                                # entry points whose name contains it
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -15,7 +17,12 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cxx=${CXX:-g++}
 start=$(date +%s)
-"$cxx" -std=c++20 -O2 -pthread -Wall -Werror -Wno-unknown-pragmas -fno-strict-aliasing -I"$CUDA_HOME/include" -I"$here" \
-  -o "$out/flash_wgmma_emu" "$here/flash_wgmma_emu.cpp"
-"$out/flash_wgmma_emu"
+rc=0
+for which in wgmma mma; do
+  [ -n "${1:-}" ] && [ "$1" != "$which" ] && continue
+  "$cxx" -std=c++20 -O2 -pthread -Wall -Werror -Wno-unknown-pragmas -fno-strict-aliasing \
+    -I"$CUDA_HOME/include" -I"$here" -o "$out/flash_${which}_emu" "$here/flash_${which}_emu.cpp"
+  "$out/flash_${which}_emu" ${2:+"$2"} || rc=1
+done
 echo "emu: built and ran in $(( $(date +%s) - start )) s"
+exit $rc

@@ -1,18 +1,22 @@
-// sm90_emu.h: runs kernels/flash_wgmma_sm90a.cu on the CPU. The kernel file includes this
-// header instead of its inline-PTX helpers when OMR_EMU names it (flash_wgmma_emu.cpp), so the
-// kernels' own C++ (indexing, masks, softmax, pipelining, descriptors) runs unchanged, each
-// CUDA thread a std::thread, one CTA at a time. The helpers follow the PTX ISA:
-//   - wgmma.mma_async (m64nNk16, f32 += bf16·bf16): each thread computes its own accumulator
-//     fragment (warp w of the warpgroup: rows 16w + g and + 8, columns 8j + 2t and + 1) from
-//     the operands read through the descriptors by the ISA's canonical layouts ("Shared Memory
-//     Matrix Layout"; K-major ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major
-//     ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), Swizzle<3,4,3> on the byte address); A from
-//     registers is mma.sync's A fragment, gathered from the warp's lanes;
+// cuda_emu.h: runs the attention kernels (kernels/flash_mma.cu, kernels/flash_wgmma_sm90a.cu)
+// on the CPU. A kernel file includes this header instead of its inline-PTX helpers when
+// OMR_EMU names it (flash_*_emu.cpp), so the kernels' own C++ (indexing, masks, softmax,
+// pipelining, fragments, descriptors) runs unchanged, each CUDA thread a std::thread, one CTA
+// at a time; `__shared__` arrays are statics (one per kernel instantiation), the dynamic shared
+// memory one aligned buffer. The helpers follow the PTX ISA:
+//   - mma.sync.m16n8k16 (f32 += bf16·bf16) and ldmatrix (.x4, .x2, .trans): each lane's
+//     fragments gathered from its warp's lanes by the ISA's fragment layouts;
+//   - wgmma.mma_async (m64nNk16): each thread computes its own accumulator fragment (warp w of
+//     the warpgroup: rows 16w + g and + 8, columns 8j + 2t and + 1) from the operands read
+//     through the descriptors by the ISA's canonical layouts ("Shared Memory Matrix Layout";
+//     K-major ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)),
+//     Swizzle<3,4,3> on the byte address); A from registers is mma.sync's A fragment;
 //   - cp.async completes at once (copies or zero-fills), wgmma at issue; the fences and waits
 //     are then no-ops, and a missing one is not caught here (a race between threads may be);
-//   - shared memory starts poisoned (0xFF: bf16 NaN), so a read of a byte nothing wrote shows.
-// What the emulation cannot show: that the hardware matches the ISA text. `wgmma_probe` on a GPU
-// (`omr bench kernels`) checks that.
+//   - dynamic shared memory starts poisoned (0xFF: bf16 NaN), so a read of a byte nothing
+//     wrote shows.
+// What the emulation cannot show: that the hardware matches the ISA text. On a GPU,
+// `omr bench kernels` checks the kernels (and `wgmma_probe` the wgmma layouts alone).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -40,8 +44,10 @@ typedef __nv_bfloat16 bf16;
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__
+#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+// The kernels' dynamic shared memory (`extern __shared__` on the GPU).
+#define DYN_SMEM(ALIGN, NAME) unsigned char* const NAME = emu::dyn
 
 struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -49,6 +55,7 @@ struct Dim3 {
 inline thread_local Dim3 threadIdx, blockIdx;
 inline Dim3 gridDim, blockDim;
 
+using std::max;
 using std::min;
 
 inline float __int_as_float(int i) {
@@ -58,11 +65,12 @@ inline float __int_as_float(int i) {
 }
 inline float __expf(float x) { return std::exp(x); }
 
-// The dynamic shared memory of the CTA that runs (the kernels declare it `extern`).
 constexpr size_t EMU_SMEM_MAX = 232448;
-alignas(1024) unsigned char wg_raw[EMU_SMEM_MAX];
 
 namespace emu {
+// The dynamic shared memory of the CTA that runs.
+alignas(1024) inline unsigned char dyn[EMU_SMEM_MAX];
+
 [[noreturn]] inline void fail(const char* what, long a, long b) {
   std::fprintf(stderr, "emu: %s (%ld, %ld)\n", what, a, b);
   std::abort();
@@ -70,11 +78,23 @@ namespace emu {
 
 inline size_t smem_bytes = 0;
 
-struct Warp {
-  std::barrier<> bar{32};
+// A warp's exchange slots, two sets used alternately by its collective calls (shuffles, mma,
+// ldmatrix): a lane writes set n % 2 for call n before the call's barrier and reads it after;
+// it writes that set again (call n + 2) only after the barrier of call n + 1, which every lane
+// reaches after its reads of call n. One barrier per call.
+struct Slots {
   float f[32];
   uint32_t a[32][4];
+  uint32_t b[32][2];
+  const unsigned char* row[32];
 };
+struct Warp {
+  std::barrier<> bar{32};
+  Slots set[2];
+};
+inline thread_local unsigned warp_calls = 0;
+// This lane's slot set for its next warp-collective call.
+inline Slots& slots(Warp& w) { return w.set[warp_calls++ & 1]; }
 
 struct Cta {
   explicit Cta(unsigned threads) : bar(threads), warps(threads / 32) {}
@@ -93,7 +113,7 @@ inline void check_smem(unsigned addr, unsigned bytes) {
 inline float smem_bf16(unsigned addr) {
   check_smem(addr, 2);
   __nv_bfloat16_raw raw;
-  std::memcpy(&raw.x, wg_raw + addr, 2);
+  std::memcpy(&raw.x, dyn + addr, 2);
   return __bfloat162float(bf16(raw));
 }
 
@@ -147,21 +167,21 @@ void mma_ss(float* d, uint64_t adesc, uint64_t bdesc, bool a_mn, bool b_mn) {
 template <int N>
 void mma_rs(float* d, const uint32_t* ar, uint64_t bdesc, bool b_mn) {
   Warp& wp = cta->warps[threadIdx.x / 32];
+  Slots& sl = slots(wp);
   const int lane = threadIdx.x % 32;
-  for (int i = 0; i < 4; i++) wp.a[lane][i] = ar[i];
+  for (int i = 0; i < 4; i++) sl.a[lane][i] = ar[i];
   wp.bar.arrive_and_wait();
   const int w = (threadIdx.x / 32) % 4;
   mma<N>(d,
          [&](int row, int k) {
            const int rl = row - 16 * w, gg = rl % 8, tt = (k % 8) / 2;
            const int reg = (rl >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-           const uint32_t r = wp.a[4 * gg + tt][reg];
+           const uint32_t r = sl.a[4 * gg + tt][reg];
            __nv_bfloat16_raw raw;
            raw.x = (k % 2) ? (unsigned short)(r >> 16) : (unsigned short)(r & 0xFFFF);
            return __bfloat162float(bf16(raw));
          },
          bdesc, b_mn);
-  wp.bar.arrive_and_wait();
 }
 }  // namespace emu
 
@@ -182,12 +202,21 @@ inline int __syncthreads_and(int pred) {
 
 inline float __shfl_xor_sync(unsigned, float v, int m) {
   emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+  emu::Slots& sl = emu::slots(w);
   const int lane = threadIdx.x % 32;
-  w.f[lane] = v;
+  sl.f[lane] = v;
   w.bar.arrive_and_wait();
-  const float r = w.f[lane ^ m];
-  w.bar.arrive_and_wait();
-  return r;
+  return sl.f[lane ^ m];
+}
+
+inline float4 atomicAdd(float4* p, float4 v) {
+  std::lock_guard<std::mutex> l(emu::atomics);
+  const float4 old = *p;
+  p->x += v.x;
+  p->y += v.y;
+  p->z += v.z;
+  p->w += v.w;
+  return old;
 }
 
 inline float2 atomicAdd(float2* p, float2 v) {
@@ -201,15 +230,24 @@ inline float2 atomicAdd(float2* p, float2 v) {
 // ---- the kernel file's inline-PTX helpers ----
 
 inline unsigned smem_addr(const void* p) {
-  const long off = (const unsigned char*)p - wg_raw;
-  if (off < 0 || off >= (long)EMU_SMEM_MAX) emu::fail("smem_addr of a pointer outside shared memory", off, 0);
+  const long off = (const unsigned char*)p - emu::dyn;
+  if (off < 0 || off >= (long)EMU_SMEM_MAX) emu::fail("smem_addr of a pointer outside dynamic shared memory", off, 0);
   return (unsigned)off;
 }
 
+namespace emu {
+// Bounds of a copy into dynamic shared memory (static `__shared__` arrays are not checked).
+inline void check_dst(const void* dst, unsigned bytes) {
+  const long off = (const unsigned char*)dst - dyn;
+  if (off >= 0 && off < (long)EMU_SMEM_MAX) {
+    check_smem((unsigned)off, bytes);
+    if (off % bytes) fail("cp.async: destination not aligned to its size", off, bytes);
+  }
+}
+}  // namespace emu
+
 inline void cp16(void* dst, const void* src, bool valid) {
-  const unsigned a = smem_addr(dst);
-  emu::check_smem(a, 16);
-  if (a % 16) emu::fail("cp.async 16: destination not 16-byte aligned", a, 16);
+  emu::check_dst(dst, 16);
   if (valid)
     std::memcpy(dst, src, 16);
   else
@@ -217,7 +255,7 @@ inline void cp16(void* dst, const void* src, bool valid) {
 }
 
 inline void cp4(void* dst, const void* src, bool valid) {
-  emu::check_smem(smem_addr(dst), 4);
+  emu::check_dst(dst, 4);
   if (valid)
     std::memcpy(dst, src, 4);
   else
@@ -243,6 +281,66 @@ inline void wgmma_ss64(float* d, uint64_t a, uint64_t b) {
   emu::mma_ss<64>(d, a, b, TRANS == 1, TRANS == 1);
 }
 
+namespace emu {
+inline float bf16_half(uint32_t r, int hi) {
+  __nv_bfloat16_raw raw;
+  raw.x = hi ? (unsigned short)(r >> 16) : (unsigned short)(r & 0xFFFF);
+  return __bfloat162float(bf16(raw));
+}
+}  // namespace emu
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (lane = 4g + t): A regs {(g, 2t..2t+1),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B regs {(k 2t..2t+1, n g), (k 2t+8..2t+9, n g)};
+// C {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
+inline void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+  emu::Slots& sl = emu::slots(w);
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; i++) sl.a[lane][i] = a[i];
+  sl.b[lane][0] = b0;
+  sl.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  for (int e = 0; e < 4; e++) {
+    const int r = g + (e >= 2 ? 8 : 0), n = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 16; k++) {
+      const float av = emu::bf16_half(sl.a[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2);
+      const float bv = emu::bf16_half(sl.b[n * 4 + (k % 8) / 2][k >= 8], k % 2);
+      acc += av * bv;
+    }
+    c[e] = acc;
+  }
+}
+
+namespace emu {
+// ldmatrix .m8n8 .b16 of `count` matrices: lanes 8m..8m+7 give the row addresses of matrix m;
+// register m of lane l holds row l / 4, columns 2(l % 4) and + 1 (`.trans`: rows 2(l % 4)
+// and + 1 of column l / 4).
+inline void ldmatrix(uint32_t* r, const bf16* p, int count, bool trans) {
+  Warp& w = cta->warps[threadIdx.x / 32];
+  Slots& sl = slots(w);
+  const int lane = threadIdx.x % 32;
+  sl.row[lane] = reinterpret_cast<const unsigned char*>(p);
+  w.bar.arrive_and_wait();
+  for (int m = 0; m < count; m++) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const unsigned char* row = sl.row[8 * m + lane / 4];
+      std::memcpy(&lo, row + 4 * (lane % 4), 2);
+      std::memcpy(&hi, row + 4 * (lane % 4) + 2, 2);
+    } else {
+      std::memcpy(&lo, sl.row[8 * m + 2 * (lane % 4)] + 2 * (lane / 4), 2);
+      std::memcpy(&hi, sl.row[8 * m + 2 * (lane % 4) + 1] + 2 * (lane / 4), 2);
+    }
+    r[m] = (uint32_t)lo | ((uint32_t)hi << 16);
+  }
+}
+}  // namespace emu
+
+inline void ldsm4(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, false); }
+inline void ldsm4t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, true); }
+inline void ldsm2t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 2, true); }
+
 // Runs kernel(args...) over grid × `threads` threads with `smem` bytes of dynamic shared
 // memory, one CTA at a time.
 template <class F, class... Args>
@@ -253,7 +351,7 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
   emu::smem_bytes = smem;
   for (unsigned by = 0; by < grid.y; by++)
     for (unsigned bx = 0; bx < grid.x; bx++) {
-      std::memset(wg_raw, 0xFF, EMU_SMEM_MAX);
+      std::memset(emu::dyn, 0xFF, EMU_SMEM_MAX);
       auto c = std::make_unique<emu::Cta>(threads);
       emu::cta = c.get();
       std::vector<std::thread> ts;
