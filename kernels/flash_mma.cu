@@ -36,30 +36,16 @@
 // ldmatrix: an 8×8 bf16 matrix per 8 lanes' row addresses, `.trans` when the fragment's pairs
 // run down a column of the stored tile (V and dO as B, dS^T as A). Rows are padded by 8 bf16
 // (16 bytes), which puts the 8 rows of a matrix in distinct banks.
+#include "attn_common.cuh"
+
+// The inline-PTX helpers of this file: mma.sync and ldmatrix (scripts/cuda/emu's with OMR_EMU).
 #ifndef OMR_EMU
-#include "common.cuh"
-#endif
-
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-// The inline-PTX helpers: mma.sync, ldmatrix, cp.async. With OMR_EMU defined (the header to
-// include instead), scripts/cuda/emu runs these kernels on the CPU with its own versions of them,
-// each the PTX ISA's documented semantics.
-#ifdef OMR_EMU
-#include OMR_EMU
-#else
-#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
-
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
 // Four 8×8 matrices; lanes 8m..8m+7 give the row addresses of matrix m, register m holds it.
@@ -80,43 +66,7 @@ __device__ __forceinline__ void ldsm2t(uint32_t* r, const bf16* p) {
                : "=r"(r[0]), "=r"(r[1])
                : "r"(smem_addr(p)));
 }
-
-// cp.async of 16 (or 4) bytes; `valid` false writes zeros instead (src-size 0).
-__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 4 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 #endif  // OMR_EMU
-
-// Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
-__device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint32_t ld32(const bf16* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, int off,
-                                        int causal, int window) {
-  return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
-}
 
 // The A fragment of k-step kk from C fragments c[2kk], c[2kk+1] (rows × 16 columns).
 __device__ __forceinline__ void c_to_a(const float (*c)[4], int kk, uint32_t* a) {

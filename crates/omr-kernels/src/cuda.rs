@@ -35,6 +35,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "attn_softmax" => ptx!("attn_softmax"),
         "flash_mma" => ptx!("flash_mma"),
         "flash_wgmma_sm90a" => ptx!("flash_wgmma_sm90a"),
+        "wgmma_probe_sm90a" => ptx!("wgmma_probe_sm90a"),
         other => bail!("omr-kernels: no PTX module `{other}`"),
     })
 }

@@ -141,7 +141,7 @@ impl MmaSaved {
     }
 }
 
-/// Whether `dev` runs the sm_90a kernels (`flash_wgmma_sm90a.cu`): a compute capability 9.0 GPU.
+/// Whether `dev` runs the sm_90a kernels (`kernels/*_sm90a.cu`): a compute capability 9.0 GPU.
 pub(crate) fn wgmma_runs(dev: &candle_core::Device) -> bool {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = dev {
@@ -154,7 +154,7 @@ pub(crate) fn wgmma_runs(dev: &candle_core::Device) -> bool {
     false
 }
 
-/// The wgmma layout probe (`wgmma_probe` in `kernels/flash_wgmma_sm90a.cu`): for bf16 `a`
+/// The wgmma layout probe (`wgmma_probe` in `kernels/wgmma_probe_sm90a.cu`): for bf16 `a`
 /// (64, 128) and `bk` (128, 128), in f32, a·bkᵀ, a·bk, bk[64..]·aᵀ, bk[..64, ..64]·a and
 /// bk[.., ..64]ᵀ·bk[.., 64..]: on an sm_90 GPU each through the shared-memory layouts,
 /// descriptors and fragments one product of the wgmma attention uses (`OMR_MMA=wg`); on the
@@ -185,7 +185,7 @@ pub fn wgmma_probe(a: &Tensor, bk: &Tensor) -> Result<Vec<Tensor>> {
 fn probe_cuda(a: &Tensor, bk: &Tensor) -> Result<Vec<Tensor>> {
     use crate::cuda::{self, Out};
     let dev = cuda::device_of(a)?;
-    let f = cuda::kernel(&dev, "flash_wgmma_sm90a", "wgmma_probe")?;
+    let f = cuda::kernel(&dev, "wgmma_probe_sm90a", "wgmma_probe")?;
     // WG_PROBE_SMEM: a and bk in the swizzled layout, 1024 bytes of alignment.
     let smem = (1024 + 2 * (64 * 128 + 128 * 128)) as u32;
     cuda::allow_dynamic_smem(&f, smem)?;
@@ -285,6 +285,25 @@ fn build(
     Ok(op)
 }
 
+/// Entry `name` of `module`; a module built for sm_90a that does not load names the switch
+/// that chose it and what it needs.
+#[cfg(feature = "cuda")]
+fn entry(
+    dev: &candle_core::CudaDevice,
+    module: &str,
+    name: &str,
+) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
+    crate::cuda::kernel(dev, module, name).map_err(|e| {
+        if module.ends_with("_sm90a") {
+            candle_core::Error::msg(format!(
+                "OMR_MMA=wg/wgf/wgb: {name} (wgmma) needs an sm_90 GPU (H100/H200): {e}"
+            ))
+        } else {
+            e
+        }
+    })
+}
+
 /// What a mask gives the kernels for one shape: segment ids and spans on the device.
 struct Plan {
     q_seg: Tensor,
@@ -340,15 +359,7 @@ impl CustomOp3 for FlashMma {
         let dev = qs.device.clone();
         let d = &self.dims;
         let w = self.tiling;
-        let f = cuda::kernel(&dev, w.fwd_module(), &w.fwd_entry(d.d)).map_err(|e| {
-            if w.fwd_wg {
-                candle_core::Error::msg(format!(
-                    "OMR_MMA=wg/wgf: the wgmma forward needs an sm_90 GPU (H100/H200): {e}"
-                ))
-            } else {
-                e
-            }
-        })?;
+        let f = entry(&dev, w.fwd_module(), &w.fwd_entry(d.d))?;
         let smem = w.fwd_smem(d.d) as u32;
         if smem > 0 {
             cuda::allow_dynamic_smem(&f, smem)?;
@@ -418,15 +429,7 @@ impl FlashMma {
         let delta = crate::gemm_attn::delta_cuda(&dout, &o.contiguous()?)?;
         let dq = Tensor::zeros((d.b, d.t, d.h, d.d), DType::F32, q.device())?;
         let w = self.tiling;
-        let f = cuda::kernel(&dev, w.bwd_module(), &w.bwd_entry(d.d)).map_err(|e| {
-            if w.bwd_wg {
-                candle_core::Error::msg(format!(
-                    "OMR_MMA=wg/wgb: the wgmma backward needs an sm_90 GPU (H100/H200): {e}"
-                ))
-            } else {
-                e
-            }
-        })?;
+        let f = entry(&dev, w.bwd_module(), &w.bwd_entry(d.d))?;
         let smem = w.bwd_smem(d.d) as u32;
         cuda::allow_dynamic_smem(&f, smem)?;
         let guards = [

@@ -1,4 +1,4 @@
-// cuda_emu.h: runs the attention kernels (kernels/flash_mma.cu, kernels/flash_wgmma_sm90a.cu)
+// cuda_emu.h: runs the attention kernels (kernels/flash_mma.cu, kernels/*_sm90a.cu)
 // on the CPU. A kernel file includes this header instead of its inline-PTX helpers when
 // OMR_EMU names it (flash_*_emu.cpp), so the kernels' own C++ (indexing, masks, softmax,
 // pipelining, fragments, descriptors) runs unchanged, each CUDA thread a std::thread, one CTA
@@ -246,21 +246,20 @@ inline void check_dst(const void* dst, unsigned bytes) {
 }
 }  // namespace emu
 
-inline void cp16(void* dst, const void* src, bool valid) {
-  emu::check_dst(dst, 16);
+namespace emu {
+// cp.async of N bytes, done at once; `valid` false writes zeros.
+template <unsigned N>
+void cp_async(void* dst, const void* src, bool valid) {
+  check_dst(dst, N);
   if (valid)
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, N);
   else
-    std::memset(dst, 0, 16);
+    std::memset(dst, 0, N);
 }
+}  // namespace emu
 
-inline void cp4(void* dst, const void* src, bool valid) {
-  emu::check_dst(dst, 4);
-  if (valid)
-    std::memcpy(dst, src, 4);
-  else
-    std::memset(dst, 0, 4);
-}
+inline void cp16(void* dst, const void* src, bool valid) { emu::cp_async<16>(dst, src, valid); }
+inline void cp4(void* dst, const void* src, bool valid) { emu::cp_async<4>(dst, src, valid); }
 
 inline void cp_commit() {}
 template <int N>

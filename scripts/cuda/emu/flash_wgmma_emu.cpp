@@ -1,9 +1,10 @@
-// flash_wgmma_emu.cpp: kernels/flash_wgmma_sm90a.cu on the CPU (cuda_emu.h) against attention
+// flash_wgmma_emu.cpp: kernels/flash_wgmma_sm90a.cu and wgmma_probe_sm90a.cu on the CPU (cuda_emu.h) against attention
 // in double precision (attention_ref.h): the layout probe (f32 sums of bf16 products, 1e-4),
 // then the forward (o, lse) and the backward (dq, dk, dv) on every case of ref::CASES. Exits 1
 // on any failure. Built and run by run.sh.
 #define OMR_EMU "cuda_emu.h"
 #include "../../../kernels/flash_wgmma_sm90a.cu"
+#include "../../../kernels/wgmma_probe_sm90a.cu"
 #include "attention_ref.h"
 
 namespace {

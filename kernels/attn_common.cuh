@@ -1,0 +1,56 @@
+// attn_common.cuh: what the attention kernels (flash_mma.cu, flash_wgmma_sm90a.cu,
+// wgmma_probe_sm90a.cu) share: shared-memory addresses and cp.async (inline PTX), the bf16
+// pair packing and the mask. With OMR_EMU defined (the header to include instead),
+// scripts/cuda/emu runs the kernels on the CPU with its own versions of the inline-PTX
+// helpers, each the PTX ISA's documented semantics.
+#pragma once
+
+#ifdef OMR_EMU
+#include OMR_EMU
+#else
+#include "common.cuh"
+
+// The kernel's dynamic shared memory.
+#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// cp.async of 16 (or 4) bytes; `valid` false writes zeros instead (src-size 0).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // OMR_EMU
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
+__device__ __forceinline__ uint32_t pack_f(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, int off,
+                                        int causal, int window) {
+  return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
+}
