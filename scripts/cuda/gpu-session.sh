@@ -27,7 +27,10 @@
 #      the SFT export.
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
-# (step 4 alone), nothing for all of it (longer than one 10-minute device call: split it).
+# (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
+# minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, the
+# wgmma attention at T 8192 next to the default, torch at T 8192), nothing for all of it
+# (longer than one 10-minute device call: split it).
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
 # session.log (all output), the JSON report of each `bench train` and summary.txt (each
@@ -62,6 +65,21 @@ e2e_steps() {
   step eval-cuda 120 "$bin" eval --model "$e2e/sft/export" --data "$e2e/data" --limit 40 \
     --device cuda --out "$e2e/eval-cuda"
 }
+if [ "$quick" = lease ]; then
+  common=(--model-config 3b --device cuda --batch 1 --image-px 448)
+  step kernels 150 "$here/gpu-run.sh" "$bin" "$out/kernels"
+  step train-3b-2k 60 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
+    --json "$out/train-3b-2k.json"
+  step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
+    --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
+  step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
+    --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
+  step train-3b-8k-ckpt 150 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
+    --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
+  echo "=== summary"
+  printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+  exit 0
+fi
 if [ "$quick" = e2e ]; then
   e2e_steps
   echo "=== summary"
