@@ -268,6 +268,30 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         )?;
     }
 
+    // Gradient accumulation: what every micro-batch after the second costs per parameter
+    // on a GPU (an f32 sum += a bf16 gradient, 10 bytes per element); on the CPU the
+    // allocating sum.
+    let g16 = gr.to_dtype(DType::BF16)?;
+    if gpu {
+        b.add(
+            "grad accumulate in place",
+            format!("({n}) f32 += bf16"),
+            DType::F32,
+            10.0 * n as f64,
+            0.0,
+            || crate::grad_accum::grad_add_in_place(&m, &g16),
+        )?;
+    } else {
+        b.add(
+            "grad accumulate",
+            format!("({n}) f32 + bf16"),
+            DType::F32,
+            10.0 * n as f64,
+            0.0,
+            || crate::grad_accum::grad_sum(&m, &g16),
+        )?;
+    }
+
     // Fused linear cross-entropy, forward + gradients (Qwen2.5 vocabulary).
     let (nt, vocab) = if gpu { (4096, 151_936) } else { (64, 8192) };
     let hs = Var::from_tensor(&rand(40, &[nt, cdim], 1.0, dt, dev)?)?;

@@ -390,6 +390,37 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             Ok(vec![p, m, v, pb])
         })?;
     }
+    // Gradient accumulation (the optimizer's micro-batch sums): a new f32 sum from each
+    // dtype pair, and the add in place into an f32 sum that every later micro-batch does on a
+    // GPU, bit for bit.
+    let ga = rand(54, &[1 << 20], 1.0, DType::F32)?;
+    let gb = rand(55, &[1 << 20], 1.0, DType::F32)?;
+    let (ga16, gb16) = (ga.to_dtype(DType::BF16)?, gb.to_dtype(DType::BF16)?);
+    for (name, a, b) in [
+        ("f32 + f32", &ga, &gb),
+        ("f32 + bf16", &ga, &gb16),
+        ("bf16 + f32", &ga16, &gb),
+        ("bf16 + bf16", &ga16, &gb16),
+    ] {
+        c.cmp(&format!("grad sum {name}"), 0.0, &[a, b], |t| {
+            Ok(vec![crate::grad_accum::grad_sum(&t[0], &t[1])?])
+        })?;
+    }
+    for (name, g) in [("f32", &gb), ("bf16", &gb16)] {
+        c.cmp(
+            &format!("grad add in place, {name} grad"),
+            0.0,
+            &[&ga, g],
+            |t| {
+                if t[0].device().is_cpu() {
+                    return Ok(vec![crate::grad_accum::grad_sum(&t[0], &t[1])?]);
+                }
+                let sum = t[0].copy()?;
+                crate::grad_accum::grad_add_in_place(&sum, &t[1])?;
+                Ok(vec![sum])
+            },
+        )?;
+    }
     // The tensor-core tilings not yet verified on a GPU last (OMR_MMA; every entry point that
     // is not the default): a fault in them cannot hide the other checks. Their CPU
     // references are the ones computed above.

@@ -29,6 +29,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "swiglu" => ptx!("swiglu"),
         "grad_norm" => ptx!("grad_norm"),
         "adamw" => ptx!("adamw"),
+        "grad_accum" => ptx!("grad_accum"),
         "rotary" => ptx!("rotary"),
         "linear_ce" => ptx!("linear_ce"),
         "flash_attn" => ptx!("flash_attn"),

@@ -8,6 +8,7 @@
 //! | SwiGLU `silu(g)·u` fwd + bwd | [`swiglu`] | `kernels/swiglu.cu` |
 //! | global gradient L2 norm (many tensors, f64 sums) | [`grad_norm`] | `kernels/grad_norm.cu` |
 //! | AdamW on fp32 masters + moments, writing the bf16 copy | [`adamw`] | `kernels/adamw.cu` |
+//! | gradient accumulation over micro-batches (f32 sums, in place) | [`grad_accum`] | `kernels/grad_accum.cu` |
 //! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
 //! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`flash_mma`] for bf16, else [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
@@ -26,6 +27,7 @@ pub mod check;
 pub mod flash_attn;
 pub mod flash_mma;
 pub mod gemm_attn;
+pub mod grad_accum;
 pub mod grad_norm;
 pub mod linear_ce;
 pub mod mask;
@@ -39,6 +41,7 @@ mod host;
 mod cuda;
 
 pub use adamw::{adamw_step, adamw_step_in_place, AdamWHyper, AdamWOut};
+pub use grad_accum::{grad_add_in_place, grad_sum};
 
 /// Sets a device up for training: on CUDA, the default memory pool keeps freed memory for
 /// reuse instead of returning it to the driver at every synchronisation (see

@@ -356,8 +356,9 @@ fn dev_name(dev: &Device) -> &'static str {
     }
 }
 
-/// Two AdamW steps from the same gradients (the reference's): candle ops on the CPU against
-/// the fused update on `dev` (fused on every device, so the CPU run checks the fused
+/// Two AdamW steps from the same gradients (the reference's; the second step accumulates them
+/// over three micro-batches): candle ops on the CPU against the fused accumulation and update
+/// on `dev` (fused on every device, so the CPU run checks the fused
 /// references). Compared by parameter deltas.
 fn optimizer_check(
     shape: &str,
@@ -405,10 +406,23 @@ fn optimizer_check(
         cpu_store.insert(cv.as_tensor(), t.clone());
         dev_store.insert(dv.as_tensor(), t.to_device(dev)?);
     }
-    for _ in 0..2 {
-        cpu_opt.step(&cpu_store, 1.0, 1.0).map_err(internal)?;
-        dev_opt.step(&dev_store, 1.0, 1.0).map_err(internal)?;
+    cpu_opt.step(&cpu_store, 1.0, 1.0).map_err(internal)?;
+    dev_opt.step(&dev_store, 1.0, 1.0).map_err(internal)?;
+    // The second step on three accumulated micro-batches: a new f32 sum, then one added in
+    // place (on CUDA) by the fused accumulator.
+    let mut cpu_acc = cpu_opt.grad_accum();
+    let mut dev_acc = dev_opt.grad_accum();
+    for _ in 0..3 {
+        cpu_acc.add(&cpu_store).map_err(internal)?;
+        dev_acc.add(&dev_store).map_err(internal)?;
     }
+    cpu_opt
+        .step_accumulated(&mut cpu_acc, 1.0, 1.0 / 3.0)
+        .map_err(internal)?;
+    let fused_adds = dev_acc.fused_adds();
+    dev_opt
+        .step_accumulated(&mut dev_acc, 1.0, 1.0 / 3.0)
+        .map_err(internal)?;
     let mut worst = (0.0f64, String::from("-"));
     for (((name, cv), (_, dv)), b) in cpu_vars.iter().zip(&dev_vars).zip(&before) {
         let dc: Vec<f32> = flat(cv.as_tensor())?
@@ -428,12 +442,12 @@ fn optimizer_check(
     }
     Ok(ModelCheck {
         name: format!(
-            "{shape}: 2 AdamW steps, {} fused vs the cpu reference update",
+            "{shape}: 2 AdamW steps (1 + 3 micro-batches), {} fused vs the cpu reference update",
             dev_name(dev)
         ),
         loss_err: 0.0,
         grad_err: worst.0,
         worst: worst.1,
-        fused_ops: dev_opt.fused_calls() as usize,
+        fused_ops: (dev_opt.fused_calls() + fused_adds) as usize,
     })
 }

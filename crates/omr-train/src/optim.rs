@@ -151,11 +151,13 @@ impl AdamW {
         self.fused_calls
     }
 
-    /// An empty gradient accumulator for this optimizer's parameters.
+    /// An empty gradient accumulator for this optimizer's parameters, summing with the fused
+    /// ops when the optimizer is fused now ([`AdamW::set_fused`]).
     pub fn grad_accum(&self) -> GradAccum {
         GradAccum::new(
             self.slots.iter().map(|s| s.name.clone()).collect(),
             self.slots.iter().map(|s| s.grad_var().clone()).collect(),
+            self.fused,
         )
     }
 

@@ -28,7 +28,9 @@ const STEPS: usize = 10;
 const SCALE: [f32; STEPS] = [0.02, 3.0, 0.01, 7.0, 1.0, 0.05, 2.0, 0.03, 0.5, 4.0];
 /// This step has a NaN gradient element: skipped on both paths.
 const NAN_STEP: usize = 4;
-const MICRO: usize = 2;
+/// Three: the fused accumulator makes a new f32 sum at the second and (on CUDA) adds in place
+/// at the third.
+const MICRO: usize = 3;
 
 fn cfg() -> OptimConfig {
     OptimConfig {
@@ -219,6 +221,26 @@ fn fused_is_opt_in_on_cpu() -> anyhow::Result<()> {
     assert!(opt.is_fused());
     step(&mut opt, &params, 1)?;
     assert_eq!(opt.fused_calls(), 1 + NON_EMPTY);
+    Ok(())
+}
+
+/// The accumulator of a fused optimizer sums with omr-kernels' ops (per parameter, every
+/// micro-batch after its first gradient), a plain one with candle ops; the lockstep test above
+/// shows both give the same bits.
+#[test]
+fn fused_accumulator_sums_with_the_fused_ops() -> anyhow::Result<()> {
+    let (mut opt, params) = build(&Device::Cpu)?;
+    let sum = |opt: &AdamW| -> anyhow::Result<u64> {
+        let mut acc = opt.grad_accum();
+        for micro in 0..MICRO {
+            acc.add(&grads(&params, 0, micro)?)?;
+        }
+        Ok(acc.fused_adds())
+    };
+    assert_eq!(sum(&opt)?, 0);
+    opt.set_fused(true);
+    // Step 0: every parameter but the bias has a gradient in each micro-batch.
+    assert_eq!(sum(&opt)?, (PARAMS.len() as u64 - 1) * (MICRO as u64 - 1));
     Ok(())
 }
 
