@@ -11,6 +11,11 @@ path computes), wall-clock. Prints one JSON object on stdout.
     python scripts/bench/train_step.py --config configs/models/qwen2.5-vl-3b.json \
         --batch batch.safetensors --steps 10 --warmup 2 [--device cuda] [--threads N]
         [--precision fp32|bf16] [--freeze-vision] [--freeze-language] [--lora-rank R]
+        [--grad-accum K]
+
+`--grad-accum K`: K forward + backward passes of the batch per optimizer step, each loss
+divided by K (the mean over the accumulated batch, as every micro-batch has the same labelled
+tokens), then one clip and AdamW step; tokens per step count every micro-batch.
 
 `--lora-rank R`: the base frozen and a LoRA adapter (PEFT's math and init: A Kaiming-uniform,
 B zero, scale alpha / r with alpha = 2r) on every linear layer of the language model's decoder
@@ -75,6 +80,7 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--grad-accum", type=int, default=1)
     a = ap.parse_args()
 
     import transformers
@@ -113,7 +119,9 @@ def main():
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=cuda)
 
     batch = {k: v.to(dev) for k, v in load_file(a.batch).items()}
-    tokens = int(batch["input_ids"].numel())
+    if a.grad_accum < 1:
+        sys.exit("--grad-accum must be at least 1")
+    tokens = int(batch["input_ids"].numel()) * a.grad_accum
 
     def sync():
         if cuda:
@@ -122,13 +130,16 @@ def main():
     bf16 = a.precision == "bf16"
 
     def step():
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch)
-        out.loss.backward()
+        total = 0.0
+        for _ in range(a.grad_accum):
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(**batch)
+            (out.loss / a.grad_accum).backward()
+            total += float(out.loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return total / a.grad_accum
 
     losses = []
     for _ in range(a.warmup):
@@ -167,6 +178,7 @@ def main():
                 "threads": torch.get_num_threads(),
                 "params": sum(p.numel() for p in model.parameters()),
                 "trainable": sum(p.numel() for p in params),
+                "grad_accum": a.grad_accum,
                 "tokens_per_step": tokens,
                 "step_s": times,
                 "median_step_s": med,

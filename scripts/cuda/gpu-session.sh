@@ -28,8 +28,9 @@
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
-# minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, the
-# wgmma attention at T 8192 next to the default, torch at T 8192), nothing for all of it
+# minutes, most urgent first: step 1, the 3B step at T 2048 plain, as one-op layers and on 4
+# micro-batches, the wgmma attention at T 8192 next to the default, torch at T 8192), nothing
+# for all of it
 # (longer than one 10-minute device call: split it).
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
@@ -72,6 +73,10 @@ if [ "$quick" = lease ]; then
     --json "$out/train-3b-2k.json"
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
+  # Four micro-batches per optimizer step (the presets accumulate): the AdamW pass amortised,
+  # the fused in-place accumulation timed.
+  step train-3b-2k-accum4 60 "$bin" bench train "${common[@]}" --seq 2048 --grad-accum 4 \
+    --steps 2 --warmup 1 --json "$out/train-3b-2k-accum4.json"
   step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
   step train-3b-8k-ckpt 150 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \

@@ -190,10 +190,12 @@ pub struct PhaseTimes {
     pub step: f64,
 }
 
-/// One SFT step; returns the mean loss over labelled tokens and the phase times.
-/// With `probe_vision`, the vision tower's forward is timed on its own first. With
-/// `recompute` (of the gradients of `wrt`), forward and backward are one phase (the backward
-/// recomputes blocks): its time is reported as backward. `kernels`: the ops implementation.
+/// One SFT step on `micro_batches` forward + backward passes of `input` accumulated (at least
+/// one); returns the mean loss over labelled tokens and the phase times, each summed over the
+/// micro-batches. With `probe_vision`, the vision tower's forward is timed on its own first.
+/// With `recompute` (of the gradients of `wrt`), forward and backward are one phase (the
+/// backward recomputes blocks): its time is reported as backward. `kernels`: the ops
+/// implementation.
 pub fn train_step(
     model: &Qwen2VL,
     opt: &mut AdamW,
@@ -203,6 +205,7 @@ pub fn train_step(
     recompute: Recompute,
     wrt: &[Tensor],
     kernels: Kernels,
+    micro_batches: usize,
 ) -> crate::Result<(f64, PhaseTimes)> {
     let dev = model.device().clone();
     let ctx = Ctx {
@@ -220,42 +223,52 @@ pub fn train_step(
             drop(feats);
         }
     }
-    dev.synchronize()?;
-    let t0 = Instant::now();
-    let (loss, n, grads) = if recompute == Recompute::NONE {
-        let (sum, n) = model.loss(input, labels, &ctx)?;
-        let loss = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        t.forward = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let grads = sum.backward()?;
-        dev.synchronize()?;
-        t.backward = t1.elapsed().as_secs_f64();
-        (loss, n, grads)
-    } else {
-        let mut n = 0;
-        let out =
-            model.forward_backward::<crate::TrainError>(input, &ctx, recompute, wrt, |h| {
-                let (sum, k) = model.head_loss(h, labels, &ctx)?;
-                n = k;
-                Ok(sum)
-            })?;
-        dev.synchronize()?;
-        t.backward = t0.elapsed().as_secs_f64();
-        let grads = out.grads.ok_or_else(|| {
-            crate::TrainError::Internal("non-finite loss on a synthetic batch".into())
-        })?;
-        (out.loss, n, grads)
-    };
-    let t2 = Instant::now();
     let mut acc = opt.grad_accum();
-    acc.add(&grads)
-        .map_err(|e| crate::TrainError::Internal(e.to_string()))?;
-    drop(grads);
+    let (mut loss, mut n) = (0.0, 0);
+    for _ in 0..micro_batches.max(1) {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let (l, k, grads) = if recompute == Recompute::NONE {
+            let (sum, k) = model.loss(input, labels, &ctx)?;
+            let l = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            t.forward += t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let grads = sum.backward()?;
+            dev.synchronize()?;
+            t.backward += t1.elapsed().as_secs_f64();
+            (l, k, grads)
+        } else {
+            let mut k = 0;
+            let out =
+                model.forward_backward::<crate::TrainError>(input, &ctx, recompute, wrt, |h| {
+                    let (sum, m) = model.head_loss(h, labels, &ctx)?;
+                    k = m;
+                    Ok(sum)
+                })?;
+            dev.synchronize()?;
+            t.backward += t0.elapsed().as_secs_f64();
+            let grads = out.grads.ok_or_else(|| {
+                crate::TrainError::Internal("non-finite loss on a synthetic batch".into())
+            })?;
+            (out.loss, k, grads)
+        };
+        let t2 = Instant::now();
+        acc.add(&grads)
+            .map_err(|e| crate::TrainError::Internal(e.to_string()))?;
+        drop(grads);
+        dev.synchronize()?;
+        t.optimizer += t2.elapsed().as_secs_f64();
+        loss += l;
+        n += k;
+    }
+    // The loss of the whole accumulated batch is normalised by all its labelled tokens, as
+    // sft::run does.
+    let t3 = Instant::now();
     let outcome = opt
         .step_accumulated(&mut acc, 1.0, 1.0 / n.max(1) as f64)
         .map_err(|e| crate::TrainError::Internal(e.to_string()))?;
     dev.synchronize()?;
-    t.optimizer = t2.elapsed().as_secs_f64();
+    t.optimizer += t3.elapsed().as_secs_f64();
     t.step = t.forward + t.backward + t.optimizer;
     if let StepOutcome::NonFinite { grad_norm } = outcome {
         return Err(crate::TrainError::Internal(format!(

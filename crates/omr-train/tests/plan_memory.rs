@@ -169,6 +169,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         c.ckpt.recompute(),
         &wrt,
         omr_model::Kernels::Candle,
+        1,
     )
     .unwrap();
     drop(warm_input);
@@ -186,6 +187,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         c.ckpt.recompute(),
         &wrt,
         omr_model::Kernels::Candle,
+        1,
     )
     .unwrap();
     let heap = (PEAK.load(Relaxed) - live0) as f64 / 1048576.0;

@@ -47,6 +47,11 @@ pub struct BenchTrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Micro-batches per optimizer step (`train.grad_accum`): each step runs this many
+    /// forward + backward passes of the batch, sums their gradients and steps once, on both
+    /// sides; tokens and FLOPs per step count every micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -233,6 +238,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     if a.steps == 0 {
         return Err(Exit::usage(anyhow::anyhow!("--steps must be at least 1")));
     }
+    if a.grad_accum == 0 {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "--grad-accum must be at least 1"
+        )));
+    }
     if let Some(n) = a.threads {
         // Read by candle's and rayon's pools when they start, which is below.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -308,7 +318,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             AttentionImpl::Eager
         },
         checkpointing,
-        grad_accum: 1,
+        grad_accum: a.grad_accum as u64,
     };
     let predicted = plan::plan(&input_plan);
     let flops = step_flops(&input_plan);
@@ -338,12 +348,16 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     let input = batch.input(&device, DType::F32)?;
     let (rss_state, _) = rss();
     eprintln!(
-        "model {} ({:.1} M params, {:.3} M trainable), B {} × T {}, {} patches, {} labelled tokens, {} threads, {:?} kernels",
+        "model {} ({:.1} M params, {:.3} M trainable), B {} × T {}{}, {} patches, {} labelled tokens, {} threads, {:?} kernels",
         cfg_path.display(),
         n_params as f64 / 1e6,
         n_trainable as f64 / 1e6,
         a.batch,
         a.seq,
+        match a.grad_accum {
+            1 => String::new(),
+            k => format!(" × {k} micro-batches"),
+        },
         batch.patches(),
         batch.labelled(),
         threads,
@@ -365,6 +379,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             checkpointing.recompute(),
             &wrt,
             kernels,
+            a.grad_accum,
         )?;
         losses.push(loss);
         if params.casts_on_get() {
@@ -389,14 +404,16 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     omr_model::profile_segments(false);
     let med = |f: fn(&PhaseTimes) -> f64| median(times.iter().map(f).collect());
     let step_s = med(|t| t.step);
+    // Every micro-batch is a forward + backward of the batch (the vision probe times one).
+    let micro = a.grad_accum as f64;
     let (fwd, bwd, opt_s, vis) = (
         med(|t| t.forward),
         med(|t| t.backward),
         med(|t| t.optimizer),
-        med(|t| t.vision_forward),
+        med(|t| t.vision_forward) * micro,
     );
-    let tokens = batch.tokens() as f64;
-    let total_flops = flops.total();
+    let tokens = batch.tokens() as f64 * micro;
+    let total_flops = flops.total() * micro;
     let achieved = total_flops / step_s;
     let peak = a
         .peak_tflops
@@ -432,11 +449,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         .collect();
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}{}{}",
+         activation checkpointing {}{}{}{}",
         cfg_path.display(),
         a.seed,
         a.device,
         a.activation_checkpointing,
+        match a.grad_accum {
+            1 => String::new(),
+            k => format!(", {k} micro-batches per step"),
+        },
         match a.lora_rank {
             0 => String::new(),
             r => format!(", LoRA rank {r} on every language-model linear layer (base frozen)"),
@@ -488,12 +509,18 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
     } else if a.profile {
         println!("  (--profile: segments are only timed with --activation-checkpointing)");
     }
-    println!("  FLOPs per step (PERFORMANCE.md accounting):");
+    println!(
+        "  FLOPs per step (PERFORMANCE.md accounting{}):",
+        match a.grad_accum {
+            1 => String::new(),
+            k => format!(", × {k} micro-batches"),
+        }
+    );
     for (name, f) in flops.parts() {
         println!(
             "    {name:<30} {:>12.4} GFLOP {:>5.1}%",
-            f / 1e9,
-            100.0 * f / total_flops.max(1.0)
+            f * micro / 1e9,
+            100.0 * f * micro / total_flops.max(1.0)
         );
     }
     println!(
@@ -534,7 +561,8 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "seq": a.seq,
         "image_px": a.image_px,
         "patches": batch.patches(),
-        "tokens_per_step": batch.tokens(),
+        "grad_accum": a.grad_accum,
+        "tokens_per_step": batch.tokens() * a.grad_accum,
         "labelled_tokens": batch.labelled(),
         "steps": a.steps,
         "step_s": times.iter().map(|t| t.step).collect::<Vec<_>>(),
@@ -542,6 +570,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "tokens_per_s": tokens / step_s,
         "phases_s": {"vision_forward": vis, "lm_forward": (fwd - vis).max(0.0), "forward": fwd,
                      "backward": bwd, "optimizer": opt_s},
+        // Per micro-batch (one forward + backward of the batch); flops_total is per step.
         "flops": flops,
         "flops_total": total_flops,
         "achieved_gflops": achieved / 1e9,

@@ -252,3 +252,58 @@ fn bench_train_with_lora_trains_only_the_adapters() {
     assert_eq!(flops(&full, "lora"), 0.0);
     assert!(lora["flops_total"].as_f64().unwrap() < full["flops_total"].as_f64().unwrap());
 }
+
+#[test]
+fn bench_train_with_grad_accum_counts_every_micro_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |k: &str| -> Value {
+        let json = dir.path().join(format!("bench-{k}.json"));
+        let o = omr(&[
+            "bench",
+            "train",
+            "--model-config",
+            "tiny",
+            "--seq",
+            "64",
+            "--image-px",
+            "56",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--grad-accum",
+            k,
+            // The optimizer's fused accumulator (its CPU reference sums).
+            "--kernels",
+            "fused",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let (one, three) = (run("1"), run("3"));
+    assert_eq!(three["grad_accum"], 3);
+    assert_eq!(three["tokens_per_step"], 3 * 64);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    assert!((f(&three, "flops_total") - 3.0 * f(&one, "flops_total")).abs() < 1.0);
+    assert!(
+        (f(&three, "tokens_per_s") - 192.0 / f(&three, "median_step_s")).abs()
+            < 1e-6 * f(&three, "tokens_per_s")
+    );
+    // Three identical micro-batches normalised by all their tokens are one step on one: the
+    // same first loss, and after the step the same loss up to the f32 sums' rounding.
+    let loss = |v: &Value, i: usize| v["losses"][i].as_f64().unwrap();
+    assert!((loss(&three, 0) - loss(&one, 0)).abs() < 1e-9 * loss(&one, 0));
+    assert!(
+        (loss(&three, 1) - loss(&one, 1)).abs() < 1e-4 * loss(&one, 1),
+        "{} vs {}",
+        loss(&three, 1),
+        loss(&one, 1)
+    );
+    assert!(loss(&one, 1) < loss(&one, 0));
+    let o = omr(&["bench", "train", "--grad-accum", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--grad-accum must be at least 1"));
+}

@@ -48,6 +48,9 @@ pub(super) fn run(
     if a.lora_rank > 0 {
         cmd.args(["--lora-rank", &a.lora_rank.to_string()]);
     }
+    if a.grad_accum > 1 {
+        cmd.args(["--grad-accum", &a.grad_accum.to_string()]);
+    }
     let out = cmd
         .output()
         .with_context(|| {
