@@ -27,6 +27,8 @@ fn main() {
             Err(_) => "nvcc".into(),
         });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // The host refuses a GPU older than this with a clear error (`prepare_device`).
+    println!("cargo:rustc-env=OMR_CUDA_CAP={cap}");
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
         .expect("kernels/ is readable")
         .map(|e| e.expect("kernels/ entry").path())

@@ -51,6 +51,15 @@ pub use grad_accum::{grad_add_in_place, grad_sum};
 pub fn prepare_device(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = device {
+        use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
+        let cc = |a| dev.cuda_stream().context().attribute(a).unwrap_or(0) as u32;
+        let (major, minor) = (
+            cc(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            cc(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        );
+        if let Some(msg) = gpu_too_old(env!("OMR_CUDA_CAP"), major, minor) {
+            candle_core::bail!("{msg}")
+        }
         if std::env::var("OMR_CUDA_POOL").as_deref() != Ok("release") {
             cuda::keep_pool_memory(dev)?;
         }
@@ -58,6 +67,27 @@ pub fn prepare_device(device: &candle_core::Device) -> candle_core::Result<()> {
     }
     let _ = device;
     Ok(())
+}
+
+/// Why a binary whose kernels were built for compute capability `built` (`CUDA_COMPUTE_CAP`,
+/// e.g. "90") cannot run on a GPU of capability `major.minor`, or None when it can: PTX
+/// compiled for one capability loads on that one and newer ones only.
+pub fn gpu_too_old(built: &str, major: u32, minor: u32) -> Option<String> {
+    let digits: String = built.chars().take_while(char::is_ascii_digit).collect();
+    let want: u32 = digits.parse().ok()?;
+    let have = major * 10 + minor;
+    (have < want).then(|| {
+        format!(
+            "this omr's CUDA kernels were built for compute capability {}.{} (sm_{built}) and \
+             the GPU is {major}.{minor} (sm_{have}): they cannot load there. Rebuild on the \
+             build machine with CUDA_COMPUTE_CAP={have} (README, \"Building with CUDA\"), or run \
+             on a GPU of capability {}.{} or newer.",
+            want / 10,
+            want % 10,
+            want / 10,
+            want % 10
+        )
+    })
 }
 
 /// Returns the memory pool's free blocks to the driver (after [`prepare_device`] they are
