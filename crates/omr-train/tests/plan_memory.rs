@@ -93,6 +93,8 @@ struct Case {
     /// LoRA r = 8 on every linear of the language model (the base frozen).
     lora: bool,
     ckpt: Checkpointing,
+    /// Micro-batches of the step (`train.grad_accum`).
+    accum: usize,
 }
 
 /// (measured heap growth, measured RSS growth, predicted) in MiB.
@@ -141,7 +143,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         compute_bytes: 4,
         attention: AttentionImpl::Eager,
         checkpointing: c.ckpt,
-        grad_accum: 1,
+        grad_accum: c.accum as u64,
     };
     let predicted = plan::plan(&p).step_growth as f64 / 1048576.0;
     if std::env::var("OMR_PLAN_ROWS").is_ok() {
@@ -187,7 +189,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         c.ckpt.recompute(),
         &wrt,
         omr_model::Kernels::Candle,
-        1,
+        c.accum,
     )
     .unwrap();
     let heap = (PEAK.load(Relaxed) - live0) as f64 / 1048576.0;
@@ -204,6 +206,7 @@ const fn case(batch: usize, seq: usize, image_px: usize, freeze_vision: bool, lo
         freeze_vision,
         lora,
         ckpt: Checkpointing::None,
+        accum: 1,
     }
 }
 
@@ -212,7 +215,12 @@ const fn ckpt(c: Case, ckpt: Checkpointing) -> Case {
     Case { ckpt, ..c }
 }
 
-const CASES: [Case; 8] = [
+/// The same case on `accum` accumulated micro-batches.
+const fn accum(c: Case, accum: usize) -> Case {
+    Case { accum, ..c }
+}
+
+const CASES: [Case; 10] = [
     case(2, 256, 224, false, false),
     case(4, 128, 112, false, false),
     case(2, 256, 224, true, false),
@@ -221,6 +229,11 @@ const CASES: [Case; 8] = [
     ckpt(case(2, 256, 224, false, false), Checkpointing::All),
     ckpt(case(1, 512, 0, false, false), Checkpointing::Decoder),
     ckpt(case(2, 256, 224, false, true), Checkpointing::All),
+    accum(case(2, 256, 224, false, false), 3),
+    accum(
+        ckpt(case(1, 512, 0, false, false), Checkpointing::Decoder),
+        2,
+    ),
 ];
 
 /// Each case runs in a fresh process (this test binary again, with `OMR_PLAN_CASE`), so its
@@ -257,8 +270,8 @@ fn plan_matches_measured_step_memory() {
         let (heap, rss, pred) = (nums[0], nums[1], nums[2]);
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
-            "B {} T {} image {} px freeze_vision {} lora {} ckpt {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
-            c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, c.ckpt.name(), 100.0 * eh, 100.0 * er
+            "B {} T {} image {} px freeze_vision {} lora {} ckpt {} accum {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
+            c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, c.ckpt.name(), c.accum, 100.0 * eh, 100.0 * er
         );
         let extra = if c.lora { LORA_EXTRA } else { 0.0 };
         if eh.abs() > HEAP_TOLERANCE + extra {
