@@ -24,21 +24,33 @@
 constexpr int WG_BR = 128, WG_BC = 128, WG_D = 128;
 
 // Dynamic shared memory of the forward (flash_mma/tiling.rs's wg_smem): Q, K and V twice,
-// key segment ids twice, and 1024 bytes to align the base.
+// key segment ids twice, and 1024 bytes to align the base. The pipelined forward keeps three
+// V tiles (WG_PIPE_SMEM): P·V of tile j − 1 still reads its V while tile j + 1 loads.
 #define WG_SMEM (1024 + 2 * (WG_BR * WG_D + 4 * WG_BC * WG_D) + 4 * 2 * WG_BC)
+#define WG_PIPE_SMEM (1024 + 2 * (WG_BR * WG_D + 5 * WG_BC * WG_D) + 4 * 2 * WG_BC)
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-    flash_wg_fwd_d128(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                      const bf16* __restrict__ v, const unsigned* __restrict__ qseg,
-                      const unsigned* __restrict__ kseg, const int* __restrict__ span,
-                      bf16* __restrict__ o, float* __restrict__ lse, int T, int S, int H, int KV,
-                      float scale_log2, int causal, int window) {
-  constexpr int BR = WG_BR, BC = WG_BC, D = WG_D;
-  DYN_SMEM(1024, wg_raw);
-  bf16* qs = aligned_smem(wg_raw);  // BR × D
-  bf16* ks = qs + BR * D;           // [2][BC × D]
-  bf16* vs = ks + 2 * BC * D;       // [2][BC × D]
-  unsigned* kss = reinterpret_cast<unsigned*>(vs + 2 * BC * D);  // [2][BC]
+// The forward; PIPE overlaps each tile's softmax with the previous tile's P·V (FlashAttention-3's
+// intra-warpgroup pipelining): per tile j the warpgroup issues S_j = Q·K_j^T, then
+// O += P_{j−1}·V_{j−1}, waits for S_j alone, runs the softmax of tile j while P·V runs on the
+// tensor cores, then waits for P·V, rescales O and packs P_j for the next tile; the last P·V
+// follows the loop. So that every product is issued on one path (ptxas serialises wgmma
+// issued under a branch it cannot prove uniform), the first tile's P·V multiplies a zero P,
+// and no tile is skipped for one warpgroup alone (its mask then removes the whole tile).
+// Without PIPE each product is waited for at once.
+template <bool PIPE>
+__device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v,
+                                       const unsigned* __restrict__ qseg,
+                                       const unsigned* __restrict__ kseg,
+                                       const int* __restrict__ span, bf16* __restrict__ o,
+                                       float* __restrict__ lse, int T, int S, int H, int KV,
+                                       float scale_log2, int causal, int window) {
+  constexpr int BR = WG_BR, BC = WG_BC, D = WG_D, NV = PIPE ? 3 : 2;
+  DYN_SMEM(1024, wg_fwd_raw);
+  bf16* qs = aligned_smem(wg_fwd_raw);  // BR × D
+  bf16* ks = qs + BR * D;               // [2][BC × D]
+  bf16* vs = ks + 2 * BC * D;           // [NV][BC × D]
+  unsigned* kss = reinterpret_cast<unsigned*>(vs + NV * BC * D);  // [2][BC]
   const int tid = threadIdx.x, wg = tid / 128, wl = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int qb = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
@@ -73,22 +85,29 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; i++) acc[i] = 0.f;
   const bf16* qwg = qs + wg * 64 * 64;  // the warpgroup's 64 rows of each column block
+  // P of the last computed tile, whose P·V is not issued yet (PIPE: zero before the first
+  // tile), and that tile's V.
+  uint32_t pa[BC / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; kk++) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+  const bf16* vpend = vs;
+  float s[BC / 2];
 
   for (int j0 = lo, it = 0; j0 < hi; j0 += BC, it++) {
-    const int cur = it & 1;
+    const int cur = it & 1, vcur = it % NV;
     const bool more = j0 + BC < hi;
     if (more) {
       load_sw128(ks + (cur ^ 1) * BC * D, kb, kstride, j0 + BC, S, BC, tid, 256);
-      load_sw128(vs + (cur ^ 1) * BC * D, vb, kstride, j0 + BC, S, BC, tid, 256);
+      load_sw128(vs + ((it + 1) % NV) * BC * D, vb, kstride, j0 + BC, S, BC, tid, 256);
       cp_commit();
     }
     // This tile's key segments, and whether they are all the block's one segment.
     bool seg_whole = true;
     if (tid < BC) {
       const int j = j0 + tid;
-      const unsigned s = j < S ? kseg[(long)b * S + j] : 0u;
-      kss[cur * BC + tid] = s;
-      seg_whole = j < S && s == qblk && qblk != 0u;
+      const unsigned sg = j < S ? kseg[(long)b * S + j] : 0u;
+      kss[cur * BC + tid] = sg;
+      seg_whole = j < S && sg == qblk && qblk != 0u;
     }
     if (more)
       cp_wait<1>();
@@ -98,23 +117,34 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     // Tile `cur` (and Q) have landed for every thread.
     const bool tile_whole = __syncthreads_and(seg_whole);
     // The causal mask removes the tile for the whole warpgroup: skip its products.
-    const bool skip = causal && j0 > g0 + 63 + off;
+    const bool skip = !PIPE && causal && j0 > g0 + 63 + off;
     const bool whole = tile_whole && (!causal || j0 + BC - 1 <= w0 + off) &&
                        (window == 0 || j0 + window > w_last + off);
     const bf16* kt = ks + cur * BC * D;
-    const bf16* vt = vs + cur * BC * D;
+    const bf16* vt = vs + vcur * BC * D;
     if (!skip) {
-      float s[BC / 2];
 #pragma unroll
       for (int i = 0; i < BC / 2; i++) s[i] = 0.f;
       pin<BC / 2>(s);
+      if (PIPE) {
+        pin<D / 2>(acc);
+        pin<BC / 4>(&pa[0][0]);
+      }
       wg_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++)
         wgmma_ss(s, sw128_desc(qwg + (kk / 4) * BR * 64 + (kk % 4) * 16, 16),
                  sw128_desc(kt + (kk / 4) * BC * 64 + (kk % 4) * 16, 16));
       wg_commit();
-      wg_wait0();
+      if (PIPE) {
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++)
+          wgmma_rs_tn(acc, pa[kk], sw128_desc(vpend + kk * 16 * 64, BC * 128));
+        wg_commit();
+        wg_wait<1>();  // S_j; P·V of the previous tile may still run
+      } else {
+        wg_wait<0>();
+      }
       pin<BC / 2>(s);
       float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -157,13 +187,17 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         sum0 += s[4 * n + 0] + s[4 * n + 1];
         sum1 += s[4 * n + 2] + s[4 * n + 3];
       }
-      uint32_t pa[BC / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < BC / 16; kk++) acc_to_a(s, kk, pa[kk]);
       l0 = l0 * a0 + sum0;
       l1 = l1 * a1 + sum1;
       m0 = mn0;
       m1 = mn1;
+      if (PIPE) {
+        wg_wait<0>();  // the previous tile's P·V: O and its P registers are free again
+        pin<D / 2>(acc);
+        pin<BC / 4>(&pa[0][0]);
+      }
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; kk++) acc_to_a(s, kk, pa[kk]);
 #pragma unroll
       for (int n = 0; n < D / 8; n++) {
         acc[4 * n + 0] *= a0;
@@ -171,19 +205,36 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         acc[4 * n + 2] *= a1;
         acc[4 * n + 3] *= a1;
       }
-      pin<D / 2>(acc);
-      pin<BC / 4>(&pa[0][0]);
-      wg_fence();
+      if (PIPE) {
+        vpend = vt;
+      } else {
+        pin<D / 2>(acc);
+        pin<BC / 4>(&pa[0][0]);
+        wg_fence();
 #pragma unroll
-      for (int kk = 0; kk < BC / 16; kk++)
-        wgmma_rs_tn(acc, pa[kk], sw128_desc(vt + kk * 16 * 64, BC * 128));
-      wg_commit();
-      wg_wait0();
-      pin<D / 2>(acc);
-      pin<BC / 4>(&pa[0][0]);
+        for (int kk = 0; kk < BC / 16; kk++)
+          wgmma_rs_tn(acc, pa[kk], sw128_desc(vt + kk * 16 * 64, BC * 128));
+        wg_commit();
+        wg_wait<0>();
+        pin<D / 2>(acc);
+        pin<BC / 4>(&pa[0][0]);
+      }
     }
-    // Every warpgroup is done with tile `cur` before the next iteration loads into it.
+    // Every warpgroup is done with tile `cur` (and, pipelined, with the V tile the next
+    // iteration overwrites) before the next iteration loads into it.
     __syncthreads();
+  }
+  if (PIPE && lo < hi) {
+    pin<D / 2>(acc);
+    pin<BC / 4>(&pa[0][0]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++)
+      wgmma_rs_tn(acc, pa[kk], sw128_desc(vpend + kk * 16 * 64, BC * 128));
+    wg_commit();
+    wg_wait<0>();
+    pin<D / 2>(acc);
+    pin<BC / 4>(&pa[0][0]);
   }
   const float ln2 = 0.69314718055994531f;
   float L0 = l0, L1 = l1;
@@ -206,6 +257,17 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     if (t == 0) lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1 + log2f(L1)) * ln2 : NEG_INF;
   }
 }
+
+#define WG_FWD(NAME, PIPE)                                                                      \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+      NAME(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,   \
+           const unsigned* __restrict__ qseg, const unsigned* __restrict__ kseg,                 \
+           const int* __restrict__ span, bf16* __restrict__ o, float* __restrict__ lse, int T,   \
+           int S, int H, int KV, float scale_log2, int causal, int window) {                     \
+    wg_fwd<PIPE>(q, k, v, qseg, kseg, span, o, lse, T, S, H, KV, scale_log2, causal, window);   \
+  }
+WG_FWD(flash_wg_fwd_d128, false)
+WG_FWD(flash_wg_fwd_pipe_d128, true)
 
 // The backward on wgmma, for D 128: one CTA of two warpgroups per (128 keys, b·H + h), each
 // warpgroup 64 keys; K and V in shared memory for the whole CTA, steps of 64 query rows with

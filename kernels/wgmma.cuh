@@ -30,14 +30,17 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wg_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Waits until at most N committed groups of this warpgroup's products are in flight.
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+__device__ __forceinline__ void wg_wait0() { wg_wait<0>(); }
 
 // Pins registers the asynchronous products read or write to this point of the program: before
 // wg_fence, so that their last writes (zeroing, rescaling, packing) come before the fence;
-// after wg_wait0, so that the compiler neither reads an accumulator early nor reuses an
-// operand register while a product may still read it.
+// after the wait that completes them, so that the compiler neither reads an accumulator early
+// nor reuses an operand register while a product may still read it.
 template <int N>
 __device__ __forceinline__ void pin(float* r) {
 #pragma unroll

@@ -42,6 +42,13 @@ for src in "${srcs[@]}"; do
     cat "$out/$name.ptxas.txt" >&2
     echo "compile-ptx: ptxas failed on kernels/$name.cu" >&2; fail=1; continue
   fi
+  # ptxas only remarks when it serialises wgmma (a product issued on a path it cannot prove
+  # warpgroup-uniform, or registers it cannot prove free): that undoes the asynchrony the
+  # kernels are built on, so it fails here.
+  if grep -q 'wgmma.mma_async instructions are serialized' "$out/$name.ptxas.txt"; then
+    grep 'serialized' "$out/$name.ptxas.txt" >&2
+    echo "compile-ptx: ptxas serialises wgmma in kernels/$name.cu" >&2; fail=1; continue
+  fi
   spills=$(grep -o '[0-9]* bytes spill stores' "$out/$name.ptxas.txt" | awk '{s+=$1} END {print s+0}')
   echo "compile-ptx: kernels/$name.cu ok ($(grep -c 'Compiling entry' "$out/$name.ptxas.txt") entries, $spills bytes spilled)"
 done

@@ -11,8 +11,14 @@
 //     through the descriptors by the ISA's canonical layouts ("Shared Memory Matrix Layout";
 //     K-major ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)),
 //     Swizzle<3,4,3> on the byte address); A from registers is mma.sync's A fragment;
-//   - cp.async completes at once (copies or zero-fills), wgmma at issue; the fences and waits
-//     are then no-ops, and a missing one is not caught here (a race between threads may be);
+//   - cp.async completes at once (copies or zero-fills); its fences and waits are no-ops, and a
+//     missing one is not caught here (a race between threads may be);
+//   - wgmma is asynchronous as on the GPU: issued products join the open group, wg_commit
+//     closes it and wg_wait<N> completes all but the newest N committed groups. The product is
+//     computed at issue and again at completion, which must agree (an operand in shared memory
+//     or in A registers changed while in flight fails), and until its group completes the
+//     accumulator reads as NaN and must not be written (a read before the wait shows, a write
+//     fails);
 //   - dynamic shared memory starts poisoned (0xFF: bf16 NaN), so a read of a byte nothing
 //     wrote shows.
 // What the emulation cannot show: that the hardware matches the ISA text. On a GPU,
@@ -266,18 +272,99 @@ template <int N>
 inline void cp_wait() {}
 inline void fence_proxy_async() {}
 inline void wg_fence() {}
-inline void wg_commit() {}
-inline void wg_wait0() {}
 template <int N>
 inline void pin(float*) {}
 template <int N>
 inline void pin(uint32_t*) {}
 
-inline void wgmma_ss(float* d, uint64_t a, uint64_t b) { emu::mma_ss<128>(d, a, b, false, false); }
-inline void wgmma_rs_tn(float* d, const uint32_t* a, uint64_t b) { emu::mma_rs<128>(d, a, b, true); }
+namespace emu {
+// One issued wgmma: its shape, operands and layouts.
+struct Op {
+  int n;          // N of m64nNk16
+  bool rs;        // A from registers (`ar`), else from shared memory (`adesc`)
+  bool a_mn, b_mn;
+  uint64_t adesc, bdesc;
+  const uint32_t* ar;
+};
+// An accumulator the products of one group write: its value before them (`orig`), after them
+// with the operands as they were at issue (`shadow`), and the products.
+struct Acc {
+  float* d;
+  int len;
+  std::vector<float> orig, shadow;
+  std::vector<Op> ops;
+};
+struct Group {
+  std::vector<Acc> accs;
+};
+inline thread_local std::vector<Group> committed;  // oldest first
+inline thread_local Group open_group;
+constexpr uint32_t ACC_POISON = 0x7fc0deadu;  // a NaN
+
+inline void run_op(float* d, const Op& op) {
+  if (op.rs)
+    mma_rs<128>(d, op.ar, op.bdesc, op.b_mn);
+  else if (op.n == 128)
+    mma_ss<128>(d, op.adesc, op.bdesc, op.a_mn, op.b_mn);
+  else
+    mma_ss<64>(d, op.adesc, op.bdesc, op.a_mn, op.b_mn);
+}
+
+inline void issue(float* d, const Op& op) {
+  const int len = op.n / 2;
+  for (const Group& g : committed)
+    for (const Acc& a : g.accs)
+      if (a.d == d) fail("wgmma: a product into an accumulator whose earlier group is in flight", len, 0);
+  Acc* acc = nullptr;
+  for (Acc& a : open_group.accs)
+    if (a.d == d) acc = &a;
+  if (!acc) {
+    open_group.accs.push_back({d, len, std::vector<float>(d, d + len), std::vector<float>(d, d + len), {}});
+    acc = &open_group.accs.back();
+  }
+  run_op(acc->shadow.data(), op);
+  acc->ops.push_back(op);
+  for (int i = 0; i < len; i++) std::memcpy(&d[i], &ACC_POISON, 4);
+}
+
+inline void complete(Group& g) {
+  for (Acc& a : g.accs) {
+    for (int i = 0; i < a.len; i++) {
+      uint32_t x;
+      std::memcpy(&x, &a.d[i], 4);
+      if (x != ACC_POISON) fail("wgmma: an accumulator was written while its product was in flight", i, 0);
+    }
+    std::vector<float> again = a.orig;
+    for (const Op& op : a.ops) run_op(again.data(), op);
+    if (std::memcmp(again.data(), a.shadow.data(), 4 * a.len) != 0)
+      fail("wgmma: an operand (shared memory or A registers) changed while its product was in flight", 0, 0);
+    std::memcpy(a.d, a.shadow.data(), 4 * a.len);
+  }
+}
+}  // namespace emu
+
+inline void wg_commit() {
+  emu::committed.push_back(std::move(emu::open_group));
+  emu::open_group = {};
+}
+template <int N>
+inline void wg_wait() {
+  while (emu::committed.size() > (size_t)N) {
+    emu::complete(emu::committed.front());
+    emu::committed.erase(emu::committed.begin());
+  }
+}
+inline void wg_wait0() { wg_wait<0>(); }
+
+inline void wgmma_ss(float* d, uint64_t a, uint64_t b) {
+  emu::issue(d, {128, false, false, false, a, b, nullptr});
+}
+inline void wgmma_rs_tn(float* d, const uint32_t* a, uint64_t b) {
+  emu::issue(d, {128, true, false, true, 0, b, a});
+}
 template <int TRANS>
 inline void wgmma_ss64(float* d, uint64_t a, uint64_t b) {
-  emu::mma_ss<64>(d, a, b, TRANS == 1, TRANS == 1);
+  emu::issue(d, {64, false, TRANS == 1, TRANS == 1, a, b, nullptr});
 }
 
 namespace emu {
@@ -360,6 +447,8 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
           threadIdx = {i, 0, 0};
           blockIdx = {bx, by, 0};
           kernel(args...);
+          if (!emu::committed.empty() || !emu::open_group.accs.empty())
+            emu::fail("wgmma products still in flight when the kernel returned", (long)emu::committed.size(), 0);
         });
       for (auto& t : ts) t.join();
       emu::cta = nullptr;

@@ -1,7 +1,8 @@
-// flash_wgmma_emu.cpp: kernels/flash_wgmma_sm90a.cu and wgmma_probe_sm90a.cu on the CPU (cuda_emu.h) against attention
-// in double precision (attention_ref.h): the layout probe (f32 sums of bf16 products, 1e-4),
-// then the forward (o, lse) and the backward (dq, dk, dv) on every case of ref::CASES. Exits 1
-// on any failure. Built and run by run.sh.
+// flash_wgmma_emu.cpp: kernels/flash_wgmma_sm90a.cu and wgmma_probe_sm90a.cu on the CPU
+// (cuda_emu.h) against attention in double precision (attention_ref.h): the layout probe (f32
+// sums of bf16 products, 1e-4), then the forward (o, lse; plain and pipelined) and the
+// backward (dq, dk, dv) on every case of ref::CASES. Exits 1 on any failure. Built and run by
+// run.sh.
 #define OMR_EMU "cuda_emu.h"
 #include "../../../kernels/flash_wgmma_sm90a.cu"
 #include "../../../kernels/wgmma_probe_sm90a.cu"
@@ -63,6 +64,14 @@ void attention(const ref::Case& c) {
              c.window);
   const std::string n = std::string("wg ") + c.name;
   p.check_forward(n, o, lse);
+  // The pipelined forward (softmax of tile j under P·V of tile j − 1): the same results.
+  std::vector<bf16> op(p.o.size(), __float2bfloat16_rn(NAN));
+  std::vector<float> lsep(p.lse.size(), NAN);
+  emu_launch(flash_wg_fwd_pipe_d128, Dim3{(unsigned)((T + 127) / 128), (unsigned)(B * H), 1},
+             256, WG_PIPE_SMEM, p.q.data(), p.k.data(), p.v.data(), p.qseg.data(),
+             p.kseg.data(), fspan.data(), op.data(), lsep.data(), T, S, H, c.KV, scale_log2,
+             (int)c.causal, c.window);
+  p.check_forward(std::string("wg pipelined ") + c.name, op, lsep);
   const std::vector<float> delta = p.delta(o);
   std::vector<float> dq(p.dq.size(), 0.f), dk(p.dk.size(), NAN), dv(p.dv.size(), NAN);
   emu_launch(flash_wg_bwd_d128, Dim3{(unsigned)((S + 127) / 128), (unsigned)(B * H), 1}, 256,
