@@ -29,7 +29,8 @@
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
 # minutes, most urgent first: step 1, the 3B step at T 2048 plain, as one-op layers and on 4
-# micro-batches, the wgmma attention at T 8192 next to the default, torch at T 8192), nothing
+# micro-batches, the wgmma attention (plain and pipelined forward) at T 8192 next to the
+# default, torch at T 8192), nothing
 # for all of it
 # (longer than one 10-minute device call: split it).
 #
@@ -79,7 +80,9 @@ if [ "$quick" = lease ]; then
     --steps 2 --warmup 1 --json "$out/train-3b-2k-accum4.json"
   step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
-  step train-3b-8k-ckpt 150 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
+  step train-3b-8k-wgp 70 env OMR_MMA=wgp,wgb "$bin" bench train "${common[@]}" --seq 8192 \
+    --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wgp.json"
+  step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
   echo "=== summary"
   printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

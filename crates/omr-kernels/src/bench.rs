@@ -349,8 +349,10 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
             "b8r64,q4",
             "f4x2,b8r64,q4",
             "wgf",
+            "wgp",
             "wgb",
             "wg",
+            "wgp,wgb",
         ] {
             if spec.starts_with("wg") && !crate::flash_mma::wgmma_runs(qa.device()) {
                 continue;

@@ -444,8 +444,8 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             &[&a, &bk],
             |t| crate::flash_mma::wgmma_probe(&t[0], &t[1]),
         )?;
-        // Forward alone (default backward), backward alone, both.
-        let wg = ["mma:wgf", "mma:wgb", "mma:wg"];
+        // Forward alone (default backward; plain and pipelined), backward alone, both.
+        let wg = ["mma:wgf", "mma:wgp", "mma:wgb", "mma:wg"];
         attention_checks(&mut c, DType::BF16, "bf16", 3e-2, &wg)?;
         long_segment_checks(&mut c, &wg)?;
     }

@@ -12,9 +12,10 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        13,
+        14,
         "one row per timed kernel (linear CE: trained and frozen head; attention: kernel and gemm)"
     );
+    assert!(rows.iter().any(|r| r.name == "grad accumulate"));
     assert!(rows
         .iter()
         .any(|r| r.name == "linear CE fwd+dH (frozen head)"));

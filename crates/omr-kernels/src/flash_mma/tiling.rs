@@ -15,7 +15,9 @@ pub(super) const BWD_ROWS: usize = 32;
 /// 128 keys, 64 query rows per step, `flash_bwd64`); `dq4` adds the backward's dQ with
 /// float4 atomics instead of float2; `fwd_wg` / `bwd_wg` run the forward / backward on
 /// Hopper's warpgroup tensor cores (`flash_wg_{fwd,bwd}_d128` in `flash_wgmma_sm90a.cu`: two
-/// warpgroups, 128 query rows / keys per CTA, wgmma; head dim 128, sm_90a only).
+/// warpgroups, 128 query rows / keys per CTA, wgmma; head dim 128, sm_90a only); `wg_pipe`
+/// takes the pipelined wgmma forward (`flash_wg_fwd_pipe_d128`: each tile's softmax under
+/// the previous tile's P·V).
 /// The default is what the last GPU run verified and
 /// measured fastest; the others exist for head dim 128 (the 8-warp backwards also for 64),
 /// and [`Tiling::for_dim`] falls back to the default elsewhere.
@@ -28,6 +30,7 @@ pub struct Tiling {
     pub dq4: bool,
     pub fwd_wg: bool,
     pub bwd_wg: bool,
+    pub wg_pipe: bool,
 }
 
 impl Default for Tiling {
@@ -40,6 +43,7 @@ impl Default for Tiling {
             dq4: false,
             fwd_wg: false,
             bwd_wg: false,
+            wg_pipe: false,
         }
     }
 }
@@ -49,6 +53,10 @@ impl Default for Tiling {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const WG_SMEM: usize = 1024 + 2 * (128 * 128 + 4 * 128 * 128) + 4 * 2 * 128;
 
+/// `flash_wg_fwd_pipe_d128`'s (`WG_PIPE_SMEM`): the same with three V tiles.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const WG_PIPE_SMEM: usize = 1024 + 2 * (128 * 128 + 5 * 128 * 128) + 4 * 2 * 128;
+
 /// `flash_wg_bwd_d128`'s dynamic shared memory (`WG_BWD_SMEM`): K and V (128 keys), Q and dO
 /// (64 rows, twice each) of 128 bf16, dS^T (128 × 64 bf16), lse, Δ and segment ids (2 × 64),
 /// 1024 bytes of alignment.
@@ -57,7 +65,8 @@ const WG_BWD_SMEM: usize = 1024 + 2 * (4 * 128 * 128 + 128 * 64) + 4 * 3 * 2 * 6
 
 impl Tiling {
     /// `OMR_MMA`, a comma-separated list of `f4`, `f8`, `f4x2` (forward warps, × m-tiles),
-    /// `wgf` (the wgmma forward), `b4`, `b8` (backward warps), `b8r64` (the FA2-layout
+    /// `wgf` (the wgmma forward), `wgp` (the pipelined wgmma forward), `b4`, `b8` (backward
+    /// warps), `b8r64` (the FA2-layout
     /// backward), `wgb` (the wgmma backward), `q4` (float4 dQ atomics) and `wg` (`wgf,wgb`),
     /// e.g. `f4x2,b8r64,q4` or `wg`; what it leaves out stays at the default, and the last
     /// forward or backward item wins. An unknown item is an error.
@@ -77,22 +86,23 @@ impl Tiling {
         let mut t = Tiling::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item {
-                "f4" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 1, false),
-                "f8" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, false),
-                "f4x2" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (4, 2, false),
-                "wgf" => (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true),
+                "f4" => (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (4, 1, false, false),
+                "f8" => (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (8, 1, false, false),
+                "f4x2" => (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (4, 2, false, false),
+                "wgf" => (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (8, 1, true, false),
+                "wgp" => (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (8, 1, true, true),
                 "b4" => (t.bwd, t.bwd_r64, t.bwd_wg) = (4, false, false),
                 "b8" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, false),
                 "b8r64" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, true, false),
                 "wgb" => (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, true),
                 "wg" => {
-                    (t.fwd, t.fwd_mtiles, t.fwd_wg) = (8, 1, true);
+                    (t.fwd, t.fwd_mtiles, t.fwd_wg, t.wg_pipe) = (8, 1, true, false);
                     (t.bwd, t.bwd_r64, t.bwd_wg) = (8, false, true);
                 }
                 "q4" => t.dq4 = true,
                 _ => {
                     return Err(format!(
-                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, wgf, b4, b8, b8r64, wgb, q4, wg (e.g. f4x2,b8r64,q4), or unset it"
+                        "OMR_MMA={spec}: unknown item {item:?}; use a comma-separated list of f4, f8, f4x2, wgf, wgp, b4, b8, b8r64, wgb, q4, wg (e.g. f4x2,b8r64,q4), or unset it"
                     ))
                 }
             }
@@ -115,6 +125,7 @@ impl Tiling {
             dq4: self.dq4 && d == 128 && !bwd_wg,
             fwd_wg,
             bwd_wg,
+            wg_pipe: self.wg_pipe && fwd_wg,
         }
     }
 
@@ -163,7 +174,8 @@ impl Tiling {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn fwd_entry(self, d: usize) -> String {
         if self.fwd_wg {
-            return format!("flash_wg_fwd_d{d}");
+            let p = if self.wg_pipe { "_pipe" } else { "" };
+            return format!("flash_wg_fwd{p}_d{d}");
         }
         let w = if self.fwd == 8 { "8" } else { "" };
         let m = if self.fwd_mtiles == 2 { "_m2" } else { "" };
@@ -200,7 +212,9 @@ impl Tiling {
     /// The forward's dynamic shared memory: the Q tile when a warp takes two m-tiles.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn fwd_smem(self, d: usize) -> usize {
-        if self.fwd_wg {
+        if self.fwd_wg && self.wg_pipe {
+            WG_PIPE_SMEM
+        } else if self.fwd_wg {
             WG_SMEM
         } else if self.fwd_mtiles > 1 {
             self.fwd_rows() * (d + 8) * 2
@@ -232,7 +246,13 @@ mod tests {
 
     #[test]
     fn tile_sizes_match_the_kernel() {
-        let src = include_str!("../../../../kernels/flash_mma.cu");
+        // flash_mma.cu's entry points and the headers it includes.
+        let src = [
+            include_str!("../../../../kernels/flash_mma.cu"),
+            include_str!("../../../../kernels/flash_mma_fwd.cuh"),
+            include_str!("../../../../kernels/flash_mma_bwd.cuh"),
+        ]
+        .concat();
         assert!(src.contains(&format!("#define BWD_BR {BWD_ROWS}\n")));
         assert!(src.contains("constexpr int BR = BWD_BR, BC = 16 * NW,"));
         assert!(src.contains("constexpr int BR = 16 * NW * MT, BC = 64,"));
@@ -250,6 +270,8 @@ mod tests {
             "b8r64",
             "f4x2,b8r64,q4",
             "wgf",
+            "wgp",
+            "wgp,wgb",
             "wgf,b8r64,q4",
             "wgb",
             "wg",
@@ -260,12 +282,15 @@ mod tests {
             for spec in all {
                 let t = Tiling::parse(spec).unwrap().for_dim(d);
                 let named = |x: &str| spec.split(',').any(|i| i == x || i == "wg");
-                assert_eq!(t.fwd_wg, named("wgf") && d == 128, "{spec} d {d}");
+                let pipe = spec.split(',').any(|i| i == "wgp");
+                assert_eq!(t.fwd_wg, (named("wgf") || pipe) && d == 128, "{spec} d {d}");
+                assert_eq!(t.wg_pipe, pipe && d == 128, "{spec} d {d}");
                 assert_eq!(t.bwd_wg, named("wgb") && d == 128, "{spec} d {d}");
                 let fwd = format!("{}, {d}, {}, {})", t.fwd_entry(d), t.fwd, t.fwd_mtiles);
                 if t.fwd_wg {
                     assert_eq!(t.fwd_module(), "flash_wgmma_sm90a");
-                    let entry = format!("__launch_bounds__(256, 1)\n    {}(", t.fwd_entry(d));
+                    let pipe = if t.wg_pipe { "true" } else { "false" };
+                    let entry = format!("WG_FWD({}, {pipe})\n", t.fwd_entry(d));
                     assert!(wg_src.contains(&entry), "{spec}: {entry}");
                     assert_eq!((t.fwd_rows(), t.fwd_threads()), (128, 256));
                 } else {
@@ -303,6 +328,7 @@ mod tests {
                 dq4: false,
                 fwd_wg: false,
                 bwd_wg: false,
+                wg_pipe: false,
             }
         );
         assert_eq!(Tiling::parse("f4x2").unwrap().fwd_smem(128), 128 * 136 * 2);
@@ -312,6 +338,11 @@ mod tests {
             "#define WG_SMEM (1024 + 2 * (WG_BR * WG_D + 4 * WG_BC * WG_D) + 4 * 2 * WG_BC)"
         ));
         assert_eq!(Tiling::parse("wg").unwrap().fwd_smem(128), 165_888);
+        // Pipelined: three V tiles, 198 656 bytes (under the 227 KiB an sm_90 block may use).
+        assert!(wg_src.contains(
+            "#define WG_PIPE_SMEM (1024 + 2 * (WG_BR * WG_D + 5 * WG_BC * WG_D) + 4 * 2 * WG_BC)"
+        ));
+        assert_eq!(Tiling::parse("wgp").unwrap().fwd_smem(128), 198_656);
         assert!(wg_src.contains(
             "#define WG_BWD_SMEM (1024 + 2 * (4 * 128 * 128 + 128 * 64) + 4 * 3 * 2 * 64)"
         ));
