@@ -277,7 +277,12 @@ mod tests {
             "wg",
             "f4x2,wgb,q4",
         ];
-        let wg_src = include_str!("../../../../kernels/flash_wgmma_sm90a.cu");
+        let wg_src = [
+            include_str!("../../../../kernels/flash_wgmma_sm90a.cu"),
+            include_str!("../../../../kernels/flash_wg_fwd.cuh"),
+            include_str!("../../../../kernels/flash_wg_bwd.cuh"),
+        ]
+        .concat();
         for d in [64, 80, 128] {
             for spec in all {
                 let t = Tiling::parse(spec).unwrap().for_dim(d);
