@@ -43,6 +43,27 @@ __device__ __forceinline__ void c_to_a(const float (*c)[4], int kk, uint32_t* a)
   a[3] = pack_f(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// f32 atomic adds of two / four consecutive floats (8- / 16-byte aligned): one vector atomic
+// on sm_90 and newer, scalar atomics before (sm_80 has no float2 / float4 atomicAdd).
+__device__ __forceinline__ void atomic_add2(float* p, float2 v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), v);
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+#endif
+}
+__device__ __forceinline__ void atomic_add4(float* p, float4 v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
+}
+
 // Adds a warp's dQ fragments, 16 rows from `r0` × N n-tiles of 8 columns from `c0`, into
 // dq (f32; element (row, col) at dq[row · rstride + col]) with f32 atomics; rows at or past T
 // are left out. DQV = 2: a float2 per row and column pair; DQV = 4: lanes t and t ^ 1 swap
@@ -62,16 +83,16 @@ __device__ __forceinline__ void add_dq(float* dq, long rstride, const float (*ac
       const float4 val = odd ? make_float4(x0, x1, acc[n][2], acc[n][3])
                              : make_float4(acc[n][0], acc[n][1], x0, x1);
       if (row < T)
-        atomicAdd(reinterpret_cast<float4*>(dq + row * rstride + c0 + n * 8 + 2 * (t & ~1)), val);
+        atomic_add4(dq + row * rstride + c0 + n * 8 + 2 * (t & ~1), val);
     }
   } else {
 #pragma unroll
     for (int n = 0; n < N; n++) {
       const int col = c0 + n * 8 + 2 * t;
       if (ra < T)
-        atomicAdd(reinterpret_cast<float2*>(dq + ra * rstride + col), make_float2(acc[n][0], acc[n][1]));
+        atomic_add2(dq + ra * rstride + col, make_float2(acc[n][0], acc[n][1]));
       if (rc < T)
-        atomicAdd(reinterpret_cast<float2*>(dq + rc * rstride + col), make_float2(acc[n][2], acc[n][3]));
+        atomic_add2(dq + rc * rstride + col, make_float2(acc[n][2], acc[n][3]));
     }
   }
 }
