@@ -19,6 +19,26 @@ constexpr int WG_BR = 128, WG_BC = 128, WG_D = 128;
 // issued under a branch it cannot prove uniform), the first tile's P·V multiplies a zero P,
 // and no tile is skipped for one warpgroup alone (its mask then removes the whole tile).
 // Without PIPE each product is waited for at once.
+// O (acc, 64 × 128 per warpgroup) += P·V for one 128-key tile: P from registers (the A
+// fragments pa), V N-major in shared memory. Issued only; the caller commits and waits.
+__device__ __forceinline__ void issue_pv(float* acc, uint32_t (*pa)[4], const bf16* vt) {
+#pragma unroll
+  for (int kk = 0; kk < WG_BC / 16; kk++)
+    wgmma_rs_tn(acc, pa[kk], sw128_desc(vt + kk * 16 * 64, WG_BC * 128));
+}
+
+// The same product, fenced, committed and waited for.
+__device__ __forceinline__ void pv_now(float* acc, uint32_t (*pa)[4], const bf16* vt) {
+  pin<WG_D / 2>(acc);
+  pin<WG_BC / 4>(&pa[0][0]);
+  wg_fence();
+  issue_pv(acc, pa, vt);
+  wg_commit();
+  wg_wait<0>();
+  pin<WG_D / 2>(acc);
+  pin<WG_BC / 4>(&pa[0][0]);
+}
+
 template <bool PIPE>
 __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v,
@@ -119,9 +139,7 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
                  sw128_desc(kt + (kk / 4) * BC * 64 + (kk % 4) * 16, 16));
       wg_commit();
       if (PIPE) {
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++)
-          wgmma_rs_tn(acc, pa[kk], sw128_desc(vpend + kk * 16 * 64, BC * 128));
+        issue_pv(acc, pa, vpend);
         wg_commit();
         wg_wait<1>();  // S_j; P·V of the previous tile may still run
       } else {
@@ -187,37 +205,16 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
         acc[4 * n + 2] *= a1;
         acc[4 * n + 3] *= a1;
       }
-      if (PIPE) {
+      if (PIPE)
         vpend = vt;
-      } else {
-        pin<D / 2>(acc);
-        pin<BC / 4>(&pa[0][0]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++)
-          wgmma_rs_tn(acc, pa[kk], sw128_desc(vt + kk * 16 * 64, BC * 128));
-        wg_commit();
-        wg_wait<0>();
-        pin<D / 2>(acc);
-        pin<BC / 4>(&pa[0][0]);
-      }
+      else
+        pv_now(acc, pa, vt);
     }
     // Every warpgroup is done with tile `cur` (and, pipelined, with the V tile the next
     // iteration overwrites) before the next iteration loads into it.
     __syncthreads();
   }
-  if (PIPE && lo < hi) {
-    pin<D / 2>(acc);
-    pin<BC / 4>(&pa[0][0]);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++)
-      wgmma_rs_tn(acc, pa[kk], sw128_desc(vpend + kk * 16 * 64, BC * 128));
-    wg_commit();
-    wg_wait<0>();
-    pin<D / 2>(acc);
-    pin<BC / 4>(&pa[0][0]);
-  }
+  if (PIPE && lo < hi) pv_now(acc, pa, vpend);
   const float ln2 = 0.69314718055994531f;
   float L0 = l0, L1 = l1;
   L0 += __shfl_xor_sync(0xffffffffu, L0, 1);
