@@ -82,27 +82,21 @@ fn cuda_sum(a: &Tensor, b: &Tensor, out: Option<&Tensor>) -> Result<()> {
     )?;
     let (as_, al) = a.storage_and_layout();
     let (bs, bl) = b.storage_and_layout();
+    let og = out.map(|o| o.storage_and_layout());
     let ai = In::new(cuda::storage(&as_)?, al)?;
     let bi = In::new(cuda::storage(&bs)?, bl)?;
+    let oi = match &og {
+        Some((os, ol)) => Some(In::new(cuda::storage(os)?, ol)?),
+        None => None,
+    };
     let n_i = n as i64;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
     ai.push(&mut l);
     bi.push(&mut l);
-    match out {
-        Some(o) => {
-            let (os, ol) = o.storage_and_layout();
-            let oi = In::new(cuda::storage(&os)?, ol)?;
-            oi.push(&mut l);
-            l.arg(&n_i);
-            cuda::run(l, cuda::cfg(n.div_ceil(256).min(132 * 16), 256, 0))
-        }
-        // In place: the kernel reads each element, then writes it, through the same pointer
-        // (stream-ordered after every earlier reader, like any candle op).
-        None => {
-            ai.push(&mut l);
-            l.arg(&n_i);
-            cuda::run(l, cuda::cfg(n.div_ceil(256).min(132 * 16), 256, 0))
-        }
-    }
+    // In place (no `out`): the kernel reads each element of `a`, then writes it, through the
+    // same pointer (stream-ordered after every earlier reader, like any candle op).
+    oi.as_ref().unwrap_or(&ai).push(&mut l);
+    l.arg(&n_i);
+    cuda::run(l, cuda::cfg(n.div_ceil(256).min(132 * 16), 256, 0))
 }

@@ -6,18 +6,9 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use common::{accel, rand};
+use common::{accel, bits, rand};
 use omr_kernels::adamw::{adamw_step, AdamWHyper};
 use omr_train::optim::{AdamW, OptimConfig, ParamSpec, StepOutcome};
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f32::to_bits)
-        .collect())
-}
 
 /// Runs `steps` steps of omr-train's AdamW and of the fused op on `dev` side by side.
 fn compare(dev: &Device, steps: usize) -> anyhow::Result<()> {

@@ -6,17 +6,8 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{accel, rand};
+use common::{accel, bits, rand};
 use omr_kernels::grad_accum::{grad_add_in_place, grad_sum, sum_ref};
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f32::to_bits)
-        .collect())
-}
 
 /// Candle's sum of the two, as omr-train's candle-op accumulator computes it.
 fn candle_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -16,6 +16,17 @@ pub fn rand(seed: u64, shape: &[usize], scale: f32, dtype: DType) -> Result<Tens
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// An f32 tensor's elements as bits, in row-major order (copied to the host): for the ops
+/// that must match their reference exactly.
+pub fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
 /// The devices besides the CPU to compare against the CPU reference: the first CUDA device
 /// when the crate is built with `cuda` and a device answers; none otherwise (said on stderr).
 pub fn accel() -> Vec<Device> {
