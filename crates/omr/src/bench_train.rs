@@ -27,7 +27,10 @@ use omr_train::runtime::RuntimeConfig;
 use serde_json::json;
 use std::path::PathBuf;
 
+mod memory;
 mod reference;
+
+use memory::{rss, GpuMemPoller};
 
 #[derive(Args)]
 pub struct BenchTrainArgs {
@@ -126,103 +129,6 @@ fn median(mut xs: Vec<f64>) -> f64 {
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
-}
-
-/// (VmRSS, VmHWM) of this process in MiB.
-fn rss() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// The high-water mark of device memory in use (total − free, MiB) over the timed steps. While
-/// the memory pool keeps what it allocated (`omr_kernels::prepare_device`, the default), what
-/// the process holds never shrinks during the steps, so the reading after them is the peak
-/// (candle frees into the driver's stream-ordered pool: this counts what the pool holds). With
-/// `OMR_CUDA_POOL=release` the pool shrinks at synchronisations, and a thread polls every
-/// 0.2 ms instead (each poll is a driver call beside the step's own). None on the CPU.
-/// Reads device memory in use (MiB).
-type MemReader = Box<dyn Fn() -> Option<f64> + Send>;
-
-struct GpuMemPoller {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Option<(f64, f64)>>>,
-    /// Without polling: the reader and the reading at the start.
-    ends: Option<(MemReader, Option<f64>)>,
-}
-
-impl GpuMemPoller {
-    fn start(device: &Device) -> GpuMemPoller {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let Some(read) = gpu_mem_reader(device) else {
-            return GpuMemPoller {
-                stop,
-                handle: None,
-                ends: None,
-            };
-        };
-        if std::env::var("OMR_CUDA_POOL").as_deref() != Ok("release") {
-            let first = read();
-            return GpuMemPoller {
-                stop,
-                handle: None,
-                ends: Some((read, first)),
-            };
-        }
-        let handle = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let first = read()?;
-                let mut peak = first;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Some(u) = read() {
-                        peak = peak.max(u);
-                    }
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                Some((first, peak))
-            })
-        };
-        GpuMemPoller {
-            stop,
-            handle: Some(handle),
-            ends: None,
-        }
-    }
-    /// (in use when started, peak) in MiB.
-    fn finish(mut self) -> Option<(f64, f64)> {
-        if let Some((read, first)) = self.ends.take() {
-            let first = first?;
-            return Some((first, read()?.max(first)));
-        }
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.take()?.join().ok()?
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_mem_reader(device: &Device) -> Option<MemReader> {
-    let ctx = device
-        .as_cuda_device()
-        .ok()?
-        .cuda_stream()
-        .context()
-        .clone();
-    Some(Box::new(move || {
-        let (free, total) = ctx.mem_get_info().ok()?;
-        Some((total - free) as f64 / 1048576.0)
-    }))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_mem_reader(_device: &Device) -> Option<MemReader> {
-    None
 }
 
 /// Environment switches that pick a kernel or model variant (README, "GPU").
