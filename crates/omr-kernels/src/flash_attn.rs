@@ -78,10 +78,11 @@ fn cuda_path(q: &Tensor, k: &Tensor) -> Result<Option<CudaPath>> {
     ))
 }
 
-/// Attention for an op that chains its own backward (a whole decoder block as one op): the
-/// forward without autograd, and [`AttnSaved::backward`]. On CUDA the tensor-core kernels
-/// where [`flash_attn`] takes them (same `OMR_ATTN` choice); elsewhere the blockwise
-/// [`crate::gemm_attn`] forward and backward (candle ops on the CPU).
+/// Attention for an op that chains its own backward (a whole decoder block as one op; a
+/// checkpointed block's attention kept for its recompute): the forward without autograd, and
+/// [`AttnSaved::backward`]. The same path, kernels and results as [`flash_attn`] (same
+/// `OMR_ATTN` choice): the tensor-core kernels, the blockwise [`crate::gemm_attn`] or the
+/// kernel of `kernels/flash_attn.cu` (its CPU reference on the CPU).
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -90,19 +91,31 @@ pub fn attention_forward(
     scale: f64,
 ) -> Result<(Tensor, AttnSaved)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
-    if cuda_path(&q, &k)? == Some(CudaPath::Mma) {
-        let (o, saved) = crate::flash_mma::forward_saved(&q, &k, &v, mask, scale)?;
-        return Ok((o, AttnSaved(Saved::Mma(saved))));
+    match cuda_path(&q, &k)? {
+        Some(CudaPath::Mma) => {
+            let (o, saved) = crate::flash_mma::forward_saved(&q, &k, &v, mask, scale)?;
+            Ok((o, AttnSaved(Saved::Mma(saved))))
+        }
+        Some(CudaPath::Gemm) => {
+            let (o, lse) = crate::gemm_attn::forward(&q, &k, &v, mask, scale)?;
+            Ok((
+                o,
+                AttnSaved(Saved::Gemm {
+                    lse,
+                    mask: mask.clone(),
+                    scale,
+                }),
+            ))
+        }
+        None => {
+            let op = build_kernel_op(&q, &k, &v, mask, scale)?;
+            let keep = op.clone();
+            let o = q
+                .contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            Ok((o, AttnSaved(Saved::Kernel(keep))))
+        }
     }
-    let (o, lse) = crate::gemm_attn::forward(&q, &k, &v, mask, scale)?;
-    Ok((
-        o,
-        AttnSaved(Saved::Gemm {
-            lse,
-            mask: mask.clone(),
-            scale,
-        }),
-    ))
 }
 
 /// What [`attention_forward`] keeps for the backward.
@@ -115,6 +128,7 @@ enum Saved {
         mask: AttnMask,
         scale: f64,
     },
+    Kernel(FlashAttn),
 }
 
 impl AttnSaved {
@@ -131,6 +145,11 @@ impl AttnSaved {
             Saved::Mma(m) => m.backward(q, k, v, o, dout),
             Saved::Gemm { lse, mask, scale } => {
                 crate::gemm_attn::backward(q, k, v, o, dout, lse, mask, *scale)
+            }
+            Saved::Kernel(op) => {
+                let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+                let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+                op.backward(&q, &k, &v, &o.contiguous()?, &dout, &op.lse.get()?)
             }
         }
     }
@@ -152,6 +171,19 @@ pub fn flash_attn_kernel(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
+    let op = build_kernel_op(q, k, v, mask, scale)?;
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The op of [`flash_attn_kernel`], its inputs checked.
+fn build_kernel_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<FlashAttn> {
     host::check_float("flash_attn", q.dtype())?;
     let (b, t, h, d) = q.dims4()?;
     let (bk, s, kv, dk) = k.dims4()?;
@@ -172,16 +204,14 @@ pub fn flash_attn_kernel(
         bail!("flash_attn: need H % KV = 0, D even and ≤ 128, S ≥ T (H {h}, KV {kv}, D {d}, T {t}, S {s})")
     }
     let (q_seg, k_seg) = mask.segments(b, t, s, q.device(), "flash_attn")?;
-    let op = FlashAttn {
+    Ok(FlashAttn {
         causal: mask.causal,
         window: mask.window,
         scale: scale as f32,
         q_seg,
         k_seg,
-        lse: host::Saved::new("flash_attn"),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        lse: std::sync::Arc::new(host::Saved::new("flash_attn")),
+    })
 }
 
 /// Forward reference: (o (B·T·H·D), lse (B·H·T)). Never more than one key block of scores.
@@ -319,14 +349,15 @@ fn allowed(qpos: usize, s: usize, qs: u32, ks: u32, causal: bool, window: usize)
     qs != 0 && qs == ks && (!causal || s <= qpos) && (window == 0 || s + window > qpos)
 }
 
+#[derive(Clone)]
 struct FlashAttn {
     causal: bool,
     window: usize,
     scale: f32,
     q_seg: Tensor,
     k_seg: Tensor,
-    /// The forward's row log-sum-exp (B, H, T) f32, for the backward.
-    lse: host::Saved,
+    /// The forward's row log-sum-exp (B, H, T) f32, for the backward (shared by clones).
+    lse: std::sync::Arc<host::Saved>,
 }
 
 impl FlashAttn {

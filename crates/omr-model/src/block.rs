@@ -171,7 +171,7 @@ pub fn decoder_layer(
     let qr = omr_kernels::rotary(&q, cos, sin)?;
     let kr = omr_kernels::rotary(&k, cos, sin)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let (a, attn) = omr_kernels::attention_forward(&qr, &kr, &v, mask, scale)?;
+    let (a, attn) = crate::kept_attn::forward(&qr, &kr, &v, mask, scale)?;
     let a2 = a.reshape((b, t, h * d))?;
     let (ao, xa_o) = lin(O, &a2, &w.o, None)?;
     let x2 = (&xd + ao)?;
@@ -320,7 +320,7 @@ pub fn vision_layer(
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let qr = omr_kernels::rotary(&q, cos, sin)?;
     let kr = omr_kernels::rotary(&k, cos, sin)?;
-    let (a, attn) = omr_kernels::attention_forward(&qr, &kr, &v, mask, 1.0 / (d as f64).sqrt())?;
+    let (a, attn) = crate::kept_attn::forward(&qr, &kr, &v, mask, 1.0 / (d as f64).sqrt())?;
     let a2 = a.reshape((n, c))?;
     let x2 = (&xd + lin(&a2, &w.proj)?)?;
     let w2 = det(&w.norm2).to_dtype(dt)?;

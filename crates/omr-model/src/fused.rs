@@ -16,7 +16,8 @@ use omr_kernels::linear_ce::LceChunks;
 use omr_kernels::AttnMask;
 use std::cell::Cell;
 
-/// How many times each fused op ran on this thread.
+/// How many times each fused op ran on this thread (attention: computed, not replayed from
+/// [`crate::kept_attn`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FusedCalls {
     pub rmsnorm: usize,
@@ -45,13 +46,15 @@ fn count(f: impl FnOnce(&mut FusedCalls)) {
     });
 }
 
-/// A decoder layer or vision block ran as one op ([`crate::block`]): its two rotary calls and
-/// its attention.
+/// A decoder layer or vision block ran as one op ([`crate::block`]): its two rotary calls (its
+/// attention counts itself, in [`crate::kept_attn::forward`]).
 pub(crate) fn count_block() {
-    count(|c| {
-        c.rotary += 2;
-        c.attention += 1;
-    });
+    count(|c| c.rotary += 2);
+}
+
+/// An attention was computed (not replayed from [`crate::kept_attn`]'s tape).
+pub(crate) fn count_attention() {
+    count(|c| c.attention += 1);
 }
 
 /// Qwen2RMSNorm over the last dimension. x: (…, C), w: (C) → (…, C)
@@ -84,10 +87,14 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Flash attention with scale 1/√D, queries at key positions S − T + t.
 /// q: (B, T, H, D), k/v: (B, S, KV, D) → (B, T, H, D)
+/// Inside a checkpointed block's forward or recompute, through [`crate::kept_attn`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-    count(|c| c.attention += 1);
-    let d = q.dim(3)?;
-    omr_kernels::flash_attn(q, k, v, mask, 1.0 / (d as f64).sqrt())
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    if crate::kept_attn::active() {
+        return crate::kept_attn::attention(q, k, v, mask, scale);
+    }
+    count_attention();
+    omr_kernels::flash_attn(q, k, v, mask, scale)
 }
 
 /// Σ −log softmax(h · wᵀ)[target] without the N × V logits. h: (N, C), w: (V, C),

@@ -14,6 +14,7 @@ pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod hub;
+pub mod kept_attn;
 pub mod linear;
 pub mod lora;
 pub mod loss;

@@ -18,6 +18,7 @@
 //! block; the saving is all of its activations but its input.
 
 use crate::error::Result;
+use crate::kept_attn::{self, Kept};
 use crate::linear::Ctx;
 use crate::model::{Input, Qwen2VL};
 use candle_core::backprop::GradStore;
@@ -28,17 +29,54 @@ use candle_core::{Tensor, Var};
 pub struct Recompute {
     pub vision: bool,
     pub decoder: bool,
+    /// Recompute the attentions of those blocks too. Off (the default), a recomputed block
+    /// replays the attention outputs its first forward kept ([`crate::kept_attn`], fused path):
+    /// one attention forward less per block, for its output and row log-sum-exp kept.
+    pub attention: bool,
 }
 
 impl Recompute {
     pub const NONE: Recompute = Recompute {
         vision: false,
         decoder: false,
+        attention: false,
     };
     pub const ALL: Recompute = Recompute {
         vision: true,
         decoder: true,
+        attention: false,
     };
+
+    /// The same stacks, recomputing their attentions too (`true`) or keeping them.
+    pub fn with_attention(self, recompute: bool) -> Recompute {
+        Recompute {
+            attention: recompute,
+            ..self
+        }
+    }
+
+    /// Runs a checkpointed block's first forward: recording its attentions unless they are
+    /// recomputed.
+    fn first_forward<R>(self, f: impl FnOnce() -> R) -> (R, Vec<Kept>) {
+        if self.attention {
+            (f(), Vec::new())
+        } else {
+            kept_attn::record(f)
+        }
+    }
+
+    /// Runs a checkpointed block's recompute with what [`Self::first_forward`] kept.
+    fn again<R>(
+        self,
+        kept: Vec<Kept>,
+        f: impl FnOnce() -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        if self.attention {
+            f()
+        } else {
+            kept_attn::replay(kept, f)
+        }
+    }
 }
 
 /// What one forward + backward gives back.
@@ -70,6 +108,18 @@ impl Collected<'_> {
         }
         Ok(())
     }
+}
+
+/// What a recomputing vision tower keeps from its forward for the backward.
+struct VisionSaved {
+    /// The patch embedding (with its graph, when it trains).
+    x0: Tensor,
+    run: crate::vision::VisionRun,
+    /// Each block's input and the attentions its forward kept.
+    blocks: Vec<(Tensor, Vec<Kept>)>,
+    /// The merger's input as a leaf: its gradient starts the tower's backward.
+    merge_in: Var,
+    recompute: Recompute,
 }
 
 /// Back-propagates `Σ(out · g)` from a recomputed `out`: the gradient `g` flowing into `out`.
@@ -117,12 +167,10 @@ impl Qwen2VL {
                 let mut saved = Vec::with_capacity(self.vision.num_blocks() + 1);
                 let mut x = x0.detach();
                 for i in 0..self.vision.num_blocks() {
-                    let y = self
-                        .vision
-                        .block(i, &x, &run, ctx)
-                        .map_err(crate::ModelError::from)?;
+                    let (y, kept) = recompute.first_forward(|| self.vision.block(i, &x, &run, ctx));
+                    let y = y.map_err(crate::ModelError::from)?;
                     trains |= y.track_op();
-                    saved.push(x);
+                    saved.push((x, kept));
                     x = y.detach();
                 }
                 // Below the merger only when something there trains: then the merger runs on a
@@ -144,7 +192,13 @@ impl Qwen2VL {
                     )
                 };
                 if let Some(v) = merge_in {
-                    vision_saved = Some((x0, run, saved, v));
+                    vision_saved = Some(VisionSaved {
+                        x0,
+                        run,
+                        blocks: saved,
+                        merge_in: v,
+                        recompute,
+                    });
                 }
                 Some(feats)
             }
@@ -179,7 +233,7 @@ impl Qwen2VL {
                 });
             }
             let mut grads = loss.backward().map_err(crate::ModelError::from)?;
-            let Some((_, _, _, v)) = &vision_saved else {
+            let Some(VisionSaved { merge_in: v, .. }) = &vision_saved else {
                 out.take(grads)?;
                 return Ok(Backward {
                     loss: value,
@@ -199,10 +253,9 @@ impl Qwen2VL {
         let mut saved = Vec::with_capacity(text.num_layers());
         let mut x = h0.detach();
         for i in 0..text.num_layers() {
-            let y = text
-                .layer(i, &x, &tables, ctx)
-                .map_err(crate::ModelError::from)?;
-            saved.push(x);
+            let (y, kept) = recompute.first_forward(|| text.layer(i, &x, &tables, ctx));
+            let y = y.map_err(crate::ModelError::from)?;
+            saved.push((x, kept));
             x = y.detach();
         }
         mark(&mut prof, "decoder forward (inputs kept)");
@@ -223,13 +276,13 @@ impl Qwen2VL {
         out.take(grads)?;
         drop(last);
         mark(&mut prof, "head backward");
-        while let Some(x) = saved.pop() {
+        while let Some((x, kept)) = saved.pop() {
             let i = saved.len();
             let Some(gi) = g.take() else { break };
             let v = leaf(&x)?;
             drop(x);
-            let y = text
-                .layer(i, v.as_tensor(), &tables, ctx)
+            let y = recompute
+                .again(kept, || text.layer(i, v.as_tensor(), &tables, ctx))
                 .map_err(crate::ModelError::from)?;
             mark(&mut prof, "decoder layers: recompute");
             let mut grads = backward_through(&y, &gi)?;
@@ -243,7 +296,7 @@ impl Qwen2VL {
                 let mut grads = backward_through(&h0, &gi)?;
                 let gv = vision_saved
                     .as_ref()
-                    .and_then(|(_, _, _, v)| grads.remove(v.as_tensor()));
+                    .and_then(|s| grads.remove(s.merge_in.as_tensor()));
                 out.take(grads)?;
                 mark(&mut prof, "embedding backward");
                 self.vision_backward(vision_saved, gv, ctx, &mut out)?;
@@ -260,19 +313,26 @@ impl Qwen2VL {
     /// from `g` = dL/d(merger input).
     fn vision_backward(
         &self,
-        saved: Option<(Tensor, crate::vision::VisionRun, Vec<Tensor>, Var)>,
+        saved: Option<VisionSaved>,
         g: Option<Tensor>,
         ctx: &Ctx,
         out: &mut Collected<'_>,
     ) -> Result<()> {
-        let (Some((x0, run, mut blocks, _)), Some(mut g)) = (saved, g) else {
+        let (Some(saved), Some(mut g)) = (saved, g) else {
             return Ok(());
         };
-        while let Some(x) = blocks.pop() {
+        let VisionSaved {
+            x0,
+            run,
+            mut blocks,
+            recompute,
+            ..
+        } = saved;
+        while let Some((x, kept)) = blocks.pop() {
             let i = blocks.len();
             let v = leaf(&x)?;
             drop(x);
-            let y = self.vision.block(i, v.as_tensor(), &run, ctx)?;
+            let y = recompute.again(kept, || self.vision.block(i, v.as_tensor(), &run, ctx))?;
             let mut grads = backward_through(&y, &g)?;
             let next = grads.remove(v.as_tensor());
             out.take(grads)?;

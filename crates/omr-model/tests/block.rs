@@ -107,12 +107,26 @@ fn block_op_under_checkpointing_equals_plain_backward() {
     };
     let per_op = run(Recompute::NONE, false);
     let (gp, mut worst) = (per_op.grads.unwrap(), 0f32);
-    for r in [Recompute::NONE, Recompute::ALL] {
+    let mut kept = None;
+    for r in [
+        Recompute::NONE,
+        Recompute::ALL,
+        Recompute::ALL.with_attention(true),
+    ] {
         let b = run(r, true);
         assert!((b.loss - per_op.loss).abs() <= 1e-5 * per_op.loss.abs());
         let gb = b.grads.unwrap();
         for t in &wrt {
             worst = worst.max(rel(&flat(gb.get(t).unwrap()), &flat(gp.get(t).unwrap())));
+        }
+        // The recompute replays the attentions the forward kept (omr_model::kept_attn), or
+        // computes them again: the same bits.
+        if r == Recompute::ALL {
+            kept = Some(gb);
+        } else if let Some(k) = &kept {
+            for t in &wrt {
+                assert_eq!(flat(k.get(t).unwrap()), flat(gb.get(t).unwrap()));
+            }
         }
     }
     println!("block op (plain, recomputed) vs per-op: gradients {worst:.2e}");

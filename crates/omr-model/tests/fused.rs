@@ -431,13 +431,42 @@ fn fused_recompute_equals_plain_backward() {
             })
             .unwrap()
     };
-    let (plain, re) = (run(Recompute::NONE), run(Recompute::ALL));
-    assert_eq!(plain.loss, re.loss);
-    let (gp, gr) = (plain.grads.unwrap(), re.grads.unwrap());
-    let mut worst = 0f32;
-    for t in &wrt {
-        worst = worst.max(rel(&flat(gr.get(t).unwrap()), &flat(gp.get(t).unwrap())));
+    // Attentions computed by each: every block's once, plus once more per recomputed block
+    // when the attentions are recomputed too (not when kept, the default).
+    let counted = |r: Recompute| {
+        let before = omr_model::fused::calls().attention;
+        let out = run(r);
+        (out, omr_model::fused::calls().attention - before)
+    };
+    let (plain, n_plain) = counted(Recompute::NONE);
+    let blocks = cfg.text.num_hidden_layers + cfg.vision.depth;
+    let gp = plain.grads.unwrap();
+    let mut kept_grads = None;
+    for (r, n_want) in [
+        (Recompute::ALL, n_plain),
+        (Recompute::ALL.with_attention(true), n_plain + blocks),
+    ] {
+        let (re, n) = counted(r);
+        assert_eq!(n, n_want, "{r:?}: attentions computed");
+        assert_eq!(plain.loss, re.loss, "{r:?}");
+        let gr = re.grads.unwrap();
+        let mut worst = 0f32;
+        for t in &wrt {
+            worst = worst.max(rel(&flat(gr.get(t).unwrap()), &flat(gp.get(t).unwrap())));
+        }
+        println!("fused {r:?} vs plain: gradients {worst:.2e} (relative)");
+        assert!(
+            worst <= 1e-6,
+            "{r:?}: recomputed gradients differ by {worst:.2e}"
+        );
+        // Keeping the attentions changes nothing but the work: the same bits.
+        match &kept_grads {
+            None => kept_grads = Some(gr),
+            Some(kept) => {
+                for t in &wrt {
+                    assert_eq!(flat(kept.get(t).unwrap()), flat(gr.get(t).unwrap()));
+                }
+            }
+        }
     }
-    println!("fused recompute vs plain: gradients {worst:.2e} (relative)");
-    assert!(worst <= 1e-6, "recomputed gradients differ by {worst:.2e}");
 }

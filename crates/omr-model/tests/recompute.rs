@@ -171,12 +171,12 @@ fn compare(cfg: &omr_model::ModelConfig, params: &Params, what: &str) {
     for recompute in [
         Recompute::NONE,
         Recompute {
-            vision: false,
             decoder: true,
+            ..Recompute::NONE
         },
         Recompute {
             vision: true,
-            decoder: false,
+            ..Recompute::NONE
         },
         Recompute::ALL,
     ] {

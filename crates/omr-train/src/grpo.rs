@@ -86,7 +86,11 @@ pub fn run_with(
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
     let mut model = built.model(&rt)?;
-    let recompute = cfg.train.activation_checkpointing.recompute();
+    let recompute = cfg
+        .train
+        .activation_checkpointing
+        .recompute()
+        .with_attention(cfg.train.recompute_attention);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     // The frozen reference: the run's initial weights, built again from the same [model].
     let reference = reference::build(cfg, &rt, &device)?;

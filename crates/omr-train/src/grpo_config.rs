@@ -113,6 +113,8 @@ pub struct GrpoTrain {
     /// "none" | "decoder" | "vision" | "all": stacks recomputed in the backward of the
     /// policy update (as in `omr sft`).
     pub activation_checkpointing: crate::plan::Checkpointing,
+    /// Recompute the checkpointed blocks' attentions too (as in `omr sft`; off: kept).
+    pub recompute_attention: bool,
 }
 
 impl Default for GrpoTrain {
@@ -124,6 +126,7 @@ impl Default for GrpoTrain {
             stop_after_steps: None,
             inject_nonfinite_steps: Vec::new(),
             activation_checkpointing: crate::plan::Checkpointing::None,
+            recompute_attention: false,
         }
     }
 }

@@ -69,11 +69,13 @@ impl Checkpointing {
     pub fn vision(self) -> bool {
         matches!(self, Checkpointing::Vision | Checkpointing::All)
     }
-    /// What the model recomputes (`Qwen2VL::forward_backward`).
+    /// What the model recomputes (`Qwen2VL::forward_backward`), keeping the attentions
+    /// (`Recompute::with_attention` to recompute those too).
     pub fn recompute(self) -> omr_model::Recompute {
         omr_model::Recompute {
             vision: self.vision(),
             decoder: self.decoder(),
+            attention: false,
         }
     }
     pub fn name(self) -> &'static str {
@@ -123,6 +125,9 @@ pub struct PlanInput {
     pub compute_bytes: u64,
     pub attention: AttentionImpl,
     pub checkpointing: Checkpointing,
+    /// Checkpointed blocks recompute their attentions too (else the fused path keeps each
+    /// attention's output and log-sum-exp).
+    pub recompute_attention: bool,
     pub grad_accum: u64,
 }
 

@@ -79,7 +79,11 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
     let mut model = built.model(&rt)?;
-    let recompute = cfg.train.activation_checkpointing.recompute();
+    let recompute = cfg
+        .train
+        .activation_checkpointing
+        .recompute()
+        .with_attention(cfg.train.recompute_attention);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;

@@ -143,6 +143,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         compute_bytes: 4,
         attention: AttentionImpl::Eager,
         checkpointing: c.ckpt,
+        recompute_attention: false,
         grad_accum: c.accum as u64,
     };
     let predicted = plan::plan(&p).step_growth as f64 / 1048576.0;

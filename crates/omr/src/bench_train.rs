@@ -96,6 +96,11 @@ pub struct BenchTrainArgs {
     /// value but none).
     #[arg(long, default_value = "none")]
     pub activation_checkpointing: String,
+    /// With checkpointing (fused kernels), recompute the blocks' attentions too instead of
+    /// keeping their outputs from the first forward (`[train] recompute_attention`; what the
+    /// reference's gradient checkpointing does).
+    #[arg(long)]
+    pub recompute_attention: bool,
     /// auto | candle | fused: the ops of our forward and backward (auto: the fused kernels on
     /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
     #[arg(long, default_value = "auto")]
@@ -224,6 +229,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             AttentionImpl::Eager
         },
         checkpointing,
+        recompute_attention: a.recompute_attention,
         grad_accum: a.grad_accum as u64,
     };
     let predicted = plan::plan(&input_plan);
@@ -282,7 +288,9 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             &input,
             &batch.labels,
             true,
-            checkpointing.recompute(),
+            checkpointing
+                .recompute()
+                .with_attention(a.recompute_attention),
             &wrt,
             kernels,
             a.grad_accum,
@@ -355,11 +363,16 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         .collect();
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}{}{}{}",
+         activation checkpointing {}{}{}{}{}",
         cfg_path.display(),
         a.seed,
         a.device,
         a.activation_checkpointing,
+        if a.recompute_attention && checkpointing != Checkpointing::None {
+            " (attention recomputed)"
+        } else {
+            ""
+        },
         match a.grad_accum {
             1 => String::new(),
             k => format!(", {k} micro-batches per step"),
@@ -459,6 +472,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "dtype": precision,
         "kernels": format!("{kernels:?}").to_lowercase(),
         "activation_checkpointing": a.activation_checkpointing,
+        "recompute_attention": a.recompute_attention,
         "lora_rank": a.lora_rank,
         "opt_ins": opt_ins.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "params": n_params,

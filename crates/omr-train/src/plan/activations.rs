@@ -19,12 +19,24 @@
 //!   A fused (flash-style) kernel keeps its output and a (B, H, T) f32 log-sum-exp instead.
 //! - loss (`Qwen2VL::loss`): lm head only at labelled rows (N, V), then f32 cast, shift and exp.
 //!
-//! Activation checkpointing of a stack keeps only each block's input (L·input here), and
+//! Activation checkpointing of a stack keeps only each block's input (L·input here), and its
+//! attention's output and log-sum-exp on the fused path unless `recompute_attention`; it
 //! recomputes one block at a time in backward: `plan()` adds that block where the backward
 //! reaches it.
 
 use super::{AttentionImpl, PlanInput, F32};
 use omr_model::config::Arch;
+
+/// Bytes a checkpointed block keeps of its attention besides its input: on the fused path,
+/// unless `recompute_attention`, the output (`out` elements) and the row log-sum-exp (`rows`
+/// f32) for the recompute to reuse (`omr_model::kept_attn`).
+fn kept_attention(p: &PlanInput, out: u64, rows: u64) -> u64 {
+    if p.attention == AttentionImpl::Fused && !p.recompute_attention {
+        out * p.compute_bytes + rows * F32
+    } else {
+        0
+    }
+}
 
 /// Kept bytes of the forward, by part.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -253,7 +265,7 @@ pub fn count(p: &PlanInput) -> Activations {
             });
         }
         vision_blocks = if p.checkpointing.vision() {
-            v.depth as u64 * patches * cv * s
+            v.depth as u64 * (patches * cv * s + kept_attention(p, patches * cv, patches * hv))
         } else {
             blocks_total
         };
@@ -359,7 +371,7 @@ pub fn count(p: &PlanInput) -> Activations {
     layer.add(1.0, n * c, s); // residual
     let l = t.num_hidden_layers as u64;
     let decoder_layers = if p.checkpointing.decoder() {
-        l * n * c * s
+        l * (n * c * s + kept_attention(p, n * h * d, b * h * seq))
     } else {
         l * layer.bytes
     };

@@ -69,6 +69,7 @@ pub fn input_from_sft(
         compute_bytes: o.compute_bytes,
         attention: o.attention,
         checkpointing: cfg.train.activation_checkpointing,
+        recompute_attention: cfg.train.recompute_attention,
         grad_accum: cfg.train.grad_accum,
     };
     // Image tokens (and their start/end markers) never fit in more than a row.

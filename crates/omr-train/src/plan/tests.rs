@@ -30,6 +30,7 @@ fn input(model: ModelConfig, batch: usize, seq: usize, side: usize) -> PlanInput
         compute_bytes: 2,
         attention: AttentionImpl::Eager,
         checkpointing: Checkpointing::None,
+        recompute_attention: false,
         grad_accum: 1,
     }
 }
@@ -115,6 +116,23 @@ fn knobs_move_the_peak_the_right_way() {
     assert!(
         p0.activations.decoder_layer - fused.activations.decoder_layer > 6 * scores - scores / 8
     );
+    // Checkpointing on the fused path keeps each attention's output and log-sum-exp for the
+    // recompute (B·T·H·D bf16 + B·H·T f32 per layer) unless the attention is recomputed too.
+    let ck_fused = |recompute_attention: bool| {
+        with(&|q| {
+            q.attention = AttentionImpl::Fused;
+            q.checkpointing = Checkpointing::Decoder;
+            q.recompute_attention = recompute_attention;
+        })
+    };
+    let (kept, recomputed) = (ck_fused(false), ck_fused(true));
+    assert_eq!(recomputed.activations.decoder_layers, layers * n_c_s);
+    let (h, d) = (16u64, 128u64);
+    assert_eq!(
+        kept.activations.decoder_layers - recomputed.activations.decoder_layers,
+        layers * (2 * 2048 * h * d * 2 + 2 * h * 2048 * 4)
+    );
+    assert!(kept.train_peak > recomputed.train_peak);
     // LoRA: the base is frozen, only adapters train.
     let lora = with(&|q| {
         q.lora = Some(LoraConfig {
