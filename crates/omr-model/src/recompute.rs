@@ -15,7 +15,9 @@
 //! The recomputed forward is the same computation on the same values, with the same dropout
 //! masks (they depend on (seed, layer name), see [`Ctx`]), so the gradients equal those of the
 //! plain backward (tests/recompute.rs). The cost is one more forward of every checkpointed
-//! block; the saving is all of its activations but its input.
+//! block; the saving is all of its activations but its input. On the fused path the first
+//! forward also keeps each block's attention output and log-sum-exp, and the recompute replays
+//! them ([`crate::kept_attn`]) unless [`Recompute::attention`] asks for the attention again.
 
 use crate::error::Result;
 use crate::kept_attn::{self, Kept};

@@ -307,3 +307,49 @@ fn bench_train_with_grad_accum_counts_every_micro_batch() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--grad-accum must be at least 1"));
 }
+
+/// Checkpointing on the fused path keeps each block's attention for the recompute (the
+/// default) or recomputes it (`--recompute-attention`): the same losses bit for bit, step after
+/// step (the gradients are the same bits), and the plan counts what is kept.
+#[test]
+fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| -> Value {
+        let json = dir.path().join(format!("bench-{}.json", extra.len()));
+        let mut args = vec![
+            "bench",
+            "train",
+            "--model-config",
+            "tiny",
+            "--seq",
+            "64",
+            "--image-px",
+            "56",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--kernels",
+            "fused",
+            "--activation-checkpointing",
+            "all",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = omr(&args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        if !extra.is_empty() {
+            assert!(t.contains("(attention recomputed)"), "{t}");
+        }
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let (kept, recomputed) = (run(&[]), run(&["--recompute-attention"]));
+    assert_eq!(kept["recompute_attention"], false);
+    assert_eq!(recomputed["recompute_attention"], true);
+    assert_eq!(kept["losses"], recomputed["losses"]);
+    assert_eq!(kept["flops_total"], recomputed["flops_total"]);
+    let growth = |v: &Value| v["plan_step_growth_mib"].as_f64().unwrap();
+    assert!(growth(&kept) > growth(&recomputed), "{kept} {recomputed}");
+}

@@ -210,6 +210,25 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("some"), "{e}");
+    // Kept by default; `recompute_attention` recomputes it, and the plan input says so.
+    assert!(!cfg.train.recompute_attention);
+    let cfg = SftConfig::load(
+        &root,
+        &[
+            "train.activation_checkpointing=all".into(),
+            "train.recompute_attention=true".into(),
+        ],
+    )
+    .unwrap();
+    assert!(cfg.train.recompute_attention);
+    let opts = PlanOptions {
+        model_config: None,
+        compute_bytes: 2,
+        attention: AttentionImpl::Fused,
+        max_pixels: None,
+        images_per_row: None,
+    };
+    assert!(input_from_sft(&cfg, &opts).unwrap().0.recompute_attention);
 }
 
 #[test]
