@@ -249,6 +249,13 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                     false,
                     "fused + checkpointing",
                 ),
+                // The attentions recomputed too, instead of kept (omr_model::kept_attn).
+                (
+                    Kernels::Fused,
+                    Recompute::ALL.with_attention(true),
+                    false,
+                    "fused + checkpointing, attention recomputed",
+                ),
                 // Decoder layers as one op each (omr_model::block, OMR_BLOCK_OP=1).
                 (
                     Kernels::Fused,
