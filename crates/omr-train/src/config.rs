@@ -117,7 +117,7 @@ pub struct TrainConfig {
     /// With checkpointing on the fused path, recompute each block's attention too. Off (the
     /// default), the first forward keeps every attention's output and row log-sum-exp
     /// (B·T·H·D + B·H·T f32 per block) and the recompute reuses them: one attention forward
-    /// less per block (at T 8192 on the 3B shape, about half the recompute).
+    /// less per block (at T 8192 on the 3B shape, about half the recompute's time).
     pub recompute_attention: bool,
 }
 
