@@ -159,11 +159,15 @@ fn compare(
 
 /// LoRA on every language-model linear, the vision attention and the merger, with B moved off
 /// zero so every A gets a gradient.
-fn with_lora(cfg: &ModelConfig, mut params: Params) -> Params {
+fn with_lora(cfg: &ModelConfig, params: Params) -> Params {
+    with_lora_dropout(cfg, params, 0.0)
+}
+
+fn with_lora_dropout(cfg: &ModelConfig, mut params: Params, dropout: f64) -> Params {
     let lcfg = LoraConfig {
         r: 4,
         alpha: 8.0,
-        dropout: 0.0,
+        dropout,
         targets: vec!["all-linear".into(), "qkv".into(), "visual.merger.*".into()],
     };
     lora::apply(&mut params, cfg, &lcfg, 5).unwrap();
@@ -469,4 +473,43 @@ fn fused_recompute_equals_plain_backward() {
             }
         }
     }
+}
+
+/// The attentions a checkpointed forward keeps are replayed into a recompute that draws the
+/// same LoRA dropout masks (keyed by seed and layer): with adapters in every linear and in the
+/// vision attention, kept and recomputed attentions give the same bits, and the plain
+/// backward's gradients.
+#[test]
+fn kept_attention_with_lora_dropout_equals_recomputed() {
+    let (cfg, params) = model_params("qwen25vl");
+    let params = with_lora_dropout(&cfg, params, 0.1);
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let (input, labels) = packed(&Inputs::load("qwen25vl"));
+    let fx = Ctx {
+        dropout_seed: Some(11),
+        ..ctx(Kernels::Fused)
+    };
+    let wrt: Vec<Tensor> = params
+        .trainable()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let run = |r: Recompute| {
+        let b = model
+            .forward_backward::<omr_model::ModelError>(&input, &fx, r, &wrt, |h| {
+                Ok(model.head_loss(h, &labels, &fx)?.0)
+            })
+            .unwrap();
+        (b.loss, b.grads.unwrap())
+    };
+    let (l0, g0) = run(Recompute::NONE);
+    let (l1, g1) = run(Recompute::ALL);
+    let (l2, g2) = run(Recompute::ALL.with_attention(true));
+    assert_eq!((l1, l2), (l0, l0));
+    let mut worst = 0f32;
+    for t in &wrt {
+        let (a, b, c) = (g0.get(t).unwrap(), g1.get(t).unwrap(), g2.get(t).unwrap());
+        assert_eq!(flat(b), flat(c));
+        worst = worst.max(rel(&flat(b), &flat(a)));
+    }
+    assert!(worst <= 1e-6, "kept vs plain: {worst:.2e}");
 }
