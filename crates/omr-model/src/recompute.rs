@@ -35,6 +35,11 @@ pub struct Recompute {
     /// replays the attention outputs its first forward kept ([`crate::kept_attn`], fused path):
     /// one attention forward less per block, for its output and row log-sum-exp kept.
     pub attention: bool,
+    /// With `decoder`: the last `decoder_kept` decoder layers keep their activations and are
+    /// not recomputed (the rest are). 0: every layer is recomputed; the layer count or more:
+    /// none is (as without `decoder`). Memory left over by full checkpointing buys back the
+    /// recompute of that many layers.
+    pub decoder_kept: usize,
 }
 
 impl Recompute {
@@ -42,12 +47,22 @@ impl Recompute {
         vision: false,
         decoder: false,
         attention: false,
+        decoder_kept: 0,
     };
     pub const ALL: Recompute = Recompute {
         vision: true,
         decoder: true,
         attention: false,
+        decoder_kept: 0,
     };
+
+    /// The same, keeping the last `n` decoder layers' activations (not recomputed).
+    pub fn keeping_decoder_layers(self, n: usize) -> Recompute {
+        Recompute {
+            decoder_kept: n,
+            ..self
+        }
+    }
 
     /// The same stacks, recomputing their attentions too (`true`) or keeping them.
     pub fn with_attention(self, recompute: bool) -> Recompute {
@@ -252,9 +267,12 @@ impl Qwen2VL {
                 })
                 .map_err(E::from);
         }
-        let mut saved = Vec::with_capacity(text.num_layers());
+        // Layers [0, n) are recomputed; the last decoder_kept keep their graph and go with the
+        // head into the first backward.
+        let n = text.num_layers() - recompute.decoder_kept.min(text.num_layers());
+        let mut saved = Vec::with_capacity(n);
         let mut x = h0.detach();
-        for i in 0..text.num_layers() {
+        for i in 0..n {
             let (y, kept) = recompute.first_forward(|| text.layer(i, &x, &tables, ctx));
             let y = y.map_err(crate::ModelError::from)?;
             saved.push((x, kept));
@@ -263,7 +281,17 @@ impl Qwen2VL {
         mark(&mut prof, "decoder forward (inputs kept)");
         let last = leaf(&x)?;
         drop(x);
-        let loss = head_from(last.as_tensor(), &mut head)?;
+        let mut top = last.as_tensor().clone();
+        for i in n..text.num_layers() {
+            top = text
+                .layer(i, &top, &tables, ctx)
+                .map_err(crate::ModelError::from)?;
+        }
+        if n < text.num_layers() {
+            mark(&mut prof, "decoder forward (activations kept)");
+        }
+        let loss = head_from(&top, &mut head)?;
+        drop(top);
         let value = scalar(&loss)?;
         mark(&mut prof, "head forward (norm, lm head, loss)");
         if !value.is_finite() {
@@ -277,7 +305,14 @@ impl Qwen2VL {
         g = grads.remove(last.as_tensor());
         out.take(grads)?;
         drop(last);
-        mark(&mut prof, "head backward");
+        mark(
+            &mut prof,
+            if n < text.num_layers() {
+                "head + kept layers backward"
+            } else {
+                "head backward"
+            },
+        );
         while let Some((x, kept)) = saved.pop() {
             let i = saved.len();
             let Some(gi) = g.take() else { break };

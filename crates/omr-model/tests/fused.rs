@@ -449,6 +449,13 @@ fn fused_recompute_equals_plain_backward() {
     for (r, n_want) in [
         (Recompute::ALL, n_plain),
         (Recompute::ALL.with_attention(true), n_plain + blocks),
+        // The last decoder layer not recomputed at all.
+        (
+            Recompute::ALL
+                .with_attention(true)
+                .keeping_decoder_layers(1),
+            n_plain + blocks - 1,
+        ),
     ] {
         let (re, n) = counted(r);
         assert_eq!(n, n_want, "{r:?}: attentions computed");

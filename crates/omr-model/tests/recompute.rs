@@ -1,7 +1,8 @@
 //! Activation checkpointing (`Qwen2VL::forward_backward` with `Recompute`): the loss and every
 //! trainable gradient equal the plain forward + backward bit for bit (the tied embedding to
 //! 1e-6: its two gradients are summed in another order), for full fine-tuning and for LoRA
-//! with dropout, with images, packed and padded rows; and recomputing lowers the peak memory.
+//! with dropout, with images, packed and padded rows, recomputing every decoder layer or all
+//! but the last ones; and recomputing lowers the peak memory.
 
 use candle_core::{DType, Device, Tensor};
 use omr_model::lora::{self, LoraConfig};
@@ -179,6 +180,9 @@ fn compare(cfg: &omr_model::ModelConfig, params: &Params, what: &str) {
             ..Recompute::NONE
         },
         Recompute::ALL,
+        // The last decoder layer (of 2), then both, keep their activations.
+        Recompute::ALL.keeping_decoder_layers(1),
+        Recompute::ALL.keeping_decoder_layers(2),
     ] {
         let got = model
             .forward_backward::<omr_model::ModelError>(&input, &ctx, recompute, &tensors, |h| {
@@ -312,4 +316,8 @@ fn recompute_lowers_peak_memory() {
         (all as f64) < 0.7 * none as f64,
         "recompute peak {all} B is not well below plain {none} B"
     );
+    // Keeping the last 4 of the 8 layers' activations lands in between.
+    let half = run(Recompute::ALL.keeping_decoder_layers(4));
+    eprintln!("keeping 4 of 8 layers: {:.2} MB", half as f64 / 1e6);
+    assert!(all < half && half < none, "{all} < {half} < {none}");
 }

@@ -119,6 +119,10 @@ pub struct TrainConfig {
     /// (B·T·H·D + B·H·T f32 per block) and the recompute reuses them: one attention forward
     /// less per block (at T 8192 on the 3B shape, about half the recompute's time).
     pub recompute_attention: bool,
+    /// With decoder checkpointing, the last N decoder layers keep their activations and are
+    /// not recomputed: N layers' recompute saved for N layers' activations. `omr plan` prints
+    /// the most that fit the device. 0 (the default): every layer is recomputed.
+    pub kept_decoder_layers: u64,
 }
 
 impl Default for TrainConfig {
@@ -132,6 +136,7 @@ impl Default for TrainConfig {
             inject_nonfinite_steps: Vec::new(),
             activation_checkpointing: crate::plan::Checkpointing::None,
             recompute_attention: false,
+            kept_decoder_layers: 0,
         }
     }
 }

@@ -90,7 +90,8 @@ pub fn run_with(
         .train
         .activation_checkpointing
         .recompute()
-        .with_attention(cfg.train.recompute_attention);
+        .with_attention(cfg.train.recompute_attention)
+        .keeping_decoder_layers(cfg.train.kept_decoder_layers as usize);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     // The frozen reference: the run's initial weights, built again from the same [model].
     let reference = reference::build(cfg, &rt, &device)?;

@@ -115,6 +115,8 @@ pub struct GrpoTrain {
     pub activation_checkpointing: crate::plan::Checkpointing,
     /// Recompute the checkpointed blocks' attentions too (as in `omr sft`; off: kept).
     pub recompute_attention: bool,
+    /// The last N decoder layers not recomputed (as in `omr sft`).
+    pub kept_decoder_layers: u64,
 }
 
 impl Default for GrpoTrain {
@@ -127,6 +129,7 @@ impl Default for GrpoTrain {
             inject_nonfinite_steps: Vec::new(),
             activation_checkpointing: crate::plan::Checkpointing::None,
             recompute_attention: false,
+            kept_decoder_layers: 0,
         }
     }
 }

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
 pub use input::{configs_dir, input_from_sft, shipped_config, PlanOptions};
-pub use report::{render, suggestions};
+pub use report::{most_kept_decoder_layers, render, suggestions};
 
 /// Bytes of an f32.
 pub const F32: u64 = 4;
@@ -76,6 +76,7 @@ impl Checkpointing {
             vision: self.vision(),
             decoder: self.decoder(),
             attention: false,
+            decoder_kept: 0,
         }
     }
     pub fn name(self) -> &'static str {
@@ -128,6 +129,8 @@ pub struct PlanInput {
     /// Checkpointed blocks recompute their attentions too (else the fused path keeps each
     /// attention's output and log-sum-exp).
     pub recompute_attention: bool,
+    /// With decoder checkpointing: the last N decoder layers keep their activations.
+    pub kept_decoder_layers: usize,
     pub grad_accum: u64,
 }
 

@@ -83,7 +83,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         .train
         .activation_checkpointing
         .recompute()
-        .with_attention(cfg.train.recompute_attention);
+        .with_attention(cfg.train.recompute_attention)
+        .keeping_decoder_layers(cfg.train.kept_decoder_layers as usize);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;

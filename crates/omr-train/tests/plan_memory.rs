@@ -144,6 +144,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         attention: AttentionImpl::Eager,
         checkpointing: c.ckpt,
         recompute_attention: false,
+        kept_decoder_layers: 0,
         grad_accum: c.accum as u64,
     };
     let predicted = plan::plan(&p).step_growth as f64 / 1048576.0;

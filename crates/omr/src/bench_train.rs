@@ -101,6 +101,10 @@ pub struct BenchTrainArgs {
     /// reference's gradient checkpointing does).
     #[arg(long)]
     pub recompute_attention: bool,
+    /// With decoder checkpointing, the last N decoder layers keep their activations and are
+    /// not recomputed (`[train] kept_decoder_layers`; `omr plan` prints the most that fit).
+    #[arg(long, default_value_t = 0)]
+    pub kept_decoder_layers: usize,
     /// auto | candle | fused: the ops of our forward and backward (auto: the fused kernels on
     /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
     #[arg(long, default_value = "auto")]
@@ -230,6 +234,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         },
         checkpointing,
         recompute_attention: a.recompute_attention,
+        kept_decoder_layers: a.kept_decoder_layers,
         grad_accum: a.grad_accum as u64,
     };
     let predicted = plan::plan(&input_plan);
@@ -290,7 +295,8 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             true,
             checkpointing
                 .recompute()
-                .with_attention(a.recompute_attention),
+                .with_attention(a.recompute_attention)
+                .keeping_decoder_layers(a.kept_decoder_layers),
             &wrt,
             kernels,
             a.grad_accum,
@@ -363,11 +369,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         .collect();
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}{}{}{}{}",
+         activation checkpointing {}{}{}{}{}{}",
         cfg_path.display(),
         a.seed,
         a.device,
         a.activation_checkpointing,
+        match a.kept_decoder_layers {
+            k if k > 0 && checkpointing.decoder() => format!(" (last {k} decoder layers kept)"),
+            _ => String::new(),
+        },
         if a.recompute_attention && checkpointing != Checkpointing::None {
             " (attention recomputed)"
         } else {
@@ -473,6 +483,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "kernels": format!("{kernels:?}").to_lowercase(),
         "activation_checkpointing": a.activation_checkpointing,
         "recompute_attention": a.recompute_attention,
+        "kept_decoder_layers": a.kept_decoder_layers,
         "lora_rank": a.lora_rank,
         "opt_ins": opt_ins.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "params": n_params,

@@ -112,12 +112,26 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
     println!("  the larger of image-heavy and text-only rows: {which}");
     print!("{}", plan::render(&input, &p, device, headroom));
     let usable = device.saturating_sub(headroom);
+    // Memory that full checkpointing leaves over buys back recompute: layers that can keep
+    // their activations.
+    let most_kept = plan::most_kept_decoder_layers(&base, usable);
+    if let Some(k) = most_kept.filter(|&k| k > base.kept_decoder_layers) {
+        let mut q = base.clone();
+        q.kept_decoder_layers = k;
+        println!(
+            "room for train.kept_decoder_layers = {k} ({k} of {} decoder layers not recomputed: \
+             peak {:.2} GiB)",
+            base.model.text.num_hidden_layers,
+            plan::worst_case(&q).1.peak as f64 / GIB
+        );
+    }
     if let Some(path) = &a.json {
         let v = serde_json::json!({
             "config": a.config.display().to_string(),
             "device_bytes": device,
             "headroom_bytes": headroom,
             "fits": p.peak <= usable,
+            "max_kept_decoder_layers": most_kept,
             "plan": p,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;

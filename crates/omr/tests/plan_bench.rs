@@ -107,6 +107,65 @@ fn plan_of_the_tiny_preset_reads_the_model_config_and_writes_json() {
     assert!(text(&o).contains("batch_size = 4"), "{}", text(&o));
 }
 
+/// With checkpointing, `omr plan` says how many decoder layers can keep their activations
+/// (not be recomputed) on this device: all 4 of the tiny model on 80 GiB, fewer on a device
+/// just large enough for that many, and the JSON carries it.
+#[test]
+fn plan_with_checkpointing_prints_the_most_kept_decoder_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("plan.json");
+    let plan = |memory: &str, kept: usize| -> (String, Value) {
+        let kept = format!("train.kept_decoder_layers={kept}");
+        let o = omr(&[
+            "plan",
+            "--config",
+            "configs/sft/tiny.toml",
+            "--model-config",
+            "configs/models/tiny.json",
+            "--attention",
+            "fused",
+            "--set",
+            "train.activation_checkpointing=all",
+            "--set",
+            &kept,
+            "--device-memory",
+            memory,
+            "--headroom",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        (
+            t,
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap(),
+        )
+    };
+    let (t, v) = plan("80GiB", 0);
+    assert!(
+        t.contains("room for train.kept_decoder_layers = 4 (4 of 4"),
+        "{t}"
+    );
+    assert_eq!(v["max_kept_decoder_layers"], 4);
+    // The peak with 2 layers kept, as the device size: room for 2, printed from 0 kept.
+    let peak2 = plan("80GiB", 2).1["plan"]["peak"].as_u64().unwrap();
+    let (t, v) = plan(&peak2.to_string(), 0);
+    assert!(
+        t.contains("room for train.kept_decoder_layers = 2 (2 of 4"),
+        "{t}"
+    );
+    assert_eq!(v["max_kept_decoder_layers"], 2);
+    assert!(t.contains("checkpointing all, grad_accum"), "{t}");
+    // Already keeping them: nothing more to say.
+    let (t, _) = plan(&peak2.to_string(), 2);
+    assert!(!t.contains("room for"), "{t}");
+    assert!(
+        t.contains("checkpointing all (last 2 decoder layers kept)"),
+        "{t}"
+    );
+}
+
 #[test]
 fn bench_train_tiny_two_steps_reports_sane_fields() {
     let dir = tempfile::tempdir().unwrap();
@@ -340,8 +399,11 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
         let o = omr(&args);
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
-        if !extra.is_empty() {
+        if extra == ["--recompute-attention"] {
             assert!(t.contains("(attention recomputed)"), "{t}");
+        }
+        if extra.len() == 2 {
+            assert!(t.contains("(last 2 decoder layers kept)"), "{t}");
         }
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
     };
@@ -352,4 +414,10 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
     assert_eq!(kept["flops_total"], recomputed["flops_total"]);
     let growth = |v: &Value| v["plan_step_growth_mib"].as_f64().unwrap();
     assert!(growth(&kept) > growth(&recomputed), "{kept} {recomputed}");
+    // The last 2 of the 4 decoder layers not recomputed at all: the same losses again, more
+    // memory planned.
+    let two = run(&["--kept-decoder-layers", "2"]);
+    assert_eq!(two["kept_decoder_layers"], 2);
+    assert_eq!(two["losses"], kept["losses"]);
+    assert!(growth(&two) > growth(&kept), "{two} {kept}");
 }

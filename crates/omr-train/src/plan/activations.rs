@@ -22,7 +22,7 @@
 //! Activation checkpointing of a stack keeps only each block's input (L·input here), and its
 //! attention's output and log-sum-exp on the fused path unless `recompute_attention`; it
 //! recomputes one block at a time in backward: `plan()` adds that block where the backward
-//! reaches it.
+//! reaches it. The last `kept_decoder_layers` decoder layers keep all their activations.
 
 use super::{AttentionImpl, PlanInput, F32};
 use omr_model::config::Arch;
@@ -371,7 +371,8 @@ pub fn count(p: &PlanInput) -> Activations {
     layer.add(1.0, n * c, s); // residual
     let l = t.num_hidden_layers as u64;
     let decoder_layers = if p.checkpointing.decoder() {
-        l * (n * c * s + kept_attention(p, n * h * d, b * h * seq))
+        let kept = (p.kept_decoder_layers as u64).min(l);
+        (l - kept) * (n * c * s + kept_attention(p, n * h * d, b * h * seq)) + kept * layer.bytes
     } else {
         l * layer.bytes
     };

@@ -70,6 +70,7 @@ pub fn input_from_sft(
         attention: o.attention,
         checkpointing: cfg.train.activation_checkpointing,
         recompute_attention: cfg.train.recompute_attention,
+        kept_decoder_layers: cfg.train.kept_decoder_layers as usize,
         grad_accum: cfg.train.grad_accum,
     };
     // Image tokens (and their start/end markers) never fit in more than a row.

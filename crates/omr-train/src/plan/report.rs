@@ -23,7 +23,12 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
             AttentionImpl::Eager => "eager",
             AttentionImpl::Fused => "fused",
         },
-        p.checkpointing.name(),
+        match p.kept_decoder_layers {
+            k if k > 0 && p.checkpointing.decoder() => {
+                format!("{} (last {k} decoder layers kept)", p.checkpointing.name())
+            }
+            _ => p.checkpointing.name().to_string(),
+        },
         p.grad_accum
     );
     for (title, rows, total) in [
@@ -69,6 +74,38 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
         }
     );
     out
+}
+
+/// With decoder checkpointing, the most decoder layers that can keep their activations (not be
+/// recomputed) with the worst-case peak still within `usable`: what `[train]
+/// kept_decoder_layers` can be raised to. None without decoder checkpointing or when `p` itself
+/// does not fit.
+pub fn most_kept_decoder_layers(p: &PlanInput, usable: u64) -> Option<usize> {
+    if !p.checkpointing.decoder() {
+        return None;
+    }
+    let fits = |k: usize| {
+        let mut q = p.clone();
+        q.kept_decoder_layers = k;
+        worst_case(&q).1.peak <= usable
+    };
+    if !fits(p.kept_decoder_layers) {
+        return None;
+    }
+    // The peak grows with every kept layer: the largest k that fits, by bisection.
+    let (mut lo, mut hi) = (p.kept_decoder_layers, p.model.text.num_hidden_layers);
+    if fits(hi) {
+        return Some(hi);
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(lo)
 }
 
 /// What to change when a plan does not fit, smallest resulting peak first, each alone, and the

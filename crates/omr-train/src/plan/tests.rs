@@ -31,6 +31,7 @@ fn input(model: ModelConfig, batch: usize, seq: usize, side: usize) -> PlanInput
         attention: AttentionImpl::Eager,
         checkpointing: Checkpointing::None,
         recompute_attention: false,
+        kept_decoder_layers: 0,
         grad_accum: 1,
     }
 }
@@ -133,6 +134,30 @@ fn knobs_move_the_peak_the_right_way() {
         layers * (2 * 2048 * h * d * 2 + 2 * h * 2048 * 4)
     );
     assert!(kept.train_peak > recomputed.train_peak);
+    // Keeping the last k decoder layers' activations: k whole layers instead of k inputs (and
+    // kept attentions); all 36 kept is no decoder checkpointing at all.
+    let kept_k = |k: usize| {
+        with(&|q| {
+            q.attention = AttentionImpl::Fused;
+            q.checkpointing = Checkpointing::Decoder;
+            q.kept_decoder_layers = k;
+        })
+    };
+    let per_layer = kept.activations.decoder_layer;
+    let kept_input = kept.activations.decoder_layers / layers;
+    for k in [1usize, 10] {
+        assert_eq!(
+            kept_k(k).activations.decoder_layers,
+            (layers - k as u64) * kept_input + k as u64 * per_layer
+        );
+    }
+    let plain_fused = with(&|q| q.attention = AttentionImpl::Fused);
+    assert_eq!(
+        kept_k(36).activations.decoder_layers,
+        plain_fused.activations.decoder_layers
+    );
+    assert_eq!(kept_k(99).activations, kept_k(36).activations);
+    assert!(kept_k(1).train_peak < kept_k(10).train_peak);
     // LoRA: the base is frozen, only adapters train.
     let lora = with(&|q| {
         q.lora = Some(LoraConfig {
@@ -217,10 +242,12 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
         &[
             "train.activation_checkpointing=all".into(),
             "train.recompute_attention=true".into(),
+            "train.kept_decoder_layers=3".into(),
         ],
     )
     .unwrap();
     assert!(cfg.train.recompute_attention);
+    assert_eq!(cfg.train.kept_decoder_layers, 3);
     let opts = PlanOptions {
         model_config: None,
         compute_bytes: 2,
@@ -228,7 +255,9 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
         max_pixels: None,
         images_per_row: None,
     };
-    assert!(input_from_sft(&cfg, &opts).unwrap().0.recompute_attention);
+    let p = input_from_sft(&cfg, &opts).unwrap().0;
+    assert!(p.recompute_attention);
+    assert_eq!(p.kept_decoder_layers, 3);
 }
 
 #[test]
@@ -263,4 +292,40 @@ fn plan_brackets_the_h200_measurement() {
         (-0.02..0.15).contains(&rel),
         "plan {mib:.0} MiB vs {measured:.0} MiB"
     );
+}
+
+/// `omr plan`'s "room for train.kept_decoder_layers": the largest k whose worst-case peak fits.
+#[test]
+fn most_kept_decoder_layers_is_the_largest_that_fits() {
+    let mut p = input(shipped("qwen2.5-vl-3b.json"), 1, 8192, 32);
+    p.attention = AttentionImpl::Fused;
+    assert_eq!(
+        most_kept_decoder_layers(&p, u64::MAX),
+        None,
+        "no checkpointing"
+    );
+    p.checkpointing = Checkpointing::All;
+    let peak = |k: usize| {
+        let mut q = p.clone();
+        q.kept_decoder_layers = k;
+        worst_case(&q).1.peak
+    };
+    assert_eq!(most_kept_decoder_layers(&p, u64::MAX), Some(36));
+    assert_eq!(
+        most_kept_decoder_layers(&p, peak(0) - 1),
+        None,
+        "does not fit"
+    );
+    assert_eq!(most_kept_decoder_layers(&p, peak(0)), Some(0));
+    for k in [1, 7, 20] {
+        // Just enough for k layers, and one byte less.
+        assert_eq!(most_kept_decoder_layers(&p, peak(k)), Some(k));
+        assert_eq!(most_kept_decoder_layers(&p, peak(k) - 1), Some(k - 1));
+    }
+    // From a config that already keeps some.
+    let (p7, p5) = (peak(7), peak(5));
+    let mut q = p.clone();
+    q.kept_decoder_layers = 5;
+    assert_eq!(most_kept_decoder_layers(&q, p7), Some(7));
+    assert_eq!(most_kept_decoder_layers(&q, p5 - 1), None);
 }
