@@ -127,6 +127,22 @@ fn activation_checkpointing_is_bit_identical() {
         ],
     );
     assert_same_run(&plain, &ckpt, 4);
+    // The fused kernels' CPU references, the attentions kept for the recompute and the last
+    // decoder layer not recomputed: the same run as the fused run without checkpointing.
+    let (fused, kept) = (tmp.path().join("fused"), tmp.path().join("kept"));
+    let fused_kernels = "runtime.kernels=\"fused\"";
+    sft_ok(&fused, &[untied, "train.max_steps=4", fused_kernels]);
+    sft_ok(
+        &kept,
+        &[
+            untied,
+            "train.max_steps=4",
+            fused_kernels,
+            "train.activation_checkpointing=\"all\"",
+            "train.kept_decoder_layers=1",
+        ],
+    );
+    assert_same_run(&fused, &kept, 4);
 }
 
 /// `runtime.precision = "bf16"` on the CPU: bf16 compute on fp32 masters. Its losses track
