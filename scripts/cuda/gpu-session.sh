@@ -28,9 +28,9 @@
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
-# minutes, most urgent first: step 1, the 3B step at T 2048 plain, as one-op layers and on 4
-# micro-batches, the wgmma attention (plain and pipelined forward) at T 8192 next to the
-# default, torch at T 8192), nothing
+# minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, at
+# T 8192 with 16 decoder layers not recomputed, the wgmma attention (plain and pipelined
+# forward) at T 8192 next to the default, torch at T 8192), nothing
 # for all of it
 # (longer than one 10-minute device call: split it).
 #
@@ -74,10 +74,11 @@ if [ "$quick" = lease ]; then
     --json "$out/train-3b-2k.json"
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
-  # Four micro-batches per optimizer step (the presets accumulate): the AdamW pass amortised,
-  # the fused in-place accumulation timed.
-  step train-3b-2k-accum4 60 "$bin" bench train "${common[@]}" --seq 2048 --grad-accum 4 \
-    --steps 2 --warmup 1 --json "$out/train-3b-2k-accum4.json"
+  # Partial checkpointing at T 8192: `omr plan` finds room for 20 of the 36 decoder layers'
+  # activations on 80 GiB (all 36 on 141 GB); 16 leaves margin. Against train-3b-8k-ckpt below
+  # (every layer recomputed, attentions kept).
+  step train-3b-8k-kept16 60 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
+    --activation-checkpointing all --kept-decoder-layers 16 --json "$out/train-3b-8k-kept16.json"
   step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
   step train-3b-8k-wgp 70 env OMR_MMA=wgp,wgb "$bin" bench train "${common[@]}" --seq 8192 \
@@ -112,6 +113,16 @@ if [ -z "$quick" ]; then
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
+  # The attentions recomputed too (what torch's checkpointing does), and 16 decoder layers not
+  # recomputed at all (omr plan: room for 20 on 80 GiB).
+  step train-3b-8k-recompute-attn 90 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 \
+    --warmup 1 --activation-checkpointing all --recompute-attention
+  step train-3b-8k-kept16 90 "$bin" bench train "${common[@]}" --seq 8192 --steps 3 --warmup 1 \
+    --activation-checkpointing all --kept-decoder-layers 16
+  # Four micro-batches per optimizer step (the presets accumulate): the AdamW pass amortised,
+  # the fused in-place accumulation timed.
+  step train-3b-2k-accum4 60 "$bin" bench train "${common[@]}" --seq 2048 --grad-accum 4 \
+    --steps 2 --warmup 1 --json "$out/train-3b-2k-accum4.json"
   # Attention tilings (OMR_MMA, flash_mma::Tiling; checked last in step 1, timed one by one
   # in its bench rows: pick the best forward and backward there for a rerun) and the one-op
   # layers at long rows.
