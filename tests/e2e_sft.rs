@@ -143,6 +143,33 @@ fn activation_checkpointing_is_bit_identical() {
         ],
     );
     assert_same_run(&fused, &kept, 4);
+    // "auto": as many layers as the plan finds room for in the machine's available RAM (all
+    // of the tiny model's), said in the log; the same run again.
+    let auto = tmp.path().join("auto");
+    let out = Command::new(env!("CARGO_BIN_EXE_omr"))
+        .args(sft_args(
+            &auto,
+            &[
+                untied,
+                "train.max_steps=4",
+                fused_kernels,
+                "train.activation_checkpointing=\"all\"",
+                "train.kept_decoder_layers=\"auto\"",
+            ],
+        ))
+        .env("OMR_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let said = log
+        .split("kept_decoder_layers = \"auto\": ")
+        .nth(1)
+        .and_then(|r| r.split(" decoder layers not recomputed").next())
+        .unwrap_or_else(|| panic!("no auto line: {log}"));
+    let (n, of) = said.split_once(" of ").unwrap();
+    assert!(n == of && n != "0", "{said}");
+    assert_same_run(&fused, &auto, 4);
 }
 
 /// `runtime.precision = "bf16"` on the CPU: bf16 compute on fp32 masters. Its losses track

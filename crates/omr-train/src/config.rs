@@ -121,8 +121,9 @@ pub struct TrainConfig {
     pub recompute_attention: bool,
     /// With decoder checkpointing, the last N decoder layers keep their activations and are
     /// not recomputed: N layers' recompute saved for N layers' activations. `omr plan` prints
-    /// the most that fit the device. 0 (the default): every layer is recomputed.
-    pub kept_decoder_layers: u64,
+    /// the most that fit the device; "auto" takes that many for the run's device at start-up
+    /// (its memory; the CPU's available RAM). 0 (the default): every layer is recomputed.
+    pub kept_decoder_layers: crate::plan::KeptLayers,
 }
 
 impl Default for TrainConfig {
@@ -136,7 +137,7 @@ impl Default for TrainConfig {
             inject_nonfinite_steps: Vec::new(),
             activation_checkpointing: crate::plan::Checkpointing::None,
             recompute_attention: false,
-            kept_decoder_layers: 0,
+            kept_decoder_layers: crate::plan::KeptLayers::Count(0),
         }
     }
 }

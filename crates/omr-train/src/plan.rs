@@ -40,7 +40,9 @@ use omr_model::params::{param_shapes, Part};
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
-pub use input::{configs_dir, input_from_sft, shipped_config, PlanOptions};
+pub use input::{
+    auto_kept_decoder_layers, configs_dir, input_from_sft, shipped_config, PlanOptions,
+};
 pub use report::{most_kept_decoder_layers, render, suggestions};
 
 /// Bytes of an f32.
@@ -85,6 +87,61 @@ impl Checkpointing {
             Checkpointing::Decoder => "decoder",
             Checkpointing::Vision => "vision",
             Checkpointing::All => "all",
+        }
+    }
+}
+
+/// `[train] kept_decoder_layers`: how many of the last decoder layers keep their activations
+/// under decoder checkpointing: a number, or `"auto"`: as many as the plan finds room for on the
+/// run's device ([`most_kept_decoder_layers`]), chosen at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "KeptRepr", into = "KeptRepr")]
+pub enum KeptLayers {
+    Count(usize),
+    Auto,
+}
+
+impl Default for KeptLayers {
+    fn default() -> Self {
+        KeptLayers::Count(0)
+    }
+}
+
+/// How [`KeptLayers`] is written in TOML: an integer or "auto".
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum KeptRepr {
+    Count(u64),
+    Word(String),
+}
+
+impl TryFrom<KeptRepr> for KeptLayers {
+    type Error = String;
+    fn try_from(r: KeptRepr) -> std::result::Result<Self, String> {
+        match r {
+            KeptRepr::Count(n) => Ok(KeptLayers::Count(n as usize)),
+            KeptRepr::Word(w) if w == "auto" => Ok(KeptLayers::Auto),
+            KeptRepr::Word(w) => Err(format!("a number of decoder layers or \"auto\", not `{w}`")),
+        }
+    }
+}
+
+impl From<KeptLayers> for KeptRepr {
+    fn from(k: KeptLayers) -> KeptRepr {
+        match k {
+            KeptLayers::Count(n) => KeptRepr::Count(n as u64),
+            KeptLayers::Auto => KeptRepr::Word("auto".into()),
+        }
+    }
+}
+
+impl KeptLayers {
+    /// The count as planned ahead of a run: "auto" plans as 0 (then `omr plan` prints what it
+    /// would choose).
+    pub fn planned(self) -> usize {
+        match self {
+            KeptLayers::Count(n) => n,
+            KeptLayers::Auto => 0,
         }
     }
 }

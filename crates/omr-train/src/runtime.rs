@@ -150,6 +150,30 @@ impl Runtime {
         Ok(())
     }
 
+    /// Memory of the run's device in bytes, for planning at start-up: the GPU's total, or the
+    /// RAM the OS reports available (`MemAvailable`) for the CPU. None when unknown.
+    pub fn device_memory(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Ok(d) = self.device.as_cuda_device() {
+            return d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(_, total)| total as u64);
+        }
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// Whether the optimizer uses the fused update and norm.
     pub fn fused_optimizer(&self) -> bool {
         self.kernels == Kernels::Fused

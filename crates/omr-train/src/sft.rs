@@ -84,7 +84,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
         .activation_checkpointing
         .recompute()
         .with_attention(cfg.train.recompute_attention)
-        .keeping_decoder_layers(cfg.train.kept_decoder_layers as usize);
+        .keeping_decoder_layers(kept_decoder_layers(cfg, &rt)?);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
@@ -385,4 +385,32 @@ fn epoch_of(st: &TrainState) -> f64 {
         .first()
         .map(|c| c.epoch as f64 + c.pos as f64 / c.len.max(1) as f64)
         .unwrap_or(0.0)
+}
+
+/// `[train] kept_decoder_layers` for this run: the count given, or for "auto" the most the
+/// plan finds room for on the run's device (logged).
+fn kept_decoder_layers(cfg: &SftConfig, rt: &crate::runtime::Runtime) -> Result<usize> {
+    use crate::plan::{AttentionImpl, KeptLayers};
+    match cfg.train.kept_decoder_layers {
+        KeptLayers::Count(n) => Ok(n),
+        KeptLayers::Auto => {
+            let Some(bytes) = rt.device_memory() else {
+                tracing::warn!(
+                    "kept_decoder_layers = \"auto\": the device's memory is unknown; every \
+                     checkpointed decoder layer is recomputed"
+                );
+                return Ok(0);
+            };
+            let attention = match rt.kernels {
+                omr_model::Kernels::Fused => AttentionImpl::Fused,
+                omr_model::Kernels::Candle => AttentionImpl::Eager,
+            };
+            let compute_bytes = rt.compute.size_in_bytes() as u64;
+            let (n, why) =
+                crate::plan::auto_kept_decoder_layers(cfg, compute_bytes, attention, bytes)
+                    .map_err(TrainError::Usage)?;
+            tracing::info!("{why}");
+            Ok(n)
+        }
+    }
 }

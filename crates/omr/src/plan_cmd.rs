@@ -118,9 +118,13 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
     if let Some(k) = most_kept.filter(|&k| k > base.kept_decoder_layers) {
         let mut q = base.clone();
         q.kept_decoder_layers = k;
+        let what = if cfg.train.kept_decoder_layers == plan::KeptLayers::Auto {
+            format!("train.kept_decoder_layers = \"auto\" keeps {k} on this device")
+        } else {
+            format!("room for train.kept_decoder_layers = {k}")
+        };
         println!(
-            "room for train.kept_decoder_layers = {k} ({k} of {} decoder layers not recomputed: \
-             peak {:.2} GiB)",
+            "{what} ({k} of {} decoder layers not recomputed: peak {:.2} GiB)",
             base.model.text.num_hidden_layers,
             plan::worst_case(&q).1.peak as f64 / GIB
         );

@@ -164,6 +164,29 @@ fn plan_with_checkpointing_prints_the_most_kept_decoder_layers() {
         t.contains("checkpointing all (last 2 decoder layers kept)"),
         "{t}"
     );
+    // "auto" plans as 0 kept and says what it will keep on a device of this size.
+    let auto = omr(&[
+        "plan",
+        "--config",
+        "configs/sft/tiny.toml",
+        "--model-config",
+        "configs/models/tiny.json",
+        "--attention",
+        "fused",
+        "--set",
+        "train.activation_checkpointing=all",
+        "--set",
+        "train.kept_decoder_layers=auto",
+        "--device-memory",
+        &peak2.to_string(),
+        "--headroom",
+        "0",
+    ]);
+    let t = text(&auto);
+    assert!(
+        t.contains("train.kept_decoder_layers = \"auto\" keeps 2 on this device (2 of 4"),
+        "{t}"
+    );
 }
 
 #[test]

@@ -70,7 +70,7 @@ pub fn input_from_sft(
         attention: o.attention,
         checkpointing: cfg.train.activation_checkpointing,
         recompute_attention: cfg.train.recompute_attention,
-        kept_decoder_layers: cfg.train.kept_decoder_layers as usize,
+        kept_decoder_layers: cfg.train.kept_decoder_layers.planned(),
         grad_accum: cfg.train.grad_accum,
     };
     // Image tokens (and their start/end markers) never fit in more than a row.
@@ -186,4 +186,51 @@ fn processor_max_pixels(dir: &Path, notes: &mut Vec<String>) -> u64 {
             QWEN_DEFAULT_MAX_PIXELS
         }
     }
+}
+
+/// `[train] kept_decoder_layers = "auto"` for a run on a device of `device_bytes`: the most
+/// decoder layers whose activations fit next to everything else at the config's worst case
+/// ([`super::most_kept_decoder_layers`], 1 GiB kept free as `omr plan` does), with the run's
+/// compute dtype and attention. 0 without decoder checkpointing or when even full
+/// checkpointing does not fit. Also a line for the log saying why.
+pub fn auto_kept_decoder_layers(
+    cfg: &SftConfig,
+    compute_bytes: u64,
+    attention: AttentionImpl,
+    device_bytes: u64,
+) -> Result<(usize, String), String> {
+    let opts = PlanOptions {
+        model_config: None,
+        compute_bytes,
+        attention,
+        max_pixels: None,
+        images_per_row: None,
+    };
+    let (input, _) = input_from_sft(cfg, &opts)?;
+    let usable = device_bytes.saturating_sub(super::GIB as u64);
+    let layers = input.model.text.num_hidden_layers;
+    let gib = |b: u64| b as f64 / super::GIB;
+    let Some(n) = super::most_kept_decoder_layers(&input, usable) else {
+        let why = if input.checkpointing.decoder() {
+            format!(
+                "the plan's peak with every layer recomputed is {:.2} GiB, over the {:.2} GiB usable",
+                gib(super::worst_case(&input).1.peak),
+                gib(usable)
+            )
+        } else {
+            "no decoder checkpointing".to_string()
+        };
+        return Ok((0, format!("kept_decoder_layers = \"auto\": 0 ({why})")));
+    };
+    let mut q = input.clone();
+    q.kept_decoder_layers = n;
+    Ok((
+        n,
+        format!(
+            "kept_decoder_layers = \"auto\": {n} of {layers} decoder layers not recomputed \
+             (planned peak {:.2} GiB of {:.2} GiB usable)",
+            gib(super::worst_case(&q).1.peak),
+            gib(usable)
+        ),
+    ))
 }

@@ -247,7 +247,7 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
     )
     .unwrap();
     assert!(cfg.train.recompute_attention);
-    assert_eq!(cfg.train.kept_decoder_layers, 3);
+    assert_eq!(cfg.train.kept_decoder_layers, KeptLayers::Count(3));
     let opts = PlanOptions {
         model_config: None,
         compute_bytes: 2,
@@ -258,6 +258,23 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
     let p = input_from_sft(&cfg, &opts).unwrap().0;
     assert!(p.recompute_attention);
     assert_eq!(p.kept_decoder_layers, 3);
+    // "auto" round-trips through the resolved config and plans as 0; other words are refused
+    // with the key named.
+    let auto = SftConfig::load(&root, &["train.kept_decoder_layers=auto".into()]).unwrap();
+    assert_eq!(auto.train.kept_decoder_layers, KeptLayers::Auto);
+    let again = SftConfig::from_toml_str(&auto.to_toml(), "r.toml", &[]).unwrap();
+    assert_eq!(again.train.kept_decoder_layers, KeptLayers::Auto);
+    assert_eq!(
+        input_from_sft(&auto, &opts).unwrap().0.kept_decoder_layers,
+        0
+    );
+    let e = SftConfig::load(&root, &["train.kept_decoder_layers=most".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kept_decoder_layers") && e.contains("most"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -328,4 +345,50 @@ fn most_kept_decoder_layers_is_the_largest_that_fits() {
     q.kept_decoder_layers = 5;
     assert_eq!(most_kept_decoder_layers(&q, p7), Some(7));
     assert_eq!(most_kept_decoder_layers(&q, p5 - 1), None);
+}
+
+/// `kept_decoder_layers = "auto"` at start-up: all layers with room, fewer or none without,
+/// none without decoder checkpointing; the log line says which and why.
+#[test]
+fn auto_kept_decoder_layers_follows_the_device_memory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft/qwen2.5-vl-7b.toml");
+    let load = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        SftConfig::load(&root, &sets).unwrap()
+    };
+    let auto = |cfg: &SftConfig, bytes: u64| {
+        auto_kept_decoder_layers(cfg, 2, AttentionImpl::Fused, bytes).unwrap()
+    };
+    let plain = load(&["train.kept_decoder_layers=auto"]);
+    let (n, why) = auto(&plain, u64::MAX);
+    assert_eq!(n, 0);
+    assert!(why.contains("no decoder checkpointing"), "{why}");
+    let ckpt = load(&[
+        "train.kept_decoder_layers=auto",
+        "train.activation_checkpointing=all",
+    ]);
+    let layers = input_from_sft(
+        &ckpt,
+        &PlanOptions {
+            model_config: None,
+            compute_bytes: 2,
+            attention: AttentionImpl::Fused,
+            max_pixels: None,
+            images_per_row: None,
+        },
+    )
+    .unwrap()
+    .0
+    .model
+    .text
+    .num_hidden_layers;
+    let (n, why) = auto(&ckpt, 1 << 40);
+    assert_eq!(n, layers, "{why}");
+    assert!(
+        why.contains(&format!("{layers} of {layers} decoder layers")),
+        "{why}"
+    );
+    let (n, why) = auto(&ckpt, 1 << 20);
+    assert_eq!(n, 0);
+    assert!(why.contains("usable"), "{why}");
 }
