@@ -134,3 +134,22 @@ fn config_typo_exits_2() {
         show(&out)
     );
 }
+
+/// `kept_decoder_layers = "auto"` is planned from an SFT data config: `omr grpo` refuses it
+/// with exit 2 and says what to give instead; a number runs (covered by the recompute tests).
+#[test]
+fn auto_kept_decoder_layers_exits_2() {
+    let out = grpo(
+        &root().join("auto-kept"),
+        &[
+            "train.activation_checkpointing=\"all\"",
+            "train.kept_decoder_layers=\"auto\"",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give `omr grpo` a number of layers"),
+        "{}",
+        show(&out)
+    );
+}

@@ -115,8 +115,9 @@ pub struct GrpoTrain {
     pub activation_checkpointing: crate::plan::Checkpointing,
     /// Recompute the checkpointed blocks' attentions too (as in `omr sft`; off: kept).
     pub recompute_attention: bool,
-    /// The last N decoder layers not recomputed (as in `omr sft`).
-    pub kept_decoder_layers: u64,
+    /// The last N decoder layers not recomputed (as in `omr sft`; a number here: "auto" plans
+    /// from the SFT data config).
+    pub kept_decoder_layers: crate::plan::KeptLayers,
 }
 
 impl Default for GrpoTrain {
@@ -129,7 +130,7 @@ impl Default for GrpoTrain {
             inject_nonfinite_steps: Vec::new(),
             activation_checkpointing: crate::plan::Checkpointing::None,
             recompute_attention: false,
-            kept_decoder_layers: 0,
+            kept_decoder_layers: crate::plan::KeptLayers::Count(0),
         }
     }
 }
