@@ -170,7 +170,7 @@ mod tests {
     fn qkv(t: usize, seed: f32) -> [Var; 3] {
         let dev = Device::Cpu;
         let v = |n: usize, s: f32| {
-            let x: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.37 + s).sin())).collect();
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + s).sin()).collect();
             Var::from_tensor(&Tensor::from_vec(x, (1, t, n / (t * 8), 8), &dev).unwrap()).unwrap()
         };
         [
