@@ -27,6 +27,30 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `omr bench train` on the tiny model: 2 steps of one row of 64 tokens with a 56 px image, no
+/// warm-up, `extra` flags, the JSON report to `json`.
+fn tiny_bench_args(json: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "bench",
+        "train",
+        "--model-config",
+        "tiny",
+        "--seq",
+        "64",
+        "--image-px",
+        "56",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--json".to_string(), json.to_str().unwrap().to_string()]);
+    args
+}
+
 #[test]
 fn plan_refuses_the_7b_preset_and_accepts_it_with_the_suggested_changes() {
     let o = omr(&["plan", "--config", "configs/sft/qwen2.5-vl-7b.toml"]);
@@ -266,29 +290,7 @@ fn bench_train_tiny_two_steps_reports_sane_fields() {
 fn bench_train_with_lora_trains_only_the_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let args = |rank: &'static str| {
-        [
-            "bench",
-            "train",
-            "--model-config",
-            "tiny",
-            "--seq",
-            "64",
-            "--image-px",
-            "56",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--lora-rank",
-            rank,
-            "--kernels",
-            "fused",
-            "--json",
-            json.to_str().unwrap(),
-        ]
-        .map(String::from)
-    };
+    let args = |rank: &str| tiny_bench_args(&json, &["--lora-rank", rank, "--kernels", "fused"]);
     // The fused ops' CPU references with the decoder layers as one op (adapters inside).
     let run = |rank: &'static str| -> Value {
         let o = Command::new(env!("CARGO_BIN_EXE_omr"))
@@ -340,27 +342,9 @@ fn bench_train_with_grad_accum_counts_every_micro_batch() {
     let dir = tempfile::tempdir().unwrap();
     let run = |k: &str| -> Value {
         let json = dir.path().join(format!("bench-{k}.json"));
-        let o = omr(&[
-            "bench",
-            "train",
-            "--model-config",
-            "tiny",
-            "--seq",
-            "64",
-            "--image-px",
-            "56",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--grad-accum",
-            k,
-            // The optimizer's fused accumulator (its CPU reference sums).
-            "--kernels",
-            "fused",
-            "--json",
-            json.to_str().unwrap(),
-        ]);
+        // The optimizer's fused accumulator (its CPU reference sums).
+        let args = tiny_bench_args(&json, &["--grad-accum", k, "--kernels", "fused"]);
+        let o = omr(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
@@ -398,28 +382,10 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
     let dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| -> Value {
         let json = dir.path().join(format!("bench-{}.json", extra.len()));
-        let mut args = vec![
-            "bench",
-            "train",
-            "--model-config",
-            "tiny",
-            "--seq",
-            "64",
-            "--image-px",
-            "56",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--kernels",
-            "fused",
-            "--activation-checkpointing",
-            "all",
-            "--json",
-            json.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let o = omr(&args);
+        let mut flags = vec!["--kernels", "fused", "--activation-checkpointing", "all"];
+        flags.extend_from_slice(extra);
+        let args = tiny_bench_args(&json, &flags);
+        let o = omr(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
         if extra == ["--recompute-attention"] {
