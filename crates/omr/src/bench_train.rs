@@ -102,9 +102,10 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub recompute_attention: bool,
     /// With decoder checkpointing, the last N decoder layers keep their activations and are
-    /// not recomputed (`[train] kept_decoder_layers`; `omr plan` prints the most that fit).
-    #[arg(long, default_value_t = 0)]
-    pub kept_decoder_layers: usize,
+    /// not recomputed (`[train] kept_decoder_layers`; `omr plan` prints the most that fit);
+    /// auto: as many as the plan finds room for on this device.
+    #[arg(long, default_value = "0")]
+    pub kept_decoder_layers: String,
     /// auto | candle | fused: the ops of our forward and backward (auto: the fused kernels on
     /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
     #[arg(long, default_value = "auto")]
@@ -234,8 +235,26 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         },
         checkpointing,
         recompute_attention: a.recompute_attention,
-        kept_decoder_layers: a.kept_decoder_layers,
+        kept_decoder_layers: 0,
         grad_accum: a.grad_accum as u64,
+    };
+    let kept_layers = match a.kept_decoder_layers.as_str() {
+        "auto" => {
+            let usable = rt
+                .device_memory()
+                .unwrap_or(0)
+                .saturating_sub(plan::GIB as u64);
+            plan::most_kept_decoder_layers(&input_plan, usable).unwrap_or(0)
+        }
+        n => n.parse().map_err(|_| {
+            Exit::usage(anyhow::anyhow!(
+                "--kept-decoder-layers {n}: a number of decoder layers or auto"
+            ))
+        })?,
+    };
+    let input_plan = PlanInput {
+        kept_decoder_layers: kept_layers,
+        ..input_plan
     };
     let predicted = plan::plan(&input_plan);
     let flops = step_flops(&input_plan);
@@ -296,7 +315,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             checkpointing
                 .recompute()
                 .with_attention(a.recompute_attention)
-                .keeping_decoder_layers(a.kept_decoder_layers),
+                .keeping_decoder_layers(kept_layers),
             &wrt,
             kernels,
             a.grad_accum,
@@ -374,8 +393,15 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         a.seed,
         a.device,
         a.activation_checkpointing,
-        match a.kept_decoder_layers {
-            k if k > 0 && checkpointing.decoder() => format!(" (last {k} decoder layers kept)"),
+        match kept_layers {
+            k if k > 0 && checkpointing.decoder() => format!(
+                " (last {k} decoder layers kept{})",
+                if a.kept_decoder_layers == "auto" {
+                    ", auto"
+                } else {
+                    ""
+                }
+            ),
             _ => String::new(),
         },
         if a.recompute_attention && checkpointing != Checkpointing::None {
@@ -483,7 +509,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "kernels": format!("{kernels:?}").to_lowercase(),
         "activation_checkpointing": a.activation_checkpointing,
         "recompute_attention": a.recompute_attention,
-        "kept_decoder_layers": a.kept_decoder_layers,
+        "kept_decoder_layers": kept_layers,
         "lora_rank": a.lora_rank,
         "opt_ins": opt_ins.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "params": n_params,

@@ -374,8 +374,11 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
         if extra == ["--recompute-attention"] {
             assert!(t.contains("(attention recomputed)"), "{t}");
         }
-        if extra.len() == 2 {
+        if extra == ["--kept-decoder-layers", "2"] {
             assert!(t.contains("(last 2 decoder layers kept)"), "{t}");
+        }
+        if extra == ["--kept-decoder-layers", "auto"] {
+            assert!(t.contains("(last 4 decoder layers kept, auto)"), "{t}");
         }
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
     };
@@ -392,4 +395,11 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
     assert_eq!(two["kept_decoder_layers"], 2);
     assert_eq!(two["losses"], kept["losses"]);
     assert!(growth(&two) > growth(&kept), "{two} {kept}");
+    // auto: all 4 fit in this machine's available RAM.
+    let auto = run(&["--kept-decoder-layers", "auto"]);
+    assert_eq!(auto["kept_decoder_layers"], 4);
+    assert_eq!(auto["losses"], kept["losses"]);
+    let bad = omr(&["bench", "train", "--kept-decoder-layers", "most"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("a number of decoder layers or auto"));
 }
