@@ -29,10 +29,9 @@
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
 # minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, at
-# T 8192 with as many decoder layers kept as fit (--kept-decoder-layers auto), the wgmma attention (plain and pipelined
-# forward) at T 8192 next to the default, torch at T 8192), nothing
-# for all of it
-# (longer than one 10-minute device call: split it).
+# T 8192 with as many decoder layers kept as fit (--kept-decoder-layers auto), the wgmma
+# attention (plain and pipelined forward) at T 8192 next to the default, torch at T 8192),
+# nothing for all of it (longer than one 10-minute device call: split it).
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
 # session.log (all output), the JSON report of each `bench train` and summary.txt (each
