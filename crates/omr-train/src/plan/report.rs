@@ -145,6 +145,23 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
             "train.activation_checkpointing = \"all\"".into(),
         );
     }
+    if p.checkpointing.decoder() && p.kept_decoder_layers > 0 {
+        push(
+            &mut out,
+            try_with(&|q| q.kept_decoder_layers = 0),
+            "train.kept_decoder_layers = 0 (every checkpointed layer recomputed)".into(),
+        );
+    }
+    if p.checkpointing != Checkpointing::None
+        && p.attention == AttentionImpl::Fused
+        && !p.recompute_attention
+    {
+        push(
+            &mut out,
+            try_with(&|q| q.recompute_attention = true),
+            "train.recompute_attention = true (attention outputs not kept)".into(),
+        );
+    }
     if p.batch > 1 {
         let half = p.batch / 2;
         push(

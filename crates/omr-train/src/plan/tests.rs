@@ -392,3 +392,36 @@ fn auto_kept_decoder_layers_follows_the_device_memory() {
     assert_eq!(n, 0);
     assert!(why.contains("usable"), "{why}");
 }
+
+/// A config that does not fit with kept layers or kept attentions is told what dropping each
+/// gives.
+#[test]
+fn suggestions_name_the_kept_layers_and_attentions() {
+    let mut p = input(shipped("qwen2.5-vl-3b.json"), 1, 8192, 32);
+    p.attention = AttentionImpl::Fused;
+    p.checkpointing = Checkpointing::All;
+    p.kept_decoder_layers = 30;
+    let (_, full, _) = worst_case(&p);
+    let tips = suggestions(&p, &full, full.peak - 1);
+    assert!(
+        tips.iter()
+            .any(|t| t.starts_with("train.kept_decoder_layers = 0")),
+        "{tips:?}"
+    );
+    assert!(
+        tips.iter()
+            .any(|t| t.starts_with("train.recompute_attention = true")),
+        "{tips:?}"
+    );
+    // Neither applies without them.
+    p.kept_decoder_layers = 0;
+    p.recompute_attention = true;
+    let (_, full, _) = worst_case(&p);
+    let tips = suggestions(&p, &full, full.peak - 1);
+    assert!(
+        !tips
+            .iter()
+            .any(|t| t.contains("kept_decoder_layers") || t.contains("recompute_attention")),
+        "{tips:?}"
+    );
+}
