@@ -170,20 +170,21 @@ pub fn record<'a>(
 /// Resident memory of this process in MiB (`VmRSS` of `/proc/self/status`); 0 where that file
 /// does not exist or cannot be read.
 pub fn rss_mib() -> f64 {
-    let Ok(status) = fs::read_to_string("/proc/self/status") else {
-        return 0.0;
-    };
-    status
+    proc_kib("/proc/self/status", "VmRSS:").map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// The value of `key` (e.g. `"VmRSS:"`) in a `/proc` file of `Key: N kB` lines, in KiB; None
+/// where the file cannot be read or has no such line.
+pub fn proc_kib(file: &str, key: &str) -> Option<f64> {
+    fs::read_to_string(file)
+        .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 pub struct Metrics {

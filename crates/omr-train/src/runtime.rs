@@ -162,16 +162,7 @@ impl Runtime {
                 .ok()
                 .map(|(_, total)| total as u64);
         }
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let kib: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
+        crate::metrics::proc_kib("/proc/meminfo", "MemAvailable:").map(|kib| kib as u64 * 1024)
     }
 
     /// Whether the optimizer uses the fused update and norm.

@@ -78,11 +78,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn status_mib(key: &str) -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |k| k / 1024.0)
+    omr_train::metrics::proc_kib("/proc/self/status", key).map_or(0.0, |k| k / 1024.0)
 }
 
 struct Case {

@@ -5,13 +5,8 @@ use candle_core::Device;
 
 /// (VmRSS, VmHWM) of this process in MiB.
 pub(super) fn rss() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
+        omr_train::metrics::proc_kib("/proc/self/status", k).map_or(0.0, |kib| kib / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
