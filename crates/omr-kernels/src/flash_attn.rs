@@ -132,7 +132,8 @@ enum Saved {
 }
 
 impl AttnSaved {
-    /// (dq, dk, dv) from the forward's inputs, its output and dO, in the inputs' dtypes.
+    /// (dq, dk, dv) from the forward's inputs, its output and dO (any dtype), in the inputs'
+    /// dtypes.
     pub fn backward(
         &self,
         q: &Tensor,

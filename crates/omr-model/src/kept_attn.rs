@@ -4,13 +4,13 @@
 //! only its input, and again in the backward to rebuild its graph. Its attention is the one op
 //! whose recompute costs FLOPs quadratic in the sequence (at T 8192 on the 3B shape, 0.28
 //! TFLOP a layer against 1.26 for its seven linears, but at the 111 TFLOP/s of run 8's
-//! attention forward about as long as they take), while what it needs for its backward is small: its
+//! attention forward about as long as they take), while what its backward needs is small: its
 //! output (B·T·H·D, the size of q) and the (B, H, T) f32 row log-sum-exp. So the first forward
 //! records each attention's output and saved state on a per-thread tape ([`record`]), and the
 //! recompute replays them in order ([`replay`]) instead of running the attention again. The
 //! recomputed q, k and v are the same values (the same ops on the same input, with the same
 //! dropout masks), so the backward gets what a full recompute would give it: on the CPU the
-//! gradients are bit for bit those of a full recompute (tests/recompute.rs).
+//! gradients are bit for bit those of a full recompute (tests/fused.rs, tests/block.rs).
 //!
 //! Off the tape (no checkpointing, generation, `recompute_attention = true`) the attention
 //! runs as before.
@@ -156,8 +156,8 @@ pub fn attention(
     let (o, saved) = forward(q, k, v, mask, scale)?;
     let (qd, kd, vd, od) = (q.detach(), k.detach(), v.detach(), o.clone());
     attach_grad3([q, k, v], o, move |dout| {
-        let dout = dout.to_dtype(qd.dtype())?.contiguous()?;
-        let (dq, dk, dv) = saved.backward(&qd, &kd, &vd, &od, &dout)?;
+        // Each AttnSaved::backward takes dO in any dtype and layout.
+        let (dq, dk, dv) = saved.backward(&qd, &kd, &vd, &od, dout)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }

@@ -244,7 +244,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
                 .device_memory()
                 .unwrap_or(0)
                 .saturating_sub(plan::GIB as u64);
-            plan::most_kept_decoder_layers(&input_plan, usable).unwrap_or(0)
+            plan::most_kept_decoder_layers(&input_plan, usable).map_or(0, |(k, _)| k)
         }
         n => n.parse().map_err(|_| {
             Exit::usage(anyhow::anyhow!(

@@ -115,9 +115,7 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
     // Memory that full checkpointing leaves over buys back recompute: layers that can keep
     // their activations.
     let most_kept = plan::most_kept_decoder_layers(&base, usable);
-    if let Some(k) = most_kept.filter(|&k| k > base.kept_decoder_layers) {
-        let mut q = base.clone();
-        q.kept_decoder_layers = k;
+    if let Some((k, peak)) = most_kept.filter(|&(k, _)| k > base.kept_decoder_layers) {
         let what = if cfg.train.kept_decoder_layers == plan::KeptLayers::Auto {
             format!("train.kept_decoder_layers = \"auto\" keeps {k} on this device")
         } else {
@@ -126,7 +124,7 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
         println!(
             "{what} ({k} of {} decoder layers not recomputed: peak {:.2} GiB)",
             base.model.text.num_hidden_layers,
-            plan::worst_case(&q).1.peak as f64 / GIB
+            peak as f64 / GIB
         );
     }
     if let Some(path) = &a.json {
@@ -135,7 +133,7 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
             "device_bytes": device,
             "headroom_bytes": headroom,
             "fits": p.peak <= usable,
-            "max_kept_decoder_layers": most_kept,
+            "max_kept_decoder_layers": most_kept.map(|(k, _)| k),
             "plan": p,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;

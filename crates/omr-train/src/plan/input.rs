@@ -210,7 +210,7 @@ pub fn auto_kept_decoder_layers(
     let usable = device_bytes.saturating_sub(super::GIB as u64);
     let layers = input.model.text.num_hidden_layers;
     let gib = |b: u64| b as f64 / super::GIB;
-    let Some(n) = super::most_kept_decoder_layers(&input, usable) else {
+    let Some((n, peak)) = super::most_kept_decoder_layers(&input, usable) else {
         let why = if input.checkpointing.decoder() {
             format!(
                 "the plan's peak with every layer recomputed is {:.2} GiB, over the {:.2} GiB usable",
@@ -222,14 +222,12 @@ pub fn auto_kept_decoder_layers(
         };
         return Ok((0, format!("kept_decoder_layers = \"auto\": 0 ({why})")));
     };
-    let mut q = input.clone();
-    q.kept_decoder_layers = n;
     Ok((
         n,
         format!(
             "kept_decoder_layers = \"auto\": {n} of {layers} decoder layers not recomputed \
              (planned peak {:.2} GiB of {:.2} GiB usable)",
-            gib(super::worst_case(&q).1.peak),
+            gib(peak),
             gib(usable)
         ),
     ))

@@ -77,35 +77,38 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
 }
 
 /// With decoder checkpointing, the most decoder layers that can keep their activations (not be
-/// recomputed) with the worst-case peak still within `usable`: what `[train]
+/// recomputed) with the worst-case peak still within `usable`, and that peak: what `[train]
 /// kept_decoder_layers` can be raised to. None without decoder checkpointing or when `p` itself
 /// does not fit.
-pub fn most_kept_decoder_layers(p: &PlanInput, usable: u64) -> Option<usize> {
+pub fn most_kept_decoder_layers(p: &PlanInput, usable: u64) -> Option<(usize, u64)> {
     if !p.checkpointing.decoder() {
         return None;
     }
-    let fits = |k: usize| {
+    let peak = |k: usize| {
         let mut q = p.clone();
         q.kept_decoder_layers = k;
-        worst_case(&q).1.peak <= usable
+        worst_case(&q).1.peak
     };
-    if !fits(p.kept_decoder_layers) {
-        return None;
-    }
     // The peak grows with every kept layer: the largest k that fits, by bisection.
     let (mut lo, mut hi) = (p.kept_decoder_layers, p.model.text.num_hidden_layers);
-    if fits(hi) {
-        return Some(hi);
+    let mut best = (lo, peak(lo));
+    if best.1 > usable {
+        return None;
+    }
+    let top = peak(hi);
+    if top <= usable {
+        return Some((hi, top));
     }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        if fits(mid) {
-            lo = mid;
+        let at = peak(mid);
+        if at <= usable {
+            (lo, best) = (mid, (mid, at));
         } else {
             hi = mid;
         }
     }
-    Some(lo)
+    Some(best)
 }
 
 /// What to change when a plan does not fit, smallest resulting peak first, each alone, and the

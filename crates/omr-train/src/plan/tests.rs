@@ -327,23 +327,27 @@ fn most_kept_decoder_layers_is_the_largest_that_fits() {
         q.kept_decoder_layers = k;
         worst_case(&q).1.peak
     };
-    assert_eq!(most_kept_decoder_layers(&p, u64::MAX), Some(36));
+    // The count and the peak it gives.
+    assert_eq!(most_kept_decoder_layers(&p, u64::MAX), Some((36, peak(36))));
     assert_eq!(
         most_kept_decoder_layers(&p, peak(0) - 1),
         None,
         "does not fit"
     );
-    assert_eq!(most_kept_decoder_layers(&p, peak(0)), Some(0));
+    assert_eq!(most_kept_decoder_layers(&p, peak(0)), Some((0, peak(0))));
     for k in [1, 7, 20] {
         // Just enough for k layers, and one byte less.
-        assert_eq!(most_kept_decoder_layers(&p, peak(k)), Some(k));
-        assert_eq!(most_kept_decoder_layers(&p, peak(k) - 1), Some(k - 1));
+        assert_eq!(most_kept_decoder_layers(&p, peak(k)), Some((k, peak(k))));
+        assert_eq!(
+            most_kept_decoder_layers(&p, peak(k) - 1),
+            Some((k - 1, peak(k - 1)))
+        );
     }
     // From a config that already keeps some.
     let (p7, p5) = (peak(7), peak(5));
     let mut q = p.clone();
     q.kept_decoder_layers = 5;
-    assert_eq!(most_kept_decoder_layers(&q, p7), Some(7));
+    assert_eq!(most_kept_decoder_layers(&q, p7), Some((7, p7)));
     assert_eq!(most_kept_decoder_layers(&q, p5 - 1), None);
 }
 
