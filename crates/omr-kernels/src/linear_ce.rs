@@ -119,11 +119,12 @@ fn run(
         let mut kept = None;
         for &(v0, vc) in &vblocks {
             let logits = hr.matmul(&w.narrow(0, v0, vc)?.t()?)?;
-            // no-grad ok: this op computes dH and dW itself; nothing backpropagates through it.
-            let st = logits.apply_op1_no_bwd(&TileStats {
+            // This op computes dH and dW itself; nothing backpropagates through it.
+            let stats = TileStats {
                 targets: tr.clone(),
                 v0,
-            })?;
+            };
+            let st = logits.apply_op1_no_bwd(&stats)?; // no-grad ok
             let (mt, st_, tt) = (
                 st.narrow(1, 0, 1)?.squeeze(1)?,
                 st.narrow(1, 1, 1)?.squeeze(1)?,
@@ -154,15 +155,13 @@ fn run(
                 Some(l) => l,
                 None => hr.matmul(&wv.t()?)?,
             };
-            // no-grad ok: the gradient tile, computed by hand (see above).
-            let dl = logits.apply_op2_no_bwd(
-                &lse,
-                &TileGrad {
-                    targets: tr.clone(),
-                    v0,
-                    scale: 1.0,
-                },
-            )?;
+            // The gradient tile, computed by hand (see above).
+            let grad = TileGrad {
+                targets: tr.clone(),
+                v0,
+                scale: 1.0,
+            };
+            let dl = logits.apply_op2_no_bwd(&lse, &grad)?; // no-grad ok
             if need.dh {
                 let dh_k = dl.matmul(&wv)?.to_dtype(DType::F32)?;
                 dh_r = Some(match dh_r {

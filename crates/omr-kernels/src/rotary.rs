@@ -22,12 +22,10 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The inverse rotation (the backward of [`rotary`]) on any device.
 pub fn rotary_inverse(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     check(dy, cos, sin)?;
-    // no-grad ok: this is the backward of `rotary`; no second derivative is taken.
-    dy.contiguous()?.apply_op3_no_bwd(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        &Rotary { sign: -1.0 },
-    )
+    // This is the backward of `rotary`; no second derivative is taken.
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    dy.contiguous()?
+        .apply_op3_no_bwd(&cos, &sin, &Rotary { sign: -1.0 }) // no-grad ok
 }
 
 fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
@@ -223,10 +221,9 @@ impl CustomOp3 for Rotary {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // no-grad ok: inside the backward; no second derivative is taken.
-        let dx = dy
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rotary { sign: -self.sign })?;
+        // Inside the backward; no second derivative is taken.
+        let inverse = Rotary { sign: -self.sign };
+        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?; // no-grad ok
         Ok((Some(dx), None, None))
     }
 }
