@@ -11,6 +11,7 @@
 //! | gradient accumulation over micro-batches (f32 sums, in place) | [`grad_accum`] | `kernels/grad_accum.cu` |
 //! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
+//! | fused per-token log-probabilities and entropy (GRPO; chunked, never N×V) | [`linear_logp`] | `kernels/linear_ce.cu` |
 //! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`flash_mma`] for bf16, else [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
 //!
 //! omr-model calls the forward-path ops (rmsnorm, swiglu, rotary, flash_attn, linear_ce) when
@@ -30,6 +31,7 @@ pub mod gemm_attn;
 pub mod grad_accum;
 pub mod grad_norm;
 pub mod linear_ce;
+pub mod linear_logp;
 pub mod mask;
 pub mod rmsnorm;
 pub mod rotary;
@@ -104,6 +106,7 @@ pub fn release_device_memory(device: &candle_core::Device) -> candle_core::Resul
 pub use flash_attn::{attention_forward, flash_attn, AttnMask, AttnSaved};
 pub use grad_norm::global_grad_norm;
 pub use linear_ce::linear_cross_entropy;
+pub use linear_logp::{linear_logp, LogpScore};
 pub use rmsnorm::rmsnorm;
 pub use rotary::{mrope_tables, rotary, vision_tables};
 pub use swiglu::swiglu;
