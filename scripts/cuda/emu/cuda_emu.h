@@ -70,6 +70,16 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 constexpr size_t EMU_SMEM_MAX = 232448;
 

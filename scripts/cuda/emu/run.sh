@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Builds and runs the kernel emulations: kernels/flash_mma.cu (every OMR_MMA entry point) and
-# kernels/flash_wgmma_sm90a.cu on the CPU through cuda_emu.h, against attention in double
-# precision (attention_ref.h). No GPU; g++ ≥ 12 (C++20 std::barrier) and cuda_bf16.h from
-# scripts/cuda/env.sh's nvcc wheels. What CI runs after compile-ptx.sh (≈ 2 min on 2 cores).
+# Builds and runs the kernel emulations: kernels/linear_ce.cu (the cross-entropy's and GRPO
+# log-probabilities' tile kernels), kernels/flash_mma.cu (every OMR_MMA entry point) and
+# kernels/flash_wgmma_sm90a.cu on the CPU through cuda_emu.h, against their definitions in
+# double precision (attention_ref.h for the attention). No GPU; g++ ≥ 12 (C++20
+# std::barrier) and cuda_bf16.h from scripts/cuda/env.sh's nvcc wheels. What CI runs after compile-ptx.sh (≈ 2 min on 2 cores).
 #
-#   scripts/cuda/emu/run.sh [wgmma|mma [NAME]]   # both by default; NAME keeps the flash_mma
-#                                                # entry points whose name contains it
+#   scripts/cuda/emu/run.sh [lce|wgmma|mma [NAME]]   # all three by default; NAME keeps the
+#                                                    # flash_mma entry points whose name has it
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -18,11 +19,12 @@ trap 'rm -rf "$out"' EXIT
 cxx=${CXX:-g++}
 start=$(date +%s)
 rc=0
-for which in wgmma mma; do
+for which in lce wgmma mma; do
   [ -n "${1:-}" ] && [ "$1" != "$which" ] && continue
+  case $which in lce) name=linear_ce_emu ;; *) name=flash_${which}_emu ;; esac
   "$cxx" -std=c++20 -O2 -pthread -Wall -Werror -Wno-unknown-pragmas -fno-strict-aliasing \
-    -I"$CUDA_HOME/include" -I"$here" -o "$out/flash_${which}_emu" "$here/flash_${which}_emu.cpp"
-  "$out/flash_${which}_emu" ${2:+"$2"} || rc=1
+    -I"$CUDA_HOME/include" -I"$here" -o "$out/$name" "$here/$name.cpp"
+  "$out/$name" ${2:+"$2"} || rc=1
 done
 echo "emu: built and ran in $(( $(date +%s) - start )) s"
 exit $rc
