@@ -25,11 +25,19 @@ pub struct FusedCalls {
     pub rotary: usize,
     pub attention: usize,
     pub linear_ce: usize,
+    pub linear_logp: usize,
 }
 
 thread_local! {
     static CALLS: Cell<FusedCalls> = const {
-        Cell::new(FusedCalls { rmsnorm: 0, swiglu: 0, rotary: 0, attention: 0, linear_ce: 0 })
+        Cell::new(FusedCalls {
+            rmsnorm: 0,
+            swiglu: 0,
+            rotary: 0,
+            attention: 0,
+            linear_ce: 0,
+            linear_logp: 0,
+        })
     };
 }
 
@@ -102,6 +110,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<
 pub fn linear_ce(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     count(|c| c.linear_ce += 1);
     omr_kernels::linear_cross_entropy(h, w, targets, LceChunks::default())
+}
+
+/// Per-row `log softmax(z)[target]` and entropy of `z = zscale · h · wᵀ + bias` without the
+/// N × V logits (GRPO's token scores). h: (N, C), w: (V, C), targets: (N) u32, bias: (V) f32
+/// → (logp (N) f32 differentiable in h and w, entropy (N) f32 without gradient).
+pub fn linear_logp(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    zscale: f32,
+    bias: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    count(|c| c.linear_logp += 1);
+    let score = omr_kernels::LogpScore {
+        zscale,
+        bias: bias.clone(),
+    };
+    omr_kernels::linear_logp(h, w, targets, &score, LceChunks::default())
 }
 
 /// The decoder's mask: causal, and a query attends only keys of its own segment.

@@ -65,3 +65,11 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let chosen = shifted.gather(&idx, 1)?;
     Ok((lse - chosen)?.squeeze(1)?)
 }
+
+/// log softmax over the last dimension (no gradient needed: entropy logging).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let s = x.broadcast_sub(&max)?;
+    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(s.broadcast_sub(&lse)?)
+}

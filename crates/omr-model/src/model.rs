@@ -15,7 +15,7 @@ use crate::params::Params;
 use crate::rope::{mrope_cos_sin, rope_index};
 use crate::text::{KvCache, Tables, TextModel};
 use crate::vision::VisionTower;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub struct Input {
     /// (B, T) token ids.
@@ -328,6 +328,51 @@ impl Qwen2VL {
             .forward(&picked, ctx)?
             .to_dtype(candle_core::DType::F32)?; // (N, V)
         Ok((crate::loss::token_nll(&logits, &targets)?.sum_all()?, n))
+    }
+
+    /// Per-row log-probabilities of `targets` under `softmax(logits / temperature)` with the
+    /// `suppress` ids excluded (GRPO's token scores, matching how generation sampled), and the
+    /// summed entropy of those distributions (for the logs). h: (K, C) hidden states of the
+    /// scored positions, targets: K ids → (logp (K) f32, differentiable; Σ entropy).
+    ///
+    /// With the fused kernels (and a plain head: no LoRA, no bias), the (K, V) logits never
+    /// exist (`omr_kernels::linear_logp`); otherwise they are materialised in f32.
+    pub fn head_logps(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        temperature: f64,
+        suppress: &[u32],
+        ctx: &Ctx,
+    ) -> Result<(Tensor, f64)> {
+        let k = h.dim(0)?;
+        let dev = h.device();
+        let v = self.cfg.text.vocab_size;
+        // −1e30 rather than −∞: zero probability without 0·∞ in the entropy.
+        let mut bias = vec![0f32; v];
+        for &t in suppress {
+            if let Some(x) = bias.get_mut(t as usize) {
+                *x = -1e30;
+            }
+        }
+        let bias = Tensor::from_vec(bias, v, dev)?;
+        let head = &self.lm_head;
+        if ctx.kernels == Kernels::Fused && head.lora.is_none() && head.bias.is_none() {
+            let w = head.weight.to_dtype(h.dtype())?;
+            let t = Tensor::from_vec(targets.to_vec(), k, dev)?;
+            let (logp, entropy) = fused::linear_logp(h, &w, &t, (1.0 / temperature) as f32, &bias)?;
+            let entropy = entropy.sum_all()?.to_scalar::<f32>()? as f64;
+            return Ok((logp, entropy));
+        }
+        let logits = (self.logits(h, ctx)?.to_dtype(DType::F32)? / temperature)?; // (K, V)
+        let logits = match suppress.is_empty() {
+            true => logits,
+            false => logits.broadcast_add(&bias.unsqueeze(0)?)?,
+        };
+        let logp = crate::loss::token_nll(&logits, targets)?.neg()?; // (K,)
+        let ls = crate::loss::log_softmax(&logits.detach())?;
+        let entropy = (ls.exp()? * &ls)?.sum_all()?.neg()?.to_scalar::<f32>()? as f64;
+        Ok((logp, entropy))
     }
 
     /// Logits from hidden states: (…, C) → (…, V).

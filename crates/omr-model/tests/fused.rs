@@ -49,6 +49,7 @@ fn delta(before: FusedCalls) -> FusedCalls {
         rotary: now.rotary - before.rotary,
         attention: now.attention - before.attention,
         linear_ce: now.linear_ce - before.linear_ce,
+        linear_logp: now.linear_logp - before.linear_logp,
     }
 }
 
@@ -519,4 +520,76 @@ fn kept_attention_with_lora_dropout_equals_recomputed() {
         worst = worst.max(rel(&flat(b), &flat(a)));
     }
     assert!(worst <= 1e-6, "kept vs plain: {worst:.2e}");
+}
+
+/// GRPO's token scores (`Qwen2VL::head_logps`: log softmax(logits / temperature) at the
+/// targets, the vision ids suppressed, and the entropy) through the fused linear log-prob
+/// against the materialised logits: values and the gradient of every parameter for a
+/// per-token weight (GRPO's advantage-weighted objective). The hidden states come from the
+/// candle path in both, so only the head differs.
+#[test]
+fn head_logps_fused_matches_candle() {
+    let (cfg, params) = model_params("qwen25vl");
+    let model = Qwen2VL::new(&cfg, &params).unwrap();
+    let (input, labels) = padded(&Inputs::load("qwen25vl"));
+    let (rows, targets) = omr_model::loss::shifted_targets(&labels, cfg.text.vocab_size).unwrap();
+    let k = rows.len();
+    // The vision ids, as GRPO suppresses them, where they are nobody's target (a completion
+    // never holds one; the fixture's labels do).
+    let suppress: Vec<u32> = [
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+    ]
+    .into_iter()
+    .filter(|t| !targets.contains(t))
+    .collect();
+    assert!(!suppress.is_empty());
+    let weights: Vec<f32> = (0..k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+    let weights = Tensor::from_vec(weights, k, &Device::Cpu).unwrap();
+    let run = |kernels: Kernels| {
+        let h = model.hidden(&input, &ctx(Kernels::Candle)).unwrap();
+        let (b, t, c) = h.dims3().unwrap();
+        let idx = Tensor::from_vec(rows.clone(), k, &Device::Cpu).unwrap();
+        let picked = h
+            .reshape((b * t, c))
+            .unwrap()
+            .index_select(&idx, 0)
+            .unwrap();
+        let before = fused::calls();
+        let (logp, entropy) = model
+            .head_logps(&picked, &targets, 0.7, &suppress, &ctx(kernels))
+            .unwrap();
+        let calls = delta(before).linear_logp;
+        let g = (&logp * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (flat(&logp), entropy, grads_by_name(&params, &g), calls)
+    };
+    let (lc, ec, gc, nc) = run(Kernels::Candle);
+    let (lf, ef, gf, nf) = run(Kernels::Fused);
+    assert_eq!(
+        (nc, nf),
+        (0, 1),
+        "the fused linear log-prob ran under Fused only"
+    );
+    assert!(lc.iter().all(|x| x.is_finite() && *x < 0.0 && *x > -100.0));
+    let e_logp = rel(&lf, &lc);
+    let e_ent = ((ef - ec).abs() / ec.abs()) as f32;
+    let mut e_grad = 0f32;
+    let mut n = 0;
+    for ((name, a), (_, b)) in gf.iter().zip(&gc) {
+        assert_eq!(a.is_some(), b.is_some(), "gradient presence of {name}");
+        if let (Some(a), Some(b)) = (a, b) {
+            e_grad = e_grad.max(rel(a, b));
+            n += 1;
+        }
+    }
+    println!("head_logps fused vs candle: logp {e_logp:.2e}, entropy {e_ent:.2e}, gradients of {n} parameters {e_grad:.2e}");
+    assert!(n > 1, "the head and the layers below get gradients");
+    assert!(e_logp <= TOL && e_ent <= TOL && e_grad <= TOL);
 }

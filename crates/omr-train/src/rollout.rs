@@ -14,7 +14,7 @@
 //!   logits of a big vocabulary exist for completion tokens only.
 
 use crate::eval::left_padded;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Prompt;
 use omr_data::Mcq;
@@ -177,24 +177,9 @@ pub fn logps_from_hidden(
     let dev = h.device().clone();
     let idx = Tensor::from_vec(rows, (k,), &dev)?;
     let picked = h.reshape((n * t, c))?.index_select(&idx, 0)?; // (K, C)
-    let mut logits = (model.logits(&picked, ctx)?.to_dtype(DType::F32)? / temperature)?; // (K, V)
-    if !suppress.is_empty() {
-        // −1e30 rather than −∞: zero probability without 0·∞ in the entropy.
-        let v = logits.dim(1)?;
-        let mut bias = vec![0f32; v];
-        for &t in suppress {
-            if let Some(x) = bias.get_mut(t as usize) {
-                *x = -1e30;
-            }
-        }
-        logits = logits.broadcast_add(&Tensor::from_vec(bias, (1, v), &dev)?)?;
-    }
-    let logp = omr_model::loss::token_nll(&logits, &targets)?.neg()?; // (K,)
-                                                                      // Entropy of each position's distribution, for the logs only.
-    let ls = log_softmax(&logits.detach())?;
-    let entropy = (ls.exp()? * &ls)?.sum_all()?.neg()?.to_scalar::<f32>()? as f64;
-    // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
-    // completion tokens of row i are its first lens[i] labelled positions.
+    let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?; // (K,)
+                                                                                            // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
+                                                                                            // completion tokens of row i are its first lens[i] labelled positions.
     let mut gather = Vec::with_capacity(n * b.tc);
     let mut next = 0u32;
     for &len in &b.lens {
@@ -215,14 +200,6 @@ pub fn logps_from_hidden(
     let all = Tensor::cat(&[&logp, &Tensor::zeros(1, DType::F32, &dev)?], 0)?;
     let gather = Tensor::from_vec(gather, (n * b.tc,), &dev)?;
     Ok((all.index_select(&gather, 0)?.reshape((n, b.tc))?, entropy))
-}
-
-/// log softmax over the last dimension (no gradient needed: entropy logging).
-fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let s = x.broadcast_sub(&max)?;
-    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    s.broadcast_sub(&lse)
 }
 
 pub fn truncated(c: &Completion) -> bool {

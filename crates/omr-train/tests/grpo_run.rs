@@ -319,7 +319,8 @@ fn activation_checkpointing_is_bit_identical() {
 }
 
 /// What a GPU run does by default, on the CPU: `[runtime] precision = "bf16"`, `kernels =
-/// "fused"` (the fused ops' CPU references, the fused optimizer): rollouts through the KV-cache
+/// "fused"` (the fused ops' CPU references, the fused optimizer, the token scores by the fused
+/// linear log-prob): rollouts through the KV-cache
 /// generation in bf16, a bf16 KL reference, policy updates on fp32 masters. The run trains
 /// (finite, non-zero gradient norms), differs from the fp32 run, keeps fp32 masters in its
 /// checkpoints, and a stopped and resumed run equals the uninterrupted one bit for bit.
@@ -334,7 +335,15 @@ fn bf16_with_fused_kernels_trains_and_resumes_bit_identically() {
         "runtime.kernels=\"fused\"",
     ];
     let whole = tmp("bf16-whole");
+    let before = omr_model::fused::calls().linear_logp;
     run_with(&config(&whole, &extra), &opts(Resume::Never), letter_e()).unwrap();
+    // The policy's, the old policy's and the reference's token scores went through the fused
+    // linear log-prob (no (K, V) logits), every micro-batch of every update.
+    assert!(
+        omr_model::fused::calls().linear_logp - before >= 4 * 2 * 2,
+        "the fused linear log-prob ran {} times",
+        omr_model::fused::calls().linear_logp - before
+    );
     let r = records(&whole);
     let norms: Vec<f64> = r
         .iter()
