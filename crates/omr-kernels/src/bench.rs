@@ -319,6 +319,32 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         || linear_cross_entropy(hs.as_tensor(), &frozen, &tg, LceChunks::default()),
     )?;
 
+    // GRPO's token scores: the fused linear log-prob, forward and the backward for a per-row
+    // gradient (recomputes the logits tiles: 4 products of N·C·V, against the CE's 3).
+    let zero_bias = Tensor::zeros(vocab, DType::F32, dev)?;
+    let score = crate::linear_logp::LogpScore {
+        zscale: 1.0,
+        bias: zero_bias,
+    };
+    let gw = rand(42, &[nt], 1.0, DType::F32, dev)?;
+    b.add(
+        "linear logp fwd+bwd (GRPO)",
+        format!("N {nt}, C {cdim}, V {vocab}"),
+        dt,
+        lce_bytes,
+        8.0 * (nt * cdim * vocab) as f64,
+        || {
+            let (logp, _) = crate::linear_logp::linear_logp(
+                hs.as_tensor(),
+                wl.as_tensor(),
+                &tg,
+                &score,
+                LceChunks::default(),
+            )?;
+            (logp * &gw)?.sum_all()?.backward()
+        },
+    )?;
+
     // Flash attention, causal, 28 query / 4 kv heads of 128.
     let (t, h, kv) = if gpu { (4096, 28, 4) } else { (256, 4, 2) };
     let qa = Var::from_tensor(&rand(50, &[1, t, h, 128], 1.0, dt, dev)?)?;

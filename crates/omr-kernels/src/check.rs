@@ -10,6 +10,7 @@ use crate::adamw::{adamw_step, AdamWHyper};
 use crate::flash_attn::AttnMask;
 use crate::grad_norm::global_grad_norm;
 use crate::linear_ce::{linear_cross_entropy, LceChunks};
+use crate::linear_logp::{linear_logp, LogpScore};
 use crate::rotary::{mrope_tables, rotary, rotary_inverse};
 use crate::{rmsnorm, swiglu};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -348,6 +349,47 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                 g.get(wv.as_tensor()).expect("dw").clone(),
             ])
         })?;
+        // GRPO's token scores: temperature 0.7, every 13th id suppressed (none a target),
+        // a per-row incoming gradient; outputs logp, entropy, dh, dw.
+        let bias: Vec<f32> = (0..5000u32)
+            .map(|j| if j % 13 == 6 { -1e30 } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(bias, 5000, &Device::Cpu)?;
+        let tg_lp = Tensor::from_vec(
+            (0..300u32)
+                .map(|i| (i * 7919 + 13) % 5000)
+                .map(|t| if t % 13 == 6 { t + 1 } else { t })
+                .collect::<Vec<_>>(),
+            300,
+            &Device::Cpu,
+        )?;
+        let gw = rand(32, &[300], 1.0, DType::F32)?;
+        c.cmp(
+            &format!("linear logp {name}"),
+            tol,
+            &[&h, &wl, &tg_lp, &bias, &gw],
+            |t| {
+                let hv = Var::from_tensor(&t[0])?;
+                let wv = Var::from_tensor(&t[1])?;
+                let score = LogpScore {
+                    zscale: 1.0 / 0.7,
+                    bias: t[3].clone(),
+                };
+                let chunks = LceChunks {
+                    rows: 128,
+                    vocab: 2048,
+                };
+                let (logp, entropy) =
+                    linear_logp(hv.as_tensor(), wv.as_tensor(), &t[2], &score, chunks)?;
+                let g = (&logp * &t[4])?.sum_all()?.backward()?;
+                Ok(vec![
+                    logp,
+                    entropy,
+                    g.get(hv.as_tensor()).expect("dh").clone(),
+                    g.get(wv.as_tensor()).expect("dw").clone(),
+                ])
+            },
+        )?;
         attention_checks(&mut c, dt, name, tol, &["kernel", "gemm", "mma"])?;
     }
     long_segment_checks(&mut c, &["gemm", "mma"])?;

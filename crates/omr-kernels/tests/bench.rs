@@ -12,13 +12,14 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        14,
-        "one row per timed kernel (linear CE: trained and frozen head; attention: kernel and gemm)"
+        15,
+        "one row per timed kernel (linear CE: trained and frozen head; linear logp; attention: kernel and gemm)"
     );
     assert!(rows.iter().any(|r| r.name == "grad accumulate"));
     assert!(rows
         .iter()
         .any(|r| r.name == "linear CE fwd+dH (frozen head)"));
+    assert!(rows.iter().any(|r| r.name == "linear logp fwd+bwd (GRPO)"));
     for r in &rows {
         assert!(
             r.secs.is_finite() && r.secs > 0.0,
