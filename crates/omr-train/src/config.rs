@@ -235,15 +235,21 @@ impl SftConfig {
 
     /// Folder holding tokenizer, chat template and preprocessor config.
     pub fn processor_ref(&self) -> &str {
-        if self.model.processor.is_empty() {
-            &self.model.path
-        } else {
-            &self.model.processor
-        }
+        self.model.processor_ref()
     }
 }
 
 impl ModelSection {
+    /// Folder holding tokenizer, chat template and preprocessor config: `processor`, else
+    /// `path`.
+    pub fn processor_ref(&self) -> &str {
+        if self.processor.is_empty() {
+            &self.path
+        } else {
+            &self.processor
+        }
+    }
+
     /// A pretrained init needs a path; a tiny one needs the processor folder.
     pub fn check(&self) -> Result<(), String> {
         match self.init {

@@ -91,17 +91,12 @@ pub fn run_with(
         .activation_checkpointing
         .recompute()
         .with_attention(cfg.train.recompute_attention)
-        .keeping_decoder_layers(match cfg.train.kept_decoder_layers {
-            crate::plan::KeptLayers::Count(n) => n,
-            crate::plan::KeptLayers::Auto => {
-                return Err(TrainError::Usage(
-                    "[train] kept_decoder_layers = \"auto\" is planned for `omr sft` runs; \
-                     give `omr grpo` a number of layers (`omr plan` on the SFT config says how \
-                     many fit)"
-                        .into(),
-                ))
-            }
-        });
+        .keeping_decoder_layers(
+            crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, &rt, |o| {
+                crate::plan::input_from_grpo(cfg, o)
+            })
+            .map_err(TrainError::Usage)?,
+        );
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
     // The frozen reference: the run's initial weights, built again from the same [model].
     let reference = reference::build(cfg, &rt, &device)?;

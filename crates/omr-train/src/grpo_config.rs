@@ -115,8 +115,8 @@ pub struct GrpoTrain {
     pub activation_checkpointing: crate::plan::Checkpointing,
     /// Recompute the checkpointed blocks' attentions too (as in `omr sft`; off: kept).
     pub recompute_attention: bool,
-    /// The last N decoder layers not recomputed (as in `omr sft`; a number here: "auto" plans
-    /// from the SFT data config).
+    /// The last N decoder layers not recomputed (as in `omr sft`; "auto": as many as the
+    /// GRPO plan, `plan::input_from_grpo`, finds room for on the run's device).
     pub kept_decoder_layers: crate::plan::KeptLayers,
 }
 

@@ -29,6 +29,7 @@
 //!   is subtracted from the device's memory.
 
 pub mod activations;
+mod grpo;
 mod input;
 mod report;
 #[cfg(test)]
@@ -40,10 +41,12 @@ use omr_model::params::{param_shapes, Part};
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
+pub use grpo::{input_from_grpo, GrpoShape};
 pub use input::{
-    auto_kept_decoder_layers, configs_dir, input_from_sft, shipped_config, PlanOptions,
+    auto_kept_decoder_layers, configs_dir, input_from_sft, run_kept_decoder_layers, shipped_config,
+    PlanOptions,
 };
-pub use report::{most_kept_decoder_layers, render, suggestions};
+pub use report::{most_kept_decoder_layers, peak_phase, render, suggestions};
 
 /// Bytes of an f32.
 pub const F32: u64 = 4;
@@ -189,6 +192,9 @@ pub struct PlanInput {
     /// With decoder checkpointing: the last N decoder layers keep their activations.
     pub kept_decoder_layers: usize,
     pub grad_accum: u64,
+    /// A GRPO run's policy update (None: SFT): completion tokens scored by GRPO's token
+    /// log-probabilities, the frozen reference, the rollout phase (`plan/grpo.rs`).
+    pub grpo: Option<GrpoShape>,
 }
 
 impl PlanInput {
@@ -317,6 +323,10 @@ pub struct Plan {
     /// The optimizer phase (activations freed), by category.
     pub optim_rows: Vec<Row>,
     pub optim_peak: u64,
+    /// GRPO's rollout phase (generation; no activations, no gradients), by category; empty
+    /// for SFT.
+    pub rollout_rows: Vec<Row>,
+    pub rollout_peak: u64,
     pub peak: u64,
     /// What a step adds to memory that holds weights and optimizer state: the peak minus the
     /// state that exists before the first step (weights, masters, moments).
@@ -429,6 +439,15 @@ pub fn plan(p: &PlanInput) -> Plan {
             "exp_avg + exp_avg_sq".into(),
         ),
     ];
+    let mut state = state;
+    let reference = grpo::reference_bytes(p, pc.total, pc.lora);
+    if reference > 0 {
+        state.push(row(
+            "reference model",
+            reference,
+            format!("frozen copy in {dtype} (objective.beta > 0)"),
+        ));
+    }
     let mut train_rows = state.clone();
     train_rows.extend([
         row(
@@ -505,27 +524,41 @@ pub fn plan(p: &PlanInput) -> Plan {
             },
         ),
     ]);
+    let rollout_rows = match &p.grpo {
+        Some(g) => {
+            let mut rows = state.clone();
+            rows.extend(grpo::rollout_rows(p, g));
+            rows
+        }
+        None => Vec::new(),
+    };
     let sum = |rows: &[Row]| rows.iter().map(|r| r.bytes).sum::<u64>();
     let (train_peak, optim_peak) = (sum(&train_rows), sum(&optim_rows));
-    let peak = train_peak.max(optim_peak);
+    let rollout_peak = sum(&rollout_rows);
+    let peak = train_peak.max(optim_peak).max(rollout_peak);
     Plan {
         step_growth: peak - sum(&state),
         train_rows,
         train_peak,
         optim_rows,
         optim_peak,
+        rollout_rows,
+        rollout_peak,
         peak,
         params: pc,
         activations: acts,
     }
 }
 
-/// The same rows without images, every token after the first labelled: the lm head's and the
-/// decoder's worst case, where the image-heavy rows are the vision tower's.
+/// The same rows without images, every token after the first labelled (GRPO: every completion
+/// token, as in the image-heavy rows): the lm head's and the decoder's worst case, where the
+/// image-heavy rows are the vision tower's.
 pub fn text_only(p: &PlanInput) -> PlanInput {
     let mut q = p.clone();
     q.images_per_row = 0;
-    q.labelled = q.batch * q.seq.saturating_sub(1);
+    if q.grpo.is_none() {
+        q.labelled = q.batch * q.seq.saturating_sub(1);
+    }
     q
 }
 

@@ -390,27 +390,8 @@ fn epoch_of(st: &TrainState) -> f64 {
 /// `[train] kept_decoder_layers` for this run: the count given, or for "auto" the most the
 /// plan finds room for on the run's device (logged).
 fn kept_decoder_layers(cfg: &SftConfig, rt: &crate::runtime::Runtime) -> Result<usize> {
-    use crate::plan::{AttentionImpl, KeptLayers};
-    match cfg.train.kept_decoder_layers {
-        KeptLayers::Count(n) => Ok(n),
-        KeptLayers::Auto => {
-            let Some(bytes) = rt.device_memory() else {
-                tracing::warn!(
-                    "kept_decoder_layers = \"auto\": the device's memory is unknown; every \
-                     checkpointed decoder layer is recomputed"
-                );
-                return Ok(0);
-            };
-            let attention = match rt.kernels {
-                omr_model::Kernels::Fused => AttentionImpl::Fused,
-                omr_model::Kernels::Candle => AttentionImpl::Eager,
-            };
-            let compute_bytes = rt.compute.size_in_bytes() as u64;
-            let (n, why) =
-                crate::plan::auto_kept_decoder_layers(cfg, compute_bytes, attention, bytes)
-                    .map_err(TrainError::Usage)?;
-            tracing::info!("{why}");
-            Ok(n)
-        }
-    }
+    crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, rt, |o| {
+        crate::plan::input_from_sft(cfg, o)
+    })
+    .map_err(TrainError::Usage)
 }

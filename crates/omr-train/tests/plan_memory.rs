@@ -142,6 +142,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: c.accum as u64,
+        grpo: None,
     };
     let predicted = plan::plan(&p).step_growth as f64 / 1048576.0;
     if std::env::var("OMR_PLAN_ROWS").is_ok() {

@@ -237,6 +237,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         recompute_attention: a.recompute_attention,
         kept_decoder_layers: 0,
         grad_accum: a.grad_accum as u64,
+        grpo: None,
     };
     let kept_layers = match a.kept_decoder_layers.as_str() {
         "auto" => {

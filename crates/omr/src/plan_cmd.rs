@@ -1,6 +1,8 @@
 //! `omr plan --config RUN.toml [--set k=v] [--device-memory 80GiB]`: the peak memory of a
 //! training step predicted from the run config (`omr_train::plan`), printed as a table by
-//! category, and exit 2 with what to change when it does not fit.
+//! category, and exit 2 with what to change when it does not fit. An SFT config plans its
+//! training step; a GRPO config (one with `[grpo]`, `[objective]` or `[rewards]`) its policy
+//! update, frozen reference and rollout phase (`omr_train::plan::input_from_grpo`).
 //!
 //! The defaults describe bf16 compute with f32 masters on an 80 GiB H100 with eager attention
 //! (candle ops, scores materialised: the conservative case); `--attention fused` plans for the
@@ -11,12 +13,13 @@ use crate::exit::{Exit, Tag};
 use anyhow::anyhow;
 use clap::Args;
 use omr_train::config::SftConfig;
+use omr_train::grpo_config::GrpoConfig;
 use omr_train::plan::{self, AttentionImpl, PlanOptions, GIB};
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct PlanArgs {
-    /// Run config (TOML), e.g. configs/sft/qwen2.5-vl-7b.toml.
+    /// Run config (TOML): SFT (configs/sft/qwen2.5-vl-7b.toml) or GRPO (configs/grpo/…).
     #[arg(long)]
     pub config: PathBuf,
     /// Override a config value: --set data.batch.batch_size=2 (repeatable).
@@ -80,8 +83,19 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok((x * mul) as u64)
 }
 
+/// Whether the config at `path` is a GRPO run's: it has a `[grpo]`, `[objective]` or
+/// `[rewards]` section (an SFT config refuses those keys).
+fn is_grpo_config(path: &std::path::Path) -> crate::Result<bool> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Exit::usage(anyhow!("{}: {e}", path.display())))?;
+    let tree: toml::Table =
+        toml::from_str(&text).map_err(|e| Exit::usage(anyhow!("{}: {e}", path.display())))?;
+    Ok(["grpo", "objective", "rewards"]
+        .iter()
+        .any(|k| tree.contains_key(*k)))
+}
+
 pub fn run(a: PlanArgs) -> crate::Result<()> {
-    let cfg = SftConfig::load(&a.config, &a.sets).usage()?;
     let device =
         parse_bytes(&a.device_memory).map_err(|e| Exit::usage(anyhow!("--device-memory {e}")))?;
     let headroom = parse_bytes(&a.headroom).map_err(|e| Exit::usage(anyhow!("--headroom {e}")))?;
@@ -102,7 +116,17 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
         max_pixels: a.max_pixels,
         images_per_row: a.images_per_row,
     };
-    let (input, notes) = plan::input_from_sft(&cfg, &opts).map_err(|e| Exit::usage(anyhow!(e)))?;
+    let (input, notes, kept_setting) = if is_grpo_config(&a.config)? {
+        let cfg = GrpoConfig::load(&a.config, &a.sets).usage()?;
+        let (input, notes) =
+            plan::input_from_grpo(&cfg, &opts).map_err(|e| Exit::usage(anyhow!(e)))?;
+        (input, notes, cfg.train.kept_decoder_layers)
+    } else {
+        let cfg = SftConfig::load(&a.config, &a.sets).usage()?;
+        let (input, notes) =
+            plan::input_from_sft(&cfg, &opts).map_err(|e| Exit::usage(anyhow!(e)))?;
+        (input, notes, cfg.train.kept_decoder_layers)
+    };
     let base = input;
     let (input, p, which) = plan::worst_case(&base);
     println!("omr plan: {}", a.config.display());
@@ -116,7 +140,7 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
     // their activations.
     let most_kept = plan::most_kept_decoder_layers(&base, usable);
     if let Some((k, peak)) = most_kept.filter(|&(k, _)| k > base.kept_decoder_layers) {
-        let what = if cfg.train.kept_decoder_layers == plan::KeptLayers::Auto {
+        let what = if kept_setting == plan::KeptLayers::Auto {
             format!("train.kept_decoder_layers = \"auto\" keeps {k} on this device")
         } else {
             format!("room for train.kept_decoder_layers = {k}")

@@ -403,3 +403,52 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(text(&bad).contains("a number of decoder layers or auto"));
 }
+
+/// `omr plan` on a GRPO config: the policy update, the frozen reference and the rollout phase
+/// (tiny preset: fits, JSON carries the rollout rows); the 7B GRPO preset is refused on 80 GiB
+/// with GRPO's own knobs among the suggestions.
+#[test]
+fn plan_of_a_grpo_config_has_the_reference_and_the_rollout_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("plan.json");
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/grpo/tiny.toml",
+        "--model-config",
+        "configs/models/tiny.json",
+        "--set",
+        "objective.beta=0.04",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    for want in [
+        "GRPO: policy rows of 1024 prompt + 96 completion tokens",
+        "| rollout (generation)",
+        "| reference model",
+        "| generation KV cache",
+        ": fits",
+    ] {
+        assert!(t.contains(want), "{want}: {t}");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rollout = v["plan"]["rollout_rows"].as_array().unwrap();
+    let sum: u64 = rollout.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(v["plan"]["rollout_peak"].as_u64(), Some(sum));
+    assert!(v["plan"]["peak"].as_u64().unwrap() >= sum && sum > 0, "{v}");
+
+    let o = omr(&[
+        "plan",
+        "--config",
+        "configs/grpo/qwen2.5-vl-7b.toml",
+        "--model-config",
+        "configs/models/qwen2.5-vl-7b.json",
+        "--attention",
+        "fused",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("grpo.micro_batch_size = 4"), "{t}");
+}

@@ -392,6 +392,16 @@ pub fn count(p: &PlanInput) -> Activations {
     rms(&mut head, n * c, tl);
     head.add(1.0, labelled * c, s); // labelled rows gathered
     match p.attention {
+        AttentionImpl::Eager if p.grpo.is_some() => {
+            // GRPO's token scores (`Qwen2VL::head_logps`): logits, the f32 cast, / temperature,
+            // + the suppression bias, token_nll's shift and exp; then the entropy's log-softmax
+            // of the detached logits (outside the graph, freed as the forward ends): counted
+            // as two more.
+            head.add(1.0, labelled * vocab, s); // logits
+            cast(&mut head, labelled * vocab);
+            head.add(6.0, labelled * vocab, F32);
+            head.leak(1.0, labelled * vocab, F32); // the detached max
+        }
         AttentionImpl::Eager => {
             head.add(1.0, labelled * vocab, s); // logits
             cast(&mut head, labelled * vocab);
@@ -402,7 +412,8 @@ pub fn count(p: &PlanInput) -> Activations {
             // The fused kernels' linear cross-entropy (omr_kernels::linear_ce): no N × V
             // logits; dH and (for a head that trains) dW are computed in the forward (f32
             // sums) and kept for the backward, next to one logits tile (LceChunks::default,
-            // 2048 × 32768, f32).
+            // 2048 × 32768, f32). GRPO's linear log-prob (omr_kernels::linear_logp) makes the
+            // same dH, dW sums and tiles in its backward instead, and keeps (N) f32 sums.
             head.add(1.0, labelled * c, F32);
             if p.trainable.language {
                 head.add(1.0, vocab * c, F32);

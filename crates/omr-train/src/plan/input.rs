@@ -2,7 +2,7 @@
 //! ids, or the Hub's), the processor's max_pixels, the batching mode's rows and images.
 
 use super::{AttentionImpl, PlanInput, Trainable, QWEN_DEFAULT_MAX_PIXELS};
-use crate::config::{ModelInit, SftConfig};
+use crate::config::{ModelInit, ModelSection, SftConfig};
 use omr_data::collate::CollateMode;
 use omr_model::config::ModelConfig;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub fn input_from_sft(
     o: &PlanOptions,
 ) -> Result<(PlanInput, Vec<String>), String> {
     let mut notes = Vec::new();
-    let model = model_config(cfg, o.model_config.as_deref(), &mut notes)?;
+    let model = model_config(&cfg.model, o.model_config.as_deref(), &mut notes)?;
     let b = &cfg.data.batch;
     let process_len = cfg.data.process.max_length;
     let (seq, per_row) = match b.mode {
@@ -72,6 +72,7 @@ pub fn input_from_sft(
         recompute_attention: cfg.train.recompute_attention,
         kept_decoder_layers: cfg.train.kept_decoder_layers.planned(),
         grad_accum: cfg.train.grad_accum,
+        grpo: None,
     };
     // Image tokens (and their start/end markers) never fit in more than a row.
     while input.images_per_row > 0 && input.image_tokens_per_row() + 2 * input.images_per_row > seq
@@ -94,8 +95,8 @@ pub fn input_from_sft(
 
 /// The model's config.json: `--model-config`, the tiny spec, a local folder, a fixture under
 /// configs/models/ for the Hub ids we ship, or the Hugging Face cache.
-fn model_config(
-    cfg: &SftConfig,
+pub(super) fn model_config(
+    m: &ModelSection,
     explicit: Option<&Path>,
     notes: &mut Vec<String>,
 ) -> Result<ModelConfig, String> {
@@ -106,7 +107,6 @@ fn model_config(
     if let Some(p) = explicit {
         return read(p, notes);
     }
-    let m = &cfg.model;
     if m.init == ModelInit::Tiny {
         let proc = Path::new(&m.processor);
         let ids = omr_model::tiny::TokenIds::from_tokenizer_dir(proc).map_err(|e| {
@@ -163,7 +163,7 @@ pub fn configs_dir() -> PathBuf {
 }
 
 /// max_pixels of the processor folder's preprocessor_config.json, else the Qwen default.
-fn processor_max_pixels(dir: &Path, notes: &mut Vec<String>) -> u64 {
+pub(super) fn processor_max_pixels(dir: &Path, notes: &mut Vec<String>) -> u64 {
     let path = dir.join("preprocessor_config.json");
     let found = std::fs::read_to_string(&path)
         .ok()
@@ -188,41 +188,63 @@ fn processor_max_pixels(dir: &Path, notes: &mut Vec<String>) -> u64 {
     }
 }
 
-/// `[train] kept_decoder_layers = "auto"` for a run on a device of `device_bytes`: the most
-/// decoder layers whose activations fit next to everything else at the config's worst case
-/// ([`super::most_kept_decoder_layers`], 1 GiB kept free as `omr plan` does), with the run's
-/// compute dtype and attention. 0 without decoder checkpointing or when even full
-/// checkpointing does not fit. Also a line for the log saying why.
-pub fn auto_kept_decoder_layers(
-    cfg: &SftConfig,
-    compute_bytes: u64,
-    attention: AttentionImpl,
-    device_bytes: u64,
-) -> Result<(usize, String), String> {
+/// `[train] kept_decoder_layers` of a run on `rt`'s device: the count given, or for "auto" the
+/// most the plan finds room for ([`auto_kept_decoder_layers`] on the input `input` builds from
+/// the run's compute dtype and kernels), logged with why. "auto" on a device whose memory is
+/// unknown recomputes every checkpointed layer (and warns).
+pub fn run_kept_decoder_layers(
+    kept: super::KeptLayers,
+    rt: &crate::runtime::Runtime,
+    input: impl FnOnce(&PlanOptions) -> Result<(PlanInput, Vec<String>), String>,
+) -> Result<usize, String> {
+    let super::KeptLayers::Auto = kept else {
+        return Ok(kept.planned());
+    };
+    let Some(bytes) = rt.device_memory() else {
+        tracing::warn!(
+            "kept_decoder_layers = \"auto\": the device's memory is unknown; every \
+             checkpointed decoder layer is recomputed"
+        );
+        return Ok(0);
+    };
     let opts = PlanOptions {
         model_config: None,
-        compute_bytes,
-        attention,
+        compute_bytes: rt.compute.size_in_bytes() as u64,
+        attention: match rt.kernels {
+            omr_model::Kernels::Fused => AttentionImpl::Fused,
+            omr_model::Kernels::Candle => AttentionImpl::Eager,
+        },
         max_pixels: None,
         images_per_row: None,
     };
-    let (input, _) = input_from_sft(cfg, &opts)?;
+    let (input, _) = input(&opts)?;
+    let (n, why) = auto_kept_decoder_layers(&input, bytes);
+    tracing::info!("{why}");
+    Ok(n)
+}
+
+/// `[train] kept_decoder_layers = "auto"` for the run `input` plans on a device of
+/// `device_bytes`: the most decoder layers whose activations fit next to everything else at the
+/// config's worst case ([`super::most_kept_decoder_layers`], 1 GiB kept free as `omr plan`
+/// does). 0 without decoder checkpointing or when even full checkpointing does not fit. Also a
+/// line for the log saying why.
+pub fn auto_kept_decoder_layers(input: &PlanInput, device_bytes: u64) -> (usize, String) {
     let usable = device_bytes.saturating_sub(super::GIB as u64);
     let layers = input.model.text.num_hidden_layers;
     let gib = |b: u64| b as f64 / super::GIB;
-    let Some((n, peak)) = super::most_kept_decoder_layers(&input, usable) else {
+    let Some((n, peak)) = super::most_kept_decoder_layers(input, usable) else {
         let why = if input.checkpointing.decoder() {
             format!(
                 "the plan's peak with every layer recomputed is {:.2} GiB, over the {:.2} GiB usable",
-                gib(super::worst_case(&input).1.peak),
+                gib(super::worst_case(input).1.peak),
                 gib(usable)
             )
         } else {
             "no decoder checkpointing".to_string()
         };
-        return Ok((0, format!("kept_decoder_layers = \"auto\": 0 ({why})")));
+        return (0, format!("kept_decoder_layers = \"auto\": 0 ({why})"));
     };
-    Ok((
+    (
         n,
         format!(
             "kept_decoder_layers = \"auto\": {n} of {layers} decoder layers not recomputed \
@@ -230,5 +252,5 @@ pub fn auto_kept_decoder_layers(
             gib(peak),
             gib(usable)
         ),
-    ))
+    )
 }

@@ -31,10 +31,34 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
         },
         p.grad_accum
     );
-    for (title, rows, total) in [
+    if let Some(g) = &p.grpo {
+        let _ = writeln!(
+            out,
+            "GRPO: policy rows of {} prompt + {} completion tokens ({} scored), {} rows per \
+             generation call, {}",
+            g.prompt_tokens,
+            g.completion_tokens,
+            p.labelled,
+            g.rollout_rows,
+            if g.reference {
+                "frozen reference model"
+            } else {
+                "no reference model"
+            }
+        );
+    }
+    let mut phases = vec![
         ("forward + backward", &plan.train_rows, plan.train_peak),
         ("optimizer step", &plan.optim_rows, plan.optim_peak),
-    ] {
+    ];
+    if !plan.rollout_rows.is_empty() {
+        phases.push((
+            "rollout (generation)",
+            &plan.rollout_rows,
+            plan.rollout_peak,
+        ));
+    }
+    for (title, rows, total) in phases {
         let _ = writeln!(out, "\n| {title:<30} | {:>10} | {:<48} |", "GiB", "");
         let _ = writeln!(out, "|{:-<32}|{:->12}|{:-<50}|", "", "", "");
         for r in rows.iter() {
@@ -59,11 +83,7 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
         out,
         "\npeak {:.2} GiB ({}) vs device {:.2} GiB − {:.2} GiB headroom = {:.2} GiB usable: {}",
         gib(plan.peak),
-        if plan.train_peak >= plan.optim_peak {
-            "forward + backward"
-        } else {
-            "optimizer step"
-        },
+        peak_phase(plan),
         gib(device_bytes),
         gib(headroom),
         gib(usable),
@@ -74,6 +94,17 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
         }
     );
     out
+}
+
+/// The phase the peak is in.
+pub fn peak_phase(plan: &Plan) -> &'static str {
+    if plan.rollout_peak > plan.train_peak.max(plan.optim_peak) {
+        "rollout (generation)"
+    } else if plan.train_peak >= plan.optim_peak {
+        "forward + backward"
+    } else {
+        "optimizer step"
+    }
 }
 
 /// With decoder checkpointing, the most decoder layers that can keep their activations (not be
@@ -172,11 +203,41 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
             try_with(&|q| {
                 q.labelled = q.labelled / q.batch * half;
                 q.batch = half;
+                q.grad_accum *= 2;
             }),
-            format!("data.batch.batch_size = {half} (and double train.grad_accum)"),
+            match p.grpo {
+                None => format!("data.batch.batch_size = {half} (and double train.grad_accum)"),
+                Some(_) => format!("grpo.micro_batch_size = {half}"),
+            },
         );
     }
-    if p.seq >= 256 {
+    if let Some(g) = p.grpo.as_ref().filter(|g| g.rollout_rows > 1) {
+        let half = g.rollout_rows / 2;
+        push(
+            &mut out,
+            try_with(&|q| {
+                if let Some(g) = q.grpo.as_mut() {
+                    g.rollout_rows = half;
+                }
+            }),
+            format!("grpo.generation_batch_size = {half}"),
+        );
+    }
+    if let Some(g) = p.grpo.as_ref().filter(|g| g.completion_tokens >= 256) {
+        let half = g.completion_tokens / 2;
+        push(
+            &mut out,
+            try_with(&|q| {
+                q.seq -= half;
+                q.labelled = q.labelled / (half * 2) * half;
+                if let Some(g) = q.grpo.as_mut() {
+                    g.completion_tokens = half;
+                }
+            }),
+            format!("grpo.max_completion_length = {half}"),
+        );
+    }
+    if p.seq >= 256 && p.grpo.is_none() {
         let half = p.seq / 2;
         push(
 &mut out,

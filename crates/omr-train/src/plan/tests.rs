@@ -33,6 +33,7 @@ fn input(model: ModelConfig, batch: usize, seq: usize, side: usize) -> PlanInput
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: 1,
+        grpo: None,
     }
 }
 
@@ -360,8 +361,15 @@ fn auto_kept_decoder_layers_follows_the_device_memory() {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         SftConfig::load(&root, &sets).unwrap()
     };
+    let opts = PlanOptions {
+        model_config: None,
+        compute_bytes: 2,
+        attention: AttentionImpl::Fused,
+        max_pixels: None,
+        images_per_row: None,
+    };
     let auto = |cfg: &SftConfig, bytes: u64| {
-        auto_kept_decoder_layers(cfg, 2, AttentionImpl::Fused, bytes).unwrap()
+        auto_kept_decoder_layers(&input_from_sft(cfg, &opts).unwrap().0, bytes)
     };
     let plain = load(&["train.kept_decoder_layers=auto"]);
     let (n, why) = auto(&plain, u64::MAX);
@@ -428,4 +436,89 @@ fn suggestions_name_the_kept_layers_and_attentions() {
             .any(|t| t.contains("kept_decoder_layers") || t.contains("recompute_attention")),
         "{tips:?}"
     );
+}
+
+fn grpo_7b(sets: &[&str]) -> PlanInput {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let cfg =
+        crate::grpo_config::GrpoConfig::load(&root.join("grpo/qwen2.5-vl-7b.toml"), &sets).unwrap();
+    let opts = PlanOptions {
+        model_config: Some(root.join("models/qwen2.5-vl-7b.json")),
+        compute_bytes: 2,
+        attention: AttentionImpl::Fused,
+        max_pixels: Some(1_003_520),
+        images_per_row: None,
+    };
+    input_from_grpo(&cfg, &opts).unwrap().0
+}
+
+/// A GRPO config plans its policy update (micro_batch_size rows of prompt + completion, only
+/// the completion tokens scored, one micro-batch of the rollout batch's rows each), its frozen
+/// reference (beta > 0) and its rollout phase (the KV cache of a generation call at full length),
+/// each hand-counted here for the 7B preset.
+#[test]
+fn grpo_plan_adds_the_reference_and_the_rollout_phase() {
+    let p = grpo_7b(&[]);
+    assert_eq!((p.batch, p.seq, p.labelled), (8, 4096 + 1024, 8 * 1024));
+    assert_eq!(
+        p.grad_accum,
+        32 * 8 / 8,
+        "256 rollout rows in micro-batches of 8"
+    );
+    // Text-only rows still score only the completions.
+    assert_eq!(text_only(&p).labelled, 8 * 1024);
+    let g = p.grpo.clone().unwrap();
+    assert_eq!((g.rollout_rows, g.reference), (128, true));
+    let plan_ = plan(&p);
+    let by = |rows: &[Row], c: &str| rows.iter().find(|r| r.category == c).map(|r| r.bytes);
+    let n = 8_292_166_656u64;
+    assert_eq!(by(&plan_.train_rows, "reference model"), Some(2 * n));
+    assert_eq!(by(&plan_.optim_rows, "reference model"), Some(2 * n));
+    // 128 rows × 5120 tokens × (28 + 1) layers × K and V × 4 kv heads × 128 × bf16.
+    assert_eq!(
+        by(&plan_.rollout_rows, "generation KV cache"),
+        Some(128 * 5120 * 29 * 2 * 4 * 128 * 2)
+    );
+    assert!(plan_.rollout_peak > 0 && plan_.peak >= plan_.rollout_peak);
+    // No KL: no reference anywhere.
+    let no_kl = plan(&grpo_7b(&["objective.beta=0.0"]));
+    assert_eq!(by(&no_kl.train_rows, "reference model"), None);
+    assert_eq!(plan_.peak - no_kl.peak, 2 * n);
+    // SFT plans have no rollout phase.
+    let sft = plan(&input(shipped("qwen2.5-vl-7b.json"), 1, 512, 16));
+    assert!(sft.rollout_rows.is_empty() && sft.rollout_peak == 0);
+}
+
+/// When generation is the peak (a large generation_batch_size), the plan says so and suggests
+/// a smaller one; halving the micro-batch is named in GRPO's terms.
+#[test]
+fn grpo_rollout_peak_and_suggestions() {
+    let p = grpo_7b(&[
+        "grpo.generation_batch_size=1024",
+        "train.activation_checkpointing=\"all\"",
+    ]);
+    let plan_ = plan(&p);
+    assert_eq!(peak_phase(&plan_), "rollout (generation)");
+    let tips = suggestions(&p, &plan_, plan_.peak / 2);
+    assert!(
+        tips.iter()
+            .any(|t| t.starts_with("grpo.generation_batch_size = 512")),
+        "{tips:?}"
+    );
+    let p = grpo_7b(&[]);
+    let plan_ = plan(&p);
+    assert_eq!(peak_phase(&plan_), "forward + backward");
+    let tips = suggestions(&p, &plan_, plan_.peak / 2);
+    assert!(
+        tips.iter()
+            .any(|t| t.starts_with("grpo.micro_batch_size = 4")),
+        "{tips:?}"
+    );
+    assert!(
+        tips.iter()
+            .any(|t| t.starts_with("grpo.max_completion_length = 512")),
+        "{tips:?}"
+    );
+    assert!(!tips.iter().any(|t| t.contains("data.batch")), "{tips:?}");
 }

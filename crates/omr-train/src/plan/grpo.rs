@@ -1,0 +1,144 @@
+//! The plan of a GRPO run (`omr plan` on a GRPO config; `kept_decoder_layers = "auto"` in
+//! `omr grpo`): the policy update is a training step like SFT's on a micro-batch of
+//! `grpo.micro_batch_size` rows of prompt + completion, with only the completion tokens scored
+//! (GRPO's token log-probabilities instead of the cross-entropy), plus what SFT does not have:
+//! - the frozen reference model of the KL term (`objective.beta > 0`), in the compute dtype,
+//!   resident for the whole run (`grpo/reference.rs`);
+//! - the rollout phase: `grpo.generation_batch_size` rows generated with the key/value cache
+//!   (`omr_model::generate`), while the optimizer state is resident but no activations are.
+//!
+//! Worst case of the data, as for SFT: every prompt `data.process.max_length` tokens with one
+//! image at the processor's max_pixels, every completion `grpo.max_completion_length` tokens.
+
+use super::input::{model_config, processor_max_pixels};
+use super::{AttentionImpl, PlanInput, PlanOptions, Row, Trainable, F32};
+use crate::grpo_config::GrpoConfig;
+
+/// What a GRPO run adds to the policy update's [`PlanInput`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpoShape {
+    /// `objective.beta > 0`: a frozen copy of the initial weights in the compute dtype.
+    pub reference: bool,
+    /// Rows per generation call (`grpo.generation_batch_size`).
+    pub rollout_rows: usize,
+    /// Prompt tokens of a row (worst case: `data.process.max_length`).
+    pub prompt_tokens: usize,
+    /// Completion tokens of a row (`grpo.max_completion_length`): the rows the head scores.
+    pub completion_tokens: usize,
+}
+
+/// The plan input of a GRPO config: the policy update's micro-batch, its GRPO shape, and
+/// notes on where each number came from.
+pub fn input_from_grpo(
+    cfg: &GrpoConfig,
+    o: &PlanOptions,
+) -> Result<(PlanInput, Vec<String>), String> {
+    let mut notes = Vec::new();
+    let model = model_config(&cfg.model, o.model_config.as_deref(), &mut notes)?;
+    let g = &cfg.grpo;
+    let prompt = cfg.data.process.max_length;
+    let seq = prompt + g.max_completion_length;
+    let max_pixels = match o.max_pixels {
+        Some(m) => {
+            notes.push(format!("max_pixels {m} (--max-pixels)"));
+            m
+        }
+        None => processor_max_pixels(std::path::Path::new(cfg.model.processor_ref()), &mut notes),
+    };
+    let v = &model.vision;
+    let unit_px = (v.patch_size * v.spatial_merge_size) as u64;
+    // One image per prompt, no more image tokens than the prompt holds.
+    let tokens = ((max_pixels / (unit_px * unit_px)) as usize).min(prompt.saturating_sub(2));
+    let gh = (tokens as f64).sqrt().floor().max(1.0) as usize;
+    let gw = (tokens / gh).max(1);
+    let merge = v.spatial_merge_size;
+    let batch = g.micro_batch_size;
+    let input = PlanInput {
+        model,
+        batch,
+        seq,
+        images_per_row: o.images_per_row.unwrap_or(1),
+        image_hw: (gh * merge, gw * merge),
+        labelled: batch * g.max_completion_length,
+        trainable: Trainable {
+            vision: !cfg.model.freeze_vision && cfg.model.lora.is_none(),
+            merger: !cfg.model.freeze_merger && cfg.model.lora.is_none(),
+            language: !cfg.model.freeze_language && cfg.model.lora.is_none(),
+        },
+        lora: cfg.model.lora.clone(),
+        compute_bytes: o.compute_bytes,
+        attention: o.attention,
+        checkpointing: cfg.train.activation_checkpointing,
+        recompute_attention: cfg.train.recompute_attention,
+        kept_decoder_layers: cfg.train.kept_decoder_layers.planned(),
+        // Micro-batches of one update: several when a rollout batch has more rows.
+        grad_accum: (g.prompts_per_step * g.group_size).div_ceil(batch.max(1)) as u64,
+        grpo: Some(GrpoShape {
+            reference: cfg.objective.beta > 0.0,
+            rollout_rows: g.generation_batch_size,
+            prompt_tokens: prompt,
+            completion_tokens: g.max_completion_length,
+        }),
+    };
+    notes.push(format!(
+        "policy update: {batch} rows of {prompt} prompt + {} completion tokens ({} image tokens), \
+         {} scored; rollouts of {} rows; {}",
+        g.max_completion_length,
+        input.image_tokens_per_row(),
+        input.labelled,
+        g.generation_batch_size,
+        if cfg.objective.beta > 0.0 {
+            "a frozen reference model (objective.beta > 0)"
+        } else {
+            "no reference model (objective.beta = 0)"
+        }
+    ));
+    Ok((input, notes))
+}
+
+/// Bytes of the frozen reference: every weight (and adapter) in the compute dtype.
+pub(super) fn reference_bytes(p: &PlanInput, total: u64, lora: u64) -> u64 {
+    match &p.grpo {
+        Some(g) if g.reference => (total + lora) * p.compute_bytes,
+        _ => 0,
+    }
+}
+
+/// The rollout phase beyond the resident state: the key/value cache of a generation call at
+/// full length (and one layer's copy while `Tensor::cat` extends it), and the working set of the
+/// no-grad prefill, one decoder layer at a time over every prompt token (its attention scores
+/// too on the eager path), plus the step's last-position logits.
+pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
+    let t = &p.model.text;
+    let s = p.compute_bytes;
+    let (rows, len) = (
+        g.rollout_rows as u64,
+        (g.prompt_tokens + g.completion_tokens) as u64,
+    );
+    let layers = t.num_hidden_layers as u64;
+    let kv_dim = (t.num_key_value_heads * t.head_dim) as u64;
+    let per_layer = rows * len * 2 * kv_dim * s;
+    let cache = per_layer * (layers + 1);
+    let tokens = rows * g.prompt_tokens as u64;
+    let (c, inter) = (t.hidden_size as u64, t.intermediate_size as u64);
+    // Residual, normed input, q, k, v, attention output, gate, up, the SwiGLU product.
+    let q_dim = (t.num_attention_heads * t.head_dim) as u64;
+    let mut prefill = tokens * (2 * c + q_dim + 2 * kv_dim + q_dim + 3 * inter) * s;
+    if p.attention == AttentionImpl::Eager {
+        let tp = g.prompt_tokens as u64;
+        prefill += 2 * rows * t.num_attention_heads as u64 * tp * tp * F32;
+    }
+    let logits = rows * t.vocab_size as u64 * (s + F32);
+    vec![
+        Row {
+            category: "generation KV cache".into(),
+            bytes: cache,
+            note: format!("{rows} rows × {len} tokens × {layers} layers, +1 extending"),
+        },
+        Row {
+            category: "generation prefill + logits".into(),
+            bytes: prefill + logits,
+            note: format!("a layer over {tokens} prompt tokens, no graph"),
+        },
+    ]
+}
