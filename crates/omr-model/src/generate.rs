@@ -101,6 +101,7 @@ pub fn generate_with(
     }
     let ctx = Ctx {
         dropout_seed: None,
+        no_grad: true,
         ..*ctx
     };
     let pos = prompts.positions(&model.cfg)?;
@@ -116,10 +117,16 @@ pub fn generate_with(
     let mut live: Vec<usize> = (0..b).collect();
     let mut cache = KvCache::default();
 
-    let x = model.embed(prompts, &ctx)?;
-    let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache, &ctx)?;
-    let t = h.dim(1)?;
-    let mut logits = model.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?;
+    // The prefill; the prompt's embeddings and hidden states are freed once the first logits
+    // exist (detached: nothing of the prefill is kept but the cache).
+    let mut logits = {
+        let x = model.embed(prompts, &ctx)?.detach();
+        let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache, &ctx)?;
+        let t = h.dim(1)?;
+        model
+            .logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?
+            .detach()
+    };
 
     for step in 0..cfg.max_new_tokens {
         let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -161,7 +168,7 @@ pub fn generate_with(
         for p in next_pos.iter_mut() {
             *p += 1;
         }
-        logits = model.logits(&h.squeeze(1)?, &ctx)?;
+        logits = model.logits(&h.squeeze(1)?, &ctx)?.detach();
     }
     Ok(out)
 }

@@ -47,6 +47,11 @@ pub struct Ctx {
     /// generation). The mask of a layer depends only on (seed, layer name), so a forward is
     /// reproducible, and a recomputed forward (activation checkpointing) draws the same masks.
     pub dropout_seed: Option<u64>,
+    /// Nothing will backpropagate through this forward (generation, a frozen reference's
+    /// scores): each decoder layer's and vision block's output is detached, so candle frees a
+    /// block's intermediates as soon as the next block starts instead of keeping the whole
+    /// forward's graph (the weights are variables, so every op output tracks them).
+    pub no_grad: bool,
 }
 
 impl Linear {

@@ -201,6 +201,7 @@ impl Qwen2VL {
         Ctx {
             kernels: self.kernels,
             dropout_seed: None,
+            no_grad: false,
         }
     }
 
@@ -319,7 +320,7 @@ impl Qwen2VL {
             // Fused linear cross-entropy: no (N, V) logits; a frozen head (not tracked) costs
             // no weight-gradient products.
             let targets = Tensor::from_vec(targets, (n,), &self.device)?;
-            let w = head.weight.to_dtype(picked.dtype())?;
+            let w = no_grad_if(head.weight.to_dtype(picked.dtype())?, ctx);
             let sum = fused::linear_ce(&picked, &w, &targets)?;
             return Ok((sum, n));
         }
@@ -358,7 +359,7 @@ impl Qwen2VL {
         let bias = Tensor::from_vec(bias, v, dev)?;
         let head = &self.lm_head;
         if ctx.kernels == Kernels::Fused && head.lora.is_none() && head.bias.is_none() {
-            let w = head.weight.to_dtype(h.dtype())?;
+            let w = no_grad_if(head.weight.to_dtype(h.dtype())?, ctx);
             let t = Tensor::from_vec(targets.to_vec(), k, dev)?;
             let (logp, entropy) = fused::linear_logp(h, &w, &t, (1.0 / temperature) as f32, &bias)?;
             let entropy = entropy.sum_all()?.to_scalar::<f32>()? as f64;
@@ -443,5 +444,14 @@ impl Qwen2VL {
                 }
             }
         })
+    }
+}
+
+/// `t` detached under `ctx.no_grad`: a fused head then skips its weight-gradient products.
+fn no_grad_if(t: Tensor, ctx: &Ctx) -> Tensor {
+    if ctx.no_grad {
+        t.detach()
+    } else {
+        t
     }
 }

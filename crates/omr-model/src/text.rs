@@ -170,8 +170,12 @@ impl TextModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(c, &x, tables, lc, ctx)?;
+            if ctx.no_grad {
+                x = x.detach();
+            }
         }
-        self.final_norm(&x, ctx)
+        let h = self.final_norm(&x, ctx)?;
+        Ok(if ctx.no_grad { h.detach() } else { h })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -292,7 +296,8 @@ impl Layer {
 }
 
 /// Keys and values of the cache followed by this pass's, concatenated along the sequence axis
-/// `seq_dim`; the cache keeps them for the next pass.
+/// `seq_dim`; the cache keeps them, detached, for the next pass (nothing backpropagates through
+/// a cache: kept with their graph, every step's would reach back to every earlier step's).
 fn extend(
     cache: Option<&mut LayerCache>,
     k: Tensor,
@@ -309,7 +314,7 @@ fn extend(
         ),
         _ => (k, v),
     };
-    lc.k = Some(k.clone());
-    lc.v = Some(v.clone());
+    lc.k = Some(k.detach());
+    lc.v = Some(v.detach());
     Ok((k, v))
 }

@@ -225,8 +225,12 @@ impl VisionTower {
         let (mut x, run) = self.embed(pixel_values, grids, ctx)?;
         for i in 0..self.blocks.len() {
             x = self.block(i, &x, &run, ctx)?;
+            if ctx.no_grad {
+                x = x.detach();
+            }
         }
-        self.merge(&x, &run, ctx)
+        let out = self.merge(&x, &run, ctx)?;
+        Ok(if ctx.no_grad { out.detach() } else { out })
     }
 
     pub fn num_blocks(&self) -> usize {

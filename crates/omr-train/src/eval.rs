@@ -121,7 +121,12 @@ pub fn eval_loss(
         let rows: Vec<Vec<&Encoded>> = chunk.iter().map(|e| vec![e]).collect();
         let b = collate(&rows, pad_id, 8);
         let (input, labels) = batch::to_input(&b, model.device())?;
-        let (s, n) = model.loss(&input, &labels, &model.ctx())?;
+        // No backward: one layer's intermediates at a time.
+        let ctx = omr_model::linear::Ctx {
+            no_grad: true,
+            ..model.ctx()
+        };
+        let (s, n) = model.loss(&input, &labels, &ctx)?;
         sum += s.to_scalar::<f32>()? as f64;
         count += n;
     }

@@ -275,9 +275,19 @@ pub fn run_with(
                 };
                 let ref_logp = match &reference {
                     Some((r, _)) => Some(
-                        completion_logps(r, &b, g.temperature, &suppress, &r.ctx())?
-                            .0
-                            .detach(),
+                        completion_logps(
+                            r,
+                            &b,
+                            g.temperature,
+                            &suppress,
+                            // Scores only: one layer's intermediates at a time.
+                            &Ctx {
+                                no_grad: true,
+                                ..r.ctx()
+                            },
+                        )?
+                        .0
+                        .detach(),
                     ),
                     None => None,
                 };

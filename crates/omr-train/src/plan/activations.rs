@@ -47,6 +47,9 @@ pub struct Activations {
     pub vision_block: u64,
     /// All vision blocks (checkpointing applied).
     pub vision_blocks: u64,
+    /// The largest vision block (a full-attention one with eager scores): what a no-grad
+    /// forward holds at once (GRPO's rollouts, `plan/grpo.rs`).
+    pub vision_block_max: u64,
     /// Merger (norm, two linears, GELU) and the image-order permutation.
     pub merger: u64,
     /// Token embeddings, image-feature scatter, M-RoPE tables, the attention mask.
@@ -181,6 +184,7 @@ pub fn count(p: &PlanInput) -> Activations {
 
     // ---- vision ----------------------------------------------------------------------------
     let (mut vision_stem, mut vision_block, mut vision_blocks, mut merger) = (0, 0, 0, 0);
+    let mut vision_block_max = 0;
     let patches = p.patches() as u64;
     if patches > 0 {
         let cv = v.hidden_size as u64;
@@ -256,6 +260,7 @@ pub fn count(p: &PlanInput) -> Activations {
             lin(&mut blk, patches, cv, true, tv);
             blk.add(1.0, patches * cv, s); // residual
             blocks_total += blk.bytes;
+            vision_block_max = vision_block_max.max(blk.bytes);
             block_stages.push(Stage {
                 name: "vision block",
                 leak: blk.leak,
@@ -435,6 +440,7 @@ pub fn count(p: &PlanInput) -> Activations {
         vision_stem,
         vision_block,
         vision_blocks,
+        vision_block_max,
         merger,
         text_stem: stem.bytes,
         decoder_layer: layer.bytes,

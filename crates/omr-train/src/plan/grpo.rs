@@ -11,7 +11,7 @@
 //! image at the processor's max_pixels, every completion `grpo.max_completion_length` tokens.
 
 use super::input::{model_config, processor_max_pixels};
-use super::{AttentionImpl, PlanInput, PlanOptions, Row, Trainable, F32};
+use super::{PlanInput, PlanOptions, Row, Trainable, F32};
 use crate::grpo_config::GrpoConfig;
 
 /// What a GRPO run adds to the policy update's [`PlanInput`].
@@ -104,31 +104,70 @@ pub(super) fn reference_bytes(p: &PlanInput, total: u64, lora: u64) -> u64 {
     }
 }
 
-/// The rollout phase beyond the resident state: the key/value cache of a generation call at
-/// full length (and one layer's copy while `Tensor::cat` extends it), and the working set of the
-/// no-grad prefill, one decoder layer at a time over every prompt token (its attention scores
-/// too on the eager path), plus the step's last-position logits.
+/// The rollout phase beyond the resident state, the largest of its three moments. Generation
+/// runs with `Ctx::no_grad` (`omr_model::generate`): each decoder layer's and vision block's
+/// output is detached, so a block's intermediates live until the block ends, as many as a
+/// training forward keeps of that block ([`super::activations`] on the rollout's shapes):
+/// - the vision tower over every row's image: the pixel values' compute-dtype copy, the
+///   residual stream and the largest block (the f32 pixel values live through the whole call);
+/// - the decoder's prefill over every prompt token: the key/value cache of the prompt, the
+///   stem (embeddings, rotary tables, mask) and one decoder layer;
+/// - the last decoding step: the key/value cache at full length, one layer's copy while
+///   `Tensor::cat` extends it, and the step's logits (compute dtype and the f32 copy read back).
+///
+/// Checked against a counting allocator on the CPU (`tests/plan_memory.rs`).
 pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     let t = &p.model.text;
     let s = p.compute_bytes;
-    let (rows, len) = (
-        g.rollout_rows as u64,
+    let rows = g.rollout_rows as u64;
+    let (tp, len) = (
+        g.prompt_tokens as u64,
         (g.prompt_tokens + g.completion_tokens) as u64,
     );
     let layers = t.num_hidden_layers as u64;
     let kv_dim = (t.num_key_value_heads * t.head_dim) as u64;
-    let per_layer = rows * len * 2 * kv_dim * s;
-    let cache = per_layer * (layers + 1);
-    let tokens = rows * g.prompt_tokens as u64;
-    let (c, inter) = (t.hidden_size as u64, t.intermediate_size as u64);
-    // Residual, normed input, q, k, v, attention output, gate, up, the SwiGLU product.
-    let q_dim = (t.num_attention_heads * t.head_dim) as u64;
-    let mut prefill = tokens * (2 * c + q_dim + 2 * kv_dim + q_dim + 3 * inter) * s;
-    if p.attention == AttentionImpl::Eager {
-        let tp = g.prompt_tokens as u64;
-        prefill += 2 * rows * t.num_attention_heads as u64 * tp * tp * F32;
-    }
+    let cache_per_token = 2 * kv_dim * s * layers;
+
+    // Decoding's last step.
+    let cache = rows * len * cache_per_token + rows * len * 2 * kv_dim * s;
     let logits = rows * t.vocab_size as u64 * (s + F32);
+    let decode = cache + logits;
+
+    // The prompts' forward, as a training forward of these shapes counts it.
+    let mut probe = p.clone();
+    probe.batch = g.rollout_rows;
+    probe.seq = g.prompt_tokens;
+    probe.labelled = 0;
+    probe.checkpointing = super::Checkpointing::None;
+    probe.kept_decoder_layers = 0;
+    probe.grpo = None;
+    let acts = super::activations::count(&probe);
+    let prefill = rows * tp * cache_per_token + acts.text_stem + acts.decoder_layer;
+    let patches = probe.patches() as u64;
+    let v = &p.model.vision;
+    // The pixel values' compute-dtype copy (none in f32), the residual stream, one block.
+    let cast = if s == F32 { 0 } else { s };
+    let vision = if patches > 0 {
+        patches * v.patch_dim() as u64 * cast
+            + patches * v.hidden_size as u64 * s
+            + acts.vision_block_max
+    } else {
+        0
+    };
+
+    // The prompts' pixel values (f32) live through the whole call.
+    let pixels = patches * v.patch_dim() as u64 * F32;
+    let peak = decode.max(prefill).max(vision);
+    let (moment, when) = if peak == decode {
+        (0, "none: the last decoding step is the peak")
+    } else if peak == prefill {
+        (
+            prefill - decode,
+            "the prefill: prompt cache, stem, one layer",
+        )
+    } else {
+        (vision - decode, "the vision tower: pixels, one block")
+    };
     vec![
         Row {
             category: "generation KV cache".into(),
@@ -136,9 +175,19 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
             note: format!("{rows} rows × {len} tokens × {layers} layers, +1 extending"),
         },
         Row {
-            category: "generation prefill + logits".into(),
-            bytes: prefill + logits,
-            note: format!("a layer over {tokens} prompt tokens, no graph"),
+            category: "generation logits".into(),
+            bytes: logits,
+            note: format!("{rows} rows × {} vocab, the last step", t.vocab_size),
+        },
+        Row {
+            category: "prompt pixel values".into(),
+            bytes: pixels,
+            note: format!("{patches} patches (f32), through the whole call"),
+        },
+        Row {
+            category: "generation peak beyond these".into(),
+            bytes: moment,
+            note: when.into(),
         },
     ]
 }
