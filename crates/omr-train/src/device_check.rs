@@ -8,7 +8,8 @@
 //! of every parameter are computed on the CPU with candle ops (the reference) and on `dev`
 //! with candle ops, with the fused kernels, with the fused kernels plus activation
 //! checkpointing of both stacks, and with each decoder layer as one op (`omr_model::block`),
-//! with and without checkpointing; and, with LoRA adapters on a frozen base, the fused
+//! with and without checkpointing; GRPO's head (the fused linear log-probabilities, per-token
+//! weights) on the padded batch, with and without checkpointing; and, with LoRA adapters on a frozen base, the fused
 //! per-op adapters and the one-op layers carrying them. Then two AdamW steps on the reference gradients, on the CPU
 //! with candle ops and on `dev` with the fused update, are compared by their parameter
 //! deltas. On the CPU the same comparisons run (the fused ops' CPU references against candle
@@ -34,7 +35,8 @@ pub struct ModelCheck {
     pub loss_err: f64,
     pub grad_err: f64,
     pub worst: String,
-    /// Fused ops that ran (attention + linear CE calls), to prove the fused path was taken.
+    /// Fused ops that ran (attention + linear CE + linear log-prob calls), to prove the fused
+    /// path was taken.
     pub fused_ops: usize,
 }
 
@@ -112,6 +114,16 @@ struct Run {
     fused_ops: usize,
 }
 
+/// The head a check trains through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// SFT's: the cross-entropy summed over labelled tokens (`Qwen2VL::head_loss`).
+    CrossEntropy,
+    /// GRPO's: Σ w · log p of each labelled token under softmax(logits / 0.7) with the vision
+    /// ids suppressed (`Qwen2VL::head_logps`), a fixed weight w per token (the advantage).
+    TokenLogps,
+}
+
 /// One pass, with the decoder layers as one op each when `block` (omr_model::block).
 #[allow(clippy::too_many_arguments)]
 fn run(
@@ -122,14 +134,45 @@ fn run(
     kernels: Kernels,
     recompute: Recompute,
     block: bool,
+    head: Head,
 ) -> crate::Result<Run> {
     let before = fused::calls();
     let mut r = omr_model::block::with_block_op(block, || {
-        pass(cfg, params, input, labels, kernels, recompute)
+        pass(cfg, params, input, labels, kernels, recompute, head)
     })?;
     let after = fused::calls();
-    r.fused_ops = (after.attention - before.attention) + (after.linear_ce - before.linear_ce);
+    r.fused_ops = (after.attention - before.attention)
+        + (after.linear_ce - before.linear_ce)
+        + (after.linear_logp - before.linear_logp);
     Ok(r)
+}
+
+/// GRPO's objective on the labelled tokens of `h` (see [`Head::TokenLogps`]) and their count.
+fn token_logps_objective(
+    model: &Qwen2VL,
+    h: &Tensor,
+    labels: &[Vec<i64>],
+    ctx: &Ctx,
+) -> omr_model::Result<(Tensor, usize)> {
+    let c = &model.cfg;
+    let (b, t, hidden) = h.dims3()?;
+    let (rows, targets) = omr_model::loss::shifted_targets(labels, c.text.vocab_size)?;
+    let k = rows.len();
+    let suppress: Vec<u32> = [
+        c.image_token_id,
+        c.video_token_id,
+        c.vision_start_token_id,
+        c.vision_end_token_id,
+    ]
+    .into_iter()
+    .filter(|id| !targets.contains(id))
+    .collect();
+    let idx = Tensor::from_vec(rows, k, h.device())?;
+    let picked = h.reshape((b * t, hidden))?.index_select(&idx, 0)?;
+    let (logp, _) = model.head_logps(&picked, &targets, 0.7, &suppress, ctx)?;
+    let w: Vec<f32> = (0..k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+    let w = Tensor::from_vec(w, k, h.device())?;
+    Ok(((logp * w)?.sum_all()?, k))
 }
 
 fn pass(
@@ -139,6 +182,7 @@ fn pass(
     labels: &[Vec<i64>],
     kernels: Kernels,
     recompute: Recompute,
+    head: Head,
 ) -> crate::Result<Run> {
     let model = Qwen2VL::new(cfg, params)?;
     let ctx = Ctx {
@@ -152,7 +196,10 @@ fn pass(
         .collect();
     let mut n = 0;
     let out = model.forward_backward::<crate::TrainError>(input, &ctx, recompute, &wrt, |h| {
-        let (sum, k) = model.head_loss(h, labels, &ctx)?;
+        let (sum, k) = match head {
+            Head::CrossEntropy => model.head_loss(h, labels, &ctx)?,
+            Head::TokenLogps => token_logps_objective(&model, h, labels, &ctx)?,
+        };
         n = k;
         Ok(sum)
     })?;
@@ -239,6 +286,7 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                 Kernels::Candle,
                 Recompute::NONE,
                 false,
+                Head::CrossEntropy,
             )?;
             for (kernels, recompute, block, label) in [
                 (Kernels::Candle, Recompute::NONE, false, "candle ops"),
@@ -270,12 +318,58 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                     "fused, one op, checkpointing",
                 ),
             ] {
-                let r = run(&cfg, &dev_params, din, labels, kernels, recompute, block)?;
+                let r = run(
+                    &cfg,
+                    &dev_params,
+                    din,
+                    labels,
+                    kernels,
+                    recompute,
+                    block,
+                    Head::CrossEntropy,
+                )?;
                 out.push(compare(
                     format!("{shape} {what}: {} {label}", dev_name(dev)),
                     &r,
                     &reference,
                 ));
+            }
+            if *what == "padded" {
+                // GRPO's head: the fused linear log-probabilities against the materialised
+                // logits of the CPU reference, with and without checkpointing.
+                let reference = run(
+                    &cfg,
+                    &cpu_params,
+                    cin,
+                    labels,
+                    Kernels::Candle,
+                    Recompute::NONE,
+                    false,
+                    Head::TokenLogps,
+                )?;
+                for (recompute, label) in [
+                    (Recompute::NONE, "fused, GRPO token log-probs"),
+                    (
+                        Recompute::ALL,
+                        "fused + checkpointing, GRPO token log-probs",
+                    ),
+                ] {
+                    let r = run(
+                        &cfg,
+                        &dev_params,
+                        din,
+                        labels,
+                        Kernels::Fused,
+                        recompute,
+                        false,
+                        Head::TokenLogps,
+                    )?;
+                    out.push(compare(
+                        format!("{shape} {what}: {} {label}", dev_name(dev)),
+                        &r,
+                        &reference,
+                    ));
+                }
             }
             if *what == "padded" {
                 out.push(optimizer_check(
@@ -299,6 +393,7 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
             Kernels::Candle,
             Recompute::NONE,
             false,
+            Head::CrossEntropy,
         )?;
         for (block, label) in [(false, "fused, LoRA"), (true, "fused, one op, LoRA")] {
             let r = run(
@@ -309,6 +404,7 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                 Kernels::Fused,
                 Recompute::NONE,
                 block,
+                Head::CrossEntropy,
             )?;
             out.push(compare(
                 format!("{shape} padded: {} {label}", dev_name(dev)),

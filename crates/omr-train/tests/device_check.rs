@@ -10,8 +10,16 @@ use omr_train::device_check::{format, model_checks, TOL};
 fn model_checks_pass_on_the_cpu() {
     let checks = model_checks(&Device::Cpu).unwrap();
     println!("{}", format(&checks));
-    // 2 shapes × 2 batches × 6 paths, two LoRA paths and one optimizer check per shape.
-    assert_eq!(checks.len(), 30);
+    // 2 shapes × 2 batches × 6 paths, two GRPO-head paths, two LoRA paths and one optimizer
+    // check per shape.
+    assert_eq!(checks.len(), 34);
+    assert_eq!(
+        checks
+            .iter()
+            .filter(|c| c.name.contains("GRPO token log-probs"))
+            .count(),
+        4
+    );
     assert_eq!(
         checks
             .iter()
