@@ -32,6 +32,7 @@ fn ptx_of(module: &str) -> Result<&'static str> {
         "grad_accum" => ptx!("grad_accum"),
         "rotary" => ptx!("rotary"),
         "linear_ce" => ptx!("linear_ce"),
+        "sample" => ptx!("sample"),
         "flash_attn" => ptx!("flash_attn"),
         "attn_softmax" => ptx!("attn_softmax"),
         "flash_mma" => ptx!("flash_mma"),

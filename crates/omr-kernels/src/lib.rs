@@ -12,6 +12,7 @@
 //! | rotary (M-RoPE and the vision 2-D rotary) fwd + bwd | [`rotary`] | `kernels/rotary.cu` |
 //! | fused linear cross-entropy (chunked, never N×V) | [`linear_ce`] | `kernels/linear_ce.cu` |
 //! | fused per-token log-probabilities and entropy (GRPO; chunked, never N×V) | [`linear_logp`] | `kernels/linear_ce.cu` |
+//! | one token per row by the Gumbel-max trick (generation, on the device) | [`sample`] | `kernels/sample.cu` |
 //! | attention fwd + bwd (causal, segments, window, GQA) | [`flash_attn`] (CUDA: [`flash_mma`] for bf16, else [`gemm_attn::gemm_attn`]) | `kernels/flash_attn.cu`, `kernels/attn_softmax.cu` |
 //!
 //! omr-model calls the forward-path ops (rmsnorm, swiglu, rotary, flash_attn, linear_ce) when
@@ -35,6 +36,7 @@ pub mod linear_logp;
 pub mod mask;
 pub mod rmsnorm;
 pub mod rotary;
+pub mod sample;
 pub mod swiglu;
 
 mod host;
