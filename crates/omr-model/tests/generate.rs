@@ -165,3 +165,91 @@ fn eos_stops_a_row_and_keeps_others_going() {
         }
     }
 }
+
+/// Plain sampling (temperature only: GRPO's default) draws on the logits' device by the
+/// Gumbel-max trick: seeded, another seed draws otherwise, and each token's log-probability is
+/// what a full forward over prompt + completion gives it under softmax(logits / temperature)
+/// with the suppressed ids excluded, which GRPO's importance ratio relies on.
+#[test]
+fn plain_sampling_is_seeded_and_its_log_probs_match_a_full_forward() {
+    let f = load();
+    let suppress = vec![f.model.cfg.image_token_id];
+    let cfg = SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 0.8,
+        seed: 5,
+        suppress_tokens: suppress.clone(),
+        ..Default::default()
+    };
+    let out = generate(&f.model, &prompts(&f), &cfg).unwrap();
+    let again = generate(&f.model, &prompts(&f), &cfg).unwrap();
+    let other = generate(
+        &f.model,
+        &prompts(&f),
+        &SamplingConfig {
+            seed: 6,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    for (x, y) in out.iter().zip(&again) {
+        assert_eq!((&x.tokens, &x.logprobs), (&y.tokens, &y.logprobs));
+    }
+    assert!(out.iter().zip(&other).any(|(x, y)| x.tokens != y.tokens));
+    let ids: Vec<Vec<u32>> = f
+        .inputs
+        .ids
+        .iter()
+        .zip(&out)
+        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
+        .collect();
+    let mask: Vec<Vec<u32>> = f
+        .inputs
+        .mask
+        .iter()
+        .zip(&out)
+        .map(|(m, c)| {
+            m.iter()
+                .copied()
+                .chain(c.tokens.iter().map(|_| 1))
+                .collect()
+        })
+        .collect();
+    let full = Input::padded(
+        ids,
+        &mask,
+        Some(f.inputs.pixels.clone()),
+        f.inputs.grids.clone(),
+    )
+    .unwrap();
+    let logits = f.model.forward(&full, &Ctx::default()).unwrap();
+    let t = f.inputs.ids[0].len();
+    let mut worst = 0f64;
+    for (b, c) in out.iter().enumerate() {
+        for (s, (&tok, &lp)) in c.tokens.iter().zip(&c.logprobs).enumerate() {
+            assert!(!suppress.contains(&tok));
+            let row: Vec<f32> = logits
+                .get(b)
+                .unwrap()
+                .get(t - 1 + s)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let z: Vec<f64> = row.iter().map(|&x| x as f64 / 0.8).collect();
+            let kept = |j: usize| !suppress.contains(&(j as u32));
+            let m = (0..z.len())
+                .filter(|&j| kept(j))
+                .map(|j| z[j])
+                .fold(f64::MIN, f64::max);
+            let lse = m
+                + (0..z.len())
+                    .filter(|&j| kept(j))
+                    .map(|j| (z[j] - m).exp())
+                    .sum::<f64>()
+                    .ln();
+            worst = worst.max((lp as f64 - (z[tok as usize] - lse)).abs());
+        }
+    }
+    println!("generation log-probs vs a full forward: max abs diff {worst:.2e}");
+    assert!(worst < 1e-4, "{worst}");
+}
