@@ -14,7 +14,8 @@
 #      8192-token rows with checkpointing on both sides; the opt-ins not yet measured
 #      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192, the wgmma
 #      attention included); the 7B shape with LoRA
-#      rank 16 at T 4096 on both sides. With `quick`: the tiny
+#      rank 16 at T 4096 on both sides; `omr bench generate` (GRPO's rollouts, 3B: the device
+#      sampler against the host one). With `quick`: the tiny
 #      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
@@ -140,6 +141,13 @@ if [ -z "$quick" ]; then
   step train-7b-lora-4k-block 120 env OMR_BLOCK_OP=1 "$bin" bench train --model-config 7b \
     --device cuda --batch 1 --image-px 448 --seq 4096 --lora-rank 16 --steps 3 --warmup 1 \
     --activation-checkpointing all
+  # GRPO's rollout engine on the 3B shape: 64 prompts of 1024 tokens (one 448² image) to 256
+  # new tokens, the Gumbel-max sampler on the GPU against sampling on the host (the rows read
+  # back), with the GPU memory next to the plan's rollout phase.
+  step gen-3b 120 "$bin" bench generate --model-config 3b --device cuda --rows 64 \
+    --prompt 1024 --image-px 448 --new 256 --json "$out/gen-3b.json"
+  step gen-3b-host 150 "$bin" bench generate --model-config 3b --device cuda --rows 64 \
+    --prompt 1024 --image-px 448 --new 256 --sampler host --json "$out/gen-3b-host.json"
 fi
 # Kernel-level profile (CUPTI; scripts/cuda/prof) of the fused 3B step, when built and the
 # machine has libcupti (torch's CUDA 13 wheels bring it): calls and time per kernel, GPU busy

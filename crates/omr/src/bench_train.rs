@@ -27,7 +27,7 @@ use omr_train::runtime::RuntimeConfig;
 use serde_json::json;
 use std::path::PathBuf;
 
-mod memory;
+pub(crate) mod memory;
 mod reference;
 
 use memory::{rss, GpuMemPoller};
@@ -118,7 +118,7 @@ pub struct BenchTrainArgs {
 }
 
 /// `tiny` / `3b` / `7b` or a path → the config.json path.
-fn config_path(name: &str) -> PathBuf {
+pub(crate) fn config_path(name: &str) -> PathBuf {
     let models = plan::configs_dir().join("models");
     match name {
         "tiny" => models.join("tiny.json"),

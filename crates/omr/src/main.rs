@@ -3,6 +3,7 @@
 
 mod batches;
 mod bench_data;
+mod bench_generate;
 mod bench_kernels;
 mod bench_train;
 mod data;
@@ -74,6 +75,8 @@ enum BenchCmd {
     Kernels(bench_kernels::BenchKernelsArgs),
     /// Training-step throughput, FLOPs, MFU, phases and memory, against torch + transformers.
     Train(bench_train::BenchTrainArgs),
+    /// GRPO's rollout engine: prefill, decoding ms/step, tokens/s, memory next to the plan.
+    Generate(bench_generate::BenchGenerateArgs),
 }
 
 fn main() {
@@ -90,6 +93,7 @@ fn main() {
         Cmd::Bench(BenchCmd::Data(a)) => bench_data::run(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(a),
+        Cmd::Bench(BenchCmd::Generate(a)) => bench_generate::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),

@@ -452,3 +452,48 @@ fn plan_of_a_grpo_config_has_the_reference_and_the_rollout_phase() {
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(t.contains("grpo.micro_batch_size = 4"), "{t}");
 }
+
+/// `omr bench generate` on the tiny model: one generation call timed as prefill and decoding,
+/// with the device sampler and the host one, the JSON report's fields, the plan of the call's
+/// memory; a bad flag exits 2.
+#[test]
+fn bench_generate_reports_prefill_decoding_and_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    for sampler in ["device", "host"] {
+        let json = dir.path().join(format!("{sampler}.json"));
+        let o = omr(&[
+            "bench",
+            "generate",
+            "--rows",
+            "4",
+            "--prompt",
+            "96",
+            "--image-px",
+            "56",
+            "--new",
+            "8",
+            "--sampler",
+            sampler,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        assert!(
+            t.contains("ms/step") && t.contains(&format!("sampler on the {sampler}")),
+            "{t}"
+        );
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        for k in [
+            "prefill_ms",
+            "decode_ms_per_step",
+            "new_tokens_per_s",
+            "plan_growth_mib",
+        ] {
+            let x = v[k].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "{k}: {v}");
+        }
+    }
+    let o = omr(&["bench", "generate", "--sampler", "gpu"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

@@ -20,7 +20,7 @@ pub(super) fn rss() -> (f64, f64) {
 /// Reads device memory in use (MiB).
 type MemReader = Box<dyn Fn() -> Option<f64> + Send>;
 
-pub(super) struct GpuMemPoller {
+pub(crate) struct GpuMemPoller {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<Option<(f64, f64)>>>,
     /// Without polling: the reader and the reading at the start.
@@ -28,7 +28,7 @@ pub(super) struct GpuMemPoller {
 }
 
 impl GpuMemPoller {
-    pub(super) fn start(device: &Device) -> GpuMemPoller {
+    pub(crate) fn start(device: &Device) -> GpuMemPoller {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let Some(read) = gpu_mem_reader(device) else {
             return GpuMemPoller {
@@ -66,7 +66,7 @@ impl GpuMemPoller {
         }
     }
     /// (in use when started, peak) in MiB.
-    pub(super) fn finish(mut self) -> Option<(f64, f64)> {
+    pub(crate) fn finish(mut self) -> Option<(f64, f64)> {
         if let Some((read, first)) = self.ends.take() {
             let first = first?;
             return Some((first, read()?.max(first)));

@@ -1,0 +1,226 @@
+//! `omr bench generate`: GRPO's rollout engine on a randomly initialised Qwen2.5-VL-shaped model:
+//! one generation call of `--rows` prompts of `--prompt` tokens (one image each) to `--new`
+//! tokens, timed as prefill and decoding (ms per step, tokens/s), with the device's memory next
+//! to `omr plan`'s rollout phase for the same shapes. `--sampler host` draws on the host instead
+//! of the device (the before / after of `omr_kernels::sample`).
+//!
+//! The prefill is timed by a call that generates one token; the full call minus it is the
+//! decoding (medians of `--repeats` calls each). A first call with 2 new tokens warms the
+//! kernels up, untimed.
+
+use crate::bench_train::memory::GpuMemPoller;
+use crate::exit::{Exit, Tag};
+use candle_core::DType;
+use clap::Args;
+use omr_model::config::ModelConfig;
+use omr_model::generate::{generate_with, SamplingConfig};
+use omr_model::model::Qwen2VL;
+use omr_model::params::Params;
+use omr_train::bench_step::SyntheticBatch;
+use omr_train::plan::{self, AttentionImpl, Checkpointing, GrpoShape, PlanInput, Trainable};
+use omr_train::runtime::RuntimeConfig;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchGenerateArgs {
+    /// config.json of the model, or tiny, qwen2.5-vl-3b (3b), qwen2.5-vl-7b (7b).
+    #[arg(long, default_value = "tiny")]
+    pub model_config: String,
+    /// Prompts generated together (grpo.generation_batch_size).
+    #[arg(long, default_value_t = 8)]
+    pub rows: usize,
+    /// Tokens of each prompt, image tokens included.
+    #[arg(long, default_value_t = 256)]
+    pub prompt: usize,
+    /// Side in pixels of each prompt's square image (multiple of 28); 0 for text only.
+    #[arg(long, default_value_t = 224)]
+    pub image_px: usize,
+    /// Tokens generated per row (no end-of-sequence id: every row runs to it).
+    #[arg(long, default_value_t = 64)]
+    pub new: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// device (the Gumbel-max sampler on the logits' device) | host (the rows read back and
+    /// sampled on the CPU).
+    #[arg(long, default_value = "device")]
+    pub sampler: String,
+    /// cpu | cuda | auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto | fp32 | bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// auto | candle | fused.
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Timed calls of each kind (prefill, full); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
+    if a.rows == 0 || a.new < 2 || a.prompt < 2 {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "--rows ≥ 1, --prompt ≥ 2 and --new ≥ 2"
+        )));
+    }
+    if !(a.temperature > 0.0) {
+        return Err(Exit::usage(anyhow::anyhow!("--temperature must be > 0")));
+    }
+    let host = match a.sampler.as_str() {
+        "device" => false,
+        "host" => true,
+        o => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--sampler {o}: device or host"
+            )))
+        }
+    };
+    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
+    let rt = RuntimeConfig {
+        device: a.device.parse().map_err(words)?,
+        precision: a.precision.parse().map_err(words)?,
+        kernels: a.kernels.parse().map_err(words)?,
+    }
+    .resolve()
+    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))?;
+    let cfg_path = crate::bench_train::config_path(&a.model_config);
+    let cfg = ModelConfig::from_file(&cfg_path).usage()?;
+    let mut params = Params::init(&cfg, a.seed, 0.02, &rt.device)?;
+    rt.prepare(&mut params)?;
+    let model = Qwen2VL::new(&cfg, &params)?.with_kernels(rt.kernels);
+    let ctx = model.ctx();
+    let batch = SyntheticBatch::new(&cfg, a.rows, a.prompt, a.image_px, a.seed)
+        .map_err(|e| Exit::usage(anyhow::anyhow!(e)))?;
+    let input = batch.input(&rt.device, rt.compute)?;
+    let sampling = |n: usize| SamplingConfig {
+        max_new_tokens: n,
+        temperature: a.temperature,
+        // top-k over the whole vocabulary: the same distribution, drawn on the host.
+        top_k: if host { cfg.text.vocab_size } else { 0 },
+        seed: a.seed,
+        ..SamplingConfig::default()
+    };
+    let timed = |n: usize| -> crate::Result<f64> {
+        rt.device.synchronize()?;
+        let t0 = Instant::now();
+        let out = generate_with(&model, &input, &sampling(n), &ctx)?;
+        rt.device.synchronize()?;
+        if out.iter().any(|c| c.tokens.len() != n) {
+            return Err(anyhow::anyhow!("a row stopped early").into());
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    timed(2)?;
+    let poller = GpuMemPoller::start(&rt.device);
+    let median = |n: usize| -> crate::Result<f64> {
+        let mut xs = (0..a.repeats.max(1))
+            .map(|_| timed(n))
+            .collect::<crate::Result<Vec<f64>>>()?;
+        xs.sort_by(f64::total_cmp);
+        Ok(xs[xs.len() / 2])
+    };
+    let prefill = median(1)?;
+    let full = median(a.new)?;
+    let mem = poller.finish();
+    let decode_ms = (full - prefill) / (a.new - 1) as f64 * 1e3;
+    let tokens_s = (a.rows * a.new) as f64 / full;
+
+    // The plan's rollout phase for these shapes (weights only resident here).
+    let side = a.image_px / cfg.vision.patch_size;
+    let p = PlanInput {
+        model: cfg.clone(),
+        batch: 1,
+        seq: a.prompt + a.new,
+        images_per_row: usize::from(a.image_px > 0),
+        image_hw: (side, side),
+        labelled: a.new,
+        trainable: Trainable {
+            vision: true,
+            merger: true,
+            language: true,
+        },
+        lora: None,
+        compute_bytes: rt.compute.size_in_bytes() as u64,
+        attention: match rt.kernels {
+            omr_model::Kernels::Fused => AttentionImpl::Fused,
+            omr_model::Kernels::Candle => AttentionImpl::Eager,
+        },
+        checkpointing: Checkpointing::None,
+        recompute_attention: false,
+        kept_decoder_layers: 0,
+        grad_accum: 1,
+        grpo: Some(GrpoShape {
+            reference: false,
+            rollout_rows: a.rows,
+            prompt_tokens: a.prompt,
+            completion_tokens: a.new,
+        }),
+    };
+    let planned = plan::plan(&p);
+    let state = ["weights", "master weights (f32)", "AdamW moments (f32)"];
+    let growth: u64 = planned
+        .rollout_rows
+        .iter()
+        .filter(|r| !state.contains(&r.category.as_str()))
+        .map(|r| r.bytes)
+        .sum();
+    let mib = |b: u64| b as f64 / 1048576.0;
+
+    println!(
+        "omr bench generate: {} (random init), {} {} {:?}, sampler on the {}",
+        cfg_path.display(),
+        if rt.device.is_cuda() { "cuda" } else { "cpu" },
+        if rt.compute == DType::BF16 {
+            "bf16"
+        } else {
+            "fp32"
+        },
+        rt.kernels,
+        if host { "host" } else { "device" }
+    );
+    println!(
+        "  {} rows × ({} prompt + {} new) tokens, {} px images",
+        a.rows, a.prompt, a.new, a.image_px
+    );
+    println!(
+        "  prefill {:.1} ms | decoding {decode_ms:.2} ms/step | {tokens_s:.0} new tokens/s | call {:.2} s",
+        prefill * 1e3,
+        full
+    );
+    match mem {
+        Some((before, peak)) => println!(
+            "  GPU memory: {:.0} MiB over the {:.0} MiB held before the calls; plan: {:.0} MiB",
+            peak - before,
+            before,
+            mib(growth)
+        ),
+        None => println!("  plan of the call's memory: {:.0} MiB", mib(growth)),
+    }
+    if let Some(path) = &a.json {
+        let v = json!({
+            "model_config": cfg_path.display().to_string(),
+            "device": if rt.device.is_cuda() { "cuda" } else { "cpu" },
+            "rows": a.rows,
+            "prompt": a.prompt,
+            "new": a.new,
+            "image_px": a.image_px,
+            "sampler": a.sampler,
+            "prefill_ms": prefill * 1e3,
+            "decode_ms_per_step": decode_ms,
+            "new_tokens_per_s": tokens_s,
+            "call_s": full,
+            "gpu_mem_growth_mib": mem.map(|(b, p)| p - b),
+            "plan_growth_mib": mib(growth),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
+    }
+    Ok(())
+}
