@@ -110,6 +110,57 @@ impl Precomputed {
     }
 }
 
+/// The backward of an [`Attached2`] op: the gradients of its two inputs from the incoming one.
+pub(crate) trait Backward2: Send + Sync {
+    fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
+/// A two-input op whose forward hands over a value computed beforehand from detached inputs
+/// ([`Precomputed`]) and whose backward is `B`'s: how the fused linear cross-entropy and
+/// log-probabilities attach to candle's graph.
+pub(crate) struct Attached2<B> {
+    pub(crate) name: &'static str,
+    pub(crate) value: Precomputed,
+    pub(crate) backward: B,
+}
+
+impl<B: Backward2> candle_core::CustomOp2 for Attached2<B> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.backward.grads(grad)
+    }
+}
+
 /// A tensor a forward keeps for its backward (the attention ops' row log-sum-exp).
 pub(crate) struct Saved {
     op: &'static str,

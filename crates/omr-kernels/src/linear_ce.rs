@@ -76,10 +76,10 @@ pub fn linear_cross_entropy(
     } else {
         h.apply_op2(
             w,
-            Attach {
-                loss: Precomputed::new("linear_cross_entropy", loss),
-                dh,
-                dw,
+            host::Attached2 {
+                name: "omr-linear-ce",
+                value: Precomputed::new("linear_cross_entropy", loss),
+                backward: Scale { dh, dw },
             },
         )
     }
@@ -350,47 +350,15 @@ impl CustomOp2 for TileGrad {
     }
 }
 
-/// The loss computed in the forward, attached to (h, w) with the gradients it came with
-/// (`None` for an input that is not tracked).
-struct Attach {
-    loss: Precomputed,
+/// The gradients the forward computed (`None` for an input that is not tracked), scaled by the
+/// incoming gradient of the loss.
+struct Scale {
     dh: Option<Tensor>,
     dw: Option<Tensor>,
 }
 
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        "omr-linear-ce"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.loss.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.loss.cuda()
-    }
-
-    fn bwd(
-        &self,
-        _h: &Tensor,
-        _w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+impl host::Backward2 for Scale {
+    fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let scale = |d: &Option<Tensor>| -> Result<Option<Tensor>> {
             d.as_ref()
                 .map(|d| d.broadcast_mul(&grad.to_dtype(d.dtype())?))

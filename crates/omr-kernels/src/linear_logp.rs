@@ -24,7 +24,7 @@
 use crate::host::{self, Precomputed};
 use crate::linear_ce::LceChunks;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 /// How the logits are scored: `z = zscale · h · Wᵀ + bias`.
 #[derive(Clone, Debug)]
@@ -93,11 +93,10 @@ pub fn linear_logp(
     }
     let logp = h.apply_op2(
         w,
-        Attach {
-            logp: Precomputed::new("linear_logp", logp),
-            saved,
-            lse,
-            need,
+        host::Attached2 {
+            name: "omr-linear-logp",
+            value: Precomputed::new("linear_logp", logp),
+            backward: Recompute { saved, lse, need },
         },
     )?;
     Ok((logp, entropy))
@@ -419,48 +418,15 @@ impl CustomOp1 for TileGrad {
     }
 }
 
-/// The log-probabilities computed in the forward, attached to (h, w); the backward recomputes
-/// the tiles from what `saved` holds.
-struct Attach {
-    logp: Precomputed,
+/// The backward: the tiles recomputed from what `saved` holds.
+struct Recompute {
     saved: Saved,
     lse: Tensor,
     need: Need,
 }
 
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        "omr-linear-logp"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.logp.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.logp.cuda()
-    }
-
-    fn bwd(
-        &self,
-        _h: &Tensor,
-        _w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+impl host::Backward2 for Recompute {
+    fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         self.saved.backward(&self.lse, grad, self.need)
     }
 }

@@ -41,7 +41,7 @@ use omr_model::params::{param_shapes, Part};
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
-pub use grpo::{input_from_grpo, GrpoShape};
+pub use grpo::{input_from_grpo, rollout_growth, rollout_input, GrpoShape};
 pub use input::{
     auto_kept_decoder_layers, configs_dir, input_from_sft, run_kept_decoder_layers, shipped_config,
     PlanOptions,
@@ -331,6 +331,8 @@ pub struct Plan {
     /// What a step adds to memory that holds weights and optimizer state: the peak minus the
     /// state that exists before the first step (weights, masters, moments).
     pub step_growth: u64,
+    /// That resident state (weights, masters, moments, a GRPO reference).
+    pub state_bytes: u64,
     #[serde(skip)]
     pub params: ParamCounts,
     #[serde(skip)]
@@ -538,6 +540,7 @@ pub fn plan(p: &PlanInput) -> Plan {
     let peak = train_peak.max(optim_peak).max(rollout_peak);
     Plan {
         step_growth: peak - sum(&state),
+        state_bytes: sum(&state),
         train_rows,
         train_peak,
         optim_rows,

@@ -202,6 +202,25 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
     (heap, rss, predicted)
 }
 
+/// Runs case `i` of test `name` in a child process (this binary again, the case in `var`) and
+/// returns what it printed: (measured heap growth, measured RSS growth, predicted) in MiB.
+fn in_child(name: &str, var: &str, i: usize) -> (f64, f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(var, i.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.split("RESULT ").nth(1))
+        .unwrap_or_else(|| panic!("{name} case {i} printed no result: {text}"))
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (nums[0], nums[1], nums[2])
+}
+
 /// (B, T, image side in px, freeze the vision tower, LoRA)
 const fn case(batch: usize, seq: usize, image_px: usize, freeze_vision: bool, lora: bool) -> Case {
     Case {
@@ -254,25 +273,7 @@ fn plan_matches_measured_step_memory() {
     }
     let mut failures = Vec::new();
     for (i, c) in CASES.iter().enumerate() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "plan_matches_measured_step_memory",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("OMR_PLAN_CASE", i.to_string())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let nums: Vec<f64> = text
-            .lines()
-            .find_map(|l| l.split("RESULT ").nth(1))
-            .unwrap_or_else(|| panic!("case {i} printed no result: {text}"))
-            .split(' ')
-            .map(|x| x.parse().unwrap())
-            .collect();
-        let (heap, rss, pred) = (nums[0], nums[1], nums[2]);
+        let (heap, rss, pred) = in_child("plan_matches_measured_step_memory", "OMR_PLAN_CASE", i);
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
             "B {} T {} image {} px freeze_vision {} lora {} ckpt {} accum {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
@@ -362,36 +363,19 @@ fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
         seed: 3,
         ..SamplingConfig::default()
     };
-    let side = c.image_px / cfg.vision.patch_size;
-    let p = PlanInput {
-        model: cfg.clone(),
-        batch: 1,
-        seq: c.prompt + c.completion,
-        images_per_row: usize::from(c.image_px > 0),
-        image_hw: (side, side),
-        labelled: c.completion,
-        trainable: Trainable {
-            vision: true,
-            merger: true,
-            language: true,
-        },
-        lora: None,
-        compute_bytes: 4,
-        attention: match c.kernels {
-            omr_model::Kernels::Fused => AttentionImpl::Fused,
-            omr_model::Kernels::Candle => AttentionImpl::Eager,
-        },
-        checkpointing: Checkpointing::None,
-        recompute_attention: false,
-        kept_decoder_layers: 0,
-        grad_accum: 1,
-        grpo: Some(plan::GrpoShape {
-            reference: false,
-            rollout_rows: c.rows,
-            prompt_tokens: c.prompt,
-            completion_tokens: c.completion,
-        }),
+    let attention = match c.kernels {
+        omr_model::Kernels::Fused => AttentionImpl::Fused,
+        omr_model::Kernels::Candle => AttentionImpl::Eager,
     };
+    let p = plan::rollout_input(
+        cfg,
+        4,
+        attention,
+        c.rows,
+        c.prompt,
+        c.image_px,
+        c.completion,
+    );
     let planned = plan::plan(&p);
     if std::env::var("OMR_PLAN_ROWS").is_ok() {
         for r in &planned.rollout_rows {
@@ -403,14 +387,7 @@ fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
             );
         }
     }
-    let state = ["weights", "master weights (f32)", "AdamW moments (f32)"];
-    let predicted = planned
-        .rollout_rows
-        .iter()
-        .filter(|r| !state.contains(&r.category.as_str()))
-        .map(|r| r.bytes)
-        .sum::<u64>() as f64
-        / 1048576.0;
+    let predicted = plan::rollout_growth(&planned) as f64 / 1048576.0;
 
     // Warm-up: candle's one-time CPU state (as for the step).
     let warm = SyntheticBatch::new(cfg, 1, 32, 0, 1).unwrap();
@@ -449,25 +426,11 @@ fn plan_matches_measured_rollout_memory() {
     }
     let mut failures = Vec::new();
     for (i, c) in ROLLOUTS.iter().enumerate() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "plan_matches_measured_rollout_memory",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("OMR_ROLLOUT_CASE", i.to_string())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let nums: Vec<f64> = text
-            .lines()
-            .find_map(|l| l.split("RESULT ").nth(1))
-            .unwrap_or_else(|| panic!("rollout case {i} printed no result: {text}"))
-            .split(' ')
-            .map(|x| x.parse().unwrap())
-            .collect();
-        let (heap, rss, pred) = (nums[0], nums[1], nums[2]);
+        let (heap, rss, pred) = in_child(
+            "plan_matches_measured_rollout_memory",
+            "OMR_ROLLOUT_CASE",
+            i,
+        );
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
             "rollout {} rows × {} prompt + {} tokens, image {} px, {:?}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",

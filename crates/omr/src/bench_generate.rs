@@ -17,7 +17,7 @@ use omr_model::generate::{generate_with, SamplingConfig};
 use omr_model::model::Qwen2VL;
 use omr_model::params::Params;
 use omr_train::bench_step::SyntheticBatch;
-use omr_train::plan::{self, AttentionImpl, Checkpointing, GrpoShape, PlanInput, Trainable};
+use omr_train::plan::{self, AttentionImpl};
 use omr_train::runtime::RuntimeConfig;
 use serde_json::json;
 use std::path::PathBuf;
@@ -134,44 +134,21 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     let tokens_s = (a.rows * a.new) as f64 / full;
 
     // The plan's rollout phase for these shapes (weights only resident here).
-    let side = a.image_px / cfg.vision.patch_size;
-    let p = PlanInput {
-        model: cfg.clone(),
-        batch: 1,
-        seq: a.prompt + a.new,
-        images_per_row: usize::from(a.image_px > 0),
-        image_hw: (side, side),
-        labelled: a.new,
-        trainable: Trainable {
-            vision: true,
-            merger: true,
-            language: true,
-        },
-        lora: None,
-        compute_bytes: rt.compute.size_in_bytes() as u64,
-        attention: match rt.kernels {
-            omr_model::Kernels::Fused => AttentionImpl::Fused,
-            omr_model::Kernels::Candle => AttentionImpl::Eager,
-        },
-        checkpointing: Checkpointing::None,
-        recompute_attention: false,
-        kept_decoder_layers: 0,
-        grad_accum: 1,
-        grpo: Some(GrpoShape {
-            reference: false,
-            rollout_rows: a.rows,
-            prompt_tokens: a.prompt,
-            completion_tokens: a.new,
-        }),
+    let attention = match rt.kernels {
+        omr_model::Kernels::Fused => AttentionImpl::Fused,
+        omr_model::Kernels::Candle => AttentionImpl::Eager,
     };
-    let planned = plan::plan(&p);
-    let state = ["weights", "master weights (f32)", "AdamW moments (f32)"];
-    let growth: u64 = planned
-        .rollout_rows
-        .iter()
-        .filter(|r| !state.contains(&r.category.as_str()))
-        .map(|r| r.bytes)
-        .sum();
+    let compute_bytes = rt.compute.size_in_bytes() as u64;
+    let p = plan::rollout_input(
+        &cfg,
+        compute_bytes,
+        attention,
+        a.rows,
+        a.prompt,
+        a.image_px,
+        a.new,
+    );
+    let growth = plan::rollout_growth(&plan::plan(&p));
     let mib = |b: u64| b as f64 / 1048576.0;
 
     println!(

@@ -11,8 +11,9 @@
 //! image at the processor's max_pixels, every completion `grpo.max_completion_length` tokens.
 
 use super::input::{model_config, processor_max_pixels};
-use super::{PlanInput, PlanOptions, Row, Trainable, F32};
+use super::{AttentionImpl, Checkpointing, PlanInput, PlanOptions, Row, Trainable, F32};
 use crate::grpo_config::GrpoConfig;
+use omr_model::config::ModelConfig;
 
 /// What a GRPO run adds to the policy update's [`PlanInput`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +97,53 @@ pub fn input_from_grpo(
     Ok((input, notes))
 }
 
+/// The plan input of one generation call alone, every part trainable and nothing else resident
+/// but the weights: what `omr bench generate` and the rollout test compare with. `image_px` is
+/// the side of each prompt's square image (0: none).
+#[allow(clippy::too_many_arguments)]
+pub fn rollout_input(
+    model: &ModelConfig,
+    compute_bytes: u64,
+    attention: AttentionImpl,
+    rows: usize,
+    prompt: usize,
+    image_px: usize,
+    new: usize,
+) -> PlanInput {
+    let side = image_px / model.vision.patch_size;
+    PlanInput {
+        model: model.clone(),
+        batch: 1,
+        seq: prompt + new,
+        images_per_row: usize::from(image_px > 0),
+        image_hw: (side, side),
+        labelled: new,
+        trainable: Trainable {
+            vision: true,
+            merger: true,
+            language: true,
+        },
+        lora: None,
+        compute_bytes,
+        attention,
+        checkpointing: Checkpointing::None,
+        recompute_attention: false,
+        kept_decoder_layers: 0,
+        grad_accum: 1,
+        grpo: Some(GrpoShape {
+            reference: false,
+            rollout_rows: rows,
+            prompt_tokens: prompt,
+            completion_tokens: new,
+        }),
+    }
+}
+
+/// What the rollout phase adds to the resident state.
+pub fn rollout_growth(plan: &super::Plan) -> u64 {
+    plan.rollout_peak.saturating_sub(plan.state_bytes)
+}
+
 /// Bytes of the frozen reference: every weight (and adapter) in the compute dtype.
 pub(super) fn reference_bytes(p: &PlanInput, total: u64, lora: u64) -> u64 {
     match &p.grpo {
@@ -138,7 +186,7 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     probe.batch = g.rollout_rows;
     probe.seq = g.prompt_tokens;
     probe.labelled = 0;
-    probe.checkpointing = super::Checkpointing::None;
+    probe.checkpointing = Checkpointing::None;
     probe.kept_decoder_layers = 0;
     probe.grpo = None;
     let acts = super::activations::count(&probe);
