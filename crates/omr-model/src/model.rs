@@ -300,21 +300,27 @@ impl Qwen2VL {
         self.head_loss(&h, labels, ctx)
     }
 
-    /// The loss of [`Qwen2VL::loss`] from final hidden states `h` (B, T, C).
-    pub fn head_loss(&self, h: &Tensor, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
+    /// The hidden states of the positions that predict a label, (N, C), and those labels (the
+    /// next tokens): the only rows the lm head needs. h: (B, T, C), labels (B, T).
+    pub fn labelled_rows(&self, h: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, Vec<u32>)> {
         let (b, t, c) = h.dims3()?;
-        let (rows, targets) = crate::loss::shifted_targets(labels, self.cfg.text.vocab_size)?;
         if labels.len() != b || labels.iter().any(|r| r.len() != t) {
             return Err(ModelError::Input(format!(
                 "labels must be ({b}, {t}) like the input"
             )));
         }
-        let n = rows.len();
+        let (rows, targets) = crate::loss::shifted_targets(labels, self.cfg.text.vocab_size)?;
+        let idx = Tensor::from_vec(rows, targets.len(), h.device())?;
+        Ok((h.reshape((b * t, c))?.index_select(&idx, 0)?, targets))
+    }
+
+    /// The loss of [`Qwen2VL::loss`] from final hidden states `h` (B, T, C).
+    pub fn head_loss(&self, h: &Tensor, labels: &[Vec<i64>], ctx: &Ctx) -> Result<(Tensor, usize)> {
+        let (picked, targets) = self.labelled_rows(h, labels)?; // (N, C)
+        let n = targets.len();
         if n == 0 {
             return Ok((Tensor::zeros((), candle_core::DType::F32, &self.device)?, 0));
         }
-        let idx = Tensor::from_vec(rows, (n,), &self.device)?;
-        let picked = h.reshape((b * t, c))?.index_select(&idx, 0)?; // (N, C)
         let head = &self.lm_head;
         if ctx.kernels == Kernels::Fused && head.lora.is_none() && head.bias.is_none() {
             // Fused linear cross-entropy: no (N, V) logits; a frozen head (not tracked) costs

@@ -532,8 +532,8 @@ fn head_logps_fused_matches_candle() {
     let (cfg, params) = model_params("qwen25vl");
     let model = Qwen2VL::new(&cfg, &params).unwrap();
     let (input, labels) = padded(&Inputs::load("qwen25vl"));
-    let (rows, targets) = omr_model::loss::shifted_targets(&labels, cfg.text.vocab_size).unwrap();
-    let k = rows.len();
+    let (_, targets) = omr_model::loss::shifted_targets(&labels, cfg.text.vocab_size).unwrap();
+    let k = targets.len();
     // The vision ids, as GRPO suppresses them, where they are nobody's target (a completion
     // never holds one; the fixture's labels do).
     let suppress: Vec<u32> = [
@@ -550,13 +550,7 @@ fn head_logps_fused_matches_candle() {
     let weights = Tensor::from_vec(weights, k, &Device::Cpu).unwrap();
     let run = |kernels: Kernels| {
         let h = model.hidden(&input, &ctx(Kernels::Candle)).unwrap();
-        let (b, t, c) = h.dims3().unwrap();
-        let idx = Tensor::from_vec(rows.clone(), k, &Device::Cpu).unwrap();
-        let picked = h
-            .reshape((b * t, c))
-            .unwrap()
-            .index_select(&idx, 0)
-            .unwrap();
+        let (picked, _) = model.labelled_rows(&h, &labels).unwrap();
         let before = fused::calls();
         let (logp, entropy) = model
             .head_logps(&picked, &targets, 0.7, &suppress, &ctx(kernels))

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{expected, model_params, rows_i64, Inputs};
-use omr_model::generate::{generate, Finish, SamplingConfig};
+use omr_model::generate::{generate, Completion, Finish, SamplingConfig};
 use omr_model::{Ctx, Input, Qwen2VL};
 
 struct Fixture {
@@ -25,6 +25,37 @@ fn load() -> Fixture {
 
 fn prompts(f: &Fixture) -> Input {
     f.inputs.padded()
+}
+
+/// The prompts followed by their completions, as one left-padded batch (for a full forward:
+/// its logits at position t − 1 are those that chose token t).
+fn prompt_and_completions(f: &Fixture, out: &[Completion]) -> Input {
+    let ids: Vec<Vec<u32>> = f
+        .inputs
+        .ids
+        .iter()
+        .zip(out)
+        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
+        .collect();
+    let mask: Vec<Vec<u32>> = f
+        .inputs
+        .mask
+        .iter()
+        .zip(out)
+        .map(|(m, c)| {
+            m.iter()
+                .copied()
+                .chain(c.tokens.iter().map(|_| 1))
+                .collect()
+        })
+        .collect();
+    Input::padded(
+        ids,
+        &mask,
+        Some(f.inputs.pixels.clone()),
+        f.inputs.grids.clone(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -56,32 +87,7 @@ fn cached_decoding_equals_full_forward() {
     let out = generate(&f.model, &prompts(&f), &cfg).unwrap();
     // Full forward over prompt + completion; the logits at position t-1 are those that chose
     // token t.
-    let ids: Vec<Vec<u32>> = f
-        .inputs
-        .ids
-        .iter()
-        .zip(&out)
-        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
-        .collect();
-    let mask: Vec<Vec<u32>> = f
-        .inputs
-        .mask
-        .iter()
-        .zip(&out)
-        .map(|(m, c)| {
-            m.iter()
-                .copied()
-                .chain(c.tokens.iter().map(|_| 1))
-                .collect()
-        })
-        .collect();
-    let full = Input::padded(
-        ids,
-        &mask,
-        Some(f.inputs.pixels.clone()),
-        f.inputs.grids.clone(),
-    )
-    .unwrap();
+    let full = prompt_and_completions(&f, &out);
     let logits = f.model.forward(&full, &Ctx::default()).unwrap();
     let t = f.inputs.ids[0].len();
     let mut worst = 0f32;
@@ -196,32 +202,7 @@ fn plain_sampling_is_seeded_and_its_log_probs_match_a_full_forward() {
         assert_eq!((&x.tokens, &x.logprobs), (&y.tokens, &y.logprobs));
     }
     assert!(out.iter().zip(&other).any(|(x, y)| x.tokens != y.tokens));
-    let ids: Vec<Vec<u32>> = f
-        .inputs
-        .ids
-        .iter()
-        .zip(&out)
-        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
-        .collect();
-    let mask: Vec<Vec<u32>> = f
-        .inputs
-        .mask
-        .iter()
-        .zip(&out)
-        .map(|(m, c)| {
-            m.iter()
-                .copied()
-                .chain(c.tokens.iter().map(|_| 1))
-                .collect()
-        })
-        .collect();
-    let full = Input::padded(
-        ids,
-        &mask,
-        Some(f.inputs.pixels.clone()),
-        f.inputs.grids.clone(),
-    )
-    .unwrap();
+    let full = prompt_and_completions(&f, &out);
     let logits = f.model.forward(&full, &Ctx::default()).unwrap();
     let t = f.inputs.ids[0].len();
     let mut worst = 0f64;

@@ -155,9 +155,8 @@ fn token_logps_objective(
     ctx: &Ctx,
 ) -> omr_model::Result<(Tensor, usize)> {
     let c = &model.cfg;
-    let (b, t, hidden) = h.dims3()?;
-    let (rows, targets) = omr_model::loss::shifted_targets(labels, c.text.vocab_size)?;
-    let k = rows.len();
+    let (picked, targets) = model.labelled_rows(h, labels)?;
+    let k = targets.len();
     let suppress: Vec<u32> = [
         c.image_token_id,
         c.video_token_id,
@@ -167,8 +166,6 @@ fn token_logps_objective(
     .into_iter()
     .filter(|id| !targets.contains(id))
     .collect();
-    let idx = Tensor::from_vec(rows, k, h.device())?;
-    let picked = h.reshape((b * t, hidden))?.index_select(&idx, 0)?;
     let (logp, _) = model.head_logps(&picked, &targets, 0.7, &suppress, ctx)?;
     let w: Vec<f32> = (0..k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
     let w = Tensor::from_vec(w, k, h.device())?;

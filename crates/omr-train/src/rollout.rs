@@ -171,12 +171,10 @@ pub fn logps_from_hidden(
     suppress: &[u32],
     ctx: &Ctx,
 ) -> omr_model::Result<(Tensor, f64)> {
-    let (n, t, c) = h.dims3()?;
-    let (rows, targets) = omr_model::loss::shifted_targets(&b.labels, model.cfg.text.vocab_size)?;
-    let k = rows.len();
+    let n = h.dim(0)?;
+    let (picked, targets) = model.labelled_rows(h, &b.labels)?; // (K, C)
+    let k = targets.len();
     let dev = h.device().clone();
-    let idx = Tensor::from_vec(rows, (k,), &dev)?;
-    let picked = h.reshape((n * t, c))?.index_select(&idx, 0)?; // (K, C)
     let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?; // (K,)
                                                                                             // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
                                                                                             // completion tokens of row i are its first lens[i] labelled positions.

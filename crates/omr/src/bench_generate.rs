@@ -18,7 +18,6 @@ use omr_model::model::Qwen2VL;
 use omr_model::params::Params;
 use omr_train::bench_step::SyntheticBatch;
 use omr_train::plan::{self, AttentionImpl};
-use omr_train::runtime::RuntimeConfig;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -83,14 +82,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             )))
         }
     };
-    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
-    let rt = RuntimeConfig {
-        device: a.device.parse().map_err(words)?,
-        precision: a.precision.parse().map_err(words)?,
-        kernels: a.kernels.parse().map_err(words)?,
-    }
-    .resolve()
-    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))?;
+    let rt = crate::bench_train::runtime(&a.device, &a.precision, &a.kernels)?;
     let cfg_path = crate::bench_train::config_path(&a.model_config);
     let cfg = ModelConfig::from_file(&cfg_path).usage()?;
     let mut params = Params::init(&cfg, a.seed, 0.02, &rt.device)?;

@@ -117,6 +117,22 @@ pub struct BenchTrainArgs {
     pub profile: bool,
 }
 
+/// The `[runtime]` of `--device`, `--precision` and `--kernels` (bad words exit 2).
+pub(crate) fn runtime(
+    device: &str,
+    precision: &str,
+    kernels: &str,
+) -> crate::Result<omr_train::runtime::Runtime> {
+    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
+    RuntimeConfig {
+        device: device.parse().map_err(words)?,
+        precision: precision.parse().map_err(words)?,
+        kernels: kernels.parse().map_err(words)?,
+    }
+    .resolve()
+    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))
+}
+
 /// `tiny` / `3b` / `7b` or a path → the config.json path.
 pub(crate) fn config_path(name: &str) -> PathBuf {
     let models = plan::configs_dir().join("models");
@@ -176,14 +192,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             )))
         }
     };
-    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
-    let rt = RuntimeConfig {
-        device: a.device.parse().map_err(words)?,
-        precision: a.precision.parse().map_err(words)?,
-        kernels: a.kernels.parse().map_err(words)?,
-    }
-    .resolve()
-    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))?;
+    let rt = runtime(&a.device, &a.precision, &a.kernels)?;
     let (device, compute, kernels) = (rt.device.clone(), rt.compute, rt.kernels);
     let precision = if compute == DType::BF16 {
         "bf16"

@@ -10,7 +10,7 @@
 //! Worst case of the data, as for SFT: every prompt `data.process.max_length` tokens with one
 //! image at the processor's max_pixels, every completion `grpo.max_completion_length` tokens.
 
-use super::input::{model_config, processor_max_pixels};
+use super::input::{image_hw, max_pixels, model_config, trainable};
 use super::{AttentionImpl, Checkpointing, PlanInput, PlanOptions, Row, Trainable, F32};
 use crate::grpo_config::GrpoConfig;
 use omr_model::config::ModelConfig;
@@ -39,33 +39,18 @@ pub fn input_from_grpo(
     let g = &cfg.grpo;
     let prompt = cfg.data.process.max_length;
     let seq = prompt + g.max_completion_length;
-    let max_pixels = match o.max_pixels {
-        Some(m) => {
-            notes.push(format!("max_pixels {m} (--max-pixels)"));
-            m
-        }
-        None => processor_max_pixels(std::path::Path::new(cfg.model.processor_ref()), &mut notes),
-    };
-    let v = &model.vision;
-    let unit_px = (v.patch_size * v.spatial_merge_size) as u64;
+    let max_pixels = max_pixels(o, cfg.model.processor_ref(), &mut notes);
     // One image per prompt, no more image tokens than the prompt holds.
-    let tokens = ((max_pixels / (unit_px * unit_px)) as usize).min(prompt.saturating_sub(2));
-    let gh = (tokens as f64).sqrt().floor().max(1.0) as usize;
-    let gw = (tokens / gh).max(1);
-    let merge = v.spatial_merge_size;
+    let image_hw = image_hw(&model, max_pixels, prompt.saturating_sub(2));
     let batch = g.micro_batch_size;
     let input = PlanInput {
         model,
         batch,
         seq,
         images_per_row: o.images_per_row.unwrap_or(1),
-        image_hw: (gh * merge, gw * merge),
+        image_hw,
         labelled: batch * g.max_completion_length,
-        trainable: Trainable {
-            vision: !cfg.model.freeze_vision && cfg.model.lora.is_none(),
-            merger: !cfg.model.freeze_merger && cfg.model.lora.is_none(),
-            language: !cfg.model.freeze_language && cfg.model.lora.is_none(),
-        },
+        trainable: trainable(&cfg.model),
         lora: cfg.model.lora.clone(),
         compute_bytes: o.compute_bytes,
         attention: o.attention,

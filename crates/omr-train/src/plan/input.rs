@@ -37,34 +37,17 @@ pub fn input_from_sft(
         ),
     };
     let images_per_row = o.images_per_row.unwrap_or(per_row);
-    let max_pixels = match o.max_pixels {
-        Some(m) => {
-            notes.push(format!("max_pixels {m} (--max-pixels)"));
-            m
-        }
-        None => processor_max_pixels(Path::new(cfg.processor_ref()), &mut notes),
-    };
-    let v = &model.vision;
-    let unit_px = (v.patch_size * v.spatial_merge_size) as u64;
-    // Image tokens of one image: smart_resize keeps h·w ≤ max_pixels in units of 28×28 px; a
-    // sample never has more tokens than process.max_length (longer ones are rejected).
-    let tokens = ((max_pixels / (unit_px * unit_px)) as usize).min(process_len.saturating_sub(2));
-    let gh = (tokens as f64).sqrt().floor().max(1.0) as usize;
-    let gw = (tokens / gh).max(1);
-    let merge = v.spatial_merge_size;
+    let max_pixels = max_pixels(o, cfg.processor_ref(), &mut notes);
+    // A sample never has more tokens than process.max_length (longer ones are rejected).
+    let image_hw = image_hw(&model, max_pixels, process_len.saturating_sub(2));
     let mut input = PlanInput {
         model,
         batch: b.batch_size,
         seq,
         images_per_row,
-        image_hw: (gh * merge, gw * merge),
+        image_hw,
         labelled: 0,
-        // LoRA freezes the whole base (`lora::apply`).
-        trainable: Trainable {
-            vision: !cfg.model.freeze_vision && cfg.model.lora.is_none(),
-            merger: !cfg.model.freeze_merger && cfg.model.lora.is_none(),
-            language: !cfg.model.freeze_language && cfg.model.lora.is_none(),
-        },
+        trainable: trainable(&cfg.model),
         lora: cfg.model.lora.clone(),
         compute_bytes: o.compute_bytes,
         attention: o.attention,
@@ -91,6 +74,37 @@ pub fn input_from_sft(
         text.saturating_sub(1)
     ));
     Ok((input, notes))
+}
+
+/// The image area cap: `--max-pixels`, else the processor folder's.
+pub(super) fn max_pixels(o: &PlanOptions, processor: &str, notes: &mut Vec<String>) -> u64 {
+    match o.max_pixels {
+        Some(m) => {
+            notes.push(format!("max_pixels {m} (--max-pixels)"));
+            m
+        }
+        None => processor_max_pixels(Path::new(processor), notes),
+    }
+}
+
+/// (h, w) in patches of one image at `max_pixels`, at most `cap` image tokens: smart_resize
+/// keeps h·w ≤ max_pixels in units of (patch · merge)² px; the grid is the squarest one.
+pub(super) fn image_hw(model: &ModelConfig, max_pixels: u64, cap: usize) -> (usize, usize) {
+    let v = &model.vision;
+    let unit_px = (v.patch_size * v.spatial_merge_size) as u64;
+    let tokens = ((max_pixels / (unit_px * unit_px)) as usize).min(cap);
+    let gh = (tokens as f64).sqrt().floor().max(1.0) as usize;
+    let gw = (tokens / gh).max(1);
+    (gh * v.spatial_merge_size, gw * v.spatial_merge_size)
+}
+
+/// Which parts train: LoRA freezes the whole base (`lora::apply`).
+pub(super) fn trainable(m: &ModelSection) -> Trainable {
+    Trainable {
+        vision: !m.freeze_vision && m.lora.is_none(),
+        merger: !m.freeze_merger && m.lora.is_none(),
+        language: !m.freeze_language && m.lora.is_none(),
+    }
 }
 
 /// The model's config.json: `--model-config`, the tiny spec, a local folder, a fixture under
