@@ -100,6 +100,17 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The vision placeholder ids (image, video, vision start and end): what a completion must
+    /// never hold (generation suppresses them; the forward would take them for image tokens).
+    pub fn vision_ids(&self) -> [u32; 4] {
+        [
+            self.image_token_id,
+            self.video_token_id,
+            self.vision_start_token_id,
+            self.vision_end_token_id,
+        ]
+    }
+
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let raw: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {

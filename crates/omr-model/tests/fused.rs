@@ -536,15 +536,11 @@ fn head_logps_fused_matches_candle() {
     let k = targets.len();
     // The vision ids, as GRPO suppresses them, where they are nobody's target (a completion
     // never holds one; the fixture's labels do).
-    let suppress: Vec<u32> = [
-        cfg.image_token_id,
-        cfg.video_token_id,
-        cfg.vision_start_token_id,
-        cfg.vision_end_token_id,
-    ]
-    .into_iter()
-    .filter(|t| !targets.contains(t))
-    .collect();
+    let suppress: Vec<u32> = cfg
+        .vision_ids()
+        .into_iter()
+        .filter(|t| !targets.contains(t))
+        .collect();
     assert!(!suppress.is_empty());
     let weights: Vec<f32> = (0..k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
     let weights = Tensor::from_vec(weights, k, &Device::Cpu).unwrap();

@@ -68,12 +68,7 @@ impl SyntheticBatch {
                  and an answer: raise --seq or lower --image-px"
             ));
         }
-        let specials = [
-            cfg.image_token_id,
-            cfg.video_token_id,
-            cfg.vision_start_token_id,
-            cfg.vision_end_token_id,
-        ];
+        let specials = cfg.vision_ids();
         let top = specials
             .iter()
             .chain(&cfg.eos_token_ids)

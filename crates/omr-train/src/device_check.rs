@@ -157,15 +157,11 @@ fn token_logps_objective(
     let c = &model.cfg;
     let (picked, targets) = model.labelled_rows(h, labels)?;
     let k = targets.len();
-    let suppress: Vec<u32> = [
-        c.image_token_id,
-        c.video_token_id,
-        c.vision_start_token_id,
-        c.vision_end_token_id,
-    ]
-    .into_iter()
-    .filter(|id| !targets.contains(id))
-    .collect();
+    let suppress: Vec<u32> = c
+        .vision_ids()
+        .into_iter()
+        .filter(|id| !targets.contains(id))
+        .collect();
     let (logp, _) = model.head_logps(&picked, &targets, 0.7, &suppress, ctx)?;
     let w: Vec<f32> = (0..k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
     let w = Tensor::from_vec(w, k, h.device())?;

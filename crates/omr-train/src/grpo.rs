@@ -175,13 +175,7 @@ pub fn run_with(
         .map_err(|e| TrainError::Internal(e.to_string()))?;
     let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
     // Vision placeholders in a completion would be taken for image tokens by the forward.
-    let c = &built.cfg;
-    let suppress = vec![
-        c.image_token_id,
-        c.video_token_id,
-        c.vision_start_token_id,
-        c.vision_end_token_id,
-    ];
+    let suppress = built.cfg.vision_ids().to_vec();
     let sampler = Sampler {
         g,
         sampling: SamplingConfig {
