@@ -390,6 +390,41 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                 ])
             },
         )?;
+        // Sampling on the device: the draws and their log-probabilities against the CPU
+        // reference (same hash, same comparisons; one flipped near-tie of the logarithms
+        // allowed in the 300 rows).
+        let keys: Vec<u64> = (0..300u64).map(|r| crate::sample::key(5, r, 2)).collect();
+        let logits = rand(33, &[300, 5000], 4.0, dt)?;
+        let (tc, lc) = crate::sample::gumbel_sample(&logits, &bias, &keys, 1.0 / 0.7)?;
+        let (td, ld) = crate::sample::gumbel_sample(
+            &logits.to_device(c.dev)?,
+            &bias.to_device(c.dev)?,
+            &keys,
+            1.0 / 0.7,
+        )?;
+        let differ = tc.iter().zip(&td).filter(|(a, b)| a != b).count();
+        c.out.push(Check {
+            name: format!("gumbel sample {name}: draws differing (fraction)"),
+            err: differ as f64 / tc.len() as f64,
+            tol: 1.0 / 300.0,
+        });
+        let same: Vec<(f32, f32)> = lc
+            .iter()
+            .zip(&ld)
+            .zip(tc.iter().zip(&td))
+            .filter(|(_, (a, b))| a == b)
+            .map(|((x, y), _)| (*x, *y))
+            .collect();
+        let (a, b): (Vec<f32>, Vec<f32>) = same.into_iter().unzip();
+        let n = a.len();
+        c.out.push(Check {
+            name: format!("gumbel sample {name}: log-probs"),
+            err: rel_err(
+                &Tensor::from_vec(b, n, &Device::Cpu)?,
+                &Tensor::from_vec(a, n, &Device::Cpu)?,
+            )?,
+            tol,
+        });
         attention_checks(&mut c, dt, name, tol, &["kernel", "gemm", "mma"])?;
     }
     long_segment_checks(&mut c, &["gemm", "mma"])?;
