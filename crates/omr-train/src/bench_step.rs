@@ -191,6 +191,7 @@ pub struct PhaseTimes {
 /// With `recompute` (of the gradients of `wrt`), forward and backward are one phase (the
 /// backward recomputes blocks): its time is reported as backward. `kernels`: the ops
 /// implementation.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Qwen2VL,
     opt: &mut AdamW,
@@ -201,6 +202,63 @@ pub fn train_step(
     wrt: &[Tensor],
     kernels: Kernels,
     micro_batches: usize,
+) -> crate::Result<(f64, PhaseTimes)> {
+    train_step_with(
+        model,
+        opt,
+        input,
+        labels,
+        probe_vision,
+        recompute,
+        wrt,
+        kernels,
+        micro_batches,
+        StepHead::CrossEntropy,
+    )
+}
+
+/// The objective a timed step trains through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepHead {
+    /// SFT's summed cross-entropy (`Qwen2VL::head_loss`).
+    CrossEntropy,
+    /// GRPO's: −Σ log p of the labelled tokens under softmax(logits) with the vision ids
+    /// suppressed (`Qwen2VL::head_logps`; unit advantages).
+    TokenLogps,
+}
+
+/// The objective of `head` on final hidden states `h`, and the labelled tokens it counts.
+fn head_objective(
+    model: &Qwen2VL,
+    h: &Tensor,
+    labels: &[Vec<i64>],
+    ctx: &Ctx,
+    head: StepHead,
+) -> omr_model::Result<(Tensor, usize)> {
+    match head {
+        StepHead::CrossEntropy => model.head_loss(h, labels, ctx),
+        StepHead::TokenLogps => {
+            let (picked, targets) = model.labelled_rows(h, labels)?;
+            let suppress = model.cfg.vision_ids().to_vec();
+            let (logp, _) = model.head_logps(&picked, &targets, 1.0, &suppress, ctx)?;
+            Ok((logp.sum_all()?.neg()?, targets.len()))
+        }
+    }
+}
+
+/// [`train_step`] through the objective `head`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_with(
+    model: &Qwen2VL,
+    opt: &mut AdamW,
+    input: &Input,
+    labels: &[Vec<i64>],
+    probe_vision: bool,
+    recompute: Recompute,
+    wrt: &[Tensor],
+    kernels: Kernels,
+    micro_batches: usize,
+    head: StepHead,
 ) -> crate::Result<(f64, PhaseTimes)> {
     let dev = model.device().clone();
     let ctx = Ctx {
@@ -224,7 +282,8 @@ pub fn train_step(
         dev.synchronize()?;
         let t0 = Instant::now();
         let (l, k, grads) = if recompute == Recompute::NONE {
-            let (sum, k) = model.loss(input, labels, &ctx)?;
+            let h = model.hidden(input, &ctx)?;
+            let (sum, k) = head_objective(model, &h, labels, &ctx, head)?;
             let l = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
             t.forward += t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
@@ -236,7 +295,7 @@ pub fn train_step(
             let mut k = 0;
             let out =
                 model.forward_backward::<crate::TrainError>(input, &ctx, recompute, wrt, |h| {
-                    let (sum, m) = model.head_loss(h, labels, &ctx)?;
+                    let (sum, m) = head_objective(model, h, labels, &ctx, head)?;
                     k = m;
                     Ok(sum)
                 })?;

@@ -23,7 +23,7 @@ use omr_model::config::ModelConfig;
 use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
-use omr_train::bench_step::{train_step, SyntheticBatch};
+use omr_train::bench_step::{train_step, train_step_with, StepHead, SyntheticBatch};
 use omr_train::optim::{param_specs, AdamW, OptimConfig};
 use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -97,6 +97,8 @@ struct Case {
     ckpt: Checkpointing,
     /// Micro-batches of the step (`train.grad_accum`).
     accum: usize,
+    /// SFT's cross-entropy, or GRPO's token log-probabilities as the objective.
+    head: StepHead,
 }
 
 /// (measured heap growth, measured RSS growth, predicted) in MiB.
@@ -148,7 +150,14 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: c.accum as u64,
-        grpo: None,
+        // A policy update's micro-batch: GRPO's head, no reference, a rollout too small to
+        // be the peak.
+        grpo: (c.head == StepHead::TokenLogps).then_some(plan::GrpoShape {
+            reference: false,
+            rollout_rows: 1,
+            prompt_tokens: 8,
+            completion_tokens: 8,
+        }),
     };
     let predicted = plan::plan(&p).step_growth as f64 / 1048576.0;
     if std::env::var("OMR_PLAN_ROWS").is_ok() {
@@ -185,7 +194,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
     let rss0 = status_mib("VmRSS:");
     let live0 = LIVE.load(Relaxed);
     PEAK.store(live0, Relaxed);
-    train_step(
+    train_step_with(
         &model,
         &mut opt,
         &input,
@@ -195,6 +204,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         &wrt,
         omr_model::Kernels::Candle,
         c.accum,
+        c.head,
     )
     .unwrap();
     let heap = (PEAK.load(Relaxed) - live0) as f64 / 1048576.0;
@@ -231,6 +241,7 @@ const fn case(batch: usize, seq: usize, image_px: usize, freeze_vision: bool, lo
         lora,
         ckpt: Checkpointing::None,
         accum: 1,
+        head: StepHead::CrossEntropy,
     }
 }
 
@@ -244,7 +255,15 @@ const fn accum(c: Case, accum: usize) -> Case {
     Case { accum, ..c }
 }
 
-const CASES: [Case; 10] = [
+/// The same case through GRPO's objective (a policy update's micro-batch).
+const fn grpo(c: Case) -> Case {
+    Case {
+        head: StepHead::TokenLogps,
+        ..c
+    }
+}
+
+const CASES: [Case; 12] = [
     case(2, 256, 224, false, false),
     case(4, 128, 112, false, false),
     case(2, 256, 224, true, false),
@@ -258,6 +277,8 @@ const CASES: [Case; 10] = [
         ckpt(case(1, 512, 0, false, false), Checkpointing::Decoder),
         2,
     ),
+    grpo(case(2, 256, 224, false, false)),
+    grpo(ckpt(case(1, 512, 0, false, false), Checkpointing::All)),
 ];
 
 /// Each case runs in a fresh process (this test binary again, with `OMR_PLAN_CASE`), so its
@@ -276,8 +297,8 @@ fn plan_matches_measured_step_memory() {
         let (heap, rss, pred) = in_child("plan_matches_measured_step_memory", "OMR_PLAN_CASE", i);
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
-            "B {} T {} image {} px freeze_vision {} lora {} ckpt {} accum {}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
-            c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, c.ckpt.name(), c.accum, 100.0 * eh, 100.0 * er
+            "B {} T {} image {} px freeze_vision {} lora {} ckpt {} accum {} {:?}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
+            c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, c.ckpt.name(), c.accum, c.head, 100.0 * eh, 100.0 * er
         );
         let extra = if c.lora { LORA_EXTRA } else { 0.0 };
         if eh.abs() > HEAP_TOLERANCE + extra {
