@@ -141,6 +141,10 @@ if [ -z "$quick" ]; then
   step train-7b-lora-4k-block 120 env OMR_BLOCK_OP=1 "$bin" bench train --model-config 7b \
     --device cuda --batch 1 --image-px 448 --seq 4096 --lora-rank 16 --steps 3 --warmup 1 \
     --activation-checkpointing all
+  # A GRPO policy update's micro-batch: the same step through the fused linear log-prob (its
+  # backward recomputes the logits tiles) against train-3b-2k's cross-entropy.
+  step train-3b-2k-logps 60 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
+    --objective logps --json "$out/train-3b-2k-logps.json"
   # GRPO's rollout engine on the 3B shape: 64 prompts of 1024 tokens (one 448² image) to 256
   # new tokens, the Gumbel-max sampler on the GPU against sampling on the host (the rows read
   # back), with the GPU memory next to the plan's rollout phase.

@@ -19,7 +19,7 @@ use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
 use omr_model::Kernels;
-use omr_train::bench_step::{train_step, PhaseTimes, SyntheticBatch};
+use omr_train::bench_step::{train_step_with, PhaseTimes, StepHead, SyntheticBatch};
 use omr_train::flops::step_flops;
 use omr_train::optim::OptimConfig;
 use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
@@ -110,6 +110,10 @@ pub struct BenchTrainArgs {
     /// CUDA, candle ops on the CPU) and of the optimizer (fused AdamW + grad norm on CUDA).
     #[arg(long, default_value = "auto")]
     pub kernels: String,
+    /// ce (SFT's cross-entropy) | logps (GRPO's token log-probabilities: a policy update's
+    /// micro-batch, the fused linear log-prob on the fused path). The torch reference runs ce.
+    #[arg(long, default_value = "ce")]
+    pub objective: String,
     /// Time each segment of the recomputing backward (vision, decoder forward, head, decoder
     /// layers' recompute and backward, …), synchronising the device at each boundary; needs
     /// --activation-checkpointing other than none.
@@ -181,6 +185,20 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
+    let head = match a.objective.as_str() {
+        "ce" => StepHead::CrossEntropy,
+        "logps" if a.python.is_none() => StepHead::TokenLogps,
+        "logps" => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--objective logps has no torch reference (it runs ce): drop --python"
+            )))
+        }
+        other => {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--objective {other}: ce or logps"
+            )))
+        }
+    };
     let checkpointing = match a.activation_checkpointing.as_str() {
         "none" => Checkpointing::None,
         "decoder" => Checkpointing::Decoder,
@@ -246,7 +264,13 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         recompute_attention: a.recompute_attention,
         kept_decoder_layers: 0,
         grad_accum: a.grad_accum as u64,
-        grpo: None,
+        // GRPO's objective: its head, no reference, no rollout worth planning here.
+        grpo: (head == StepHead::TokenLogps).then_some(plan::GrpoShape {
+            reference: false,
+            rollout_rows: 1,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        }),
     };
     let kept_layers = match a.kept_decoder_layers.as_str() {
         "auto" => {
@@ -316,7 +340,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         omr_model::profile_segments(true);
     }
     for i in 0..a.warmup + a.steps {
-        let (loss, mut t) = train_step(
+        let (loss, mut t) = train_step_with(
             &model,
             &mut opt,
             &input,
@@ -329,6 +353,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             &wrt,
             kernels,
             a.grad_accum,
+            head,
         )?;
         losses.push(loss);
         if params.casts_on_get() {
@@ -398,7 +423,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         .collect();
     println!(
         "omr bench train: {} (random init, seed {}), {} {precision}, {kernels:?} kernels, \
-         activation checkpointing {}{}{}{}{}{}",
+         activation checkpointing {}{}{}{}{}{}{}",
         cfg_path.display(),
         a.seed,
         a.device,
@@ -430,7 +455,11 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         opt_ins
             .iter()
             .map(|(k, v)| format!(", {k}={v}"))
-            .collect::<String>()
+            .collect::<String>(),
+        match head {
+            StepHead::TokenLogps => ", GRPO's token log-probabilities as the objective",
+            StepHead::CrossEntropy => "",
+        }
     );
     println!(
         "  step {:.1} ms median of {} | {:.0} tokens/s | {:.3} TFLOP/step | {:.2} GFLOP/s achieved{}",
@@ -520,6 +549,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         "activation_checkpointing": a.activation_checkpointing,
         "recompute_attention": a.recompute_attention,
         "kept_decoder_layers": kept_layers,
+        "objective": a.objective,
         "lora_rank": a.lora_rank,
         "opt_ins": opt_ins.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "params": n_params,

@@ -497,3 +497,33 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
     let o = omr(&["bench", "generate", "--sampler", "gpu"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+/// `omr bench train --objective logps`: a GRPO policy update's micro-batch (the token
+/// log-probabilities as the head) on the tiny model, said in the header and the JSON; no torch
+/// reference for it (exit 2 with --python).
+#[test]
+fn bench_train_with_grpo_objective() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("logps.json");
+    let o = omr(&tiny_bench_args(&json, &["--objective", "logps"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("GRPO's token log-probabilities as the objective"),
+        "{t}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["objective"], "logps");
+    let o = omr(&[
+        "bench",
+        "train",
+        "--objective",
+        "logps",
+        "--python",
+        "python3",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
