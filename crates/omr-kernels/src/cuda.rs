@@ -42,6 +42,47 @@ fn ptx_of(module: &str) -> Result<&'static str> {
     })
 }
 
+/// A scalar argument of a kernel launch.
+pub(crate) enum Scalar {
+    I32(i32),
+    F32(f32),
+}
+
+/// Launches entry `{name}_{dtype of x}` of `module` with its arguments in the order the
+/// row-wise kernels take them (`linear_ce.cu`, `sample.cu`): `x`, the `side` inputs, a new
+/// output of `out_len` elements of `out_dtype`, then `scalars`. Returns the output.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_rowwise(
+    x: &CudaStorage,
+    x_layout: &Layout,
+    side: &[In<'_>],
+    module: &str,
+    name: &str,
+    (out_dtype, out_len): (DType, usize),
+    scalars: &[Scalar],
+    cfg: LaunchConfig,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let f = kernel(&dev, module, &format!("{name}_{}", suffix(x.dtype())?))?;
+    let input = In::new(x, x_layout)?;
+    let mut out = Out::alloc(&dev, out_dtype, out_len)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    input.push(&mut b);
+    for t in side {
+        t.push(&mut b);
+    }
+    out.push(&mut b);
+    for v in scalars {
+        match v {
+            Scalar::I32(v) => b.arg(v),
+            Scalar::F32(v) => b.arg(v),
+        };
+    }
+    run(b, cfg)?;
+    Ok(out.into_storage(&dev))
+}
+
 /// Function `name` of module `module`, loaded once per device (candle caches the module).
 pub(crate) fn kernel(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
     let m = format!("omr_{module}");

@@ -260,26 +260,25 @@ impl CustomOp1 for TileStats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
-        let dev = s.device().clone();
+        use crate::cuda::{self, Scalar};
         let (r, vc) = l.shape().dims2()?;
-        let f = cuda::kernel(
-            &dev,
-            "linear_ce",
-            &format!("ce_tile_stats_{}", cuda::suffix(s.dtype())?),
-        )?;
         let (ts, tl) = self.targets.storage_and_layout();
-        let (x, t) = (In::new(s, l)?, In::new(cuda::storage(&ts)?, tl)?);
-        let mut out = Out::alloc(&dev, DType::F32, r * 3)?;
-        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        x.push(&mut b);
-        t.push(&mut b);
-        out.push(&mut b);
-        b.arg(&r_i).arg(&vc_i).arg(&v0);
-        cuda::run(b, cuda::cfg(r.div_ceil(8), 256, 0))?;
-        Ok((out.into_storage(&dev), Shape::from((r, 3))))
+        let t = cuda::In::new(cuda::storage(&ts)?, tl)?;
+        let out = cuda::launch_rowwise(
+            s,
+            l,
+            &[t],
+            "linear_ce",
+            "ce_tile_stats",
+            (DType::F32, r * 3),
+            &[
+                Scalar::I32(r as i32),
+                Scalar::I32(vc as i32),
+                Scalar::I32(self.v0 as i32),
+            ],
+            cuda::cfg(r.div_ceil(8), 256, 0),
+        )?;
+        Ok((out, Shape::from((r, 3))))
     }
 }
 
@@ -322,31 +321,26 @@ impl CustomOp2 for TileGrad {
         zs: &candle_core::CudaStorage,
         zl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
-        let dev = s.device().clone();
+        use crate::cuda::{self, In, Scalar};
         let (r, vc) = l.shape().dims2()?;
-        let f = cuda::kernel(
-            &dev,
-            "linear_ce",
-            &format!("ce_tile_grad_{}", cuda::suffix(s.dtype())?),
-        )?;
         let (ts, tl) = self.targets.storage_and_layout();
-        let (x, t, z) = (
-            In::new(s, l)?,
-            In::new(cuda::storage(&ts)?, tl)?,
-            In::new(zs, zl)?,
-        );
-        let mut out = Out::alloc(&dev, s.dtype(), r * vc)?;
-        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        x.push(&mut b);
-        t.push(&mut b);
-        z.push(&mut b);
-        out.push(&mut b);
-        b.arg(&r_i).arg(&vc_i).arg(&v0).arg(&self.scale);
-        cuda::run(b, cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0))?;
-        Ok((out.into_storage(&dev), l.shape().clone()))
+        let side = [In::new(cuda::storage(&ts)?, tl)?, In::new(zs, zl)?];
+        let out = cuda::launch_rowwise(
+            s,
+            l,
+            &side,
+            "linear_ce",
+            "ce_tile_grad",
+            (s.dtype(), r * vc),
+            &[
+                Scalar::I32(r as i32),
+                Scalar::I32(vc as i32),
+                Scalar::I32(self.v0 as i32),
+                Scalar::F32(self.scale),
+            ],
+            cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0),
+        )?;
+        Ok((out, l.shape().clone()))
     }
 }
 

@@ -325,30 +325,28 @@ impl CustomOp1 for TileStats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
-        let dev = s.device().clone();
+        use crate::cuda::{self, Scalar};
         let (r, vc) = l.shape().dims2()?;
-        let f = cuda::kernel(
-            &dev,
+        let guards = [
+            self.targets.storage_and_layout(),
+            self.bias.storage_and_layout(),
+        ];
+        let out = cuda::launch_rowwise(
+            s,
+            l,
+            &cuda::views(&guards)?,
             "linear_ce",
-            &format!("lp_tile_stats_{}", cuda::suffix(s.dtype())?),
+            "lp_tile_stats",
+            (DType::F32, r * 4),
+            &[
+                Scalar::I32(r as i32),
+                Scalar::I32(vc as i32),
+                Scalar::I32(self.v0 as i32),
+                Scalar::F32(self.zscale),
+            ],
+            cuda::cfg(r.div_ceil(8), 256, 0),
         )?;
-        let (ts, tl) = self.targets.storage_and_layout();
-        let (bs, bl) = self.bias.storage_and_layout();
-        let x = In::new(s, l)?;
-        let t = In::new(cuda::storage(&ts)?, tl)?;
-        let bias = In::new(cuda::storage(&bs)?, bl)?;
-        let mut out = Out::alloc(&dev, DType::F32, r * 4)?;
-        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        x.push(&mut b);
-        t.push(&mut b);
-        bias.push(&mut b);
-        out.push(&mut b);
-        b.arg(&r_i).arg(&vc_i).arg(&v0).arg(&self.zscale);
-        cuda::run(b, cuda::cfg(r.div_ceil(8), 256, 0))?;
-        Ok((out.into_storage(&dev), Shape::from((r, 4))))
+        Ok((out, Shape::from((r, 4))))
     }
 }
 
@@ -387,34 +385,30 @@ impl CustomOp1 for TileGrad {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
-        let dev = s.device().clone();
+        use crate::cuda::{self, Scalar};
         let (r, vc) = l.shape().dims2()?;
-        let f = cuda::kernel(
-            &dev,
-            "linear_ce",
-            &format!("lp_tile_grad_{}", cuda::suffix(s.dtype())?),
-        )?;
         let guards = [
             self.targets.storage_and_layout(),
             self.bias.storage_and_layout(),
             self.lse.storage_and_layout(),
             self.g.storage_and_layout(),
         ];
-        let side = cuda::views(&guards)?;
-        let x = In::new(s, l)?;
-        let mut out = Out::alloc(&dev, s.dtype(), r * vc)?;
-        let (r_i, vc_i, v0) = (r as i32, vc as i32, self.v0 as i32);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        x.push(&mut b);
-        for v in &side {
-            v.push(&mut b);
-        }
-        out.push(&mut b);
-        b.arg(&r_i).arg(&vc_i).arg(&v0).arg(&self.zscale);
-        cuda::run(b, cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0))?;
-        Ok((out.into_storage(&dev), l.shape().clone()))
+        let out = cuda::launch_rowwise(
+            s,
+            l,
+            &cuda::views(&guards)?,
+            "linear_ce",
+            "lp_tile_grad",
+            (s.dtype(), r * vc),
+            &[
+                Scalar::I32(r as i32),
+                Scalar::I32(vc as i32),
+                Scalar::I32(self.v0 as i32),
+                Scalar::F32(self.zscale),
+            ],
+            cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0),
+        )?;
+        Ok((out, l.shape().clone()))
     }
 }
 

@@ -125,33 +125,23 @@ impl CustomOp1 for Gumbel {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{self, In, Out, PushKernelArg};
-        use candle_core::backend::BackendStorage;
-        let dev = s.device().clone();
+        use crate::cuda::{self, Scalar};
         let (r, v) = l.shape().dims2()?;
-        let f = cuda::kernel(
-            &dev,
-            "sample",
-            &format!("gumbel_sample_{}", cuda::suffix(s.dtype())?),
-        )?;
         let guards = [
             self.bias.storage_and_layout(),
             self.keys.storage_and_layout(),
         ];
-        let side = cuda::views(&guards)?;
-        let x = In::new(s, l)?;
-        let mut out = Out::alloc(&dev, DType::F32, 2 * r)?;
-        let v_i = v as i32;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        x.push(&mut b);
-        for t in &side {
-            t.push(&mut b);
-        }
-        out.push(&mut b);
-        b.arg(&v_i).arg(&self.zscale);
-        // One block of 256 threads per row (kernels/sample.cu: SAMPLE_THREADS).
-        cuda::run(b, cuda::cfg(r, 256, 0))?;
-        Ok((out.into_storage(&dev), Shape::from((r, 2))))
+        let out = cuda::launch_rowwise(
+            s,
+            l,
+            &cuda::views(&guards)?,
+            "sample",
+            "gumbel_sample",
+            (DType::F32, 2 * r),
+            &[Scalar::I32(v as i32), Scalar::F32(self.zscale)],
+            // One block of 256 threads per row (kernels/sample.cu: SAMPLE_THREADS).
+            cuda::cfg(r, 256, 0),
+        )?;
+        Ok((out, Shape::from((r, 2))))
     }
 }
