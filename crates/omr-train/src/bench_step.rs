@@ -185,38 +185,6 @@ pub struct PhaseTimes {
     pub step: f64,
 }
 
-/// One SFT step on `micro_batches` forward + backward passes of `input` accumulated (at least
-/// one); returns the mean loss over labelled tokens and the phase times, each summed over the
-/// micro-batches. With `probe_vision`, the vision tower's forward is timed on its own first.
-/// With `recompute` (of the gradients of `wrt`), forward and backward are one phase (the
-/// backward recomputes blocks): its time is reported as backward. `kernels`: the ops
-/// implementation.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    model: &Qwen2VL,
-    opt: &mut AdamW,
-    input: &Input,
-    labels: &[Vec<i64>],
-    probe_vision: bool,
-    recompute: Recompute,
-    wrt: &[Tensor],
-    kernels: Kernels,
-    micro_batches: usize,
-) -> crate::Result<(f64, PhaseTimes)> {
-    train_step_with(
-        model,
-        opt,
-        input,
-        labels,
-        probe_vision,
-        recompute,
-        wrt,
-        kernels,
-        micro_batches,
-        StepHead::CrossEntropy,
-    )
-}
-
 /// The objective a timed step trains through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepHead {
@@ -246,9 +214,14 @@ fn head_objective(
     }
 }
 
-/// [`train_step`] through the objective `head`.
+/// One training step on `micro_batches` forward + backward passes of `input` accumulated (at least
+/// one); returns the mean loss over labelled tokens and the phase times, each summed over the
+/// micro-batches. With `probe_vision`, the vision tower's forward is timed on its own first.
+/// With `recompute` (of the gradients of `wrt`), forward and backward are one phase (the
+/// backward recomputes blocks): its time is reported as backward. `kernels`: the ops
+/// implementation; `head`: SFT's objective or GRPO's.
 #[allow(clippy::too_many_arguments)]
-pub fn train_step_with(
+pub fn train_step(
     model: &Qwen2VL,
     opt: &mut AdamW,
     input: &Input,

@@ -23,7 +23,7 @@ use omr_model::config::ModelConfig;
 use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
-use omr_train::bench_step::{train_step, train_step_with, StepHead, SyntheticBatch};
+use omr_train::bench_step::{train_step, StepHead, SyntheticBatch};
 use omr_train::optim::{param_specs, AdamW, OptimConfig};
 use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -186,6 +186,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         &wrt,
         omr_model::Kernels::Candle,
         1,
+        StepHead::CrossEntropy,
     )
     .unwrap();
     drop(warm_input);
@@ -194,7 +195,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
     let rss0 = status_mib("VmRSS:");
     let live0 = LIVE.load(Relaxed);
     PEAK.store(live0, Relaxed);
-    train_step_with(
+    train_step(
         &model,
         &mut opt,
         &input,

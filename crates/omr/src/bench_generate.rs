@@ -82,8 +82,8 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             )))
         }
     };
-    let rt = crate::bench_train::runtime(&a.device, &a.precision, &a.kernels)?;
-    let cfg_path = crate::bench_train::config_path(&a.model_config);
+    let rt = crate::bench_common::runtime(&a.device, &a.precision, &a.kernels)?;
+    let cfg_path = crate::bench_common::config_path(&a.model_config);
     let cfg = ModelConfig::from_file(&cfg_path).usage()?;
     let mut params = Params::init(&cfg, a.seed, 0.02, &rt.device)?;
     rt.prepare(&mut params)?;

@@ -19,11 +19,10 @@ use omr_model::lora::LoraConfig;
 use omr_model::model::Qwen2VL;
 use omr_model::params::{Params, Part};
 use omr_model::Kernels;
-use omr_train::bench_step::{train_step_with, PhaseTimes, StepHead, SyntheticBatch};
+use omr_train::bench_step::{train_step, PhaseTimes, StepHead, SyntheticBatch};
 use omr_train::flops::step_flops;
 use omr_train::optim::OptimConfig;
 use omr_train::plan::{self, AttentionImpl, Checkpointing, PlanInput, Trainable};
-use omr_train::runtime::RuntimeConfig;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -121,33 +120,6 @@ pub struct BenchTrainArgs {
     pub profile: bool,
 }
 
-/// The `[runtime]` of `--device`, `--precision` and `--kernels` (bad words exit 2).
-pub(crate) fn runtime(
-    device: &str,
-    precision: &str,
-    kernels: &str,
-) -> crate::Result<omr_train::runtime::Runtime> {
-    let words = |e: String| Exit::usage(anyhow::anyhow!(e));
-    RuntimeConfig {
-        device: device.parse().map_err(words)?,
-        precision: precision.parse().map_err(words)?,
-        kernels: kernels.parse().map_err(words)?,
-    }
-    .resolve()
-    .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))
-}
-
-/// `tiny` / `3b` / `7b` or a path → the config.json path.
-pub(crate) fn config_path(name: &str) -> PathBuf {
-    let models = plan::configs_dir().join("models");
-    match name {
-        "tiny" => models.join("tiny.json"),
-        "3b" | "qwen2.5-vl-3b" => models.join("qwen2.5-vl-3b.json"),
-        "7b" | "qwen2.5-vl-7b" => models.join("qwen2.5-vl-7b.json"),
-        other => PathBuf::from(other),
-    }
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -210,7 +182,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             )))
         }
     };
-    let rt = runtime(&a.device, &a.precision, &a.kernels)?;
+    let rt = crate::bench_common::runtime(&a.device, &a.precision, &a.kernels)?;
     let (device, compute, kernels) = (rt.device.clone(), rt.compute, rt.kernels);
     let precision = if compute == DType::BF16 {
         "bf16"
@@ -233,7 +205,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         dropout: 0.0,
         targets: vec!["all-linear".into()],
     });
-    let cfg_path = config_path(&a.model_config);
+    let cfg_path = crate::bench_common::config_path(&a.model_config);
     let cfg = ModelConfig::from_file(&cfg_path).usage()?;
     let batch = SyntheticBatch::new(&cfg, a.batch, a.seq, a.image_px, a.seed)
         .map_err(|e| Exit::usage(anyhow::anyhow!(e)))?;
@@ -340,7 +312,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         omr_model::profile_segments(true);
     }
     for i in 0..a.warmup + a.steps {
-        let (loss, mut t) = train_step_with(
+        let (loss, mut t) = train_step(
             &model,
             &mut opt,
             &input,

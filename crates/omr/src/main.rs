@@ -2,6 +2,7 @@
 //! library objects, call them, map failures to the exit codes of RELIABILITY.md.
 
 mod batches;
+mod bench_common;
 mod bench_data;
 mod bench_generate;
 mod bench_kernels;
