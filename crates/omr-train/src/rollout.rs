@@ -175,9 +175,10 @@ pub fn logps_from_hidden(
     let (picked, targets) = model.labelled_rows(h, &b.labels)?; // (K, C)
     let k = targets.len();
     let dev = h.device().clone();
-    let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?; // (K,)
-                                                                                            // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
-                                                                                            // completion tokens of row i are its first lens[i] labelled positions.
+    // (K,) each
+    let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?;
+    // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
+    // completion tokens of row i are its first lens[i] labelled positions.
     let mut gather = Vec::with_capacity(n * b.tc);
     let mut next = 0u32;
     for &len in &b.lens {
