@@ -175,7 +175,7 @@ pub fn logps_from_hidden(
     let (picked, targets) = model.labelled_rows(h, &b.labels)?; // (K, C)
     let k = targets.len();
     let dev = h.device().clone();
-    // (K,) each
+    // logp (K,) and the summed entropy
     let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?;
     // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
     // completion tokens of row i are its first lens[i] labelled positions.
