@@ -8,7 +8,10 @@
 // (window > 0 ⇒ S − T + t − s < window). A query with no allowed key gets o = 0, lse = −∞.
 //
 // Kernels (D ≤ 128 and even; f32 arithmetic; inputs f32 or bf16):
-//   flash_fwd:      block = 4 warps × 4 query rows; 32-key tiles of K and V in shared memory
+//   flash_fwd:      block = 4 warps × 4 rows of one kv head, a row = (query, head of the
+//                   group), so the group's heads share each key tile (a decoding step's
+//                   rows are its heads); K and V batch rows `kvb` apart (a view of
+//                   generation's preallocated cache); 32-key tiles of K and V in shared memory
 //                   (f32, K rows padded by one word: lane j reads key j without bank
 //                   conflicts); lane j scores key j, the warp does the online softmax, and
 //                   each lane accumulates the output dims d ≡ lane (mod 32).
@@ -40,7 +43,8 @@ __device__ __forceinline__ void key_range(int p0, int p1, int S, int causal, int
   *lo = window > 0 ? max(0, p0 - window + 1) : 0;
 }
 
-// Loads rows [s0, s0 + KT) of a (B, S, KV, D) tensor for (b, kvh) as f32 into sh[KT][ld].
+// Loads rows [s0, s0 + KT) of a (B, S, KV, D) tensor for (b, kvh) as f32 into sh[KT][ld]
+// (b = 0 with src at the batch row: batch rows that sit apart).
 template <typename T>
 __device__ __forceinline__ void load_keys(const T* __restrict__ src, float* sh, int ld, int b,
                                           int kvh, int s0, int S, int KV, int D) {
@@ -51,28 +55,33 @@ __device__ __forceinline__ void load_keys(const T* __restrict__ src, float* sh, 
 }
 
 #define FWD_ROWS 4  // query rows per warp
+// A block owns 16 rows of one key/value head kvh: row r = t · G + g is query t of head
+// kvh · G + g (G = H / KV heads per group), so every head of the group reads each key tile
+// once (a decoding step, T = 1, fills G rows of a block instead of 1 of 16). k / v batch rows
+// sit `kvb` elements apart (generation's cache is a view of a longer buffer).
 template <typename T>
 __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const unsigned* __restrict__ qseg,
                           const unsigned* __restrict__ kseg, T* __restrict__ o,
                           float* __restrict__ lse, int T_, int S, int H, int KV, int D,
-                          float scale, int causal, int window) {
+                          long long kvb, float scale, int causal, int window) {
   __shared__ float qs[4 * FWD_ROWS][DMAX];
   __shared__ float ks[KT][DMAX + 1];
   __shared__ float vs[KT][DMAX];
   __shared__ unsigned kseg_s[KT];
-  const int b = blockIdx.z, h = blockIdx.y, kvh = h / (H / KV);
+  const int b = blockIdx.z, kvh = blockIdx.y, G = H / KV;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int t0 = blockIdx.x * 4 * FWD_ROWS, off = S - T_;
+  const int r0 = blockIdx.x * 4 * FWD_ROWS, off = S - T_;
   for (int e = threadIdx.x; e < 4 * FWD_ROWS * D; e += blockDim.x) {
-    const int r = e / D, d = e - r * D, t = t0 + r;
+    const int r = e / D, d = e - r * D, t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
     qs[r][d] = t < T_ ? to_f(q[(((size_t)b * T_ + t) * H + h) * D + d]) : 0.f;
   }
   float m[FWD_ROWS], l[FWD_ROWS], acc[FWD_ROWS][NDS];
   unsigned qsg[FWD_ROWS];
+  const int rw = r0 + warp * FWD_ROWS;  // this warp's first row; row rw + r is query (rw + r) / G
 #pragma unroll
   for (int r = 0; r < FWD_ROWS; ++r) {
-    const int t = t0 + warp * FWD_ROWS + r;
+    const int t = (rw + r) / G;
     m[r] = -INFINITY;
     l[r] = 0.f;
     qsg[r] = t < T_ ? qseg[(size_t)b * T_ + t] : 0u;
@@ -80,17 +89,20 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     for (int c = 0; c < NDS; ++c) acc[r][c] = 0.f;
   }
   int lo, hi;
-  key_range(off + t0, off + min(t0 + 4 * FWD_ROWS, T_) - 1, S, causal, window, &lo, &hi);
+  key_range(off + r0 / G, off + min((r0 + 4 * FWD_ROWS - 1) / G, T_ - 1), S, causal, window,
+            &lo, &hi);
   for (int s0 = (lo / KT) * KT; s0 < hi; s0 += KT) {
     __syncthreads();
-    load_keys(k, &ks[0][0], DMAX + 1, b, kvh, s0, S, KV, D);
-    load_keys(v, &vs[0][0], DMAX, b, kvh, s0, S, KV, D);
-    if (threadIdx.x < KT) kseg_s[threadIdx.x] = s0 + threadIdx.x < S ? kseg[(size_t)b * S + s0 + threadIdx.x] : 0u;
+    load_keys(k + (size_t)b * kvb, &ks[0][0], DMAX + 1, 0, kvh, s0, S, KV, D);
+    load_keys(v + (size_t)b * kvb, &vs[0][0], DMAX, 0, kvh, s0, S, KV, D);
+    if (threadIdx.x < KT) kseg_s[threadIdx.x] = s0 + (int)threadIdx.x < S ? kseg[(size_t)b * S + s0 + threadIdx.x] : 0u;
     __syncthreads();
     const int s = s0 + lane;
 #pragma unroll
     for (int r = 0; r < FWD_ROWS; ++r) {
-      const int rr = warp * FWD_ROWS + r, qpos = off + t0 + rr;
+      const int t = (rw + r) / G;
+      if (t >= T_) continue;  // past the last row (the same for the whole warp)
+      const int rr = warp * FWD_ROWS + r, qpos = off + t;
       float sc = -INFINITY;
       if (s < S && allowed(qpos, s, qsg[r], kseg_s[lane], causal, window)) {
         float dot = 0.f;
@@ -116,7 +128,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   }
 #pragma unroll
   for (int r = 0; r < FWD_ROWS; ++r) {
-    const int t = t0 + warp * FWD_ROWS + r;
+    const int t = (rw + r) / G, h = kvh * G + (rw + r) % G;
     if (t >= T_) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #pragma unroll
@@ -184,7 +196,7 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
     __syncthreads();
     load_keys(k, &ks[0][0], DMAX + 1, b, kvh, s0, S, KV, D);
     load_keys(v, &vs[0][0], DMAX + 1, b, kvh, s0, S, KV, D);
-    if (threadIdx.x < KT) kseg_s[threadIdx.x] = s0 + threadIdx.x < S ? kseg[(size_t)b * S + s0 + threadIdx.x] : 0u;
+    if (threadIdx.x < KT) kseg_s[threadIdx.x] = s0 + (int)threadIdx.x < S ? kseg[(size_t)b * S + s0 + threadIdx.x] : 0u;
     __syncthreads();
     const int s = s0 + lane;
 #pragma unroll
@@ -329,8 +341,9 @@ __device__ void flash_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k,
 #define ENTRIES(T, S_)                                                                          \
   extern "C" __global__ void __launch_bounds__(128) flash_fwd_##S_(                             \
       const T* q, const T* k, const T* v, const unsigned* qseg, const unsigned* kseg, T* o,     \
-      float* lse, int T_, int S, int H, int KV, int D, float scale, int causal, int window) {   \
-    flash_fwd<T>(q, k, v, qseg, kseg, o, lse, T_, S, H, KV, D, scale, causal, window);          \
+      float* lse, int T_, int S, int H, int KV, int D, long long kvb, float scale, int causal,   \
+      int window) {                                                                              \
+    flash_fwd<T>(q, k, v, qseg, kseg, o, lse, T_, S, H, KV, D, kvb, scale, causal, window);     \
   }                                                                                              \
   extern "C" __global__ void flash_bwd_dot_##S_(const T* o, const T* dout, float* delta, int B, \
                                                 int T_, int H, int D) {                         \

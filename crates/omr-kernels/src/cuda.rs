@@ -113,6 +113,11 @@ impl<'a> In<'a> {
         let Some((a, b)) = l.contiguous_offsets() else {
             bail!("omr-kernels (cuda): inputs must be contiguous")
         };
+        Self::span(s, a, b)
+    }
+
+    /// Elements `a..b` of `s` (a kernel that takes strides reads a strided layout's span).
+    pub(crate) fn span(s: &'a CudaStorage, a: usize, b: usize) -> Result<In<'a>> {
         Ok(match &s.slice {
             CudaStorageSlice::F32(v) => In::F32(v.slice(a..b)),
             CudaStorageSlice::BF16(v) => In::Bf16(v.slice(a..b)),

@@ -173,8 +173,34 @@ pub fn flash_attn_kernel(
     scale: f64,
 ) -> Result<Tensor> {
     let op = build_kernel_op(q, k, v, mask, scale)?;
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // The CUDA kernel reads keys and values whose batch rows sit apart (a view of generation's
+    // preallocated cache) in place; the CPU reference reads contiguous copies.
+    let kv_in_place = k.device().is_cuda()
+        && row_stride(k.layout()).is_some()
+        && row_stride(k.layout()) == row_stride(v.layout());
+    if kv_in_place {
+        q.contiguous()?.apply_op3(k, v, op)
+    } else {
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    }
+}
+
+/// The batch stride of a (B, S, KV, D) layout whose batch rows are each contiguous (a
+/// contiguous tensor, or a view of the first S positions of a longer buffer); None otherwise.
+pub(crate) fn row_stride(l: &Layout) -> Option<usize> {
+    let (d, st) = (l.dims(), l.stride());
+    if d.len() != 4 {
+        return None;
+    }
+    let row = d[1] * d[2] * d[3];
+    if l.is_contiguous() {
+        return Some(row);
+    }
+    let rows_contiguous = (d[3] == 1 || st[3] == 1)
+        && (d[2] == 1 || st[2] == d[3])
+        && (d[1] == 1 || st[1] == d[2] * d[3]);
+    (rows_contiguous && (d[0] == 1 || st[0] >= row)).then_some(if d[0] == 1 { row } else { st[0] })
 }
 
 /// The op of [`flash_attn_kernel`], its inputs checked.
@@ -421,7 +447,23 @@ impl CustomOp3 for FlashAttn {
         )?;
         let (qsg, qsl) = self.q_seg.storage_and_layout();
         let (ksg, ksl) = self.k_seg.storage_and_layout();
-        let (q, k, v) = (In::new(qs, ql)?, In::new(ks, kl)?, In::new(vs, vl)?);
+        // Keys and values: batch rows `kvb` elements apart (see [`flash_attn_kernel`]).
+        let kvb = match (row_stride(kl), row_stride(vl)) {
+            (Some(a), Some(b)) if a == b => a,
+            _ => candle_core::bail!(
+                "flash_attn: keys and values need one layout with contiguous batch rows"
+            ),
+        };
+        let span = |l: &Layout| {
+            let a = l.start_offset();
+            (a, a + (n.b - 1) * kvb + n.s * n.kv * n.d)
+        };
+        let ((ka, kz), (va, vz)) = (span(kl), span(vl));
+        let (q, k, v) = (
+            In::new(qs, ql)?,
+            In::span(ks, ka, kz)?,
+            In::span(vs, va, vz)?,
+        );
         let (qg, kg) = (
             In::new(cuda::storage(&qsg)?, qsl)?,
             In::new(cuda::storage(&ksg)?, ksl)?,
@@ -429,6 +471,7 @@ impl CustomOp3 for FlashAttn {
         let mut o = Out::alloc(&dev, qs.dtype(), n.b * n.t * n.h * n.d)?;
         let mut lse = Out::alloc(&dev, DType::F32, n.b * n.h * n.t)?;
         let ints = [n.t, n.s, n.h, n.kv, n.d].map(|x| x as i32);
+        let kvb = kvb as i64;
         let (causal, window) = (self.causal as i32, self.window as i32);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -442,8 +485,10 @@ impl CustomOp3 for FlashAttn {
         for x in &ints {
             b.arg(x);
         }
-        b.arg(&self.scale).arg(&causal).arg(&window);
-        cuda::run(b, grid3(n.t.div_ceil(16), n.h, n.b))?;
+        b.arg(&kvb).arg(&self.scale).arg(&causal).arg(&window);
+        // A block: 16 (query, head) rows of one key/value head, queries outer, so the heads
+        // of a group share each key tile (a decoding step's rows are its heads).
+        cuda::run(b, grid3((n.t * (n.h / n.kv)).div_ceil(16), n.kv, n.b))?;
         self.lse.put(lse.into_tensor(&dev, (n.b, n.h, n.t)))?;
         Ok((o.into_storage(&dev), ql.shape().clone()))
     }
@@ -458,6 +503,7 @@ impl CustomOp3 for FlashAttn {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse.get()?;
         let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+        let (k, v) = (&k.contiguous()?, &v.contiguous()?);
         let (dq, dk, dv) = self.backward(q, k, v, o, &dout, &lse)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }

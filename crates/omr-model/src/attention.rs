@@ -54,8 +54,19 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tenso
     let p = softmax_last(&scores)?
         .to_dtype(q.dtype())?
         .reshape((b, kv, rep * t, s))?;
-    let o = p.matmul(&v.contiguous()?)?.reshape((b, h, t, d))?;
+    let o = p.matmul(&rows_major(v)?)?.reshape((b, h, t, d))?;
     o.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// `x` (B, KV, S, D) as a matmul operand: itself when its rows are contiguous and its batch
+/// axes fold into one stride (a view of the key/value cache's buffers), else a contiguous copy.
+fn rows_major(x: &Tensor) -> Result<Tensor> {
+    let (st, dims) = (x.stride(), x.dims());
+    if st.len() == 4 && st[3] == 1 && st[2] == dims[3] && st[0] == st[1] * dims[1] {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }
 
 /// Block-diagonal self-attention over contiguous row ranges `cu` (cumulative lengths starting

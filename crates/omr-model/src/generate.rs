@@ -136,7 +136,8 @@ pub fn generate_with(
         } else {
             None
         };
-    let mut cache = KvCache::default();
+    // Sized for the whole generation at the prefill: no step reallocates or copies it.
+    let mut cache = KvCache::with_capacity(prompts.len() + cfg.max_new_tokens);
 
     // The prefill; the prompt's embeddings and hidden states are freed once the first logits
     // exist (detached: nothing of the prefill is kept but the cache).

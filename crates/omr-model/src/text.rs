@@ -27,38 +27,83 @@ struct Layer {
     down: Linear,
 }
 
-/// Keys and values of one layer after rotary, grown along S: (B, KV, S, D) when the candle
-/// path fills it, (B, S, KV, D) (the flash kernel's layout) when the fused path does.
-#[derive(Clone, Default)]
+/// Keys and values of one layer after rotary, in buffers preallocated along S: (B, KV, cap, D)
+/// when the candle path fills it, (B, cap, KV, D) (the flash kernel's layout) when the fused
+/// path does; the first `len` positions are filled. A pass writes its keys and values in place
+/// after them and attends through a view of the first `len + T` (no copy of the cache per
+/// step: at 128 rows × 5120 positions of the 7B shape, concatenating would copy 37 GB a step).
+/// Not `Clone`: clones would share the buffers that passes write in place.
+#[derive(Default)]
 pub struct LayerCache {
-    pub k: Option<Tensor>,
-    pub v: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+    /// [`KvCache::with_capacity`]'s positions.
+    reserve: usize,
+}
+
+impl LayerCache {
+    /// The filled keys (a view of the buffer), if any.
+    pub fn keys(&self, seq_dim: usize) -> Result<Option<Tensor>> {
+        self.k
+            .as_ref()
+            .map(|k| k.narrow(seq_dim, 0, self.len))
+            .transpose()
+    }
 }
 
 /// The cache of every layer.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     /// The kernels of the passes that filled it, which fix its layout (see [`LayerCache`]).
     pub kernels: Kernels,
+    /// Positions the buffers are first allocated for (0: what the first pass needs); a pass
+    /// beyond the capacity reallocates to at least twice it.
+    reserve: usize,
 }
 
 impl KvCache {
+    /// An empty cache whose buffers, once allocated, hold `positions` positions (generation:
+    /// prompt + new tokens), so no pass reallocates.
+    pub fn with_capacity(positions: usize) -> KvCache {
+        KvCache {
+            reserve: positions,
+            ..KvCache::default()
+        }
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        let seq_dim = match self.kernels {
-            Kernels::Candle => 2,
-            Kernels::Fused => 1,
-        };
+        self.layers.first().map_or(0, |l| l.len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Positions the buffers hold before a pass reallocates them.
+    pub fn capacity(&self) -> usize {
+        let seq_dim = self.seq_dim();
         self.layers
             .first()
             .and_then(|l| l.k.as_ref())
             .map_or(0, |k| k.dim(seq_dim).unwrap_or(0))
     }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Batch rows held.
+    pub fn rows(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.k.as_ref())
+            .map_or(0, |k| k.dim(0).unwrap_or(0))
     }
-    /// Keeps only batch rows `rows` (finished rows leave the batch during generation).
+    /// The sequence axis of the buffers (see [`LayerCache`]).
+    pub fn seq_dim(&self) -> usize {
+        match self.kernels {
+            Kernels::Candle => 2,
+            Kernels::Fused => 1,
+        }
+    }
+    /// Keeps only batch rows `rows` (finished rows leave the batch during generation); the
+    /// buffers keep their capacity.
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for l in &mut self.layers {
             if let Some(k) = &l.k {
@@ -164,7 +209,9 @@ impl TextModel {
             }
             cache
                 .layers
-                .resize(self.layers.len(), LayerCache::default());
+                .resize_with(self.layers.len(), LayerCache::default);
+            let reserve = cache.reserve;
+            cache.layers.iter_mut().for_each(|l| l.reserve = reserve);
         }
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -233,7 +280,7 @@ impl Layer {
             Tables::Candle { cos, sin, bias } => {
                 let q = ops::apply_rotary(&q.transpose(1, 2)?, cos, sin)?;
                 let k = ops::apply_rotary(&k.transpose(1, 2)?, cos, sin)?.contiguous()?;
-                let (k, v) = extend(cache, k, v.transpose(1, 2)?.contiguous()?, 2)?;
+                let (k, v) = extend(cache, k, v.transpose(1, 2)?, 2)?;
                 attend(&q, &k, &v, bias)? // (B, T, H·D)
             }
             Tables::Fused { cos, sin, mask } => {
@@ -295,9 +342,13 @@ impl Layer {
     }
 }
 
-/// Keys and values of the cache followed by this pass's, concatenated along the sequence axis
-/// `seq_dim`; the cache keeps them, detached, for the next pass (nothing backpropagates through
-/// a cache: kept with their graph, every step's would reach back to every earlier step's).
+/// Keys and values of the cache followed by this pass's along the sequence axis `seq_dim`.
+/// The cache's buffers take this pass's keys and values in place (detached: nothing
+/// backpropagates through a cache; kept with their graph, every step's would reach back to
+/// every earlier step's) and the pass attends through a view of the buffers, which is
+/// contiguous per batch row (the flash kernel takes the batch stride; candle's matmul the
+/// strides). A first pass, and one whose keys carry a graph, attend to their own tensors (so a
+/// gradient reaches this pass's keys and values).
 fn extend(
     cache: Option<&mut LayerCache>,
     k: Tensor,
@@ -307,14 +358,57 @@ fn extend(
     let Some(lc) = cache else {
         return Ok((k, v));
     };
-    let (k, v) = match (&lc.k, &lc.v) {
-        (Some(pk), Some(pv)) => (
-            Tensor::cat(&[pk, &k], seq_dim)?,
-            Tensor::cat(&[pv, &v], seq_dim)?,
-        ),
-        _ => (k, v),
-    };
-    lc.k = Some(k.detach());
-    lc.v = Some(v.detach());
-    Ok((k, v))
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (len, t) = (lc.len, k.dim(seq_dim)?);
+    let past = (
+        lc.keys(seq_dim)?,
+        lc.v.as_ref()
+            .map(|b| b.narrow(seq_dim, 0, len))
+            .transpose()?,
+    );
+    let cap = lc.k.as_ref().map_or(Ok(0), |b| b.dim(seq_dim))?;
+    let rows_match = lc.k.as_ref().map_or(Ok(true), |b| {
+        Ok::<_, candle_core::Error>(b.dim(0)? == k.dim(0)?)
+    })?;
+    if !rows_match {
+        bail!("the key/value cache holds other batch rows than this pass")
+    }
+    if len + t > cap {
+        // (Re)allocate, keeping what is filled.
+        let new_cap = (len + t).max(lc.reserve).max(2 * cap);
+        let mut dims = k.dims().to_vec();
+        dims[seq_dim] = new_cap;
+        let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+            let buf = Tensor::zeros(dims.as_slice(), k.dtype(), k.device())?;
+            if let Some(old) = old {
+                buf.slice_set(old, seq_dim, 0)?;
+            }
+            Ok(buf)
+        };
+        lc.k = Some(grow(&lc.k)?);
+        lc.v = Some(grow(&lc.v)?);
+    }
+    let (kb, vb) = (
+        lc.k.as_ref().expect("allocated"),
+        lc.v.as_ref().expect("allocated"),
+    );
+    kb.slice_set(&k.detach(), seq_dim, len)?;
+    vb.slice_set(&v.detach(), seq_dim, len)?;
+    lc.len = len + t;
+    match past {
+        (Some(pk), Some(pv)) if len > 0 => {
+            if k.track_op() || v.track_op() {
+                Ok((
+                    Tensor::cat(&[&pk, &k], seq_dim)?,
+                    Tensor::cat(&[&pv, &v], seq_dim)?,
+                ))
+            } else {
+                Ok((
+                    kb.narrow(seq_dim, 0, len + t)?,
+                    vb.narrow(seq_dim, 0, len + t)?,
+                ))
+            }
+        }
+        _ => Ok((k, v)),
+    }
 }

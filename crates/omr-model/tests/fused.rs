@@ -267,7 +267,7 @@ fn fused_greedy_generation_matches_candle() {
             .select_rows(&Tensor::new(&[2u32, 0], &Device::Cpu).unwrap())
             .unwrap();
         assert_eq!(cache.len(), prompts.len());
-        assert_eq!(cache.layers[0].k.as_ref().unwrap().dim(0).unwrap(), 2);
+        assert_eq!(cache.rows(), 2);
         let err = model
             .decode_hidden(
                 &x,

@@ -225,6 +225,15 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   return sl.f[lane ^ m];
 }
 
+inline float __shfl_sync(unsigned, float v, int src) {
+  emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+  emu::Slots& sl = emu::slots(w);
+  const int lane = threadIdx.x % 32;
+  sl.f[lane] = v;
+  w.bar.arrive_and_wait();
+  return sl.f[src & 31];
+}
+
 inline float4 atomicAdd(float4* p, float4 v) {
   std::lock_guard<std::mutex> l(emu::atomics);
   const float4 old = *p;
@@ -445,7 +454,8 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
   gridDim = grid;
   blockDim = {threads, 1, 1};
   emu::smem_bytes = smem;
-  for (unsigned by = 0; by < grid.y; by++)
+  for (unsigned bz = 0; bz < grid.z; bz++)
+    for (unsigned by = 0; by < grid.y; by++)
     for (unsigned bx = 0; bx < grid.x; bx++) {
       std::memset(emu::dyn, 0xFF, EMU_SMEM_MAX);
       auto c = std::make_unique<emu::Cta>(threads);
@@ -455,7 +465,7 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
       for (unsigned i = 0; i < threads; i++)
         ts.emplace_back([=] {
           threadIdx = {i, 0, 0};
-          blockIdx = {bx, by, 0};
+          blockIdx = {bx, by, bz};
           kernel(args...);
           if (!emu::committed.empty() || !emu::open_group.accs.empty())
             emu::fail("wgmma products still in flight when the kernel returned", (long)emu::committed.size(), 0);
