@@ -64,8 +64,9 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache whose buffers, once allocated, hold `positions` positions (generation:
-    /// prompt + new tokens), so no pass reallocates.
+    /// An empty cache whose buffers hold `positions` positions (generation: prompt + new
+    /// tokens) from the second pass on, so no later pass reallocates. The first pass (the
+    /// prefill) keeps its own keys and values: no more memory next to its activations.
     pub fn with_capacity(positions: usize) -> KvCache {
         KvCache {
             reserve: positions,
@@ -348,7 +349,8 @@ impl Layer {
 /// every earlier step's) and the pass attends through a view of the buffers, which is
 /// contiguous per batch row (the flash kernel takes the batch stride; candle's matmul the
 /// strides). A first pass, and one whose keys carry a graph, attend to their own tensors (so a
-/// gradient reaches this pass's keys and values).
+/// gradient reaches this pass's keys and values). The first pass's keys and values become the
+/// buffers as they are; the next pass reallocates them to [`KvCache::with_capacity`]'s size.
 fn extend(
     cache: Option<&mut LayerCache>,
     k: Tensor,
@@ -360,33 +362,31 @@ fn extend(
     };
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let (len, t) = (lc.len, k.dim(seq_dim)?);
-    let past = (
-        lc.keys(seq_dim)?,
-        lc.v.as_ref()
-            .map(|b| b.narrow(seq_dim, 0, len))
-            .transpose()?,
-    );
-    let cap = lc.k.as_ref().map_or(Ok(0), |b| b.dim(seq_dim))?;
-    let rows_match = lc.k.as_ref().map_or(Ok(true), |b| {
-        Ok::<_, candle_core::Error>(b.dim(0)? == k.dim(0)?)
-    })?;
-    if !rows_match {
+    let (Some(kb), Some(vb)) = (&lc.k, &lc.v) else {
+        // The first pass's keys and values are the buffers, exactly as long: the prefill holds
+        // no more than the prompt's cache next to its activations; the next pass reallocates.
+        lc.k = Some(k.detach());
+        lc.v = Some(v.detach());
+        lc.len = t;
+        return Ok((k, v));
+    };
+    if kb.dim(0)? != k.dim(0)? {
         bail!("the key/value cache holds other batch rows than this pass")
     }
+    let (pk, pv) = (kb.narrow(seq_dim, 0, len)?, vb.narrow(seq_dim, 0, len)?);
+    let cap = kb.dim(seq_dim)?;
     if len + t > cap {
-        // (Re)allocate, keeping what is filled.
-        let new_cap = (len + t).max(lc.reserve).max(2 * cap);
+        // Reallocate, keeping what is filled: to the reserved capacity, at least twice the old.
         let mut dims = k.dims().to_vec();
-        dims[seq_dim] = new_cap;
-        let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+        dims[seq_dim] = (len + t).max(lc.reserve).max(2 * cap);
+        let grow = |old: &Tensor| -> Result<Tensor> {
             let buf = Tensor::zeros(dims.as_slice(), k.dtype(), k.device())?;
-            if let Some(old) = old {
-                buf.slice_set(old, seq_dim, 0)?;
-            }
+            buf.slice_set(old, seq_dim, 0)?;
             Ok(buf)
         };
-        lc.k = Some(grow(&lc.k)?);
-        lc.v = Some(grow(&lc.v)?);
+        let (nk, nv) = (grow(kb)?, grow(vb)?);
+        lc.k = Some(nk);
+        lc.v = Some(nv);
     }
     let (kb, vb) = (
         lc.k.as_ref().expect("allocated"),
@@ -395,20 +395,15 @@ fn extend(
     kb.slice_set(&k.detach(), seq_dim, len)?;
     vb.slice_set(&v.detach(), seq_dim, len)?;
     lc.len = len + t;
-    match past {
-        (Some(pk), Some(pv)) if len > 0 => {
-            if k.track_op() || v.track_op() {
-                Ok((
-                    Tensor::cat(&[&pk, &k], seq_dim)?,
-                    Tensor::cat(&[&pv, &v], seq_dim)?,
-                ))
-            } else {
-                Ok((
-                    kb.narrow(seq_dim, 0, len + t)?,
-                    vb.narrow(seq_dim, 0, len + t)?,
-                ))
-            }
-        }
-        _ => Ok((k, v)),
+    if k.track_op() || v.track_op() {
+        Ok((
+            Tensor::cat(&[&pk, &k], seq_dim)?,
+            Tensor::cat(&[&pv, &v], seq_dim)?,
+        ))
+    } else {
+        Ok((
+            kb.narrow(seq_dim, 0, len + t)?,
+            vb.narrow(seq_dim, 0, len + t)?,
+        ))
     }
 }

@@ -145,26 +145,28 @@ pub(super) fn reference_bytes(p: &PlanInput, total: u64, lora: u64) -> u64 {
 ///   residual stream and the largest block (the f32 pixel values live through the whole call);
 /// - the decoder's prefill over every prompt token: the key/value cache of the prompt, the
 ///   stem (embeddings, rotary tables, mask) and one decoder layer;
-/// - the last decoding step: the key/value cache at full length, one layer's copy while
-///   `Tensor::cat` extends it, and the step's logits (compute dtype and the f32 copy read back).
+/// - the last decoding step: the cache at full length (its buffers, allocated at the first
+///   step for the whole generation, are written in place), one layer's copy while finished
+///   rows leave the batch (`KvCache::select_rows`, a layer at a time; the first step's
+///   reallocation also holds one layer's old buffer) and the step's logits (compute dtype and
+///   the f32 copy read back).
 ///
 /// Checked against a counting allocator on the CPU (`tests/plan_memory.rs`).
 pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     let t = &p.model.text;
     let s = p.compute_bytes;
     let rows = g.rollout_rows as u64;
-    let (tp, len) = (
-        g.prompt_tokens as u64,
-        (g.prompt_tokens + g.completion_tokens) as u64,
-    );
+    let len = (g.prompt_tokens + g.completion_tokens) as u64;
     let layers = t.num_hidden_layers as u64;
     let kv_dim = (t.num_key_value_heads * t.head_dim) as u64;
     let cache_per_token = 2 * kv_dim * s * layers;
 
-    // Decoding's last step.
-    let cache = rows * len * cache_per_token + rows * len * 2 * kv_dim * s;
+    // Decoding's last step: the buffers sized at the first step for the whole generation, and one
+    // layer's copy when finished rows leave.
+    let cache = rows * len * cache_per_token;
+    let compaction = rows * len * 2 * kv_dim * s;
     let logits = rows * t.vocab_size as u64 * (s + F32);
-    let decode = cache + logits;
+    let decode = cache + compaction + logits;
 
     // The prompts' forward, as a training forward of these shapes counts it.
     let mut probe = p.clone();
@@ -175,7 +177,8 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     probe.kept_decoder_layers = 0;
     probe.grpo = None;
     let acts = super::activations::count(&probe);
-    let prefill = rows * tp * cache_per_token + acts.text_stem + acts.decoder_layer;
+    let prompt_cache = rows * g.prompt_tokens as u64 * cache_per_token;
+    let prefill = prompt_cache + acts.text_stem + acts.decoder_layer;
     let patches = probe.patches() as u64;
     let v = &p.model.vision;
     // The pixel values' compute-dtype copy (none in f32), the residual stream, one block.
@@ -204,8 +207,10 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     vec![
         Row {
             category: "generation KV cache".into(),
-            bytes: cache,
-            note: format!("{rows} rows × {len} tokens × {layers} layers, +1 extending"),
+            bytes: cache + compaction,
+            note: format!(
+                "{rows} rows × {len} tokens × {layers} layers, +1 layer while rows leave"
+            ),
         },
         Row {
             category: "generation logits".into(),
