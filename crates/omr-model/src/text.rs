@@ -376,9 +376,14 @@ fn extend(
     let (pk, pv) = (kb.narrow(seq_dim, 0, len)?, vb.narrow(seq_dim, 0, len)?);
     let cap = kb.dim(seq_dim)?;
     if len + t > cap {
-        // Reallocate, keeping what is filled: to the reserved capacity, at least twice the old.
+        // Reallocate, keeping what is filled: to the reserved capacity when it holds this pass,
+        // else to at least twice the old.
         let mut dims = k.dims().to_vec();
-        dims[seq_dim] = (len + t).max(lc.reserve).max(2 * cap);
+        dims[seq_dim] = if lc.reserve >= len + t {
+            lc.reserve
+        } else {
+            (len + t).max(2 * cap)
+        };
         let grow = |old: &Tensor| -> Result<Tensor> {
             let buf = Tensor::zeros(dims.as_slice(), k.dtype(), k.device())?;
             buf.slice_set(old, seq_dim, 0)?;
