@@ -231,6 +231,35 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
     Ok(())
 }
 
+/// Decoding steps as generation runs them: T (1 or 3) queries over S cached keys that are a
+/// view of a longer buffer (batch rows `cap` positions apart: the CUDA kernel reads them in
+/// place, the CPU reference a contiguous copy), 7 heads per key/value head, causal.
+fn decode_checks(c: &mut Checks, dt: DType, name: &str, tol: f64) -> Result<()> {
+    for (t_, s_, cap, d) in [(1usize, 333usize, 400usize, 128usize), (3, 200, 256, 64)] {
+        let (b, h_, kv) = (3usize, 14usize, 2usize);
+        let q = rand(70 + t_ as u64, &[b, t_, h_, d], 1.5, dt)?;
+        let kb = rand(71 + t_ as u64, &[b, cap, kv, d], 1.5, dt)?;
+        let vb = rand(72 + t_ as u64, &[b, cap, kv, d], 1.0, dt)?;
+        c.cmp(
+            &format!("flash attn decode T {t_} over S {s_} of a {cap}-position cache {name}"),
+            tol,
+            &[&q, &kb, &vb],
+            |t| {
+                let (k, v) = (t[1].narrow(1, 0, s_)?, t[2].narrow(1, 0, s_)?);
+                let mask = AttnMask {
+                    causal: true,
+                    ..AttnMask::default()
+                };
+                let scale = 1.0 / (d as f64).sqrt();
+                Ok(vec![crate::flash_attn::flash_attn(
+                    &t[0], &k, &v, &mask, scale,
+                )?])
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// Attention over one long segment, with a cache (S > T) in the second case: whole tiles,
 /// where the tensor-core kernels skip the per-element mask, next to the diagonal's (bf16).
 fn long_segment_checks(c: &mut Checks, paths: &[&str]) -> Result<()> {
@@ -426,6 +455,7 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             tol,
         });
         attention_checks(&mut c, dt, name, tol, &["kernel", "gemm", "mma"])?;
+        decode_checks(&mut c, dt, name, tol)?;
     }
     long_segment_checks(&mut c, &["gemm", "mma"])?;
     // AdamW: bit-identical (tolerance 0), f32 and bf16 gradients, with and without a gradient.

@@ -10,7 +10,9 @@
 //! checkpointing of both stacks, and with each decoder layer as one op (`omr_model::block`),
 //! with and without checkpointing; GRPO's head (the fused linear log-probabilities, per-token
 //! weights) on the padded batch, with and without checkpointing; and, with LoRA adapters on a frozen base, the fused
-//! per-op adapters and the one-op layers carrying them. Then two AdamW steps on the reference gradients, on the CPU
+//! per-op adapters and the one-op layers carrying them; generation's decoding (a prefill and
+//! four one-position steps through the key/value cache's in-place buffers), candle ops and
+//! fused. Then two AdamW steps on the reference gradients, on the CPU
 //! with candle ops and on `dev` with the fused update, are compared by their parameter
 //! deltas. On the CPU the same comparisons run (the fused ops' CPU references against candle
 //! ops): that is how `tests/device_check.rs` exercises this file.
@@ -238,6 +240,55 @@ fn compare(name: String, r: &Run, reference: &Run) -> ModelCheck {
     }
 }
 
+/// Generation's decoder passes without gradients: the prefill over `input`, then
+/// [`DECODE_STEPS`] passes of one position each (the prompt's last embeddings fed again, so
+/// every device sees the same inputs) through a cache sized for them, whose buffers the steps
+/// write in place and attend through views. As a [`Run`]: "loss" is the prefill's last hidden
+/// state summed, the "gradients" each step's hidden states.
+fn decode_run(
+    cfg: &ModelConfig,
+    params: &Params,
+    input: &Input,
+    kernels: Kernels,
+) -> crate::Result<Run> {
+    let model = Qwen2VL::new(cfg, params)?;
+    let ctx = Ctx {
+        kernels,
+        dropout_seed: None,
+        no_grad: true,
+    };
+    let before = fused::calls();
+    let t = input.len();
+    let pos = input.positions(cfg)?;
+    let mut cache = omr_model::text::KvCache::with_capacity(t + DECODE_STEPS);
+    let x = model.embed(input, &ctx)?;
+    let h = model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, &ctx)?;
+    let loss = h.narrow(1, t - 1, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let xs = x.narrow(1, t - 1, 1)?.contiguous()?;
+    let mut segments = input.segments.clone();
+    let mut grads = Vec::new();
+    for i in 0..DECODE_STEPS {
+        segments.iter_mut().for_each(|s| s.push(1));
+        let p: Vec<Vec<i64>> = pos
+            .deltas
+            .iter()
+            .map(|d| vec![d + (t + i) as i64])
+            .collect();
+        let h =
+            model.decode_hidden(&xs, &[p.clone(), p.clone(), p], &segments, &mut cache, &ctx)?;
+        grads.push((format!("step {i}"), flat(&h)?));
+    }
+    let now = fused::calls();
+    Ok(Run {
+        loss,
+        grads,
+        fused_ops: now.attention - before.attention,
+    })
+}
+
+/// Decoding steps of [`decode_run`].
+const DECODE_STEPS: usize = 4;
+
 /// A batch of the checks: its name, the model input and the labels.
 type Batch = (&'static str, Input, Vec<Vec<i64>>);
 
@@ -373,6 +424,21 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
                     dev,
                 )?);
             }
+        }
+        // Decoding with the key/value cache (generation's path) on the padded batch.
+        let (_, cin, _) = &cpu_batches[0];
+        let (_, din, _) = &dev_batches[0];
+        let reference = decode_run(&cfg, &cpu_params, cin, Kernels::Candle)?;
+        for (kernels, label) in [
+            (Kernels::Candle, "candle ops, decoding over the cache"),
+            (Kernels::Fused, "fused, decoding over the cache"),
+        ] {
+            let r = decode_run(&cfg, &dev_params, din, kernels)?;
+            out.push(compare(
+                format!("{shape} padded: {} {label}", dev_name(dev)),
+                &r,
+                &reference,
+            ));
         }
         // LoRA on the padded batch: the per-op adapters and the adapters inside one-op layers.
         let (cpu_lora, dev_lora) = lora_params(&cfg, dev)?;

@@ -10,9 +10,16 @@ use omr_train::device_check::{format, model_checks, TOL};
 fn model_checks_pass_on_the_cpu() {
     let checks = model_checks(&Device::Cpu).unwrap();
     println!("{}", format(&checks));
-    // 2 shapes × 2 batches × 6 paths, two GRPO-head paths, two LoRA paths and one optimizer
-    // check per shape.
-    assert_eq!(checks.len(), 34);
+    // 2 shapes × 2 batches × 6 paths, two GRPO-head paths, two decoding paths, two LoRA paths
+    // and one optimizer check per shape.
+    assert_eq!(checks.len(), 38);
+    assert_eq!(
+        checks
+            .iter()
+            .filter(|c| c.name.contains("decoding over the cache"))
+            .count(),
+        4
+    );
     assert_eq!(
         checks
             .iter()
