@@ -108,6 +108,7 @@ fn run(
         .map(|v0| (v0, ch.vocab.min(v - v0)))
         .collect();
     let keep = vblocks.len() == 1;
+    let one_chunk = n <= ch.rows;
     let mut loss = Tensor::zeros((), DType::F32, h.device())?;
     let mut dh_parts = Vec::new();
     let mut dw_acc: Vec<Option<Tensor>> = vec![None; vblocks.len()];
@@ -170,10 +171,13 @@ fn run(
                 });
             }
             if need.dw {
-                let dw_k = dl.t()?.matmul(&hr)?.to_dtype(DType::F32)?;
+                // In w's dtype when one row chunk covers every row (nothing to accumulate: the
+                // same values as the f32 round trip, without it); summed in f32 otherwise.
+                let dw_k = dl.t()?.matmul(&hr)?;
                 dw_acc[k] = Some(match dw_acc[k].take() {
-                    None => dw_k,
-                    Some(a) => (a + dw_k)?,
+                    None if one_chunk => dw_k,
+                    None => dw_k.to_dtype(DType::F32)?,
+                    Some(a) => (a + dw_k.to_dtype(DType::F32)?)?,
                 });
             }
         }
@@ -190,11 +194,12 @@ fn run(
         false => None,
         true if n == 0 => Some(w.zeros_like()?),
         true => {
+            // Each part in w's dtype, then one copy into place.
             let parts: Vec<Tensor> = dw_acc
                 .into_iter()
-                .map(|t| t.expect("every vocab block"))
-                .collect();
-            Some(Tensor::cat(&parts, 0)?.to_dtype(w.dtype())?)
+                .map(|t| t.expect("every vocab block").to_dtype(w.dtype()))
+                .collect::<Result<_>>()?;
+            Some(Tensor::cat(&parts, 0)?)
         }
     };
     Ok((loss, dh, dw))

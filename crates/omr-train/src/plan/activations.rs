@@ -416,8 +416,9 @@ pub fn count(p: &PlanInput) -> Activations {
         AttentionImpl::Fused => {
             // The fused kernels' linear cross-entropy (omr_kernels::linear_ce): no N × V
             // logits; dH and (for a head that trains) dW are computed in the forward (f32
-            // sums) and kept for the backward, next to one logits tile (LceChunks::default,
-            // 2048 × 32768, f32). GRPO's linear log-prob (omr_kernels::linear_logp) makes the
+            // sums; dW straight in w's dtype when one 2048-row chunk covers the labelled
+            // tokens, counted at f32 all the same: the safe side) and kept for the backward,
+            // next to one logits tile (LceChunks::default, 2048 × 32768, f32). GRPO's linear log-prob (omr_kernels::linear_logp) makes the
             // same dH, dW sums and tiles in its backward instead, and keeps (N) f32 sums.
             head.add(1.0, labelled * c, F32);
             if p.trainable.language {
