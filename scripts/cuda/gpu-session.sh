@@ -31,7 +31,7 @@
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
 # minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, at
 # T 8192 with as many decoder layers kept as fit (--kept-decoder-layers auto), the wgmma
-# attention (plain and pipelined forward) at T 8192 next to the default, torch at T 8192),
+# attention at T 8192 next to the default, a short 3B rollout, torch at T 8192),
 # nothing for all of it (longer than one 10-minute device call: split it).
 #
 # Every step has its own timeout and a failing step does not stop the next. OUT_DIR gets
@@ -81,8 +81,10 @@ if [ "$quick" = lease ]; then
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"
   step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
-  step train-3b-8k-wgp 70 env OMR_MMA=wgp,wgb "$bin" bench train "${common[@]}" --seq 8192 \
-    --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wgp.json"
+  # GRPO's rollouts on the 3B shape: decoding through the in-place key/value cache (the
+  # CUDA-core flash kernel over a view of it), the GPU memory next to the plan's rollout phase.
+  step gen-3b-lease 40 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
+    --prompt 512 --image-px 448 --new 128 --repeats 2 --json "$out/gen-3b-lease.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
   echo "=== summary"
