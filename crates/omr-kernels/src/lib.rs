@@ -28,6 +28,7 @@ pub mod bench;
 pub mod check;
 pub mod flash_attn;
 pub mod flash_mma;
+mod flash_ref;
 pub mod gemm_attn;
 pub mod grad_accum;
 pub mod grad_norm;
