@@ -122,6 +122,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     let prefill = median(1)?;
     let full = median(a.new)?;
     let mem = poller.finish();
+    let (enqueue_ms, step_ms) = host_split(&model, &input, &ctx, &rt.device, a.new.min(32))?;
     let decode_ms = (full - prefill) / (a.new - 1) as f64 * 1e3;
     let tokens_s = (a.rows * a.new) as f64 / full;
 
@@ -164,6 +165,14 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         prefill * 1e3,
         full
     );
+    if rt.device.is_cuda() {
+        println!(
+            "  decoding pass alone (no sampling): {step_ms:.2} ms/step, of which the host spends {enqueue_ms:.2} ms issuing it ({:.0}%: near 100% means launch-bound)",
+            100.0 * enqueue_ms / step_ms
+        );
+    } else {
+        println!("  decoding pass alone (no sampling): {step_ms:.2} ms/step");
+    }
     match mem {
         Some((before, peak)) => println!(
             "  GPU memory: {:.0} MiB over the {:.0} MiB held before the calls; plan: {:.0} MiB",
@@ -184,6 +193,8 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             "sampler": a.sampler,
             "prefill_ms": prefill * 1e3,
             "decode_ms_per_step": decode_ms,
+            "pass_ms_per_step": step_ms,
+            "pass_enqueue_ms_per_step": enqueue_ms,
             "new_tokens_per_s": tokens_s,
             "call_s": full,
             "gpu_mem_growth_mib": mem.map(|(b, p)| p - b),
@@ -192,4 +203,54 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
     }
     Ok(())
+}
+
+/// Decoding passes alone (the decoder and the head, no sampling), `steps` of them after a
+/// prefill, each timed twice: until the host has issued it (on CUDA the kernels are queued, not
+/// finished) and until the device is done. Medians in ms: (issue, whole). Equal on the CPU;
+/// on a GPU an issue time near the whole means the step is bound by launching ops, not by the
+/// device. Each step feeds the prompt's last embeddings again (the cost does not depend on the
+/// token).
+fn host_split(
+    model: &Qwen2VL,
+    input: &omr_model::Input,
+    ctx: &omr_model::Ctx,
+    device: &candle_core::Device,
+    steps: usize,
+) -> crate::Result<(f64, f64)> {
+    let ctx = omr_model::Ctx {
+        no_grad: true,
+        dropout_seed: None,
+        ..*ctx
+    };
+    let t = input.len();
+    let pos = input.positions(&model.cfg)?;
+    let mut cache = omr_model::text::KvCache::with_capacity(t + steps);
+    let x = model.embed(input, &ctx)?.detach();
+    model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, &ctx)?;
+    let xs = x.narrow(1, t - 1, 1)?.contiguous()?;
+    let mut segments = input.segments.clone();
+    let (mut issue, mut whole) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        segments.iter_mut().for_each(|s| s.push(1));
+        let p: Vec<Vec<i64>> = pos
+            .deltas
+            .iter()
+            .map(|d| vec![d + (t + i) as i64])
+            .collect();
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let h =
+            model.decode_hidden(&xs, &[p.clone(), p.clone(), p], &segments, &mut cache, &ctx)?;
+        let logits = model.logits(&h.squeeze(1)?, &ctx)?;
+        issue.push(t0.elapsed().as_secs_f64() * 1e3);
+        device.synchronize()?;
+        whole.push(t0.elapsed().as_secs_f64() * 1e3);
+        drop(logits);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((med(issue), med(whole)))
 }

@@ -454,8 +454,8 @@ fn plan_of_a_grpo_config_has_the_reference_and_the_rollout_phase() {
 }
 
 /// `omr bench generate` on the tiny model: one generation call timed as prefill and decoding,
-/// with the device sampler and the host one, the JSON report's fields, the plan of the call's
-/// memory; a bad flag exits 2.
+/// with the device sampler and the host one, the decoding pass alone (and the host's time
+/// issuing it), the JSON report's fields, the plan of the call's memory; a bad flag exits 2.
 #[test]
 fn bench_generate_reports_prefill_decoding_and_the_plan() {
     let dir = tempfile::tempdir().unwrap();
@@ -489,10 +489,19 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
             "decode_ms_per_step",
             "new_tokens_per_s",
             "plan_growth_mib",
+            "pass_ms_per_step",
+            "pass_enqueue_ms_per_step",
         ] {
             let x = v[k].as_f64().unwrap_or(f64::NAN);
             assert!(x.is_finite() && x > 0.0, "{k}: {v}");
         }
+        // The host's share of a pass is part of the pass.
+        let (issue, whole) = (
+            v["pass_enqueue_ms_per_step"].as_f64().unwrap(),
+            v["pass_ms_per_step"].as_f64().unwrap(),
+        );
+        assert!(issue <= whole, "{v}");
+        assert!(t.contains("decoding pass alone"), "{t}");
     }
     let o = omr(&["bench", "generate", "--sampler", "gpu"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
