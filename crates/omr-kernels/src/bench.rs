@@ -417,6 +417,26 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
             },
         )?;
     }
+    // A decoding step as generation runs it (the 3B model's 16 query / 2 kv heads): one query
+    // per row over S cached keys, a view of a longer buffer (the key/value cache written in
+    // place). Memory-bound: the floor is reading K and V once.
+    let (rows, s_, cap, h, kv) = if gpu {
+        (64, 4096, 4352, 16, 2)
+    } else {
+        (4, 256, 320, 4, 2)
+    };
+    let qd = rand(53, &[rows, 1, h, 128], 1.0, dt, dev)?;
+    let kb = rand(54, &[rows, cap, kv, 128], 1.0, dt, dev)?;
+    let vb = rand(55, &[rows, cap, kv, 128], 1.0, dt, dev)?;
+    let (kd, vd) = (kb.narrow(1, 0, s_)?, vb.narrow(1, 0, s_)?);
+    b.add(
+        "attn decode step (cache view)",
+        format!("({rows}, 1 over {s_}, {h}/{kv}, 128)"),
+        dt,
+        ((2 * rows * s_ * kv + 2 * rows * h) * 128) as f64 * es,
+        4.0 * (rows * h * s_ * 128) as f64,
+        || crate::flash_attn::flash_attn(&qd, &kd, &vd, &mask, scale),
+    )?;
     Ok((c, b.rows))
 }
 

@@ -12,9 +12,12 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        15,
-        "one row per timed kernel (linear CE: trained and frozen head; linear logp; attention: kernel and gemm)"
+        16,
+        "one row per timed kernel (linear CE: trained and frozen head; linear logp; attention: kernel and gemm; a decoding step)"
     );
+    assert!(rows
+        .iter()
+        .any(|r| r.name == "attn decode step (cache view)"));
     assert!(rows.iter().any(|r| r.name == "grad accumulate"));
     assert!(rows
         .iter()
