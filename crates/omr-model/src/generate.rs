@@ -225,6 +225,59 @@ pub fn generate_with(
     Ok(out)
 }
 
+/// Decoding passes on a fixed input: the prefill over a batch, then one position per row per
+/// [`FixedDecoder::step`], each fed the prompt's last embeddings again, through a cache sized
+/// for the steps announced. What a generation step costs without sampling, on inputs that do
+/// not depend on what was sampled: the device checks compare devices on it, `omr bench
+/// generate` times it. `ctx` should be `no_grad` (generation's).
+pub struct FixedDecoder {
+    cache: KvCache,
+    /// (B, 1, C): the prompt's last embeddings.
+    x: Tensor,
+    segments: Vec<Vec<u32>>,
+    deltas: Vec<i64>,
+    /// Positions filled: the prompt's, then one per step.
+    next: usize,
+}
+
+impl FixedDecoder {
+    /// The prefill over `input` with room for `steps` more positions; returns the decoder and
+    /// the prefill's final hidden states (B, T, C).
+    pub fn prefill(
+        model: &Qwen2VL,
+        input: &Input,
+        steps: usize,
+        ctx: &Ctx,
+    ) -> Result<(FixedDecoder, Tensor)> {
+        let t = input.len();
+        let pos = input.positions(&model.cfg)?;
+        let mut cache = KvCache::with_capacity(t + steps);
+        let x = model.embed(input, ctx)?.detach();
+        let h = model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, ctx)?;
+        let decoder = FixedDecoder {
+            cache,
+            x: x.narrow(1, t - 1, 1)?.contiguous()?,
+            segments: input.segments.clone(),
+            deltas: pos.deltas,
+            next: t,
+        };
+        Ok((decoder, h))
+    }
+
+    /// One decoding pass: the final hidden states (B, 1, C).
+    pub fn step(&mut self, model: &Qwen2VL, ctx: &Ctx) -> Result<Tensor> {
+        self.segments.iter_mut().for_each(|s| s.push(1));
+        let p: Vec<Vec<i64>> = self
+            .deltas
+            .iter()
+            .map(|d| vec![d + self.next as i64])
+            .collect();
+        self.next += 1;
+        let pos = [p.clone(), p.clone(), p];
+        model.decode_hidden(&self.x, &pos, &self.segments, &mut self.cache, ctx)
+    }
+}
+
 /// Picks a token from one row of logits; returns it with its log-probability under
 /// softmax(logits / temperature) (plain softmax when greedy).
 ///

@@ -13,7 +13,7 @@ use crate::exit::{Exit, Tag};
 use candle_core::DType;
 use clap::Args;
 use omr_model::config::ModelConfig;
-use omr_model::generate::{generate_with, SamplingConfig};
+use omr_model::generate::{generate_with, FixedDecoder, SamplingConfig};
 use omr_model::model::Qwen2VL;
 use omr_model::params::Params;
 use omr_train::bench_step::SyntheticBatch;
@@ -223,25 +223,12 @@ fn host_split(
         dropout_seed: None,
         ..*ctx
     };
-    let t = input.len();
-    let pos = input.positions(&model.cfg)?;
-    let mut cache = omr_model::text::KvCache::with_capacity(t + steps);
-    let x = model.embed(input, &ctx)?.detach();
-    model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, &ctx)?;
-    let xs = x.narrow(1, t - 1, 1)?.contiguous()?;
-    let mut segments = input.segments.clone();
+    let (mut decoder, _) = FixedDecoder::prefill(model, input, steps, &ctx)?;
     let (mut issue, mut whole) = (Vec::new(), Vec::new());
-    for i in 0..steps {
-        segments.iter_mut().for_each(|s| s.push(1));
-        let p: Vec<Vec<i64>> = pos
-            .deltas
-            .iter()
-            .map(|d| vec![d + (t + i) as i64])
-            .collect();
+    for _ in 0..steps {
         device.synchronize()?;
         let t0 = Instant::now();
-        let h =
-            model.decode_hidden(&xs, &[p.clone(), p.clone(), p], &segments, &mut cache, &ctx)?;
+        let h = decoder.step(model, &ctx)?;
         let logits = model.logits(&h.squeeze(1)?, &ctx)?;
         issue.push(t0.elapsed().as_secs_f64() * 1e3);
         device.synchronize()?;

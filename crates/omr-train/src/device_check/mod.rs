@@ -25,6 +25,7 @@ mod optimizer;
 use crate::bench_step::SyntheticBatch;
 use candle_core::{DType, Device, Tensor};
 use omr_model::fused;
+use omr_model::generate::FixedDecoder;
 use omr_model::{Ctx, Input, Kernels, ModelConfig, Params, Qwen2VL, Recompute};
 use optimizer::optimizer_check;
 
@@ -259,24 +260,12 @@ fn decode_run(
         no_grad: true,
     };
     let before = fused::calls();
+    let (mut decoder, h) = FixedDecoder::prefill(&model, input, DECODE_STEPS, &ctx)?;
     let t = input.len();
-    let pos = input.positions(cfg)?;
-    let mut cache = omr_model::text::KvCache::with_capacity(t + DECODE_STEPS);
-    let x = model.embed(input, &ctx)?;
-    let h = model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, &ctx)?;
     let loss = h.narrow(1, t - 1, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let xs = x.narrow(1, t - 1, 1)?.contiguous()?;
-    let mut segments = input.segments.clone();
     let mut grads = Vec::new();
     for i in 0..DECODE_STEPS {
-        segments.iter_mut().for_each(|s| s.push(1));
-        let p: Vec<Vec<i64>> = pos
-            .deltas
-            .iter()
-            .map(|d| vec![d + (t + i) as i64])
-            .collect();
-        let h =
-            model.decode_hidden(&xs, &[p.clone(), p.clone(), p], &segments, &mut cache, &ctx)?;
+        let h = decoder.step(&model, &ctx)?;
         grads.push((format!("step {i}"), flat(&h)?));
     }
     let now = fused::calls();
