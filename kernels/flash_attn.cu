@@ -14,7 +14,11 @@
 //                   generation's preallocated cache); 32-key tiles of K and V in shared memory
 //                   (f32, K rows padded by one word: lane j reads key j without bank
 //                   conflicts); lane j scores key j, the warp does the online softmax, and
-//                   each lane accumulates the output dims d ≡ lane (mod 32).
+//                   each lane accumulates the output dims d ≡ lane (mod 32). With splits > 1
+//                   (flash-decoding: few rows, many keys) blockIdx.x also picks a split of
+//                   the block's key tiles, and the split's unnormalised o, max and sum go to
+//                   `part` for
+//   flash_fwd_combine: one block per (b, h, t) merging the splits in order.
 //   flash_bwd_dot:  Δ = rowsum(dO · O) per (b, h, t).
 //   flash_bwd_dq:   the forward's structure (4 warps × 2 rows): P recomputed from lse,
 //                   dS = P · (dO·Vᵀ − Δ), dQ = scale · dS · K.
@@ -64,14 +68,16 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const unsigned* __restrict__ qseg,
                           const unsigned* __restrict__ kseg, T* __restrict__ o,
                           float* __restrict__ lse, int T_, int S, int H, int KV, int D,
-                          long long kvb, float scale, int causal, int window) {
+                          long long kvb, float scale, int causal, int window, int splits,
+                          float* __restrict__ part) {
   __shared__ float qs[4 * FWD_ROWS][DMAX];
   __shared__ float ks[KT][DMAX + 1];
   __shared__ float vs[KT][DMAX];
   __shared__ unsigned kseg_s[KT];
   const int b = blockIdx.z, kvh = blockIdx.y, G = H / KV;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r0 = blockIdx.x * 4 * FWD_ROWS, off = S - T_;
+  const int split = blockIdx.x % splits;
+  const int r0 = blockIdx.x / splits * 4 * FWD_ROWS, off = S - T_;
   for (int e = threadIdx.x; e < 4 * FWD_ROWS * D; e += blockDim.x) {
     const int r = e / D, d = e - r * D, t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
     qs[r][d] = t < T_ ? to_f(q[(((size_t)b * T_ + t) * H + h) * D + d]) : 0.f;
@@ -91,7 +97,10 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   int lo, hi;
   key_range(off + r0 / G, off + min((r0 + 4 * FWD_ROWS - 1) / G, T_ - 1), S, causal, window,
             &lo, &hi);
-  for (int s0 = (lo / KT) * KT; s0 < hi; s0 += KT) {
+  // This split's whole tiles of the block's key range (all of them when splits = 1).
+  const int tile0 = lo / KT, per = ((hi + KT - 1) / KT - tile0 + splits - 1) / splits;
+  const int s_end = min(hi, (tile0 + (split + 1) * per) * KT);
+  for (int s0 = (tile0 + split * per) * KT; s0 < s_end; s0 += KT) {
     __syncthreads();
     load_keys(k + (size_t)b * kvb, &ks[0][0], DMAX + 1, 0, kvh, s0, S, KV, D);
     load_keys(v + (size_t)b * kvb, &vs[0][0], DMAX, 0, kvh, s0, S, KV, D);
@@ -130,6 +139,18 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   for (int r = 0; r < FWD_ROWS; ++r) {
     const int t = (rw + r) / G, h = kvh * G + (rw + r) % G;
     if (t >= T_) continue;
+    if (splits > 1) {
+      // A split's unnormalised output, max and sum, for flash_fwd_combine: record
+      // (split, (b, h, t)) of D + 2 floats.
+      float* rec = part + ((size_t)split * gridDim.z * H * T_ + ((size_t)b * H + h) * T_ + t) * (D + 2);
+#pragma unroll
+      for (int c = 0; c < NDS; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D) rec[d] = acc[r][c];
+      }
+      if (lane == 0) rec[D] = m[r], rec[D + 1] = l[r];
+      continue;
+    }
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #pragma unroll
     for (int c = 0; c < NDS; ++c) {
@@ -138,6 +159,34 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     }
     if (lane == 0) lse[((size_t)b * H + h) * T_ + t] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
   }
+}
+
+// Merges flash_fwd's splits of the key range: per (b, h, t) (one block of 128 threads, lse's
+// order), M = max m_s, L = Σ l_s·e^(m_s − M), o = Σ e^(m_s − M)·acc_s / L, lse = M + log L, the
+// splits in order (deterministic). A split that saw no allowed key has m = −∞ and adds nothing.
+template <typename T>
+__device__ void flash_fwd_combine(const float* __restrict__ part, T* __restrict__ o,
+                                  float* __restrict__ lse, int rows, int T_, int H, int D,
+                                  int splits) {
+  const int row = blockIdx.x, t = row % T_, h = (row / T_) % H, b = row / (T_ * H);
+  const size_t rec = (size_t)D + 2;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, part[((size_t)s * rows + row) * rec + D]);
+  float L = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float* p = part + ((size_t)s * rows + row) * rec;
+    if (p[D] != -INFINITY) L += p[D + 1] * expf(p[D] - M);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* p = part + ((size_t)s * rows + row) * rec;
+      if (p[D] != -INFINITY) a += expf(p[D] - M) * p[d];
+    }
+    o[(((size_t)b * T_ + t) * H + h) * D + d] = from_f<T>(a * inv);
+  }
+  if (threadIdx.x == 0) lse[row] = L > 0.f ? M + logf(L) : -INFINITY;
 }
 
 // delta[b, h, t] = Σ_d dO · O; one warp per (b, t, h).
@@ -342,8 +391,13 @@ __device__ void flash_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k,
   extern "C" __global__ void __launch_bounds__(128) flash_fwd_##S_(                             \
       const T* q, const T* k, const T* v, const unsigned* qseg, const unsigned* kseg, T* o,     \
       float* lse, int T_, int S, int H, int KV, int D, long long kvb, float scale, int causal,   \
-      int window) {                                                                              \
-    flash_fwd<T>(q, k, v, qseg, kseg, o, lse, T_, S, H, KV, D, kvb, scale, causal, window);     \
+      int window, int splits, float* part) {                                                     \
+    flash_fwd<T>(q, k, v, qseg, kseg, o, lse, T_, S, H, KV, D, kvb, scale, causal, window,      \
+                 splits, part);                                                                  \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(128) flash_fwd_combine_##S_(                     \
+      const float* part, T* o, float* lse, int rows, int T_, int H, int D, int splits) {        \
+    flash_fwd_combine<T>(part, o, lse, rows, T_, H, D, splits);                                 \
   }                                                                                              \
   extern "C" __global__ void flash_bwd_dot_##S_(const T* o, const T* dout, float* delta, int B, \
                                                 int T_, int H, int D) {                         \

@@ -429,13 +429,25 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
     let kb = rand(54, &[rows, cap, kv, 128], 1.0, dt, dev)?;
     let vb = rand(55, &[rows, cap, kv, 128], 1.0, dt, dev)?;
     let (kd, vd) = (kb.narrow(1, 0, s_)?, vb.narrow(1, 0, s_)?);
+    let decode_bytes = ((2 * rows * s_ * kv + 2 * rows * h) * 128) as f64 * es;
+    let decode_flops = 4.0 * (rows * h * s_ * 128) as f64;
+    let decode = || crate::flash_attn::flash_attn(&qd, &kd, &vd, &mask, scale);
     b.add(
         "attn decode step (cache view)",
         format!("({rows}, 1 over {s_}, {h}/{kv}, 128)"),
         dt,
-        ((2 * rows * s_ * kv + 2 * rows * h) * 128) as f64 * es,
-        4.0 * (rows * h * s_ * 128) as f64,
-        || crate::flash_attn::flash_attn(&qd, &kd, &vd, &mask, scale),
+        decode_bytes,
+        decode_flops,
+        decode,
+    )?;
+    // The same without the key-range splits: one block per row group and kv head.
+    b.add(
+        "attn decode step, unsplit",
+        format!("({rows}, 1 over {s_}, {h}/{kv}, 128)"),
+        dt,
+        decode_bytes,
+        decode_flops,
+        || crate::flash_attn::with_splits(1, decode),
     )?;
     Ok((c, b.rows))
 }

@@ -233,15 +233,22 @@ fn attention_checks(c: &mut Checks, dt: DType, name: &str, tol: f64, paths: &[&s
 
 /// Decoding steps as generation runs them: T (1 or 3) queries over S cached keys that are a
 /// view of a longer buffer (batch rows `cap` positions apart: the CUDA kernel reads them in
-/// place, the CPU reference a contiguous copy), 7 heads per key/value head, causal.
+/// place, the CPU reference a contiguous copy), 7 heads per key/value head, causal. The key
+/// range cut into splits as the device's size asks (2048 keys: up to 8 splits of 8 tiles) and,
+/// forced, in one block a row group.
 fn decode_checks(c: &mut Checks, dt: DType, name: &str, tol: f64) -> Result<()> {
-    for (t_, s_, cap, d) in [(1usize, 333usize, 400usize, 128usize), (3, 200, 256, 64)] {
+    for (t_, s_, cap, d, one_block) in [
+        (1usize, 2048usize, 2100usize, 128usize, false),
+        (1, 2048, 2100, 128, true),
+        (3, 200, 256, 64, false),
+    ] {
         let (b, h_, kv) = (3usize, 14usize, 2usize);
         let q = rand(70 + t_ as u64, &[b, t_, h_, d], 1.5, dt)?;
         let kb = rand(71 + t_ as u64, &[b, cap, kv, d], 1.5, dt)?;
         let vb = rand(72 + t_ as u64, &[b, cap, kv, d], 1.0, dt)?;
+        let how = if one_block { ", unsplit" } else { "" };
         c.cmp(
-            &format!("flash attn decode T {t_} over S {s_} of a {cap}-position cache {name}"),
+            &format!("flash attn decode T {t_} over S {s_} of a {cap}-position cache{how} {name}"),
             tol,
             &[&q, &kb, &vb],
             |t| {
@@ -251,9 +258,13 @@ fn decode_checks(c: &mut Checks, dt: DType, name: &str, tol: f64) -> Result<()> 
                     ..AttnMask::default()
                 };
                 let scale = 1.0 / (d as f64).sqrt();
-                Ok(vec![crate::flash_attn::flash_attn(
-                    &t[0], &k, &v, &mask, scale,
-                )?])
+                let attend = || crate::flash_attn::flash_attn(&t[0], &k, &v, &mask, scale);
+                let o = if one_block {
+                    crate::flash_attn::with_splits(1, attend)?
+                } else {
+                    attend()?
+                };
+                Ok(vec![o])
             },
         )?;
     }

@@ -184,6 +184,45 @@ pub fn flash_attn_kernel(
     }
 }
 
+/// Key-range splits of `kernels/flash_attn.cu`'s forward (flash-decoding) for `blocks` blocks of
+/// rows, `wave` blocks resident on the device at once and `s` keys: enough splits to fill one
+/// wave when the rows alone leave the device idle (a decoding step of a small batch: 64 rows
+/// of the 3B model are 128 blocks on an H100's 132 multiprocessors), each at least 8 key tiles
+/// (256 keys); 1 when the rows fill a wave.
+pub fn splits_for(blocks: usize, wave: usize, s: usize) -> usize {
+    if blocks == 0 || blocks >= wave {
+        return 1;
+    }
+    wave.div_ceil(blocks).min(s.div_ceil(32) / 8).max(1)
+}
+
+thread_local! {
+    static SPLITS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`splits_for`]'s count forced to `n` (≥ 1) on this thread: the benchmark's
+/// split and unsplit rows, the checks of both paths.
+pub fn with_splits<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let old = SPLITS.with(|c| c.replace(Some(n.max(1))));
+    let r = f();
+    SPLITS.with(|c| c.set(old));
+    r
+}
+
+/// The forced count: [`with_splits`]'s, else `OMR_ATTN_SPLITS` (≥ 1, read once).
+#[cfg(feature = "cuda")]
+fn forced_splits() -> Option<usize> {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    SPLITS.with(|c| c.get()).or_else(|| {
+        *FORCED.get_or_init(|| {
+            std::env::var("OMR_ATTN_SPLITS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map(|n| n.max(1))
+        })
+    })
+}
+
 /// The batch stride of a (B, S, KV, D) layout whose batch rows are each contiguous (a
 /// contiguous tensor, or a view of the first S positions of a longer buffer); None otherwise.
 pub(crate) fn row_stride(l: &Layout) -> Option<usize> {
@@ -348,10 +387,48 @@ impl CustomOp3 for FlashAttn {
         for x in &ints {
             b.arg(x);
         }
-        b.arg(&kvb).arg(&self.scale).arg(&causal).arg(&window);
         // A block: 16 (query, head) rows of one key/value head, queries outer, so the heads
-        // of a group share each key tile (a decoding step's rows are its heads).
-        cuda::run(b, grid3((n.t * (n.h / n.kv)).div_ceil(16), n.kv, n.b))?;
+        // of a group share each key tile (a decoding step's rows are its heads); the key range
+        // cut into `splits` blocks when the rows alone leave the device idle.
+        let row_blocks = (n.t * (n.h / n.kv)).div_ceil(16);
+        let wave = cuda::resident_blocks(&dev, &f, 128, 0)?;
+        let splits =
+            forced_splits().unwrap_or_else(|| splits_for(row_blocks * n.kv * n.b, wave, n.s));
+        let rows = n.b * n.h * n.t;
+        let mut part = if splits > 1 {
+            Some(Out::alloc(&dev, DType::F32, splits * rows * (n.d + 2))?)
+        } else {
+            None
+        };
+        let (splits_i, null) = (splits as i32, 0u64);
+        b.arg(&kvb)
+            .arg(&self.scale)
+            .arg(&causal)
+            .arg(&window)
+            .arg(&splits_i);
+        match part.as_mut() {
+            Some(p) => p.push(&mut b),
+            None => {
+                b.arg(&null);
+            }
+        }
+        cuda::run(b, grid3(row_blocks * splits, n.kv, n.b))?;
+        if let Some(mut p) = part {
+            let f = cuda::kernel(
+                &dev,
+                "flash_attn",
+                &format!("flash_fwd_combine_{}", cuda::suffix(qs.dtype())?),
+            )?;
+            let mut b = stream.launch_builder(&f);
+            p.push(&mut b);
+            o.push(&mut b);
+            lse.push(&mut b);
+            let ints = [rows, n.t, n.h, n.d, splits].map(|x| x as i32);
+            for x in &ints {
+                b.arg(x);
+            }
+            cuda::run(b, cuda::cfg(rows, 128, 0))?;
+        }
         self.lse.put(lse.into_tensor(&dev, (n.b, n.h, n.t)))?;
         Ok((o.into_storage(&dev), ql.shape().clone()))
     }

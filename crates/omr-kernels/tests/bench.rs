@@ -12,8 +12,8 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        16,
-        "one row per timed kernel (linear CE: trained and frozen head; linear logp; attention: kernel and gemm; a decoding step)"
+        17,
+        "one row per timed kernel (linear CE: trained and frozen head; linear logp; attention: kernel and gemm; a decoding step, split and not)"
     );
     assert!(rows
         .iter()

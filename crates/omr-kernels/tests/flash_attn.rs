@@ -319,3 +319,21 @@ fn cuda_matches_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// The decoding kernel's key-range splits: one wave of blocks when the rows leave the device
+/// idle, never under 8 key tiles (256 keys) a split, none when the rows fill a wave.
+#[test]
+fn decoding_splits_fill_one_wave() {
+    use omr_kernels::flash_attn::splits_for;
+    // 64 rows of the 3B model (2 kv heads, 8 heads a group: one row block each) on an H100
+    // (132 multiprocessors × 5 resident blocks), 4096 keys.
+    assert_eq!(splits_for(128, 660, 4096), 6);
+    // 128 rows of the 7B model (4 kv heads): two splits.
+    assert_eq!(splits_for(512, 660, 4096), 2);
+    // Rows enough for a wave, or keys too few for two splits of 8 tiles.
+    assert_eq!(splits_for(1024, 660, 4096), 1);
+    assert_eq!(splits_for(128, 660, 300), 1);
+    // A single row: as many splits as 8-tile chunks allow.
+    assert_eq!(splits_for(2, 660, 8192), 32);
+    assert_eq!(splits_for(0, 660, 8192), 1);
+}

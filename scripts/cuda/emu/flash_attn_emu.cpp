@@ -4,7 +4,9 @@
 // cases (packed causal rows with padding and GQA, a cache with a window) and decoding
 // steps (T 1 and 3 queries over a cache, 7 and 2 heads per key/value head, a window). Keys and
 // values sit in a longer buffer (batch rows `kvb` elements apart, the rest of each row NaN),
-// as generation's preallocated cache hands them to the kernel, and contiguous. bf16 and f32.
+// as generation's preallocated cache hands them to the kernel, and contiguous; the key range in
+// one block or cut into splits merged by flash_fwd_combine (3, and 16: more than the tiles, so
+// some splits see no key). bf16 and f32.
 // Tolerances: o 1e-2 of max |o| (bf16 output; f32 arithmetic), lse 1e-5 relative, −∞ exactly.
 // Exits 1 on any failure. Built and run by run.sh.
 #include "cuda_emu.h"
@@ -13,9 +15,10 @@
 
 namespace {
 
-// Runs flash_fwd_<T> on p's inputs with key/value batch rows `cap` ≥ S positions apart.
+// Runs flash_fwd_<T> on p's inputs with key/value batch rows `cap` ≥ S positions apart, the
+// key range cut into `splits` (then merged by flash_fwd_combine_<T>).
 template <typename T>
-void run(const ref::Problem& p, int cap, const char* dt) {
+void run(const ref::Problem& p, int cap, const char* dt, int splits = 1) {
   const ref::Case& c = p.c;
   const int B = c.B, Tq = c.T, S = c.S, H = c.H, KV = c.KV, D = p.D, G = H / KV;
   const size_t row = (size_t)cap * KV * D;
@@ -28,19 +31,30 @@ void run(const ref::Problem& p, int cap, const char* dt) {
     }
   std::vector<T> o(p.o.size(), T(NAN));
   std::vector<float> lse(p.lse.size(), NAN);
-  const Dim3 grid{(unsigned)((Tq * G + 15) / 16), (unsigned)KV, (unsigned)B};
+  const int rb = (Tq * G + 15) / 16, rows = B * H * Tq;
+  const Dim3 grid{(unsigned)(rb * splits), (unsigned)KV, (unsigned)B};
   const T *qp = q.data(), *kp = k.data(), *vp = v.data();
   const unsigned *qs = p.qseg.data(), *ks = p.kseg.data();
-  if constexpr (std::is_same_v<T, float>)
+  std::vector<float> part(splits > 1 ? (size_t)splits * rows * (D + 2) : 0, NAN);
+  float* pp = splits > 1 ? part.data() : nullptr;
+  if constexpr (std::is_same_v<T, float>) {
     emu_launch(flash_fwd_f32, grid, 128, 0, qp, kp, vp, qs, ks, o.data(), lse.data(), Tq, S, H,
-               KV, D, (long long)row, p.scale, (int)c.causal, c.window);
-  else
+               KV, D, (long long)row, p.scale, (int)c.causal, c.window, splits, pp);
+    if (splits > 1)
+      emu_launch(flash_fwd_combine_f32, Dim3{(unsigned)rows, 1, 1}, 128, 0, (const float*)pp,
+                 o.data(), lse.data(), rows, Tq, H, D, splits);
+  } else {
     emu_launch(flash_fwd_bf16, grid, 128, 0, qp, kp, vp, qs, ks, o.data(), lse.data(), Tq, S, H,
-               KV, D, (long long)row, p.scale, (int)c.causal, c.window);
+               KV, D, (long long)row, p.scale, (int)c.causal, c.window, splits, pp);
+    if (splits > 1)
+      emu_launch(flash_fwd_combine_bf16, Dim3{(unsigned)rows, 1, 1}, 128, 0, (const float*)pp,
+                 o.data(), lse.data(), rows, Tq, H, D, splits);
+  }
   std::vector<double> got(o.size());
   for (size_t i = 0; i < o.size(); i++) got[i] = (double)(float)o[i];
   const std::string name = std::string(dt) + " D " + std::to_string(D) + ", " + c.name +
-                           (cap > S ? ", in a buffer of " + std::to_string(cap) : "");
+                           (cap > S ? ", in a buffer of " + std::to_string(cap) : "") +
+                           (splits > 1 ? ", " + std::to_string(splits) + " splits" : "");
   ref::report(name + ": o", ref::rel_err(got, p.o), 1e-2);
   double err = 0;
   for (size_t i = 0; i < lse.size(); i++) {
@@ -69,6 +83,9 @@ int main() {
       run<bf16>(p, c.S + 77, "bf16");
       run<float>(p, c.S + 77, "f32");
       run<bf16>(p, c.S, "bf16");
+      // The key range cut in three, and in more splits than tiles (empty splits).
+      run<bf16>(p, c.S + 77, "bf16", 3);
+      run<float>(p, c.S + 77, "f32", 16);
     }
   // Training's shapes (the kernel serves them under OMR_ATTN=kernel): the packed rows and the
   // windowed cache.
