@@ -15,7 +15,7 @@
 #      (OMR_BLOCK_OP=1 at T 2048 and 8192, OMR_MMA tilings at 8192, the wgmma
 #      attention included); the 7B shape with LoRA
 #      rank 16 at T 4096 on both sides; `omr bench generate` (GRPO's rollouts, 3B: the device
-#      sampler against the host one). With `quick`: the tiny
+#      sampler against the host one, transformers' generate on the same prompts). With `quick`: the tiny
 #      model's step, the first 3B run and the one-op layers at T 2048. (A 7B full fine-tune with AdamW needs ≈ 136 GiB before
 #      activations: not on one 141 GB GPU; with candle ops instead of the fused kernels the 3B
 #      step at T 2048 ran out of the H200's memory.)
@@ -79,12 +79,14 @@ if [ "$quick" = lease ]; then
   # (every layer recomputed, attentions kept).
   step train-3b-8k-kept 60 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"
-  step train-3b-8k-wg 70 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
+  step train-3b-8k-wg 60 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
   # GRPO's rollouts on the 3B shape: decoding through the in-place key/value cache (the
   # CUDA-core flash kernel over a view of it), the GPU memory next to the plan's rollout phase.
-  step gen-3b-lease 40 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
-    --prompt 512 --image-px 448 --new 128 --repeats 2 --json "$out/gen-3b-lease.json"
+  # transformers' generate on the same prompts next to it.
+  step gen-3b-lease 80 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
+    --prompt 512 --image-px 448 --new 128 --repeats 1 --python "$py" \
+    --json "$out/gen-3b-lease.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
   echo "=== summary"
@@ -150,8 +152,8 @@ if [ -z "$quick" ]; then
   # GRPO's rollout engine on the 3B shape: 64 prompts of 1024 tokens (one 448² image) to 256
   # new tokens, the Gumbel-max sampler on the GPU against sampling on the host (the rows read
   # back), with the GPU memory next to the plan's rollout phase.
-  step gen-3b 120 "$bin" bench generate --model-config 3b --device cuda --rows 64 \
-    --prompt 1024 --image-px 448 --new 256 --json "$out/gen-3b.json"
+  step gen-3b 180 "$bin" bench generate --model-config 3b --device cuda --rows 64 \
+    --prompt 1024 --image-px 448 --new 256 --python "$py" --json "$out/gen-3b.json"
   step gen-3b-host 150 "$bin" bench generate --model-config 3b --device cuda --rows 64 \
     --prompt 1024 --image-px 448 --new 256 --sampler host --json "$out/gen-3b-host.json"
 fi

@@ -1,7 +1,9 @@
 //! What the `omr bench` commands that build a model share: the runtime from the `--device`,
-//! `--precision` and `--kernels` flags, and the model's config.json by name.
+//! `--precision` and `--kernels` flags, the model's config.json by name, and running a torch
+//! reference script.
 
-use crate::exit::Exit;
+use crate::exit::{Exit, Tag};
+use anyhow::Context;
 use omr_train::plan;
 use omr_train::runtime::RuntimeConfig;
 use std::path::PathBuf;
@@ -31,4 +33,43 @@ pub fn config_path(name: &str) -> PathBuf {
         "7b" | "qwen2.5-vl-7b" => models.join("qwen2.5-vl-7b.json"),
         other => PathBuf::from(other),
     }
+}
+
+/// Runs the reference `script` (its text, embedded in the binary, written to a temporary
+/// `name`) with `py` and `args`; its JSON report, the last line of stdout that starts with `{`.
+/// A missing Python, a failing script (the tail of its stderr) or no report exit 2.
+pub fn run_python(
+    py: &str,
+    name: &str,
+    script: &str,
+    args: &[std::ffi::OsString],
+) -> crate::Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(name);
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new(py)
+        .arg(&path)
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!("running {py} (pass --python PATH to a Python with torch and transformers)")
+        })
+        .usage()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        return Err(Exit::usage(anyhow::anyhow!(
+            "{py} {}: {}",
+            path.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    Ok(serde_json::from_str(line)
+        .with_context(|| format!("the reference printed no JSON report: {stdout}"))?)
 }

@@ -62,7 +62,13 @@ pub struct BenchGenerateArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// A Python with torch and transformers: the same rollout by transformers' `generate` on
+    /// the same prompts and config (scripts/bench/generate.py), printed as a ratio.
+    #[arg(long)]
+    pub python: Option<String>,
 }
+
+const TORCH_SCRIPT: &str = include_str!("../../../scripts/bench/generate.py");
 
 pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     if a.rows == 0 || a.new < 2 || a.prompt < 2 {
@@ -144,6 +150,41 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     let growth = plan::rollout_growth(&plan::plan(&p));
     let mib = |b: u64| b as f64 / 1048576.0;
 
+    // The reference, on the same device after ours has let go of it.
+    let reference = match &a.python {
+        Some(py) => {
+            drop((model, params, input));
+            omr_kernels::release_device_memory(&rt.device)?;
+            let dir = tempfile::tempdir()?;
+            let prompts = dir.path().join("prompts.safetensors");
+            batch.save(&prompts)?;
+            let device = if rt.device.is_cuda() { "cuda" } else { "cpu" };
+            let args: Vec<std::ffi::OsString> = vec![
+                "--config".into(),
+                cfg_path.clone().into(),
+                "--batch".into(),
+                prompts.into(),
+                "--new".into(),
+                a.new.to_string().into(),
+                "--temperature".into(),
+                a.temperature.to_string().into(),
+                "--repeats".into(),
+                a.repeats.max(1).to_string().into(),
+                "--device".into(),
+                device.into(),
+                "--seed".into(),
+                a.seed.to_string().into(),
+            ];
+            Some(crate::bench_common::run_python(
+                py,
+                "generate.py",
+                TORCH_SCRIPT,
+                &args,
+            )?)
+        }
+        None => None,
+    };
+
     println!(
         "omr bench generate: {} (random init), {} {} {:?}, sampler on the {}",
         cfg_path.display(),
@@ -182,6 +223,25 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         ),
         None => println!("  plan of the call's memory: {:.0} MiB", mib(growth)),
     }
+    if let Some(r) = &reference {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  transformers generate (torch {}, transformers {}, {} {}): prefill {:.1} ms | decoding {:.2} ms/step | {:.0} new tokens/s",
+            r["torch"].as_str().unwrap_or("?"),
+            r["transformers"].as_str().unwrap_or("?"),
+            r["dtype"].as_str().unwrap_or("?"),
+            r["attention"].as_str().unwrap_or("?"),
+            f("prefill_ms"),
+            f("decode_ms_per_step"),
+            f("new_tokens_per_s")
+        );
+        println!(
+            "  ours / transformers: {:.2}× new tokens/s, decoding step {:.2}× as fast, prefill {:.2}× as fast",
+            tokens_s / f("new_tokens_per_s"),
+            f("decode_ms_per_step") / decode_ms,
+            f("prefill_ms") / (prefill * 1e3)
+        );
+    }
     if let Some(path) = &a.json {
         let v = json!({
             "model_config": cfg_path.display().to_string(),
@@ -199,6 +259,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             "call_s": full,
             "gpu_mem_growth_mib": mem.map(|(b, p)| p - b),
             "plan_growth_mib": mib(growth),
+            "reference": reference,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
     }

@@ -507,6 +507,91 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
+/// `omr bench generate --python`: the reference script runs with the prompts, the config and
+/// the rollout's shape, and its report comes back as a ratio and in the JSON (a stand-in
+/// "python" here: CI has no torch; `scripts/bench/generate.py` itself was run by hand, see the
+/// README); a failing reference exits 2 with its stderr.
+#[cfg(unix)]
+#[test]
+fn bench_generate_runs_the_reference() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let args_file = dir.path().join("args.txt");
+    let fake = dir.path().join("python");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}\necho '{{\"torch\": \"t\", \"transformers\": \"x\", \"dtype\": \"float32\", \"attention\": \"eager\", \"prefill_ms\": 10.0, \"decode_ms_per_step\": 4.0, \"new_tokens_per_s\": 100.0}}'\n",
+            args_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let json = dir.path().join("g.json");
+    let o = omr(&[
+        "bench",
+        "generate",
+        "--rows",
+        "2",
+        "--prompt",
+        "64",
+        "--image-px",
+        "56",
+        "--new",
+        "5",
+        "--repeats",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--python",
+        fake.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("transformers generate (torch t, transformers x"),
+        "{t}"
+    );
+    assert!(t.contains("ours / transformers:"), "{t}");
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    for want in [
+        "generate.py",
+        "--new 5",
+        "--device cpu",
+        "prompts.safetensors",
+        "tiny.json",
+    ] {
+        assert!(args.contains(want), "{want} not in {args}");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["reference"]["decode_ms_per_step"], 4.0);
+
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'no module named torch' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let o = omr(&[
+        "bench",
+        "generate",
+        "--rows",
+        "1",
+        "--prompt",
+        "32",
+        "--image-px",
+        "0",
+        "--new",
+        "2",
+        "--repeats",
+        "1",
+        "--python",
+        fake.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("no module named torch"), "{t}");
+}
+
 /// `omr bench train --objective logps`: a GRPO policy update's micro-batch (the token
 /// log-probabilities as the head) on the tiny model, said in the header and the JSON; no torch
 /// reference for it (exit 2 with --python).
