@@ -11,7 +11,10 @@ stdout.
 
     python scripts/bench/generate.py --config configs/models/qwen2.5-vl-3b.json \
         --batch prompts.safetensors --new 256 [--temperature 1.0] [--repeats 3]
-        [--device cuda] [--threads N] [--seed 0]
+        [--device cuda] [--threads N] [--seed 0] [--group G]
+
+`--group G`: G completions of each prompt (`num_return_sequences`, GRPO's group; transformers
+expands the prompts before the prefill).
 """
 
 import argparse
@@ -34,6 +37,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group", type=int, default=1)
     a = ap.parse_args()
     if a.new < 2:
         sys.exit("--new must be at least 2")
@@ -64,7 +68,7 @@ def main():
     batch = {k: v.to(dev) for k, v in load_file(a.batch).items() if k != "labels"}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    rows = int(batch["input_ids"].shape[0])
+    rows = int(batch["input_ids"].shape[0]) * a.group
 
     def sync():
         if cuda:
@@ -84,6 +88,7 @@ def main():
                 top_p=1.0,
                 eos_token_id=None,
                 pad_token_id=0,
+                num_return_sequences=a.group,
             )
         sync()
         dt = time.perf_counter() - t0

@@ -13,8 +13,9 @@
 //! step) (`omr_kernels::sample`): 8 bytes a row read back per step, not the row.
 //! Generation builds no graph (`Ctx::no_grad`).
 //!
-//! [`generate`] runs candle ops (the default ctx); [`generate_with`] takes the kernels from
-//! the caller's ctx (e.g. `Kernels::auto(device)`: the fused ops on CUDA).
+//! [`generate`] runs the model's own kernels ([`Qwen2VL::ctx`]); [`generate_with`] takes them
+//! from the caller's ctx (e.g. `Kernels::auto(device)`: the fused ops on CUDA);
+//! [`generate_repeated`] prefills each distinct prompt once for a group of completions.
 
 use crate::error::{ModelError, Result};
 use crate::linear::Ctx;
@@ -88,7 +89,30 @@ pub fn generate_with(
     cfg: &SamplingConfig,
     ctx: &Ctx,
 ) -> Result<Vec<Completion>> {
-    let b = prompts.batch();
+    generate_repeated(model, prompts, &vec![1; prompts.batch()], cfg, ctx)
+}
+
+/// [`generate_with`] where row i of `prompts` stands for `repeats[i]` rows in a row (GRPO's
+/// group of completions of one prompt): the prefill (vision tower included) runs once per
+/// distinct prompt, and its key/value cache and first logits are copied to the repeated rows
+/// before the first draw. The completions are those of `prompts` with each row repeated, as
+/// [`generate_with`] would draw them (row r of the expanded batch samples from its own
+/// stream, keyed by r), up to the rounding of a prefill over fewer rows.
+pub fn generate_repeated(
+    model: &Qwen2VL,
+    prompts: &Input,
+    repeats: &[usize],
+    cfg: &SamplingConfig,
+    ctx: &Ctx,
+) -> Result<Vec<Completion>> {
+    if repeats.len() != prompts.batch() {
+        return Err(ModelError::Input(format!(
+            "{} repeat counts for {} prompts",
+            repeats.len(),
+            prompts.batch()
+        )));
+    }
+    let b: usize = repeats.iter().sum();
     if prompts.segments.iter().any(|s| s.last() == Some(&0)) {
         return Err(ModelError::Input(
             "generation prompts must be left padded (a row ends in padding)".into(),
@@ -111,11 +135,16 @@ pub fn generate_with(
         ..*ctx
     };
     let pos = prompts.positions(&model.cfg)?;
-    let mut segments = prompts.segments.clone();
-    let mut next_pos: Vec<i64> = pos
-        .deltas
+    // Expanded row r comes from prompt row `from[r]`.
+    let from: Vec<usize> = repeats
         .iter()
-        .map(|d| d + prompts.len() as i64)
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+        .collect();
+    let mut segments: Vec<Vec<u32>> = from.iter().map(|&i| prompts.segments[i].clone()).collect();
+    let mut next_pos: Vec<i64> = from
+        .iter()
+        .map(|&i| pos.deltas[i] + prompts.len() as i64)
         .collect();
     let mut rngs: Vec<ChaCha8Rng> = (0..b)
         .map(|i| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64))
@@ -136,19 +165,25 @@ pub fn generate_with(
         } else {
             None
         };
-    // Sized for the whole generation at the prefill: no step reallocates or copies it.
+    // Sized for the whole generation: the first step reallocates it once, no later step does.
     let mut cache = KvCache::with_capacity(prompts.len() + cfg.max_new_tokens);
 
     // The prefill; the prompt's embeddings and hidden states are freed once the first logits
     // exist (detached: nothing of the prefill is kept but the cache).
     let mut logits = {
         let x = model.embed(prompts, &ctx)?.detach();
-        let h = model.decode_hidden(&x, &pos.pos, &segments, &mut cache, &ctx)?;
+        let h = model.decode_hidden(&x, &pos.pos, &prompts.segments, &mut cache, &ctx)?;
         let t = h.dim(1)?;
         model
             .logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?
             .detach()
     };
+    if from.len() != prompts.batch() || from.iter().enumerate().any(|(r, &i)| r != i) {
+        let idx: Vec<u32> = from.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, (b,), model.device())?;
+        cache.select_rows(&idx)?;
+        logits = logits.index_select(&idx, 0)?;
+    }
 
     for step in 0..cfg.max_new_tokens {
         let picks: Vec<(u32, f32)> = if let Some(bias) = &gumbel_bias {
@@ -242,10 +277,12 @@ pub struct FixedDecoder {
 
 impl FixedDecoder {
     /// The prefill over `input` with room for `steps` more positions; returns the decoder and
-    /// the prefill's final hidden states (B, T, C).
+    /// the prefill's final hidden states (B, T, C). With `repeats` (one count per row), the
+    /// steps run on every row repeated that many times, as [`generate_repeated`] does.
     pub fn prefill(
         model: &Qwen2VL,
         input: &Input,
+        repeats: Option<&[usize]>,
         steps: usize,
         ctx: &Ctx,
     ) -> Result<(FixedDecoder, Tensor)> {
@@ -254,11 +291,27 @@ impl FixedDecoder {
         let mut cache = KvCache::with_capacity(t + steps);
         let x = model.embed(input, ctx)?.detach();
         let h = model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, ctx)?;
+        let from: Vec<usize> = match repeats {
+            Some(r) => r
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+                .collect(),
+            None => (0..input.batch()).collect(),
+        };
+        let idx = Tensor::from_vec(
+            from.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            (from.len(),),
+            x.device(),
+        )?;
+        if repeats.is_some() {
+            cache.select_rows(&idx)?;
+        }
         let decoder = FixedDecoder {
             cache,
-            x: x.narrow(1, t - 1, 1)?.contiguous()?,
-            segments: input.segments.clone(),
-            deltas: pos.deltas,
+            x: x.narrow(1, t - 1, 1)?.contiguous()?.index_select(&idx, 0)?,
+            segments: from.iter().map(|&i| input.segments[i].clone()).collect(),
+            deltas: from.iter().map(|&i| pos.deltas[i]).collect(),
             next: t,
         };
         Ok((decoder, h))

@@ -234,3 +234,91 @@ fn plain_sampling_is_seeded_and_its_log_probs_match_a_full_forward() {
     println!("generation log-probs vs a full forward: max abs diff {worst:.2e}");
     assert!(worst < 1e-4, "{worst}");
 }
+
+/// `generate_repeated`: each distinct prompt prefilled once, its cache and first logits copied
+/// to its rows, gives the completions of the batch with every row repeated (the same tokens,
+/// log-probs within 1e-5): plain sampling (the Gumbel-max draw) and top-k / top-p (the host).
+#[test]
+fn repeated_prompts_match_the_expanded_batch() {
+    use candle_core::Tensor;
+    use omr_model::generate::{generate_repeated, generate_with};
+    let f = load();
+    let cfg = &f.model.cfg;
+    let repeats = [2usize, 1, 3];
+    // Each image's patches, and which row it belongs to (rows' images in order).
+    let merge = cfg.vision.spatial_merge_size * cfg.vision.spatial_merge_size;
+    let per_image: Vec<usize> = f.inputs.grids.iter().map(|g| g[0] * g[1] * g[2]).collect();
+    let mut image_rows = Vec::new();
+    let mut next = 0;
+    for (r, row) in f.inputs.ids.iter().enumerate() {
+        let mut tokens = row.iter().filter(|&&t| t == cfg.image_token_id).count();
+        while tokens > 0 {
+            tokens -= per_image[next] / merge;
+            image_rows.push(r);
+            next += 1;
+        }
+    }
+    assert_eq!(next, per_image.len());
+    // The expanded batch: row i repeated repeats[i] times, its images with it.
+    let (mut ids, mut mask, mut patches, mut grids) = (vec![], vec![], vec![], vec![]);
+    for (i, &n) in repeats.iter().enumerate() {
+        for _ in 0..n {
+            ids.push(f.inputs.ids[i].clone());
+            mask.push(f.inputs.mask[i].clone());
+            let mut start = 0;
+            for (img, &r) in image_rows.iter().enumerate() {
+                if r == i {
+                    patches.push(f.inputs.pixels.narrow(0, start, per_image[img]).unwrap());
+                    grids.push(f.inputs.grids[img]);
+                }
+                start += per_image[img];
+            }
+        }
+    }
+    let expanded =
+        Input::padded(ids, &mask, Some(Tensor::cat(&patches, 0).unwrap()), grids).unwrap();
+    for sampling in [
+        SamplingConfig {
+            max_new_tokens: 6,
+            temperature: 1.0,
+            seed: 11,
+            ..Default::default()
+        },
+        SamplingConfig {
+            max_new_tokens: 6,
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            seed: 12,
+            ..Default::default()
+        },
+    ] {
+        let ctx = f.model.ctx();
+        let want = generate_with(&f.model, &expanded, &sampling, &ctx).unwrap();
+        let got = generate_repeated(&f.model, &prompts(&f), &repeats, &sampling, &ctx).unwrap();
+        assert_eq!(got.len(), 6);
+        let mut worst = 0f32;
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "row {r}");
+            for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        println!(
+            "repeated vs expanded (top_k {}): log-probs within {worst:.1e}",
+            sampling.top_k
+        );
+        assert!(worst <= 1e-5, "{worst}");
+        // The rows of a group draw differently (their own streams).
+        assert_ne!(got[0].tokens, got[1].tokens);
+    }
+    let err = generate_repeated(
+        &f.model,
+        &prompts(&f),
+        &[1, 1],
+        &SamplingConfig::default(),
+        &f.model.ctx(),
+    )
+    .expect_err("a count per prompt");
+    assert!(err.to_string().contains("repeat counts"), "{err}");
+}

@@ -41,7 +41,7 @@ use omr_model::params::{param_shapes, Part};
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
-pub use grpo::{input_from_grpo, rollout_growth, rollout_input, GrpoShape};
+pub use grpo::{input_from_grpo, prefill_rows, rollout_growth, rollout_input, GrpoShape};
 pub use input::{
     auto_kept_decoder_layers, configs_dir, input_from_sft, run_kept_decoder_layers, shipped_config,
     PlanOptions,

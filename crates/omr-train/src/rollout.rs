@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Prompt;
 use omr_data::Mcq;
-use omr_model::generate::{generate, Completion, Finish, SamplingConfig};
+use omr_model::generate::{generate_repeated, Completion, Finish, SamplingConfig};
 use omr_model::linear::Ctx;
 use omr_model::model::{Input, Qwen2VL};
 use std::collections::BTreeMap;
@@ -34,7 +34,8 @@ pub struct PromptItem {
 }
 
 /// G completions for every prompt, grouped consecutively: row `p·G + k` is the k-th completion
-/// of prompt p. Generation runs in chunks of `chunk_rows` rows.
+/// of prompt p. Generation runs in chunks of `chunk_rows` rows; within a chunk each prompt is
+/// prefilled once for all its rows.
 pub fn generate_groups(
     model: &Qwen2VL,
     prompts: &[PromptItem],
@@ -50,14 +51,33 @@ pub fn generate_groups(
         .collect();
     let mut out = Vec::with_capacity(rows.len());
     for (c, chunk) in rows.chunks(chunk_rows.max(1)).enumerate() {
-        let input = left_padded(chunk.iter().copied(), pad_id, model.device())?;
+        // A group's rows are one prompt: prefilled once (vision tower included), its cache
+        // copied to the group's rows (generate_repeated).
+        let mut distinct: Vec<&Prompt> = Vec::new();
+        let mut repeats: Vec<usize> = Vec::new();
+        for &p in chunk {
+            match distinct.last() {
+                Some(&last) if std::ptr::eq(last, p) => *repeats.last_mut().expect("a run") += 1,
+                _ => {
+                    distinct.push(p);
+                    repeats.push(1);
+                }
+            }
+        }
+        let input = left_padded(distinct.iter().copied(), pad_id, model.device())?;
         let mut parts = seed_parts.to_vec();
         parts.push(c as u64);
         let cfg = SamplingConfig {
             seed: derive_seed(&parts),
             ..sampling.clone()
         };
-        out.extend(generate(model, &input, &cfg)?);
+        out.extend(generate_repeated(
+            model,
+            &input,
+            &repeats,
+            &cfg,
+            &model.ctx(),
+        )?);
     }
     Ok(out)
 }

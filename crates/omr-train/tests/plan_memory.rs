@@ -155,6 +155,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         grpo: (c.head == StepHead::TokenLogps).then_some(plan::GrpoShape {
             reference: false,
             rollout_rows: 1,
+            prefill_rows: 1,
             prompt_tokens: 8,
             completion_tokens: 8,
         }),
@@ -318,17 +319,21 @@ fn plan_matches_measured_step_memory() {
 }
 
 /// One GRPO rollout call: rows of `prompt` tokens (one image of `image_px` when > 0), each
-/// generating `completion` tokens (no end-of-sequence id: every row runs to the limit).
+/// generating `completion` tokens (no end-of-sequence id: every row runs to the limit); with
+/// `group` > 1, rows / group distinct prompts, each prefilled once for its group's rows
+/// (`generate_repeated`).
 struct Rollout {
     rows: usize,
+    group: usize,
     prompt: usize,
     image_px: usize,
     completion: usize,
     kernels: omr_model::Kernels,
 }
 
-const ROLLOUTS: [Rollout; 6] = [
+const ROLLOUTS: [Rollout; 7] = [
     Rollout {
+        group: 1,
         rows: 8,
         prompt: 256,
         image_px: 224,
@@ -336,6 +341,7 @@ const ROLLOUTS: [Rollout; 6] = [
         kernels: omr_model::Kernels::Candle,
     },
     Rollout {
+        group: 1,
         rows: 16,
         prompt: 64,
         image_px: 0,
@@ -343,6 +349,7 @@ const ROLLOUTS: [Rollout; 6] = [
         kernels: omr_model::Kernels::Candle,
     },
     Rollout {
+        group: 1,
         rows: 8,
         prompt: 256,
         image_px: 224,
@@ -350,6 +357,7 @@ const ROLLOUTS: [Rollout; 6] = [
         kernels: omr_model::Kernels::Fused,
     },
     Rollout {
+        group: 1,
         rows: 4,
         prompt: 512,
         image_px: 0,
@@ -357,6 +365,16 @@ const ROLLOUTS: [Rollout; 6] = [
         kernels: omr_model::Kernels::Fused,
     },
     Rollout {
+        group: 1,
+        rows: 16,
+        prompt: 320,
+        image_px: 336,
+        completion: 8,
+        kernels: omr_model::Kernels::Candle,
+    },
+    // Groups of 4: the prefill and the vision tower over 4 prompts, decoding over 16 rows.
+    Rollout {
+        group: 4,
         rows: 16,
         prompt: 320,
         image_px: 336,
@@ -365,6 +383,7 @@ const ROLLOUTS: [Rollout; 6] = [
     },
     // Decoding is the peak: short prompts, long completions.
     Rollout {
+        group: 1,
         rows: 32,
         prompt: 16,
         image_px: 0,
@@ -376,7 +395,7 @@ const ROLLOUTS: [Rollout; 6] = [
 /// (measured heap growth, measured RSS growth, predicted) in MiB of one generation call, the
 /// prompts' tensors included, against the plan's rollout phase beyond the resident state.
 fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
-    use omr_model::generate::{generate_with, SamplingConfig};
+    use omr_model::generate::{generate_repeated, generate_with, SamplingConfig};
     let dev = Device::Cpu;
     let params = Params::init(cfg, 0, 0.02, &dev).unwrap();
     let model = Qwen2VL::new(cfg, &params).unwrap();
@@ -394,7 +413,7 @@ fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
         omr_model::Kernels::Fused => AttentionImpl::Fused,
         omr_model::Kernels::Candle => AttentionImpl::Eager,
     };
-    let p = plan::rollout_input(
+    let mut p = plan::rollout_input(
         cfg,
         4,
         attention,
@@ -403,6 +422,9 @@ fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
         c.image_px,
         c.completion,
     );
+    if let Some(g) = p.grpo.as_mut() {
+        g.prefill_rows = plan::prefill_rows(c.rows, c.group);
+    }
     let planned = plan::plan(&p);
     if std::env::var("OMR_PLAN_ROWS").is_ok() {
         for r in &planned.rollout_rows {
@@ -427,13 +449,15 @@ fn measure_rollout(cfg: &ModelConfig, c: &Rollout) -> (f64, f64, f64) {
     .unwrap();
 
     // The prompts' host buffers are the data pipeline's, before the call; their tensors count.
-    let batch = SyntheticBatch::new(cfg, c.rows, c.prompt, c.image_px, 7).unwrap();
+    let batch = SyntheticBatch::new(cfg, c.rows / c.group, c.prompt, c.image_px, 7).unwrap();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss0 = status_mib("VmRSS:");
     let live0 = LIVE.load(Relaxed);
     PEAK.store(live0, Relaxed);
     let input = batch.input(&dev, DType::F32).unwrap();
-    let out = generate_with(&model, &input, &sampling(c.completion), &ctx).unwrap();
+    let repeats = vec![c.group; c.rows / c.group];
+    let out = generate_repeated(&model, &input, &repeats, &sampling(c.completion), &ctx).unwrap();
+    assert_eq!(out.len(), c.rows);
     assert!(out.iter().all(|o| o.tokens.len() == c.completion));
     let heap = (PEAK.load(Relaxed) - live0) as f64 / 1048576.0;
     let rss = status_mib("VmHWM:") - rss0;
@@ -460,8 +484,8 @@ fn plan_matches_measured_rollout_memory() {
         );
         let (eh, er) = (pred / heap - 1.0, pred / rss - 1.0);
         println!(
-            "rollout {} rows × {} prompt + {} tokens, image {} px, {:?}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
-            c.rows, c.prompt, c.completion, c.image_px, c.kernels, 100.0 * eh, 100.0 * er
+            "rollout {} rows (groups of {}) × {} prompt + {} tokens, image {} px, {:?}: plan {pred:.2} MiB | heap {heap:.2} MiB ({:+.1}%) | peak RSS growth {rss:.2} MiB ({:+.1}%)",
+            c.rows, c.group, c.prompt, c.completion, c.image_px, c.kernels, 100.0 * eh, 100.0 * er
         );
         if eh.abs() > HEAP_TOLERANCE {
             failures.push(format!(

@@ -13,7 +13,7 @@ use crate::exit::{Exit, Tag};
 use candle_core::DType;
 use clap::Args;
 use omr_model::config::ModelConfig;
-use omr_model::generate::{generate_with, FixedDecoder, SamplingConfig};
+use omr_model::generate::{generate_repeated, FixedDecoder, SamplingConfig};
 use omr_model::model::Qwen2VL;
 use omr_model::params::Params;
 use omr_train::bench_step::SyntheticBatch;
@@ -27,9 +27,13 @@ pub struct BenchGenerateArgs {
     /// config.json of the model, or tiny, qwen2.5-vl-3b (3b), qwen2.5-vl-7b (7b).
     #[arg(long, default_value = "tiny")]
     pub model_config: String,
-    /// Prompts generated together (grpo.generation_batch_size).
+    /// Rows generated together (grpo.generation_batch_size).
     #[arg(long, default_value_t = 8)]
     pub rows: usize,
+    /// Completions per prompt (grpo.group_size): rows / group distinct prompts, each prefilled
+    /// once for its group's rows, as GRPO's rollouts run.
+    #[arg(long, default_value_t = 1)]
+    pub group: usize,
     /// Tokens of each prompt, image tokens included.
     #[arg(long, default_value_t = 256)]
     pub prompt: usize,
@@ -76,6 +80,15 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             "--rows ≥ 1, --prompt ≥ 2 and --new ≥ 2"
         )));
     }
+    if a.group == 0 || !a.rows.is_multiple_of(a.group) {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "--group {} must divide --rows {}",
+            a.group,
+            a.rows
+        )));
+    }
+    let prompts = a.rows / a.group;
+    let repeats = vec![a.group; prompts];
     if !(a.temperature > 0.0) {
         return Err(Exit::usage(anyhow::anyhow!("--temperature must be > 0")));
     }
@@ -95,7 +108,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     rt.prepare(&mut params)?;
     let model = Qwen2VL::new(&cfg, &params)?.with_kernels(rt.kernels);
     let ctx = model.ctx();
-    let batch = SyntheticBatch::new(&cfg, a.rows, a.prompt, a.image_px, a.seed)
+    let batch = SyntheticBatch::new(&cfg, prompts, a.prompt, a.image_px, a.seed)
         .map_err(|e| Exit::usage(anyhow::anyhow!(e)))?;
     let input = batch.input(&rt.device, rt.compute)?;
     let sampling = |n: usize| SamplingConfig {
@@ -109,7 +122,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     let timed = |n: usize| -> crate::Result<f64> {
         rt.device.synchronize()?;
         let t0 = Instant::now();
-        let out = generate_with(&model, &input, &sampling(n), &ctx)?;
+        let out = generate_repeated(&model, &input, &repeats, &sampling(n), &ctx)?;
         rt.device.synchronize()?;
         if out.iter().any(|c| c.tokens.len() != n) {
             return Err(anyhow::anyhow!("a row stopped early").into());
@@ -128,7 +141,8 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     let prefill = median(1)?;
     let full = median(a.new)?;
     let mem = poller.finish();
-    let (enqueue_ms, step_ms) = host_split(&model, &input, &ctx, &rt.device, a.new.min(32))?;
+    let (enqueue_ms, step_ms) =
+        host_split(&model, &input, &repeats, &ctx, &rt.device, a.new.min(32))?;
     let decode_ms = (full - prefill) / (a.new - 1) as f64 * 1e3;
     let tokens_s = (a.rows * a.new) as f64 / full;
 
@@ -138,7 +152,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         omr_model::Kernels::Candle => AttentionImpl::Eager,
     };
     let compute_bytes = rt.compute.size_in_bytes() as u64;
-    let p = plan::rollout_input(
+    let mut p = plan::rollout_input(
         &cfg,
         compute_bytes,
         attention,
@@ -147,6 +161,9 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         a.image_px,
         a.new,
     );
+    if let Some(g) = p.grpo.as_mut() {
+        g.prefill_rows = prompts;
+    }
     let growth = plan::rollout_growth(&plan::plan(&p));
     let mib = |b: u64| b as f64 / 1048576.0;
 
@@ -174,6 +191,8 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
                 device.into(),
                 "--seed".into(),
                 a.seed.to_string().into(),
+                "--group".into(),
+                a.group.to_string().into(),
             ];
             Some(crate::bench_common::run_python(
                 py,
@@ -198,8 +217,15 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
         if host { "host" } else { "device" }
     );
     println!(
-        "  {} rows × ({} prompt + {} new) tokens, {} px images",
-        a.rows, a.prompt, a.new, a.image_px
+        "  {} rows × ({} prompt + {} new) tokens, {} px images{}",
+        a.rows,
+        a.prompt,
+        a.new,
+        a.image_px,
+        match a.group {
+            1 => String::new(),
+            g => format!(", groups of {g}: {prompts} prompts, each prefilled once"),
+        }
     );
     println!(
         "  prefill {:.1} ms | decoding {decode_ms:.2} ms/step | {tokens_s:.0} new tokens/s | call {:.2} s",
@@ -247,6 +273,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
             "model_config": cfg_path.display().to_string(),
             "device": if rt.device.is_cuda() { "cuda" } else { "cpu" },
             "rows": a.rows,
+            "group": a.group,
             "prompt": a.prompt,
             "new": a.new,
             "image_px": a.image_px,
@@ -275,6 +302,7 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
 fn host_split(
     model: &Qwen2VL,
     input: &omr_model::Input,
+    repeats: &[usize],
     ctx: &omr_model::Ctx,
     device: &candle_core::Device,
     steps: usize,
@@ -284,7 +312,7 @@ fn host_split(
         dropout_seed: None,
         ..*ctx
     };
-    let (mut decoder, _) = FixedDecoder::prefill(model, input, steps, &ctx)?;
+    let (mut decoder, _) = FixedDecoder::prefill(model, input, Some(repeats), steps, &ctx)?;
     let (mut issue, mut whole) = (Vec::new(), Vec::new());
     for _ in 0..steps {
         device.synchronize()?;

@@ -240,6 +240,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         grpo: (head == StepHead::TokenLogps).then_some(plan::GrpoShape {
             reference: false,
             rollout_rows: 1,
+            prefill_rows: 1,
             prompt_tokens: 1,
             completion_tokens: 1,
         }),

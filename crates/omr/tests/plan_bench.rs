@@ -505,6 +505,31 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
     }
     let o = omr(&["bench", "generate", "--sampler", "gpu"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // GRPO's groups: 4 rows from 2 prompts, each prefilled once; a group must divide the rows.
+    let o = omr(&[
+        "bench",
+        "generate",
+        "--rows",
+        "4",
+        "--group",
+        "2",
+        "--prompt",
+        "64",
+        "--image-px",
+        "56",
+        "--new",
+        "3",
+        "--repeats",
+        "1",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("groups of 2: 2 prompts, each prefilled once"),
+        "{t}"
+    );
+    let o = omr(&["bench", "generate", "--rows", "4", "--group", "3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
 /// `omr bench generate --python`: the reference script runs with the prompts, the config and

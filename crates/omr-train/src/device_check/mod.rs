@@ -260,7 +260,7 @@ fn decode_run(
         no_grad: true,
     };
     let before = fused::calls();
-    let (mut decoder, h) = FixedDecoder::prefill(&model, input, DECODE_STEPS, &ctx)?;
+    let (mut decoder, h) = FixedDecoder::prefill(&model, input, None, DECODE_STEPS, &ctx)?;
     let t = input.len();
     let loss = h.narrow(1, t - 1, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
     let mut grads = Vec::new();

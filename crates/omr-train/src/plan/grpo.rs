@@ -22,6 +22,9 @@ pub struct GrpoShape {
     pub reference: bool,
     /// Rows per generation call (`grpo.generation_batch_size`).
     pub rollout_rows: usize,
+    /// Distinct prompts a generation call prefills: a group's rows share one prefill
+    /// (`generate_repeated`), so `rollout_rows / group_size` when groups tile the calls.
+    pub prefill_rows: usize,
     /// Prompt tokens of a row (worst case: `data.process.max_length`).
     pub prompt_tokens: usize,
     /// Completion tokens of a row (`grpo.max_completion_length`): the rows the head scores.
@@ -62,6 +65,7 @@ pub fn input_from_grpo(
         grpo: Some(GrpoShape {
             reference: cfg.objective.beta > 0.0,
             rollout_rows: g.generation_batch_size,
+            prefill_rows: prefill_rows(g.generation_batch_size, g.group_size),
             prompt_tokens: prompt,
             completion_tokens: g.max_completion_length,
         }),
@@ -118,9 +122,22 @@ pub fn rollout_input(
         grpo: Some(GrpoShape {
             reference: false,
             rollout_rows: rows,
+            prefill_rows: rows,
             prompt_tokens: prompt,
             completion_tokens: new,
         }),
+    }
+}
+
+/// Distinct prompts in a generation call of `rows` rows cut from consecutive groups of `group`
+/// rows: `rows / group` when groups tile the calls, else as many as a call starting inside a
+/// group can touch.
+pub fn prefill_rows(rows: usize, group: usize) -> usize {
+    let group = group.max(1);
+    if rows.is_multiple_of(group) {
+        rows / group
+    } else {
+        (rows + group - 1).div_ceil(group).min(rows)
     }
 }
 
@@ -169,15 +186,17 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     let decode = cache + compaction + logits;
 
     // The prompts' forward, as a training forward of these shapes counts it.
+    // Distinct prompts only: a group's rows share one prefill, whose cache and logits are then
+    // copied to them (less than the decoding step holds).
     let mut probe = p.clone();
-    probe.batch = g.rollout_rows;
+    probe.batch = g.prefill_rows.clamp(1, g.rollout_rows.max(1));
     probe.seq = g.prompt_tokens;
     probe.labelled = 0;
     probe.checkpointing = Checkpointing::None;
     probe.kept_decoder_layers = 0;
     probe.grpo = None;
     let acts = super::activations::count(&probe);
-    let prompt_cache = rows * g.prompt_tokens as u64 * cache_per_token;
+    let prompt_cache = probe.batch as u64 * g.prompt_tokens as u64 * cache_per_token;
     let prefill = prompt_cache + acts.text_stem + acts.decoder_layer;
     let patches = probe.patches() as u64;
     let v = &p.model.vision;
@@ -228,4 +247,22 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
             note: when.into(),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_rows;
+
+    #[test]
+    fn a_group_shares_one_prefill() {
+        // 128 rows of groups of 8: 16 prompts; groups of 1: every row its own.
+        assert_eq!(prefill_rows(128, 8), 16);
+        assert_eq!(prefill_rows(16, 1), 16);
+        // 12 rows cut from groups of 8: a call can start 7 rows into a group and end 3 rows
+        // into the third (7 + 12 = 19 rows of 3 groups).
+        assert_eq!(prefill_rows(12, 8), 3);
+        // Fewer rows than a group: at most two groups, never more prompts than rows.
+        assert_eq!(prefill_rows(5, 8), 2);
+        assert_eq!(prefill_rows(1, 8), 1);
+    }
 }
