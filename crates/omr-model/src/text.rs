@@ -42,24 +42,14 @@ pub struct LayerCache {
     reserve: usize,
 }
 
-impl LayerCache {
-    /// The filled keys (a view of the buffer), if any.
-    pub fn keys(&self, seq_dim: usize) -> Result<Option<Tensor>> {
-        self.k
-            .as_ref()
-            .map(|k| k.narrow(seq_dim, 0, self.len))
-            .transpose()
-    }
-}
-
 /// The cache of every layer.
 #[derive(Default)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     /// The kernels of the passes that filled it, which fix its layout (see [`LayerCache`]).
     pub kernels: Kernels,
-    /// Positions the buffers are first allocated for (0: what the first pass needs); a pass
-    /// beyond the capacity reallocates to at least twice it.
+    /// Positions the buffers hold from the second pass on ([`KvCache::with_capacity`]; 0: as
+    /// the passes need, a pass beyond the capacity reallocating to at least twice it).
     reserve: usize,
 }
 
