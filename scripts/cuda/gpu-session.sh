@@ -81,11 +81,12 @@ if [ "$quick" = lease ]; then
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"
   step train-3b-8k-wg 60 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
-  # GRPO's rollouts on the 3B shape: decoding through the in-place key/value cache (the
-  # CUDA-core flash kernel over a view of it), the GPU memory next to the plan's rollout phase.
-  # transformers' generate on the same prompts next to it.
+  # GRPO's rollouts on the 3B shape: 4 prompts × a group of 8 (one prefill each), decoding
+  # through the in-place key/value cache (the CUDA-core flash kernel over a view of it, split
+  # across blocks), the GPU memory next to the plan's rollout phase; transformers' generate on
+  # the same prompts (num_return_sequences 8) next to it.
   step gen-3b-lease 80 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
-    --prompt 512 --image-px 448 --new 128 --repeats 1 --python "$py" \
+    --group 8 --prompt 512 --image-px 448 --new 128 --repeats 1 --python "$py" \
     --json "$out/gen-3b-lease.json"
   step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
