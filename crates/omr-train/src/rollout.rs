@@ -8,8 +8,9 @@
 //!   scales its logits by the same temperature, so the importance ratio starts at 1.
 //! - Sampling is keyed by (seed, step, round, chunk) and the row inside the chunk, so a resumed
 //!   run draws the same completions as the uninterrupted one.
-//! - A training row is `[left padding | prompt | completion | right padding]`: the prompt block
-//!   exactly as generation saw it, so positions (M-RoPE) and attention match generation.
+//! - Training rows are packed: each `prompt + completion` is one segment (positions from 0,
+//!   attending only to itself), so positions (M-RoPE) and attention match generation's, and
+//!   the rows carry no padding but at their ends ([`seq_batch`]).
 //! - Only completion positions go through the lm head (`Qwen2VL::loss`'s trick): the (N, V)
 //!   logits of a big vocabulary exist for completion tokens only.
 
@@ -82,72 +83,104 @@ pub fn generate_groups(
     Ok(out)
 }
 
-/// One micro-batch of training rows.
+/// One micro-batch of training sequences, packed into rows ([`seq_batch`]).
 pub struct SeqBatch {
+    /// (R, W): R ≤ N rows of W = the longest sequence's tokens, sequences end to end.
     pub input: Input,
-    /// (N, T): completion tokens at their positions, −100 elsewhere.
+    /// (R, W): completion tokens at their positions, −100 elsewhere.
     pub labels: Vec<Vec<i64>>,
     /// (N, Tc) completion mask, 1 on real completion tokens.
     pub mask: Tensor,
     /// (N, Tc) the generating policy's log-probs, 0 on padding.
     pub old_logp: Tensor,
     pub tc: usize,
+    /// Completion tokens of each sequence.
     pub lens: Vec<usize>,
+    /// Where each sequence's completion tokens start among the batch's labelled positions
+    /// ((row, position) order).
+    pub starts: Vec<usize>,
 }
 
-/// Rows `(prompt, completion)` → a [`SeqBatch`].
+/// Rows `(prompt, completion)` → a [`SeqBatch`], the sequences packed: each `prompt +
+/// completion` is one segment (positions from 0, attending only to itself, as generation saw
+/// it), placed first-fit, longest first, into rows as long as the longest sequence, each row
+/// padded at its end. A padded batch's rows would carry `max prompt + max completion` tokens
+/// each, most of them padding when completion lengths vary.
 pub fn seq_batch(
     rows: &[(&Prompt, &Completion)],
     pad_id: u32,
     device: &Device,
 ) -> omr_model::Result<SeqBatch> {
-    let tp = rows
-        .iter()
-        .map(|(p, _)| p.input_ids.len())
-        .max()
-        .unwrap_or(0);
     let tc = rows
         .iter()
         .map(|(_, c)| c.tokens.len())
         .max()
         .unwrap_or(0)
         .max(1);
-    let t = tp + tc;
+    let seq_len = |i: usize| rows[i].0.input_ids.len() + rows[i].1.tokens.len();
     let n = rows.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut attn = Vec::with_capacity(n);
-    let mut labels = Vec::with_capacity(n);
-    let mut mask = Vec::with_capacity(n * tc);
-    let mut old = Vec::with_capacity(n * tc);
+    let width = (0..n).map(seq_len).max().unwrap_or(0).max(1);
+    // First fit, longest first (ties in input order): the sequences of each packed row.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seq_len(i)));
+    let mut packed: Vec<(usize, Vec<usize>)> = Vec::new(); // (tokens, sequences)
+    for i in order {
+        match packed
+            .iter_mut()
+            .find(|(used, _)| used + seq_len(i) <= width)
+        {
+            Some((used, seqs)) => {
+                *used += seq_len(i);
+                seqs.push(i);
+            }
+            None => packed.push((seq_len(i), vec![i])),
+        }
+    }
+    let mut ids = Vec::with_capacity(packed.len());
+    let mut labels = Vec::with_capacity(packed.len());
+    let mut seq_lens = Vec::with_capacity(packed.len());
     let mut pixels: Vec<f32> = Vec::new();
     let mut grids = Vec::new();
     let mut patch_dim = 0;
+    // Where each sequence's completion tokens start among the labelled positions, which come
+    // in (row, position) order.
+    let mut starts = vec![0usize; n];
+    let mut labelled = 0;
+    for (_, seqs) in &packed {
+        let mut row = Vec::with_capacity(width);
+        let mut l = Vec::with_capacity(width);
+        for &i in seqs {
+            let (p, c) = rows[i];
+            row.extend_from_slice(&p.input_ids);
+            row.extend_from_slice(&c.tokens);
+            l.extend(std::iter::repeat_n(
+                omr_model::loss::IGNORE,
+                p.input_ids.len(),
+            ));
+            l.extend(c.tokens.iter().map(|&x| x as i64));
+            starts[i] = labelled;
+            labelled += c.tokens.len();
+            pixels.extend_from_slice(&p.pixel_values);
+            grids.extend(p.image_grid_thw.iter().map(|g| g.map(|x| x as usize)));
+            if !p.image_grid_thw.is_empty() {
+                patch_dim = p.patch_dim;
+            }
+        }
+        row.resize(width, pad_id);
+        l.resize(width, omr_model::loss::IGNORE);
+        ids.push(row);
+        labels.push(l);
+        seq_lens.push(seqs.iter().map(|&i| seq_len(i)).collect::<Vec<_>>());
+    }
+    let mut mask = Vec::with_capacity(n * tc);
+    let mut old = Vec::with_capacity(n * tc);
     let mut lens = Vec::with_capacity(n);
-    for (p, c) in rows {
-        let pad = tp - p.input_ids.len();
+    for (_, c) in rows {
         let len = c.tokens.len();
         lens.push(len);
-        let mut row = vec![pad_id; pad];
-        row.extend_from_slice(&p.input_ids);
-        row.extend_from_slice(&c.tokens);
-        row.resize(t, pad_id);
-        let mut m = vec![0u32; pad];
-        m.resize(tp + len, 1);
-        m.resize(t, 0);
-        let mut l = vec![omr_model::loss::IGNORE; tp];
-        l.extend(c.tokens.iter().map(|&x| x as i64));
-        l.resize(t, omr_model::loss::IGNORE);
-        ids.push(row);
-        attn.push(m);
-        labels.push(l);
         for j in 0..tc {
             mask.push(if j < len { 1f32 } else { 0.0 });
             old.push(if j < len { c.logprobs[j] } else { 0.0 });
-        }
-        pixels.extend_from_slice(&p.pixel_values);
-        grids.extend(p.image_grid_thw.iter().map(|g| g.map(|x| x as usize)));
-        if !p.image_grid_thw.is_empty() {
-            patch_dim = p.patch_dim;
         }
     }
     let pixel_values = if grids.is_empty() {
@@ -157,12 +190,13 @@ pub fn seq_batch(
         Some(Tensor::from_vec(pixels, (np, patch_dim), device)?)
     };
     Ok(SeqBatch {
-        input: Input::padded(ids, &attn, pixel_values, grids)?,
+        input: Input::packed(ids, &seq_lens, pixel_values, grids)?,
         labels,
         mask: Tensor::from_vec(mask, (n, tc), device)?,
         old_logp: Tensor::from_vec(old, (n, tc), device)?,
         tc,
         lens,
+        starts,
     })
 }
 
@@ -191,30 +225,29 @@ pub fn logps_from_hidden(
     suppress: &[u32],
     ctx: &Ctx,
 ) -> omr_model::Result<(Tensor, f64)> {
-    let n = h.dim(0)?;
     let (picked, targets) = model.labelled_rows(h, &b.labels)?; // (K, C)
     let k = targets.len();
     let dev = h.device().clone();
     // logp (K,) and the summed entropy
     let (logp, entropy) = model.head_logps(&picked, &targets, temperature, suppress, ctx)?;
-    // Scatter the K values into (N, Tc): labelled rows come in (row, position) order, and the
-    // completion tokens of row i are its first lens[i] labelled positions.
-    let mut gather = Vec::with_capacity(n * b.tc);
-    let mut next = 0u32;
-    for &len in &b.lens {
-        for j in 0..b.tc {
-            if j < len {
-                gather.push(next);
-                next += 1;
-            } else {
-                gather.push(k as u32);
-            }
-        }
-    }
-    if next as usize != k {
+    // Gather the K values into (N, Tc): sequence i's completion tokens are the labelled
+    // positions starts[i]..starts[i] + lens[i] (K: the zero appended for padding).
+    let total: usize = b.lens.iter().sum();
+    if total != k {
         return Err(omr_model::ModelError::Input(format!(
-            "{k} labelled positions for {next} completion tokens"
+            "{k} labelled positions for {total} completion tokens"
         )));
+    }
+    let n = b.lens.len();
+    let mut gather = Vec::with_capacity(n * b.tc);
+    for (&start, &len) in b.starts.iter().zip(&b.lens) {
+        for j in 0..b.tc {
+            gather.push(if j < len {
+                (start + j) as u32
+            } else {
+                k as u32
+            });
+        }
     }
     let all = Tensor::cat(&[&logp, &Tensor::zeros(1, DType::F32, &dev)?], 0)?;
     let gather = Tensor::from_vec(gather, (n * b.tc,), &dev)?;
