@@ -247,6 +247,9 @@ pub fn run_with(
             .step_by(g.micro_batch_size)
             .map(|s| s..(s + g.micro_batch_size).min(rows.len()))
             .collect();
+        // The reference model's scores of each micro-batch: the same in every iteration (frozen
+        // weights, the same rows), computed in the first.
+        let mut ref_scores: Vec<Option<candle_core::Tensor>> = vec![None; micro.len()];
         for it in 0..g.num_iterations {
             if rows.is_empty() || window_tokens == 0.0 {
                 tracing::warn!(
@@ -267,9 +270,10 @@ pub fn run_with(
                     dropout_seed: Some(derive_seed(&[cfg.train.seed, step, it, m as u64])),
                     ..model.ctx()
                 };
-                let ref_logp = match &reference {
-                    Some((r, _)) => Some(
-                        completion_logps(
+                let ref_logp = match (&reference, &ref_scores[m]) {
+                    (Some(_), Some(known)) => Some(known.clone()),
+                    (Some((r, _)), None) => {
+                        let scores = completion_logps(
                             r,
                             &b,
                             g.temperature,
@@ -281,9 +285,11 @@ pub fn run_with(
                             },
                         )?
                         .0
-                        .detach(),
-                    ),
-                    None => None,
+                        .detach();
+                        ref_scores[m] = Some(scores.clone());
+                        Some(scores)
+                    }
+                    (None, _) => None,
                 };
                 let inject = cfg.train.inject_nonfinite_steps.contains(&step);
                 let mut stats = None;
