@@ -135,12 +135,7 @@ pub fn generate_repeated(
         ..*ctx
     };
     let pos = prompts.positions(&model.cfg)?;
-    // Expanded row r comes from prompt row `from[r]`.
-    let from: Vec<usize> = repeats
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
-        .collect();
+    let (from, expand) = expansion(repeats, model.device())?;
     let mut segments: Vec<Vec<u32>> = from.iter().map(|&i| prompts.segments[i].clone()).collect();
     let mut next_pos: Vec<i64> = from
         .iter()
@@ -178,11 +173,9 @@ pub fn generate_repeated(
             .logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &ctx)?
             .detach()
     };
-    if from.len() != prompts.batch() || from.iter().enumerate().any(|(r, &i)| r != i) {
-        let idx: Vec<u32> = from.iter().map(|&i| i as u32).collect();
-        let idx = Tensor::from_vec(idx, (b,), model.device())?;
-        cache.select_rows(&idx)?;
-        logits = logits.index_select(&idx, 0)?;
+    if let Some(idx) = &expand {
+        cache.select_rows(idx)?;
+        logits = logits.index_select(idx, 0)?;
     }
 
     for step in 0..cfg.max_new_tokens {
@@ -260,6 +253,27 @@ pub fn generate_repeated(
     Ok(out)
 }
 
+/// Row r of a batch whose row i stands for `repeats[i]` rows in a row comes from row
+/// `from[r]`; with `from` as an index tensor on `device` when some count is not 1 (`None`: every
+/// row stands for itself, nothing to copy).
+fn expansion(
+    repeats: &[usize],
+    device: &candle_core::Device,
+) -> Result<(Vec<usize>, Option<Tensor>)> {
+    let from: Vec<usize> = repeats
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+        .collect();
+    let idx = if repeats.iter().any(|&n| n != 1) {
+        let idx: Vec<u32> = from.iter().map(|&i| i as u32).collect();
+        Some(Tensor::from_vec(idx, (from.len(),), device)?)
+    } else {
+        None
+    };
+    Ok((from, idx))
+}
+
 /// Decoding passes on a fixed input: the prefill over a batch, then one position per row per
 /// [`FixedDecoder::step`], each fed the prompt's last embeddings again, through a cache sized
 /// for the steps announced. What a generation step costs without sampling, on inputs that do
@@ -291,25 +305,16 @@ impl FixedDecoder {
         let mut cache = KvCache::with_capacity(t + steps);
         let x = model.embed(input, ctx)?.detach();
         let h = model.decode_hidden(&x, &pos.pos, &input.segments, &mut cache, ctx)?;
-        let from: Vec<usize> = match repeats {
-            Some(r) => r
-                .iter()
-                .enumerate()
-                .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
-                .collect(),
-            None => (0..input.batch()).collect(),
-        };
-        let idx = Tensor::from_vec(
-            from.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            (from.len(),),
-            x.device(),
-        )?;
-        if repeats.is_some() {
-            cache.select_rows(&idx)?;
+        let ones = vec![1; input.batch()];
+        let (from, expand) = expansion(repeats.unwrap_or(&ones), x.device())?;
+        let mut last = x.narrow(1, t - 1, 1)?.contiguous()?;
+        if let Some(idx) = &expand {
+            cache.select_rows(idx)?;
+            last = last.index_select(idx, 0)?;
         }
         let decoder = FixedDecoder {
             cache,
-            x: x.narrow(1, t - 1, 1)?.contiguous()?.index_select(&idx, 0)?,
+            x: last,
             segments: from.iter().map(|&i| input.segments[i].clone()).collect(),
             deltas: from.iter().map(|&i| pos.deltas[i]).collect(),
             next: t,
