@@ -292,6 +292,34 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         )?;
     }
 
+    // The loss's tile kernels alone, on one (rows, vocab chunk) logits tile of the default
+    // chunking: the statistics read it once, the gradient reads it and writes dL.
+    let (tr, tv) = if gpu { (2048, 32_768) } else { (64, 4096) };
+    let tile = rand(43, &[tr, tv], 8.0, dt, dev)?;
+    let ttg: Vec<u32> = (0..tr as u32)
+        .map(|i| 4096 + (i * 7919) % tv as u32)
+        .collect();
+    let ttg = Tensor::from_vec(ttg, tr, dev)?;
+    let tn = (tr * tv) as f64;
+    b.add(
+        "ce tile stats",
+        format!("({tr}, {tv})"),
+        dt,
+        tn * es + 16.0 * tr as f64,
+        0.0,
+        || crate::linear_ce::tile_stats(&tile, &ttg, 4096),
+    )?;
+    let st = crate::linear_ce::tile_stats(&tile, &ttg, 4096)?;
+    let lse = (st.narrow(1, 0, 1)? + st.narrow(1, 1, 1)?.log()?)?.squeeze(1)?;
+    b.add(
+        "ce tile grad",
+        format!("({tr}, {tv})"),
+        dt,
+        2.0 * tn * es + 8.0 * tr as f64,
+        0.0,
+        || crate::linear_ce::tile_grad(&tile, &ttg, &lse, 4096, 1.0),
+    )?;
+
     // Fused linear cross-entropy, forward + gradients (Qwen2.5 vocabulary).
     let (nt, vocab) = if gpu { (4096, 151_936) } else { (64, 8192) };
     let hs = Var::from_tensor(&rand(40, &[nt, cdim], 1.0, dt, dev)?)?;

@@ -370,25 +370,28 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             300,
             &Device::Cpu,
         )?;
-        c.cmp(&format!("linear CE {name}"), tol, &[&h, &wl, &tg], |t| {
-            let hv = Var::from_tensor(&t[0])?;
-            let wv = Var::from_tensor(&t[1])?;
-            let loss = linear_cross_entropy(
-                hv.as_tensor(),
-                wv.as_tensor(),
-                &t[2],
-                LceChunks {
-                    rows: 128,
-                    vocab: 2048,
+        // Vocabulary chunks of 2048 take the kernels' 16-byte path, of 1001 the one-element
+        // path (1001 columns, v0 not a multiple of 4).
+        for (vocab, tiles) in [(2048, ""), (1001, ", odd tiles")] {
+            c.cmp(
+                &format!("linear CE {name}{tiles}"),
+                tol,
+                &[&h, &wl, &tg],
+                |t| {
+                    let hv = Var::from_tensor(&t[0])?;
+                    let wv = Var::from_tensor(&t[1])?;
+                    let chunks = LceChunks { rows: 128, vocab };
+                    let loss = linear_cross_entropy(hv.as_tensor(), wv.as_tensor(), &t[2], chunks)?;
+                    // A scale ≠ 1 on the loss: the backward's in-place scale does something.
+                    let g = (&loss * 0.37)?.backward()?;
+                    Ok(vec![
+                        loss,
+                        g.get(hv.as_tensor()).expect("dh").clone(),
+                        g.get(wv.as_tensor()).expect("dw").clone(),
+                    ])
                 },
             )?;
-            let g = loss.backward()?;
-            Ok(vec![
-                loss,
-                g.get(hv.as_tensor()).expect("dh").clone(),
-                g.get(wv.as_tensor()).expect("dw").clone(),
-            ])
-        })?;
+        }
         // GRPO's token scores: temperature 0.7, every 13th id suppressed (none a target),
         // a per-row incoming gradient; outputs logp, entropy, dh, dw.
         let bias: Vec<f32> = (0..5000u32)
@@ -404,21 +407,16 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             &Device::Cpu,
         )?;
         let gw = rand(32, &[300], 1.0, DType::F32)?;
-        c.cmp(
-            &format!("linear logp {name}"),
-            tol,
-            &[&h, &wl, &tg_lp, &bias, &gw],
-            |t| {
+        for (vocab, tiles) in [(2048, ""), (1001, ", odd tiles")] {
+            let inputs = [&h, &wl, &tg_lp, &bias, &gw];
+            c.cmp(&format!("linear logp {name}{tiles}"), tol, &inputs, |t| {
                 let hv = Var::from_tensor(&t[0])?;
                 let wv = Var::from_tensor(&t[1])?;
                 let score = LogpScore {
                     zscale: 1.0 / 0.7,
                     bias: t[3].clone(),
                 };
-                let chunks = LceChunks {
-                    rows: 128,
-                    vocab: 2048,
-                };
+                let chunks = LceChunks { rows: 128, vocab };
                 let (logp, entropy) =
                     linear_logp(hv.as_tensor(), wv.as_tensor(), &t[2], &score, chunks)?;
                 let g = (&logp * &t[4])?.sum_all()?.backward()?;
@@ -428,8 +426,8 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
                     g.get(hv.as_tensor()).expect("dh").clone(),
                     g.get(wv.as_tensor()).expect("dw").clone(),
                 ])
-            },
-        )?;
+            })?;
+        }
         // Sampling on the device: the draws and their log-probabilities against the CPU
         // reference (same hash, same comparisons; one flipped near-tie of the logarithms
         // allowed in the 300 rows).

@@ -269,6 +269,28 @@ pub(crate) fn cfg(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
     }
 }
 
+/// The launch of `linear_ce.cu`'s tile statistics over `rows` rows: one block of 256 threads
+/// per row (the kernel's grid-stride loop takes rows past 65 535).
+pub(crate) fn tile_stats_cfg(rows: usize) -> LaunchConfig {
+    cfg(rows.min(65_535), 256, 0)
+}
+
+/// The launch of `linear_ce.cu`'s tile gradients over a (rows, vc) tile of `dtype`: blocks of
+/// 256 threads, x across a row's 16-byte accesses (two per thread), y down the rows (the
+/// kernel's loops take what the grid does not cover).
+pub(crate) fn tile_grad_cfg(rows: usize, vc: usize, dtype: DType) -> LaunchConfig {
+    let accesses = vc.div_ceil(16 / dtype.size_in_bytes());
+    LaunchConfig {
+        grid_dim: (
+            accesses.div_ceil(2 * 256).clamp(1, 1 << 16) as u32,
+            rows.clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Makes the device's default memory pool keep what it has allocated. candle allocates every
 /// output through `cuMemAllocAsync` on that pool, whose release threshold is 0 by default: at
 /// each synchronisation (a loss read back, a norm for clipping) the pool hands its free memory

@@ -4,7 +4,8 @@
 //! [`grad_add_in_place`] adds a gradient into an f32 sum where it is (every later micro-batch,
 //! CUDA only). Both are `f32(a) + f32(b)`, exactly candle's `a.to_dtype(F32)? + b.to_dtype(F32)?`
 //! (exact casts, one correctly rounded f32 addition), so the optimizer's candle-op path and
-//! this one give the same bits on any device.
+//! this one give the same bits on any device. [`grad_scale_owned`] scales a gradient by a
+//! scalar on the device, in place on CUDA (the fused linear cross-entropy's backward).
 
 use crate::host;
 use candle_core::{bail, DType, Result, Tensor};
@@ -63,6 +64,55 @@ pub fn grad_add_in_place(sum: &Tensor, g: &Tensor) -> Result<()> {
         "grad_add_in_place: CUDA tensors only (got {:?})",
         sum.device()
     )
+}
+
+/// `g · s` for a one-element f32 `s` (a loss's incoming gradient), `s` rounded to g's dtype
+/// first: candle's `g.broadcast_mul(&s.to_dtype(g.dtype()))` bit for bit. On CUDA a contiguous
+/// `g` is scaled where it is (`grad_scale_*` in `kernels/grad_accum.cu`: no new buffer, and
+/// `s` stays on the device) and handed back, so the caller must own it: any other tensor
+/// sharing its storage sees the change. Elsewhere, and for other inputs, candle's product.
+pub fn grad_scale_owned(g: Tensor, s: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda()
+        && g.is_contiguous()
+        && matches!(g.dtype(), DType::F32 | DType::BF16)
+        && s.dtype() == DType::F32
+        && s.elem_count() == 1
+        && s.device().same_device(g.device())
+    {
+        if g.elem_count() > 0 {
+            cuda_scale(&g, &s.contiguous()?)?;
+        }
+        return Ok(g);
+    }
+    g.broadcast_mul(&s.to_dtype(g.dtype())?)
+}
+
+/// `g *= T(s[0])` on the device, in place (g contiguous f32|bf16, s one f32).
+#[cfg(feature = "cuda")]
+fn cuda_scale(g: &Tensor, s: &Tensor) -> Result<()> {
+    use crate::cuda::{self, In, PushKernelArg};
+    let dev = cuda::device_of(g)?;
+    let n = g.elem_count();
+    let f = cuda::kernel(
+        &dev,
+        "grad_accum",
+        &format!("grad_scale_{}", cuda::suffix(g.dtype())?),
+    )?;
+    let (gs, gl) = g.storage_and_layout();
+    let (ss, sl) = s.storage_and_layout();
+    let gi = In::new(cuda::storage(&gs)?, gl)?;
+    let si = In::new(cuda::storage(&ss)?, sl)?;
+    let n_i = n as i64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    // Written through the input's pointer: stream-ordered after every earlier reader, like any
+    // candle op.
+    gi.push(&mut l);
+    si.push(&mut l);
+    l.arg(&n_i);
+    let accesses = n.div_ceil(16 / g.dtype().size_in_bytes());
+    cuda::run(l, cuda::cfg(accesses.div_ceil(256).min(132 * 16), 256, 0))
 }
 
 /// `out = f32(a) + f32(b)` on the device (`out`: contiguous f32; `None`: into `a` itself).

@@ -79,7 +79,9 @@ pub fn linear_cross_entropy(
             host::Attached2 {
                 name: "omr-linear-ce",
                 value: Precomputed::new("linear_cross_entropy", loss),
-                backward: Scale { dh, dw },
+                backward: Scale {
+                    held: std::sync::Mutex::new(Some((dh, dw))),
+                },
             },
         )
     }
@@ -121,11 +123,7 @@ fn run(
         for &(v0, vc) in &vblocks {
             let logits = hr.matmul(&w.narrow(0, v0, vc)?.t()?)?;
             // This op computes dH and dW itself; nothing backpropagates through it.
-            let stats = TileStats {
-                targets: tr.clone(),
-                v0,
-            };
-            let st = logits.apply_op1_no_bwd(&stats)?; // no-grad ok
+            let st = tile_stats(&logits, &tr, v0)?;
             let (mt, st_, tt) = (
                 st.narrow(1, 0, 1)?.squeeze(1)?,
                 st.narrow(1, 1, 1)?.squeeze(1)?,
@@ -157,12 +155,7 @@ fn run(
                 None => hr.matmul(&wv.t()?)?,
             };
             // The gradient tile, computed by hand (see above).
-            let grad = TileGrad {
-                targets: tr.clone(),
-                v0,
-                scale: 1.0,
-            };
-            let dl = logits.apply_op2_no_bwd(&lse, &grad)?; // no-grad ok
+            let dl = tile_grad(&logits, &tr, &lse, v0, 1.0)?;
             if need.dh {
                 let dh_k = dl.matmul(&wv)?.to_dtype(DType::F32)?;
                 dh_r = Some(match dh_r {
@@ -203,6 +196,35 @@ fn run(
         }
     };
     Ok((loss, dh, dw))
+}
+
+/// Per row of a logits tile (R, Vc) starting at vocab id v0: (max, Σ exp(l − max), l[target]
+/// or 0 when the target is outside the tile) → (R, 3) f32, by the kernel on CUDA and
+/// [`tile_stats_ref`] on the CPU. `targets`: (R) u32, contiguous. Not differentiable (the
+/// loss computes its gradients by hand).
+pub fn tile_stats(logits: &Tensor, targets: &Tensor, v0: usize) -> Result<Tensor> {
+    let op = TileStats {
+        targets: targets.clone(),
+        v0,
+    };
+    logits.apply_op1_no_bwd(&op) // no-grad ok
+}
+
+/// `scale · (exp(l − lse) − onehot)` over a logits tile (R, Vc) starting at vocab id v0, in
+/// the logits' dtype; `lse`: (R) f32. By the kernel on CUDA and [`tile_grad_ref`] on the CPU.
+pub fn tile_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    v0: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let op = TileGrad {
+        targets: targets.clone(),
+        v0,
+        scale,
+    };
+    logits.apply_op2_no_bwd(lse, &op) // no-grad ok
 }
 
 /// Per row of a logits tile (R, Vc) starting at vocab id v0: (max, Σ exp(l − max), l[target]
@@ -281,7 +303,7 @@ impl CustomOp1 for TileStats {
                 Scalar::I32(vc as i32),
                 Scalar::I32(self.v0 as i32),
             ],
-            cuda::cfg(r.div_ceil(8), 256, 0),
+            cuda::tile_stats_cfg(r),
         )?;
         Ok((out, Shape::from((r, 3))))
     }
@@ -343,26 +365,39 @@ impl CustomOp2 for TileGrad {
                 Scalar::I32(self.v0 as i32),
                 Scalar::F32(self.scale),
             ],
-            cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0),
+            cuda::tile_grad_cfg(r, vc, s.dtype()),
         )?;
         Ok((out, l.shape().clone()))
     }
 }
 
-/// The gradients the forward computed (`None` for an input that is not tracked), scaled by the
-/// incoming gradient of the loss.
+/// The gradients the forward computed (`None` for an input that is not tracked), handed to the
+/// one backward through the op scaled by the incoming gradient of the loss: in place on CUDA
+/// (`grad_accum::grad_scale_owned`), and taken, so they are freed as soon as the backward has
+/// summed them instead of living as long as the graph (dW alone is V × C: 1.1 GB at the 7B
+/// shape in bf16). A second backward through the same graph is an error.
 struct Scale {
-    dh: Option<Tensor>,
-    dw: Option<Tensor>,
+    held: std::sync::Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
 }
 
 impl host::Backward2 for Scale {
     fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let scale = |d: &Option<Tensor>| -> Result<Option<Tensor>> {
-            d.as_ref()
-                .map(|d| d.broadcast_mul(&grad.to_dtype(d.dtype())?))
+        let taken = match self.held.lock() {
+            Ok(mut held) => held.take(),
+            Err(_) => {
+                bail!("linear_cross_entropy: a backward panicked while holding its gradients")
+            }
+        };
+        let Some((dh, dw)) = taken else {
+            bail!(
+                "linear_cross_entropy: its gradients went to an earlier backward of this graph; \
+                 compute the loss again for another backward"
+            )
+        };
+        let scale = |d: Option<Tensor>| {
+            d.map(|d| crate::grad_accum::grad_scale_owned(d, grad))
                 .transpose()
         };
-        Ok((scale(&self.dh)?, scale(&self.dw)?))
+        Ok((scale(dh)?, scale(dw)?))
     }
 }

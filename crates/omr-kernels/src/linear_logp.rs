@@ -344,7 +344,7 @@ impl CustomOp1 for TileStats {
                 Scalar::I32(self.v0 as i32),
                 Scalar::F32(self.zscale),
             ],
-            cuda::cfg(r.div_ceil(8), 256, 0),
+            cuda::tile_stats_cfg(r),
         )?;
         Ok((out, Shape::from((r, 4))))
     }
@@ -406,7 +406,7 @@ impl CustomOp1 for TileGrad {
                 Scalar::I32(self.v0 as i32),
                 Scalar::F32(self.zscale),
             ],
-            cuda::cfg((r * vc).div_ceil(256).min(132 * 16), 256, 0),
+            cuda::tile_grad_cfg(r, vc, s.dtype()),
         )?;
         Ok((out, l.shape().clone()))
     }

@@ -160,3 +160,47 @@ fn cuda_matches_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// The backward scales the gradients the forward made by the loss's incoming gradient (the
+/// scalar rounded to their dtype, then one product: candle's `broadcast_mul` bit for bit),
+/// hands them over once and keeps nothing: a second backward through the same graph is an
+/// error, not gradients silently missing.
+#[test]
+fn backward_scales_once() -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, c, v) = (24, 32, 200);
+        let h = Var::from_tensor(&rand(96, &[n, c], 1.0, dtype)?)?;
+        let w = Var::from_tensor(&rand(97, &[v, c], 0.5, dtype)?)?;
+        let t = targets(n, v);
+        let tt = Tensor::from_vec(t.clone(), n, &Device::Cpu)?;
+        let ch = LceChunks {
+            rows: 16,
+            vocab: 64,
+        };
+        let (_, dh1, dw1) = fused(&h, &w, &t, ch)?;
+        let loss = linear_cross_entropy(h.as_tensor(), w.as_tensor(), &tt, ch)?;
+        let scaled = (&loss * 0.37)?;
+        let g = scaled.backward()?;
+        let k = Tensor::new(0.37f32, &Device::Cpu)?.to_dtype(dtype)?;
+        for (name, got, one) in [
+            ("dh", g.get(h.as_tensor()).expect("dh"), &dh1),
+            ("dw", g.get(w.as_tensor()).expect("dw"), &dw1),
+        ] {
+            let want = one.broadcast_mul(&k)?;
+            let d = (got.to_dtype(DType::F64)? - want.to_dtype(DType::F64)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert_eq!(
+                d, 0.0,
+                "{dtype:?} {name}: 0.37 · loss's gradient differs by {d}"
+            );
+        }
+        let again = scaled.backward().expect_err("a second backward must fail");
+        assert!(
+            again.to_string().contains("earlier backward"),
+            "unexpected error: {again}"
+        );
+    }
+    Ok(())
+}

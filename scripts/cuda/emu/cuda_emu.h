@@ -70,6 +70,8 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // host floats: IEEE, no contraction
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);

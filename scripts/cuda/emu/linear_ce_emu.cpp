@@ -1,23 +1,28 @@
 // linear_ce_emu.cpp: kernels/linear_ce.cu on the CPU (cuda_emu.h) against the definitions in
-// double precision: the cross-entropy's tile statistics and gradient (ce_tile_*, run on an
-// H200 since run 5) and GRPO's log-probability tile statistics and gradient (lp_tile_*: the
-// one-pass online max/sum with its warp merge, the bias and the per-row gradient). f32 and
-// bf16 logits; a tile narrower than a warp (lanes without columns), a target outside the tile,
-// rows beyond the grid (the grid-stride loops). Exits 1 on any failure. Built and run by run.sh.
+// double precision: the cross-entropy's tile statistics and gradient (ce_tile_*) and GRPO's
+// log-probability tile statistics and gradient (lp_tile_*: the bias and the per-row
+// gradient); both one-pass online max / sums merged across a block. f32 and bf16 logits, on
+// the 16-byte path (Vc a multiple of 8 / 4, v0 a multiple of 4) and the one-element fallback
+// (Vc 300 or 20 in bf16, v0 odd); a tile narrower than the block (threads without columns), a
+// target outside the tile, rows beyond the grid (the grid-stride loops). And the loss's
+// backward scale (grad_accum.cu's grad_scale, in place): candle's broadcast_mul bit for bit,
+// on the 16-byte path and off it. Exits 1 on any failure. Built and run by run.sh.
 #include "cuda_emu.h"
 #include "../../../kernels/linear_ce.cu"
+#include "../../../kernels/grad_accum.cu"
 
 #include <random>
 
 namespace {
 
 int failures = 0;
+int v0_now = 0;
 
 void expect(const char* what, const char* dt, int vc, double err, double tol) {
   const bool ok = err <= tol;
   if (!ok) failures++;
-  std::printf("%-22s %-4s Vc %5d: max rel err %.3e (tol %.0e) %s\n", what, dt, vc, err, tol,
-              ok ? "ok" : "FAILED");
+  std::printf("%-22s %-4s Vc %5d v0 %4d: max rel err %.3e (tol %.0e) %s\n", what, dt, vc, v0_now,
+              err, tol, ok ? "ok" : "FAILED");
 }
 
 double rel(const std::vector<float>& a, const std::vector<double>& b) {
@@ -33,7 +38,8 @@ double rel(const std::vector<float>& a, const std::vector<double>& b) {
 
 template <typename T>
 void run(const char* dt, int R, int Vc, int v0, double tol) {
-  std::mt19937 rng(R * 131 + Vc);
+  v0_now = v0;
+  std::mt19937 rng(R * 131 + Vc + v0);
   std::uniform_real_distribution<float> uni(-4.f, 4.f);
   const int V = v0 + Vc + 50;
   std::vector<T> l(R * Vc);
@@ -96,7 +102,8 @@ void run(const char* dt, int R, int Vc, int v0, double tol) {
   std::vector<T> dl(R * Vc);
   const auto grad = std::is_same_v<T, float> ? (void (*)(const T*, const unsigned*, const float*, const float*, const float*, T*, int, int, int, float))lp_tile_grad_f32
                                              : (void (*)(const T*, const unsigned*, const float*, const float*, const float*, T*, int, int, int, float))lp_tile_grad_bf16;
-  emu_launch(grad, Dim3{3, 1, 1}, 64, 0, (const T*)l.data(), (const unsigned*)tgt.data(),
+  // 2 × 5 CTAs of 64 threads: the accesses of a row over two CTAs, the rows over five.
+  emu_launch(grad, Dim3{2, 5, 1}, 64, 0, (const T*)l.data(), (const unsigned*)tgt.data(),
              (const float*)bias.data(), (const float*)lse.data(), (const float*)g.data(), dl.data(), R, Vc, v0, zs);
   std::vector<float> dlf(R * Vc);
   for (int i = 0; i < R * Vc; i++) dlf[i] = (float)dl[i];
@@ -121,17 +128,65 @@ void run(const char* dt, int R, int Vc, int v0, double tol) {
   expect("ce_tile_stats max", dt, Vc, rel(cg[0], cr[0]), 1e-7);
   expect("ce_tile_stats sum", dt, Vc, rel(cg[1], cr[1]), 1e-5);
   expect("ce_tile_stats target", dt, Vc, rel(cg[2], cr[2]), 1e-7);
+
+  // ce_tile_grad: scale · (exp(l − lse) − onehot), stored as T.
+  const float cscale = 0.37f;
+  std::vector<float> clse(R);
+  std::vector<double> cgw(R * Vc);
+  for (int r = 0; r < R; r++) {
+    clse[r] = (float)(cr[0][r] + std::log(cr[1][r]));
+    for (int j = 0; j < Vc; j++) {
+      const double y = (long)tgt[r] == (long)v0 + j ? 1 : 0;
+      cgw[r * Vc + j] = (double)cscale * (std::exp(ld[r * Vc + j] - clse[r]) - y);
+    }
+  }
+  std::vector<T> cdl(R * Vc);
+  const auto cgrad = std::is_same_v<T, float> ? (void (*)(const T*, const unsigned*, const float*, T*, int, int, int, float))ce_tile_grad_f32
+                                              : (void (*)(const T*, const unsigned*, const float*, T*, int, int, int, float))ce_tile_grad_bf16;
+  emu_launch(cgrad, Dim3{3, 4, 1}, 32, 0, (const T*)l.data(), (const unsigned*)tgt.data(),
+             (const float*)clse.data(), cdl.data(), R, Vc, v0, cscale);
+  std::vector<float> cdlf(R * Vc);
+  for (int i = 0; i < R * Vc; i++) cdlf[i] = (float)cdl[i];
+  expect("ce_tile_grad", dt, Vc, rel(cdlf, cgw), std::is_same_v<T, float> ? 1e-5 : 8e-3);
+}
+
+// grad_scale: x = T(f32(x) · f32(T(s))), in place, against the same formula on the host (the
+// rounding candle's bf16 / f32 multiplication makes); `off` 1 misaligns x (one-element path).
+template <typename T>
+void scale_case(const char* dt, int n, int off) {
+  std::mt19937 rng(n + off);
+  std::uniform_real_distribution<float> uni(-3.f, 3.f);
+  std::vector<T> buf(n + 8), want(n + 8);
+  for (auto& v : buf) v = T(uni(rng));
+  const float s = 0.37f, k = (float)T(s);
+  for (int i = 0; i < n + 8; i++) want[i] = i >= off && i < off + n ? T((float)buf[i] * k) : buf[i];
+  const auto f = std::is_same_v<T, float> ? (void (*)(T*, const float*, long))grad_scale_f32
+                                          : (void (*)(T*, const float*, long))grad_scale_bf16;
+  emu_launch(f, Dim3{2, 1, 1}, 64, 0, buf.data() + off, &s, (long)n);
+  int bad = 0;
+  for (int i = 0; i < n + 8; i++) bad += std::memcmp(&buf[i], &want[i], sizeof(T)) != 0;
+  if (bad) failures++;
+  std::printf("grad_scale %-4s n %5d offset %d: %d element(s) differ %s\n", dt, n, off, bad,
+              bad ? "FAILED" : "ok");
 }
 
 }  // namespace
 
 int main() {
-  // R 37 rows on 16 warps (grid stride); Vc 300 (every lane has columns), 20 (12 lanes have
-  // none), 2000 (long rows: the online rescaling many times per lane).
-  for (int vc : {300, 20, 2000}) {
-    run<float>("f32", 37, vc, 1000, 1e-5);
-    run<bf16>("bf16", 37, vc, 1000, 1e-5);
-  }
+  // 2 CTAs of 64 threads over 1003 / 4096 elements: several accesses per thread, a tail.
+  for (int n : {1003, 4096})
+    for (int off : {0, 1}) {
+      scale_case<float>("f32", n, off);
+      scale_case<bf16>("bf16", n, off);
+    }
+  // R 37 rows on 2 CTAs (grid stride); Vc 300 (every thread has columns), 20 (most have
+  // none), 2000 (long rows: the online rescaling many times per thread); v0 1000 (the bias
+  // read 16 bytes at a time) and 1001 (one element at a time).
+  for (int v0 : {1000, 1001})
+    for (int vc : {300, 20, 2000}) {
+      run<float>("f32", 37, vc, v0, 1e-5);
+      run<bf16>("bf16", 37, vc, v0, 1e-5);
+    }
   std::printf("linear_ce %s: %d failure(s)\n", failures ? "FAILED" : "all passed", failures);
   return failures ? 1 : 0;
 }
