@@ -10,7 +10,8 @@
 // cross-entropy's dH and dW times the loss's incoming gradient, without a host sync):
 //   x = T(f32(x) · f32(T(s)))
 // the scalar rounded to x's dtype first and one rounding of the product (exact in f32 for two
-// bf16 values): candle's `x.broadcast_mul(&s.to_dtype(T))` bit for bit, in 16-byte accesses.
+// bf16 values): candle's `x.broadcast_mul(&s.to_dtype(T))` bit for bit, in 16-byte accesses,
+// two in flight per thread.
 #include "common.cuh"
 
 // `out` may alias `a` (no __restrict__ on either): each element is read, then written, by one
@@ -38,14 +39,24 @@ __device__ void grad_scale(T* x, const float* __restrict__ s, long n) {
   const long tid = (long)blockIdx.x * blockDim.x + threadIdx.x;
   const long stride = (long)gridDim.x * blockDim.x;
   const long nv = aligned16(x) ? n / N : 0;
-  for (long i = tid; i < nv; i += stride) {
-    Pack<T, N> p;
-    p.load(x + i * N);
+  // Accesses i and i + stride of this thread, both loaded before either is used.
+  for (long i = tid; i < nv; i += 2 * stride) {
+    const long j = i + stride;
+    const bool two = j < nv;
+    Pack<T, N> pa, pb{};  // pb read only when loaded
+    pa.load(x + i * N);
+    if (two) pb.load(x + j * N);
     float f[N];
-    p.unpack(f);
+    pa.unpack(f);
 #pragma unroll
     for (int e = 0; e < N; ++e) f[e] = __fmul_rn(f[e], k);
     Pack<T, N>::store(x + i * N, f);
+    if (two) {
+      pb.unpack(f);
+#pragma unroll
+      for (int e = 0; e < N; ++e) f[e] = __fmul_rn(f[e], k);
+      Pack<T, N>::store(x + j * N, f);
+    }
   }
   for (long i = nv * N + tid; i < n; i += stride) x[i] = from_f<T>(__fmul_rn(to_f(x[i]), k));
 }

@@ -269,6 +269,16 @@ pub(crate) fn cfg(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
     }
 }
 
+/// Blocks of 256 threads for `n` elements of `dtype` walked in 16-byte accesses, two per thread
+/// (swiglu.cu, grad_accum.cu's grad_scale, linear_ce.cu's gradients along a row): one step of
+/// the kernels' grid-stride loops covers everything up to 2^20 blocks (measured on an H200 with
+/// SwiGLU: 4.3 TB/s, against 3.9 with the grid capped at 16 blocks per multiprocessor and ~18
+/// steps per thread).
+pub(crate) fn vec16_blocks(n: usize, dtype: DType) -> usize {
+    n.div_ceil(256 * 2 * (16 / dtype.size_in_bytes()))
+        .clamp(1, 1 << 20)
+}
+
 /// The launch of `linear_ce.cu`'s tile statistics over `rows` rows: one block of 256 threads
 /// per row (the kernel's grid-stride loop takes rows past 65 535).
 pub(crate) fn tile_stats_cfg(rows: usize) -> LaunchConfig {
@@ -279,10 +289,9 @@ pub(crate) fn tile_stats_cfg(rows: usize) -> LaunchConfig {
 /// 256 threads, x across a row's 16-byte accesses (two per thread), y down the rows (the
 /// kernel's loops take what the grid does not cover).
 pub(crate) fn tile_grad_cfg(rows: usize, vc: usize, dtype: DType) -> LaunchConfig {
-    let accesses = vc.div_ceil(16 / dtype.size_in_bytes());
     LaunchConfig {
         grid_dim: (
-            accesses.div_ceil(2 * 256).clamp(1, 1 << 16) as u32,
+            vec16_blocks(vc, dtype) as u32,
             rows.clamp(1, 65_535) as u32,
             1,
         ),

@@ -111,8 +111,7 @@ fn cuda_scale(g: &Tensor, s: &Tensor) -> Result<()> {
     gi.push(&mut l);
     si.push(&mut l);
     l.arg(&n_i);
-    let accesses = n.div_ceil(16 / g.dtype().size_in_bytes());
-    cuda::run(l, cuda::cfg(accesses.div_ceil(256).min(132 * 16), 256, 0))
+    cuda::run(l, cuda::cfg(cuda::vec16_blocks(n, g.dtype()), 256, 0))
 }
 
 /// `out = f32(a) + f32(b)` on the device (`out`: contiguous f32; `None`: into `a` itself).
