@@ -133,13 +133,21 @@ __device__ void tile_stats(const T* __restrict__ logits, const unsigned* __restr
   }
 }
 
+// Whether a tile can be walked in 16-byte accesses: every row of `logits` (and of the output
+// tile `dl`, when there is one) starts 16-byte aligned, and the bias's slices (V f32 at column
+// multiples of V from v0) are too, which needs v0 % 4 == 0 and an aligned bias.
+template <typename T>
+__device__ __forceinline__ bool vec_tile(const T* logits, const T* dl, const float* bias, int Vc,
+                                         int v0) {
+  return Vc % Vec16<T>::n == 0 && aligned16(logits) && (!dl || aligned16(dl)) &&
+         (!bias || (v0 % 4 == 0 && aligned16(bias)));
+}
+
 template <typename T, bool U>
 __device__ void tile_stats_any(const T* logits, const unsigned* tgt, const float* bias,
                                float* out, int R, int Vc, int v0, float zscale) {
   constexpr int V = Vec16<T>::n;
-  // 16-byte accesses when every row starts 16-byte aligned; the bias's slices (V f32 at
-  // column multiples of V from v0) then need v0 % 4 == 0 and an aligned bias.
-  if (Vc % V == 0 && aligned16(logits) && (!bias || (v0 % 4 == 0 && aligned16(bias))))
+  if (vec_tile<T>(logits, nullptr, bias, Vc, v0))
     tile_stats<T, V, U>(logits, tgt, bias, out, R, Vc, v0, zscale);
   else
     tile_stats<T, 1, U>(logits, tgt, bias, out, R, Vc, v0, zscale);
@@ -186,8 +194,7 @@ __device__ void tile_grad_any(const T* logits, const unsigned* tgt, const float*
                               const float* lse, const float* g, T* dl, int R, int Vc, int v0,
                               float zscale, float scale) {
   constexpr int V = Vec16<T>::n;
-  if (Vc % V == 0 && aligned16(logits) && aligned16(dl) &&
-      (!bias || (v0 % 4 == 0 && aligned16(bias))))
+  if (vec_tile<T>(logits, dl, bias, Vc, v0))
     tile_grad<T, V>(logits, tgt, bias, lse, g, dl, R, Vc, v0, zscale, scale);
   else
     tile_grad<T, 1>(logits, tgt, bias, lse, g, dl, R, Vc, v0, zscale, scale);
