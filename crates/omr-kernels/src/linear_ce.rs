@@ -5,10 +5,12 @@
 //! For each block of `rows` rows and each block of `vocab` vocabulary entries: a logits tile
 //! `H_r · W_vᵀ` (candle matmul: cuBLAS on CUDA), folded into a running log-sum-exp by the tile
 //! statistics kernel (max, Σexp, target logit: the online softmax); then, with the row's
-//! log-sum-exp known, the tile is recomputed (kept instead when one vocab block covers V) and
-//! turned into `dL = softmax − onehot` by the tile gradient kernel, and `dH_r += dL · W_v`,
-//! `dW_v += dLᵀ · H_r` (accumulated in f32). The peak extra memory is one rows × vocab tile
-//! plus dH and dW. The gradients are computed in the forward (the loss is a scalar, so the
+//! log-sum-exp known, each tile is turned into `dL = softmax − onehot` by the tile gradient
+//! kernel, and `dH_r += dL · W_v`, `dW_v += dLᵀ · H_r` (accumulated in f32). The row chunk's
+//! tiles are kept from the statistics to the gradient pass when they fit
+//! [`LceChunks::keep_bytes`] (2048 rows × Qwen's 151 936 entries in bf16: 594 MiB), so the op
+//! runs three GEMMs of N·C·V instead of four; past that budget each tile is recomputed and the
+//! peak extra memory is one rows × vocab tile. dH and dW come on top. The gradients are computed in the forward (the loss is a scalar, so the
 //! backward only scales them by the incoming gradient), each only when its input is tracked:
 //! a frozen lm head (LoRA, or a frozen tied embedding) skips the dW products and their
 //! V × C f32 accumulator, a quarter of the op's GEMM work.
@@ -23,22 +25,54 @@ use crate::host::{self, Precomputed};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-/// Tile sizes: rows of H and entries of the vocabulary per logits tile.
+/// Tile sizes: rows of H and entries of the vocabulary per logits tile, and how many bytes of
+/// one row chunk's logits the loss may keep between its two passes.
 #[derive(Clone, Copy, Debug)]
 pub struct LceChunks {
     pub rows: usize,
     pub vocab: usize,
+    /// A row chunk's logits tiles (rows × V in the compute dtype) are kept from the statistics
+    /// pass to the gradient pass when they take at most this many bytes, instead of being
+    /// computed again (a fourth GEMM of rows·C·V). One tile is always kept when one vocab block
+    /// covers V. 0: recompute whenever there are several vocab blocks.
+    pub keep_bytes: usize,
 }
 
 impl Default for LceChunks {
     /// 2048 × 32768: a 256 MiB f32 (128 MiB bf16) tile, against 1.2 GB of bf16 logits for
-    /// 4096 tokens of Qwen2.5's 151 936-entry vocabulary.
+    /// 4096 tokens of Qwen2.5's 151 936-entry vocabulary. Keeps up to 1 GiB of a row chunk's
+    /// tiles: all of Qwen's in bf16 (594 MiB), none of them in f32 (1.16 GiB).
     fn default() -> Self {
         LceChunks {
             rows: 2048,
             vocab: 32768,
+            keep_bytes: 1 << 30,
         }
     }
+}
+
+impl LceChunks {
+    /// Whether a row chunk of `rows` rows keeps its logits tiles over a vocabulary of `v`
+    /// entries of `elem` bytes each (the gradient pass then reuses them).
+    pub fn keeps_tiles(&self, rows: usize, v: usize, elem: usize) -> bool {
+        v <= self.vocab || rows.saturating_mul(v).saturating_mul(elem) <= self.keep_bytes
+    }
+}
+
+thread_local! {
+    static TILE_PRODUCTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many logits tiles `H_r · W_vᵀ` the loss has multiplied out on this thread so far: the
+/// tests' way to see the gradient pass reuse kept tiles instead of computing them again.
+#[doc(hidden)]
+pub fn logits_tile_products() -> u64 {
+    TILE_PRODUCTS.with(|c| c.get())
+}
+
+fn logits_tile(hr: &Tensor, wv: &Tensor) -> Result<Tensor> {
+    TILE_PRODUCTS.with(|c| c.set(c.get() + 1));
+    hr.matmul(&wv.t()?)
 }
 
 /// Σ −log softmax(h · wᵀ)[targets] as a scalar f32 tensor, differentiable in h and w.
@@ -109,7 +143,6 @@ fn run(
         .step_by(ch.vocab)
         .map(|v0| (v0, ch.vocab.min(v - v0)))
         .collect();
-    let keep = vblocks.len() == 1;
     let one_chunk = n <= ch.rows;
     let mut loss = Tensor::zeros((), DType::F32, h.device())?;
     let mut dh_parts = Vec::new();
@@ -119,9 +152,10 @@ fn run(
         let hr = h.narrow(0, r0, r)?;
         let tr = targets.narrow(0, r0, r)?.contiguous()?;
         let mut run_stats: Option<(Tensor, Tensor, Tensor)> = None;
-        let mut kept = None;
+        let keep = need_grad && ch.keeps_tiles(r, v, h.dtype().size_in_bytes());
+        let mut kept: Vec<Option<Tensor>> = Vec::new();
         for &(v0, vc) in &vblocks {
-            let logits = hr.matmul(&w.narrow(0, v0, vc)?.t()?)?;
+            let logits = logits_tile(&hr, &w.narrow(0, v0, vc)?)?;
             // This op computes dH and dW itself; nothing backpropagates through it.
             let st = tile_stats(&logits, &tr, v0)?;
             let (mt, st_, tt) = (
@@ -138,7 +172,7 @@ fn run(
                 }
             });
             if keep {
-                kept = Some(logits);
+                kept.push(Some(logits));
             }
         }
         let (m, s, t) = run_stats.expect("at least one vocab block");
@@ -150,9 +184,10 @@ fn run(
         let mut dh_r: Option<Tensor> = None;
         for (k, &(v0, vc)) in vblocks.iter().enumerate() {
             let wv = w.narrow(0, v0, vc)?;
-            let logits = match kept.take() {
+            // Taken from the kept tiles (each freed once used), else computed again.
+            let logits = match kept.get_mut(k).and_then(Option::take) {
                 Some(l) => l,
-                None => hr.matmul(&wv.t()?)?,
+                None => logits_tile(&hr, &wv)?,
             };
             // The gradient tile, computed by hand (see above).
             let dl = tile_grad(&logits, &tr, &lse, v0, 1.0)?;

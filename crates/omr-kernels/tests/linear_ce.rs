@@ -11,7 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{accel, check, rand};
-use omr_kernels::linear_ce::{linear_cross_entropy, LceChunks};
+use omr_kernels::linear_ce::{linear_cross_entropy, logits_tile_products, LceChunks};
 
 fn targets(n: usize, v: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % v) as u32).collect()
@@ -52,13 +52,27 @@ fn matches_unfused_f32() -> Result<()> {
         LceChunks {
             rows: 16,
             vocab: 128,
+            ..LceChunks::default()
         },
         LceChunks {
             rows: 64,
             vocab: 1024,
+            ..LceChunks::default()
         },
-        LceChunks { rows: 1, vocab: 7 },
+        LceChunks {
+            rows: 1,
+            vocab: 7,
+            ..LceChunks::default()
+        },
     ] {
+        let recompute = LceChunks {
+            keep_bytes: 0,
+            ..ch
+        };
+        let (l, dh, dw) = fused(&h, &w, &t, recompute)?;
+        check(&format!("lce f32 loss {recompute:?}"), &l, &l0, 1e-5)?;
+        check(&format!("lce f32 dh {recompute:?}"), &dh, &dh0, 1e-5)?;
+        check(&format!("lce f32 dw {recompute:?}"), &dw, &dw0, 1e-5)?;
         let (l, dh, dw) = fused(&h, &w, &t, ch)?;
         check(&format!("lce f32 loss {ch:?}"), &l, &l0, 1e-5)?;
         check(&format!("lce f32 dh {ch:?}"), &dh, &dh0, 1e-5)?;
@@ -86,7 +100,11 @@ fn frozen_inputs_get_no_gradient() -> Result<()> {
     let t = targets(n, v);
     let (l0, dh0, dw0) = naive(&h, &w, &t)?;
     let tt = Tensor::from_vec(t, n, &Device::Cpu)?;
-    let ch = LceChunks { rows: 8, vocab: 64 };
+    let ch = LceChunks {
+        rows: 8,
+        vocab: 64,
+        ..LceChunks::default()
+    };
     let frozen_w = w.as_tensor().detach();
     let l = linear_cross_entropy(h.as_tensor(), &frozen_w, &tt, ch)?;
     let g = l.backward()?;
@@ -125,7 +143,12 @@ fn bf16_close_to_f32() -> Result<()> {
     let (l0, dh0, dw0) = naive(&h32, &w32, &t)?;
     // Several row chunks (dW summed in f32), and one (dW kept in bf16 as the products give it).
     for rows in [16, 64] {
-        let (l, dh, dw) = fused(&h, &w, &t, LceChunks { rows, vocab: 128 })?;
+        let ch = LceChunks {
+            rows,
+            vocab: 128,
+            ..LceChunks::default()
+        };
+        let (l, dh, dw) = fused(&h, &w, &t, ch)?;
         check(&format!("lce bf16 loss, rows {rows}"), &l, &l0, 3e-2)?;
         check(&format!("lce bf16 dh, rows {rows}"), &dh, &dh0, 3e-2)?;
         check(&format!("lce bf16 dw, rows {rows}"), &dw, &dw0, 3e-2)?;
@@ -143,6 +166,7 @@ fn cuda_matches_cpu() -> Result<()> {
             let ch = LceChunks {
                 rows: 128,
                 vocab: 2048,
+                ..LceChunks::default()
             };
             let h = rand(94, &[n, c], 1.0, dtype)?;
             let w = rand(95, &[v, c], 0.2, dtype)?;
@@ -156,6 +180,68 @@ fn cuda_matches_cpu() -> Result<()> {
             check(&format!("lce {dtype:?} cuda loss"), &ld, &l, tol)?;
             check(&format!("lce {dtype:?} cuda dh"), &dhd, &dh, tol)?;
             check(&format!("lce {dtype:?} cuda dw"), &dwd, &dw, tol)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeping a row chunk's logits tiles for the gradient pass gives the bits that computing them
+/// again gives (the same products), over several row and vocab blocks, a ragged last block of
+/// each, f32 and bf16; and the budget decides: a chunk whose tiles exceed it recomputes.
+#[test]
+fn kept_tiles_equal_recomputed() -> Result<()> {
+    let ch = LceChunks {
+        rows: 16,
+        vocab: 64,
+        ..LceChunks::default()
+    };
+    assert!(ch.keeps_tiles(16, 300, 4));
+    assert!(!LceChunks {
+        keep_bytes: 16 * 300 * 4 - 1,
+        ..ch
+    }
+    .keeps_tiles(16, 300, 4));
+    assert!(
+        LceChunks {
+            keep_bytes: 0,
+            ..ch
+        }
+        .keeps_tiles(16, 64, 4),
+        "one block: kept"
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, c, v) = (37, 48, 300);
+        let h = Var::from_tensor(&rand(98, &[n, c], 1.0, dtype)?)?;
+        let w = Var::from_tensor(&rand(99, &[v, c], 0.5, dtype)?)?;
+        let t = targets(n, v);
+        // 3 row chunks × 5 vocab blocks: 15 tile products kept, 30 recomputed.
+        let before = logits_tile_products();
+        let kept = fused(&h, &w, &t, ch)?;
+        assert_eq!(logits_tile_products() - before, 15);
+        let before = logits_tile_products();
+        let again = fused(
+            &h,
+            &w,
+            &t,
+            LceChunks {
+                keep_bytes: 0,
+                ..ch
+            },
+        )?;
+        assert_eq!(logits_tile_products() - before, 30);
+        for (name, a, b) in [
+            ("loss", &kept.0, &again.0),
+            ("dh", &kept.1, &again.1),
+            ("dw", &kept.2, &again.2),
+        ] {
+            let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert_eq!(
+                d, 0.0,
+                "{dtype:?} {name}: kept tiles differ from recomputed by {d}"
+            );
         }
     }
     Ok(())
@@ -176,6 +262,7 @@ fn backward_scales_once() -> Result<()> {
         let ch = LceChunks {
             rows: 16,
             vocab: 64,
+            ..LceChunks::default()
         };
         let (_, dh1, dw1) = fused(&h, &w, &t, ch)?;
         let loss = linear_cross_entropy(h.as_tensor(), w.as_tensor(), &tt, ch)?;

@@ -118,12 +118,18 @@ fn matches_unfused_f32() -> Result<()> {
         LceChunks {
             rows: 16,
             vocab: 128,
+            ..LceChunks::default()
         },
         LceChunks {
             rows: 64,
             vocab: 1024,
+            ..LceChunks::default()
         },
-        LceChunks { rows: 1, vocab: 7 },
+        LceChunks {
+            rows: 1,
+            vocab: 7,
+            ..LceChunks::default()
+        },
     ] {
         let got = fused(h.as_tensor(), w.as_tensor(), &t, &s, &g, ch)?;
         compare(&format!("logp f32 {ch:?}"), &got, &want, 1e-5)?;
@@ -142,7 +148,11 @@ fn frozen_inputs_get_no_gradient() -> Result<()> {
     let g = rand(85, &[n], 1.0, DType::F32)?;
     let t = targets(n, v);
     let s = score(v, &t, 1.0, &Device::Cpu)?;
-    let ch = LceChunks { rows: 8, vocab: 64 };
+    let ch = LceChunks {
+        rows: 8,
+        vocab: 64,
+        ..LceChunks::default()
+    };
     // A frozen head (LoRA): dh only. Frozen hidden states: dw only. Neither: no op attached.
     // (candle's autograd of the composition also hands the untracked side a gradient, which
     // the fused op does not compute.)
@@ -173,6 +183,7 @@ fn bf16_close_to_f32() -> Result<()> {
     let ch = LceChunks {
         rows: 16,
         vocab: 128,
+        ..LceChunks::default()
     };
     let got = fused(h.as_tensor(), w.as_tensor(), &t, &s, &g, ch)?;
     let h32 = Var::from_tensor(&h.to_dtype(DType::F32)?)?;
@@ -220,6 +231,7 @@ fn cuda_matches_cpu() -> Result<()> {
             let ch = LceChunks {
                 rows: 128,
                 vocab: 2048,
+                ..LceChunks::default()
             };
             let h = rand(91, &[n, c], 1.0, dtype)?;
             let w = rand(92, &[v, c], 0.2, dtype)?;

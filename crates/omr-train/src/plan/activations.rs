@@ -418,13 +418,22 @@ pub fn count(p: &PlanInput) -> Activations {
             // logits; dH and (for a head that trains) dW are computed in the forward (f32
             // sums; dW straight in w's dtype when one 2048-row chunk covers the labelled
             // tokens, counted at f32 all the same: the safe side) and kept for the backward,
-            // next to one logits tile (LceChunks::default, 2048 × 32768, f32). GRPO's linear log-prob (omr_kernels::linear_logp) makes the
-            // same dH, dW sums and tiles in its backward instead, and keeps (N) f32 sums.
+            // next to one logits tile (LceChunks::default, 2048 × 32768, f32), and the row
+            // chunk's other tiles when it keeps them for the gradient pass (the training loss
+            // keeps up to 1 GiB: Qwen's 151 936 entries in bf16). GRPO's linear log-prob
+            // (omr_kernels::linear_logp) makes the same dH, dW sums and tiles in its backward
+            // instead (recomputed, never kept), and keeps (N) f32 sums.
+            let ch = omr_kernels::linear_ce::LceChunks::default();
+            let rows = labelled.min(ch.rows as u64);
+            let block = vocab.min(ch.vocab as u64);
             head.add(1.0, labelled * c, F32);
             if p.trainable.language {
                 head.add(1.0, vocab * c, F32);
             }
-            head.add(1.0, labelled.min(2048) * vocab.min(32768), F32);
+            head.add(1.0, rows * block, F32);
+            if p.grpo.is_none() && ch.keeps_tiles(rows as usize, vocab as usize, s as usize) {
+                head.add(1.0, rows * (vocab - block), s);
+            }
         }
     }
     stages.push(Stage {
