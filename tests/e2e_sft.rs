@@ -325,6 +325,38 @@ fn bad_config_key_is_named() {
     );
 }
 
+/// A config whose planned peak exceeds the device's memory (here `[runtime] memory_limit`, as
+/// for a GPU shared with other work) stops at start-up with exit 2, the plan's peak and what
+/// each change would give, before anything is written; `memory_check = "warn"` logs the same
+/// and trains.
+#[test]
+fn config_that_does_not_fit_is_refused_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // 1.25 GiB less the 1 GiB kept free: 256 MiB usable, under the tiny run's plan.
+    let limit = "runtime.memory_limit=\"1.25GiB\"";
+    let out = sft(&run, &[limit, "runtime.memory_check=\"refuse\""]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "needs",
+        "GiB at its peak",
+        "0.25 GiB usable",
+        "memory_check",
+    ] {
+        assert!(err.contains(want), "no {want:?} in: {}", show(&out));
+    }
+    assert!(
+        !run.exists(),
+        "nothing written for a config that does not fit"
+    );
+    // The CPU's default is a warning; the run trains.
+    let out = sft_ok(&run, &[limit, "train.max_steps=1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("training anyway"), "{}", show(&out));
+    assert_eq!(ckpt_steps(&run).last(), Some(&1), "{}", show(&out));
+}
+
 /// LoRA on the language model with the vision tower frozen and its own learning rate for the
 /// merger: checkpoints hold only what trains, the run exports a PEFT adapter, and
 /// `omr export --merge-lora` writes a full model

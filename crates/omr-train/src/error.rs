@@ -24,6 +24,10 @@ pub enum TrainError {
     Model(#[from] omr_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The device could not allocate during training (CUDA's or cuBLAS's allocation failed):
+    /// the config does not fit, whatever the plan said; the text says what to change.
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -32,12 +36,27 @@ impl TrainError {
     /// Process exit code (RELIABILITY.md).
     pub fn exit_code(&self) -> i32 {
         match self {
-            TrainError::Config(_) | TrainError::Usage(_) => 2,
+            TrainError::Config(_) | TrainError::Usage(_) | TrainError::OutOfMemory(_) => 2,
             TrainError::BadData(_) => 64,
             TrainError::NonFinite { .. } => 65,
             TrainError::Checkpoint(_) => 66,
             _ => 1,
         }
+    }
+
+    /// Whether this is a failed device allocation: CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's
+    /// `CUBLAS_STATUS_ALLOC_FAILED`, or another layer's "out of memory", reported through candle
+    /// (files and configs never give these).
+    pub fn is_out_of_memory(&self) -> bool {
+        let text = match self {
+            TrainError::Model(e) => e.to_string(),
+            TrainError::Candle(e) => e.to_string(),
+            TrainError::Internal(e) => e.clone(),
+            _ => return false,
+        };
+        text.contains("CUDA_ERROR_OUT_OF_MEMORY")
+            || text.contains("CUBLAS_STATUS_ALLOC_FAILED")
+            || text.to_ascii_lowercase().contains("out of memory")
     }
 
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {

@@ -71,8 +71,19 @@ pub fn run_with(
     if rewards.is_empty() {
         return Err(TrainError::Usage("GRPO needs at least one reward".into()));
     }
-    // ---- setup ------------------------------------------------------------------------
     let rt = cfg.runtime.resolve()?;
+    let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_grpo(cfg, o);
+    crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
+    train(cfg, opts, rewards, &rt).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
+}
+
+fn train(
+    cfg: &GrpoConfig,
+    opts: &RunOptions,
+    rewards: Vec<(Box<dyn Reward>, f64)>,
+    rt: &crate::runtime::Runtime,
+) -> Result<Outcome> {
+    // ---- setup ------------------------------------------------------------------------
     let device = rt.device.clone();
     let g = &cfg.grpo;
     let run_dir = cfg.run.dir.clone();

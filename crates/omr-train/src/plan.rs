@@ -43,10 +43,10 @@ use serde::{Deserialize, Serialize};
 pub use activations::Activations;
 pub use grpo::{input_from_grpo, prefill_rows, rollout_growth, rollout_input, GrpoShape};
 pub use input::{
-    auto_kept_decoder_layers, configs_dir, input_from_sft, run_kept_decoder_layers, shipped_config,
-    PlanOptions,
+    auto_kept_decoder_layers, check_run_memory, configs_dir, input_from_sft, out_of_memory_error,
+    run_kept_decoder_layers, shipped_config, PlanOptions,
 };
-pub use report::{most_kept_decoder_layers, peak_phase, render, suggestions};
+pub use report::{most_kept_decoder_layers, parse_bytes, peak_phase, refusal, render, suggestions};
 
 /// Bytes of an f32.
 pub const F32: u64 = 4;

@@ -46,6 +46,20 @@ pub enum KernelChoice {
     Fused,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryCheck {
+    /// Refuse on a GPU, warn on the CPU (where the plan is a rough guide to RAM).
+    #[default]
+    Auto,
+    /// Stop at start-up (exit 2) when the plan's peak exceeds the device's usable memory.
+    Refuse,
+    /// Log the same finding and train anyway.
+    Warn,
+    /// No check.
+    Off,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
@@ -56,6 +70,16 @@ pub struct RuntimeConfig {
     /// "auto" | "candle" | "fused": the ops of forward and backward, and of the optimizer
     /// (fused AdamW + global grad norm).
     pub kernels: KernelChoice,
+    /// "auto" | "refuse" | "warn" | "off": at start-up, before the model is built, the run's
+    /// step is planned (`omr plan`'s prediction) against the device's memory; a config that
+    /// does not fit stops with exit 2 and what each change would give.
+    pub memory_check: MemoryCheck,
+    /// The memory this run may use ("70GiB", "141GB"), when less than the device's: a GPU
+    /// shared with other work, or a MIG slice. Default: the GPU's total (the CPU: the RAM the
+    /// OS reports available). Start-up planning (`memory_check`, `kept_decoder_layers =
+    /// "auto"`) plans for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
 }
 
 /// The command-line words of the `[runtime]` keys (`--device`, `--precision`, `--kernels`),
@@ -88,6 +112,10 @@ pub struct Runtime {
     /// What modules compute in (masters stay fp32).
     pub compute: DType,
     pub kernels: Kernels,
+    /// Refuse, Warn or Off (`Auto` resolved by the device).
+    pub memory_check: MemoryCheck,
+    /// `[runtime] memory_limit` in bytes.
+    pub memory_limit: Option<u64>,
 }
 
 impl RuntimeConfig {
@@ -126,10 +154,24 @@ impl RuntimeConfig {
             KernelChoice::Candle => Kernels::Candle,
             KernelChoice::Fused => Kernels::Fused,
         };
+        let memory_limit = match &self.memory_limit {
+            None => None,
+            Some(text) => Some(
+                crate::plan::parse_bytes(text)
+                    .map_err(|e| TrainError::Usage(format!("[runtime] memory_limit: {e}")))?,
+            ),
+        };
+        let memory_check = match self.memory_check {
+            MemoryCheck::Auto if device.is_cuda() => MemoryCheck::Refuse,
+            MemoryCheck::Auto => MemoryCheck::Warn,
+            other => other,
+        };
         Ok(Runtime {
             device,
             compute,
             kernels,
+            memory_check,
+            memory_limit,
         })
     }
 }
@@ -141,6 +183,8 @@ impl Runtime {
             device: Device::Cpu,
             compute: DType::F32,
             kernels: Kernels::Candle,
+            memory_check: MemoryCheck::Warn,
+            memory_limit: None,
         }
     }
 
@@ -151,8 +195,17 @@ impl Runtime {
     }
 
     /// Memory of the run's device in bytes, for planning at start-up: the GPU's total, or the
-    /// RAM the OS reports available (`MemAvailable`) for the CPU. None when unknown.
+    /// RAM the OS reports available (`MemAvailable`) for the CPU; `[runtime] memory_limit`
+    /// when set (at most the device's own, when that is known). None when unknown.
     pub fn device_memory(&self) -> Option<u64> {
+        let own = self.own_device_memory();
+        match (self.memory_limit, own) {
+            (Some(limit), Some(own)) => Some(limit.min(own)),
+            (limit, own) => limit.or(own),
+        }
+    }
+
+    fn own_device_memory(&self) -> Option<u64> {
         #[cfg(feature = "cuda")]
         if let Ok(d) = self.device.as_cuda_device() {
             return d
@@ -208,6 +261,7 @@ mod tests {
             device: DeviceChoice::Cpu,
             precision: Precision::Bf16,
             kernels: KernelChoice::Fused,
+            ..Default::default()
         }
         .resolve()
         .unwrap();
@@ -228,6 +282,34 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, TrainError::Usage(_)), "{err}");
         assert!(err.to_string().contains("[runtime] device"), "{err}");
+    }
+
+    #[test]
+    fn memory_limit_and_check_resolve() {
+        let c: RuntimeConfig =
+            toml::from_str("device = \"cpu\"\nmemory_check = \"refuse\"\nmemory_limit = \"3GiB\"")
+                .unwrap();
+        let rt = c.resolve().unwrap();
+        assert_eq!(rt.memory_check, MemoryCheck::Refuse);
+        assert_eq!(rt.memory_limit, Some(3 << 30));
+        // At most the limit (the RAM available, when less).
+        assert!(rt.device_memory().is_some_and(|b| b <= 3 << 30));
+        // "auto" warns on the CPU; a GPU refuses.
+        let auto = RuntimeConfig {
+            device: DeviceChoice::Cpu,
+            ..Default::default()
+        };
+        assert_eq!(auto.resolve().unwrap().memory_check, MemoryCheck::Warn);
+        let bad = RuntimeConfig {
+            device: DeviceChoice::Cpu,
+            memory_limit: Some("lots".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(bad, TrainError::Usage(_)), "{bad}");
+        assert!(bad.to_string().contains("[runtime] memory_limit"), "{bad}");
+        assert!(toml::from_str::<RuntimeConfig>("memory_check = \"maybe\"").is_err());
     }
 
     #[test]

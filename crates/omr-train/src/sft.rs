@@ -65,8 +65,14 @@ pub enum Outcome {
 }
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
-    // ---- setup ------------------------------------------------------------------------
     let rt = cfg.runtime.resolve()?;
+    let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, o);
+    crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
+    train(cfg, opts, &rt).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
+}
+
+fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Result<Outcome> {
+    // ---- setup ------------------------------------------------------------------------
     let device = rt.device.clone();
     let run_dir = cfg.run.dir.clone();
     let ckpt_root = run_dir.join("checkpoints");

@@ -19,6 +19,7 @@ pub fn runtime(
         device: device.parse().map_err(words)?,
         precision: precision.parse().map_err(words)?,
         kernels: kernels.parse().map_err(words)?,
+        ..Default::default()
     }
     .resolve()
     .map_err(|e| Exit::usage(anyhow::anyhow!("{e}")))

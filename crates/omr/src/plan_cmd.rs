@@ -14,7 +14,7 @@ use anyhow::anyhow;
 use clap::Args;
 use omr_train::config::SftConfig;
 use omr_train::grpo_config::GrpoConfig;
-use omr_train::plan::{self, AttentionImpl, PlanOptions, GIB};
+use omr_train::plan::{self, parse_bytes, AttentionImpl, PlanOptions, GIB};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -50,37 +50,6 @@ pub struct PlanArgs {
     /// Also write the plan as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-/// "80GiB", "141GB", "24G", "512MiB", "1e9" → bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 80GiB, 141GB)"))?;
-    let mul = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "kb" => 1e3,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "mb" => 1e6,
-        "g" | "gib" => GIB,
-        "gb" => 1e9,
-        "t" | "tib" => GIB * 1024.0,
-        "tb" => 1e12,
-        u => {
-            return Err(format!(
-                "`{s}`: unknown unit `{u}` (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
-        }
-    };
-    if !(x.is_finite() && x >= 0.0) {
-        return Err(format!("`{s}` is not a size"));
-    }
-    Ok((x * mul) as u64)
 }
 
 /// Whether the config at `path` is a GRPO run's: it has a `[grpo]`, `[objective]` or
@@ -163,18 +132,10 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
     }
     if p.peak > usable {
-        let tips = plan::suggestions(&base, &p, usable);
-        let mut msg = format!(
-            "{} needs {:.2} GiB at its peak but the device has {:.2} GiB usable",
-            a.config.display(),
-            p.peak as f64 / GIB,
-            usable as f64 / GIB
-        );
-        if !tips.is_empty() {
-            msg.push_str("; what each change gives:\n  - ");
-            msg.push_str(&tips.join("\n  - "));
-        }
-        return Err(Exit::usage(anyhow!(msg)));
+        let what = a.config.display().to_string();
+        return Err(Exit::usage(anyhow!(plan::refusal(
+            &what, &base, &p, usable
+        ))));
     }
     Ok(())
 }

@@ -221,7 +221,16 @@ pub fn run_kept_decoder_layers(
         );
         return Ok(0);
     };
-    let opts = PlanOptions {
+    let (input, _) = input(&run_options(rt))?;
+    let (n, why) = auto_kept_decoder_layers(&input, bytes);
+    tracing::info!("{why}");
+    Ok(n)
+}
+
+/// What a run on `rt` plans with: its compute dtype and kernels, the config's own model and
+/// processor.
+fn run_options(rt: &crate::runtime::Runtime) -> PlanOptions {
+    PlanOptions {
         model_config: None,
         compute_bytes: rt.compute.size_in_bytes() as u64,
         attention: match rt.kernels {
@@ -230,11 +239,57 @@ pub fn run_kept_decoder_layers(
         },
         max_pixels: None,
         images_per_row: None,
+    }
+}
+
+/// `[runtime] memory_check` at a run's start-up, before its model is built: the plan's
+/// worst-case peak ([`super::worst_case`] of the config as written; `kept_decoder_layers =
+/// "auto"` counts none kept, the least it can choose) against the device's memory less 1 GiB
+/// (as `omr plan`). When it does not fit: `Refuse` returns [`super::refusal`]'s text (the
+/// caller exits 2), `Warn` logs it. Nothing when it fits, when the check is off, when the
+/// device's memory is unknown, or when the plan cannot be made (a model whose config.json is
+/// not reachable yet: logged, and the run goes on to report its own error).
+pub fn check_run_memory(
+    what: &str,
+    rt: &crate::runtime::Runtime,
+    input: impl FnOnce(&PlanOptions) -> Result<(PlanInput, Vec<String>), String>,
+) -> Result<(), String> {
+    use crate::runtime::MemoryCheck;
+    if matches!(rt.memory_check, MemoryCheck::Off) {
+        return Ok(());
+    }
+    let Some(bytes) = rt.device_memory() else {
+        tracing::warn!("[runtime] memory_check: the device's memory is unknown; not checked");
+        return Ok(());
     };
-    let (input, _) = input(&opts)?;
-    let (n, why) = auto_kept_decoder_layers(&input, bytes);
-    tracing::info!("{why}");
-    Ok(n)
+    let input = match input(&run_options(rt)) {
+        Ok((input, _)) => input,
+        Err(e) => {
+            tracing::warn!("[runtime] memory_check: no plan for this config ({e}); not checked");
+            return Ok(());
+        }
+    };
+    let usable = bytes.saturating_sub(super::GIB as u64);
+    let (_, plan, _) = super::worst_case(&input);
+    let gib = |b: u64| b as f64 / super::GIB;
+    if plan.peak <= usable {
+        tracing::info!(
+            "memory plan: peak {:.2} GiB of {:.2} GiB usable",
+            gib(plan.peak),
+            gib(usable)
+        );
+        return Ok(());
+    }
+    let why = super::refusal(what, &input, &plan, usable);
+    match rt.memory_check {
+        MemoryCheck::Warn => {
+            tracing::warn!("{why}\n(training anyway: [runtime] memory_check = \"warn\")");
+            Ok(())
+        }
+        _ => Err(format!(
+            "{why}\n`omr plan --config …` prints the plan by category; [runtime] memory_check = \"warn\" trains anyway"
+        )),
+    }
 }
 
 /// `[train] kept_decoder_layers = "auto"` for the run `input` plans on a device of
@@ -267,4 +322,52 @@ pub fn auto_kept_decoder_layers(input: &PlanInput, device_bytes: u64) -> (usize,
             gib(usable)
         ),
     )
+}
+
+/// A run's error, made [`crate::TrainError::OutOfMemory`] when it is the device running out
+/// of memory ([`crate::TrainError::is_out_of_memory`]): the device's message, what the plan
+/// predicts for this config on `rt`'s device, and [`super::suggestions`]' changes. Any other
+/// error is returned as it is.
+pub fn out_of_memory_error(
+    e: crate::TrainError,
+    rt: &crate::runtime::Runtime,
+    input: impl FnOnce(&PlanOptions) -> Result<(PlanInput, Vec<String>), String>,
+) -> crate::TrainError {
+    if !e.is_out_of_memory() {
+        return e;
+    }
+    let gib = |b: u64| b as f64 / super::GIB;
+    let mut msg = format!(
+        "the {} ran out of memory during training ({e})",
+        if rt.device.is_cuda() { "GPU" } else { "device" }
+    );
+    match (input(&run_options(rt)), rt.device_memory()) {
+        (Ok((input, _)), Some(bytes)) => {
+            let usable = bytes.saturating_sub(super::GIB as u64);
+            let (_, plan, which) = super::worst_case(&input);
+            msg.push_str(&format!(
+                ". The plan for this config: peak {:.2} GiB ({}, {which}) of {:.2} GiB usable",
+                gib(plan.peak),
+                super::peak_phase(&plan),
+                gib(usable)
+            ));
+            // The plan fitting and the run not means the plan is short here: count as fitting
+            // only what brings its peak 10% lower.
+            let target = usable.min(plan.peak.saturating_mul(9) / 10);
+            let tips = super::suggestions(&input, &plan, target);
+            if !tips.is_empty() {
+                msg.push_str(&format!(
+                    "; what each change gives (\"fits\": at most {:.2} GiB):\n  - ",
+                    gib(target)
+                ));
+                msg.push_str(&tips.join("\n  - "));
+            }
+        }
+        (Err(why), _) => msg.push_str(&format!(" (no plan for this config: {why})")),
+        (_, None) => {}
+    }
+    msg.push_str(
+        "\nCheckpoints already committed are intact; `omr plan --config …` prints the plan by category.",
+    );
+    crate::TrainError::OutOfMemory(msg)
 }

@@ -295,3 +295,50 @@ pub fn suggestions(p: &PlanInput, plan: &Plan, usable: u64) -> Vec<String> {
     out.sort_by_key(|(peak, _)| *peak);
     out.into_iter().map(|(_, s)| s).collect()
 }
+
+/// "80GiB", "141GB", "24G", "512MiB", "1e9" → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 80GiB, 141GB)"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => GIB,
+        "gb" => 1e9,
+        "t" | "tib" => GIB * 1024.0,
+        "tb" => 1e12,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(format!("`{s}` is not a size"));
+    }
+    Ok((x * mul) as u64)
+}
+
+/// Why `what` (a config's name) does not fit: the plan's peak against the usable memory, and
+/// what each change of [`suggestions`] gives (`omr plan`'s refusal, and a run's at start-up).
+pub fn refusal(what: &str, p: &PlanInput, plan: &Plan, usable: u64) -> String {
+    let tips = suggestions(p, plan, usable);
+    let mut msg = format!(
+        "{what} needs {:.2} GiB at its peak but the device has {:.2} GiB usable",
+        plan.peak as f64 / GIB,
+        usable as f64 / GIB
+    );
+    if !tips.is_empty() {
+        msg.push_str("; what each change gives:\n  - ");
+        msg.push_str(&tips.join("\n  - "));
+    }
+    msg
+}
