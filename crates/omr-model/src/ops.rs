@@ -94,14 +94,25 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// dx = g·w, dw = gᵀ·x in w's own (O, I) layout, db = 1ᵀ·g. Through candle's ops the weight
 /// gradient arrives as the transpose of a (I, O) product and the bias gradient as a strided
 /// reduction; each then costs a strided copy or add per step on a GPU. Gradients are computed
-/// only for the arguments that track one. x: (…, I), w: (O, I), b: (O) → (…, O)
+/// only for the arguments that track one. The forward runs inside the op ([`LinearOp`]):
+/// candle's matmul and bias add on the op's own storages, the bits `linear` gives, written
+/// straight into the op's output (an attached precomputed value would be copied in once
+/// more: a device copy of every projection's output per step). x: (…, I), w: (O, I), b: (O)
+/// → (…, O)
 pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let x = &x.contiguous()?;
     let (xd, wd) = (x.detach(), w.detach());
-    let y = linear(&xd, &wd, b.map(|b| b.detach()).as_ref())?;
     let dims = x.dims().to_vec();
     let i = *dims.last().expect("linear input has a last dimension");
     let rows = x.elem_count() / i.max(1);
-    let o = w.dim(0)?;
+    let (o, wi) = w.dims2()?;
+    if wi != i || b.is_some_and(|b| b.dims() != [o]) {
+        candle_core::bail!(
+            "linear: x (…, {i}), w {:?} and b {:?} do not fit",
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        )
+    }
     let need = [x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op())];
     let grads = move |g: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g2 = g.reshape((rows, o))?;
@@ -123,18 +134,142 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         };
         Ok((dx, dw, db))
     };
+    let mut out = x.dims().to_vec();
+    *out.last_mut().expect("non-empty") = o;
+    let op = LinearOp {
+        rows,
+        i,
+        o,
+        out: Shape::from(out),
+        grad: Arc::new(grads),
+    };
+    if rows == 0 || i == 0 || o == 0 {
+        // candle's matmul special-cases empty products; so does `linear`.
+        let y = linear(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?;
+        let grad = op.grad.clone();
+        return match b {
+            Some(b) => attach_grad3([x, w, b], y, move |g| grad(g)),
+            None => attach_grad2([x, w], y, move |g| {
+                let (dx, dw, _) = grad(g)?;
+                Ok((dx, dw))
+            }),
+        };
+    }
     match b {
-        Some(b) => attach_grad3([x, w, b], y, grads),
-        None => x.apply_op2(
-            w,
-            Attach2 {
-                value: Value::new(y)?,
-                grad: Arc::new(move |g| {
-                    let (dx, dw, _) = grads(g)?;
-                    Ok((dx, dw))
-                }),
-            },
-        ),
+        Some(b) => x.apply_op3(w, b, op),
+        None => x.apply_op2(w, op),
+    }
+}
+
+/// [`linear_op`]'s op: `x @ wᵀ (+ b)` computed in its forward from the storages candle hands
+/// it (x contiguous, viewed as (rows, I); w read transposed through its layout; b broadcast
+/// over the rows), exactly the calls `matmul_t` and `broadcast_add` make.
+struct LinearOp {
+    rows: usize,
+    i: usize,
+    o: usize,
+    out: Shape,
+    grad: Arc<GradFn3>,
+}
+
+impl LinearOp {
+    fn forward<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        w: &S,
+        wl: &Layout,
+        b: Option<(&S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        if !xl.is_contiguous() {
+            candle_core::bail!("linear: x must be contiguous here")
+        }
+        let x2 = Layout::contiguous_with_offset((self.rows, self.i), xl.start_offset());
+        let wt = wl.transpose(0, 1)?;
+        let y = x.matmul(w, (1, self.rows, self.o, self.i), &x2, &wt)?;
+        let y = match b {
+            None => y,
+            Some((b, bl)) => y.binary_impl::<candle_core::op::Add>(
+                b,
+                &Layout::contiguous((self.rows, self.o)),
+                &bl.broadcast_as((self.rows, self.o))?,
+            )?,
+        };
+        Ok((y, self.out.clone()))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "omr-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(s1, l1, s2, l2, None)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward(s1, l1, s2, l2, None)
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = (self.grad)(grad_res)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "omr-linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(s1, l1, s2, l2, Some((s3, l3)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward(s1, l1, s2, l2, Some((s3, l3)))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.grad)(grad_res)
     }
 }
 
@@ -428,6 +563,75 @@ mod tests {
             grads.get(&w).is_none(),
             "no gradient is kept for the frozen weight"
         );
+        Ok(())
+    }
+
+    /// `linear_op` computes its output inside the op: the bits of `linear` (candle's matmul +
+    /// broadcast add), for 2-D and 3-D inputs, a narrowed (offset) and a transposed
+    /// (non-contiguous) one, with and without bias, f32 and bf16; its gradients are candle
+    /// autograd's through `linear` (to summation order) and only tracked arguments get one.
+    #[test]
+    fn linear_op_matches_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        let rand = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n as u64)
+                .map(|k| {
+                    let h = (k + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                    ((h >> 11) % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &dev)
+        };
+        let base = rand(1, &[2, 9, 12])?;
+        let inputs = [
+            ("2-D", base.reshape((18, 12))?),
+            ("3-D", base.clone()),
+            ("narrowed", base.narrow(1, 2, 5)?),
+            ("transposed", rand(2, &[2, 12, 9])?.transpose(1, 2)?),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            let w = Var::from_tensor(&rand(3, &[7, 12])?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&rand(4, &[7])?.to_dtype(dtype)?)?;
+            for (name, x) in &inputs {
+                let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                for bias in [None, Some(b.as_tensor())] {
+                    let what = format!("{name} {dtype:?} bias {}", bias.is_some());
+                    let y = linear_op(x.as_tensor(), w.as_tensor(), bias)?;
+                    let y_ref = linear(x.as_tensor(), w.as_tensor(), bias)?;
+                    assert_eq!(y.dims(), y_ref.dims(), "{what}");
+                    let (a, r) = (y.to_dtype(DType::F32)?, y_ref.to_dtype(DType::F32)?);
+                    let (a, r) = (a.flatten_all()?.to_vec1::<f32>()?, r.flatten_all()?);
+                    assert_eq!(a, r.to_vec1::<f32>()?, "{what}: forward bits");
+                    // A weighted sum, so each output's gradient differs.
+                    let k = rand(5, y.dims())?.to_dtype(dtype)?;
+                    let g = (&y * &k)?.sum_all()?.backward()?;
+                    let g_ref = (&y_ref * &k)?.sum_all()?.backward()?;
+                    let mut args = vec![("x", x.as_tensor()), ("w", w.as_tensor())];
+                    if let Some(b) = bias {
+                        args.push(("b", b));
+                    }
+                    for (arg, t) in args {
+                        let (got, want) = (g.get(t).expect(arg), g_ref.get(t).expect(arg));
+                        let d = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?;
+                        let tol = if dtype == DType::F32 { 1e-5 } else { 0.1 };
+                        assert!(d <= tol, "{what}: d{arg} differs by {d}");
+                    }
+                }
+            }
+        }
+        // Only tracked arguments get a gradient; a frozen weight gets none.
+        let x = Var::from_tensor(&base)?;
+        let w = rand(3, &[7, 12])?;
+        let y = linear_op(x.as_tensor(), &w, None)?;
+        let g = y.sum_all()?.backward()?;
+        assert!(g.get(x.as_tensor()).is_some() && g.get(&w).is_none());
+        // Shapes that do not fit are an error, not a panic.
+        assert!(linear_op(&base, &rand(3, &[7, 11])?, None).is_err());
+        assert!(linear_op(&base, &w, Some(&rand(4, &[6])?)).is_err());
         Ok(())
     }
 
