@@ -73,12 +73,12 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// A plain matmul would make candle also compute `xᵀ @ g` for `w` and keep it.
 /// x: (…, I), w: (O, I) → (…, O)
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = linear(&x.detach(), w, b)?;
     if !x.track_op() {
-        return Ok(y);
+        return linear(&x.detach(), w, b);
     }
-    let w = w.clone();
-    attach_grad(x, y, move |g| matmul_nt(g, &w))
+    // linear_op's op with nothing but x tracked: its backward is `g @ w` alone, and it keeps
+    // w, not x.
+    linear_op(x, &w.detach(), b.map(|b| b.detach()).as_ref())
 }
 
 /// `x @ wᵀ (+ b)` through candle's own ops (both gradients), for trainable weights.
@@ -101,7 +101,6 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// → (…, O)
 pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = &x.contiguous()?;
-    let (xd, wd) = (x.detach(), w.detach());
     let dims = x.dims().to_vec();
     let i = *dims.last().expect("linear input has a last dimension");
     let rows = x.elem_count() / i.max(1);
@@ -114,15 +113,19 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         )
     }
     let need = [x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op())];
+    // The backward keeps w for dx and x for dw, each only when that gradient is wanted (a
+    // frozen linear keeps its input alive for nothing otherwise).
+    let wd = need[0].then(|| w.detach());
+    let xd = need[1].then(|| x.detach());
     let grads = move |g: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g2 = g.reshape((rows, o))?;
-        let dx = match need[0] {
-            true => Some(g2.matmul(&wd)?.reshape(dims.as_slice())?),
-            false => None,
+        let dx = match &wd {
+            Some(wd) => Some(g2.matmul(wd)?.reshape(dims.as_slice())?),
+            None => None,
         };
-        let dw = match need[1] {
-            true => Some(g2.t()?.matmul(&xd.reshape((rows, i))?)?),
-            false => None,
+        let dw = match &xd {
+            Some(xd) => Some(g2.t()?.matmul(&xd.reshape((rows, i))?)?),
+            None => None,
         };
         let db = match need[2] {
             true => Some(
