@@ -29,7 +29,8 @@
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
-# minutes, most urgent first: step 1, the 3B step at T 2048 plain and as one-op layers, at
+# minutes, most urgent first: step 1, the 3B step at T 2048 plain, with every gradient through
+# candle's GradStore (OMR_GRAD_SINK=0) and as one-op layers, at
 # T 8192 with as many decoder layers kept as fit (--kept-decoder-layers auto), the wgmma
 # attention at T 8192 next to the default, a short 3B rollout, torch at T 8192),
 # nothing for all of it (longer than one 10-minute device call: split it).
@@ -69,26 +70,29 @@ e2e_steps() {
 }
 if [ "$quick" = lease ]; then
   common=(--model-config 3b --device cuda --batch 1 --image-px 448)
-  step kernels 150 "$here/gpu-run.sh" "$bin" "$out/kernels"
+  step kernels 140 "$here/gpu-run.sh" "$bin" "$out/kernels"
   step train-3b-2k 60 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
     --json "$out/train-3b-2k.json"
+  # Every weight's gradient through candle's GradStore again (zeros + add), as before the sink.
+  step train-3b-2k-nosink 45 env OMR_GRAD_SINK=0 "$bin" bench train "${common[@]}" --seq 2048 \
+    --steps 3 --warmup 1 --json "$out/train-3b-2k-nosink.json"
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
   # Partial checkpointing at T 8192: as many decoder layers kept (not recomputed) as the plan
   # finds room for (20 of 36 on 80 GiB, all 36 on 141 GB). Against train-3b-8k-ckpt below
   # (every layer recomputed, attentions kept).
-  step train-3b-8k-kept 60 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
+  step train-3b-8k-kept 50 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"
-  step train-3b-8k-wg 60 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
+  step train-3b-8k-wg 50 env OMR_MMA=wg "$bin" bench train "${common[@]}" --seq 8192 \
     --steps 2 --warmup 1 --activation-checkpointing all --json "$out/train-3b-8k-wg.json"
   # GRPO's rollouts on the 3B shape: 4 prompts × a group of 8 (one prefill each), decoding
   # through the in-place key/value cache (the CUDA-core flash kernel over a view of it, split
   # across blocks), the GPU memory next to the plan's rollout phase; transformers' generate on
   # the same prompts (num_return_sequences 8) next to it.
-  step gen-3b-lease 80 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
+  step gen-3b-lease 70 "$bin" bench generate --model-config 3b --device cuda --rows 32 \
     --group 8 --prompt 512 --image-px 448 --new 128 --repeats 1 --python "$py" \
     --json "$out/gen-3b-lease.json"
-  step train-3b-8k-ckpt 120 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
+  step train-3b-8k-ckpt 110 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --python "$py" --json "$out/train-3b-8k-ckpt.json"
   echo "=== summary"
   printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
@@ -112,6 +116,9 @@ step train-3b-2k 120 "$bin" bench train "${common[@]}" --seq 2048 --steps 4 --wa
 # The opt-ins not yet measured on a GPU, against the default step above: decoder layers as
 # one op (OMR_BLOCK_OP=1, omr_model::block; the model checks of step 1 cover it).
 step train-3b-2k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
+  --steps 4 --warmup 2
+# Every weight's gradient through candle's GradStore (zeros + add), as before the sink.
+step train-3b-2k-nosink 60 env OMR_GRAD_SINK=0 "$bin" bench train "${common[@]}" --seq 2048 \
   --steps 4 --warmup 2
 if [ -z "$quick" ]; then
   step train-3b-2k-profile 90 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \

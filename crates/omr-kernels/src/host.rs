@@ -152,12 +152,17 @@ impl<B: Backward2> candle_core::CustomOp2 for Attached2<B> {
 
     fn bwd(
         &self,
-        _: &Tensor,
-        _: &Tensor,
+        a1: &Tensor,
+        a2: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        self.backward.grads(grad)
+        // A parameter's gradient (the lm head's) past the GradStore's zeros + add.
+        let (g1, g2) = self.backward.grads(grad)?;
+        Ok((
+            crate::grad_sink::route(a1, g1)?,
+            crate::grad_sink::route(a2, g2)?,
+        ))
     }
 }
 

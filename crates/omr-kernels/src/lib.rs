@@ -32,6 +32,7 @@ mod flash_ref;
 pub mod gemm_attn;
 pub mod grad_accum;
 pub mod grad_norm;
+pub mod grad_sink;
 pub mod linear_ce;
 pub mod linear_logp;
 pub mod mask;

@@ -9,6 +9,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
     Shape, Tensor, D,
 };
+use omr_kernels::grad_sink::route;
 use std::sync::{Arc, Mutex};
 
 /// Softmax over the last dimension, in f32 for bf16/f16 input (cast back after). The max is
@@ -227,13 +228,13 @@ impl CustomOp2 for LinearOp {
     }
     fn bwd(
         &self,
-        _x: &Tensor,
-        _w: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = (self.grad)(grad_res)?;
-        Ok((dx, dw))
+        Ok((route(x, dx)?, route(w, dw)?))
     }
 }
 
@@ -266,13 +267,14 @@ impl CustomOp3 for LinearOp {
     }
     fn bwd(
         &self,
-        _x: &Tensor,
-        _w: &Tensor,
-        _b: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        (self.grad)(grad_res)
+        let (dx, dw, db) = (self.grad)(grad_res)?;
+        Ok((route(x, dx)?, route(w, dw)?, route(b, db)?))
     }
 }
 
@@ -453,8 +455,8 @@ impl CustomOp1 for Attach1 {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.value.take_cuda()
     }
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.grad)(grad_res)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        route(x, Some((self.grad)(grad_res)?))
     }
 }
 
@@ -490,12 +492,13 @@ impl CustomOp2 for Attach2 {
     }
     fn bwd(
         &self,
-        _a1: &Tensor,
-        _a2: &Tensor,
+        a1: &Tensor,
+        a2: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        (self.grad)(grad_res)
+        let (g1, g2) = (self.grad)(grad_res)?;
+        Ok((route(a1, g1)?, route(a2, g2)?))
     }
 }
 
@@ -533,13 +536,14 @@ impl CustomOp3 for Attach3 {
     }
     fn bwd(
         &self,
-        _a1: &Tensor,
-        _a2: &Tensor,
-        _a3: &Tensor,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        (self.grad)(grad_res)
+        let (g1, g2, g3) = (self.grad)(grad_res)?;
+        Ok((route(a1, g1)?, route(a2, g2)?, route(a3, g3)?))
     }
 }
 

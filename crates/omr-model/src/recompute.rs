@@ -141,7 +141,9 @@ struct VisionSaved {
 
 /// Back-propagates `Σ(out · g)` from a recomputed `out`: the gradient `g` flowing into `out`.
 fn backward_through(out: &Tensor, g: &Tensor) -> Result<GradStore> {
-    Ok((out * g.to_dtype(out.dtype())?)?.sum_all()?.backward()?)
+    Ok(omr_kernels::grad_sink::backward(
+        &(out * g.to_dtype(out.dtype())?)?.sum_all()?,
+    )?)
 }
 
 fn leaf(t: &Tensor) -> Result<Var> {
@@ -249,7 +251,8 @@ impl Qwen2VL {
                     grads: None,
                 });
             }
-            let mut grads = loss.backward().map_err(crate::ModelError::from)?;
+            let mut grads =
+                omr_kernels::grad_sink::backward(&loss).map_err(crate::ModelError::from)?;
             let Some(VisionSaved { merge_in: v, .. }) = &vision_saved else {
                 out.take(grads)?;
                 return Ok(Backward {
@@ -300,7 +303,7 @@ impl Qwen2VL {
                 grads: None,
             });
         }
-        let mut grads = loss.backward().map_err(crate::ModelError::from)?;
+        let mut grads = omr_kernels::grad_sink::backward(&loss).map_err(crate::ModelError::from)?;
         drop(loss);
         g = grads.remove(last.as_tensor());
         out.take(grads)?;
