@@ -138,9 +138,11 @@ impl LoraAdapter {
             Some(m) => xv.mul(m)?,
             None => xv.clone(),
         };
-        let y = crate::ops::linear(&xv, w, bias)?.add(&matmul_t(&matmul_t(&xd, &a)?, &bs)?)?;
+        // Base and adapter added in the op's forward: no copy of their sum.
+        let base = crate::ops::linear(&xv, w, bias)?;
+        let delta = matmul_t(&matmul_t(&xd, &a)?, &bs)?;
         let (w, scale) = (w.clone(), self.scale);
-        crate::ops::attach_grad3([x, &self.a, &self.b], y, move |g| {
+        crate::ops::attach_sum3([x, &self.a, &self.b], base, delta, move |g| {
             let (o, i) = w.dims2()?;
             let n = g.elem_count() / o;
             let g2 = g.reshape((n, o))?;

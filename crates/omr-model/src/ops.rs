@@ -355,15 +355,46 @@ pub fn attach_grad3(
     )
 }
 
-/// The precomputed output, handed over once to the forward.
-struct Value(Mutex<Option<Tensor>>);
+/// [`attach_grad3`] of the value `a + b`, added in the op's forward (candle's add on the two
+/// storages: the bits of `a.add(&b)`) straight into the op's output, instead of a sum that
+/// the op would then copy: a frozen linear's output plus its LoRA adapter's.
+pub fn attach_sum3(
+    args: [&Tensor; 3],
+    a: Tensor,
+    b: Tensor,
+    grads: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "attach-sum: {:?} {:?} + {:?} {:?}",
+            a.dims(),
+            a.dtype(),
+            b.dims(),
+            b.dtype()
+        )
+    }
+    args[0].apply_op3(
+        args[1],
+        args[2],
+        Attach3 {
+            value: Value(Mutex::new(Some((a, Some(b))))),
+            grad: Arc::new(grads),
+        },
+    )
+}
+
+/// The precomputed output (or two tensors whose sum it is), handed over once to the forward.
+struct Value(Mutex<Option<(Tensor, Option<Tensor>)>>);
 
 impl Value {
     fn new(t: Tensor) -> Result<Value> {
-        Ok(Value(Mutex::new(Some(t.contiguous()?))))
+        Ok(Value(Mutex::new(Some((t.contiguous()?, None)))))
     }
 
-    fn take(&self) -> Result<Tensor> {
+    fn take_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
         self.0
             .lock()
             .map_err(|_| candle_core::Error::Msg("attach-grad: poisoned".into()))?
@@ -371,8 +402,33 @@ impl Value {
             .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))
     }
 
+    /// `a + b` on the backend's storages, as `Tensor::add` runs it.
+    fn add<S: BackendStorage>(
+        a: &Tensor,
+        b: &Tensor,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (Some(x), Some(y)) = (pick(&sa), pick(&sb)) else {
+            candle_core::bail!("attach-sum: the parts are not on the op's device")
+        };
+        Ok((
+            x.binary_impl::<candle_core::op::Add>(y, la, lb)?,
+            la.shape().clone(),
+        ))
+    }
+
     fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let t = self.take()?;
+        let t = match self.take_parts()? {
+            (a, Some(b)) => {
+                return Value::add(&a, &b, |s| match s {
+                    candle_core::Storage::Cpu(c) => Some(c),
+                    _ => None,
+                })
+            }
+            (t, None) => t,
+        };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
             candle_core::bail!("attach-grad: value is not on the CPU");
@@ -402,7 +458,15 @@ impl Value {
         use candle_core::cuda::{
             cudarc::driver::CudaSlice, CudaStorage, CudaStorageSlice, WrapErr,
         };
-        let t = self.take()?;
+        let t = match self.take_parts()? {
+            (a, Some(b)) => {
+                return Value::add(&a, &b, |s| match s {
+                    candle_core::Storage::Cuda(c) => Some(c),
+                    _ => None,
+                })
+            }
+            (t, None) => t,
+        };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cuda(s) = &*storage else {
             candle_core::bail!("attach-grad: value is not on a CUDA device");
@@ -639,6 +703,53 @@ mod tests {
         // Shapes that do not fit are an error, not a panic.
         assert!(linear_op(&base, &rand(3, &[7, 11])?, None).is_err());
         assert!(linear_op(&base, &w, Some(&rand(4, &[6])?)).is_err());
+        Ok(())
+    }
+
+    /// `attach_sum3` gives the bits of `a.add(&b)` (a strided b included) and sends the
+    /// closure's gradients to its three arguments; parts that do not fit are an error.
+    #[test]
+    fn attach_sum_is_candles_add() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let a = Tensor::arange(0f32, 24., &dev)?
+                .affine(0.37, -3.1)?
+                .reshape((2, 3, 4))?
+                .to_dtype(dtype)?;
+            let b = Tensor::arange(0f32, 24., &dev)?
+                .affine(-0.11, 0.9)?
+                .reshape((2, 4, 3))?
+                .transpose(1, 2)?
+                .to_dtype(dtype)?;
+            let x = Var::from_tensor(&a)?;
+            let (p, q) = (Var::new(&[1f32, 2.], &dev)?, Var::new(&[3f32], &dev)?);
+            let (pq, qq) = (p.as_tensor().clone(), q.as_tensor().clone());
+            let y = attach_sum3(
+                [x.as_tensor(), p.as_tensor(), q.as_tensor()],
+                a.clone(),
+                b.clone(),
+                move |g| {
+                    Ok((
+                        Some(g.clone()),
+                        Some(pq.ones_like()?),
+                        Some(qq.ones_like()?),
+                    ))
+                },
+            )?;
+            let want = a.add(&b)?;
+            let bits = |t: &Tensor| -> Result<Vec<f32>> {
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+            };
+            assert_eq!(bits(&y)?, bits(&want)?, "{dtype:?}");
+            let g = y.sum_all()?.backward()?;
+            assert!(g.get(x.as_tensor()).is_some() && g.get(p.as_tensor()).is_some());
+            assert!(g.get(q.as_tensor()).is_some());
+        }
+        let a = Tensor::zeros((2, 3), DType::F32, &dev)?;
+        let x = Var::from_tensor(&a)?;
+        let none = |_: &Tensor| Ok((None, None, None));
+        let args = [x.as_tensor(), x.as_tensor(), x.as_tensor()];
+        assert!(attach_sum3(args, a.clone(), a.t()?, none).is_err());
         Ok(())
     }
 
