@@ -62,7 +62,10 @@ pub fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>
     ))
 }
 
-struct SwiGlu;
+/// The op [`swiglu`] applies; its `cpu_fwd` / `cuda_fwd` also serve callers that hold g and u
+/// themselves and write `silu(g)·u` straight into their own op's output
+/// (`omr_model::ops::swiglu_mlp`).
+pub struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {

@@ -87,6 +87,13 @@ pub fn swiglu(g: &Tensor, u: &Tensor, ctx: &Ctx) -> Result<Tensor> {
     }
 }
 
+/// The decoder's gated MLP up to its down projection, `silu(x·Wgᵀ) · (x·Wuᵀ)`, as one op
+/// ([`ops::swiglu_mlp`]; counted as a SwiGLU). x: (…, C), wg, wu: (I, C) → (…, I)
+pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
+    count(|c| c.swiglu += 1);
+    ops::swiglu_mlp(x, wg, wu)
+}
+
 /// Rotary by half tables. x: (B, T, H, D), cos/sin: (B, T, D/2) f32 → (B, T, H, D)
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     count(|c| c.rotary += 1);

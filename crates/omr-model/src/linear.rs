@@ -70,6 +70,15 @@ impl Linear {
         })
     }
 
+    /// The weight alone when the layer is `x·Wᵀ` (no bias, no LoRA adapter): what a fused op
+    /// over several projections may take in place of [`Linear::forward`].
+    pub fn plain_weight(&self) -> Option<&Tensor> {
+        match (&self.bias, &self.lora) {
+            (None, None) => Some(&self.weight),
+            _ => None,
+        }
+    }
+
     /// x: (…, I) → (…, O)
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if let Some(l) = &self.lora {

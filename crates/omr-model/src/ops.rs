@@ -380,21 +380,90 @@ pub fn attach_sum3(
         args[1],
         args[2],
         Attach3 {
-            value: Value(Mutex::new(Some((a, Some(b))))),
+            value: Value(Mutex::new(Some(Parts::Sum(a, b)))),
             grad: Arc::new(grads),
         },
     )
 }
 
-/// The precomputed output (or two tensors whose sum it is), handed over once to the forward.
-struct Value(Mutex<Option<(Tensor, Option<Tensor>)>>);
+/// The gated MLP up to its down projection, `silu(x·Wgᵀ) · (x·Wuᵀ)`, as one op over
+/// (x, Wg, Wu) (the fused path's decoder MLP; projections without bias). Through
+/// `linear_op` ×2 + SwiGLU, the gate's and the up projection's outputs were graph nodes of
+/// their own: each (…, I), the widest activations of the layer, got a `zeros_like` + add in
+/// candle's backward. Here they are kept inside the op; the output is computed in its forward
+/// by the SwiGLU kernel from them (no copy), and the backward is SwiGLU's, then the four
+/// GEMMs: dx = dg·Wg + du·Wu, dWg = dgᵀ·x, dWu = duᵀ·x (weights' gradients through
+/// [`route`]). The same values and gradients, bit for bit, as the three ops.
+/// x: (…, C), wg, wu: (I, C) → (…, I)
+pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
+    let x = &x.contiguous()?;
+    let dims = x.dims().to_vec();
+    let c = *dims.last().expect("mlp input has a last dimension");
+    let rows = x.elem_count() / c.max(1);
+    if wg.dims2()? != wu.dims2()? || wg.dim(1)? != c {
+        candle_core::bail!(
+            "swiglu_mlp: x (…, {c}), gate {:?} and up {:?} do not fit",
+            wg.dims(),
+            wu.dims()
+        )
+    }
+    let i = wg.dim(0)?;
+    let (xd, wgd, wud) = (x.detach(), wg.detach(), wu.detach());
+    let g = matmul_t(&xd, &wgd)?;
+    let u = matmul_t(&xd, &wud)?;
+    let need = [x.track_op(), wg.track_op(), wu.track_op()];
+    if !need.iter().any(|&n| n) {
+        return omr_kernels::swiglu(&g, &u);
+    }
+    let (gk, uk) = (g.clone(), u.clone());
+    let ws = need[0].then(|| (wgd.clone(), wud.clone()));
+    let xk = (need[1] || need[2])
+        .then(|| xd.reshape((rows, c)))
+        .transpose()?;
+    let grads = move |dy: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = omr_kernels::swiglu::backward(&gk, &uk, dy)?;
+        let dx = match &ws {
+            Some((wg, wu)) => Some((matmul_nt(&dg, wg)? + matmul_nt(&du, wu)?)?),
+            None => None,
+        };
+        let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
+        let dw = |d: &Tensor, on: bool| -> Result<Option<Tensor>> {
+            match (&xk, on) {
+                (Some(x2), true) => Ok(Some(d.t()?.matmul(x2)?)),
+                _ => Ok(None),
+            }
+        };
+        Ok((dx, dw(&dg2, need[1])?, dw(&du2, need[2])?))
+    };
+    x.apply_op3(
+        wg,
+        wu,
+        Attach3 {
+            value: Value(Mutex::new(Some(Parts::Swiglu(g, u)))),
+            grad: Arc::new(grads),
+        },
+    )
+}
+
+/// What an attach op's forward writes: a precomputed tensor (copied), or the last elementwise
+/// step computed in the forward from two tensors (no copy).
+enum Parts {
+    Ready(Tensor),
+    /// `a + b`.
+    Sum(Tensor, Tensor),
+    /// `silu(g) · u` (omr_kernels' SwiGLU).
+    Swiglu(Tensor, Tensor),
+}
+
+/// The output's [`Parts`], handed over once to the forward.
+struct Value(Mutex<Option<Parts>>);
 
 impl Value {
     fn new(t: Tensor) -> Result<Value> {
-        Ok(Value(Mutex::new(Some((t.contiguous()?, None)))))
+        Ok(Value(Mutex::new(Some(Parts::Ready(t.contiguous()?)))))
     }
 
-    fn take_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
+    fn take_parts(&self) -> Result<Parts> {
         self.0
             .lock()
             .map_err(|_| candle_core::Error::Msg("attach-grad: poisoned".into()))?
@@ -402,32 +471,43 @@ impl Value {
             .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))
     }
 
-    /// `a + b` on the backend's storages, as `Tensor::add` runs it.
-    fn add<S: BackendStorage>(
+    /// `f` on the backend's storages of the two parts (`a + b`: as `Tensor::add` runs it).
+    fn with_storages<S, R>(
         a: &Tensor,
         b: &Tensor,
-        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
+        pick: fn(&candle_core::Storage) -> Option<&S>,
+        f: impl FnOnce(&S, &Layout, &S, &Layout) -> Result<R>,
+    ) -> Result<R> {
         let (sa, la) = a.storage_and_layout();
         let (sb, lb) = b.storage_and_layout();
         let (Some(x), Some(y)) = (pick(&sa), pick(&sb)) else {
-            candle_core::bail!("attach-sum: the parts are not on the op's device")
+            candle_core::bail!("attach-grad: the parts are not on the op's device")
         };
-        Ok((
-            x.binary_impl::<candle_core::op::Add>(y, la, lb)?,
-            la.shape().clone(),
-        ))
+        f(x, la, y, lb)
     }
 
     fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
+        fn pick(s: &candle_core::Storage) -> Option<&CpuStorage> {
+            match s {
+                candle_core::Storage::Cpu(c) => Some(c),
+                _ => None,
+            }
+        }
         let t = match self.take_parts()? {
-            (a, Some(b)) => {
-                return Value::add(&a, &b, |s| match s {
-                    candle_core::Storage::Cpu(c) => Some(c),
-                    _ => None,
+            Parts::Sum(a, b) => {
+                return Value::with_storages(&a, &b, pick, |x, lx, y, ly| {
+                    Ok((
+                        x.binary_impl::<candle_core::op::Add>(y, lx, ly)?,
+                        lx.shape().clone(),
+                    ))
                 })
             }
-            (t, None) => t,
+            Parts::Swiglu(g, u) => {
+                return Value::with_storages(&g, &u, pick, |x, lx, y, ly| {
+                    omr_kernels::swiglu::SwiGlu.cpu_fwd(x, lx, y, ly)
+                })
+            }
+            Parts::Ready(t) => t,
         };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
@@ -458,14 +538,27 @@ impl Value {
         use candle_core::cuda::{
             cudarc::driver::CudaSlice, CudaStorage, CudaStorageSlice, WrapErr,
         };
+        fn pick(s: &candle_core::Storage) -> Option<&CudaStorage> {
+            match s {
+                candle_core::Storage::Cuda(c) => Some(c),
+                _ => None,
+            }
+        }
         let t = match self.take_parts()? {
-            (a, Some(b)) => {
-                return Value::add(&a, &b, |s| match s {
-                    candle_core::Storage::Cuda(c) => Some(c),
-                    _ => None,
+            Parts::Sum(a, b) => {
+                return Value::with_storages(&a, &b, pick, |x, lx, y, ly| {
+                    Ok((
+                        x.binary_impl::<candle_core::op::Add>(y, lx, ly)?,
+                        lx.shape().clone(),
+                    ))
                 })
             }
-            (t, None) => t,
+            Parts::Swiglu(g, u) => {
+                return Value::with_storages(&g, &u, pick, |x, lx, y, ly| {
+                    omr_kernels::swiglu::SwiGlu.cuda_fwd(x, lx, y, ly)
+                })
+            }
+            Parts::Ready(t) => t,
         };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cuda(s) = &*storage else {
@@ -750,6 +843,65 @@ mod tests {
         let none = |_: &Tensor| Ok((None, None, None));
         let args = [x.as_tensor(), x.as_tensor(), x.as_tensor()];
         assert!(attach_sum3(args, a.clone(), a.t()?, none).is_err());
+        Ok(())
+    }
+
+    /// `swiglu_mlp` gives the bits of the three ops it replaces (`linear_op` for gate and up,
+    /// then SwiGLU): the output and every gradient, f32 and bf16, with every argument tracked
+    /// and with frozen weights (then only x gets one, and with a frozen x only the weights).
+    #[test]
+    fn swiglu_mlp_equals_its_three_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let rand = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n as u64)
+                .map(|k| {
+                    let h = (k + 7).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                    ((h >> 11) % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &dev)
+        };
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().map(|x| (x + 0.0).to_bits()).collect())
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            for (tx, tw) in [(true, true), (true, false), (false, true)] {
+                let mk = |t: Tensor, on: bool| -> Result<Tensor> {
+                    let t = t.to_dtype(dtype)?;
+                    Ok(if on {
+                        Var::from_tensor(&t)?.as_tensor().clone()
+                    } else {
+                        t
+                    })
+                };
+                let x = mk(rand(1, &[2, 5, 12])?, tx)?;
+                let wg = mk((rand(2, &[20, 12])? * 0.3)?, tw)?;
+                let wu = mk((rand(3, &[20, 12])? * 0.3)?, tw)?;
+                let k = rand(4, &[2, 5, 20])?.to_dtype(dtype)?;
+                let one = swiglu_mlp(&x, &wg, &wu)?;
+                let three =
+                    omr_kernels::swiglu(&linear_op(&x, &wg, None)?, &linear_op(&x, &wu, None)?)?;
+                let what = format!("{dtype:?}, x tracked {tx}, weights tracked {tw}");
+                assert_eq!(bits(&one)?, bits(&three)?, "{what}: output");
+                let g1 = (&one * &k)?.sum_all()?.backward()?;
+                let g3 = (&three * &k)?.sum_all()?.backward()?;
+                for (name, t, on) in [("x", &x, tx), ("wg", &wg, tw), ("wu", &wu, tw)] {
+                    match (g1.get(t), g3.get(t)) {
+                        (Some(a), Some(b)) => assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}"),
+                        (None, None) => assert!(!on, "{what}: no d{name}"),
+                        _ => panic!("{what}: d{name} present in one only"),
+                    }
+                }
+            }
+        }
+        assert!(swiglu_mlp(
+            &rand(1, &[3, 12])?,
+            &rand(2, &[20, 12])?,
+            &rand(3, &[20, 11])?
+        )
+        .is_err());
         Ok(())
     }
 

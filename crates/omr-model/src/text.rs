@@ -283,11 +283,19 @@ impl Layer {
         };
         let x = (x + self.o.forward(&a, ctx)?)?;
         let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
-        let g = fused::swiglu(
-            &self.gate.forward(&hs, ctx)?,
-            &self.up.forward(&hs, ctx)?,
-            ctx,
-        )?;
+        let g = match (
+            self.gate.plain_weight(),
+            self.up.plain_weight(),
+            ctx.kernels,
+        ) {
+            // Gate, up and SwiGLU as one op (no LoRA, no bias): ops::swiglu_mlp.
+            (Some(wg), Some(wu), Kernels::Fused) => fused::swiglu_mlp(&hs, wg, wu)?,
+            _ => fused::swiglu(
+                &self.gate.forward(&hs, ctx)?,
+                &self.up.forward(&hs, ctx)?,
+                ctx,
+            )?,
+        };
         x + self.down.forward(&g, ctx)?
     }
 }
