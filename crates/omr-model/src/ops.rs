@@ -471,19 +471,31 @@ impl Value {
             .ok_or_else(|| candle_core::Error::Msg("attach-grad: forward ran twice".into()))
     }
 
-    /// `f` on the backend's storages of the two parts (`a + b`: as `Tensor::add` runs it).
-    fn with_storages<S, R>(
-        a: &Tensor,
-        b: &Tensor,
+    /// The output from its two parts on the backend `pick` selects: `a + b` as `Tensor::add`
+    /// runs it, or `silu(g)·u` by `swiglu` (the SwiGLU op's forward there); `Err(t)`: a ready
+    /// tensor, for the caller to copy.
+    fn compute<S: BackendStorage>(
+        parts: Parts,
         pick: fn(&candle_core::Storage) -> Option<&S>,
-        f: impl FnOnce(&S, &Layout, &S, &Layout) -> Result<R>,
-    ) -> Result<R> {
+        swiglu: fn(&S, &Layout, &S, &Layout) -> Result<(S, Shape)>,
+    ) -> Result<std::result::Result<(S, Shape), Tensor>> {
+        let (a, b, sum) = match parts {
+            Parts::Ready(t) => return Ok(Err(t)),
+            Parts::Sum(a, b) => (a, b, true),
+            Parts::Swiglu(g, u) => (g, u, false),
+        };
         let (sa, la) = a.storage_and_layout();
         let (sb, lb) = b.storage_and_layout();
         let (Some(x), Some(y)) = (pick(&sa), pick(&sb)) else {
             candle_core::bail!("attach-grad: the parts are not on the op's device")
         };
-        f(x, la, y, lb)
+        Ok(Ok(match sum {
+            true => (
+                x.binary_impl::<candle_core::op::Add>(y, la, lb)?,
+                la.shape().clone(),
+            ),
+            false => swiglu(x, la, y, lb)?,
+        }))
     }
 
     fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
@@ -493,21 +505,12 @@ impl Value {
                 _ => None,
             }
         }
-        let t = match self.take_parts()? {
-            Parts::Sum(a, b) => {
-                return Value::with_storages(&a, &b, pick, |x, lx, y, ly| {
-                    Ok((
-                        x.binary_impl::<candle_core::op::Add>(y, lx, ly)?,
-                        lx.shape().clone(),
-                    ))
-                })
-            }
-            Parts::Swiglu(g, u) => {
-                return Value::with_storages(&g, &u, pick, |x, lx, y, ly| {
-                    omr_kernels::swiglu::SwiGlu.cpu_fwd(x, lx, y, ly)
-                })
-            }
-            Parts::Ready(t) => t,
+        let swiglu = |g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout| {
+            omr_kernels::swiglu::SwiGlu.cpu_fwd(g, gl, u, ul)
+        };
+        let t = match Value::compute(self.take_parts()?, pick, swiglu)? {
+            Ok(out) => return Ok(out),
+            Err(t) => t,
         };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
@@ -544,21 +547,12 @@ impl Value {
                 _ => None,
             }
         }
-        let t = match self.take_parts()? {
-            Parts::Sum(a, b) => {
-                return Value::with_storages(&a, &b, pick, |x, lx, y, ly| {
-                    Ok((
-                        x.binary_impl::<candle_core::op::Add>(y, lx, ly)?,
-                        lx.shape().clone(),
-                    ))
-                })
-            }
-            Parts::Swiglu(g, u) => {
-                return Value::with_storages(&g, &u, pick, |x, lx, y, ly| {
-                    omr_kernels::swiglu::SwiGlu.cuda_fwd(x, lx, y, ly)
-                })
-            }
-            Parts::Ready(t) => t,
+        let swiglu = |g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout| {
+            omr_kernels::swiglu::SwiGlu.cuda_fwd(g, gl, u, ul)
+        };
+        let t = match Value::compute(self.take_parts()?, pick, swiglu)? {
+            Ok(out) => return Ok(out),
+            Err(t) => t,
         };
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cuda(s) = &*storage else {
