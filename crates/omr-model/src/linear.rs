@@ -93,4 +93,34 @@ impl Linear {
             ops::frozen_linear(x, &self.weight, self.bias.as_ref())
         }
     }
+
+    /// [`Linear::forward`] of x's elements taken I at a time, shaped `out`: attention heads in
+    /// (x: (B, T, H, D)) or out (`out` = (B, T, H, D)). On the fused path without an adapter
+    /// the projection writes that shape itself ([`ops::linear_op_to`]: no reshape nodes in the
+    /// graph); otherwise `forward` between two reshapes.
+    pub fn forward_to(&self, x: &Tensor, out: &[usize], ctx: &Ctx) -> Result<Tensor> {
+        let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if self.lora.is_none() && ctx.kernels == Kernels::Fused && (trainable || x.track_op()) {
+            return match trainable {
+                true => ops::linear_op_to(x, &self.weight, self.bias.as_ref(), out),
+                // frozen_linear's op: only x's gradient.
+                false => ops::linear_op_to(
+                    x,
+                    &self.weight.detach(),
+                    self.bias.as_ref().map(|b| b.detach()).as_ref(),
+                    out,
+                ),
+            };
+        }
+        let i = self.weight.dim(1)?;
+        let x = match x.dims().last() == Some(&i) {
+            true => x.clone(),
+            false => x.reshape((x.elem_count() / i.max(1), i))?,
+        };
+        let y = self.forward(&x, ctx)?;
+        match y.dims() == out {
+            true => Ok(y),
+            false => y.reshape(out),
+        }
+    }
 }

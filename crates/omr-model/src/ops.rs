@@ -101,14 +101,32 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// more: a device copy of every projection's output per step). x: (…, I), w: (O, I), b: (O)
 /// → (…, O)
 pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let i = *x.dims().last().expect("linear input has a last dimension");
+    if w.dim(1)? != i {
+        candle_core::bail!("linear: x (…, {i}) and w {:?} do not fit", w.dims())
+    }
+    let mut out = x.dims().to_vec();
+    *out.last_mut().expect("non-empty") = w.dim(0)?;
+    linear_op_to(x, w, b, &out)
+}
+
+/// [`linear_op`] whose input's rows are its elements taken I at a time and whose output has
+/// the shape `out` (rows · O elements): a projection from attention heads (B, T, H, D) or to
+/// them (B, T, H, D) without a reshape node in the graph on either side (each would take
+/// a `zeros_like` + add of its size in candle's backward). The same bits as `linear_op` and a
+/// reshape. x: I · rows elements, w: (O, I), b: (O) → `out`
+pub fn linear_op_to(x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &[usize]) -> Result<Tensor> {
     let x = &x.contiguous()?;
     let dims = x.dims().to_vec();
-    let i = *dims.last().expect("linear input has a last dimension");
+    let (o, i) = w.dims2()?;
     let rows = x.elem_count() / i.max(1);
-    let (o, wi) = w.dims2()?;
-    if wi != i || b.is_some_and(|b| b.dims() != [o]) {
+    if i == 0
+        || rows * i != x.elem_count()
+        || out.iter().product::<usize>() != rows * o
+        || b.is_some_and(|b| b.dims() != [o])
+    {
         candle_core::bail!(
-            "linear: x (…, {i}), w {:?} and b {:?} do not fit",
+            "linear: x {dims:?}, w {:?}, b {:?} and output {out:?} do not fit",
             w.dims(),
             b.map(|b| b.dims().to_vec())
         )
@@ -138,8 +156,6 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         };
         Ok((dx, dw, db))
     };
-    let mut out = x.dims().to_vec();
-    *out.last_mut().expect("non-empty") = o;
     let op = LinearOp {
         rows,
         i,
@@ -147,9 +163,10 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         out: Shape::from(out),
         grad: Arc::new(grads),
     };
-    if rows == 0 || i == 0 || o == 0 {
+    if rows == 0 || o == 0 {
         // candle's matmul special-cases empty products; so does `linear`.
-        let y = linear(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?;
+        let x2 = x.detach().reshape((rows, i))?;
+        let y = linear(&x2, &w.detach(), b.map(|b| b.detach()).as_ref())?.reshape(out)?;
         let grad = op.grad.clone();
         return match b {
             Some(b) => attach_grad3([x, w, b], y, move |g| grad(g)),
@@ -781,6 +798,36 @@ mod tests {
                 }
             }
         }
+        // Heads in and out (linear_op_to): the bits of linear_op and reshapes, gradients too.
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Var::from_tensor(&rand(6, &[2, 3, 4, 6])?.to_dtype(dtype)?)?; // (B, T, H, D)
+            let w = Var::from_tensor(&rand(7, &[8, 24])?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&rand(8, &[8])?.to_dtype(dtype)?)?;
+            let y = linear_op_to(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(b.as_tensor()),
+                &[2, 3, 2, 4],
+            )?;
+            let flat_x = x.as_tensor().reshape((2, 3, 24))?;
+            let y_ref =
+                linear_op(&flat_x, w.as_tensor(), Some(b.as_tensor()))?.reshape((2, 3, 2, 4))?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(v.iter().map(|x| (x + 0.0).to_bits()).collect())
+            };
+            assert_eq!(bits(&y)?, bits(&y_ref)?, "{dtype:?}: heads in and out");
+            let k = rand(9, &[2, 3, 2, 4])?.to_dtype(dtype)?;
+            let g = (&y * &k)?.sum_all()?.backward()?;
+            let g_ref = (&y_ref * &k)?.sum_all()?.backward()?;
+            for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+                let (a, r) = (g.get(t).expect("grad"), g_ref.get(t).expect("grad"));
+                assert_eq!(a.dims(), t.dims());
+                assert_eq!(bits(a)?, bits(r)?, "{dtype:?}: gradient");
+            }
+        }
+        assert!(linear_op_to(&base, &rand(3, &[7, 12])?, None, &[2, 9, 6]).is_err());
+        assert!(linear_op_to(&base, &rand(3, &[7, 10])?, None, &[2, 9, 7]).is_err());
         // Only tracked arguments get a gradient; a frozen weight gets none.
         let x = Var::from_tensor(&base)?;
         let w = rand(3, &[7, 12])?;

@@ -262,11 +262,10 @@ impl Layer {
             }
         }
         let hs = fused::rmsnorm(x, &self.input_norm, c.rms_norm_eps, ctx)?;
-        // (B, T, n, D), the projections' layout
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d));
-        let q = heads(self.q.forward(&hs, ctx)?, h)?;
-        let k = heads(self.k.forward(&hs, ctx)?, kv)?;
-        let v = heads(self.v.forward(&hs, ctx)?, kv)?;
+        // (B, T, n, D), the projections' layout, written so by them on the fused path
+        let q = self.q.forward_to(&hs, &[b, t, h, d], ctx)?;
+        let k = self.k.forward_to(&hs, &[b, t, kv, d], ctx)?;
+        let v = self.v.forward_to(&hs, &[b, t, kv, d], ctx)?;
         let a = match tables {
             Tables::Candle { cos, sin, bias } => {
                 let q = ops::apply_rotary(&q.transpose(1, 2)?, cos, sin)?;
@@ -278,10 +277,10 @@ impl Layer {
                 let q = fused::rotary(&q, cos, sin)?;
                 let k = fused::rotary(&k, cos, sin)?;
                 let (k, v) = extend(cache, k, v, 1)?;
-                fused::attention(&q, &k, &v, mask)?.reshape((b, t, h * d))?
+                fused::attention(&q, &k, &v, mask)? // (B, T, H, D)
             }
         };
-        let x = (x + self.o.forward(&a, ctx)?)?;
+        let x = (x + self.o.forward_to(&a, &[b, t, c.hidden_size], ctx)?)?;
         let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
         let g = match (
             self.gate.plain_weight(),
