@@ -112,9 +112,14 @@ impl Linear {
                 ),
             };
         }
+        // x as (out's leading dims, I) when that fits, so `forward` returns `out` as is.
         let i = self.weight.dim(1)?;
+        let lead = &out[..out.len().saturating_sub(1)];
         let x = match x.dims().last() == Some(&i) {
             true => x.clone(),
+            false if lead.iter().product::<usize>() * i == x.elem_count() => {
+                x.reshape([lead, &[i]].concat())?
+            }
             false => x.reshape((x.elem_count() / i.max(1), i))?,
         };
         let y = self.forward(&x, ctx)?;
