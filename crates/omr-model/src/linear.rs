@@ -94,6 +94,22 @@ impl Linear {
         }
     }
 
+    /// `r + forward(x)` shaped like r (a residual add after the projection), x's elements
+    /// taken I at a time as in [`Linear::forward_to`]. On the fused path, for a projection
+    /// without bias or adapter, one op ([`ops::linear_residual`]): the projection's output is
+    /// not a graph node of its own.
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let trainable = self.weight.track_op();
+        let tracked = trainable || x.track_op() || r.track_op();
+        if let (Some(w), Kernels::Fused, true) = (self.plain_weight(), ctx.kernels, tracked) {
+            return match trainable {
+                true => ops::linear_residual(x, w, r),
+                false => ops::linear_residual(x, &w.detach(), r),
+            };
+        }
+        r + self.forward_to(x, r.dims(), ctx)?
+    }
+
     /// [`Linear::forward`] of x's elements taken I at a time, shaped `out`: attention heads in
     /// (x: (B, T, H, D)) or out (`out` = (B, T, H, D)). On the fused path without an adapter
     /// the projection writes that shape itself ([`ops::linear_op_to`]: no reshape nodes in the

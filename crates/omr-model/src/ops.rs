@@ -116,6 +116,25 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// a `zeros_like` + add of its size in candle's backward). The same bits as `linear_op` and a
 /// reshape. x: I · rows elements, w: (O, I), b: (O) → `out`
 pub fn linear_op_to(x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &[usize]) -> Result<Tensor> {
+    linear_impl(x, w, b, None, out)
+}
+
+/// `r + x @ wᵀ` as one op (the residual add after o_proj and down_proj): the bits of
+/// `r + linear_op_to(x, w, None, r's shape)` (the add is in the op's forward, on its
+/// storages), without the projection's output as a graph node of its own (a `zeros_like` +
+/// add of (B, T, C) in candle's backward, and (B, T, C) the graph keeps alive until then).
+/// x: I · rows elements, w: (O, I), r: rows · O elements → r's shape
+pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    linear_impl(x, w, None, Some(r), r.dims())
+}
+
+fn linear_impl(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    r: Option<&Tensor>,
+    out: &[usize],
+) -> Result<Tensor> {
     let x = &x.contiguous()?;
     let dims = x.dims().to_vec();
     let (o, i) = w.dims2()?;
@@ -161,8 +180,15 @@ pub fn linear_op_to(x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &[usize]) -
         i,
         o,
         out: Shape::from(out),
+        residual: r.is_some(),
         grad: Arc::new(grads),
     };
+    if let Some(r) = r {
+        if rows == 0 || o == 0 {
+            return r + linear_impl(x, w, None, None, out)?;
+        }
+        return x.apply_op3(w, r, op);
+    }
     if rows == 0 || o == 0 {
         // candle's matmul special-cases empty products; so does `linear`.
         let x2 = x.detach().reshape((rows, i))?;
@@ -190,6 +216,8 @@ struct LinearOp {
     i: usize,
     o: usize,
     out: Shape,
+    /// The third argument is a residual r (output `r + x @ wᵀ`), not a bias.
+    residual: bool,
     grad: Arc<GradFn3>,
 }
 
@@ -210,6 +238,12 @@ impl LinearOp {
         let y = x.matmul(w, (1, self.rows, self.o, self.i), &x2, &wt)?;
         let y = match b {
             None => y,
+            // `r + y`, as candle's add of the two tensors runs it.
+            Some((r, rl)) if self.residual => r.binary_impl::<candle_core::op::Add>(
+                &y,
+                rl,
+                &Layout::contiguous(self.out.clone()),
+            )?,
             Some((b, bl)) => y.binary_impl::<candle_core::op::Add>(
                 b,
                 &Layout::contiguous((self.rows, self.o)),
@@ -257,7 +291,11 @@ impl CustomOp2 for LinearOp {
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "omr-linear-bias"
+        if self.residual {
+            "omr-linear-residual"
+        } else {
+            "omr-linear-bias"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -291,6 +329,11 @@ impl CustomOp3 for LinearOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = (self.grad)(grad_res)?;
+        // A residual's gradient is the incoming one, as candle's add gives it.
+        let db = match self.residual {
+            true => b.track_op().then(|| grad_res.clone()),
+            false => db,
+        };
         Ok((route(x, dx)?, route(w, dw)?, route(b, db)?))
     }
 }
@@ -826,6 +869,40 @@ mod tests {
                 assert_eq!(bits(a)?, bits(r)?, "{dtype:?}: gradient");
             }
         }
+        // The residual form: r + projection, the bits of the add after linear_op_to, and the
+        // same gradients for x, w and r (r tracked or not).
+        for dtype in [DType::F32, DType::BF16] {
+            for r_tracked in [true, false] {
+                let x = Var::from_tensor(&rand(10, &[2, 3, 4, 6])?.to_dtype(dtype)?)?;
+                let w = Var::from_tensor(&rand(11, &[8, 24])?.to_dtype(dtype)?)?;
+                let r0 = rand(12, &[2, 3, 8])?.to_dtype(dtype)?;
+                let r = match r_tracked {
+                    true => Var::from_tensor(&r0)?.as_tensor().clone(),
+                    false => r0,
+                };
+                let y = linear_residual(x.as_tensor(), w.as_tensor(), &r)?;
+                let y_ref = (&r + linear_op_to(x.as_tensor(), w.as_tensor(), None, &[2, 3, 8])?)?;
+                let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(v.iter().map(|x| (x + 0.0).to_bits()).collect())
+                };
+                assert_eq!(y.dims(), [2, 3, 8]);
+                assert_eq!(bits(&y)?, bits(&y_ref)?, "{dtype:?}: residual");
+                let k = rand(13, &[2, 3, 8])?.to_dtype(dtype)?;
+                let g = (&y * &k)?.sum_all()?.backward()?;
+                let g_ref = (&y_ref * &k)?.sum_all()?.backward()?;
+                for t in [x.as_tensor(), w.as_tensor(), &r] {
+                    // (candle's add gives an untracked r a gradient nobody asks for; this op
+                    // gives it none.)
+                    match (g.get(t), g_ref.get(t), t.track_op()) {
+                        (Some(a), Some(b), true) => assert_eq!(bits(a)?, bits(b)?, "{dtype:?}"),
+                        (None, _, false) => {}
+                        _ => panic!("{dtype:?}: a gradient missing or extra"),
+                    }
+                }
+            }
+        }
+        assert!(linear_residual(&base, &rand(3, &[7, 12])?, &rand(4, &[2, 9, 6])?).is_err());
         assert!(linear_op_to(&base, &rand(3, &[7, 12])?, None, &[2, 9, 6]).is_err());
         assert!(linear_op_to(&base, &rand(3, &[7, 10])?, None, &[2, 9, 7]).is_err());
         // Only tracked arguments get a gradient; a frozen weight gets none.

@@ -280,7 +280,7 @@ impl Layer {
                 fused::attention(&q, &k, &v, mask)? // (B, T, H, D)
             }
         };
-        let x = (x + self.o.forward_to(&a, &[b, t, c.hidden_size], ctx)?)?;
+        let x = self.o.forward_residual(&a, x, ctx)?;
         let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
         let g = match (
             self.gate.plain_weight(),
@@ -295,7 +295,7 @@ impl Layer {
                 ctx,
             )?,
         };
-        x + self.down.forward(&g, ctx)?
+        self.down.forward_residual(&g, &x, ctx)
     }
 }
 
