@@ -515,6 +515,9 @@ enum Parts {
     Swiglu(Tensor, Tensor),
 }
 
+/// A two-input forward on one backend's storages (the SwiGLU op's).
+type BinaryFwd<S> = fn(&S, &Layout, &S, &Layout) -> Result<(S, Shape)>;
+
 /// The output's [`Parts`], handed over once to the forward.
 struct Value(Mutex<Option<Parts>>);
 
@@ -537,7 +540,7 @@ impl Value {
     fn compute<S: BackendStorage>(
         parts: Parts,
         pick: fn(&candle_core::Storage) -> Option<&S>,
-        swiglu: fn(&S, &Layout, &S, &Layout) -> Result<(S, Shape)>,
+        swiglu: BinaryFwd<S>,
     ) -> Result<std::result::Result<(S, Shape), Tensor>> {
         let (a, b, sum) = match parts {
             Parts::Ready(t) => return Ok(Err(t)),

@@ -96,21 +96,21 @@ fn train(
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    let mut model = built.model(&rt)?;
+    let mut model = built.model(rt)?;
     let recompute = cfg
         .train
         .activation_checkpointing
         .recompute()
         .with_attention(cfg.train.recompute_attention)
         .keeping_decoder_layers(
-            crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, &rt, |o| {
+            crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, rt, |o| {
                 crate::plan::input_from_grpo(cfg, o)
             })
             .map_err(TrainError::Usage)?,
         );
-    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
+    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, rt)?;
     // The frozen reference: the run's initial weights, built again from the same [model].
-    let reference = reference::build(cfg, &rt, &device)?;
+    let reference = reference::build(cfg, rt, &device)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
     let mut loader = setup::open_loader(&cfg.data)?;
@@ -148,7 +148,7 @@ fn train(
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
-            model = built.model(&rt)?;
+            model = built.model(rt)?;
         }
     }
     let resolved = cfg.to_toml();
@@ -362,7 +362,7 @@ fn train(
                 }
             };
             if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
-                model = built.model(&rt)?;
+                model = built.model(rt)?;
             }
             gs.updates += 1;
             u.updates_done += 1;

@@ -84,14 +84,14 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         Processor::from_model_dir(&built.processor_dir, &cfg.data.process)
             .map_err(|e| TrainError::Usage(format!("{}: {e}", built.processor_dir.display())))?,
     );
-    let mut model = built.model(&rt)?;
+    let mut model = built.model(rt)?;
     let recompute = cfg
         .train
         .activation_checkpointing
         .recompute()
         .with_attention(cfg.train.recompute_attention)
-        .keeping_decoder_layers(kept_decoder_layers(cfg, &rt)?);
-    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, &rt)?;
+        .keeping_decoder_layers(kept_decoder_layers(cfg, rt)?);
+    let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
     let mut loader = setup::open_loader(&cfg.data)?;
@@ -118,7 +118,7 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
-            model = built.model(&rt)?;
+            model = built.model(rt)?;
         }
     }
     let resolved = cfg.to_toml();
@@ -260,7 +260,7 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
                 .map_err(|e| TrainError::Internal(e.to_string()))?
         };
         if matches!(outcome, StepOutcome::Applied { .. }) && built.params.casts_on_get() {
-            model = built.model(&rt)?;
+            model = built.model(rt)?;
         }
         let grad_norm = match outcome {
             StepOutcome::Applied { grad_norm, .. } => {
