@@ -227,6 +227,12 @@ pub fn run_kept_decoder_layers(
     Ok(n)
 }
 
+/// What a run may plan for on a device of `bytes`: all but 1 GiB, kept free for the CUDA
+/// context, cuBLAS's workspace and the allocator (`omr plan`'s default headroom).
+fn usable(bytes: u64) -> u64 {
+    bytes.saturating_sub(super::GIB as u64)
+}
+
 /// What a run on `rt` plans with: its compute dtype and kernels, the config's own model and
 /// processor.
 fn run_options(rt: &crate::runtime::Runtime) -> PlanOptions {
@@ -269,7 +275,7 @@ pub fn check_run_memory(
             return Ok(());
         }
     };
-    let usable = bytes.saturating_sub(super::GIB as u64);
+    let usable = usable(bytes);
     let (_, plan, _) = super::worst_case(&input);
     let gib = |b: u64| b as f64 / super::GIB;
     if plan.peak <= usable {
@@ -298,7 +304,7 @@ pub fn check_run_memory(
 /// does). 0 without decoder checkpointing or when even full checkpointing does not fit. Also a
 /// line for the log saying why.
 pub fn auto_kept_decoder_layers(input: &PlanInput, device_bytes: u64) -> (usize, String) {
-    let usable = device_bytes.saturating_sub(super::GIB as u64);
+    let usable = usable(device_bytes);
     let layers = input.model.text.num_hidden_layers;
     let gib = |b: u64| b as f64 / super::GIB;
     let Some((n, peak)) = super::most_kept_decoder_layers(input, usable) else {
@@ -343,7 +349,7 @@ pub fn out_of_memory_error(
     );
     match (input(&run_options(rt)), rt.device_memory()) {
         (Ok((input, _)), Some(bytes)) => {
-            let usable = bytes.saturating_sub(super::GIB as u64);
+            let usable = usable(bytes);
             let (_, plan, which) = super::worst_case(&input);
             msg.push_str(&format!(
                 ". The plan for this config: peak {:.2} GiB ({}, {which}) of {:.2} GiB usable",
