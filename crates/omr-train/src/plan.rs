@@ -33,6 +33,8 @@ mod grpo;
 mod input;
 mod report;
 #[cfg(test)]
+mod run_tests;
+#[cfg(test)]
 mod tests;
 
 use omr_model::config::ModelConfig;
