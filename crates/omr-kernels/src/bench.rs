@@ -196,6 +196,14 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         0.0,
         || swiglu::backward(&g, &u, &dyi),
     )?;
+    b.add(
+        "swiglu bwd+act",
+        format!("({ri}, {idim})"),
+        dt,
+        6.0 * ni * es,
+        0.0,
+        || swiglu::backward_with_act(&g, &u, &dyi),
+    )?;
 
     // Rotary on the queries of 8192 tokens (28 heads of 128).
     let (t, h) = if gpu { (8192, 28) } else { (256, 4) };

@@ -341,6 +341,15 @@ pub fn compare_on(dev: &Device) -> Result<Vec<Check>> {
             let (a, b) = swiglu::backward(&t[0], &t[1], &t[2])?;
             Ok(vec![a, b])
         })?;
+        c.cmp(
+            &format!("swiglu bwd+act {name}"),
+            tol,
+            &[&g, &u, &dyi],
+            |t| {
+                let (a, b, y) = swiglu::backward_with_act(&t[0], &t[1], &t[2])?;
+                Ok(vec![a, b, y])
+            },
+        )?;
         let sizes = [91usize, 1, 300, 70_000, 3 << 20];
         let gs: Vec<Tensor> = sizes
             .iter()

@@ -2,7 +2,8 @@
 //! Qwen2.5-VL vision blocks). f32 arithmetic, one rounding of each output to the input dtype.
 //!
 //! g, u: (…, I) → y: (…, I). The backward recomputes sigmoid(g) and returns dg and du from one
-//! pass. CPU: [`fwd_ref`] / [`bwd_ref`]; CUDA: `kernels/swiglu.cu`.
+//! pass ([`backward`]), and y as well when asked ([`backward_with_act`]: for callers that do
+//! not keep y). CPU: [`fwd_ref`] / [`bwd_ref`]; CUDA: `kernels/swiglu.cu`.
 
 use crate::host;
 use candle_core::backend::BackendStorage;
@@ -46,19 +47,56 @@ pub fn bwd_ref(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
 
 /// dg and du on any device (CPU reference or the CUDA kernel).
 pub fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dg, du, _) = backward_impl(g, u, dy, false)?;
+    Ok((dg, du))
+}
+
+/// [`backward`] that also returns the forward's value `silu(g) · u` (the bits [`swiglu`]
+/// gives), computed in the same pass: for a caller that drops the activation after the
+/// forward and needs it again in the backward (the decoder MLP's down projection, for its
+/// weight gradient). On CUDA one kernel reads g, u, dy once and writes dg, du and y.
+pub fn backward_with_act(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dg, du, y) = backward_impl(g, u, dy, true)?;
+    let y = y.ok_or_else(|| candle_core::Error::Msg("swiglu: no activation".into()))?;
+    Ok((dg, du, y))
+}
+
+fn backward_impl(
+    g: &Tensor,
+    u: &Tensor,
+    dy: &Tensor,
+    act: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    if g.shape() != u.shape() || g.elem_count() != dy.elem_count() || g.dtype() != u.dtype() {
+        bail!(
+            "swiglu backward: g {:?} {:?}, u {:?} {:?} and dy {:?} differ",
+            g.dims(),
+            g.dtype(),
+            u.dims(),
+            u.dtype(),
+            dy.dims()
+        )
+    }
     let dy = dy.to_dtype(g.dtype())?.contiguous()?;
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() {
-        return cuda_bwd(g, u, &dy);
+        return cuda_bwd(g, u, &dy, act);
     }
-    let (dg, du) = bwd_ref(
-        &host::tensor_f32(g)?,
-        &host::tensor_f32(u)?,
-        &host::tensor_f32(&dy)?,
-    );
+    let (gf, uf) = (host::tensor_f32(g)?, host::tensor_f32(u)?);
+    let (dg, du) = bwd_ref(&gf, &uf, &host::tensor_f32(&dy)?);
+    let y = match act {
+        true => Some(host::tensor_from(
+            fwd_ref(&gf, &uf),
+            g.shape(),
+            g.dtype(),
+            g.device(),
+        )?),
+        false => None,
+    };
     Ok((
         host::tensor_from(dg, g.shape(), g.dtype(), g.device())?,
         host::tensor_from(du, u.shape(), u.dtype(), u.device())?,
+        y,
     ))
 }
 
@@ -125,15 +163,21 @@ impl CustomOp2 for SwiGlu {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_bwd(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+fn cuda_bwd(
+    g: &Tensor,
+    u: &Tensor,
+    dy: &Tensor,
+    act: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     use crate::cuda::{self, In, Out, PushKernelArg};
     let dev = cuda::device_of(g)?;
     let (g, u) = (g.contiguous()?, u.contiguous()?);
     let n = g.elem_count();
+    let name = if act { "swiglu_bwd_act" } else { "swiglu_bwd" };
     let f = cuda::kernel(
         &dev,
         "swiglu",
-        &format!("swiglu_bwd_{}", cuda::suffix(g.dtype())?),
+        &format!("{name}_{}", cuda::suffix(g.dtype())?),
     )?;
     let (gs, gl) = g.storage_and_layout();
     let (us, ul) = u.storage_and_layout();
@@ -145,6 +189,10 @@ fn cuda_bwd(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     );
     let mut dg = Out::alloc(&dev, g.dtype(), n)?;
     let mut du = Out::alloc(&dev, g.dtype(), n)?;
+    let mut y = match act {
+        true => Some(Out::alloc(&dev, g.dtype(), n)?),
+        false => None,
+    };
     let n_i = n as i64;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -153,10 +201,14 @@ fn cuda_bwd(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     di.push(&mut b);
     dg.push(&mut b);
     du.push(&mut b);
+    if let Some(y) = y.as_mut() {
+        y.push(&mut b);
+    }
     b.arg(&n_i);
     cuda::run(b, cuda::cfg(cuda::vec16_blocks(n, g.dtype()), 256, 0))?;
     Ok((
         dg.into_tensor(&dev, g.shape()),
         du.into_tensor(&dev, g.shape()),
+        y.map(|y| y.into_tensor(&dev, g.shape())),
     ))
 }

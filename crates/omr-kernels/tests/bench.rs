@@ -12,13 +12,14 @@ fn runs_on_cpu() -> Result<()> {
     assert!(c.bandwidth > 0.0 && c.flops > 0.0);
     assert_eq!(
         rows.len(),
-        19,
-        "one row per timed kernel (the CE tile kernels; linear CE: trained and frozen head; linear logp; attention: kernel and gemm; a decoding step, split and not)"
+        20,
+        "one row per timed kernel (SwiGLU: forward, backward, backward with the activation; the CE tile kernels; linear CE: trained and frozen head; linear logp; attention: kernel and gemm; a decoding step, split and not)"
     );
     assert!(rows
         .iter()
         .any(|r| r.name == "attn decode step (cache view)"));
     assert!(rows.iter().any(|r| r.name == "grad accumulate"));
+    assert!(rows.iter().any(|r| r.name == "swiglu bwd+act"));
     assert!(rows.iter().any(|r| r.name == "ce tile stats"));
     assert!(rows.iter().any(|r| r.name == "ce tile grad"));
     assert!(rows

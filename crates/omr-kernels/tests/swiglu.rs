@@ -46,6 +46,38 @@ fn matches_candle_composition() -> Result<()> {
     Ok(())
 }
 
+/// Every element's bits (as f32: exact for bf16 too).
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
+/// `backward_with_act` on the CPU: dg and du are `backward`'s bits and the activation is the
+/// forward's, for both dtypes, with dy given in another shape of the same size (the decoder
+/// MLP hands it over as (rows, I)).
+#[test]
+fn backward_with_act_is_backward_and_forward() -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let g = rand(21, &[3, 5, 72], 6.0, dtype)?;
+        let u = rand(22, &[3, 5, 72], 2.0, dtype)?;
+        let dy = rand(23, &[15, 72], 1.0, dtype)?;
+        let (dg, du) = swiglu::backward(&g, &u, &dy)?;
+        let (dga, dua, y) = swiglu::backward_with_act(&g, &u, &dy)?;
+        assert_eq!(bits(&dga)?, bits(&dg)?, "{dtype:?} dg");
+        assert_eq!(bits(&dua)?, bits(&du)?, "{dtype:?} du");
+        assert_eq!(bits(&y)?, bits(&swiglu::swiglu(&g, &u)?)?, "{dtype:?} y");
+        assert_eq!(y.dims(), g.dims());
+    }
+    // Sizes that do not fit are an error, not a panic.
+    let g = rand(24, &[4, 8], 1.0, DType::F32)?;
+    assert!(swiglu::backward_with_act(&g, &g, &rand(25, &[4, 7], 1.0, DType::F32)?).is_err());
+    Ok(())
+}
+
 #[test]
 fn cuda_matches_cpu() -> Result<()> {
     for dev in accel() {
@@ -64,6 +96,16 @@ fn cuda_matches_cpu() -> Result<()> {
             )?;
             check(&format!("swiglu {dtype:?} cuda dg"), &dgd, &dg, tol)?;
             check(&format!("swiglu {dtype:?} cuda du"), &dud, &du, tol)?;
+            // The variant that also writes the activation: the same dg, du bits as the plain
+            // backward's kernel, y the forward kernel's bits.
+            let (dga, dua, ya) = swiglu::backward_with_act(
+                &g.to_device(&dev)?,
+                &u.to_device(&dev)?,
+                &dy.to_device(&dev)?,
+            )?;
+            assert_eq!(bits(&dga)?, bits(&dgd)?, "swiglu {dtype:?} cuda act dg");
+            assert_eq!(bits(&dua)?, bits(&dud)?, "swiglu {dtype:?} cuda act du");
+            assert_eq!(bits(&ya)?, bits(&yd)?, "swiglu {dtype:?} cuda act y");
         }
     }
     Ok(())

@@ -181,6 +181,8 @@ pub fn decoder_layer(
     let (up, xa_up) = lin(UP, &hs2, &w.up, None)?;
     let g = omr_kernels::swiglu(&gt, &up)?;
     let (down, xa_down) = lin(DOWN, &g, &w.down, None)?;
+    // The activation is not kept: the backward recomputes it.
+    drop(g);
     let y = (&x2 + down)?;
 
     let params = w.params();
@@ -206,27 +208,45 @@ pub fn decoder_layer(
             |x: &Tensor| gr.flat(x),
         );
         let mut lora_grads: Vec<Option<Tensor>> = vec![None; 2 * LINEARS];
-        // Through linear `li` with input x and output gradient g: dL/dx, and its adapter's
-        // gradients into `lora_grads`.
-        let mut back = |li: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
+        // Through linear `li` with output gradient g: dL/dx, and g (scale · B) when it has an
+        // adapter.
+        let back_dx = |li: usize, g: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
             let dx = matmul_nt(g, &ws[li])?;
-            let (Some(ad), Some(xa)) = (&ads[li], &xa[li]) else {
-                return Ok(dx);
+            let Some(ad) = &ads[li] else {
+                return Ok((dx, None));
             };
             let gb = matmul_nt(g, &ad.b)?; // g (scale · B): (…, r)
+            Ok(((dx + matmul_nt(&gb, &ad.a)?)?, Some(gb)))
+        };
+        // The adapter gradients of linear `li` with input x, output gradient g and g·B (gb),
+        // into `lora_grads`.
+        let mut adapter_grads = |li: usize, g: &Tensor, gb: Option<Tensor>, x: &Tensor| {
+            let (Some(ad), Some(xa), Some(gb)) = (&ads[li], &xa[li], gb) else {
+                return Ok::<_, candle_core::Error>(());
+            };
             let (ia, ib) = (BASE_PARAMS + 2 * li, BASE_PARAMS + 2 * li + 1);
             lora_grads[2 * li] = gr.dw(ia, &gb, x)?; // (r, I)
             lora_grads[2 * li + 1] = match gr.dw(ib, g, xa)? {
                 Some(g) => Some((g * ad.scale)?), // scale · gᵀ (x Aᵀ): (O, r)
                 None => None,
             };
-            dx + matmul_nt(&gb, &ad.a)?
+            Ok(())
         };
         let dy = dy.to_dtype(dt)?;
-        // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ
-        let dg = back(DOWN, &dy, &g)?;
+        // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ. The activation g was not kept: SwiGLU's
+        // backward recomputes it (the forward's bits) for the down projection's gradients.
+        let (dg, gb_down) = back_dx(DOWN, &dy)?;
+        let (dgt, dup, g) = omr_kernels::swiglu::backward_with_act(&gt, &up, &dg)?;
+        adapter_grads(DOWN, &dy, gb_down, &g)?;
         let d_down = dw(11, &dy, &g)?;
-        let (dgt, dup) = omr_kernels::swiglu::backward(&gt, &up, &dg)?;
+        drop(g);
+        // Through linear `li` with input x and output gradient g: dL/dx, and its adapter's
+        // gradients into `lora_grads`.
+        let mut back = |li: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
+            let (dx, gb) = back_dx(li, g)?;
+            adapter_grads(li, g, gb, x)?;
+            Ok(dx)
+        };
         let d_gate = dw(9, &dgt, &hs2)?;
         let d_up = dw(10, &dup, &hs2)?;
         let dhs2 = (back(GATE, &dgt, &hs2)? + back(UP, &dup, &hs2)?)?;

@@ -7,9 +7,13 @@
 
 mod attach;
 mod fused_linear;
+mod fused_mlp;
+#[cfg(test)]
+mod test_values;
 
 pub use attach::{attach_grad, attach_grad2, attach_grad3, attach_sum3};
-pub use fused_linear::{linear_op, linear_op_to, linear_residual, swiglu_mlp};
+pub use fused_linear::{linear_op, linear_op_to, linear_residual};
+pub use fused_mlp::{swiglu_mlp, swiglu_mlp_residual};
 
 use candle_core::{DType, Result, Tensor, D};
 

@@ -1,11 +1,11 @@
 //! Projections whose forward runs inside their own candle op ([`linear_op`], [`linear_op_to`],
-//! [`linear_residual`]) and the decoder's gated MLP as one op ([`swiglu_mlp`]): the fused
+//! [`linear_residual`]; the decoder's MLP as one op is `ops/fused_mlp.rs`): the fused
 //! path's way to keep candle's graph small. Each output is written by the op itself (no copy
 //! of a precomputed value), no reshape or residual add around a projection is a graph node of
 //! its own, and the weights' gradients go through `omr_kernels::grad_sink::route`.
 
-use super::attach::{attach_swiglu3, GradFn3};
-use super::{attach_grad2, attach_grad3, linear, matmul_nt, matmul_t};
+use super::attach::GradFn3;
+use super::{attach_grad2, attach_grad3, linear};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -97,11 +97,13 @@ fn linear_impl(
         Ok((dx, dw, db))
     };
     let op = LinearOp {
-        rows,
-        i,
-        o,
-        out: Shape::from(out),
-        residual: r.is_some(),
+        gemm: Gemm {
+            rows,
+            i,
+            o,
+            out: Shape::from(out),
+            residual: r.is_some(),
+        },
         grad: Arc::new(grads),
     };
     if let Some(r) = r {
@@ -129,21 +131,27 @@ fn linear_impl(
     }
 }
 
-/// [`linear_op`]'s op: `x @ wᵀ (+ b)` computed in its forward from the storages candle hands
-/// it (x contiguous, viewed as (rows, I); w read transposed through its layout; b broadcast
-/// over the rows), exactly the calls `matmul_t` and `broadcast_add` make.
+/// [`linear_op`]'s op: its [`Gemm`] in the forward, its closure's gradients in the backward.
 struct LinearOp {
-    rows: usize,
-    i: usize,
-    o: usize,
-    out: Shape,
-    /// The third argument is a residual r (output `r + x @ wᵀ`), not a bias.
-    residual: bool,
+    gemm: Gemm,
     grad: Arc<GradFn3>,
 }
 
-impl LinearOp {
-    fn forward<S: BackendStorage>(
+/// `x @ wᵀ (+ b | + r)` on storages (x contiguous, viewed as (rows, I); w read transposed
+/// through its layout; b broadcast over the rows), exactly the calls `matmul_t` and
+/// `broadcast_add` (or `r + y`) make: the forward of [`linear_op`]'s op and of the MLP op's
+/// down projection (`ops::swiglu_mlp_residual`).
+pub(super) struct Gemm {
+    pub rows: usize,
+    pub i: usize,
+    pub o: usize,
+    pub out: Shape,
+    /// The third storage is a residual r (output `r + x @ wᵀ`), not a bias.
+    pub residual: bool,
+}
+
+impl Gemm {
+    pub fn forward<S: BackendStorage>(
         &self,
         x: &S,
         xl: &Layout,
@@ -186,7 +194,7 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.forward(s1, l1, s2, l2, None)
+        self.gemm.forward(s1, l1, s2, l2, None)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -196,7 +204,7 @@ impl CustomOp2 for LinearOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward(s1, l1, s2, l2, None)
+        self.gemm.forward(s1, l1, s2, l2, None)
     }
     fn bwd(
         &self,
@@ -212,7 +220,7 @@ impl CustomOp2 for LinearOp {
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        if self.residual {
+        if self.gemm.residual {
             "omr-linear-residual"
         } else {
             "omr-linear-bias"
@@ -227,7 +235,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.forward(s1, l1, s2, l2, Some((s3, l3)))
+        self.gemm.forward(s1, l1, s2, l2, Some((s3, l3)))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -239,7 +247,7 @@ impl CustomOp3 for LinearOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.forward(s1, l1, s2, l2, Some((s3, l3)))
+        self.gemm.forward(s1, l1, s2, l2, Some((s3, l3)))
     }
     fn bwd(
         &self,
@@ -251,7 +259,7 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = (self.grad)(grad_res)?;
         // A residual's gradient is the incoming one, as candle's add gives it.
-        let db = match self.residual {
+        let db = match self.gemm.residual {
             true => b.track_op().then(|| grad_res.clone()),
             false => db,
         };
@@ -259,80 +267,11 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// The gated MLP up to its down projection, `silu(x·Wgᵀ) · (x·Wuᵀ)`, as one op over
-/// (x, Wg, Wu) (the fused path's decoder MLP; projections without bias). Through
-/// `linear_op` ×2 + SwiGLU, the gate's and the up projection's outputs were graph nodes of
-/// their own: each (…, I), the widest activations of the layer, got a `zeros_like` + add in
-/// candle's backward. Here they are kept inside the op; the output is computed in its forward
-/// by the SwiGLU kernel from them (no copy), and the backward is SwiGLU's, then the four
-/// GEMMs: dx = dg·Wg + du·Wu, dWg = dgᵀ·x, dWu = duᵀ·x (weights' gradients through
-/// [`route`]). The same values and gradients, bit for bit, as the three ops.
-/// x: (…, C), wg, wu: (I, C) → (…, I)
-pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
-    let x = &x.contiguous()?;
-    let dims = x.dims().to_vec();
-    let c = *dims.last().expect("mlp input has a last dimension");
-    let rows = x.elem_count() / c.max(1);
-    if wg.dims2()? != wu.dims2()? || wg.dim(1)? != c {
-        candle_core::bail!(
-            "swiglu_mlp: x (…, {c}), gate {:?} and up {:?} do not fit",
-            wg.dims(),
-            wu.dims()
-        )
-    }
-    let i = wg.dim(0)?;
-    let (xd, wgd, wud) = (x.detach(), wg.detach(), wu.detach());
-    let g = matmul_t(&xd, &wgd)?;
-    let u = matmul_t(&xd, &wud)?;
-    let need = [x.track_op(), wg.track_op(), wu.track_op()];
-    if !need.iter().any(|&n| n) {
-        return omr_kernels::swiglu(&g, &u);
-    }
-    let (gk, uk) = (g.clone(), u.clone());
-    let ws = need[0].then(|| (wgd.clone(), wud.clone()));
-    let xk = (need[1] || need[2])
-        .then(|| xd.reshape((rows, c)))
-        .transpose()?;
-    let grads = move |dy: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = omr_kernels::swiglu::backward(&gk, &uk, dy)?;
-        let dx = match &ws {
-            Some((wg, wu)) => Some((matmul_nt(&dg, wg)? + matmul_nt(&du, wu)?)?),
-            None => None,
-        };
-        let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
-        let dw = |d: &Tensor, on: bool| -> Result<Option<Tensor>> {
-            match (&xk, on) {
-                (Some(x2), true) => Ok(Some(d.t()?.matmul(x2)?)),
-                _ => Ok(None),
-            }
-        };
-        Ok((dx, dw(&dg2, need[1])?, dw(&du2, need[2])?))
-    };
-    attach_swiglu3([x, wg, wu], g, u, grads)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{bits, rand};
     use super::*;
-    use candle_core::{DType, Device, Var};
-
-    /// Seeded values in [−1, 1].
-    fn rand(seed: u64, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n as u64)
-            .map(|k| {
-                let h = (k + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-                ((h >> 11) % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
-
-    /// The elements' f32 bits, −0 as +0.
-    fn bits(t: &Tensor) -> Result<Vec<u32>> {
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(v.iter().map(|x| (x + 0.0).to_bits()).collect())
-    }
+    use candle_core::{DType, Var};
 
     /// `linear_op` computes its output inside the op: the bits of `linear` (candle's matmul +
     /// broadcast add), for 2-D and 3-D inputs, a narrowed (offset) and a transposed
@@ -445,50 +384,6 @@ mod tests {
         // Shapes that do not fit are an error, not a panic.
         assert!(linear_op(&base, &rand(3, &[7, 11])?, None).is_err());
         assert!(linear_op(&base, &w, Some(&rand(4, &[6])?)).is_err());
-        Ok(())
-    }
-
-    /// `swiglu_mlp` gives the bits of the three ops it replaces (`linear_op` for gate and up,
-    /// then SwiGLU): the output and every gradient, f32 and bf16, with every argument tracked
-    /// and with frozen weights (then only x gets one, and with a frozen x only the weights).
-    #[test]
-    fn swiglu_mlp_equals_its_three_ops() -> Result<()> {
-        for dtype in [DType::F32, DType::BF16] {
-            for (tx, tw) in [(true, true), (true, false), (false, true)] {
-                let mk = |t: Tensor, on: bool| -> Result<Tensor> {
-                    let t = t.to_dtype(dtype)?;
-                    Ok(if on {
-                        Var::from_tensor(&t)?.as_tensor().clone()
-                    } else {
-                        t
-                    })
-                };
-                let x = mk(rand(1, &[2, 5, 12])?, tx)?;
-                let wg = mk((rand(2, &[20, 12])? * 0.3)?, tw)?;
-                let wu = mk((rand(3, &[20, 12])? * 0.3)?, tw)?;
-                let k = rand(4, &[2, 5, 20])?.to_dtype(dtype)?;
-                let one = swiglu_mlp(&x, &wg, &wu)?;
-                let three =
-                    omr_kernels::swiglu(&linear_op(&x, &wg, None)?, &linear_op(&x, &wu, None)?)?;
-                let what = format!("{dtype:?}, x tracked {tx}, weights tracked {tw}");
-                assert_eq!(bits(&one)?, bits(&three)?, "{what}: output");
-                let g1 = (&one * &k)?.sum_all()?.backward()?;
-                let g3 = (&three * &k)?.sum_all()?.backward()?;
-                for (name, t, on) in [("x", &x, tx), ("wg", &wg, tw), ("wu", &wu, tw)] {
-                    match (g1.get(t), g3.get(t)) {
-                        (Some(a), Some(b)) => assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}"),
-                        (None, None) => assert!(!on, "{what}: no d{name}"),
-                        _ => panic!("{what}: d{name} present in one only"),
-                    }
-                }
-            }
-        }
-        assert!(swiglu_mlp(
-            &rand(1, &[3, 12])?,
-            &rand(2, &[20, 12])?,
-            &rand(3, &[20, 11])?
-        )
-        .is_err());
         Ok(())
     }
 }
