@@ -197,7 +197,7 @@ pub fn decoder_layer(
     let rows = b * t;
     let need_c = need.clone();
     // dL/dy → (dL/dx, the gradient of each parameter that needs one).
-    let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
         let gr = Grads {
             rows,
             need: &need_c,
@@ -278,7 +278,7 @@ pub fn decoder_layer(
             d_down,
         ];
         grads.extend(lora_grads);
-        Ok(((dx2 + dxn)?, grads))
+        Ok((Some((dx2 + dxn)?), grads))
     };
     attach_chain(x, &params, &need, y, backward)
 }
@@ -365,7 +365,7 @@ pub fn vision_layer(
     );
     let (cos, sin) = (cos.clone(), sin.clone());
     let need_c = need.clone();
-    let backward = move |dy: &Tensor| -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
         let gr = Grads {
             rows: n,
             need: &need_c,
@@ -407,7 +407,7 @@ pub fn vision_layer(
             gr.dw(10, &dy, &g)?,
             gr.db(11, &dy)?,
         ];
-        Ok(((dx2 + dxn)?, grads))
+        Ok((Some((dx2 + dxn)?), grads))
     };
     attach_chain(x, &params, &need, y, backward)
 }
@@ -463,12 +463,12 @@ type Stash = Arc<Mutex<Option<(Option<Tensor>, Vec<Option<Tensor>>)>>>;
 /// arguments: x and two parameters first, then the previous op's output and two more each.
 /// Only the last op outputs `y`; the others output a one-element token (the chain's edges
 /// need no values), whose gradient is a one-element zero.
-fn attach_chain(
+pub(crate) fn attach_chain(
     x: &Tensor,
     params: &[Option<&Tensor>],
     need: &[bool],
     y: Tensor,
-    backward: impl Fn(&Tensor) -> Result<(Tensor, Vec<Option<Tensor>>)> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let tracked: Vec<usize> = (0..params.len()).filter(|&i| need[i]).collect();
     let x_tracks = x.track_op();
@@ -494,7 +494,7 @@ fn attach_chain(
                 candle_core::bail!("decoder block: dL/dy is {:?}, not {y_dims:?}", dy.dims())
             }
             let (dx, g) = backward(dy)?;
-            *s = Some((Some(dx), g));
+            *s = Some((dx, g));
         }
         let Some((dx, g)) = s.as_ref() else {
             candle_core::bail!("decoder block: the backward reached a token before the output")

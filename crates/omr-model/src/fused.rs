@@ -94,18 +94,12 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     ops::swiglu_mlp(x, wg, wu)
 }
 
-/// The decoder's whole gated MLP with the residual add, `r + swiglu_mlp(x, wg, wu)·Wdᵀ`, as
-/// one unit ([`ops::swiglu_mlp_residual`]: the activation recomputed in the backward, not
-/// kept; counted as a SwiGLU). x: (…, C), wg, wu: (I, C), wd: (O, I), r: (…, O) → r's shape
-pub fn swiglu_mlp_residual(
-    x: &Tensor,
-    wg: &Tensor,
-    wu: &Tensor,
-    wd: &Tensor,
-    r: &Tensor,
-) -> Result<Tensor> {
+/// The decoder's whole gated MLP with the residual add, `r + swiglu_mlp(x, wg, wu)·Wdᵀ` (and
+/// LoRA adapters without dropout), as one unit ([`ops::swiglu_mlp_residual`]: the activation
+/// recomputed in the backward, not kept; counted as a SwiGLU). x: (…, C) → r's shape
+pub fn swiglu_mlp_residual(x: &Tensor, w: &ops::MlpWeights, r: &Tensor) -> Result<Tensor> {
     count(|c| c.swiglu += 1);
-    ops::swiglu_mlp_residual(x, wg, wu, wd, r)
+    ops::swiglu_mlp_residual(x, w, r)
 }
 
 /// Rotary by half tables. x: (B, T, H, D), cos/sin: (B, T, D/2) f32 → (B, T, H, D)

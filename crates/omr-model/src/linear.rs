@@ -79,6 +79,19 @@ impl Linear {
         }
     }
 
+    /// The weight and the adapter (without dropout) when the layer is `x·Wᵀ` plus, perhaps, a
+    /// LoRA adapter that draws no dropout mask in this forward: what a fused unit over several
+    /// projections with their adapters may take (`ops::swiglu_mlp_residual`).
+    pub fn unit_part(&self, ctx: &Ctx) -> Option<(&Tensor, Option<crate::block::Adapter>)> {
+        if self.bias.is_some() {
+            return None;
+        }
+        match &self.lora {
+            None => Some((&self.weight, None)),
+            Some(l) => l.without_dropout(ctx).map(|a| (&self.weight, Some(a))),
+        }
+    }
+
     /// x: (…, I) → (…, O)
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if let Some(l) = &self.lora {

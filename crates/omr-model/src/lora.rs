@@ -45,6 +45,17 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// An adapter from its tensors (tests of the fused units against this op).
+    #[cfg(test)]
+    pub(crate) fn from_parts(a: Tensor, b: Tensor, scale: f64, dropout: f64) -> LoraAdapter {
+        LoraAdapter {
+            a,
+            b,
+            scale,
+            dropout,
+        }
+    }
+
     /// The adapter of module `name` if the store has one.
     pub fn load(params: &Params, name: &str) -> Result<Option<LoraAdapter>> {
         let (ka, kb) = (

@@ -13,7 +13,7 @@ mod test_values;
 
 pub use attach::{attach_grad, attach_grad2, attach_grad3, attach_sum3};
 pub use fused_linear::{linear_op, linear_op_to, linear_residual};
-pub use fused_mlp::{swiglu_mlp, swiglu_mlp_residual};
+pub use fused_mlp::{swiglu_mlp, swiglu_mlp_residual, MlpWeights};
 
 use candle_core::{DType, Result, Tensor, D};
 

@@ -282,23 +282,29 @@ impl Layer {
         };
         let x = self.o.forward_residual(&a, x, ctx)?;
         let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
-        if let (Some(wg), Some(wu), Some(wd), Kernels::Fused) = (
-            self.gate.plain_weight(),
-            self.up.plain_weight(),
-            self.down.plain_weight(),
+        if let (Some(g), Some(u), Some(d), Kernels::Fused) = (
+            self.gate.unit_part(ctx),
+            self.up.unit_part(ctx),
+            self.down.unit_part(ctx),
             ctx.kernels,
         ) {
-            // The whole MLP and its residual as one unit: ops::swiglu_mlp_residual (the
-            // activation is not kept for the backward).
-            return fused::swiglu_mlp_residual(&hs, wg, wu, wd, &x);
+            // The whole MLP and its residual as one unit, LoRA adapters included:
+            // ops::swiglu_mlp_residual (the activation is not kept for the backward).
+            let w = ops::MlpWeights {
+                gate: g.0,
+                up: u.0,
+                down: d.0,
+                lora: [g.1.as_ref(), u.1.as_ref(), d.1.as_ref()],
+            };
+            return fused::swiglu_mlp_residual(&hs, &w, &x);
         }
         let g = match (
             self.gate.plain_weight(),
             self.up.plain_weight(),
             ctx.kernels,
         ) {
-            // Gate, up and SwiGLU as one op (no LoRA, no bias; down has an adapter):
-            // ops::swiglu_mlp.
+            // Gate, up and SwiGLU as one op (no LoRA, no bias; down has a bias or an
+            // adapter with dropout): ops::swiglu_mlp.
             (Some(wg), Some(wu), Kernels::Fused) => fused::swiglu_mlp(&hs, wg, wu)?,
             _ => fused::swiglu(
                 &self.gate.forward(&hs, ctx)?,

@@ -7,6 +7,7 @@
 use super::attach::{attach_grad3, attach_swiglu3};
 use super::fused_linear::{linear_residual, Gemm};
 use super::{matmul_nt, matmul_t};
+use crate::block::Adapter;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use omr_kernels::grad_sink::route;
 use std::sync::{Arc, Mutex};
@@ -63,64 +64,226 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     attach_swiglu3([x, wg, wu], g, u, grads)
 }
 
+/// The decoder MLP's projections, each (O, I) without bias, and the LoRA adapters on them
+/// (gate, up, down; adapters that draw no dropout mask in this forward).
+pub struct MlpWeights<'a> {
+    pub gate: &'a Tensor,
+    pub up: &'a Tensor,
+    pub down: &'a Tensor,
+    pub lora: [Option<&'a Adapter>; 3],
+}
+
 /// The decoder's whole gated MLP with its residual add,
-/// `r + (silu(x·Wgᵀ) · (x·Wuᵀ))·Wdᵀ`, as one unit (the fused path's decoder MLP when gate,
-/// up and down have neither bias nor adapter).
+/// `r + (silu(x·Wgᵀ) · (x·Wuᵀ))·Wdᵀ` (each projection plus its adapter's
+/// `(x·Aᵀ)·(scale·B)ᵀ`), as one unit: the fused path's decoder MLP when gate, up and down
+/// have no bias and their adapters (LoRA) no dropout.
 ///
-/// Against [`swiglu_mlp`] + [`linear_residual`] (the same bits, values and gradients):
+/// Against [`swiglu_mlp`] + [`linear_residual`], or the LoRA ops and SwiGLU (the same bits,
+/// values and gradients):
 /// - the activation `silu(g)·u` (…, I) is not kept from the forward to the backward: it is
-///   dropped once the down projection's forward has read it, and the backward recomputes it
-///   in the SwiGLU backward's own pass (`omr_kernels::swiglu::backward_with_act`: one more
-///   write of (…, I) there, against (…, I) less per layer for the whole step: at 3B and
-///   T 2048, 36 × 2048 × 11008 bf16 = 1.6 GB);
-/// - the activation is not a node of candle's graph either (its gradient, the layer's
-///   widest, got a `zeros_like` + add in the backward).
+///   dropped once the down projection has read it, and the backward recomputes it in the
+///   SwiGLU backward's own pass (`omr_kernels::swiglu::backward_with_act`: one more write of
+///   (…, I) there, against (…, I) less per layer for the whole step: at 3B and T 2048,
+///   36 × 2048 × 11008 bf16 = 1.6 GB);
+/// - neither the activation nor, with adapters, the projections' outputs are nodes of
+///   candle's graph (each gradient got a `zeros_like` + add in the backward).
 ///
-/// candle's ops take at most three arguments, so the unit is two ops: the first attaches a
-/// one-element token to (x, Wg, Wu), the second computes the output from the token, Wd and
-/// r (the down projection on the activation it holds until then, and the residual add, in its
-/// forward). The second op's backward, which the backward pass reaches first, computes every
-/// gradient and leaves x's, Wg's and Wu's for the first. Only the arguments that track an op
-/// get one. x: (…, C), wg, wu: (I, C), wd: (O, I), r: rows · O elements → r's shape
-pub fn swiglu_mlp_residual(
-    x: &Tensor,
-    wg: &Tensor,
-    wu: &Tensor,
-    wd: &Tensor,
-    r: &Tensor,
-) -> Result<Tensor> {
+/// candle's ops take at most three arguments, so the unit is a chain of ops. Without
+/// adapters, two: the first attaches a one-element token to (x, Wg, Wu), the second
+/// computes the output from the token, Wd and r (the down projection on the activation it
+/// holds until then, and the residual add, in its forward). With adapters,
+/// `block::attach_chain` over x, the weights, r and the adapters' A and B. The last op's
+/// backward, which the backward pass reaches first, computes every gradient and leaves the
+/// others' to them. Only the arguments that track an op get one.
+/// x: (…, C), gate, up: (I, C), down: (O, I), r: rows · O elements → r's shape
+pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Tensor> {
     let x = &x.contiguous()?;
     let dims = x.dims().to_vec();
     let c = *dims.last().expect("mlp input has a last dimension");
     let rows = x.elem_count() / c.max(1);
+    let (wg, wu, wd) = (w.gate, w.up, w.down);
     let (o, i) = wd.dims2()?;
-    if wg.dims2()? != wu.dims2()? || wg.dims2()? != (i, c) || r.elem_count() != rows * o {
+    let adapters_fit = w
+        .lora
+        .iter()
+        .zip([(i, c), (i, c), (o, i)])
+        .all(|(ad, (out, inp))| {
+            ad.is_none_or(|ad| {
+                ad.a.dims().len() == 2
+                    && ad.a.dim(1).ok() == Some(inp)
+                    && ad.b.dims() == [out, ad.a.dim(0).unwrap_or(usize::MAX)]
+            })
+        });
+    if wg.dims2()? != wu.dims2()?
+        || wg.dims2()? != (i, c)
+        || r.elem_count() != rows * o
+        || !adapters_fit
+    {
         candle_core::bail!(
-            "swiglu_mlp_residual: x {dims:?}, gate {:?}, up {:?}, down {:?} and residual {:?} \
-             do not fit",
+            "swiglu_mlp_residual: x {dims:?}, gate {:?}, up {:?}, down {:?}, residual {:?} \
+             and adapters (A, B) {:?} do not fit",
             wg.dims(),
             wu.dims(),
             wd.dims(),
-            r.dims()
+            r.dims(),
+            w.lora
+                .map(|ad| ad.map(|ad| (ad.a.dims().to_vec(), ad.b.dims().to_vec())))
         )
     }
-    if rows == 0 || i == 0 || o == 0 || c == 0 {
+    let lora = w.lora.iter().any(Option::is_some);
+    if !lora && (rows == 0 || i == 0 || o == 0 || c == 0) {
         return linear_residual(&swiglu_mlp(x, wg, wu)?, wd, r);
     }
-    let need = [
-        x.track_op(),
-        wg.track_op(),
-        wu.track_op(),
-        wd.track_op(),
-        r.track_op(),
-    ];
+    if rows == 0 || i == 0 || o == 0 || c == 0 {
+        candle_core::bail!("swiglu_mlp_residual: empty shapes with adapters (x {dims:?})")
+    }
+    // The parameters in the order of the backward's gradients.
+    let mut params: Vec<Option<&Tensor>> = vec![Some(wg), Some(wu), Some(wd), Some(r)];
+    for ad in &w.lora {
+        params.push(ad.map(|ad| &ad.a));
+        params.push(ad.map(|ad| &ad.b));
+    }
+    let need: Vec<bool> = params
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let x_tracks = x.track_op();
     let (xd, wgd, wud, wdd) = (x.detach(), wg.detach(), wu.detach(), wd.detach());
-    let g = matmul_t(&xd, &wgd)?;
-    let u = matmul_t(&xd, &wud)?;
-    // The activation, held by the second op until its forward has run.
+    // The adapters detached, B scaled once (O × r) rather than each (…, O) output.
+    let mut ads: [Option<Adapter>; 3] = Default::default();
+    for (slot, ad) in ads.iter_mut().zip(&w.lora) {
+        if let Some(ad) = ad {
+            *slot = Some(Adapter {
+                a: ad.a.detach(),
+                b: (ad.b.detach() * ad.scale)?,
+                scale: ad.scale,
+            });
+        }
+    }
+    // A projection of x (the bits of `linear` + the LoRA op's adapter), and x·Aᵀ.
+    let proj = |x: &Tensor, w: &Tensor, ad: &Option<Adapter>| -> Result<(Tensor, Option<Tensor>)> {
+        let y = matmul_t(x, w)?;
+        match ad {
+            None => Ok((y, None)),
+            Some(ad) => {
+                let xa = matmul_t(x, &ad.a)?;
+                Ok(((y + matmul_t(&xa, &ad.b)?)?, Some(xa)))
+            }
+        }
+    };
+    let (g, xa_g) = proj(&xd, &wgd, &ads[0])?;
+    let (u, xa_u) = proj(&xd, &wud, &ads[1])?;
+    // The activation: read by the down projection, then dropped (plain: by the second op).
     let act = omr_kernels::swiglu(&g, &u)?;
-    // Gradients through the activation: x's, Wg's or Wu's.
-    let inner = need[0] || need[1] || need[2];
+    let xa_d = match &ads[2] {
+        Some(ad) => Some(matmul_t(&act, &ad.a)?),
+        None => None,
+    };
+    // With adapters, y as the LoRA ops give it, r + (down + its adapter's delta), attached by
+    // `attach_chain` (the activation dropped here); without, the second op computes it.
+    let (act, y_lora) = match (lora, &ads[2], &xa_d) {
+        (false, _, _) => (Some(act), None),
+        (true, ad, h) => {
+            let down = matmul_t(&act, &wdd)?;
+            let down = match (ad, h) {
+                (Some(ad), Some(h)) => (down + matmul_t(h, &ad.b)?)?,
+                _ => down,
+            };
+            (None, Some((r.detach() + down.reshape(r.dims())?)?))
+        }
+    };
+    // Gradients through the activation: x's, or gate's and up's parameters' (Wg, Wu, A, B).
+    let inner = x_tracks || [0, 1, 4, 5, 6, 7].iter().any(|&k| need[k]);
+    // What the backward keeps: g and u (the activation is recomputed from them), Wd for the
+    // gradient into the activation, Wg and Wu for x's, x for the weights' and the A's.
+    let ws = x_tracks.then_some((wgd, wud));
+    let xk = (need[0] || need[1] || need[4] || need[6])
+        .then(|| xd.reshape((rows, c)))
+        .transpose()?;
+    let xa = [xa_g, xa_u, xa_d.clone()];
+    let act_dims = g.dims().to_vec();
+    let need_c = need.clone();
+    // dL/dy → (dL/dx, the gradient of each parameter in `params`' order).
+    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+        let need = &need_c;
+        let mut grads: Vec<Option<Tensor>> = vec![None; 10];
+        let dy2 = dy.reshape((rows, o))?;
+        // g2 (scale · B) of projection p's adapter, for its output gradient g2 (rows, out).
+        let gb = |p: usize, g2: &Tensor| -> Result<Option<Tensor>> {
+            ads[p].as_ref().map(|ad| g2.matmul(&ad.b)).transpose()
+        };
+        // dL/d(input) through projection p: g2·W (+ gb·A).
+        let dx_of = |p: usize, g2: &Tensor, w: &Tensor, gb: &Option<Tensor>| -> Result<Tensor> {
+            let dx = g2.matmul(w)?;
+            match (&ads[p], gb) {
+                (Some(ad), Some(gb)) => dx + gb.matmul(&ad.a)?,
+                _ => Ok(dx),
+            }
+        };
+        // Adapter p's gradients (A, B): A from gb and the projection's input x2, B from g2
+        // and x·Aᵀ.
+        type Pair = (Option<Tensor>, Option<Tensor>);
+        let adapter = |p: usize, g2: &Tensor, gb: &Option<Tensor>, x2: Option<&Tensor>| {
+            let (Some(ad), Some(gb)) = (&ads[p], gb) else {
+                return Ok::<Pair, candle_core::Error>((None, None));
+            };
+            let ga = match (need[4 + 2 * p], x2) {
+                (true, Some(x2)) => Some(gb.t()?.matmul(x2)?), // (r, I)
+                _ => None,
+            };
+            let gbw = match (need[5 + 2 * p], &xa[p]) {
+                (true, Some(h)) => {
+                    let h = h.reshape((rows, h.elem_count() / rows))?;
+                    Some((g2.t()?.matmul(&h)? * ad.scale)?) // (O, r)
+                }
+                _ => None,
+            };
+            Ok((ga, gbw))
+        };
+        // Through the down projection: dL/d(activation), then SwiGLU's backward, which also
+        // gives the activation back (the forward's bits).
+        let gb_d = gb(2, &dy2)?;
+        let (act, gate_up) = match inner {
+            false if !(need[2] || need[8]) => (None, None),
+            false => (Some(omr_kernels::swiglu(&g, &u)?), None),
+            true => {
+                let da = dx_of(2, &dy2, &wdd, &gb_d)?.reshape(act_dims.as_slice())?;
+                let (dg, du, act) = omr_kernels::swiglu::backward_with_act(&g, &u, &da)?;
+                (Some(act), Some((dg, du)))
+            }
+        };
+        let act = act.map(|a| a.reshape((rows, i))).transpose()?;
+        (grads[8], grads[9]) = adapter(2, &dy2, &gb_d, act.as_ref())?;
+        if let (true, Some(act)) = (need[2], &act) {
+            grads[2] = Some(dy2.t()?.matmul(act)?);
+        }
+        drop(act);
+        // A residual's gradient is the incoming one, as candle's add gives it.
+        grads[3] = need[3].then(|| dy.clone());
+        let Some((dg, du)) = gate_up else {
+            return Ok((None, grads));
+        };
+        let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
+        let (gb_g, gb_u) = (gb(0, &dg2)?, gb(1, &du2)?);
+        let dx = match &ws {
+            Some((wg, wu)) => Some(
+                (dx_of(0, &dg2, wg, &gb_g)? + dx_of(1, &du2, wu, &gb_u)?)?
+                    .reshape(dims.as_slice())?,
+            ),
+            None => None,
+        };
+        (grads[4], grads[5]) = adapter(0, &dg2, &gb_g, xk.as_ref())?;
+        (grads[6], grads[7]) = adapter(1, &du2, &gb_u, xk.as_ref())?;
+        for (k, d) in [(0, &dg2), (1, &du2)] {
+            if let (true, Some(x2)) = (need[k], &xk) {
+                grads[k] = Some(d.t()?.matmul(x2)?);
+            }
+        }
+        Ok((dx, grads))
+    };
+    if let Some(y) = y_lora {
+        return crate::block::attach_chain(x, &params, &need, y, backward);
+    }
     let stash: Stash = Arc::new(Mutex::new(None));
     let token = Tensor::zeros(1, x.dtype(), x.device())?;
     let token = match inner {
@@ -140,47 +303,16 @@ pub fn swiglu_mlp_residual(
         }
         false => token,
     };
-    // What the backward keeps: g and u always (the activation is recomputed from them), Wd
-    // for the gradient into the activation, Wg and Wu for x's, x for the weights'.
-    let ws = need[0].then_some((wgd, wud));
-    let xk = (need[1] || need[2])
-        .then(|| xd.reshape((rows, c)))
-        .transpose()?;
-    let act_dims = g.dims().to_vec();
     let grads = move |dy: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy2 = dy.reshape((rows, o))?;
-        // Through the down projection: dL/d(activation), then SwiGLU's backward, which also
-        // gives the activation back (the forward's bits).
-        let act = match inner {
-            false if !need[3] => None,
-            false => Some(omr_kernels::swiglu(&g, &u)?),
-            true => {
-                let da = dy2.matmul(&wdd)?.reshape(act_dims.as_slice())?;
-                let (dg, du, act) = omr_kernels::swiglu::backward_with_act(&g, &u, &da)?;
-                let dx = match &ws {
-                    Some((wg, wu)) => Some((matmul_nt(&dg, wg)? + matmul_nt(&du, wu)?)?),
-                    None => None,
-                };
-                let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
-                let dw = |d: &Tensor, on: bool| -> Result<Option<Tensor>> {
-                    match (&xk, on) {
-                        (Some(x2), true) => Ok(Some(d.t()?.matmul(x2)?)),
-                        _ => Ok(None),
-                    }
-                };
-                let first = (dx, dw(&dg2, need[1])?, dw(&du2, need[2])?);
-                *stash
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("mlp: poisoned".into()))? = Some(first);
-                Some(act)
-            }
-        };
-        let dwd = match (need[3], act) {
-            (true, Some(act)) => Some(dy2.t()?.matmul(&act.reshape((rows, i))?)?),
-            _ => None,
-        };
-        // A residual's gradient is the incoming one, as candle's add gives it.
-        Ok((dwd, need[4].then(|| dy.clone())))
+        let (dx, mut g) = backward(dy)?;
+        let (dwg, dwu) = (g[0].take(), g[1].take());
+        if inner {
+            *stash
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("mlp: poisoned".into()))? =
+                Some((dx, dwg, dwu));
+        }
+        Ok((g[2].take(), g[3].take()))
     };
     token.apply_op3(
         wd,
@@ -193,7 +325,7 @@ pub fn swiglu_mlp_residual(
                 out: r.shape().clone(),
                 residual: true,
             },
-            act: Mutex::new(Some(act)),
+            act: Mutex::new(act),
             grad: Arc::new(grads),
         },
     )
@@ -352,7 +484,13 @@ mod tests {
                 let wd = mk((rand(4, &[12, 20])? * 0.3)?, on(2))?;
                 let r = mk(rand(5, &[2, 5, 12])?, on(3))?;
                 let k = rand(6, &[2, 5, 12])?.to_dtype(dtype)?;
-                let one = swiglu_mlp_residual(&x, &wg, &wu, &wd, &r)?;
+                let w = MlpWeights {
+                    gate: &wg,
+                    up: &wu,
+                    down: &wd,
+                    lora: [None, None, None],
+                };
+                let one = swiglu_mlp_residual(&x, &w, &r)?;
                 let two = linear_residual(&swiglu_mlp(&x, &wg, &wu)?, &wd, &r)?;
                 let what = format!(
                     "{dtype:?}, tracked x {} w_gate/up {} w_down {} r {}",
@@ -379,24 +517,124 @@ mod tests {
             }
         }
         // Shapes that do not fit are an error, not a panic.
-        let (x, w) = (rand(1, &[3, 12])?, rand(2, &[20, 12])?);
-        let r = rand(5, &[3, 12])?;
-        assert!(swiglu_mlp_residual(&x, &w, &w, &rand(4, &[12, 19])?, &r).is_err());
-        assert!(
-            swiglu_mlp_residual(&x, &w, &w, &rand(4, &[12, 20])?, &rand(5, &[3, 11])?).is_err()
-        );
-        assert!(
-            swiglu_mlp_residual(&x, &w, &rand(3, &[20, 11])?, &rand(4, &[12, 20])?, &r).is_err()
-        );
+        let (x, w, r) = (rand(1, &[3, 12])?, rand(2, &[20, 12])?, rand(5, &[3, 12])?);
+        let (d, d19) = (rand(4, &[12, 20])?, rand(4, &[12, 19])?);
+        fn mlp<'a>(g: &'a Tensor, u: &'a Tensor, d: &'a Tensor) -> MlpWeights<'a> {
+            MlpWeights {
+                gate: g,
+                up: u,
+                down: d,
+                lora: [None, None, None],
+            }
+        }
+        let u11 = rand(3, &[20, 11])?;
+        assert!(swiglu_mlp_residual(&x, &mlp(&w, &w, &d19), &r).is_err());
+        assert!(swiglu_mlp_residual(&x, &mlp(&w, &w, &d), &rand(5, &[3, 11])?).is_err());
+        assert!(swiglu_mlp_residual(&x, &mlp(&w, &u11, &d), &r).is_err());
+        let bad = Adapter {
+            a: rand(6, &[4, 11])?,
+            b: rand(7, &[20, 4])?,
+            scale: 1.0,
+        };
+        let mut m = mlp(&w, &w, &d);
+        m.lora[0] = Some(&bad);
+        assert!(swiglu_mlp_residual(&x, &m, &r).is_err());
         // No rows: the two ops' answer (an empty output).
-        let e = swiglu_mlp_residual(
-            &rand(1, &[0, 12])?,
-            &w,
-            &w,
-            &rand(4, &[12, 20])?,
-            &rand(5, &[0, 12])?,
-        )?;
+        let e = swiglu_mlp_residual(&rand(1, &[0, 12])?, &mlp(&w, &w, &d), &rand(5, &[0, 12])?)?;
         assert_eq!(e.dims(), [0, 12]);
+        Ok(())
+    }
+
+    /// With LoRA adapters (frozen base weights, as `lora::apply` leaves them; adapters on
+    /// every projection, on some, trainable x or not, B non-zero), the unit gives the bits of
+    /// the per-op path: each projection through `LoraAdapter::forward` (the fused LoRA op),
+    /// SwiGLU, and the residual add; the same gradients for x, r and every A and B.
+    #[test]
+    fn swiglu_mlp_residual_with_lora_equals_the_lora_ops() -> Result<()> {
+        use crate::linear::{Ctx, Kernels};
+        use crate::lora::LoraAdapter;
+        let ctx = Ctx {
+            kernels: Kernels::Fused,
+            ..Ctx::default()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            for (on, x_tracked) in [
+                ([true; 3], true),
+                ([true, false, true], true),
+                ([false, false, true], false),
+                ([true, true, false], true),
+            ] {
+                let var = |t: Tensor| -> Result<Tensor> {
+                    Ok(Var::from_tensor(&t.to_dtype(dtype)?)?.as_tensor().clone())
+                };
+                let x = match x_tracked {
+                    true => var(rand(1, &[2, 5, 12])?)?,
+                    false => rand(1, &[2, 5, 12])?.to_dtype(dtype)?,
+                };
+                let wg = (rand(2, &[20, 12])? * 0.3)?.to_dtype(dtype)?;
+                let wu = (rand(3, &[20, 12])? * 0.3)?.to_dtype(dtype)?;
+                let wd = (rand(4, &[12, 20])? * 0.3)?.to_dtype(dtype)?;
+                let r = var(rand(5, &[2, 5, 12])?)?;
+                let shapes = [(12, 20), (12, 20), (20, 12)]; // (in, out)
+                let mut ab = Vec::new();
+                for (p, &(i, o)) in shapes.iter().enumerate() {
+                    let a = var((rand(10 + p as u64, &[4, i])? * 0.5)?)?;
+                    let b = var((rand(20 + p as u64, &[o, 4])? * 0.5)?)?;
+                    ab.push((a, b));
+                }
+                let adapters: Vec<Adapter> = ab
+                    .iter()
+                    .map(|(a, b)| Adapter {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale: 2.0,
+                    })
+                    .collect();
+                let pick = |p: usize| on[p].then_some(&adapters[p]);
+                let w = MlpWeights {
+                    gate: &wg,
+                    up: &wu,
+                    down: &wd,
+                    lora: [pick(0), pick(1), pick(2)],
+                };
+                let one = swiglu_mlp_residual(&x, &w, &r)?;
+                // The per-op path.
+                let proj = |p: usize, x: &Tensor, w: &Tensor| -> Result<Tensor> {
+                    match on[p] {
+                        true => LoraAdapter::from_parts(ab[p].0.clone(), ab[p].1.clone(), 2.0, 0.0)
+                            .forward(x, w, None, "m", &ctx),
+                        false => crate::ops::frozen_linear(x, w, None),
+                    }
+                };
+                let act = omr_kernels::swiglu(&proj(0, &x, &wg)?, &proj(1, &x, &wu)?)?;
+                let ops = (&r + proj(2, &act, &wd)?)?;
+                let what = format!("{dtype:?}, adapters {on:?}, x tracked {x_tracked}");
+                assert_eq!(bits(&one)?, bits(&ops)?, "{what}: output");
+                let k = rand(6, &[2, 5, 12])?.to_dtype(dtype)?;
+                let g1 = (&one * &k)?.sum_all()?.backward()?;
+                let g2 = (&ops * &k)?.sum_all()?.backward()?;
+                let mut args = vec![("x".to_string(), &x), ("r".to_string(), &r)];
+                for (p, (a, b)) in ab.iter().enumerate() {
+                    if on[p] {
+                        args.push((format!("A{p}"), a));
+                        args.push((format!("B{p}"), b));
+                    }
+                }
+                for (name, t) in args {
+                    match (g1.get(t), g2.get(t), t.track_op()) {
+                        (Some(a), Some(b), true) => {
+                            assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
+                        }
+                        (None, _, false) => {}
+                        _ => panic!("{what}: d{name} missing or extra"),
+                    }
+                }
+                // The frozen weights get none.
+                for t in [&wg, &wu, &wd] {
+                    assert!(g1.get(t).is_none(), "{what}: a frozen weight's gradient");
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -10,8 +10,9 @@
 //! - linear: the matmul output, plus the bias-add output when the weight is trainable and has a
 //!   bias; a frozen (or LoRA-adapted frozen) linear keeps only its output (`ops::frozen_linear`
 //!   and the fused LoRA op compute outside the graph and attach one value).
-//! - the decoder MLP on the fused path without adapters (`ops::swiglu_mlp_residual`): the
-//!   gate and up outputs and the residual sum; the activation is recomputed in the backward.
+//! - the decoder MLP on the fused path, LoRA without dropout included
+//!   (`ops::swiglu_mlp_residual`): the gate and up outputs and the residual sum; the
+//!   activation is recomputed in the backward.
 //! - RMSNorm (`ops::rmsnorm`): x² and x·r in f32, the cast back (when the compute dtype is not
 //!   f32) and the weight product. LayerNorm: x−μ, its square, the normed value (f32), the cast,
 //!   weight product and bias sum.
@@ -126,12 +127,13 @@ impl Tally {
     }
 }
 
-/// Whether a LoRA adapter sits on any decoder layer's gate, up or down projection.
-fn mlp_has_adapter(p: &PlanInput) -> bool {
-    let Some(l) = &p.lora else {
-        return false;
+/// Whether the decoder MLP runs as one unit on the fused path (`ops::swiglu_mlp_residual`):
+/// unless a LoRA adapter with dropout sits on some layer's gate, up or down projection.
+fn mlp_unit(p: &PlanInput) -> bool {
+    let Some(l) = p.lora.as_ref().filter(|l| l.dropout > 0.0) else {
+        return true;
     };
-    (0..p.model.text.num_hidden_layers).any(|i| {
+    !(0..p.model.text.num_hidden_layers).any(|i| {
         ["gate_proj", "up_proj", "down_proj"]
             .iter()
             .any(|m| omr_model::lora::selects(&l.targets, &format!("model.layers.{i}.mlp.{m}")))
@@ -384,11 +386,11 @@ pub fn count(p: &PlanInput) -> Activations {
     rms(&mut layer, n * c, tl);
     lin(&mut layer, n, inter, false, tl);
     lin(&mut layer, n, inter, false, tl);
-    // The fused path's MLP without adapters is one unit (ops::swiglu_mlp_residual): gate and
-    // up kept, the activation recomputed in the backward, the down projection added to the
-    // residual in its op (no output of its own).
-    let mlp_unit = fused && !mlp_has_adapter(p);
-    if !mlp_unit {
+    // The fused path's MLP is one unit (ops::swiglu_mlp_residual) unless LoRA dropout
+    // applies to it: gate and up kept (and each adapter's x·Aᵀ, rows × r: left out), the
+    // activation recomputed in the backward, the down projection added to the residual in
+    // the unit (no output of its own).
+    if !(fused && mlp_unit(p)) {
         // silu and the product (one SwiGLU op on the fused path), then down's output
         layer.add(if fused { 1.0 } else { 2.0 }, n * inter, s);
         lin(&mut layer, n, c, false, tl);
