@@ -79,7 +79,7 @@ if [ "$quick" = lease ]; then
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
   # Partial checkpointing at T 8192: as many decoder layers kept (not recomputed) as the plan
-  # finds room for (27 of 36 on 80 GiB, all 36 on 141 GB). Against train-3b-8k-ckpt below
+  # finds room for (28 of 36 on 80 GiB, all 36 on 141 GB). Against train-3b-8k-ckpt below
   # (every layer recomputed, attentions kept).
   step train-3b-8k-kept 50 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"

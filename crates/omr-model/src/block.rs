@@ -16,7 +16,9 @@
 //! which pass dL/dy along unchanged. Same function and gradients as the per-op path
 //! (`tests/block.rs` compares them on CPU).
 
-use crate::ops::{self, attach_grad, attach_grad2, attach_grad3, matmul_nt, matmul_t};
+use crate::ops::{
+    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, matmul_nt, matmul_t,
+};
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
 use std::cell::Cell;
@@ -183,7 +185,8 @@ pub fn decoder_layer(
     let (down, xa_down) = lin(DOWN, &g, &w.down, None)?;
     // The activation is not kept: the backward recomputes it.
     drop(g);
-    let y = (&x2 + down)?;
+    // y = x2 + down, added by the chain's last op.
+    let y = (x2.clone(), down);
 
     let params = w.params();
     let need: Vec<bool> = params
@@ -348,7 +351,7 @@ pub fn vision_layer(
     let gt = lin(&hs2, &w.gate)?;
     let up = lin(&hs2, &w.up)?;
     let g = omr_kernels::swiglu(&gt, &up)?;
-    let y = (&x2 + lin(&g, &w.down)?)?;
+    let y = (x2.clone(), lin(&g, &w.down)?);
 
     let params = w.params();
     let need: Vec<bool> = params
@@ -459,25 +462,27 @@ impl Grads<'_> {
 /// The gradients the chain's last op computed, taken by the others.
 type Stash = Arc<Mutex<Option<(Option<Tensor>, Vec<Option<Tensor>>)>>>;
 
-/// `y` attached to `x` and the parameters that need a gradient, through ops of at most three
-/// arguments: x and two parameters first, then the previous op's output and two more each.
-/// Only the last op outputs `y`; the others output a one-element token (the chain's edges
-/// need no values), whose gradient is a one-element zero.
+/// `y = y.0 + y.1` attached to `x` and the parameters that need a gradient, through ops of
+/// at most three arguments: x and two parameters first, then the previous op's output and two
+/// more each. Only the last op outputs `y`, adding the two parts in its forward (a layer's
+/// residual and its last projection: no copy of a precomputed sum); the others output a
+/// one-element token (the chain's edges need no values), whose gradient is a one-element zero.
 pub(crate) fn attach_chain(
     x: &Tensor,
     params: &[Option<&Tensor>],
     need: &[bool],
-    y: Tensor,
+    y: (Tensor, Tensor),
     backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let tracked: Vec<usize> = (0..params.len()).filter(|&i| need[i]).collect();
     let x_tracks = x.track_op();
     if tracked.is_empty() && !x_tracks {
-        return Ok(y);
+        return y.0 + y.1;
     }
     let stash: Stash = Arc::new(Mutex::new(None));
-    let y_dims = y.dims().to_vec();
-    let (dtype, device) = (y.dtype(), y.device().clone());
+    let y_dims = y.0.dims().to_vec();
+    let (dtype, device) = (y.0.dtype(), y.0.device().clone());
+    let token_device = device.clone();
     // The gradients of parameters `idx`, and what goes to the op's first argument (dx for the
     // first op, a token's zero for the others). The last op, which every backward pass reaches
     // first (with dL/dy), computes all of them; the others read them.
@@ -512,31 +517,48 @@ pub(crate) fn attach_chain(
     };
     let take = Arc::new(take);
     if tracked.is_empty() {
-        return attach_grad(x, y, move |dy| {
+        return attach_grad(x, (y.0 + y.1)?, move |dy| {
             let (dx, _) = take(dy, &[], true, true)?;
             dx.ok_or_else(|| candle_core::Error::Msg("decoder block: no input gradient".into()))
         });
     }
     let mut carrier = x.clone();
     let ops = tracked.len().div_ceil(2);
+    let mut y = Some(y);
     for (n, idx) in tracked.chunks(2).enumerate() {
         let (idx, take, first, last) = (idx.to_vec(), take.clone(), n == 0, n + 1 == ops);
-        let value = match last {
-            true => y.clone(),
-            false => Tensor::zeros(1, y.dtype(), y.device())?,
+        let args: Vec<&Tensor> = idx
+            .iter()
+            .map(|&i| params[i].expect("tracked parameters exist"))
+            .collect();
+        let parts = match last {
+            true => y.take(),
+            false => None,
         };
-        let p = |j: usize| params[idx[j]].expect("tracked parameters exist");
-        carrier = match idx.len() {
-            2 => attach_grad3([&carrier, p(0), p(1)], value, move |dy| {
-                let (c, mut g) = take(dy, &idx, first, last)?;
-                let g1 = g.pop().flatten();
-                let g0 = g.pop().flatten();
-                Ok((c, g0, g1))
-            })?,
-            _ => attach_grad2([&carrier, p(0)], value, move |dy| {
-                let (c, mut g) = take(dy, &idx, first, last)?;
-                Ok((c, g.pop().flatten()))
-            })?,
+        let token = || Tensor::zeros(1, dtype, &token_device);
+        carrier = match (idx.len(), parts) {
+            (2, parts) => {
+                let grads = move |dy: &Tensor| {
+                    let (c, mut g) = take(dy, &idx, first, last)?;
+                    let g1 = g.pop().flatten();
+                    let g0 = g.pop().flatten();
+                    Ok((c, g0, g1))
+                };
+                match parts {
+                    Some((a, b)) => attach_sum3([&carrier, args[0], args[1]], a, b, grads)?,
+                    None => attach_grad3([&carrier, args[0], args[1]], token()?, grads)?,
+                }
+            }
+            (_, parts) => {
+                let grads = move |dy: &Tensor| {
+                    let (c, mut g) = take(dy, &idx, first, last)?;
+                    Ok((c, g.pop().flatten()))
+                };
+                match parts {
+                    Some((a, b)) => attach_sum2([&carrier, args[0]], a, b, grads)?,
+                    None => attach_grad2([&carrier, args[0]], token()?, grads)?,
+                }
+            }
         };
     }
     Ok(carrier)

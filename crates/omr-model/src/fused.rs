@@ -94,12 +94,15 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     ops::swiglu_mlp(x, wg, wu)
 }
 
-/// The decoder's whole gated MLP with the residual add, `r + swiglu_mlp(x, wg, wu)·Wdᵀ` (and
-/// LoRA adapters without dropout), as one unit ([`ops::swiglu_mlp_residual`]: the activation
-/// recomputed in the backward, not kept; counted as a SwiGLU). x: (…, C) → r's shape
-pub fn swiglu_mlp_residual(x: &Tensor, w: &ops::MlpWeights, r: &Tensor) -> Result<Tensor> {
-    count(|c| c.swiglu += 1);
-    ops::swiglu_mlp_residual(x, w, r)
+/// The decoder layer's MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters without dropout
+/// included), as one unit ([`ops::decoder_mlp`]: neither the norm's output nor the activation
+/// kept for the backward; counted as an RMSNorm and a SwiGLU). x: (…, C) → (…, C)
+pub fn decoder_mlp(x: &Tensor, w: &ops::MlpWeights) -> Result<Tensor> {
+    count(|c| {
+        c.rmsnorm += 1;
+        c.swiglu += 1
+    });
+    ops::decoder_mlp(x, w)
 }
 
 /// Rotary by half tables. x: (B, T, H, D), cos/sin: (B, T, D/2) f32 → (B, T, H, D)

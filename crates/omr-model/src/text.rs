@@ -281,23 +281,26 @@ impl Layer {
             }
         };
         let x = self.o.forward_residual(&a, x, ctx)?;
-        let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
-        if let (Some(g), Some(u), Some(d), Kernels::Fused) = (
+        if let (Some(g), Some(u), Some(d), Kernels::Fused, true) = (
             self.gate.unit_part(ctx),
             self.up.unit_part(ctx),
             self.down.unit_part(ctx),
             ctx.kernels,
+            x.elem_count() > 0,
         ) {
-            // The whole MLP and its residual as one unit, LoRA adapters included:
-            // ops::swiglu_mlp_residual (the activation is not kept for the backward).
+            // The post-attention norm, the whole MLP and the residual as one unit, LoRA
+            // adapters included: ops::decoder_mlp (neither the norm's output nor the
+            // activation is kept for the backward).
             let w = ops::MlpWeights {
                 gate: g.0,
                 up: u.0,
                 down: d.0,
                 lora: [g.1.as_ref(), u.1.as_ref(), d.1.as_ref()],
+                norm: Some((&self.post_norm, c.rms_norm_eps)),
             };
-            return fused::swiglu_mlp_residual(&hs, &w, &x);
+            return fused::decoder_mlp(&x, &w);
         }
+        let hs = fused::rmsnorm(&x, &self.post_norm, c.rms_norm_eps, ctx)?;
         let g = match (
             self.gate.plain_weight(),
             self.up.plain_weight(),

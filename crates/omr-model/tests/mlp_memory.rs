@@ -1,13 +1,18 @@
-//! What the decoder MLP keeps from its forward to its backward, measured: live heap bytes
-//! (a counting global allocator; this test binary holds one test, so nothing else allocates
-//! meanwhile) after the forward of `ops::swiglu_mlp_residual` against the two ops it replaces
-//! (`swiglu_mlp` + `linear_residual`), which keep the (rows, I) activation for the down
-//! projection's weight gradient. The unit recomputes it in the backward instead: it must
-//! keep that much less (to within its own bookkeeping), and give the same loss and
-//! gradients. Measured: 1 194 280 B against 801 110 B for a 393 216 B activation.
+//! What the decoder layer's MLP half keeps from its forward to its backward, measured: live
+//! heap bytes (a counting global allocator; this test binary holds one test, so nothing else
+//! allocates meanwhile) after the forward, for
+//! - the fused ops: RMSNorm, `swiglu_mlp`, `linear_residual` (which keeps the (rows, I)
+//!   activation for the down projection's weight gradient);
+//! - `swiglu_mlp_residual` after the RMSNorm op (the activation recomputed in the backward);
+//! - `decoder_mlp` (the norm's (rows, C) output recomputed too).
+//!
+//! Each must keep that much less than the one before (to within the units' own
+//! bookkeeping), and all three give the same loss and gradients. Measured (rows 96, C 128,
+//! I 1024, f32): 1 280 592 B, 887 543 B and 838 263 B, for a 393 216 B activation and a
+//! 49 152 B norm output.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use omr_model::ops::{linear_residual, swiglu_mlp, swiglu_mlp_residual, MlpWeights};
+use omr_model::ops::{decoder_mlp, linear_residual, swiglu_mlp, swiglu_mlp_residual, MlpWeights};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 
@@ -46,7 +51,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 const ROWS: usize = 96;
-const C: usize = 32;
+const C: usize = 128;
 const I: usize = 1024;
 
 /// Seeded values in [−scale, scale] (splitmix64 of seed and index).
@@ -63,22 +68,38 @@ fn seeded(seed: u64, shape: &[usize], scale: f64) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)? * scale
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// The fused RMSNorm op, `swiglu_mlp` and `linear_residual`.
+    Ops,
+    /// The fused RMSNorm op and `swiglu_mlp_residual`.
+    Unit,
+    /// `decoder_mlp`: the norm inside the unit.
+    Decoder,
+}
+
 /// Live bytes the forward leaves behind (the graph's kept tensors and the output), the loss
 /// and every gradient.
-fn run(unit: bool, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
-    let [x, wg, wu, wd, r] = args.each_ref().map(Var::as_tensor);
+fn run(path: Path, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
+    let [x, wn, wg, wu, wd] = args.each_ref().map(Var::as_tensor);
     let before = LIVE.load(Relaxed);
-    let y = match unit {
-        true => {
-            let w = MlpWeights {
-                gate: wg,
-                up: wu,
-                down: wd,
-                lora: [None, None, None],
-            };
-            swiglu_mlp_residual(x, &w, r)?
+    let mut w = MlpWeights {
+        gate: wg,
+        up: wu,
+        down: wd,
+        lora: [None, None, None],
+        norm: None,
+    };
+    let y = match path {
+        Path::Ops => {
+            let h = omr_kernels::rmsnorm(x, wn, 1e-6)?;
+            linear_residual(&swiglu_mlp(&h, wg, wu)?, wd, x)?
         }
-        false => linear_residual(&swiglu_mlp(x, wg, wu)?, wd, r)?,
+        Path::Unit => swiglu_mlp_residual(&omr_kernels::rmsnorm(x, wn, 1e-6)?, &w, x)?,
+        Path::Decoder => {
+            w.norm = Some((wn, 1e-6));
+            decoder_mlp(x, &w)?
+        }
     };
     let kept = LIVE.load(Relaxed) - before;
     let loss = (&y * &y)?.sum_all()?;
@@ -96,28 +117,41 @@ fn run(unit: bool, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
 }
 
 #[test]
-fn the_mlp_unit_does_not_keep_the_activation() -> Result<()> {
+fn the_mlp_unit_does_not_keep_the_activation_or_the_norm() -> Result<()> {
     let args = [
         Var::from_tensor(&seeded(1, &[ROWS, C], 1.0)?)?,
-        Var::from_tensor(&seeded(2, &[I, C], 0.2)?)?,
+        Var::from_tensor(&(seeded(2, &[C], 0.5)? + 1.0)?)?,
         Var::from_tensor(&seeded(3, &[I, C], 0.2)?)?,
-        Var::from_tensor(&seeded(4, &[C, I], 0.05)?)?,
-        Var::from_tensor(&seeded(5, &[ROWS, C], 1.0)?)?,
+        Var::from_tensor(&seeded(4, &[I, C], 0.2)?)?,
+        Var::from_tensor(&seeded(5, &[C, I], 0.05)?)?,
     ];
     // Twice each, the second measured: first calls set up thread pools and packing buffers.
-    run(false, &args)?;
-    run(true, &args)?;
-    let (two_ops, loss2, g2) = run(false, &args)?;
-    let (unit, loss1, g1) = run(true, &args)?;
-    let act = (ROWS * I * DType::F32.size_in_bytes()) as isize;
-    println!("kept after the forward: two ops {two_ops} B, one unit {unit} B (activation {act} B)");
-    assert_eq!(loss1.to_bits(), loss2.to_bits(), "the same loss");
-    assert_eq!(g1, g2, "the same gradients");
-    // Exactly the activation less, to within the unit's own bookkeeping (its closures and
-    // flags: under 1 KiB here).
+    for path in [Path::Ops, Path::Unit, Path::Decoder] {
+        run(path, &args)?;
+    }
+    let (ops, loss0, g0) = run(Path::Ops, &args)?;
+    let (unit, loss1, g1) = run(Path::Unit, &args)?;
+    let (decoder, loss2, g2) = run(Path::Decoder, &args)?;
+    let f32s = DType::F32.size_in_bytes();
+    let (act, normed) = ((ROWS * I * f32s) as isize, (ROWS * C * f32s) as isize);
+    println!(
+        "kept after the forward: ops {ops} B, unit {unit} B, decoder unit {decoder} B \
+         (activation {act} B, norm output {normed} B)"
+    );
+    for (loss, g, what) in [(loss1, &g1, "unit"), (loss2, &g2, "decoder unit")] {
+        assert_eq!(loss.to_bits(), loss0.to_bits(), "{what}: the same loss");
+        assert_eq!(g, &g0, "{what}: the same gradients");
+    }
+    // Exactly the activation less, then the norm's output less, each to within the unit's
+    // own bookkeeping (its closures and flags: under 1 KiB here).
     assert!(
-        two_ops - unit >= act - 1024,
-        "the unit keeps {unit} B, the two ops {two_ops} B: not an activation ({act} B) less"
+        ops - unit >= act - 1024,
+        "the unit keeps {unit} B, the ops {ops} B: not an activation ({act} B) less"
+    );
+    assert!(
+        unit - decoder >= normed - 1024,
+        "the decoder unit keeps {decoder} B, the unit {unit} B: not the norm's output \
+         ({normed} B) less"
     );
     Ok(())
 }

@@ -78,6 +78,28 @@ pub fn attach_sum3(
         + Sync
         + 'static,
 ) -> Result<Tensor> {
+    check_sum(&a, &b)?;
+    attach_parts3(args, Parts::Sum(a, b), grads)
+}
+
+/// [`attach_sum3`] with two arguments.
+pub fn attach_sum2(
+    args: [&Tensor; 2],
+    a: Tensor,
+    b: Tensor,
+    grads: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    check_sum(&a, &b)?;
+    args[0].apply_op2(
+        args[1],
+        Attach2 {
+            value: Value(Mutex::new(Some(Parts::Sum(a, b)))),
+            grad: Arc::new(grads),
+        },
+    )
+}
+
+fn check_sum(a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() || a.dtype() != b.dtype() {
         candle_core::bail!(
             "attach-sum: {:?} {:?} + {:?} {:?}",
@@ -87,7 +109,7 @@ pub fn attach_sum3(
             b.dtype()
         )
     }
-    attach_parts3(args, Parts::Sum(a, b), grads)
+    Ok(())
 }
 
 /// [`attach_grad3`] of the value `silu(g) · u`, computed in the op's forward by omr_kernels'

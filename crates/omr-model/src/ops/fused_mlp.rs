@@ -4,13 +4,11 @@
 //! (each of those gets a `zeros_like` + add in candle's backward), and the weights'
 //! gradients go through `omr_kernels::grad_sink::route`.
 
-use super::attach::{attach_grad3, attach_swiglu3};
-use super::fused_linear::{linear_residual, Gemm};
+use super::attach::attach_swiglu3;
+use super::fused_linear::linear_residual;
 use super::{matmul_nt, matmul_t};
 use crate::block::Adapter;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use omr_kernels::grad_sink::route;
-use std::sync::{Arc, Mutex};
+use candle_core::{Result, Tensor};
 
 /// The gated MLP up to its down projection, `silu(x·Wgᵀ) · (x·Wuᵀ)`, as one op over
 /// (x, Wg, Wu) (the fused path's decoder MLP; projections without bias). Through
@@ -64,45 +62,71 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     attach_swiglu3([x, wg, wu], g, u, grads)
 }
 
-/// The decoder MLP's projections, each (O, I) without bias, and the LoRA adapters on them
-/// (gate, up, down; adapters that draw no dropout mask in this forward).
+/// The decoder MLP's projections, each (O, I) without bias, the LoRA adapters on them
+/// (gate, up, down; adapters that draw no dropout mask in this forward), and the RMSNorm
+/// before it (for [`decoder_mlp`]).
 pub struct MlpWeights<'a> {
     pub gate: &'a Tensor,
     pub up: &'a Tensor,
     pub down: &'a Tensor,
     pub lora: [Option<&'a Adapter>; 3],
+    /// The post-attention RMSNorm's weight (as stored) and epsilon; [`decoder_mlp`] only.
+    pub norm: Option<(&'a Tensor, f64)>,
 }
 
 /// The decoder's whole gated MLP with its residual add,
 /// `r + (silu(x·Wgᵀ) · (x·Wuᵀ))·Wdᵀ` (each projection plus its adapter's
-/// `(x·Aᵀ)·(scale·B)ᵀ`), as one unit: the fused path's decoder MLP when gate, up and down
-/// have no bias and their adapters (LoRA) no dropout.
-///
-/// Against [`swiglu_mlp`] + [`linear_residual`], or the LoRA ops and SwiGLU (the same bits,
-/// values and gradients):
+/// `(x·Aᵀ)·(scale·B)ᵀ`), as one unit. Against [`swiglu_mlp`] + [`linear_residual`], or the
+/// LoRA ops and SwiGLU (the same bits, values and gradients):
 /// - the activation `silu(g)·u` (…, I) is not kept from the forward to the backward: it is
 ///   dropped once the down projection has read it, and the backward recomputes it in the
 ///   SwiGLU backward's own pass (`omr_kernels::swiglu::backward_with_act`: one more write of
 ///   (…, I) there, against (…, I) less per layer for the whole step: at 3B and T 2048,
 ///   36 × 2048 × 11008 bf16 = 1.6 GB);
-/// - neither the activation nor, with adapters, the projections' outputs are nodes of
-///   candle's graph (each gradient got a `zeros_like` + add in the backward).
+/// - neither the activation nor the projections' outputs are nodes of candle's graph (each
+///   gradient got a `zeros_like` + add in the backward).
 ///
-/// candle's ops take at most three arguments, so the unit is a chain of ops. Without
-/// adapters, two: the first attaches a one-element token to (x, Wg, Wu), the second
-/// computes the output from the token, Wd and r (the down projection on the activation it
-/// holds until then, and the residual add, in its forward). With adapters,
-/// `block::attach_chain` over x, the weights, r and the adapters' A and B. The last op's
-/// backward, which the backward pass reaches first, computes every gradient and leaves the
-/// others' to them. Only the arguments that track an op get one.
-/// x: (…, C), gate, up: (I, C), down: (O, I), r: rows · O elements → r's shape
+/// candle's ops take at most three arguments, so the unit is `block::attach_chain`'s chain
+/// of ops over x, the weights, r and the adapters' A and B; its last op adds r and the down
+/// projection in its forward. The last op's backward, which the backward pass reaches first,
+/// computes every gradient and leaves the others' to them. Only the arguments that track an
+/// op get one. x: (…, C), gate, up: (I, C), down: (O, I), r: rows · O elements → r's shape
 pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Tensor> {
+    if w.norm.is_some() {
+        candle_core::bail!("swiglu_mlp_residual: a norm is decoder_mlp's")
+    }
+    let empty = x.elem_count() == 0 || w.gate.elem_count() == 0 || w.down.elem_count() == 0;
+    if empty && w.lora.iter().all(Option::is_none) {
+        // candle's matmul special-cases empty products; so do the two ops.
+        return linear_residual(&swiglu_mlp(x, w.gate, w.up)?, w.down, r);
+    }
+    unit(x, w, Some(r))
+}
+
+/// The decoder layer's second half as one unit, `x + mlp(rmsnorm(x))` with
+/// [`swiglu_mlp_residual`]'s MLP and `w.norm`'s RMSNorm (omr_kernels' op, the weight cast to
+/// x's dtype): the fused path's decoder MLP when gate, up and down have no bias and their
+/// adapters no dropout. Besides the activation, the norm's output (…, C) is not kept either
+/// (the backward recomputes it from x, which the unit keeps for the norm's backward anyway),
+/// and x's gradient, the residual's plus the norm's, is summed here instead of in candle's
+/// `GradStore`. The same bits as `fused::rmsnorm` + [`swiglu_mlp_residual`].
+/// x: (…, C) → (…, C)
+pub fn decoder_mlp(x: &Tensor, w: &MlpWeights) -> Result<Tensor> {
+    if w.norm.is_none() {
+        candle_core::bail!("decoder_mlp: no norm")
+    }
+    unit(x, w, None)
+}
+
+/// The unit: `r + mlp(h)`, h = rmsnorm(x) with `w.norm` or x itself; r = x when `None`.
+fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
     let x = &x.contiguous()?;
     let dims = x.dims().to_vec();
     let c = *dims.last().expect("mlp input has a last dimension");
     let rows = x.elem_count() / c.max(1);
     let (wg, wu, wd) = (w.gate, w.up, w.down);
     let (o, i) = wd.dims2()?;
+    let res = r.unwrap_or(x);
     let adapters_fit = w
         .lora
         .iter()
@@ -114,41 +138,54 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
                     && ad.b.dims() == [out, ad.a.dim(0).unwrap_or(usize::MAX)]
             })
         });
+    let norm_fits = w.norm.is_none_or(|(n, _)| n.dims() == [c]);
     if wg.dims2()? != wu.dims2()?
         || wg.dims2()? != (i, c)
-        || r.elem_count() != rows * o
+        || res.elem_count() != rows * o
         || !adapters_fit
+        || !norm_fits
     {
         candle_core::bail!(
-            "swiglu_mlp_residual: x {dims:?}, gate {:?}, up {:?}, down {:?}, residual {:?} \
-             and adapters (A, B) {:?} do not fit",
+            "swiglu_mlp_residual: x {dims:?}, gate {:?}, up {:?}, down {:?}, residual {:?}, \
+             norm {:?} and adapters (A, B) {:?} do not fit",
             wg.dims(),
             wu.dims(),
             wd.dims(),
-            r.dims(),
+            res.dims(),
+            w.norm.map(|(n, _)| n.dims().to_vec()),
             w.lora
                 .map(|ad| ad.map(|ad| (ad.a.dims().to_vec(), ad.b.dims().to_vec())))
         )
     }
-    let lora = w.lora.iter().any(Option::is_some);
-    if !lora && (rows == 0 || i == 0 || o == 0 || c == 0) {
-        return linear_residual(&swiglu_mlp(x, wg, wu)?, wd, r);
-    }
     if rows == 0 || i == 0 || o == 0 || c == 0 {
-        candle_core::bail!("swiglu_mlp_residual: empty shapes with adapters (x {dims:?})")
+        candle_core::bail!(
+            "swiglu_mlp_residual: empty shapes (x {dims:?}, down {:?})",
+            wd.dims()
+        )
     }
+    let dt = x.dtype();
     // The parameters in the order of the backward's gradients.
-    let mut params: Vec<Option<&Tensor>> = vec![Some(wg), Some(wu), Some(wd), Some(r)];
+    let mut params: Vec<Option<&Tensor>> = vec![Some(wg), Some(wu), Some(wd), r];
     for ad in &w.lora {
         params.push(ad.map(|ad| &ad.a));
         params.push(ad.map(|ad| &ad.b));
     }
+    params.push(w.norm.map(|(n, _)| n));
     let need: Vec<bool> = params
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
     let x_tracks = x.track_op();
     let (xd, wgd, wud, wdd) = (x.detach(), wg.detach(), wu.detach(), wd.detach());
+    // The norm's weight in x's dtype, and its stored dtype for the gradient.
+    let norm = match w.norm {
+        Some((n, eps)) => Some((n.detach().to_dtype(dt)?, eps, n.dtype())),
+        None => None,
+    };
+    let h = match &norm {
+        Some((n, eps, _)) => omr_kernels::rmsnorm(&xd, n, *eps)?,
+        None => xd.clone(),
+    };
     // The adapters detached, B scaled once (O × r) rather than each (…, O) output.
     let mut ads: [Option<Adapter>; 3] = Default::default();
     for (slot, ad) in ads.iter_mut().zip(&w.lora) {
@@ -160,7 +197,7 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
             });
         }
     }
-    // A projection of x (the bits of `linear` + the LoRA op's adapter), and x·Aᵀ.
+    // A projection (the bits of `linear` + the LoRA op's adapter), and its input·Aᵀ.
     let proj = |x: &Tensor, w: &Tensor, ad: &Option<Adapter>| -> Result<(Tensor, Option<Tensor>)> {
         let y = matmul_t(x, w)?;
         match ad {
@@ -171,42 +208,37 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
             }
         }
     };
-    let (g, xa_g) = proj(&xd, &wgd, &ads[0])?;
-    let (u, xa_u) = proj(&xd, &wud, &ads[1])?;
-    // The activation: read by the down projection, then dropped (plain: by the second op).
-    let act = omr_kernels::swiglu(&g, &u)?;
-    let xa_d = match &ads[2] {
-        Some(ad) => Some(matmul_t(&act, &ad.a)?),
-        None => None,
+    let (g, xa_g) = proj(&h, &wgd, &ads[0])?;
+    let (u, xa_u) = proj(&h, &wud, &ads[1])?;
+    let (down, xa_d) = {
+        // The activation: read by the down projection, then dropped.
+        let act = omr_kernels::swiglu(&g, &u)?;
+        proj(&act, &wdd, &ads[2])?
     };
-    // With adapters, y as the LoRA ops give it, r + (down + its adapter's delta), attached by
-    // `attach_chain` (the activation dropped here); without, the second op computes it.
-    let (act, y_lora) = match (lora, &ads[2], &xa_d) {
-        (false, _, _) => (Some(act), None),
-        (true, ad, h) => {
-            let down = matmul_t(&act, &wdd)?;
-            let down = match (ad, h) {
-                (Some(ad), Some(h)) => (down + matmul_t(h, &ad.b)?)?,
-                _ => down,
-            };
-            (None, Some((r.detach() + down.reshape(r.dims())?)?))
-        }
-    };
-    // Gradients through the activation: x's, or gate's and up's parameters' (Wg, Wu, A, B).
-    let inner = x_tracks || [0, 1, 4, 5, 6, 7].iter().any(|&k| need[k]);
+    let y = (res.detach(), down.reshape(res.dims())?);
+    // Gradients through h: x's or the norm's; through the activation: those, or the gate's
+    // and up's parameters' (W, A, B).
+    let through_h = x_tracks || need[10];
+    let inner = through_h || [0, 1, 4, 5, 6, 7].iter().any(|&k| need[k]);
     // What the backward keeps: g and u (the activation is recomputed from them), Wd for the
-    // gradient into the activation, Wg and Wu for x's, x for the weights' and the A's.
-    let ws = x_tracks.then_some((wgd, wud));
-    let xk = (need[0] || need[1] || need[4] || need[6])
-        .then(|| xd.reshape((rows, c)))
-        .transpose()?;
-    let xa = [xa_g, xa_u, xa_d.clone()];
+    // gradient into the activation, Wg and Wu for h's, and h for the weights' and the A's
+    // (recomputed from x, which the norm's backward needs anyway, when there is a norm).
+    let ws = through_h.then_some((wgd, wud));
+    let h_needed = need[0] || need[1] || need[4] || need[6];
+    let keep_x = match &norm {
+        Some(_) => through_h || h_needed,
+        None => h_needed,
+    };
+    let xk = keep_x.then_some(xd);
+    drop(h);
+    let xa = [xa_g, xa_u, xa_d];
     let act_dims = g.dims().to_vec();
+    let residual_is_x = r.is_none();
     let need_c = need.clone();
     // dL/dy → (dL/dx, the gradient of each parameter in `params`' order).
     let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
         let need = &need_c;
-        let mut grads: Vec<Option<Tensor>> = vec![None; 10];
+        let mut grads: Vec<Option<Tensor>> = vec![None; 11];
         let dy2 = dy.reshape((rows, o))?;
         // g2 (scale · B) of projection p's adapter, for its output gradient g2 (rows, out).
         let gb = |p: usize, g2: &Tensor| -> Result<Option<Tensor>> {
@@ -221,7 +253,7 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
             }
         };
         // Adapter p's gradients (A, B): A from gb and the projection's input x2, B from g2
-        // and x·Aᵀ.
+        // and input·Aᵀ.
         type Pair = (Option<Tensor>, Option<Tensor>);
         let adapter = |p: usize, g2: &Tensor, gb: &Option<Tensor>, x2: Option<&Tensor>| {
             let (Some(ad), Some(gb)) = (&ads[p], gb) else {
@@ -260,153 +292,52 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
         drop(act);
         // A residual's gradient is the incoming one, as candle's add gives it.
         grads[3] = need[3].then(|| dy.clone());
+        let residual_dx = (residual_is_x && x_tracks).then(|| dy.clone());
         let Some((dg, du)) = gate_up else {
-            return Ok((None, grads));
+            return Ok((residual_dx, grads));
         };
         let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
         let (gb_g, gb_u) = (gb(0, &dg2)?, gb(1, &du2)?);
-        let dx = match &ws {
-            Some((wg, wu)) => Some(
-                (dx_of(0, &dg2, wg, &gb_g)? + dx_of(1, &du2, wu, &gb_u)?)?
-                    .reshape(dims.as_slice())?,
-            ),
-            None => None,
+        // h as the forward had it (rows, C), where a gradient needs it.
+        let h2 = match (&norm, &xk, h_needed) {
+            (_, None, _) | (_, _, false) => None,
+            (Some((n, eps, _)), Some(x), true) => {
+                Some(omr_kernels::rmsnorm(x, n, *eps)?.reshape((rows, c))?)
+            }
+            (None, Some(x), true) => Some(x.reshape((rows, c))?),
         };
-        (grads[4], grads[5]) = adapter(0, &dg2, &gb_g, xk.as_ref())?;
-        (grads[6], grads[7]) = adapter(1, &du2, &gb_u, xk.as_ref())?;
+        (grads[4], grads[5]) = adapter(0, &dg2, &gb_g, h2.as_ref())?;
+        (grads[6], grads[7]) = adapter(1, &du2, &gb_u, h2.as_ref())?;
         for (k, d) in [(0, &dg2), (1, &du2)] {
-            if let (true, Some(x2)) = (need[k], &xk) {
-                grads[k] = Some(d.t()?.matmul(x2)?);
+            if let (true, Some(h2)) = (need[k], &h2) {
+                grads[k] = Some(d.t()?.matmul(h2)?);
             }
         }
+        drop(h2);
+        let Some((wg, wu)) = &ws else {
+            return Ok((residual_dx, grads));
+        };
+        let dh =
+            (dx_of(0, &dg2, wg, &gb_g)? + dx_of(1, &du2, wu, &gb_u)?)?.reshape(dims.as_slice())?;
+        let dx_in = match (&norm, &xk) {
+            (Some((n, eps, stored)), Some(x)) => {
+                let (dxn, dwn) = omr_kernels::rmsnorm::backward(x, n, &dh, *eps)?;
+                grads[10] = match need[10] {
+                    true => Some(dwn.to_dtype(*stored)?),
+                    false => None,
+                };
+                dxn
+            }
+            _ => dh,
+        };
+        let dx = match residual_dx {
+            // The residual's gradient first, as candle's GradStore sums them.
+            Some(d) => Some((d + dx_in)?),
+            None => x_tracks.then_some(dx_in),
+        };
         Ok((dx, grads))
     };
-    if let Some(y) = y_lora {
-        return crate::block::attach_chain(x, &params, &need, y, backward);
-    }
-    let stash: Stash = Arc::new(Mutex::new(None));
-    let token = Tensor::zeros(1, x.dtype(), x.device())?;
-    let token = match inner {
-        true => {
-            let stash = stash.clone();
-            attach_grad3([x, wg, wu], token, move |_| {
-                stash
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("mlp: poisoned".into()))?
-                    .take()
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg(
-                            "mlp: the backward reached x before the output".into(),
-                        )
-                    })
-            })?
-        }
-        false => token,
-    };
-    let grads = move |dy: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, mut g) = backward(dy)?;
-        let (dwg, dwu) = (g[0].take(), g[1].take());
-        if inner {
-            *stash
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("mlp: poisoned".into()))? =
-                Some((dx, dwg, dwu));
-        }
-        Ok((g[2].take(), g[3].take()))
-    };
-    token.apply_op3(
-        wd,
-        r,
-        MlpOut {
-            gemm: Gemm {
-                rows,
-                i,
-                o,
-                out: r.shape().clone(),
-                residual: true,
-            },
-            act: Mutex::new(act),
-            grad: Arc::new(grads),
-        },
-    )
-}
-
-/// The gradients of x, Wg and Wu, from the MLP's second op to its first.
-type Stash = Arc<Mutex<Option<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>>>;
-
-type MlpGrad = dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
-
-/// The MLP's second op over (token, Wd, r): `r + act·Wdᵀ` in its forward, from the
-/// activation it holds until then; every gradient in its backward.
-struct MlpOut {
-    gemm: Gemm,
-    act: Mutex<Option<Tensor>>,
-    grad: Arc<MlpGrad>,
-}
-
-impl MlpOut {
-    fn take_act(&self) -> Result<Tensor> {
-        self.act
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("mlp: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("mlp: forward ran twice".into()))
-    }
-}
-
-impl CustomOp3 for MlpOut {
-    fn name(&self) -> &'static str {
-        "omr-swiglu-mlp-residual"
-    }
-    fn cpu_fwd(
-        &self,
-        _token: &CpuStorage,
-        _tl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        r: &CpuStorage,
-        rl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let act = self.take_act()?;
-        let (s, l) = act.storage_and_layout();
-        let candle_core::Storage::Cpu(a) = &*s else {
-            candle_core::bail!("mlp: the activation is not on the CPU")
-        };
-        self.gemm.forward(a, l, w, wl, Some((r, rl)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _token: &candle_core::CudaStorage,
-        _tl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-        r: &candle_core::CudaStorage,
-        rl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let act = self.take_act()?;
-        let (s, l) = act.storage_and_layout();
-        let candle_core::Storage::Cuda(a) = &*s else {
-            candle_core::bail!("mlp: the activation is not on the CUDA device")
-        };
-        self.gemm.forward(a, l, w, wl, Some((r, rl)))
-    }
-    fn bwd(
-        &self,
-        token: &Tensor,
-        wd: &Tensor,
-        r: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dwd, dr) = (self.grad)(grad_res)?;
-        // The token's gradient: a one-element zero (the edge carries no value).
-        let dt = match token.track_op() {
-            true => Some(Tensor::zeros(1, token.dtype(), token.device())?),
-            false => None,
-        };
-        Ok((dt, route(wd, dwd)?, route(r, dr)?))
-    }
+    crate::block::attach_chain(x, &params, &need, y, backward)
 }
 
 #[cfg(test)]
@@ -489,6 +420,7 @@ mod tests {
                     up: &wu,
                     down: &wd,
                     lora: [None, None, None],
+                    norm: None,
                 };
                 let one = swiglu_mlp_residual(&x, &w, &r)?;
                 let two = linear_residual(&swiglu_mlp(&x, &wg, &wu)?, &wd, &r)?;
@@ -525,6 +457,7 @@ mod tests {
                 up: u,
                 down: d,
                 lora: [None, None, None],
+                norm: None,
             }
         }
         let u11 = rand(3, &[20, 11])?;
@@ -596,6 +529,7 @@ mod tests {
                     up: &wu,
                     down: &wd,
                     lora: [pick(0), pick(1), pick(2)],
+                    norm: None,
                 };
                 let one = swiglu_mlp_residual(&x, &w, &r)?;
                 // The per-op path.
@@ -635,6 +569,92 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `decoder_mlp` gives the bits of the per-op path's second half: the fused RMSNorm op
+    /// (its weight stored in f32 and cast to the compute dtype, as `fused::rmsnorm` does),
+    /// then `swiglu_mlp_residual` with x as the residual; the same gradients for x, the norm's
+    /// weight (cast back to f32), the projections and the adapters: everything trainable,
+    /// LoRA on a frozen base and norm, and a frozen x with a trainable norm.
+    #[test]
+    fn decoder_mlp_equals_the_norm_and_the_unit() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            for case in ["full", "lora", "frozen x"] {
+                let var =
+                    |t: Tensor| -> Result<Tensor> { Ok(Var::from_tensor(&t)?.as_tensor().clone()) };
+                let full = case != "lora";
+                let maybe = |t: Tensor, on: bool| if on { var(t) } else { Ok(t) };
+                let x = maybe(rand(1, &[2, 5, 12])?.to_dtype(dtype)?, case != "frozen x")?;
+                let wn = maybe(((rand(2, &[12])? * 0.5)? + 1.0)?, full)?; // stored f32
+                let wg = maybe((rand(3, &[20, 12])? * 0.3)?.to_dtype(dtype)?, full)?;
+                let wu = maybe((rand(4, &[20, 12])? * 0.3)?.to_dtype(dtype)?, full)?;
+                let wd = maybe((rand(5, &[12, 20])? * 0.3)?.to_dtype(dtype)?, full)?;
+                let adapters: Vec<Adapter> = [(12, 20), (12, 20), (20, 12)]
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &(i, o))| {
+                        Ok(Adapter {
+                            a: var((rand(10 + p as u64, &[4, i])? * 0.5)?.to_dtype(dtype)?)?,
+                            b: var((rand(20 + p as u64, &[o, 4])? * 0.5)?.to_dtype(dtype)?)?,
+                            scale: 2.0,
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let lora = match case {
+                    "lora" => [Some(&adapters[0]), Some(&adapters[1]), Some(&adapters[2])],
+                    _ => [None, None, None],
+                };
+                let mut w = MlpWeights {
+                    gate: &wg,
+                    up: &wu,
+                    down: &wd,
+                    lora,
+                    norm: Some((&wn, 1e-6)),
+                };
+                let one = decoder_mlp(&x, &w)?;
+                w.norm = None;
+                let h = omr_kernels::rmsnorm(&x, &wn.to_dtype(dtype)?, 1e-6)?;
+                let two = swiglu_mlp_residual(&h, &w, &x)?;
+                let what = format!("{dtype:?}, {case}");
+                assert_eq!(bits(&one)?, bits(&two)?, "{what}: output");
+                let k = rand(6, &[2, 5, 12])?.to_dtype(dtype)?;
+                let g1 = (&one * &k)?.sum_all()?.backward()?;
+                let g2 = (&two * &k)?.sum_all()?.backward()?;
+                let mut args = vec![("x", &x), ("norm", &wn), ("gate", &wg), ("up", &wu)];
+                args.push(("down", &wd));
+                if case == "lora" {
+                    for (p, ad) in adapters.iter().enumerate() {
+                        args.push((["A0", "A1", "A2"][p], &ad.a));
+                        args.push((["B0", "B1", "B2"][p], &ad.b));
+                    }
+                }
+                for (name, t) in args {
+                    match (g1.get(t), g2.get(t), t.track_op()) {
+                        (Some(a), Some(b), true) => {
+                            assert_eq!(a.dtype(), t.dtype(), "{what}: d{name} dtype");
+                            assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
+                        }
+                        (None, _, false) => {}
+                        _ => panic!("{what}: d{name} missing or extra"),
+                    }
+                }
+            }
+        }
+        // A norm that does not fit is an error; decoder_mlp needs one, the other takes none.
+        let (x, w, d) = (rand(1, &[3, 12])?, rand(2, &[20, 12])?, rand(4, &[12, 20])?);
+        let n11 = rand(3, &[11])?;
+        let mut m = MlpWeights {
+            gate: &w,
+            up: &w,
+            down: &d,
+            lora: [None, None, None],
+            norm: Some((&n11, 1e-6)),
+        };
+        assert!(decoder_mlp(&x, &m).is_err());
+        assert!(swiglu_mlp_residual(&x, &m, &x).is_err());
+        m.norm = None;
+        assert!(decoder_mlp(&x, &m).is_err());
         Ok(())
     }
 }

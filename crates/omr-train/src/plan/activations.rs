@@ -10,9 +10,9 @@
 //! - linear: the matmul output, plus the bias-add output when the weight is trainable and has a
 //!   bias; a frozen (or LoRA-adapted frozen) linear keeps only its output (`ops::frozen_linear`
 //!   and the fused LoRA op compute outside the graph and attach one value).
-//! - the decoder MLP on the fused path, LoRA without dropout included
-//!   (`ops::swiglu_mlp_residual`): the gate and up outputs and the residual sum; the
-//!   activation is recomputed in the backward.
+//! - the decoder's post-attention norm and MLP on the fused path, LoRA without dropout
+//!   included (`ops::decoder_mlp`): the gate and up outputs and the residual sum; the norm's
+//!   output and the activation are recomputed in the backward.
 //! - RMSNorm (`ops::rmsnorm`): x² and x·r in f32, the cast back (when the compute dtype is not
 //!   f32) and the weight product. LayerNorm: x−μ, its square, the normed value (f32), the cast,
 //!   weight product and bias sum.
@@ -59,6 +59,11 @@ pub struct Activations {
     pub text_stem: u64,
     /// One decoder layer.
     pub decoder_layer: u64,
+    /// What one decoder layer's forward holds at once without a backward to come (GRPO's
+    /// rollouts, `plan/grpo.rs`): [`Activations::decoder_layer`] plus what the fused MLP unit
+    /// drops as it goes and recomputes in the backward (the norm's output, the activation,
+    /// the down projection's output).
+    pub decoder_layer_forward: u64,
     /// All decoder layers (checkpointing applied).
     pub decoder_layers: u64,
     /// Final norm, the gathered labelled rows, lm-head logits and the loss' f32 buffers.
@@ -127,7 +132,7 @@ impl Tally {
     }
 }
 
-/// Whether the decoder MLP runs as one unit on the fused path (`ops::swiglu_mlp_residual`):
+/// Whether the decoder MLP runs as one unit on the fused path (`ops::decoder_mlp`):
 /// unless a LoRA adapter with dropout sits on some layer's gate, up or down projection.
 fn mlp_unit(p: &PlanInput) -> bool {
     let Some(l) = p.lora.as_ref().filter(|l| l.dropout > 0.0) else {
@@ -383,14 +388,21 @@ pub fn count(p: &PlanInput) -> Activations {
     }
     lin(&mut layer, n, c, false, tl);
     layer.add(1.0, n * c, s); // residual
-    rms(&mut layer, n * c, tl);
+                              // The fused path's norm + MLP is one unit (ops::decoder_mlp) unless LoRA dropout applies
+                              // to the MLP: gate and up kept (and each adapter's x·Aᵀ, rows × r: left out), the norm's
+                              // output and the activation recomputed in the backward, the down projection added to the
+                              // residual in the unit (no output of its own).
+    let unit = fused && mlp_unit(p);
+    let unit_dropped = match unit {
+        true => (n * c + n * inter + n * c) * s,
+        false => 0,
+    };
+    if !unit {
+        rms(&mut layer, n * c, tl);
+    }
     lin(&mut layer, n, inter, false, tl);
     lin(&mut layer, n, inter, false, tl);
-    // The fused path's MLP is one unit (ops::swiglu_mlp_residual) unless LoRA dropout
-    // applies to it: gate and up kept (and each adapter's x·Aᵀ, rows × r: left out), the
-    // activation recomputed in the backward, the down projection added to the residual in
-    // the unit (no output of its own).
-    if !(fused && mlp_unit(p)) {
+    if !unit {
         // silu and the product (one SwiGLU op on the fused path), then down's output
         layer.add(if fused { 1.0 } else { 2.0 }, n * inter, s);
         lin(&mut layer, n, c, false, tl);
@@ -476,6 +488,7 @@ pub fn count(p: &PlanInput) -> Activations {
         merger,
         text_stem: stem.bytes,
         decoder_layer: layer.bytes,
+        decoder_layer_forward: layer.bytes + unit_dropped,
         decoder_layers,
         logits_loss: head.bytes,
         largest_tensor: largest,

@@ -157,7 +157,8 @@ pub(super) fn reference_bytes(p: &PlanInput, total: u64, lora: u64) -> u64 {
 /// The rollout phase beyond the resident state, the largest of its three moments. Generation
 /// runs with `Ctx::no_grad` (`omr_model::generate`): each decoder layer's and vision block's
 /// output is detached, so a block's intermediates live until the block ends, as many as a
-/// training forward keeps of that block ([`super::activations`] on the rollout's shapes):
+/// training forward keeps of that block, plus what the fused MLP unit recomputes instead of
+/// keeping ([`super::activations`] on the rollout's shapes):
 /// - the vision tower over every row's image: the pixel values' compute-dtype copy, the
 ///   residual stream and the largest block (the f32 pixel values live through the whole call);
 /// - the decoder's prefill over every prompt token: the key/value cache of the prompt, the
@@ -197,7 +198,7 @@ pub(super) fn rollout_rows(p: &PlanInput, g: &GrpoShape) -> Vec<Row> {
     probe.grpo = None;
     let acts = super::activations::count(&probe);
     let prompt_cache = probe.batch as u64 * g.prompt_tokens as u64 * cache_per_token;
-    let prefill = prompt_cache + acts.text_stem + acts.decoder_layer;
+    let prefill = prompt_cache + acts.text_stem + acts.decoder_layer_forward;
     let patches = probe.patches() as u64;
     let v = &p.model.vision;
     // The pixel values' compute-dtype copy (none in f32), the residual stream, one block.

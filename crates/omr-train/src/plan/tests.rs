@@ -473,7 +473,8 @@ fn grpo_rollout_peak_and_suggestions() {
 /// The layers `kept_decoder_layers = "auto"` keeps for the 3B shape that
 /// `scripts/cuda/gpu-session.sh` times at T 8192 (fused, checkpointing "all", one 1024-patch
 /// image): the README's numbers. With the MLP unit (its activation not kept) a layer keeps
-/// less, so more fit an 80 GiB GPU than the 20 of 36 before it.
+/// less, so more fit an 80 GiB GPU than the 20 of 36 before it (27 with the activation, 28 with
+/// the norm's output recomputed too).
 #[test]
 fn kept_layers_of_the_3b_shape_at_8k() {
     let mut p = input(shipped("qwen2.5-vl-3b.json"), 1, 8192, 32);
@@ -483,5 +484,5 @@ fn kept_layers_of_the_3b_shape_at_8k() {
     let (on80, _) = auto_kept_decoder_layers(&p, gib(80.0));
     let (on141, _) = auto_kept_decoder_layers(&p, 141_000_000_000);
     println!("3B T 8192: {on80} of 36 decoder layers kept on 80 GiB, {on141} on 141 GB");
-    assert_eq!((on80, on141), (27, 36));
+    assert_eq!((on80, on141), (28, 36));
 }
