@@ -120,6 +120,10 @@ step train-3b-2k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" -
 # Every weight's gradient through candle's GradStore (zeros + add), as before the sink.
 step train-3b-2k-nosink 60 env OMR_GRAD_SINK=0 "$bin" bench train "${common[@]}" --seq 2048 \
   --steps 4 --warmup 2
+# The decoder's norm + MLP as separate ops, as before the unit (ops::decoder_mlp): its time
+# and GPU memory against the default step above.
+step train-3b-2k-nounit 60 env OMR_MLP_UNIT=0 "$bin" bench train "${common[@]}" --seq 2048 \
+  --steps 4 --warmup 2
 if [ -z "$quick" ]; then
   step train-3b-2k-profile 90 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"

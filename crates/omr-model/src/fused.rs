@@ -94,6 +94,14 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     ops::swiglu_mlp(x, wg, wu)
 }
 
+/// Whether the decoder's norm + MLP run as one unit on the fused path ([`decoder_mlp`]):
+/// unless `OMR_MLP_UNIT=0` (the per-op path as before the unit, for measuring it; the same
+/// bits either way).
+pub fn mlp_unit_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("OMR_MLP_UNIT").is_ok_and(|v| v == "0"))
+}
+
 /// The decoder layer's MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters without dropout
 /// included), as one unit ([`ops::decoder_mlp`]: neither the norm's output nor the activation
 /// kept for the backward; counted as an RMSNorm and a SwiGLU). x: (…, C) → (…, C)

@@ -286,7 +286,7 @@ impl Layer {
             self.up.unit_part(ctx),
             self.down.unit_part(ctx),
             ctx.kernels,
-            x.elem_count() > 0,
+            x.elem_count() > 0 && fused::mlp_unit_enabled(),
         ) {
             // The post-attention norm, the whole MLP and the residual as one unit, LoRA
             // adapters included: ops::decoder_mlp (neither the norm's output nor the

@@ -134,13 +134,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Environment switches that pick a kernel or model variant (README, "GPU").
-const OPT_INS: [&str; 6] = [
+const OPT_INS: [&str; 7] = [
     "OMR_ATTN",
     "OMR_ATTN_SOFTMAX",
     "OMR_MMA",
     "OMR_BLOCK_OP",
     "OMR_CUDA_POOL",
     "OMR_GRAD_SINK",
+    "OMR_MLP_UNIT",
 ];
 
 pub fn run(a: BenchTrainArgs) -> crate::Result<()> {

@@ -463,3 +463,35 @@ fn bench_train_with_grpo_objective() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+/// `OMR_MLP_UNIT=0` (the decoder's norm and MLP as separate ops) trains to the same bits as
+/// the default unit (`ops::decoder_mlp`), full fine-tune and LoRA: the same loss at every
+/// step, so the same gradients and updates before it; the switch is in the report's opt-ins.
+#[test]
+fn mlp_unit_switch_trains_to_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let run = |rank: &str, unit: Option<&str>| -> Value {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omr"));
+        c.args(tiny_bench_args(
+            &json,
+            &["--lora-rank", rank, "--kernels", "fused"],
+        ))
+        .current_dir(root())
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("OMR_MLP_UNIT");
+        if let Some(v) = unit {
+            c.env("OMR_MLP_UNIT", v);
+        }
+        let o = c.output().unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{t}");
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    for rank in ["0", "4"] {
+        let (unit, ops) = (run(rank, None), run(rank, Some("0")));
+        assert_eq!(ops["opt_ins"]["OMR_MLP_UNIT"], "0");
+        assert_eq!(unit["losses"].as_array().unwrap().len(), 2);
+        assert_eq!(unit["losses"], ops["losses"], "LoRA rank {rank}");
+    }
+}
