@@ -18,6 +18,7 @@
 
 use crate::ops::{
     self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, matmul_nt, matmul_t,
+    mlp_half,
 };
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
@@ -137,9 +138,10 @@ pub fn decoder_layer(
     let dt = x.dtype();
     let xd = x.detach();
     let det = |t: &Tensor| t.detach();
-    // The adapters with B scaled once here (O × r), not each (…, O) output.
+    // The attention's adapters with B scaled once here (O × r), not each (…, O) output (the
+    // MLP half scales its own).
     let mut ads: [Option<Adapter>; LINEARS] = Default::default();
-    for (slot, ad) in ads.iter_mut().zip(&w.lora) {
+    for (slot, ad) in ads.iter_mut().zip(&w.lora).take(O + 1) {
         if let Some(ad) = ad {
             *slot = Some(Adapter {
                 a: det(&ad.a),
@@ -177,25 +179,30 @@ pub fn decoder_layer(
     let a2 = a.reshape((b, t, h * d))?;
     let (ao, xa_o) = lin(O, &a2, &w.o, None)?;
     let x2 = (&xd + ao)?;
-    let w_post = det(&w.post_norm).to_dtype(dt)?;
-    let hs2 = omr_kernels::rmsnorm(&x2, &w_post, eps)?;
-    let (gt, xa_gate) = lin(GATE, &hs2, &w.gate, None)?;
-    let (up, xa_up) = lin(UP, &hs2, &w.up, None)?;
-    let g = omr_kernels::swiglu(&gt, &up)?;
-    let (down, xa_down) = lin(DOWN, &g, &w.down, None)?;
-    // The activation is not kept: the backward recomputes it.
-    drop(g);
-    // y = x2 + down, added by the chain's last op.
-    let y = (x2.clone(), down);
+    // The second half, `x2 + mlp(rmsnorm(x2))`, as the fused path's MLP unit runs it
+    // (`ops::decoder_mlp`: the norm's output and the activation recomputed in the backward);
+    // its output parts are added by the chain's last op.
+    let mlp_w = crate::ops::MlpWeights {
+        gate: &w.gate,
+        up: &w.up,
+        down: &w.down,
+        lora: [
+            w.lora[GATE].as_ref(),
+            w.lora[UP].as_ref(),
+            w.lora[DOWN].as_ref(),
+        ],
+        norm: Some((&w.post_norm, eps)),
+    };
+    let (y, mlp_back) = mlp_half(&x2, true, &mlp_w, None)?;
 
     let params = w.params();
     let need: Vec<bool> = params
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    let norm_dtypes = (w.input_norm.dtype(), w.post_norm.dtype());
-    let ws = [&w.q.0, &w.k.0, &w.v.0, &w.o, &w.gate, &w.up, &w.down].map(det);
-    let xa = [xa_q, xa_k, xa_v, xa_o, xa_gate, xa_up, xa_down];
+    let norm_dtype = w.input_norm.dtype();
+    let ws = [&w.q.0, &w.k.0, &w.v.0, &w.o].map(det);
+    let xa = [xa_q, xa_k, xa_v, xa_o];
     let (cos, sin) = (cos.clone(), sin.clone());
     let rows = b * t;
     let need_c = need.clone();
@@ -236,13 +243,9 @@ pub fn decoder_layer(
             Ok(())
         };
         let dy = dy.to_dtype(dt)?;
-        // MLP: y = x2 + swiglu(hs2·Wgᵀ, hs2·Wuᵀ)·Wdᵀ. The activation g was not kept: SwiGLU's
-        // backward recomputes it (the forward's bits) for the down projection's gradients.
-        let (dg, gb_down) = back_dx(DOWN, &dy)?;
-        let (dgt, dup, g) = omr_kernels::swiglu::backward_with_act(&gt, &up, &dg)?;
-        adapter_grads(DOWN, &dy, gb_down, &g)?;
-        let d_down = dw(11, &dy, &g)?;
-        drop(g);
+        // MLP: y = x2 + mlp(rmsnorm(x2)); dL/dx2 includes the residual's dy.
+        let (dx2, mlp_grads) = mlp_back(&dy)?;
+        let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("decoder block: no dL/dx2".into()))?;
         // Through linear `li` with input x and output gradient g: dL/dx, and its adapter's
         // gradients into `lora_grads`.
         let mut back = |li: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
@@ -250,11 +253,6 @@ pub fn decoder_layer(
             adapter_grads(li, g, gb, x)?;
             Ok(dx)
         };
-        let d_gate = dw(9, &dgt, &hs2)?;
-        let d_up = dw(10, &dup, &hs2)?;
-        let dhs2 = (back(GATE, &dgt, &hs2)? + back(UP, &dup, &hs2)?)?;
-        let (dx2n, dw_post) = omr_kernels::rmsnorm::backward(&x2, &w_post, &dhs2, eps)?;
-        let dx2 = (&dy + dx2n)?;
         // Attention: x2 = x + attn(rot(q), rot(k), v)·Woᵀ
         let da = back(O, &dx2, &a2)?.reshape((b, t, h, d))?;
         let d_o = dw(7, &dx2, &a2)?;
@@ -266,8 +264,11 @@ pub fn decoder_layer(
         let dhs =
             (back(Q, &dq, &hs)? + back(K, &dk, &hs)? + back(V, &dv, &hs)?)?.reshape((b, t, c))?;
         let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
+        // The MLP half's gradients, in `mlp_params`' order: gate, up, down, (r), the gate's,
+        // up's and down's (A, B), the norm.
+        let mut m = mlp_grads;
         let mut grads = vec![
-            gr.norm(0, dw_in, norm_dtypes.0)?,
+            gr.norm(0, dw_in, norm_dtype)?,
             dw(1, &dq, &hs)?,
             db(2, &dq)?,
             dw(3, &dk, &hs)?,
@@ -275,11 +276,15 @@ pub fn decoder_layer(
             dw(5, &dv, &hs)?,
             db(6, &dv)?,
             d_o,
-            gr.norm(8, dw_post, norm_dtypes.1)?,
-            d_gate,
-            d_up,
-            d_down,
+            m[10].take(),
+            m[0].take(),
+            m[1].take(),
+            m[2].take(),
         ];
+        for (li, k) in [(GATE, 4), (UP, 6), (DOWN, 8)] {
+            lora_grads[2 * li] = m[k].take();
+            lora_grads[2 * li + 1] = m[k + 1].take();
+        }
         grads.extend(lora_grads);
         Ok((Some((dx2 + dxn)?), grads))
     };

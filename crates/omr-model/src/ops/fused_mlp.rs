@@ -121,6 +121,43 @@ pub fn decoder_mlp(x: &Tensor, w: &MlpWeights) -> Result<Tensor> {
 /// The unit: `r + mlp(h)`, h = rmsnorm(x) with `w.norm` or x itself; r = x when `None`.
 fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
     let x = &x.contiguous()?;
+    let params = mlp_params(w, r);
+    let need: Vec<bool> = params
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let (y, backward) = mlp_half(x, x.track_op(), w, r)?;
+    crate::block::attach_chain(x, &params, &need, y, backward)
+}
+
+/// The tensors whose gradients [`mlp_half`]'s backward returns, in its order: gate, up,
+/// down, r, the (A, B) of the gate's, up's and down's adapters, the norm's weight.
+pub(crate) fn mlp_params<'a>(w: &MlpWeights<'a>, r: Option<&'a Tensor>) -> Vec<Option<&'a Tensor>> {
+    let mut params: Vec<Option<&Tensor>> = vec![Some(w.gate), Some(w.up), Some(w.down), r];
+    for ad in &w.lora {
+        params.push(ad.map(|ad| &ad.a));
+        params.push(ad.map(|ad| &ad.b));
+    }
+    params.push(w.norm.map(|(n, _)| n));
+    params
+}
+
+/// The gradients a half's backward returns: dL/dx (when asked for), then one per parameter.
+pub(crate) type HalfGrads = (Option<Tensor>, Vec<Option<Tensor>>);
+
+/// The MLP half (the unit's forward and backward, also the block op's second half): its
+/// output `y = r + mlp(h)` as its two parts (r, the down projection: the caller's op adds
+/// them), computed without a graph from x (contiguous), and its backward, dL/dy →
+/// (dL/dx when `x_grad`, a gradient for each of [`mlp_params`] whose tensor tracks an op).
+pub(crate) fn mlp_half(
+    x: &Tensor,
+    x_grad: bool,
+    w: &MlpWeights,
+    r: Option<&Tensor>,
+) -> Result<(
+    (Tensor, Tensor),
+    impl Fn(&Tensor) -> Result<HalfGrads> + Send + Sync + 'static,
+)> {
     let dims = x.dims().to_vec();
     let c = *dims.last().expect("mlp input has a last dimension");
     let rows = x.elem_count() / c.max(1);
@@ -164,18 +201,11 @@ fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
         )
     }
     let dt = x.dtype();
-    // The parameters in the order of the backward's gradients.
-    let mut params: Vec<Option<&Tensor>> = vec![Some(wg), Some(wu), Some(wd), r];
-    for ad in &w.lora {
-        params.push(ad.map(|ad| &ad.a));
-        params.push(ad.map(|ad| &ad.b));
-    }
-    params.push(w.norm.map(|(n, _)| n));
-    let need: Vec<bool> = params
+    let need: Vec<bool> = mlp_params(w, r)
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    let x_tracks = x.track_op();
+    let x_tracks = x_grad;
     let (xd, wgd, wud, wdd) = (x.detach(), wg.detach(), wu.detach(), wd.detach());
     // The norm's weight in x's dtype, and its stored dtype for the gradient.
     let norm = match w.norm {
@@ -234,10 +264,9 @@ fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
     let xa = [xa_g, xa_u, xa_d];
     let act_dims = g.dims().to_vec();
     let residual_is_x = r.is_none();
-    let need_c = need.clone();
-    // dL/dy → (dL/dx, the gradient of each parameter in `params`' order).
-    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
-        let need = &need_c;
+    // dL/dy → (dL/dx, the gradient of each parameter in `mlp_params`' order).
+    let backward = move |dy: &Tensor| -> Result<HalfGrads> {
+        let need = &need;
         let mut grads: Vec<Option<Tensor>> = vec![None; 11];
         let dy2 = dy.reshape((rows, o))?;
         // g2 (scale · B) of projection p's adapter, for its output gradient g2 (rows, out).
@@ -337,7 +366,7 @@ fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
         };
         Ok((dx, grads))
     };
-    crate::block::attach_chain(x, &params, &need, y, backward)
+    Ok((y, backward))
 }
 
 #[cfg(test)]
