@@ -17,7 +17,7 @@
 //! (`tests/block.rs` compares them on CPU).
 
 use crate::ops::{
-    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, matmul_nt, matmul_t,
+    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half, matmul_nt,
     mlp_half,
 };
 use candle_core::{DType, Result, Tensor};
@@ -69,12 +69,11 @@ pub struct DecoderWeights {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
-    /// Adapters of q, k, v, o, gate, up, down (in [`LINEARS`]' order).
+    /// Adapters of q, k, v, o, gate, up, down (indices [`Q`] … [`DOWN`]).
     pub lora: [Option<Adapter>; 7],
 }
 
-/// The layer's linears, the order of [`DecoderWeights::lora`].
-const LINEARS: usize = 7;
+// The layer's linears, the order of [`DecoderWeights::lora`].
 const Q: usize = 0;
 const K: usize = 1;
 const V: usize = 2;
@@ -82,8 +81,6 @@ const O: usize = 3;
 const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
-/// Parameters before the adapters' A and B (norms, weights, biases).
-const BASE_PARAMS: usize = 12;
 
 impl DecoderWeights {
     fn params(&self) -> Vec<Option<&Tensor>> {
@@ -128,165 +125,52 @@ pub fn decoder_layer(
     sin: &Tensor,
     mask: &AttnMask,
 ) -> Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    let DecoderDims {
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-        eps,
-    } = dims;
-    let dt = x.dtype();
-    let xd = x.detach();
-    let det = |t: &Tensor| t.detach();
-    // The attention's adapters with B scaled once here (O × r), not each (…, O) output (the
-    // MLP half scales its own).
-    let mut ads: [Option<Adapter>; LINEARS] = Default::default();
-    for (slot, ad) in ads.iter_mut().zip(&w.lora).take(O + 1) {
-        if let Some(ad) = ad {
-            *slot = Some(Adapter {
-                a: det(&ad.a),
-                b: (det(&ad.b) * ad.scale)?,
-                scale: ad.scale,
-            });
-        }
-    }
-    // Linear `li` on x: x Wᵀ (+ b) + (x Aᵀ)(scale · B)ᵀ, and x Aᵀ for the backward.
-    let lin = |li: usize, x: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
-        let y = ops::linear(x, &det(w), bias.map(det).as_ref())?;
-        match &ads[li] {
-            None => Ok::<_, candle_core::Error>((y, None)),
-            Some(ad) => {
-                let xa = matmul_t(x, &ad.a)?;
-                let y = (y + matmul_t(&xa, &ad.b)?)?;
-                Ok((y, Some(xa)))
-            }
-        }
-    };
     crate::fused::count_block();
-    // Forward without a graph; what the backward needs is kept.
-    let w_in = det(&w.input_norm).to_dtype(dt)?;
-    let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
-    let (q, xa_q) = lin(Q, &hs, &w.q.0, w.q.1.as_ref())?;
-    let (k, xa_k) = lin(K, &hs, &w.k.0, w.k.1.as_ref())?;
-    let (v, xa_v) = lin(V, &hs, &w.v.0, w.v.1.as_ref())?;
-    let q = q.reshape((b, t, h, d))?;
-    let k = k.reshape((b, t, kv, d))?;
-    let v = v.reshape((b, t, kv, d))?;
-    let qr = omr_kernels::rotary(&q, cos, sin)?;
-    let kr = omr_kernels::rotary(&k, cos, sin)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let (a, attn) = crate::kept_attn::forward(&qr, &kr, &v, mask, scale)?;
-    let a2 = a.reshape((b, t, h * d))?;
-    let (ao, xa_o) = lin(O, &a2, &w.o, None)?;
-    let x2 = (&xd + ao)?;
-    // The second half, `x2 + mlp(rmsnorm(x2))`, as the fused path's MLP unit runs it
-    // (`ops::decoder_mlp`: the norm's output and the activation recomputed in the backward);
-    // its output parts are added by the chain's last op.
-    let mlp_w = crate::ops::MlpWeights {
+    let x = &x.contiguous()?;
+    let lora = |li: usize| w.lora[li].as_ref();
+    // The two halves as the fused path's units run them (`ops::decoder_attention`,
+    // `ops::decoder_mlp`), here chained in one op: x2 = x + attention, y = x2 + mlp.
+    let attn_w = ops::AttnWeights {
+        norm: (&w.input_norm, dims.eps),
+        q: (&w.q.0, w.q.1.as_ref()),
+        k: (&w.k.0, w.k.1.as_ref()),
+        v: (&w.v.0, w.v.1.as_ref()),
+        o: &w.o,
+        lora: [lora(Q), lora(K), lora(V), lora(O)],
+        heads: dims.heads,
+        kv_heads: dims.kv_heads,
+        head_dim: dims.head_dim,
+    };
+    let x_tracks = x.track_op();
+    let ((xd, ao), attn_back) = attn_half(x, x_tracks, &attn_w, cos, sin, mask)?;
+    let x2 = (xd + ao)?;
+    let mlp_w = ops::MlpWeights {
         gate: &w.gate,
         up: &w.up,
         down: &w.down,
-        lora: [
-            w.lora[GATE].as_ref(),
-            w.lora[UP].as_ref(),
-            w.lora[DOWN].as_ref(),
-        ],
-        norm: Some((&w.post_norm, eps)),
+        lora: [lora(GATE), lora(UP), lora(DOWN)],
+        norm: Some((&w.post_norm, dims.eps)),
     };
     let (y, mlp_back) = mlp_half(&x2, true, &mlp_w, None)?;
-
+    drop(x2);
     let params = w.params();
     let need: Vec<bool> = params
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    let norm_dtype = w.input_norm.dtype();
-    let ws = [&w.q.0, &w.k.0, &w.v.0, &w.o].map(det);
-    let xa = [xa_q, xa_k, xa_v, xa_o];
-    let (cos, sin) = (cos.clone(), sin.clone());
-    let rows = b * t;
-    let need_c = need.clone();
-    // dL/dy → (dL/dx, the gradient of each parameter that needs one).
+    // dL/dy → (dL/dx, the gradient of each parameter in `DecoderWeights::params`' order).
     let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
-        let gr = Grads {
-            rows,
-            need: &need_c,
-        };
-        let (dw, db, flat) = (
-            |i, g: &Tensor, x: &Tensor| gr.dw(i, g, x),
-            |i, g: &Tensor| gr.db(i, g),
-            |x: &Tensor| gr.flat(x),
-        );
-        let mut lora_grads: Vec<Option<Tensor>> = vec![None; 2 * LINEARS];
-        // Through linear `li` with output gradient g: dL/dx, and g (scale · B) when it has an
-        // adapter.
-        let back_dx = |li: usize, g: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
-            let dx = matmul_nt(g, &ws[li])?;
-            let Some(ad) = &ads[li] else {
-                return Ok((dx, None));
-            };
-            let gb = matmul_nt(g, &ad.b)?; // g (scale · B): (…, r)
-            Ok(((dx + matmul_nt(&gb, &ad.a)?)?, Some(gb)))
-        };
-        // The adapter gradients of linear `li` with input x, output gradient g and g·B (gb),
-        // into `lora_grads`.
-        let mut adapter_grads = |li: usize, g: &Tensor, gb: Option<Tensor>, x: &Tensor| {
-            let (Some(ad), Some(xa), Some(gb)) = (&ads[li], &xa[li], gb) else {
-                return Ok::<_, candle_core::Error>(());
-            };
-            let (ia, ib) = (BASE_PARAMS + 2 * li, BASE_PARAMS + 2 * li + 1);
-            lora_grads[2 * li] = gr.dw(ia, &gb, x)?; // (r, I)
-            lora_grads[2 * li + 1] = match gr.dw(ib, g, xa)? {
-                Some(g) => Some((g * ad.scale)?), // scale · gᵀ (x Aᵀ): (O, r)
-                None => None,
-            };
-            Ok(())
-        };
-        let dy = dy.to_dtype(dt)?;
-        // MLP: y = x2 + mlp(rmsnorm(x2)); dL/dx2 includes the residual's dy.
-        let (dx2, mlp_grads) = mlp_back(&dy)?;
+        let (dx2, mut m) = mlp_back(dy)?;
         let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("decoder block: no dL/dx2".into()))?;
-        // Through linear `li` with input x and output gradient g: dL/dx, and its adapter's
-        // gradients into `lora_grads`.
-        let mut back = |li: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
-            let (dx, gb) = back_dx(li, g)?;
-            adapter_grads(li, g, gb, x)?;
-            Ok(dx)
-        };
-        // Attention: x2 = x + attn(rot(q), rot(k), v)·Woᵀ
-        let da = back(O, &dx2, &a2)?.reshape((b, t, h, d))?;
-        let d_o = dw(7, &dx2, &a2)?;
-        let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
-        let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
-        let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
-        let dv = dv.to_dtype(dt)?;
-        let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
-        let dhs =
-            (back(Q, &dq, &hs)? + back(K, &dk, &hs)? + back(V, &dv, &hs)?)?.reshape((b, t, c))?;
-        let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
-        // The MLP half's gradients, in `mlp_params`' order: gate, up, down, (r), the gate's,
-        // up's and down's (A, B), the norm.
-        let mut m = mlp_grads;
-        let mut grads = vec![
-            gr.norm(0, dw_in, norm_dtype)?,
-            dw(1, &dq, &hs)?,
-            db(2, &dq)?,
-            dw(3, &dk, &hs)?,
-            db(4, &dk)?,
-            dw(5, &dv, &hs)?,
-            db(6, &dv)?,
-            d_o,
-            m[10].take(),
-            m[0].take(),
-            m[1].take(),
-            m[2].take(),
-        ];
-        for (li, k) in [(GATE, 4), (UP, 6), (DOWN, 8)] {
-            lora_grads[2 * li] = m[k].take();
-            lora_grads[2 * li + 1] = m[k + 1].take();
-        }
-        grads.extend(lora_grads);
-        Ok((Some((dx2 + dxn)?), grads))
+        let (dx, mut a) = attn_back(&dx2)?;
+        // The halves' orders: `attn_params` (input norm, q w/b, k w/b, v w/b, o, then the
+        // (A, B) of q, k, v, o) and `mlp_params` (gate, up, down, r, the (A, B) of gate, up,
+        // down, post norm).
+        let mut grads: Vec<Option<Tensor>> = a.drain(..8).collect();
+        grads.extend([m[10].take(), m[0].take(), m[1].take(), m[2].take()]);
+        grads.extend(a.drain(..8));
+        grads.extend(m.drain(4..10));
+        Ok((dx, grads))
     };
     attach_chain(x, &params, &need, y, backward)
 }

@@ -1,0 +1,251 @@
+//! The decoder layer's attention half as one autograd unit on the fused path:
+//! [`decoder_attention`], `x + attention(rot(q), rot(k), v)·Woᵀ` with q, k, v projected from
+//! `rmsnorm(x)`. Its intermediates (the norm's output, the projections before and after the
+//! rotary, the attention's output) are kept inside the unit, not as candle graph nodes (each
+//! of those gets a `zeros_like` + add in candle's backward), and the norm's output and the
+//! pre-rotary q and k are not kept at all: the backward recomputes the norm's output with one
+//! RMSNorm forward, and needs no pre-rotary value. The block op's first half is the same
+//! code ([`attn_half`]).
+
+use super::{matmul_nt, matmul_t, HalfGrads};
+use crate::block::Adapter;
+use candle_core::{Result, Tensor};
+use omr_kernels::AttnMask;
+
+/// The attention half's weights (O, I layouts), biases, LoRA adapters (q, k, v, o; adapters
+/// that draw no dropout mask in this forward), the input RMSNorm (weight as stored,
+/// epsilon) and the head shapes.
+pub struct AttnWeights<'a> {
+    pub norm: (&'a Tensor, f64),
+    pub q: (&'a Tensor, Option<&'a Tensor>),
+    pub k: (&'a Tensor, Option<&'a Tensor>),
+    pub v: (&'a Tensor, Option<&'a Tensor>),
+    pub o: &'a Tensor,
+    pub lora: [Option<&'a Adapter>; 4],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The decoder layer's attention half, `x + attention(rot(q), rot(k), v)·Woᵀ` with
+/// `q, k, v = rmsnorm(x)·W{q,k,v}ᵀ + b` (each plus its adapter's `(h·Aᵀ)·(scale·B)ᵀ`), the
+/// rotary half tables cos/sin (B, T, D/2) f32 and the pass's mask, as one unit (the chain of
+/// `block::attach_chain`, whose last op adds the residual). The values and gradients of the
+/// per-op path (fused RMSNorm, projections, rotary, attention, o_proj + residual) to
+/// summation order. x: (B, T, C) → (B, T, C)
+pub fn decoder_attention(
+    x: &Tensor,
+    w: &AttnWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    let x = &x.contiguous()?;
+    let params = attn_params(w);
+    let need: Vec<bool> = params
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let (y, backward) = attn_half(x, x.track_op(), w, cos, sin, mask)?;
+    crate::block::attach_chain(x, &params, &need, y, backward)
+}
+
+/// The tensors whose gradients [`attn_half`]'s backward returns, in its order: the norm's
+/// weight, q's weight and bias, k's, v's, o's weight, the (A, B) of the q, k, v and o
+/// adapters.
+pub(crate) fn attn_params<'a>(w: &AttnWeights<'a>) -> Vec<Option<&'a Tensor>> {
+    let mut params = vec![
+        Some(w.norm.0),
+        Some(w.q.0),
+        w.q.1,
+        Some(w.k.0),
+        w.k.1,
+        Some(w.v.0),
+        w.v.1,
+        Some(w.o),
+    ];
+    for ad in &w.lora {
+        params.push(ad.map(|ad| &ad.a));
+        params.push(ad.map(|ad| &ad.b));
+    }
+    params
+}
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+/// Gradients before the adapters' (norm, weights, biases).
+const BASE: usize = 8;
+
+/// The attention half (the unit's forward and backward, also the block op's first half): its
+/// output `x + attention·Woᵀ` as its two parts (x detached, the o projection: the caller's
+/// op adds them), computed without a graph from x (B, T, C), and its backward, dL/dy →
+/// (dL/dx when `x_grad`, a gradient for each of [`attn_params`] whose tensor tracks an op).
+pub(crate) fn attn_half(
+    x: &Tensor,
+    x_grad: bool,
+    w: &AttnWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<(
+    (Tensor, Tensor),
+    impl Fn(&Tensor) -> Result<HalfGrads> + Send + Sync + 'static,
+)> {
+    let (b, t, c) = x.dims3()?;
+    let (h, kv, d) = (w.heads, w.kv_heads, w.head_dim);
+    let (norm, eps) = w.norm;
+    let shapes = [(h * d, c), (kv * d, c), (kv * d, c), (c, h * d)];
+    let weights = [w.q.0, w.k.0, w.v.0, w.o];
+    let biases = [w.q.1, w.k.1, w.v.1, None];
+    let fits = weights
+        .iter()
+        .zip(shapes)
+        .all(|(w, s)| w.dims2().ok() == Some(s))
+        && biases
+            .iter()
+            .zip(shapes)
+            .all(|(b, (o, _))| b.is_none_or(|b| b.dims() == [o]))
+        && w.lora.iter().zip(shapes).all(|(ad, (o, i))| {
+            ad.is_none_or(|ad| {
+                ad.a.dims().len() == 2
+                    && ad.a.dim(1).ok() == Some(i)
+                    && ad.b.dims() == [o, ad.a.dim(0).unwrap_or(usize::MAX)]
+            })
+        })
+        && norm.dims() == [c];
+    if !fits || h == 0 || kv == 0 || h % kv != 0 || b * t == 0 {
+        candle_core::bail!(
+            "decoder_attention: x {:?}, {h} heads / {kv} kv heads of {d}, weights {:?}, norm {:?} \
+             do not fit",
+            x.dims(),
+            weights.map(|w| w.dims().to_vec()),
+            norm.dims()
+        )
+    }
+    let dt = x.dtype();
+    let rows = b * t;
+    let need: Vec<bool> = attn_params(w)
+        .iter()
+        .map(|p| p.is_some_and(Tensor::track_op))
+        .collect();
+    let xd = x.detach();
+    let w_in = norm.detach().to_dtype(dt)?;
+    let norm_dtype = norm.dtype();
+    let ws = weights.map(|w| w.detach());
+    let bs = biases.map(|b| b.map(Tensor::detach));
+    // The adapters detached, B scaled once (O × r) rather than each (…, O) output.
+    let mut ads: [Option<Adapter>; 4] = Default::default();
+    for (slot, ad) in ads.iter_mut().zip(&w.lora) {
+        if let Some(ad) = ad {
+            *slot = Some(Adapter {
+                a: ad.a.detach(),
+                b: (ad.b.detach() * ad.scale)?,
+                scale: ad.scale,
+            });
+        }
+    }
+    // Projection p of x: x Wᵀ (+ b) (+ (x Aᵀ)(scale · B)ᵀ), and x Aᵀ for the backward.
+    let lin = |p: usize, x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+        let y = super::linear(x, &ws[p], bs[p].as_ref())?;
+        match &ads[p] {
+            None => Ok((y, None)),
+            Some(ad) => {
+                let xa = matmul_t(x, &ad.a)?;
+                Ok(((y + matmul_t(&xa, &ad.b)?)?, Some(xa)))
+            }
+        }
+    };
+    let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
+    let (q, xa_q) = lin(Q, &hs)?;
+    let (k, xa_k) = lin(K, &hs)?;
+    let (v, xa_v) = lin(V, &hs)?;
+    drop(hs);
+    let qr = omr_kernels::rotary(&q.reshape((b, t, h, d))?, cos, sin)?;
+    let kr = omr_kernels::rotary(&k.reshape((b, t, kv, d))?, cos, sin)?;
+    let v = v.reshape((b, t, kv, d))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (a, attn) = crate::kept_attn::forward(&qr, &kr, &v, mask, scale)?;
+    let a2 = a.reshape((b, t, h * d))?;
+    let (ao, xa_o) = lin(O, &a2)?;
+    let y = (xd.clone(), ao);
+    let xa = [xa_q, xa_k, xa_v, xa_o];
+    let (cos, sin) = (cos.clone(), sin.clone());
+    // dL/dy → (dL/dx, the gradient of each parameter in `attn_params`' order).
+    let backward = move |dy: &Tensor| -> Result<HalfGrads> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; BASE + 8];
+        let flat = |x: &Tensor| x.reshape((rows, x.elem_count() / rows));
+        // dW = gᵀ·x in the weight's (O, I) layout, for parameter i.
+        let dw = |i: usize, g: &Tensor, x: &Tensor| -> Result<Option<Tensor>> {
+            match need[i] {
+                true => Ok(Some(flat(g)?.t()?.matmul(&flat(x)?)?)),
+                false => Ok(None),
+            }
+        };
+        // db = 1ᵀ·g, for parameter i.
+        let db = |i: usize, g: &Tensor| -> Result<Option<Tensor>> {
+            if !need[i] {
+                return Ok(None);
+            }
+            let g = flat(g)?;
+            let n = g.dim(1)?;
+            Ok(Some(
+                Tensor::ones((1, rows), g.dtype(), g.device())?
+                    .matmul(&g)?
+                    .reshape(n)?,
+            ))
+        };
+        // Through projection p with output gradient g and input x: dL/dx, and its adapter's
+        // (A, B) gradients.
+        let mut back = |p: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
+            let dx = matmul_nt(g, &ws[p])?;
+            let Some(ad) = &ads[p] else {
+                return Ok(dx);
+            };
+            let gb = matmul_nt(g, &ad.b)?; // g (scale · B): (…, r)
+            grads[BASE + 2 * p] = dw(BASE + 2 * p, &gb, x)?; // (r, I)
+            let h = xa[p].as_ref().expect("adapters keep x·Aᵀ");
+            grads[BASE + 2 * p + 1] = match dw(BASE + 2 * p + 1, g, h)? {
+                Some(g) => Some((g * ad.scale)?), // scale · gᵀ (x Aᵀ): (O, r)
+                None => None,
+            };
+            dx + matmul_nt(&gb, &ad.a)?
+        };
+        let dy = dy.to_dtype(dt)?;
+        let da = back(O, &dy, &a2)?.reshape((b, t, h, d))?;
+        let d_o = dw(7, &dy, &a2)?;
+        let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
+        let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
+        let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
+        let dv = dv.to_dtype(dt)?;
+        let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
+        // The norm's output again (the forward's bits), for the projections' gradients.
+        let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
+        let dhs =
+            (back(Q, &dq, &hs)? + back(K, &dk, &hs)? + back(V, &dv, &hs)?)?.reshape((b, t, c))?;
+        grads[1] = dw(1, &dq, &hs)?;
+        grads[2] = db(2, &dq)?;
+        grads[3] = dw(3, &dk, &hs)?;
+        grads[4] = db(4, &dk)?;
+        grads[5] = dw(5, &dv, &hs)?;
+        grads[6] = db(6, &dv)?;
+        grads[7] = d_o;
+        drop(hs);
+        if !(x_grad || need[0]) {
+            return Ok((None, grads));
+        }
+        let (dxn, dw_in) = omr_kernels::rmsnorm::backward(&xd, &w_in, &dhs, eps)?;
+        grads[0] = match need[0] {
+            true => Some(dw_in.to_dtype(norm_dtype)?),
+            false => None,
+        };
+        // The residual's gradient first, as candle's GradStore sums them.
+        let dx = match x_grad {
+            true => Some((dy + dxn)?),
+            false => None,
+        };
+        Ok((dx, grads))
+    };
+    Ok((y, backward))
+}
