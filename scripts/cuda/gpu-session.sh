@@ -79,7 +79,7 @@ if [ "$quick" = lease ]; then
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
   # Partial checkpointing at T 8192: as many decoder layers kept (not recomputed) as the plan
-  # finds room for (28 of 36 on 80 GiB, all 36 on 141 GB). Against train-3b-8k-ckpt below
+  # finds room for (35 of 36 on 80 GiB, all 36 on 141 GB). Against train-3b-8k-ckpt below
   # (every layer recomputed, attentions kept).
   step train-3b-8k-kept 50 "$bin" bench train "${common[@]}" --seq 8192 --steps 2 --warmup 1 \
     --activation-checkpointing all --kept-decoder-layers auto --json "$out/train-3b-8k-kept.json"
@@ -120,10 +120,10 @@ step train-3b-2k-block 90 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" -
 # Every weight's gradient through candle's GradStore (zeros + add), as before the sink.
 step train-3b-2k-nosink 60 env OMR_GRAD_SINK=0 "$bin" bench train "${common[@]}" --seq 2048 \
   --steps 4 --warmup 2
-# The decoder's norm + MLP as separate ops, as before the unit (ops::decoder_mlp): its time
-# and GPU memory against the default step above.
-step train-3b-2k-nounit 60 env OMR_MLP_UNIT=0 "$bin" bench train "${common[@]}" --seq 2048 \
-  --steps 4 --warmup 2
+# The decoder layer's two halves as separate ops, as before the units (ops::decoder_attention,
+# ops::decoder_mlp; run 8's default): their time and GPU memory against the default above.
+step train-3b-2k-nounit 60 env OMR_ATTN_UNIT=0 OMR_MLP_UNIT=0 "$bin" bench train "${common[@]}" \
+  --seq 2048 --steps 4 --warmup 2
 if [ -z "$quick" ]; then
   step train-3b-2k-profile 90 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
     --activation-checkpointing all --profile --json "$out/train-3b-2k-profile.json"

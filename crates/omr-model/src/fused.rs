@@ -94,6 +94,32 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     ops::swiglu_mlp(x, wg, wu)
 }
 
+/// Whether the decoder's input norm + attention run as one unit on the fused path
+/// ([`decoder_attention`]): unless `OMR_ATTN_UNIT=0` (the per-op path, for measuring it).
+pub fn attn_unit_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("OMR_ATTN_UNIT").is_ok_and(|v| v == "0"))
+}
+
+/// The decoder layer's attention half, `x + attention(rot(q), rot(k), v)·Woᵀ` from
+/// `rmsnorm(x)` (LoRA adapters without dropout included), as one unit
+/// ([`ops::decoder_attention`]: neither the norm's output nor the pre-rotary q, k kept for the
+/// backward; counted as an RMSNorm and two rotaries, its attention counts itself).
+/// x: (B, T, C) → (B, T, C)
+pub fn decoder_attention(
+    x: &Tensor,
+    w: &ops::AttnWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    count(|c| {
+        c.rmsnorm += 1;
+        c.rotary += 2
+    });
+    ops::decoder_attention(x, w, cos, sin, mask)
+}
+
 /// Whether the decoder's norm + MLP run as one unit on the fused path ([`decoder_mlp`]):
 /// unless `OMR_MLP_UNIT=0` (the per-op path as before the unit, for measuring it; the same
 /// bits either way).

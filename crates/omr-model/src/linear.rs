@@ -81,14 +81,25 @@ impl Linear {
 
     /// The weight and the adapter (without dropout) when the layer is `x·Wᵀ` plus, perhaps, a
     /// LoRA adapter that draws no dropout mask in this forward: what a fused unit over several
-    /// projections with their adapters may take (`ops::swiglu_mlp_residual`).
+    /// projections with their adapters may take (`ops::decoder_mlp`).
     pub fn unit_part(&self, ctx: &Ctx) -> Option<(&Tensor, Option<crate::block::Adapter>)> {
-        if self.bias.is_some() {
-            return None;
+        match self.unit_parts(ctx) {
+            Some((w, None, ad)) => Some((w, ad)),
+            _ => None,
         }
+    }
+
+    /// [`Linear::unit_part`] of a layer that may have a bias: weight, bias, adapter
+    /// (`ops::decoder_attention`'s q, k, v).
+    pub fn unit_parts(
+        &self,
+        ctx: &Ctx,
+    ) -> Option<(&Tensor, Option<&Tensor>, Option<crate::block::Adapter>)> {
         match &self.lora {
-            None => Some((&self.weight, None)),
-            Some(l) => l.without_dropout(ctx).map(|a| (&self.weight, Some(a))),
+            None => Some((&self.weight, self.bias.as_ref(), None)),
+            Some(l) => l
+                .without_dropout(ctx)
+                .map(|a| (&self.weight, self.bias.as_ref(), Some(a))),
         }
     }
 

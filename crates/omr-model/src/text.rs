@@ -261,26 +261,42 @@ impl Layer {
                 );
             }
         }
-        let hs = fused::rmsnorm(x, &self.input_norm, c.rms_norm_eps, ctx)?;
-        // (B, T, n, D), the projections' layout, written so by them on the fused path
-        let q = self.q.forward_to(&hs, &[b, t, h, d], ctx)?;
-        let k = self.k.forward_to(&hs, &[b, t, kv, d], ctx)?;
-        let v = self.v.forward_to(&hs, &[b, t, kv, d], ctx)?;
-        let a = match tables {
-            Tables::Candle { cos, sin, bias } => {
-                let q = ops::apply_rotary(&q.transpose(1, 2)?, cos, sin)?;
-                let k = ops::apply_rotary(&k.transpose(1, 2)?, cos, sin)?.contiguous()?;
-                let (k, v) = extend(cache, k, v.transpose(1, 2)?, 2)?;
-                attend(&q, &k, &v, bias)? // (B, T, H·D)
+        let unit = match (tables, &cache, ctx.kernels) {
+            (Tables::Fused { cos, sin, mask }, None, Kernels::Fused)
+                if x.elem_count() > 0 && fused::attn_unit_enabled() =>
+            {
+                self.attn_weights(c, ctx).map(|w| (w, cos, sin, mask))
             }
-            Tables::Fused { cos, sin, mask } => {
-                let q = fused::rotary(&q, cos, sin)?;
-                let k = fused::rotary(&k, cos, sin)?;
-                let (k, v) = extend(cache, k, v, 1)?;
-                fused::attention(&q, &k, &v, mask)? // (B, T, H, D)
-            }
+            _ => None,
         };
-        let x = self.o.forward_residual(&a, x, ctx)?;
+        let x = if let Some((w, cos, sin, mask)) = unit {
+            // The input norm, q, k, v, rotary, attention, o and the residual as one unit,
+            // LoRA adapters included: ops::decoder_attention (the norm's output and the
+            // pre-rotary q, k are not kept for the backward).
+            let w = w.borrowed();
+            fused::decoder_attention(x, &w, cos, sin, mask)?
+        } else {
+            let hs = fused::rmsnorm(x, &self.input_norm, c.rms_norm_eps, ctx)?;
+            // (B, T, n, D), the projections' layout, written so by them on the fused path
+            let q = self.q.forward_to(&hs, &[b, t, h, d], ctx)?;
+            let k = self.k.forward_to(&hs, &[b, t, kv, d], ctx)?;
+            let v = self.v.forward_to(&hs, &[b, t, kv, d], ctx)?;
+            let a = match tables {
+                Tables::Candle { cos, sin, bias } => {
+                    let q = ops::apply_rotary(&q.transpose(1, 2)?, cos, sin)?;
+                    let k = ops::apply_rotary(&k.transpose(1, 2)?, cos, sin)?.contiguous()?;
+                    let (k, v) = extend(cache, k, v.transpose(1, 2)?, 2)?;
+                    attend(&q, &k, &v, bias)? // (B, T, H·D)
+                }
+                Tables::Fused { cos, sin, mask } => {
+                    let q = fused::rotary(&q, cos, sin)?;
+                    let k = fused::rotary(&k, cos, sin)?;
+                    let (k, v) = extend(cache, k, v, 1)?;
+                    fused::attention(&q, &k, &v, mask)? // (B, T, H, D)
+                }
+            };
+            self.o.forward_residual(&a, x, ctx)?
+        };
         if let (Some(g), Some(u), Some(d), Kernels::Fused, true) = (
             self.gate.unit_part(ctx),
             self.up.unit_part(ctx),
@@ -341,6 +357,25 @@ impl Layer {
                 .all(|l| l.bias.is_none())
     }
 
+    /// The attention half's weights when it runs as one unit: o without bias, adapters
+    /// without dropout.
+    fn attn_weights(&self, c: &TextConfig, ctx: &Ctx) -> Option<AttnParts<'_>> {
+        if self.o.bias.is_some() {
+            return None;
+        }
+        Some(AttnParts {
+            parts: [
+                self.q.unit_parts(ctx)?,
+                self.k.unit_parts(ctx)?,
+                self.v.unit_parts(ctx)?,
+                self.o.unit_parts(ctx)?,
+            ],
+            norm: &self.input_norm,
+            eps: c.rms_norm_eps,
+            dims: (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        })
+    }
+
     fn weights(&self, ctx: &Ctx) -> DecoderWeights {
         let wb = |l: &Linear| (l.weight.clone(), l.bias.clone());
         DecoderWeights {
@@ -356,6 +391,33 @@ impl Layer {
             lora: self
                 .linears()
                 .map(|l| l.lora.as_ref().and_then(|a| a.without_dropout(ctx))),
+        }
+    }
+}
+
+/// A layer's attention-half weights with the adapters they own (`Layer::attn_weights`).
+struct AttnParts<'a> {
+    /// q, k, v, o: weight, bias, adapter.
+    parts: [(&'a Tensor, Option<&'a Tensor>, Option<block::Adapter>); 4],
+    norm: &'a Tensor,
+    eps: f64,
+    /// Heads, key/value heads, head dim.
+    dims: (usize, usize, usize),
+}
+
+impl AttnParts<'_> {
+    fn borrowed(&self) -> ops::AttnWeights<'_> {
+        let [q, k, v, o] = &self.parts;
+        ops::AttnWeights {
+            norm: (self.norm, self.eps),
+            q: (q.0, q.1),
+            k: (k.0, k.1),
+            v: (v.0, v.1),
+            o: o.0,
+            lora: [q.2.as_ref(), k.2.as_ref(), v.2.as_ref(), o.2.as_ref()],
+            heads: self.dims.0,
+            kv_heads: self.dims.1,
+            head_dim: self.dims.2,
         }
     }
 }

@@ -134,7 +134,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Environment switches that pick a kernel or model variant (README, "GPU").
-const OPT_INS: [&str; 7] = [
+const OPT_INS: [&str; 8] = [
     "OMR_ATTN",
     "OMR_ATTN_SOFTMAX",
     "OMR_MMA",
@@ -142,6 +142,7 @@ const OPT_INS: [&str; 7] = [
     "OMR_CUDA_POOL",
     "OMR_GRAD_SINK",
     "OMR_MLP_UNIT",
+    "OMR_ATTN_UNIT",
 ];
 
 pub fn run(a: BenchTrainArgs) -> crate::Result<()> {

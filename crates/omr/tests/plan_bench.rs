@@ -464,11 +464,12 @@ fn bench_train_with_grpo_objective() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
-/// `OMR_MLP_UNIT=0` (the decoder's norm and MLP as separate ops) trains to the same bits as
-/// the default unit (`ops::decoder_mlp`), full fine-tune and LoRA: the same loss at every
-/// step, so the same gradients and updates before it; the switch is in the report's opt-ins.
+/// `OMR_MLP_UNIT=0` and `OMR_ATTN_UNIT=0` (the decoder layer's halves as separate ops, the
+/// path before the units) train to the same bits as the default units (`ops::decoder_mlp`,
+/// `ops::decoder_attention`), full fine-tune and LoRA: the same loss at every step, so the
+/// same gradients and updates before it; the switches are in the report's opt-ins.
 #[test]
-fn mlp_unit_switch_trains_to_the_same_losses() {
+fn unit_switches_train_to_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let run = |rank: &str, unit: Option<&str>| -> Value {
@@ -479,9 +480,10 @@ fn mlp_unit_switch_trains_to_the_same_losses() {
         ))
         .current_dir(root())
         .env("RAYON_NUM_THREADS", "1")
-        .env_remove("OMR_MLP_UNIT");
+        .env_remove("OMR_MLP_UNIT")
+        .env_remove("OMR_ATTN_UNIT");
         if let Some(v) = unit {
-            c.env("OMR_MLP_UNIT", v);
+            c.env("OMR_MLP_UNIT", v).env("OMR_ATTN_UNIT", v);
         }
         let o = c.output().unwrap();
         let t = text(&o);
@@ -491,6 +493,7 @@ fn mlp_unit_switch_trains_to_the_same_losses() {
     for rank in ["0", "4"] {
         let (unit, ops) = (run(rank, None), run(rank, Some("0")));
         assert_eq!(ops["opt_ins"]["OMR_MLP_UNIT"], "0");
+        assert_eq!(ops["opt_ins"]["OMR_ATTN_UNIT"], "0");
         assert_eq!(unit["losses"].as_array().unwrap().len(), 2);
         assert_eq!(unit["losses"], ops["losses"], "LoRA rank {rank}");
     }

@@ -222,8 +222,9 @@ pub(crate) fn attn_half(
         let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
         // The norm's output again (the forward's bits), for the projections' gradients.
         let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
-        let dhs =
-            (back(Q, &dq, &hs)? + back(K, &dk, &hs)? + back(V, &dv, &hs)?)?.reshape((b, t, c))?;
+        let (gq, gk, gv) = (back(Q, &dq, &hs)?, back(K, &dk, &hs)?, back(V, &dv, &hs)?);
+        // Summed in the order candle's GradStore sums the per-op path's: v's, k's, then q's.
+        let dhs = ((gv + gk)? + gq)?.reshape((b, t, c))?;
         grads[1] = dw(1, &dq, &hs)?;
         grads[2] = db(2, &dq)?;
         grads[3] = dw(3, &dk, &hs)?;
@@ -248,4 +249,137 @@ pub(crate) fn attn_half(
         Ok((dx, grads))
     };
     Ok((y, backward))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_values::{bits, rand};
+    use super::*;
+    use crate::linear::{Ctx, Kernels};
+    use crate::lora::LoraAdapter;
+    use crate::ops::{frozen_linear, linear_op_to, linear_residual};
+    use candle_core::{DType, Var};
+
+    /// `decoder_attention` against the per-op path it replaces (the fused RMSNorm op, q / k /
+    /// v through `linear_op_to` or the LoRA op, rotary, the flash attention op, o_proj +
+    /// residual), packed rows with two segments, GQA (4 heads, 2 kv heads): the output and
+    /// every gradient, f32 and bf16, a full fine-tune (norm, weights and biases trainable) and
+    /// LoRA on a frozen base (adapters on q, v, o). Equal bit for bit.
+    #[test]
+    fn decoder_attention_equals_the_per_op_path() -> Result<()> {
+        let (b, t, c, h, kv, d) = (2, 6, 16, 4, 2, 4);
+        let ctx = Ctx {
+            kernels: Kernels::Fused,
+            ..Ctx::default()
+        };
+        let segs = vec![vec![1, 1, 1, 2, 2, 2], vec![1, 1, 1, 1, 1, 0]];
+        let mask = crate::fused::text_mask(&segs, t, &candle_core::Device::Cpu)?;
+        let theta = ((rand(9, &[b, t, d / 2])? + 1.0)? * 3.0)?;
+        let (cos, sin) = (theta.cos()?, theta.sin()?);
+        for dtype in [DType::F32, DType::BF16] {
+            for lora in [false, true] {
+                let var = |t: Tensor| -> Result<Tensor> {
+                    Ok(Var::from_tensor(&t.to_dtype(dtype)?)?.as_tensor().clone())
+                };
+                let base = |t: Tensor| -> Result<Tensor> {
+                    match lora {
+                        true => t.to_dtype(dtype),
+                        false => var(t),
+                    }
+                };
+                let x = var(rand(1, &[b, t, c])?)?;
+                let norm = match lora {
+                    true => ((rand(2, &[c])? * 0.5)? + 1.0)?,
+                    false => Var::from_tensor(&((rand(2, &[c])? * 0.5)? + 1.0)?)?
+                        .as_tensor()
+                        .clone(),
+                };
+                let outs = [h * d, kv * d, kv * d, c];
+                let ins = [c, c, c, h * d];
+                let mut ws = Vec::new();
+                let mut bs = Vec::new();
+                for p in 0..4 {
+                    ws.push(base((rand(10 + p as u64, &[outs[p], ins[p]])? * 0.4)?)?);
+                    bs.push(match p {
+                        3 => None,
+                        _ => Some(base((rand(20 + p as u64, &[outs[p]])? * 0.2)?)?),
+                    });
+                }
+                let adapters: Vec<Option<Adapter>> = (0..4)
+                    .map(|p| -> Result<Option<Adapter>> {
+                        Ok((lora && p != 1).then_some(Adapter {
+                            a: var((rand(30 + p as u64, &[3, ins[p]])? * 0.5)?)?,
+                            b: var((rand(40 + p as u64, &[outs[p], 3])? * 0.5)?)?,
+                            scale: 2.0,
+                        }))
+                    })
+                    .collect::<Result<_>>()?;
+                let w = AttnWeights {
+                    norm: (&norm, 1e-6),
+                    q: (&ws[0], bs[0].as_ref()),
+                    k: (&ws[1], bs[1].as_ref()),
+                    v: (&ws[2], bs[2].as_ref()),
+                    o: &ws[3],
+                    lora: [
+                        adapters[0].as_ref(),
+                        adapters[1].as_ref(),
+                        adapters[2].as_ref(),
+                        adapters[3].as_ref(),
+                    ],
+                    heads: h,
+                    kv_heads: kv,
+                    head_dim: d,
+                };
+                let one = decoder_attention(&x, &w, &cos, &sin, &mask)?;
+                // The per-op path (text.rs before the unit).
+                let proj = |p: usize, x: &Tensor, out: &[usize]| -> Result<Tensor> {
+                    match &adapters[p] {
+                        Some(ad) => LoraAdapter::from_parts(ad.a.clone(), ad.b.clone(), 2.0, 0.0)
+                            .forward(x, &ws[p], bs[p].as_ref(), "m", &ctx)?
+                            .reshape(out),
+                        None if lora => frozen_linear(x, &ws[p], bs[p].as_ref())?.reshape(out),
+                        None => linear_op_to(x, &ws[p], bs[p].as_ref(), out),
+                    }
+                };
+                let hs = omr_kernels::rmsnorm(&x, &norm.to_dtype(dtype)?, 1e-6)?;
+                let q = omr_kernels::rotary(&proj(0, &hs, &[b, t, h, d])?, &cos, &sin)?;
+                let k = omr_kernels::rotary(&proj(1, &hs, &[b, t, kv, d])?, &cos, &sin)?;
+                let v = proj(2, &hs, &[b, t, kv, d])?;
+                let a = omr_kernels::flash_attn(&q, &k, &v, &mask, 1.0 / (d as f64).sqrt())?;
+                let ops = match &adapters[3] {
+                    Some(_) => (&x + proj(3, &a.reshape((b, t, h * d))?, &[b, t, c])?)?,
+                    None => linear_residual(&a, &ws[3], &x)?,
+                };
+                let what = format!("{dtype:?}, LoRA {lora}");
+                assert_eq!(one.dims(), [b, t, c]);
+                assert_eq!(bits(&one)?, bits(&ops)?, "{what}: output");
+                let k = rand(7, &[b, t, c])?.to_dtype(dtype)?;
+                let g1 = (&one * &k)?.sum_all()?.backward()?;
+                let g2 = (&ops * &k)?.sum_all()?.backward()?;
+                let mut args: Vec<(String, &Tensor)> =
+                    vec![("x".into(), &x), ("norm".into(), &norm)];
+                for p in 0..4 {
+                    args.push((format!("w{p}"), &ws[p]));
+                    if let Some(b) = &bs[p] {
+                        args.push((format!("b{p}"), b));
+                    }
+                    if let Some(ad) = &adapters[p] {
+                        args.push((format!("A{p}"), &ad.a));
+                        args.push((format!("B{p}"), &ad.b));
+                    }
+                }
+                for (name, t) in args {
+                    match (g1.get(t), g2.get(t), t.track_op()) {
+                        (Some(a), Some(b), true) => {
+                            assert_eq!(a.dtype(), t.dtype(), "{what}: d{name} dtype");
+                            assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
+                        }
+                        (None, _, false) => {}
+                        _ => panic!("{what}: d{name} missing or extra"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -12,7 +12,9 @@
 //!   and the fused LoRA op compute outside the graph and attach one value).
 //! - the decoder's post-attention norm and MLP on the fused path, LoRA without dropout
 //!   included (`ops::decoder_mlp`): the gate and up outputs and the residual sum; the norm's
-//!   output and the activation are recomputed in the backward.
+//!   output and the activation are recomputed in the backward. Its input norm and attention
+//!   (`ops::decoder_attention`): v, the rotated q and k, the attention's output and
+//!   log-sum-exp, the residual sum.
 //! - RMSNorm (`ops::rmsnorm`): x² and x·r in f32, the cast back (when the compute dtype is not
 //!   f32) and the weight product. LayerNorm: x−μ, its square, the normed value (f32), the cast,
 //!   weight product and bias sum.
@@ -60,9 +62,9 @@ pub struct Activations {
     /// One decoder layer.
     pub decoder_layer: u64,
     /// What one decoder layer's forward holds at once without a backward to come (GRPO's
-    /// rollouts, `plan/grpo.rs`): [`Activations::decoder_layer`] plus what the fused MLP unit
-    /// drops as it goes and recomputes in the backward (the norm's output, the activation,
-    /// the down projection's output).
+    /// rollouts, `plan/grpo.rs`): [`Activations::decoder_layer`] plus what the fused units
+    /// drop as they go (the norms' outputs, the pre-rotary q and k, o's output, the MLP's
+    /// activation and down projection's output).
     pub decoder_layer_forward: u64,
     /// All decoder layers (checkpointing applied).
     pub decoder_layers: u64,
@@ -135,13 +137,25 @@ impl Tally {
 /// Whether the decoder MLP runs as one unit on the fused path (`ops::decoder_mlp`):
 /// unless a LoRA adapter with dropout sits on some layer's gate, up or down projection.
 fn mlp_unit(p: &PlanInput) -> bool {
+    !dropout_on(p, "mlp", &["gate_proj", "up_proj", "down_proj"])
+}
+
+/// Whether the decoder's attention half runs as one unit on the fused path
+/// (`ops::decoder_attention`): unless a LoRA adapter with dropout sits on some layer's q, k,
+/// v or o projection (o_proj has no bias in either architecture).
+fn attn_unit(p: &PlanInput) -> bool {
+    !dropout_on(p, "self_attn", &["q_proj", "k_proj", "v_proj", "o_proj"])
+}
+
+/// Whether LoRA with dropout targets one of `modules` of `part` in some decoder layer.
+fn dropout_on(p: &PlanInput, part: &str, modules: &[&str]) -> bool {
     let Some(l) = p.lora.as_ref().filter(|l| l.dropout > 0.0) else {
-        return true;
+        return false;
     };
-    !(0..p.model.text.num_hidden_layers).any(|i| {
-        ["gate_proj", "up_proj", "down_proj"]
+    (0..p.model.text.num_hidden_layers).any(|i| {
+        modules
             .iter()
-            .any(|m| omr_model::lora::selects(&l.targets, &format!("model.layers.{i}.mlp.{m}")))
+            .any(|m| omr_model::lora::selects(&l.targets, &format!("model.layers.{i}.{part}.{m}")))
     })
 }
 
@@ -362,9 +376,19 @@ pub fn count(p: &PlanInput) -> Activations {
     });
 
     let mut layer = Tally::new();
-    rms(&mut layer, n * c, tl);
-    lin(&mut layer, n, h * d, true, tl);
-    lin(&mut layer, n, kv * d, true, tl);
+    // The fused path's input norm + attention is one unit (ops::decoder_attention) unless
+    // LoRA dropout applies to its projections: the norm's output, the pre-rotary q and k and
+    // o's output are not kept (recomputed, not needed, or the residual sum itself).
+    let attn_unit = fused && attn_unit(p);
+    let attn_dropped = match attn_unit {
+        true => (n * c + n * (h + kv) * d + n * c) * s,
+        false => 0,
+    };
+    if !attn_unit {
+        rms(&mut layer, n * c, tl);
+        lin(&mut layer, n, h * d, true, tl);
+        lin(&mut layer, n, kv * d, true, tl);
+    }
     lin(&mut layer, n, kv * d, true, tl);
     if fused {
         // q and k rotated (one op each); v used where the projection left it
@@ -386,12 +410,15 @@ pub fn count(p: &PlanInput) -> Activations {
             layer.add(1.0, n * h * d, s);
         }
     }
-    lin(&mut layer, n, c, false, tl);
+    if !attn_unit {
+        lin(&mut layer, n, c, false, tl); // o's output
+    }
     layer.add(1.0, n * c, s); // residual
-                              // The fused path's norm + MLP is one unit (ops::decoder_mlp) unless LoRA dropout applies
-                              // to the MLP: gate and up kept (and each adapter's x·Aᵀ, rows × r: left out), the norm's
-                              // output and the activation recomputed in the backward, the down projection added to the
-                              // residual in the unit (no output of its own).
+
+    // The fused path's norm + MLP is one unit (ops::decoder_mlp) unless LoRA dropout applies
+    // to the MLP: gate and up kept (and each adapter's x·Aᵀ, rows × r: left out), the norm's
+    // output and the activation recomputed in the backward, the down projection added to the
+    // residual in the unit (no output of its own).
     let unit = fused && mlp_unit(p);
     let unit_dropped = match unit {
         true => (n * c + n * inter + n * c) * s,
@@ -488,7 +515,7 @@ pub fn count(p: &PlanInput) -> Activations {
         merger,
         text_stem: stem.bytes,
         decoder_layer: layer.bytes,
-        decoder_layer_forward: layer.bytes + unit_dropped,
+        decoder_layer_forward: layer.bytes + attn_dropped + unit_dropped,
         decoder_layers,
         logits_loss: head.bytes,
         largest_tensor: largest,

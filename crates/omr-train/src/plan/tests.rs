@@ -293,7 +293,10 @@ fn windows_follow_transformers_window_index() {
 /// 2026-12-04-h200-run5.log: Qwen2.5-VL-3B shape, full fine-tune, B 1 × T 2048, one 448²
 /// image (32 × 32 patches), 1782 labelled tokens, bf16, fused kernels: 68,879 MiB at the
 /// peak, the CUDA pool's reserved memory with the context, which the plan's 1 GiB headroom
-/// covers). The plan may not be below the measurement, nor far above it.
+/// covers). The plan may not be below the measurement, nor far above it. The measurement
+/// predates the fused path's units (`ops::decoder_attention`, `ops::decoder_mlp`), which keep
+/// ≈ 3 GB less at this shape by the plan: the real peak is now lower, so the plan (+1.6% over
+/// this number) errs on the safe side by more; the next GPU run re-measures it.
 #[test]
 fn plan_brackets_the_h200_measurement() {
     let mut p = input(shipped("qwen2.5-vl-3b.json"), 1, 2048, 32);
@@ -473,8 +476,8 @@ fn grpo_rollout_peak_and_suggestions() {
 /// The layers `kept_decoder_layers = "auto"` keeps for the 3B shape that
 /// `scripts/cuda/gpu-session.sh` times at T 8192 (fused, checkpointing "all", one 1024-patch
 /// image): the README's numbers. With the MLP unit (its activation not kept) a layer keeps
-/// less, so more fit an 80 GiB GPU than the 20 of 36 before it (27 with the activation, 28 with
-/// the norm's output recomputed too).
+/// less, so more fit an 80 GiB GPU than the 20 of 36 before them (27 with the activation not
+/// kept, 28 with the norm's output recomputed too, 35 with the attention unit).
 #[test]
 fn kept_layers_of_the_3b_shape_at_8k() {
     let mut p = input(shipped("qwen2.5-vl-3b.json"), 1, 8192, 32);
@@ -484,5 +487,5 @@ fn kept_layers_of_the_3b_shape_at_8k() {
     let (on80, _) = auto_kept_decoder_layers(&p, gib(80.0));
     let (on141, _) = auto_kept_decoder_layers(&p, 141_000_000_000);
     println!("3B T 8192: {on80} of 36 decoder layers kept on 80 GiB, {on141} on 141 GB");
-    assert_eq!((on80, on141), (28, 36));
+    assert_eq!((on80, on141), (35, 36));
 }
