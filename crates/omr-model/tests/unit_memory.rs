@@ -1,6 +1,8 @@
-//! What the decoder layer's MLP half keeps from its forward to its backward, measured: live
+//! What the decoder layer's halves keep from their forward to their backward, measured: live
 //! heap bytes (a counting global allocator; this test binary holds one test, so nothing else
-//! allocates meanwhile) after the forward, for
+//! allocates meanwhile) after the forward.
+//!
+//! The MLP half, for
 //! - the fused ops: RMSNorm, `swiglu_mlp`, `linear_residual` (which keeps the (rows, I)
 //!   activation for the down projection's weight gradient);
 //! - `swiglu_mlp_residual` after the RMSNorm op (the activation recomputed in the backward);
@@ -10,8 +12,15 @@
 //! bookkeeping), and all three give the same loss and gradients. Measured (rows 96, C 128,
 //! I 1024, f32): 1 280 592 B, 887 543 B and 838 263 B, for a 393 216 B activation and a
 //! 49 152 B norm output.
+//!
+//! The attention half, the fused ops (RMSNorm, `linear_op_to` ×3, rotary ×2, flash
+//! attention, `linear_residual`) against `decoder_attention`, which keeps neither the norm's
+//! output nor the pre-rotary q and k: at least those three less, the same loss and
+//! gradients. Measured (B 2, T 48, C 128, 8 heads / 2 kv heads of 16, f32): 290 896 B against
+//! 180 076 B, for 110 592 B of norm output and pre-rotary q and k.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use omr_model::ops::{decoder_attention, linear_op_to, AttnWeights};
 use omr_model::ops::{decoder_mlp, linear_residual, swiglu_mlp, swiglu_mlp_residual, MlpWeights};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
@@ -117,7 +126,12 @@ fn run(path: Path, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
 }
 
 #[test]
-fn the_mlp_unit_does_not_keep_the_activation_or_the_norm() -> Result<()> {
+fn the_units_keep_less() -> Result<()> {
+    mlp_half()?;
+    attention_half()
+}
+
+fn mlp_half() -> Result<()> {
     let args = [
         Var::from_tensor(&seeded(1, &[ROWS, C], 1.0)?)?,
         Var::from_tensor(&(seeded(2, &[C], 0.5)? + 1.0)?)?,
@@ -152,6 +166,95 @@ fn the_mlp_unit_does_not_keep_the_activation_or_the_norm() -> Result<()> {
         unit - decoder >= normed - 1024,
         "the decoder unit keeps {decoder} B, the unit {unit} B: not the norm's output \
          ({normed} B) less"
+    );
+    Ok(())
+}
+
+/// Live bytes the attention half's forward leaves behind, its loss and every gradient:
+/// through the fused ops or the unit. args: x, norm, wq, bq, wk, bk, wv, bv, wo.
+fn run_attention(
+    unit: bool,
+    args: &[Var; 9],
+    dims: (usize, usize, usize),
+) -> Result<(isize, f32, Vec<Vec<f32>>)> {
+    let (h, kv, d) = dims;
+    let [x, wn, wq, bq, wk, bk, wv, bv, wo] = args.each_ref().map(Var::as_tensor);
+    let (b, t, _) = x.dims3()?;
+    let dev = Device::Cpu;
+    let mask = omr_model::fused::text_mask(&vec![vec![1u32; t]; b], t, &dev)?;
+    let theta = Tensor::arange(0f32, (b * t * d / 2) as f32, &dev)?.reshape((b, t, d / 2))?;
+    let (cos, sin) = (theta.cos()?, theta.sin()?);
+    let before = LIVE.load(Relaxed);
+    let y = match unit {
+        true => {
+            let w = AttnWeights {
+                norm: (wn, 1e-6),
+                q: (wq, Some(bq)),
+                k: (wk, Some(bk)),
+                v: (wv, Some(bv)),
+                o: wo,
+                lora: [None, None, None, None],
+                heads: h,
+                kv_heads: kv,
+                head_dim: d,
+            };
+            decoder_attention(x, &w, &cos, &sin, &mask)?
+        }
+        false => {
+            let hs = omr_kernels::rmsnorm(x, wn, 1e-6)?;
+            let q = linear_op_to(&hs, wq, Some(bq), &[b, t, h, d])?;
+            let k = linear_op_to(&hs, wk, Some(bk), &[b, t, kv, d])?;
+            let v = linear_op_to(&hs, wv, Some(bv), &[b, t, kv, d])?;
+            let q = omr_kernels::rotary(&q, &cos, &sin)?;
+            let k = omr_kernels::rotary(&k, &cos, &sin)?;
+            let a = omr_kernels::flash_attn(&q, &k, &v, &mask, 1.0 / (d as f64).sqrt())?;
+            linear_residual(&a, wo, x)?
+        }
+    };
+    let kept = LIVE.load(Relaxed) - before;
+    let loss = (&y * &y)?.sum_all()?;
+    let g = loss.backward()?;
+    let grads = args
+        .iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1()
+        })
+        .collect::<Result<_>>()?;
+    Ok((kept, loss.to_scalar::<f32>()?, grads))
+}
+
+fn attention_half() -> Result<()> {
+    let (b, t, c, h, kv, d) = (2, 48, 128, 8, 2, 16);
+    let args = [
+        Var::from_tensor(&seeded(11, &[b, t, c], 1.0)?)?,
+        Var::from_tensor(&(seeded(12, &[c], 0.5)? + 1.0)?)?,
+        Var::from_tensor(&seeded(13, &[h * d, c], 0.2)?)?,
+        Var::from_tensor(&seeded(14, &[h * d], 0.1)?)?,
+        Var::from_tensor(&seeded(15, &[kv * d, c], 0.2)?)?,
+        Var::from_tensor(&seeded(16, &[kv * d], 0.1)?)?,
+        Var::from_tensor(&seeded(17, &[kv * d, c], 0.2)?)?,
+        Var::from_tensor(&seeded(18, &[kv * d], 0.1)?)?,
+        Var::from_tensor(&seeded(19, &[c, h * d], 0.1)?)?,
+    ];
+    let dims = (h, kv, d);
+    run_attention(false, &args, dims)?;
+    run_attention(true, &args, dims)?;
+    let (ops, loss0, g0) = run_attention(false, &args, dims)?;
+    let (unit, loss1, g1) = run_attention(true, &args, dims)?;
+    let f32s = DType::F32.size_in_bytes();
+    let dropped = (b * t * (c + h * d + kv * d) * f32s) as isize;
+    println!(
+        "attention half, kept after the forward: ops {ops} B, unit {unit} B (norm output + \
+         pre-rotary q, k: {dropped} B)"
+    );
+    assert_eq!(loss1.to_bits(), loss0.to_bits(), "the same loss");
+    assert_eq!(g1, g0, "the same gradients");
+    assert!(
+        ops - unit >= dropped - 1024,
+        "the unit keeps {unit} B, the ops {ops} B: not {dropped} B less"
     );
     Ok(())
 }
