@@ -29,8 +29,8 @@
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
-# minutes, most urgent first: step 1, the 3B step at T 2048 plain, with every gradient through
-# candle's GradStore (OMR_GRAD_SINK=0) and as one-op layers, at
+# minutes, most urgent first: step 1, the 3B step at T 2048 plain, with the decoder layer's
+# halves as separate ops (OMR_ATTN_UNIT=0 OMR_MLP_UNIT=0) and as one-op layers, at
 # T 8192 with as many decoder layers kept as fit (--kept-decoder-layers auto), the wgmma
 # attention at T 8192 next to the default, a short 3B rollout, torch at T 8192),
 # nothing for all of it (longer than one 10-minute device call: split it).
@@ -73,9 +73,10 @@ if [ "$quick" = lease ]; then
   step kernels 140 "$here/gpu-run.sh" "$bin" "$out/kernels"
   step train-3b-2k 60 "$bin" bench train "${common[@]}" --seq 2048 --steps 3 --warmup 1 \
     --json "$out/train-3b-2k.json"
-  # Every weight's gradient through candle's GradStore again (zeros + add), as before the sink.
-  step train-3b-2k-nosink 45 env OMR_GRAD_SINK=0 "$bin" bench train "${common[@]}" --seq 2048 \
-    --steps 3 --warmup 1 --json "$out/train-3b-2k-nosink.json"
+  # The decoder layer's halves as separate ops again (run 8's per-op path, with the gradient
+  # sink): the units' time and GPU memory (ops::decoder_attention, ops::decoder_mlp).
+  step train-3b-2k-nounit 45 env OMR_ATTN_UNIT=0 OMR_MLP_UNIT=0 "$bin" bench train \
+    "${common[@]}" --seq 2048 --steps 3 --warmup 1 --json "$out/train-3b-2k-nounit.json"
   step train-3b-2k-block 60 env OMR_BLOCK_OP=1 "$bin" bench train "${common[@]}" --seq 2048 \
     --steps 3 --warmup 1 --json "$out/train-3b-2k-block.json"
   # Partial checkpointing at T 8192: as many decoder layers kept (not recomputed) as the plan
