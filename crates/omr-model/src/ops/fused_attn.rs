@@ -7,7 +7,8 @@
 //! RMSNorm forward, and needs no pre-rotary value. The block op's first half is the same
 //! code ([`attn_half`]).
 
-use super::{matmul_nt, matmul_t, HalfGrads};
+use super::fused_linear::{project, Projected};
+use super::HalfGrads;
 use crate::block::Adapter;
 use candle_core::{Result, Tensor};
 use omr_kernels::AttnMask;
@@ -107,13 +108,10 @@ pub(crate) fn attn_half(
             .iter()
             .zip(shapes)
             .all(|(b, (o, _))| b.is_none_or(|b| b.dims() == [o]))
-        && w.lora.iter().zip(shapes).all(|(ad, (o, i))| {
-            ad.is_none_or(|ad| {
-                ad.a.dims().len() == 2
-                    && ad.a.dim(1).ok() == Some(i)
-                    && ad.b.dims() == [o, ad.a.dim(0).unwrap_or(usize::MAX)]
-            })
-        })
+        && w.lora
+            .iter()
+            .zip(shapes)
+            .all(|(ad, (o, i))| ad.is_none_or(|ad| ad.fits(o, i)))
         && norm.dims() == [c];
     if !fits || h == 0 || kv == 0 || h % kv != 0 || b * t == 0 {
         candle_core::bail!(
@@ -135,28 +133,12 @@ pub(crate) fn attn_half(
     let norm_dtype = norm.dtype();
     let ws = weights.map(|w| w.detach());
     let bs = biases.map(|b| b.map(Tensor::detach));
-    // The adapters detached, B scaled once (O × r) rather than each (…, O) output.
     let mut ads: [Option<Adapter>; 4] = Default::default();
     for (slot, ad) in ads.iter_mut().zip(&w.lora) {
-        if let Some(ad) = ad {
-            *slot = Some(Adapter {
-                a: ad.a.detach(),
-                b: (ad.b.detach() * ad.scale)?,
-                scale: ad.scale,
-            });
-        }
+        *slot = ad.map(Adapter::prepared).transpose()?;
     }
-    // Projection p of x: x Wᵀ (+ b) (+ (x Aᵀ)(scale · B)ᵀ), and x Aᵀ for the backward.
-    let lin = |p: usize, x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
-        let y = super::linear(x, &ws[p], bs[p].as_ref())?;
-        match &ads[p] {
-            None => Ok((y, None)),
-            Some(ad) => {
-                let xa = matmul_t(x, &ad.a)?;
-                Ok(((y + matmul_t(&xa, &ad.b)?)?, Some(xa)))
-            }
-        }
-    };
+    // Projection p of x, and x Aᵀ for the backward.
+    let lin = |p: usize, x: &Tensor| project(x, &ws[p], bs[p].as_ref(), ads[p].as_ref());
     let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
     let (q, xa_q) = lin(Q, &hs)?;
     let (k, xa_k) = lin(K, &hs)?;
@@ -196,24 +178,20 @@ pub(crate) fn attn_half(
                     .reshape(n)?,
             ))
         };
-        // Through projection p with output gradient g and input x: dL/dx, and its adapter's
-        // (A, B) gradients.
-        let mut back = |p: usize, g: &Tensor, x: &Tensor| -> Result<Tensor> {
-            let dx = matmul_nt(g, &ws[p])?;
-            let Some(ad) = &ads[p] else {
-                return Ok(dx);
+        // Through projection p with output gradient g2 and input x2 (rows flattened): dL/dx,
+        // and its adapter's (A, B) gradients.
+        let mut back = |p: usize, g2: &Tensor, x2: &Tensor| -> Result<Tensor> {
+            let pr = Projected {
+                ad: ads[p].as_ref(),
             };
-            let gb = matmul_nt(g, &ad.b)?; // g (scale · B): (…, r)
-            grads[BASE + 2 * p] = dw(BASE + 2 * p, &gb, x)?; // (r, I)
-            let h = xa[p].as_ref().expect("adapters keep x·Aᵀ");
-            grads[BASE + 2 * p + 1] = match dw(BASE + 2 * p + 1, g, h)? {
-                Some(g) => Some((g * ad.scale)?), // scale · gᵀ (x Aᵀ): (O, r)
-                None => None,
-            };
-            dx + matmul_nt(&gb, &ad.a)?
+            let gb = pr.gb(g2)?;
+            let need = (need[BASE + 2 * p], need[BASE + 2 * p + 1]);
+            (grads[BASE + 2 * p], grads[BASE + 2 * p + 1]) =
+                pr.adapter_grads(g2, &gb, Some(x2), xa[p].as_ref(), need)?;
+            pr.dx(g2, &ws[p], &gb)
         };
         let dy = dy.to_dtype(dt)?;
-        let da = back(O, &dy, &a2)?.reshape((b, t, h, d))?;
+        let da = back(O, &flat(&dy)?, &flat(&a2)?)?.reshape((b, t, h, d))?;
         let d_o = dw(7, &dy, &a2)?;
         let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
         let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
@@ -221,7 +199,7 @@ pub(crate) fn attn_half(
         let dv = dv.to_dtype(dt)?;
         let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
         // The norm's output again (the forward's bits), for the projections' gradients.
-        let hs = omr_kernels::rmsnorm(&xd, &w_in, eps)?;
+        let hs = flat(&omr_kernels::rmsnorm(&xd, &w_in, eps)?)?;
         let (gq, gk, gv) = (back(Q, &dq, &hs)?, back(K, &dk, &hs)?, back(V, &dv, &hs)?);
         // Summed in the order candle's GradStore sums the per-op path's: v's, k's, then q's.
         let dhs = ((gv + gk)? + gq)?.reshape((b, t, c))?;

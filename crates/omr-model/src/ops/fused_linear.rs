@@ -267,6 +267,93 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+impl crate::block::Adapter {
+    /// Whether A is (r, `inp`) and B (`out`, r).
+    pub(crate) fn fits(&self, out: usize, inp: usize) -> bool {
+        self.a.dims().len() == 2
+            && self.a.dim(1).ok() == Some(inp)
+            && self.b.dims() == [out, self.a.dim(0).unwrap_or(usize::MAX)]
+    }
+
+    /// The adapter as a fused unit runs it: A and B detached, B scaled once (O × r) rather
+    /// than each (…, O) output.
+    pub(crate) fn prepared(&self) -> Result<crate::block::Adapter> {
+        Ok(crate::block::Adapter {
+            a: self.a.detach(),
+            b: (self.b.detach() * self.scale)?,
+            scale: self.scale,
+        })
+    }
+}
+
+/// A unit's projection without a graph: `x Wᵀ (+ b)` (the bits of `linear`) plus a
+/// [`prepared`](crate::block::Adapter::prepared) adapter's `(x Aᵀ)(scale · B)ᵀ` (the LoRA op's
+/// bits), and x Aᵀ, which the adapter's B gradient needs.
+pub(crate) fn project(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    ad: Option<&crate::block::Adapter>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let y = linear(x, w, b)?;
+    match ad {
+        None => Ok((y, None)),
+        Some(ad) => {
+            let xa = super::matmul_t(x, &ad.a)?;
+            Ok(((y + super::matmul_t(&xa, &ad.b)?)?, Some(xa)))
+        }
+    }
+}
+
+/// The backward through a unit's projection with output gradient g2 (rows, O), in three
+/// steps a unit may interleave with others ([`Projected::gb`] first).
+pub(crate) struct Projected<'a> {
+    pub ad: Option<&'a crate::block::Adapter>,
+}
+
+impl Projected<'_> {
+    /// g2 (scale · B) (rows, r), when there is an adapter.
+    pub fn gb(&self, g2: &Tensor) -> Result<Option<Tensor>> {
+        self.ad.map(|ad| g2.matmul(&ad.b)).transpose()
+    }
+
+    /// dL/d(input) (rows, I): g2 · W (+ gb · A).
+    pub fn dx(&self, g2: &Tensor, w: &Tensor, gb: &Option<Tensor>) -> Result<Tensor> {
+        let dx = g2.matmul(w)?;
+        match (self.ad, gb) {
+            (Some(ad), Some(gb)) => dx + gb.matmul(&ad.a)?,
+            _ => Ok(dx),
+        }
+    }
+
+    /// The adapter's (A, B) gradients where `need` asks: A = gbᵀ · x2 from the projection's
+    /// input x2 (rows, I), B = scale · g2ᵀ · (x Aᵀ) (xa: rows × r elements).
+    pub fn adapter_grads(
+        &self,
+        g2: &Tensor,
+        gb: &Option<Tensor>,
+        x2: Option<&Tensor>,
+        xa: Option<&Tensor>,
+        need: (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (Some(ad), Some(gb)) = (self.ad, gb) else {
+            return Ok((None, None));
+        };
+        let ga = match (need.0, x2) {
+            (true, Some(x2)) => Some(gb.t()?.matmul(x2)?), // (r, I)
+            _ => None,
+        };
+        let gbw = match (need.1, xa) {
+            (true, Some(h)) => {
+                let h = h.reshape((g2.dim(0)?, ()))?;
+                Some((g2.t()?.matmul(&h)? * ad.scale)?) // (O, r)
+            }
+            _ => None,
+        };
+        Ok((ga, gbw))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_values::{bits, rand};

@@ -5,7 +5,7 @@
 //! gradients go through `omr_kernels::grad_sink::route`.
 
 use super::attach::attach_swiglu3;
-use super::fused_linear::linear_residual;
+use super::fused_linear::{linear_residual, project, Projected};
 use super::{matmul_nt, matmul_t};
 use crate::block::Adapter;
 use candle_core::{Result, Tensor};
@@ -168,13 +168,7 @@ pub(crate) fn mlp_half(
         .lora
         .iter()
         .zip([(i, c), (i, c), (o, i)])
-        .all(|(ad, (out, inp))| {
-            ad.is_none_or(|ad| {
-                ad.a.dims().len() == 2
-                    && ad.a.dim(1).ok() == Some(inp)
-                    && ad.b.dims() == [out, ad.a.dim(0).unwrap_or(usize::MAX)]
-            })
-        });
+        .all(|(ad, (out, inp))| ad.is_none_or(|ad| ad.fits(out, inp)));
     let norm_fits = w.norm.is_none_or(|(n, _)| n.dims() == [c]);
     if wg.dims2()? != wu.dims2()?
         || wg.dims2()? != (i, c)
@@ -216,34 +210,18 @@ pub(crate) fn mlp_half(
         Some((n, eps, _)) => omr_kernels::rmsnorm(&xd, n, *eps)?,
         None => xd.clone(),
     };
-    // The adapters detached, B scaled once (O × r) rather than each (…, O) output.
-    let mut ads: [Option<Adapter>; 3] = Default::default();
-    for (slot, ad) in ads.iter_mut().zip(&w.lora) {
-        if let Some(ad) = ad {
-            *slot = Some(Adapter {
-                a: ad.a.detach(),
-                b: (ad.b.detach() * ad.scale)?,
-                scale: ad.scale,
-            });
-        }
-    }
-    // A projection (the bits of `linear` + the LoRA op's adapter), and its input·Aᵀ.
-    let proj = |x: &Tensor, w: &Tensor, ad: &Option<Adapter>| -> Result<(Tensor, Option<Tensor>)> {
-        let y = matmul_t(x, w)?;
-        match ad {
-            None => Ok((y, None)),
-            Some(ad) => {
-                let xa = matmul_t(x, &ad.a)?;
-                Ok(((y + matmul_t(&xa, &ad.b)?)?, Some(xa)))
-            }
-        }
-    };
-    let (g, xa_g) = proj(&h, &wgd, &ads[0])?;
-    let (u, xa_u) = proj(&h, &wud, &ads[1])?;
+    let ads: [Option<Adapter>; 3] = [
+        w.lora[0].map(Adapter::prepared).transpose()?,
+        w.lora[1].map(Adapter::prepared).transpose()?,
+        w.lora[2].map(Adapter::prepared).transpose()?,
+    ];
+    let proj = |x: &Tensor, w: &Tensor, p: usize| project(x, w, None, ads[p].as_ref());
+    let (g, xa_g) = proj(&h, &wgd, 0)?;
+    let (u, xa_u) = proj(&h, &wud, 1)?;
     let (down, xa_d) = {
         // The activation: read by the down projection, then dropped.
         let act = omr_kernels::swiglu(&g, &u)?;
-        proj(&act, &wdd, &ads[2])?
+        proj(&act, &wdd, 2)?
     };
     let y = (res.detach(), down.reshape(res.dims())?);
     // Gradients through h: x's or the norm's; through the activation: those, or the gate's
@@ -269,46 +247,22 @@ pub(crate) fn mlp_half(
         let need = &need;
         let mut grads: Vec<Option<Tensor>> = vec![None; 11];
         let dy2 = dy.reshape((rows, o))?;
-        // g2 (scale · B) of projection p's adapter, for its output gradient g2 (rows, out).
-        let gb = |p: usize, g2: &Tensor| -> Result<Option<Tensor>> {
-            ads[p].as_ref().map(|ad| g2.matmul(&ad.b)).transpose()
+        let pr = |p: usize| Projected {
+            ad: ads[p].as_ref(),
         };
-        // dL/d(input) through projection p: g2·W (+ gb·A).
-        let dx_of = |p: usize, g2: &Tensor, w: &Tensor, gb: &Option<Tensor>| -> Result<Tensor> {
-            let dx = g2.matmul(w)?;
-            match (&ads[p], gb) {
-                (Some(ad), Some(gb)) => dx + gb.matmul(&ad.a)?,
-                _ => Ok(dx),
-            }
-        };
-        // Adapter p's gradients (A, B): A from gb and the projection's input x2, B from g2
-        // and input·Aᵀ.
-        type Pair = (Option<Tensor>, Option<Tensor>);
+        // Adapter p's (A, B) gradients, A from the projection's input x2.
         let adapter = |p: usize, g2: &Tensor, gb: &Option<Tensor>, x2: Option<&Tensor>| {
-            let (Some(ad), Some(gb)) = (&ads[p], gb) else {
-                return Ok::<Pair, candle_core::Error>((None, None));
-            };
-            let ga = match (need[4 + 2 * p], x2) {
-                (true, Some(x2)) => Some(gb.t()?.matmul(x2)?), // (r, I)
-                _ => None,
-            };
-            let gbw = match (need[5 + 2 * p], &xa[p]) {
-                (true, Some(h)) => {
-                    let h = h.reshape((rows, h.elem_count() / rows))?;
-                    Some((g2.t()?.matmul(&h)? * ad.scale)?) // (O, r)
-                }
-                _ => None,
-            };
-            Ok((ga, gbw))
+            let need = (need[4 + 2 * p], need[5 + 2 * p]);
+            pr(p).adapter_grads(g2, gb, x2, xa[p].as_ref(), need)
         };
         // Through the down projection: dL/d(activation), then SwiGLU's backward, which also
         // gives the activation back (the forward's bits).
-        let gb_d = gb(2, &dy2)?;
+        let gb_d = pr(2).gb(&dy2)?;
         let (act, gate_up) = match inner {
             false if !(need[2] || need[8]) => (None, None),
             false => (Some(omr_kernels::swiglu(&g, &u)?), None),
             true => {
-                let da = dx_of(2, &dy2, &wdd, &gb_d)?.reshape(act_dims.as_slice())?;
+                let da = pr(2).dx(&dy2, &wdd, &gb_d)?.reshape(act_dims.as_slice())?;
                 let (dg, du, act) = omr_kernels::swiglu::backward_with_act(&g, &u, &da)?;
                 (Some(act), Some((dg, du)))
             }
@@ -326,7 +280,7 @@ pub(crate) fn mlp_half(
             return Ok((residual_dx, grads));
         };
         let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
-        let (gb_g, gb_u) = (gb(0, &dg2)?, gb(1, &du2)?);
+        let (gb_g, gb_u) = (pr(0).gb(&dg2)?, pr(1).gb(&du2)?);
         // h as the forward had it (rows, C), where a gradient needs it.
         let h2 = match (&norm, &xk, h_needed) {
             (_, None, _) | (_, _, false) => None,
@@ -347,7 +301,7 @@ pub(crate) fn mlp_half(
             return Ok((residual_dx, grads));
         };
         let dh =
-            (dx_of(0, &dg2, wg, &gb_g)? + dx_of(1, &du2, wu, &gb_u)?)?.reshape(dims.as_slice())?;
+            (pr(0).dx(&dg2, wg, &gb_g)? + pr(1).dx(&du2, wu, &gb_u)?)?.reshape(dims.as_slice())?;
         let dx_in = match (&norm, &xk) {
             (Some((n, eps, stored)), Some(x)) => {
                 let (dxn, dwn) = omr_kernels::rmsnorm::backward(x, n, &dh, *eps)?;
