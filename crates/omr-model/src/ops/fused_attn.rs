@@ -231,7 +231,7 @@ pub(crate) fn attn_half(
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values::{bits, rand};
+    use super::super::test_values::{assert_same_grads, bits, rand};
     use super::*;
     use crate::linear::{Ctx, Kernels};
     use crate::lora::LoraAdapter;
@@ -346,16 +346,7 @@ mod tests {
                         args.push((format!("B{p}"), &ad.b));
                     }
                 }
-                for (name, t) in args {
-                    match (g1.get(t), g2.get(t), t.track_op()) {
-                        (Some(a), Some(b), true) => {
-                            assert_eq!(a.dtype(), t.dtype(), "{what}: d{name} dtype");
-                            assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
-                        }
-                        (None, _, false) => {}
-                        _ => panic!("{what}: d{name} missing or extra"),
-                    }
-                }
+                assert_same_grads(&what, &g1, &g2, &args)?;
             }
         }
         Ok(())

@@ -27,6 +27,30 @@ pub fn bits(t: &Tensor) -> Result<Vec<u32>> {
     Ok(v.iter().map(|x| (x + 0.0).to_bits()).collect())
 }
 
+/// Each argument's gradient in `got` against `want`: for a tensor that tracks an op, present
+/// in both with its shape, its dtype and the same bits; for one that does not, absent from
+/// `got`.
+pub fn assert_same_grads<S: AsRef<str>>(
+    what: &str,
+    got: &candle_core::backprop::GradStore,
+    want: &candle_core::backprop::GradStore,
+    args: &[(S, &Tensor)],
+) -> Result<()> {
+    for (name, t) in args {
+        let name = name.as_ref();
+        match (got.get(t), want.get(t), t.track_op()) {
+            (Some(a), Some(b), true) => {
+                assert_eq!(a.dims(), t.dims(), "{what}: d{name} shape");
+                assert_eq!(a.dtype(), t.dtype(), "{what}: d{name} dtype");
+                assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
+            }
+            (None, _, false) => {}
+            _ => panic!("{what}: d{name} missing or extra"),
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn seeds_give_different_values() -> Result<()> {
     let (a, b) = (rand(2, &[64])?, rand(3, &[64])?);

@@ -1,6 +1,6 @@
 //! The MLP units' tests: each against the ops it replaces, bit for bit.
 
-use super::super::test_values::{bits, rand};
+use super::super::test_values::{assert_same_grads, bits, rand};
 use super::*;
 use crate::ops::linear_op;
 use candle_core::{DType, Var};
@@ -94,16 +94,7 @@ fn swiglu_mlp_residual_equals_its_two_ops() -> Result<()> {
             let g1 = (&one * &k)?.sum_all()?.backward()?;
             let g2 = (&two * &k)?.sum_all()?.backward()?;
             let args = [("x", &x), ("wg", &wg), ("wu", &wu), ("wd", &wd), ("r", &r)];
-            for (name, t) in args {
-                match (g1.get(t), g2.get(t), t.track_op()) {
-                    (Some(a), Some(b), true) => {
-                        assert_eq!(a.dims(), t.dims(), "{what}: d{name} shape");
-                        assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
-                    }
-                    (None, _, false) => {}
-                    _ => panic!("{what}: d{name} missing or extra"),
-                }
-            }
+            assert_same_grads(&what, &g1, &g2, &args)?;
         }
     }
     // Shapes that do not fit are an error, not a panic.
@@ -212,15 +203,7 @@ fn swiglu_mlp_residual_with_lora_equals_the_lora_ops() -> Result<()> {
                     args.push((format!("B{p}"), b));
                 }
             }
-            for (name, t) in args {
-                match (g1.get(t), g2.get(t), t.track_op()) {
-                    (Some(a), Some(b), true) => {
-                        assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
-                    }
-                    (None, _, false) => {}
-                    _ => panic!("{what}: d{name} missing or extra"),
-                }
-            }
+            assert_same_grads(&what, &g1, &g2, &args)?;
             // The frozen weights get none.
             for t in [&wg, &wu, &wd] {
                 assert!(g1.get(t).is_none(), "{what}: a frozen weight's gradient");
@@ -287,16 +270,7 @@ fn decoder_mlp_equals_the_norm_and_the_unit() -> Result<()> {
                     args.push((["B0", "B1", "B2"][p], &ad.b));
                 }
             }
-            for (name, t) in args {
-                match (g1.get(t), g2.get(t), t.track_op()) {
-                    (Some(a), Some(b), true) => {
-                        assert_eq!(a.dtype(), t.dtype(), "{what}: d{name} dtype");
-                        assert_eq!(bits(a)?, bits(b)?, "{what}: d{name}")
-                    }
-                    (None, _, false) => {}
-                    _ => panic!("{what}: d{name} missing or extra"),
-                }
-            }
+            assert_same_grads(&what, &g1, &g2, &args)?;
         }
     }
     // A norm that does not fit is an error; decoder_mlp needs one, the other takes none.
