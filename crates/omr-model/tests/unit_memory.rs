@@ -77,6 +77,22 @@ fn seeded(seed: u64, shape: &[usize], scale: f64) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)? * scale
 }
 
+/// The loss Σ y² and the gradient of every argument, flattened.
+fn loss_and_grads(y: &Tensor, args: &[Var]) -> Result<(f32, Vec<Vec<f32>>)> {
+    let loss = (y * y)?.sum_all()?;
+    let g = loss.backward()?;
+    let grads = args
+        .iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1()
+        })
+        .collect::<Result<_>>()?;
+    Ok((loss.to_scalar::<f32>()?, grads))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
     /// The fused RMSNorm op, `swiglu_mlp` and `linear_residual`.
@@ -111,18 +127,8 @@ fn run(path: Path, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
         }
     };
     let kept = LIVE.load(Relaxed) - before;
-    let loss = (&y * &y)?.sum_all()?;
-    let g = loss.backward()?;
-    let grads = args
-        .iter()
-        .map(|v| {
-            g.get(v.as_tensor())
-                .expect("gradient")
-                .flatten_all()?
-                .to_vec1()
-        })
-        .collect::<Result<_>>()?;
-    Ok((kept, loss.to_scalar::<f32>()?, grads))
+    let (loss, grads) = loss_and_grads(&y, args)?;
+    Ok((kept, loss, grads))
 }
 
 #[test]
@@ -212,18 +218,8 @@ fn run_attention(
         }
     };
     let kept = LIVE.load(Relaxed) - before;
-    let loss = (&y * &y)?.sum_all()?;
-    let g = loss.backward()?;
-    let grads = args
-        .iter()
-        .map(|v| {
-            g.get(v.as_tensor())
-                .expect("gradient")
-                .flatten_all()?
-                .to_vec1()
-        })
-        .collect::<Result<_>>()?;
-    Ok((kept, loss.to_scalar::<f32>()?, grads))
+    let (loss, grads) = loss_and_grads(&y, args)?;
+    Ok((kept, loss, grads))
 }
 
 fn attention_half() -> Result<()> {
