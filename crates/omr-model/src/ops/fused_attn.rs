@@ -180,37 +180,43 @@ pub(crate) fn attn_half(
         };
         // Through projection p with output gradient g2 and input x2 (rows flattened): dL/dx,
         // and its adapter's (A, B) gradients.
-        let mut back = |p: usize, g2: &Tensor, x2: &Tensor| -> Result<Tensor> {
+        let mut back = |p: usize, g2: &Tensor, x2: Option<&Tensor>| -> Result<Tensor> {
             let pr = Projected {
                 ad: ads[p].as_ref(),
             };
             let gb = pr.gb(g2)?;
             let need = (need[BASE + 2 * p], need[BASE + 2 * p + 1]);
             (grads[BASE + 2 * p], grads[BASE + 2 * p + 1]) =
-                pr.adapter_grads(g2, &gb, Some(x2), xa[p].as_ref(), need)?;
+                pr.adapter_grads(g2, &gb, x2, xa[p].as_ref(), need)?;
             pr.dx(g2, &ws[p], &gb)
         };
         let dy = dy.to_dtype(dt)?;
-        let da = back(O, &flat(&dy)?, &flat(&a2)?)?.reshape((b, t, h, d))?;
+        let da = back(O, &flat(&dy)?, Some(&flat(&a2)?))?.reshape((b, t, h, d))?;
         let d_o = dw(7, &dy, &a2)?;
         let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
         let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
         let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
         let dv = dv.to_dtype(dt)?;
         let (dq, dk, dv) = (flat(&dq)?, flat(&dk)?, flat(&dv)?);
-        // The norm's output again (the forward's bits), for the projections' gradients.
-        let hs = flat(&omr_kernels::rmsnorm(&xd, &w_in, eps)?)?;
-        let (gq, gk, gv) = (back(Q, &dq, &hs)?, back(K, &dk, &hs)?, back(V, &dv, &hs)?);
+        // The norm's output again (the forward's bits), where a weight's or an A's gradient
+        // needs it.
+        let hs = match [1, 3, 5, BASE, BASE + 2, BASE + 4].iter().any(|&i| need[i]) {
+            true => Some(flat(&omr_kernels::rmsnorm(&xd, &w_in, eps)?)?),
+            false => None,
+        };
+        let hs = hs.as_ref();
+        let (gq, gk, gv) = (back(Q, &dq, hs)?, back(K, &dk, hs)?, back(V, &dv, hs)?);
         // Summed in the order candle's GradStore sums the per-op path's: v's, k's, then q's.
         let dhs = ((gv + gk)? + gq)?.reshape((b, t, c))?;
-        grads[1] = dw(1, &dq, &hs)?;
+        if let Some(hs) = hs {
+            grads[1] = dw(1, &dq, hs)?;
+            grads[3] = dw(3, &dk, hs)?;
+            grads[5] = dw(5, &dv, hs)?;
+        }
         grads[2] = db(2, &dq)?;
-        grads[3] = dw(3, &dk, &hs)?;
         grads[4] = db(4, &dk)?;
-        grads[5] = dw(5, &dv, &hs)?;
         grads[6] = db(6, &dv)?;
         grads[7] = d_o;
-        drop(hs);
         if !(x_grad || need[0]) {
             return Ok((None, grads));
         }
@@ -241,8 +247,9 @@ mod tests {
     /// `decoder_attention` against the per-op path it replaces (the fused RMSNorm op, q / k /
     /// v through `linear_op_to` or the LoRA op, rotary, the flash attention op, o_proj +
     /// residual), packed rows with two segments, GQA (4 heads, 2 kv heads): the output and
-    /// every gradient, f32 and bf16, a full fine-tune (norm, weights and biases trainable) and
-    /// LoRA on a frozen base (adapters on q, v, o). Equal bit for bit.
+    /// every gradient, f32 and bf16, a full fine-tune (norm, weights and biases trainable),
+    /// LoRA on a frozen base (adapters on q, v, o), and a frozen layer that only passes x's
+    /// gradient on. Equal bit for bit.
     #[test]
     fn decoder_attention_equals_the_per_op_path() -> Result<()> {
         let (b, t, c, h, kv, d) = (2, 6, 16, 4, 2, 4);
@@ -255,18 +262,18 @@ mod tests {
         let theta = ((rand(9, &[b, t, d / 2])? + 1.0)? * 3.0)?;
         let (cos, sin) = (theta.cos()?, theta.sin()?);
         for dtype in [DType::F32, DType::BF16] {
-            for lora in [false, true] {
+            for (frozen, lora) in [(false, false), (true, true), (true, false)] {
                 let var = |t: Tensor| -> Result<Tensor> {
                     Ok(Var::from_tensor(&t.to_dtype(dtype)?)?.as_tensor().clone())
                 };
                 let base = |t: Tensor| -> Result<Tensor> {
-                    match lora {
+                    match frozen {
                         true => t.to_dtype(dtype),
                         false => var(t),
                     }
                 };
                 let x = var(rand(1, &[b, t, c])?)?;
-                let norm = match lora {
+                let norm = match frozen {
                     true => ((rand(2, &[c])? * 0.5)? + 1.0)?,
                     false => Var::from_tensor(&((rand(2, &[c])? * 0.5)? + 1.0)?)?
                         .as_tensor()
@@ -315,7 +322,7 @@ mod tests {
                         Some(ad) => LoraAdapter::from_parts(ad.a.clone(), ad.b.clone(), 2.0, 0.0)
                             .forward(x, &ws[p], bs[p].as_ref(), "m", &ctx)?
                             .reshape(out),
-                        None if lora => frozen_linear(x, &ws[p], bs[p].as_ref())?.reshape(out),
+                        None if frozen => frozen_linear(x, &ws[p], bs[p].as_ref())?.reshape(out),
                         None => linear_op_to(x, &ws[p], bs[p].as_ref(), out),
                     }
                 };
@@ -328,7 +335,7 @@ mod tests {
                     Some(_) => (&x + proj(3, &a.reshape((b, t, h * d))?, &[b, t, c])?)?,
                     None => linear_residual(&a, &ws[3], &x)?,
                 };
-                let what = format!("{dtype:?}, LoRA {lora}");
+                let what = format!("{dtype:?}, frozen base {frozen}, LoRA {lora}");
                 assert_eq!(one.dims(), [b, t, c]);
                 assert_eq!(bits(&one)?, bits(&ops)?, "{what}: output");
                 let k = rand(7, &[b, t, c])?.to_dtype(dtype)?;
