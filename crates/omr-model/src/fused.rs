@@ -15,6 +15,7 @@ use candle_core::{Device, Result, Tensor};
 use omr_kernels::linear_ce::LceChunks;
 use omr_kernels::AttnMask;
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 /// How many times each fused op ran on this thread (attention: computed, not replayed from
 /// [`crate::kept_attn`]).
@@ -97,8 +98,13 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
 /// Whether the decoder's input norm + attention run as one unit on the fused path
 /// ([`decoder_attention`]): unless `OMR_ATTN_UNIT=0` (the per-op path, for measuring it).
 pub fn attn_unit_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("OMR_ATTN_UNIT").is_ok_and(|v| v == "0"))
+    static OFF: OnceLock<bool> = OnceLock::new();
+    !switched_off(&OFF, "OMR_ATTN_UNIT")
+}
+
+/// Whether the environment variable `var` is "0", read once per process into `cell`.
+fn switched_off(cell: &'static OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "0"))
 }
 
 /// The decoder layer's attention half, `x + attention(rot(q), rot(k), v)·Woᵀ` from
@@ -124,8 +130,8 @@ pub fn decoder_attention(
 /// unless `OMR_MLP_UNIT=0` (the per-op path as before the unit, for measuring it; the same
 /// bits either way).
 pub fn mlp_unit_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("OMR_MLP_UNIT").is_ok_and(|v| v == "0"))
+    static OFF: OnceLock<bool> = OnceLock::new();
+    !switched_off(&OFF, "OMR_MLP_UNIT")
 }
 
 /// The decoder layer's MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters without dropout
