@@ -4,8 +4,9 @@
 //! to `omr plan`'s rollout phase for the same shapes. `--sampler host` draws on the host instead
 //! of the device (the before / after of `omr_kernels::sample`).
 //!
-//! The prefill is timed by a call that generates one token; the full call minus it is the
-//! decoding (medians of `--repeats` calls each). A first call with 2 new tokens warms the
+//! The prefill is timed by a call that generates one token; the full call after it, minus it,
+//! is the decoding (medians over `--repeats` such pairs; a median difference that is not
+//! positive is an error asking for more steps). A first call with 2 new tokens warms the
 //! kernels up, untimed.
 
 use crate::bench_train::memory::GpuMemPoller;
@@ -60,7 +61,8 @@ pub struct BenchGenerateArgs {
     pub kernels: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Timed calls of each kind (prefill, full); medians are reported.
+    /// Timed pairs of calls (a prefill, then a full call); medians are reported, the decoding
+    /// time as the median of the pairs' differences.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Also write the report as JSON here.
@@ -131,19 +133,33 @@ pub fn run(a: BenchGenerateArgs) -> crate::Result<()> {
     };
     timed(2)?;
     let poller = GpuMemPoller::start(&rt.device);
-    let median = |n: usize| -> crate::Result<f64> {
-        let mut xs = (0..a.repeats.max(1))
-            .map(|_| timed(n))
-            .collect::<crate::Result<Vec<f64>>>()?;
+    // Each prefill call is paired with the full call after it: the decoding time is the
+    // median of the pairs' differences, so a slow moment of the machine falls on both halves
+    // of a pair rather than on one of two independent medians.
+    let pairs = (0..a.repeats.max(1))
+        .map(|_| Ok((timed(1)?, timed(a.new)?)))
+        .collect::<crate::Result<Vec<(f64, f64)>>>()?;
+    let median = |xs: &mut Vec<f64>| {
         xs.sort_by(f64::total_cmp);
-        Ok(xs[xs.len() / 2])
+        xs[xs.len() / 2]
     };
-    let prefill = median(1)?;
-    let full = median(a.new)?;
+    let prefill = median(&mut pairs.iter().map(|p| p.0).collect());
+    let full = median(&mut pairs.iter().map(|p| p.1).collect());
+    let decode = median(&mut pairs.iter().map(|p| p.1 - p.0).collect());
     let mem = poller.finish();
+    if decode <= 0.0 {
+        return Err(anyhow::anyhow!(
+            "the {} decoding steps took no measurable time next to the prefill's jitter \
+             (median of full − prefill over {} pairs: {:.2} ms): raise --new or --repeats",
+            a.new - 1,
+            pairs.len(),
+            decode * 1e3
+        )
+        .into());
+    }
     let (enqueue_ms, step_ms) =
         host_split(&model, &input, &repeats, &ctx, &rt.device, a.new.min(32))?;
-    let decode_ms = (full - prefill) / (a.new - 1) as f64 * 1e3;
+    let decode_ms = decode / (a.new - 1) as f64 * 1e3;
     let tokens_s = (a.rows * a.new) as f64 / full;
 
     // The plan's rollout phase for these shapes (weights only resident here).

@@ -25,7 +25,7 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
             "--image-px",
             "56",
             "--new",
-            "8",
+            "24",
             "--sampler",
             sampler,
             "--json",
@@ -72,7 +72,7 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
         "--image-px",
         "56",
         "--new",
-        "3",
+        "16",
         "--repeats",
         "1",
     ]);
