@@ -17,8 +17,7 @@
 //! (`tests/block.rs` compares them on CPU).
 
 use crate::ops::{
-    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half, matmul_nt,
-    mlp_half,
+    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half, mlp_half,
 };
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
@@ -132,10 +131,12 @@ pub fn decoder_layer(
     // `ops::decoder_mlp`), here chained in one op: x2 = x + attention, y = x2 + mlp.
     let attn_w = ops::AttnWeights {
         norm: (&w.input_norm, dims.eps),
-        q: (&w.q.0, w.q.1.as_ref()),
-        k: (&w.k.0, w.k.1.as_ref()),
-        v: (&w.v.0, w.v.1.as_ref()),
-        o: &w.o,
+        qkv: ops::Qkv::Split([
+            (&w.q.0, w.q.1.as_ref()),
+            (&w.k.0, w.k.1.as_ref()),
+            (&w.v.0, w.v.1.as_ref()),
+        ]),
+        o: (&w.o, None),
         lora: [lora(Q), lora(K), lora(V), lora(O)],
         heads: dims.heads,
         kv_heads: dims.kv_heads,
@@ -148,6 +149,7 @@ pub fn decoder_layer(
         gate: &w.gate,
         up: &w.up,
         down: &w.down,
+        bias: [None; 3],
         lora: [lora(GATE), lora(UP), lora(DOWN)],
         norm: Some((&w.post_norm, dims.eps)),
     };
@@ -208,7 +210,9 @@ impl VisionWeights {
 
 /// One Qwen2.5-VL vision block, x: (N, C) → (N, C), with `heads` heads, the 2-D rotary half
 /// tables cos/sin (1, N, D/2) and the block-diagonal mask (whole images or windows) of the
-/// pass; RMSNorm epsilon 1e-6 as the per-op path.
+/// pass; RMSNorm epsilon 1e-6 as the per-op path. The two halves as the fused path's units
+/// run them (`ops::decoder_attention` with the packed qkv, `ops::decoder_mlp` with biases),
+/// chained in one op.
 pub fn vision_layer(
     x: &Tensor,
     w: &VisionWeights,
@@ -217,135 +221,60 @@ pub fn vision_layer(
     sin: &Tensor,
     mask: &AttnMask,
 ) -> Result<Tensor> {
-    let (n, c) = x.dims2()?;
-    let (h, d, eps) = (heads, c / heads, 1e-6);
-    let dt = x.dtype();
-    let xd = x.detach();
-    let det = |t: &Tensor| t.detach();
-    let lin = |x: &Tensor, (w, b): &(Tensor, Tensor)| ops::linear(x, &det(w), Some(&det(b)));
     crate::fused::count_block();
-    let w1 = det(&w.norm1).to_dtype(dt)?;
-    let hs = omr_kernels::rmsnorm(&xd, &w1, eps)?;
-    let qkv = lin(&hs, &w.qkv)?.reshape((n, 3, h, d))?;
-    // One batch row of N patches: (1, N, H, D).
-    let part = |i: usize| qkv.narrow(1, i, 1)?.reshape((1, n, h, d))?.contiguous();
-    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let qr = omr_kernels::rotary(&q, cos, sin)?;
-    let kr = omr_kernels::rotary(&k, cos, sin)?;
-    let (a, attn) = crate::kept_attn::forward(&qr, &kr, &v, mask, 1.0 / (d as f64).sqrt())?;
-    let a2 = a.reshape((n, c))?;
-    let x2 = (&xd + lin(&a2, &w.proj)?)?;
-    let w2 = det(&w.norm2).to_dtype(dt)?;
-    let hs2 = omr_kernels::rmsnorm(&x2, &w2, eps)?;
-    let gt = lin(&hs2, &w.gate)?;
-    let up = lin(&hs2, &w.up)?;
-    let g = omr_kernels::swiglu(&gt, &up)?;
-    let y = (x2.clone(), lin(&g, &w.down)?);
-
+    let x = &x.contiguous()?;
+    let (_, c) = x.dims2()?;
+    let eps = 1e-6;
+    let attn_w = ops::AttnWeights {
+        norm: (&w.norm1, eps),
+        qkv: ops::Qkv::Packed((&w.qkv.0, Some(&w.qkv.1))),
+        o: (&w.proj.0, Some(&w.proj.1)),
+        lora: [None; 4],
+        heads,
+        kv_heads: heads,
+        head_dim: c / heads,
+    };
+    let ((xd, ao), attn_back) = attn_half(x, x.track_op(), &attn_w, cos, sin, mask)?;
+    let x2 = (xd + ao)?;
+    let mlp_w = ops::MlpWeights {
+        gate: &w.gate.0,
+        up: &w.up.0,
+        down: &w.down.0,
+        bias: [Some(&w.gate.1), Some(&w.up.1), Some(&w.down.1)],
+        lora: [None; 3],
+        norm: Some((&w.norm2, eps)),
+    };
+    let (y, mlp_back) = mlp_half(&x2, true, &mlp_w, None)?;
+    drop(x2);
     let params = w.params();
     let need: Vec<bool> = params
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    let norm_dtypes = (w.norm1.dtype(), w.norm2.dtype());
-    let (wqkv, wp, wg, wu, wd) = (
-        det(&w.qkv.0),
-        det(&w.proj.0),
-        det(&w.gate.0),
-        det(&w.up.0),
-        det(&w.down.0),
-    );
-    let (cos, sin) = (cos.clone(), sin.clone());
-    let need_c = need.clone();
+    // dL/dy → (dL/dx, the gradient of each parameter in `VisionWeights::params`' order).
     let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
-        let gr = Grads {
-            rows: n,
-            need: &need_c,
-        };
-        let dy = dy.to_dtype(dt)?;
-        // MLP
-        let dg = matmul_nt(&dy, &wd)?;
-        let (dgt, dup) = omr_kernels::swiglu::backward(&gt, &up, &dg)?;
-        let dhs2 = (matmul_nt(&dgt, &wg)? + matmul_nt(&dup, &wu)?)?;
-        let (dx2n, dw2) = omr_kernels::rmsnorm::backward(&x2, &w2, &dhs2, eps)?;
-        let dx2 = (&dy + dx2n)?;
-        // Attention
-        let da = matmul_nt(&dx2, &wp)?.reshape((1, n, h, d))?;
-        let (dqr, dkr, dv) = attn.backward(&qr, &kr, &v, &a, &da)?;
-        let dq = omr_kernels::rotary::rotary_inverse(&dqr.to_dtype(dt)?, &cos, &sin)?;
-        let dk = omr_kernels::rotary::rotary_inverse(&dkr.to_dtype(dt)?, &cos, &sin)?;
-        let dqkv = Tensor::stack(
-            &[
-                dq.reshape((n, h, d))?,
-                dk.reshape((n, h, d))?,
-                dv.to_dtype(dt)?.reshape((n, h, d))?,
-            ],
-            1,
-        )?
-        .reshape((n, 3 * c))?;
-        let dhs = dqkv.matmul(&wqkv)?;
-        let (dxn, dw1) = omr_kernels::rmsnorm::backward(&xd, &w1, &dhs, eps)?;
+        let (dx2, mut m) = mlp_back(dy)?;
+        let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("vision block: no dL/dx2".into()))?;
+        let (dx, mut a) = attn_back(&dx2)?;
+        // The halves' orders: `attn_params` (norm, qkv w/b, k and v unused, o, adapters, o's
+        // bias) and `mlp_params` (gate, up, down, r, adapters, norm, the three biases).
         let grads = vec![
-            gr.norm(0, dw1, norm_dtypes.0)?,
-            gr.dw(1, &dqkv, &hs)?,
-            gr.db(2, &dqkv)?,
-            gr.dw(3, &dx2, &a2)?,
-            gr.db(4, &dx2)?,
-            gr.norm(5, dw2, norm_dtypes.1)?,
-            gr.dw(6, &dgt, &hs2)?,
-            gr.db(7, &dgt)?,
-            gr.dw(8, &dup, &hs2)?,
-            gr.db(9, &dup)?,
-            gr.dw(10, &dy, &g)?,
-            gr.db(11, &dy)?,
+            a[0].take(),
+            a[1].take(),
+            a[2].take(),
+            a[7].take(),
+            a[16].take(),
+            m[10].take(),
+            m[0].take(),
+            m[11].take(),
+            m[1].take(),
+            m[12].take(),
+            m[2].take(),
+            m[13].take(),
         ];
-        Ok((Some((dx2 + dxn)?), grads))
+        Ok((dx, grads))
     };
     attach_chain(x, &params, &need, y, backward)
-}
-
-/// The weight and bias gradients of a layer's linears, for the parameters that need one.
-struct Grads<'a> {
-    rows: usize,
-    need: &'a [bool],
-}
-
-impl Grads<'_> {
-    /// x as (rows, features).
-    fn flat(&self, x: &Tensor) -> Result<Tensor> {
-        let n = x.elem_count() / self.rows;
-        x.reshape((self.rows, n))
-    }
-
-    /// dW = gᵀ·x in the weight's (O, I) layout, for parameter i.
-    fn dw(&self, i: usize, g: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
-        match self.need[i] {
-            true => Ok(Some(self.flat(g)?.t()?.matmul(&self.flat(x)?)?)),
-            false => Ok(None),
-        }
-    }
-
-    /// db = 1ᵀ·g, for parameter i.
-    fn db(&self, i: usize, g: &Tensor) -> Result<Option<Tensor>> {
-        if !self.need[i] {
-            return Ok(None);
-        }
-        let g = self.flat(g)?;
-        let n = g.dim(1)?;
-        Ok(Some(
-            Tensor::ones((1, self.rows), g.dtype(), g.device())?
-                .matmul(&g)?
-                .reshape(n)?,
-        ))
-    }
-
-    /// A norm weight's gradient, cast back to the parameter's dtype.
-    fn norm(&self, i: usize, g: Tensor, dtype: DType) -> Result<Option<Tensor>> {
-        match self.need[i] {
-            true => Ok(Some(g.to_dtype(dtype)?)),
-            false => Ok(None),
-        }
-    }
 }
 
 /// The gradients the chain's last op computed, taken by the others.

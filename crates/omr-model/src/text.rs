@@ -311,6 +311,7 @@ impl Layer {
                 gate: g.0,
                 up: u.0,
                 down: d.0,
+                bias: [None; 3],
                 lora: [g.1.as_ref(), u.1.as_ref(), d.1.as_ref()],
                 norm: Some((&self.post_norm, c.rms_norm_eps)),
             };
@@ -410,10 +411,8 @@ impl AttnParts<'_> {
         let [q, k, v, o] = &self.parts;
         ops::AttnWeights {
             norm: (self.norm, self.eps),
-            q: (q.0, q.1),
-            k: (k.0, k.1),
-            v: (v.0, v.1),
-            o: o.0,
+            qkv: ops::Qkv::Split([(q.0, q.1), (k.0, k.1), (v.0, v.1)]),
+            o: (o.0, None),
             lora: [q.2.as_ref(), k.2.as_ref(), v.2.as_ref(), o.2.as_ref()],
             heads: self.dims.0,
             kv_heads: self.dims.1,

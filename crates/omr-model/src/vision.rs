@@ -73,8 +73,6 @@ impl Block {
         windowed: bool,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let (n, c) = x.dims2()?;
-        let d = c / self.heads;
         if let VisionTables::Fused {
             cos,
             sin,
@@ -89,6 +87,57 @@ impl Block {
                 };
                 return block::vision_layer(x, &w, self.heads, cos, sin, mask);
             }
+        }
+        let x = self.attention(x, tables, cu, windowed, ctx)?;
+        self.mlp(&x, ctx)
+    }
+
+    /// The attention half, `x + proj(attention(norm1(x)))`. On the fused path with
+    /// Qwen2.5-VL's RMSNorm and adapters without dropout, one unit
+    /// (`ops::decoder_attention` with the packed qkv: the norm's output and the pre-rotary
+    /// q, k are not kept for the backward).
+    fn attention(
+        &self,
+        x: &Tensor,
+        tables: &VisionTables,
+        cu: &[usize],
+        windowed: bool,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let d = c / self.heads;
+        if let (
+            VisionTables::Fused {
+                cos,
+                sin,
+                full,
+                windows,
+            },
+            Norm::Rms(norm),
+            Some(qkv),
+            Some(proj),
+            true,
+        ) = (
+            tables,
+            &self.norm1,
+            self.qkv.unit_parts(ctx),
+            self.proj.unit_parts(ctx),
+            ctx.kernels == Kernels::Fused && n > 0 && fused::attn_unit_enabled(),
+        ) {
+            let mask = match windows {
+                Some(w) if windowed => w,
+                _ => full,
+            };
+            let w = ops::AttnWeights {
+                norm: (norm, 1e-6),
+                qkv: ops::Qkv::Packed((qkv.0, qkv.1)),
+                o: (proj.0, proj.1),
+                lora: [qkv.2.as_ref(), None, None, proj.2.as_ref()],
+                heads: self.heads,
+                kv_heads: self.heads,
+                head_dim: d,
+            };
+            return fused::decoder_attention(x, &w, cos, sin, mask);
         }
         let qkv = self
             .qkv
@@ -118,8 +167,36 @@ impl Block {
                 fused::attention(&q, &k, &v, mask)?.reshape((n, c))?
             }
         };
-        let x = (x + self.proj.forward(&a, ctx)?)?;
-        let h = self.norm2.forward(&x, ctx)?;
+        x + self.proj.forward(&a, ctx)?
+    }
+
+    /// The MLP half, `x + mlp(norm2(x))`. On the fused path with Qwen2.5-VL's RMSNorm and
+    /// SwiGLU and adapters without dropout, one unit (`ops::decoder_mlp` with the biases:
+    /// neither the norm's output nor the activation is kept for the backward).
+    fn mlp(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let (Norm::Rms(norm), Mlp::SwiGlu { gate, up, down }, Kernels::Fused, true) = (
+            &self.norm2,
+            &self.mlp,
+            ctx.kernels,
+            x.elem_count() > 0 && fused::mlp_unit_enabled(),
+        ) {
+            if let (Some(g), Some(u), Some(d)) = (
+                gate.unit_parts(ctx),
+                up.unit_parts(ctx),
+                down.unit_parts(ctx),
+            ) {
+                let w = ops::MlpWeights {
+                    gate: g.0,
+                    up: u.0,
+                    down: d.0,
+                    bias: [g.1, u.1, d.1],
+                    lora: [g.2.as_ref(), u.2.as_ref(), d.2.as_ref()],
+                    norm: Some((norm, 1e-6)),
+                };
+                return fused::decoder_mlp(x, &w);
+            }
+        }
+        let h = self.norm2.forward(x, ctx)?;
         let m = match &self.mlp {
             Mlp::SwiGlu { gate, up, down } => {
                 let g = fused::swiglu(&gate.forward(&h, ctx)?, &up.forward(&h, ctx)?, ctx)?;

@@ -20,7 +20,7 @@
 //! 180 076 B, for 110 592 B of norm output and pre-rotary q and k.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use omr_model::ops::{decoder_attention, linear_op_to, AttnWeights};
+use omr_model::ops::{decoder_attention, linear_op_to, AttnWeights, Qkv};
 use omr_model::ops::{decoder_mlp, linear_residual, swiglu_mlp, swiglu_mlp_residual, MlpWeights};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
@@ -112,6 +112,7 @@ fn run(path: Path, args: &[Var; 5]) -> Result<(isize, f32, Vec<Vec<f32>>)> {
         gate: wg,
         up: wu,
         down: wd,
+        bias: [None; 3],
         lora: [None, None, None],
         norm: None,
     };
@@ -195,10 +196,8 @@ fn run_attention(
         true => {
             let w = AttnWeights {
                 norm: (wn, 1e-6),
-                q: (wq, Some(bq)),
-                k: (wk, Some(bk)),
-                v: (wv, Some(bv)),
-                o: wo,
+                qkv: Qkv::Split([(wq, Some(bq)), (wk, Some(bk)), (wv, Some(bv))]),
+                o: (wo, None),
                 lora: [None, None, None, None],
                 heads: h,
                 kv_heads: kv,

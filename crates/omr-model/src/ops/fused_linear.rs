@@ -87,11 +87,7 @@ fn linear_impl(
             None => None,
         };
         let db = match need[2] {
-            true => Some(
-                Tensor::ones((1, rows), g2.dtype(), g2.device())?
-                    .matmul(&g2)?
-                    .reshape(o)?,
-            ),
+            true => Some(bias_grad(&g2)?),
             false => None,
         };
         Ok((dx, dw, db))
@@ -284,6 +280,15 @@ impl crate::block::Adapter {
             scale: self.scale,
         })
     }
+}
+
+/// A bias's gradient from its projection's output gradient g2 (rows, O): `1ᵀ·g2` as one GEMM
+/// (a column sum through candle's reduction is a strided one on a GPU). → (O)
+pub(crate) fn bias_grad(g2: &Tensor) -> Result<Tensor> {
+    let (rows, o) = g2.dims2()?;
+    Tensor::ones((1, rows), g2.dtype(), g2.device())?
+        .matmul(g2)?
+        .reshape(o)
 }
 
 /// A unit's projection without a graph: `x Wᵀ (+ b)` (the bits of `linear`) plus a

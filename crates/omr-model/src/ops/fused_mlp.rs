@@ -5,7 +5,7 @@
 //! gradients go through `omr_kernels::grad_sink::route`.
 
 use super::attach::attach_swiglu3;
-use super::fused_linear::{linear_residual, project, Projected};
+use super::fused_linear::{bias_grad, linear_residual, project, Projected};
 use super::{matmul_nt, matmul_t};
 use crate::block::Adapter;
 use candle_core::{Result, Tensor};
@@ -62,13 +62,14 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     attach_swiglu3([x, wg, wu], g, u, grads)
 }
 
-/// The decoder MLP's projections, each (O, I) without bias, the LoRA adapters on them
-/// (gate, up, down; adapters that draw no dropout mask in this forward), and the RMSNorm
-/// before it (for [`decoder_mlp`]).
+/// The gated MLP's projections, each (O, I), their biases (none in the decoder; all three in
+/// a Qwen2.5-VL vision block), the LoRA adapters on them (gate, up, down; adapters that draw
+/// no dropout mask in this forward), and the RMSNorm before it (for [`decoder_mlp`]).
 pub struct MlpWeights<'a> {
     pub gate: &'a Tensor,
     pub up: &'a Tensor,
     pub down: &'a Tensor,
+    pub bias: [Option<&'a Tensor>; 3],
     pub lora: [Option<&'a Adapter>; 3],
     /// The post-attention RMSNorm's weight (as stored) and epsilon; [`decoder_mlp`] only.
     pub norm: Option<(&'a Tensor, f64)>,
@@ -96,7 +97,7 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
         candle_core::bail!("swiglu_mlp_residual: a norm is decoder_mlp's")
     }
     let empty = x.elem_count() == 0 || w.gate.elem_count() == 0 || w.down.elem_count() == 0;
-    if empty && w.lora.iter().all(Option::is_none) {
+    if empty && w.lora.iter().all(Option::is_none) && w.bias.iter().all(Option::is_none) {
         // candle's matmul special-cases empty products; so do the two ops.
         return linear_residual(&swiglu_mlp(x, w.gate, w.up)?, w.down, r);
     }
@@ -104,9 +105,9 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
 }
 
 /// The decoder layer's second half as one unit, `x + mlp(rmsnorm(x))` with
-/// [`swiglu_mlp_residual`]'s MLP and `w.norm`'s RMSNorm (omr_kernels' op, the weight cast to
-/// x's dtype): the fused path's decoder MLP when gate, up and down have no bias and their
-/// adapters no dropout. Besides the activation, the norm's output (…, C) is not kept either
+/// [`swiglu_mlp_residual`]'s MLP (each projection plus its bias, when it has one) and
+/// `w.norm`'s RMSNorm (omr_kernels' op, the weight cast to x's dtype): the fused path's
+/// decoder MLP, and a Qwen2.5-VL vision block's, when their adapters draw no dropout. Besides the activation, the norm's output (…, C) is not kept either
 /// (the backward recomputes it from x, which the unit keeps for the norm's backward anyway),
 /// and x's gradient, the residual's plus the norm's, is summed here instead of in candle's
 /// `GradStore`. The same bits as `fused::rmsnorm` + [`swiglu_mlp_residual`].
@@ -131,7 +132,8 @@ fn unit(x: &Tensor, w: &MlpWeights, r: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// The tensors whose gradients [`mlp_half`]'s backward returns, in its order: gate, up,
-/// down, r, the (A, B) of the gate's, up's and down's adapters, the norm's weight.
+/// down, r, the (A, B) of the gate's, up's and down's adapters, the norm's weight, the
+/// gate's, up's and down's biases.
 pub(crate) fn mlp_params<'a>(w: &MlpWeights<'a>, r: Option<&'a Tensor>) -> Vec<Option<&'a Tensor>> {
     let mut params: Vec<Option<&Tensor>> = vec![Some(w.gate), Some(w.up), Some(w.down), r];
     for ad in &w.lora {
@@ -139,8 +141,12 @@ pub(crate) fn mlp_params<'a>(w: &MlpWeights<'a>, r: Option<&'a Tensor>) -> Vec<O
         params.push(ad.map(|ad| &ad.b));
     }
     params.push(w.norm.map(|(n, _)| n));
+    params.extend(w.bias);
     params
 }
+
+/// Where [`mlp_params`] puts the gate's, up's and down's biases.
+const BIAS: usize = 11;
 
 /// The gradients a half's backward returns: dL/dx (when asked for), then one per parameter.
 pub(crate) type HalfGrads = (Option<Tensor>, Vec<Option<Tensor>>);
@@ -170,20 +176,27 @@ pub(crate) fn mlp_half(
         .zip([(i, c), (i, c), (o, i)])
         .all(|(ad, (out, inp))| ad.is_none_or(|ad| ad.fits(out, inp)));
     let norm_fits = w.norm.is_none_or(|(n, _)| n.dims() == [c]);
+    let biases_fit = w
+        .bias
+        .iter()
+        .zip([i, i, o])
+        .all(|(b, n)| b.is_none_or(|b| b.dims() == [n]));
     if wg.dims2()? != wu.dims2()?
         || wg.dims2()? != (i, c)
         || res.elem_count() != rows * o
         || !adapters_fit
         || !norm_fits
+        || !biases_fit
     {
         candle_core::bail!(
             "swiglu_mlp_residual: x {dims:?}, gate {:?}, up {:?}, down {:?}, residual {:?}, \
-             norm {:?} and adapters (A, B) {:?} do not fit",
+             norm {:?}, biases {:?} and adapters (A, B) {:?} do not fit",
             wg.dims(),
             wu.dims(),
             wd.dims(),
             res.dims(),
             w.norm.map(|(n, _)| n.dims().to_vec()),
+            w.bias.map(|b| b.map(|b| b.dims().to_vec())),
             w.lora
                 .map(|ad| ad.map(|ad| (ad.a.dims().to_vec(), ad.b.dims().to_vec())))
         )
@@ -215,7 +228,8 @@ pub(crate) fn mlp_half(
         w.lora[1].map(Adapter::prepared).transpose()?,
         w.lora[2].map(Adapter::prepared).transpose()?,
     ];
-    let proj = |x: &Tensor, w: &Tensor, p: usize| project(x, w, None, ads[p].as_ref());
+    let bs = w.bias.map(|b| b.map(Tensor::detach));
+    let proj = |x: &Tensor, w: &Tensor, p: usize| project(x, w, bs[p].as_ref(), ads[p].as_ref());
     let (g, xa_g) = proj(&h, &wgd, 0)?;
     let (u, xa_u) = proj(&h, &wud, 1)?;
     let (down, xa_d) = {
@@ -225,9 +239,9 @@ pub(crate) fn mlp_half(
     };
     let y = (res.detach(), down.reshape(res.dims())?);
     // Gradients through h: x's or the norm's; through the activation: those, or the gate's
-    // and up's parameters' (W, A, B).
+    // and up's parameters' (W, A, B, bias).
     let through_h = x_tracks || need[10];
-    let inner = through_h || [0, 1, 4, 5, 6, 7].iter().any(|&k| need[k]);
+    let inner = through_h || [0, 1, 4, 5, 6, 7, BIAS, BIAS + 1].iter().any(|&k| need[k]);
     // What the backward keeps: g and u (the activation is recomputed from them), Wd for the
     // gradient into the activation, Wg and Wu for h's, and h for the weights' and the A's
     // (recomputed from x, which the norm's backward needs anyway, when there is a norm).
@@ -245,7 +259,8 @@ pub(crate) fn mlp_half(
     // dL/dy → (dL/dx, the gradient of each parameter in `mlp_params`' order).
     let backward = move |dy: &Tensor| -> Result<HalfGrads> {
         let need = &need;
-        let mut grads: Vec<Option<Tensor>> = vec![None; 11];
+        let mut grads: Vec<Option<Tensor>> = vec![None; BIAS + 3];
+        let db = |k: usize, g2: &Tensor| need[k].then(|| bias_grad(g2)).transpose();
         let dy2 = dy.reshape((rows, o))?;
         let pr = |p: usize| Projected {
             ad: ads[p].as_ref(),
@@ -269,6 +284,7 @@ pub(crate) fn mlp_half(
         };
         let act = act.map(|a| a.reshape((rows, i))).transpose()?;
         (grads[8], grads[9]) = adapter(2, &dy2, &gb_d, act.as_ref())?;
+        grads[BIAS + 2] = db(BIAS + 2, &dy2)?;
         if let (true, Some(act)) = (need[2], &act) {
             grads[2] = Some(dy2.t()?.matmul(act)?);
         }
@@ -281,6 +297,8 @@ pub(crate) fn mlp_half(
         };
         let (dg2, du2) = (dg.reshape((rows, i))?, du.reshape((rows, i))?);
         let (gb_g, gb_u) = (pr(0).gb(&dg2)?, pr(1).gb(&du2)?);
+        grads[BIAS] = db(BIAS, &dg2)?;
+        grads[BIAS + 1] = db(BIAS + 1, &du2)?;
         // h as the forward had it (rows, C), where a gradient needs it.
         let h2 = match (&norm, &xk, h_needed) {
             (_, None, _) | (_, _, false) => None,

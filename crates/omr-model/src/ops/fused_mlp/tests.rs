@@ -2,6 +2,7 @@
 
 use super::super::test_values::{assert_same_grads, bits, rand};
 use super::*;
+use crate::lora::LoraAdapter;
 use crate::ops::linear_op;
 use candle_core::{DType, Var};
 
@@ -77,6 +78,7 @@ fn swiglu_mlp_residual_equals_its_two_ops() -> Result<()> {
                 gate: &wg,
                 up: &wu,
                 down: &wd,
+                bias: [None; 3],
                 lora: [None, None, None],
                 norm: None,
             };
@@ -105,6 +107,7 @@ fn swiglu_mlp_residual_equals_its_two_ops() -> Result<()> {
             gate: g,
             up: u,
             down: d,
+            bias: [None; 3],
             lora: [None, None, None],
             norm: None,
         }
@@ -134,7 +137,6 @@ fn swiglu_mlp_residual_equals_its_two_ops() -> Result<()> {
 #[test]
 fn swiglu_mlp_residual_with_lora_equals_the_lora_ops() -> Result<()> {
     use crate::linear::{Ctx, Kernels};
-    use crate::lora::LoraAdapter;
     let ctx = Ctx {
         kernels: Kernels::Fused,
         ..Ctx::default()
@@ -177,6 +179,7 @@ fn swiglu_mlp_residual_with_lora_equals_the_lora_ops() -> Result<()> {
                 gate: &wg,
                 up: &wu,
                 down: &wd,
+                bias: [None; 3],
                 lora: [pick(0), pick(1), pick(2)],
                 norm: None,
             };
@@ -250,6 +253,7 @@ fn decoder_mlp_equals_the_norm_and_the_unit() -> Result<()> {
                 gate: &wg,
                 up: &wu,
                 down: &wd,
+                bias: [None; 3],
                 lora,
                 norm: Some((&wn, 1e-6)),
             };
@@ -280,12 +284,118 @@ fn decoder_mlp_equals_the_norm_and_the_unit() -> Result<()> {
         gate: &w,
         up: &w,
         down: &d,
+        bias: [None; 3],
         lora: [None, None, None],
         norm: Some((&n11, 1e-6)),
     };
     assert!(decoder_mlp(&x, &m).is_err());
     assert!(swiglu_mlp_residual(&x, &m, &x).is_err());
     m.norm = None;
+    assert!(decoder_mlp(&x, &m).is_err());
+    Ok(())
+}
+
+/// `decoder_mlp` with biases on gate, up and down (a Qwen2.5-VL vision block's MLP) gives the
+/// bits of the vision block's per-op path (`vision.rs`): the fused RMSNorm op, gate and up
+/// through `Linear::forward`'s ops (`linear_op` with the bias when trainable, the LoRA op
+/// with its adapter, `frozen_linear` when frozen), SwiGLU, down the same way, then the
+/// residual add. Output and every gradient (biases included), f32 and bf16: everything
+/// trainable, LoRA on a frozen base (adapters on gate and down), a frozen MLP passing x's
+/// gradient on, and only the biases trainable (x frozen). A bias of the wrong length is an
+/// error.
+#[test]
+fn biased_mlp_unit_equals_the_vision_per_op_path() -> Result<()> {
+    let ctx = crate::linear::Ctx {
+        kernels: crate::linear::Kernels::Fused,
+        ..Default::default()
+    };
+    let (n, c, i) = (7, 12, 20);
+    let shapes = [(i, c), (i, c), (c, i)]; // (out, in)
+    for dtype in [DType::F32, DType::BF16] {
+        for case in ["full", "lora", "frozen", "biases"] {
+            let var = |t: Tensor| -> Result<Tensor> {
+                Ok(Var::from_tensor(&t.to_dtype(dtype)?)?.as_tensor().clone())
+            };
+            let base = |t: Tensor| match case {
+                "full" => var(t),
+                _ => t.to_dtype(dtype),
+            };
+            let x = match case {
+                "biases" => rand(1, &[n, c])?.to_dtype(dtype)?,
+                _ => var(rand(1, &[n, c])?)?,
+            };
+            let wn = match case {
+                "full" => Var::from_tensor(&((rand(2, &[c])? * 0.5)? + 1.0)?)?
+                    .as_tensor()
+                    .clone(),
+                _ => ((rand(2, &[c])? * 0.5)? + 1.0)?,
+            };
+            let mut ws = Vec::new();
+            let mut bs = Vec::new();
+            let mut ads = Vec::new();
+            for (p, &(o, inp)) in shapes.iter().enumerate() {
+                ws.push(base((rand(3 + p as u64, &[o, inp])? * 0.3)?)?);
+                let b = (rand(10 + p as u64, &[o])? * 0.2)?;
+                bs.push(match case {
+                    "biases" => var(b)?,
+                    _ => base(b)?,
+                });
+                ads.push(match case == "lora" && p != 1 {
+                    true => Some(Adapter {
+                        a: var((rand(20 + p as u64, &[4, inp])? * 0.5)?)?,
+                        b: var((rand(30 + p as u64, &[o, 4])? * 0.5)?)?,
+                        scale: 2.0,
+                    }),
+                    false => None,
+                });
+            }
+            let w = MlpWeights {
+                gate: &ws[0],
+                up: &ws[1],
+                down: &ws[2],
+                bias: [Some(&bs[0]), Some(&bs[1]), Some(&bs[2])],
+                lora: [ads[0].as_ref(), ads[1].as_ref(), ads[2].as_ref()],
+                norm: Some((&wn, 1e-6)),
+            };
+            let one = decoder_mlp(&x, &w)?;
+            let proj = |p: usize, x: &Tensor| -> Result<Tensor> {
+                match (&ads[p], case) {
+                    (Some(ad), _) => LoraAdapter::from_parts(ad.a.clone(), ad.b.clone(), 2.0, 0.0)
+                        .forward(x, &ws[p], Some(&bs[p]), "m", &ctx),
+                    (None, "full" | "biases") => linear_op(x, &ws[p], Some(&bs[p])),
+                    (None, _) => crate::ops::frozen_linear(x, &ws[p], Some(&bs[p])),
+                }
+            };
+            let h = omr_kernels::rmsnorm(&x, &wn.to_dtype(dtype)?, 1e-6)?;
+            let act = omr_kernels::swiglu(&proj(0, &h)?, &proj(1, &h)?)?;
+            let ops = (&x + proj(2, &act)?)?;
+            let what = format!("{dtype:?}, {case}");
+            assert_eq!(bits(&one)?, bits(&ops)?, "{what}: output");
+            let k = rand(6, &[n, c])?.to_dtype(dtype)?;
+            let g1 = (&one * &k)?.sum_all()?.backward()?;
+            let g2 = (&ops * &k)?.sum_all()?.backward()?;
+            let mut args = vec![("x".to_string(), &x), ("norm".to_string(), &wn)];
+            for p in 0..3 {
+                args.push((format!("w{p}"), &ws[p]));
+                args.push((format!("b{p}"), &bs[p]));
+                if let Some(ad) = &ads[p] {
+                    args.push((format!("A{p}"), &ad.a));
+                    args.push((format!("B{p}"), &ad.b));
+                }
+            }
+            assert_same_grads(&what, &g1, &g2, &args)?;
+        }
+    }
+    let (x, w, d) = (rand(1, &[3, 12])?, rand(2, &[20, 12])?, rand(4, &[12, 20])?);
+    let (norm, b19) = (rand(3, &[12])?, rand(5, &[19])?);
+    let m = MlpWeights {
+        gate: &w,
+        up: &w,
+        down: &d,
+        bias: [None, Some(&b19), None],
+        lora: [None, None, None],
+        norm: Some((&norm, 1e-6)),
+    };
     assert!(decoder_mlp(&x, &m).is_err());
     Ok(())
 }
