@@ -6,9 +6,10 @@
 //! (`GradStore::or_insert`), once per graph node and argument: about 40 adds per decoder
 //! layer through the per-op path (norms, three projections, reshapes, rotary, attention,
 //! residuals, the MLP), ~70 ms of the 3B step on an H200 (run 6 profile). Here the layer's
-//! forward runs without a graph and its backward is chained by hand from the fused ops'
-//! backward functions (RMSNorm, SwiGLU, rotary inverse, attention, the GEMMs of each linear),
-//! so only the layer input and its trainable weights meet the `GradStore`.
+//! forward runs without a graph and its backward is chained by hand from the two units'
+//! halves (`ops::attn_half`, `ops::mlp_half`: the fused ops' backward functions and the
+//! GEMMs of each linear), so only the layer input and its trainable weights meet the
+//! `GradStore`.
 //!
 //! candle's custom ops take at most three arguments, so the layer's output is attached to its
 //! input and weights by a short chain of attach ops: the last one (reached first by the

@@ -95,8 +95,9 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     ops::swiglu_mlp(x, wg, wu)
 }
 
-/// Whether the decoder's input norm + attention run as one unit on the fused path
-/// ([`decoder_attention`]): unless `OMR_ATTN_UNIT=0` (the per-op path, for measuring it).
+/// Whether the input norm + attention of decoder layers and (Qwen2.5-VL) vision blocks run as
+/// one unit on the fused path ([`decoder_attention`]): unless `OMR_ATTN_UNIT=0` (the per-op
+/// path, for measuring it).
 pub fn attn_unit_enabled() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
     !switched_off(&OFF, "OMR_ATTN_UNIT")
@@ -107,8 +108,8 @@ fn switched_off(cell: &'static OnceLock<bool>, var: &str) -> bool {
     *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "0"))
 }
 
-/// The decoder layer's attention half, `x + attention(rot(q), rot(k), v)·Woᵀ` from
-/// `rmsnorm(x)` (LoRA adapters without dropout included), as one unit
+/// The decoder layer's (or a vision block's) attention half, `x + attention(rot(q), rot(k),
+/// v)·Woᵀ` from `rmsnorm(x)` (LoRA adapters without dropout included), as one unit
 /// ([`ops::decoder_attention`]: neither the norm's output nor the pre-rotary q, k kept for the
 /// backward; counted as an RMSNorm and two rotaries, its attention counts itself).
 /// x: (B, T, C) → (B, T, C)
@@ -126,16 +127,16 @@ pub fn decoder_attention(
     ops::decoder_attention(x, w, cos, sin, mask)
 }
 
-/// Whether the decoder's norm + MLP run as one unit on the fused path ([`decoder_mlp`]):
-/// unless `OMR_MLP_UNIT=0` (the per-op path as before the unit, for measuring it; the same
-/// bits either way).
+/// Whether the post-attention norm + MLP of decoder layers and (Qwen2.5-VL) vision blocks run
+/// as one unit on the fused path ([`decoder_mlp`]): unless `OMR_MLP_UNIT=0` (the per-op path
+/// as before the unit, for measuring it; the same bits either way).
 pub fn mlp_unit_enabled() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
     !switched_off(&OFF, "OMR_MLP_UNIT")
 }
 
-/// The decoder layer's MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters without dropout
-/// included), as one unit ([`ops::decoder_mlp`]: neither the norm's output nor the activation
+/// The decoder layer's (or a vision block's) MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters
+/// without dropout included), as one unit ([`ops::decoder_mlp`]: neither the norm's output nor the activation
 /// kept for the backward; counted as an RMSNorm and a SwiGLU). x: (…, C) → (…, C)
 pub fn decoder_mlp(x: &Tensor, w: &ops::MlpWeights) -> Result<Tensor> {
     count(|c| {

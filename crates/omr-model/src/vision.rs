@@ -9,7 +9,10 @@
 //!
 //! Under `Kernels::Fused` the RMSNorms (Qwen2.5-VL), the SwiGLU gate, the 2-D rotary and the
 //! block-diagonal attention (flash attention with one segment id per image or window, B = 1)
-//! are omr-kernels' fused ops; Qwen2-VL's LayerNorm and QuickGELU stay candle ops.
+//! are omr-kernels' fused ops; Qwen2-VL's LayerNorm and QuickGELU stay candle ops. A
+//! Qwen2.5-VL block is then two units, as a decoder layer is (`ops::decoder_attention` with
+//! the packed qkv, `ops::decoder_mlp` with the biases), unless a LoRA adapter on it draws
+//! dropout.
 
 use crate::attention::attend_blocks;
 use crate::block::{self, VisionWeights};

@@ -14,7 +14,8 @@
 //!   included (`ops::decoder_mlp`): the gate and up outputs and the residual sum; the norm's
 //!   output and the activation are recomputed in the backward. Its input norm and attention
 //!   (`ops::decoder_attention`): v, the rotated q and k, the attention's output and
-//!   log-sum-exp, the residual sum.
+//!   log-sum-exp, the residual sum. A Qwen2.5-VL vision block's two halves are the same units
+//!   (the packed qkv's parts copied out, the biases inside).
 //! - RMSNorm (`ops::rmsnorm`): x² and x·r in f32, the cast back (when the compute dtype is not
 //!   f32) and the weight product. LayerNorm: x−μ, its square, the normed value (f32), the cast,
 //!   weight product and bias sum.
@@ -52,8 +53,9 @@ pub struct Activations {
     pub vision_block: u64,
     /// All vision blocks (checkpointing applied).
     pub vision_blocks: u64,
-    /// The largest vision block (a full-attention one with eager scores): what a no-grad
-    /// forward holds at once (GRPO's rollouts, `plan/grpo.rs`).
+    /// The largest vision block (a full-attention one with eager scores) with what the fused
+    /// units drop as they go: what a no-grad forward holds at once (GRPO's rollouts,
+    /// `plan/grpo.rs`).
     pub vision_block_max: u64,
     /// Merger (norm, two linears, GELU) and the image-order permutation.
     pub merger: u64,
@@ -137,25 +139,66 @@ impl Tally {
 /// Whether the decoder MLP runs as one unit on the fused path (`ops::decoder_mlp`):
 /// unless a LoRA adapter with dropout sits on some layer's gate, up or down projection.
 fn mlp_unit(p: &PlanInput) -> bool {
-    !dropout_on(p, "mlp", &["gate_proj", "up_proj", "down_proj"])
+    !dropout_on(
+        p,
+        Stack::Decoder,
+        "mlp",
+        &["gate_proj", "up_proj", "down_proj"],
+    )
 }
 
 /// Whether the decoder's attention half runs as one unit on the fused path
 /// (`ops::decoder_attention`): unless a LoRA adapter with dropout sits on some layer's q, k,
 /// v or o projection (o_proj has no bias in either architecture).
 fn attn_unit(p: &PlanInput) -> bool {
-    !dropout_on(p, "self_attn", &["q_proj", "k_proj", "v_proj", "o_proj"])
+    !dropout_on(
+        p,
+        Stack::Decoder,
+        "self_attn",
+        &["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
 }
 
-/// Whether LoRA with dropout targets one of `modules` of `part` in some decoder layer.
-fn dropout_on(p: &PlanInput, part: &str, modules: &[&str]) -> bool {
+/// Whether a vision block's attention half runs as one unit on the fused path
+/// (`ops::decoder_attention` with the packed qkv): Qwen2.5-VL's RMSNorm, and no LoRA adapter
+/// with dropout on some block's qkv or proj.
+fn vision_attn_unit(p: &PlanInput) -> bool {
+    p.model.arch == Arch::Qwen25Vl && !dropout_on(p, Stack::Vision, "attn", &["qkv", "proj"])
+}
+
+/// Whether a vision block's MLP half runs as one unit on the fused path (`ops::decoder_mlp`
+/// with the biases): Qwen2.5-VL's RMSNorm and SwiGLU, and no LoRA adapter with dropout on some
+/// block's gate, up or down projection.
+fn vision_mlp_unit(p: &PlanInput) -> bool {
+    p.model.arch == Arch::Qwen25Vl
+        && !dropout_on(
+            p,
+            Stack::Vision,
+            "mlp",
+            &["gate_proj", "up_proj", "down_proj"],
+        )
+}
+
+/// The decoder's layers and the vision tower's blocks, for [`dropout_on`].
+#[derive(Clone, Copy)]
+enum Stack {
+    Decoder,
+    Vision,
+}
+
+/// Whether LoRA with dropout targets one of `modules` of `part` in some layer of `stack`.
+fn dropout_on(p: &PlanInput, stack: Stack, part: &str, modules: &[&str]) -> bool {
     let Some(l) = p.lora.as_ref().filter(|l| l.dropout > 0.0) else {
         return false;
     };
-    (0..p.model.text.num_hidden_layers).any(|i| {
+    let (prefix, layers) = match stack {
+        Stack::Decoder => ("model.layers", p.model.text.num_hidden_layers),
+        Stack::Vision => ("visual.blocks", p.model.vision.depth),
+    };
+    (0..layers).any(|i| {
         modules
             .iter()
-            .any(|m| omr_model::lora::selects(&l.targets, &format!("model.layers.{i}.{part}.{m}")))
+            .any(|m| omr_model::lora::selects(&l.targets, &format!("{prefix}.{i}.{part}.{m}")))
     })
 }
 
@@ -245,13 +288,30 @@ pub fn count(p: &PlanInput) -> Activations {
         let windows = p.vision_windows();
         let full_lens = p.full_attention_lens();
         let mut block_stages = Vec::new();
+        // The fused path's units (as the decoder's, below): the attention half keeps v, the
+        // rotated q and k, the attention's output and log-sum-exp and the residual sum (not
+        // the norm's output, qkv's, the pre-rotary q and k, proj's); the MLP half gate's and
+        // up's outputs and the residual sum (not the norm's output, the activation, down's).
+        let attn_unit = fused && vision_attn_unit(p);
+        let mlp_unit = fused && vision_mlp_unit(p);
+        let dropped = match attn_unit {
+            true => 7 * patches * cv * s,
+            false => 0,
+        } + match mlp_unit {
+            true => (2 * patches * cv + patches * iv) * s,
+            false => 0,
+        };
         for i in 0..v.depth {
             let full = v.window_size.is_none() || v.fullatt_block_indexes.contains(&i);
             let lens = if full { &full_lens } else { &windows };
             let mut blk = Tally::new();
-            norm(&mut blk, patches * cv, tv);
-            lin(&mut blk, patches, 3 * cv, true, tv);
-            if fused {
+            if !attn_unit {
+                norm(&mut blk, patches * cv, tv);
+                lin(&mut blk, patches, 3 * cv, true, tv);
+            }
+            if attn_unit {
+                blk.add(3.0, patches * cv, s); // q and k rotated, v made contiguous
+            } else if fused {
                 // q and k made contiguous, rotated; v made contiguous for the attention
                 blk.add(5.0, patches * cv, s);
             } else {
@@ -277,25 +337,33 @@ pub fn count(p: &PlanInput) -> Activations {
                     blk.add(1.0, patches * cv, s);
                 }
             }
-            lin(&mut blk, patches, cv, true, tv);
+            if !attn_unit {
+                lin(&mut blk, patches, cv, true, tv);
+            }
             blk.add(1.0, patches * cv, s); // residual
-            norm(&mut blk, patches * cv, tv);
+            if !mlp_unit {
+                norm(&mut blk, patches * cv, tv);
+            }
             match cfg.arch {
                 Arch::Qwen25Vl => {
                     lin(&mut blk, patches, iv, true, tv);
                     lin(&mut blk, patches, iv, true, tv);
-                    // silu and the product (one SwiGLU op on the fused path)
-                    blk.add(if fused { 1.0 } else { 2.0 }, patches * iv, s);
+                    if !mlp_unit {
+                        // silu and the product (one SwiGLU op on the fused path)
+                        blk.add(if fused { 1.0 } else { 2.0 }, patches * iv, s);
+                    }
                 }
                 Arch::Qwen2Vl => {
                     lin(&mut blk, patches, iv, true, tv);
                     blk.add(5.0, patches * iv, s); // quick_gelu: ·k, exp, +1, 1/x, ·x
                 }
             }
-            lin(&mut blk, patches, cv, true, tv);
+            if !mlp_unit {
+                lin(&mut blk, patches, cv, true, tv);
+            }
             blk.add(1.0, patches * cv, s); // residual
             blocks_total += blk.bytes;
-            vision_block_max = vision_block_max.max(blk.bytes);
+            vision_block_max = vision_block_max.max(blk.bytes + dropped);
             block_stages.push(Stage {
                 name: "vision block",
                 leak: blk.leak,
