@@ -1,7 +1,6 @@
 //! What the decoder layer's (and a vision block's) halves keep from their forward to their
-//! backward, measured: live
-//! heap bytes (a counting global allocator; this test binary holds one test, so nothing else
-//! allocates meanwhile) after the forward.
+//! backward, measured: live heap bytes (a counting global allocator; this test binary holds
+//! one test, so nothing else allocates meanwhile) after the forward.
 //!
 //! The MLP half, for
 //! - the fused ops: RMSNorm, `swiglu_mlp`, `linear_residual` (which keeps the (rows, I)
