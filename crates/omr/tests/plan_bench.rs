@@ -464,10 +464,11 @@ fn bench_train_with_grpo_objective() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
-/// `OMR_MLP_UNIT=0` and `OMR_ATTN_UNIT=0` (the decoder layer's halves as separate ops, the
-/// path before the units) train to the same bits as the default units (`ops::decoder_mlp`,
-/// `ops::decoder_attention`), full fine-tune and LoRA: the same loss at every step, so the
-/// same gradients and updates before it; the switches are in the report's opt-ins.
+/// `OMR_MLP_UNIT=0` and `OMR_ATTN_UNIT=0` (the halves of decoder layers and vision blocks as
+/// separate ops, the path before the units) train to the same bits as the default units
+/// (`ops::decoder_mlp`, `ops::decoder_attention`), full fine-tune (vision blocks included)
+/// and LoRA: the same loss at every step, so the same gradients and updates before it; the
+/// switches are in the report's opt-ins.
 #[test]
 fn unit_switches_train_to_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
