@@ -10,9 +10,6 @@
 #else
 #include "common.cuh"
 
-// The kernel's dynamic shared memory.
-#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
-
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }

@@ -9,6 +9,13 @@
 
 typedef __nv_bfloat16 bf16;
 
+// The kernel's dynamic shared memory, as bytes or as an array of T (scripts/cuda/emu/cuda_emu.h
+// defines its own).
+#ifndef DYN_SMEM
+#define DYN_SMEM(ALIGN, NAME) extern __shared__ __align__(ALIGN) unsigned char NAME[]
+#define DYN_SMEM_OF(T, NAME) extern __shared__ T NAME[]
+#endif
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 

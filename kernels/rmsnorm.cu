@@ -123,7 +123,7 @@ __device__ void bwd_rows(const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ dy, T* __restrict__ dx,
                          float* __restrict__ dw_part, int rows, int C, float inv_c, float eps) {
   constexpr int Q = N / 4;  // float4 accumulators per access
-  extern __shared__ float4 acc_sh[];
+  DYN_SMEM_OF(float4, acc_sh);
   __shared__ float2 sh[2][32];
   const int tpr = blockDim.x, tx = threadIdx.x, G = blockDim.y;
   const int na = C / N;  // ≤ VPT · tpr (the launcher's promise)

@@ -1,5 +1,6 @@
-// cuda_emu.h: runs the attention kernels (kernels/flash_mma.cu, kernels/*_sm90a.cu)
-// on the CPU. A kernel file includes this header instead of its inline-PTX helpers when
+// cuda_emu.h: runs the attention kernels (kernels/flash_mma.cu, kernels/*_sm90a.cu), the
+// tile and sampling kernels and the memory-bound ones (norms, SwiGLU, rotary, optimizer,
+// reductions) on the CPU. A kernel file includes this header instead of its inline-PTX helpers when
 // OMR_EMU names it (flash_*_emu.cpp), so the kernels' own C++ (indexing, masks, softmax,
 // pipelining, fragments, descriptors) runs unchanged, each CUDA thread a std::thread, one CTA
 // at a time; `__shared__` arrays are statics (one per kernel instantiation), the dynamic shared
@@ -54,6 +55,7 @@ typedef __nv_bfloat16 bf16;
 #define __align__(n) __attribute__((aligned(n)))
 // The kernels' dynamic shared memory (`extern __shared__` on the GPU).
 #define DYN_SMEM(ALIGN, NAME) unsigned char* const NAME = emu::dyn
+#define DYN_SMEM_OF(T, NAME) T* const NAME = reinterpret_cast<T*>(emu::dyn)
 
 struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -70,8 +72,16 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline float __expf(float x) { return std::exp(x); }
-inline float __fmul_rn(float a, float b) { return a * b; }  // host floats: IEEE, no contraction
+// Host floats: IEEE, round to nearest, no contraction (x86-64 without -mfma): each of these is
+// its correctly rounded operation, as the intrinsic is on the GPU. (The GPU may contract a
+// plain a·b + c into an FMA; the emulation does not, so kernels compare with their references
+// within a tolerance except where they use these intrinsics throughout.)
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -102,6 +112,7 @@ inline size_t smem_bytes = 0;
 // reaches after its reads of call n. One barrier per call.
 struct Slots {
   float f[32];
+  double d[32];
   uint32_t a[32][4];
   uint32_t b[32][2];
   const unsigned char* row[32];
@@ -218,19 +229,34 @@ inline int __syncthreads_and(int pred) {
   return r;
 }
 
+namespace emu {
+// The thread's index in its block, x fastest: warps are consecutive runs of 32 of it, whatever
+// the block's shape.
+inline unsigned tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+}  // namespace emu
+
 inline float __shfl_xor_sync(unsigned, float v, int m) {
-  emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
   emu::Slots& sl = emu::slots(w);
-  const int lane = threadIdx.x % 32;
+  const int lane = emu::tid() % 32;
   sl.f[lane] = v;
   w.bar.arrive_and_wait();
   return sl.f[lane ^ m];
 }
 
-inline float __shfl_sync(unsigned, float v, int src) {
-  emu::Warp& w = emu::cta->warps[threadIdx.x / 32];
+inline double __shfl_xor_sync(unsigned, double v, int m) {
+  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
   emu::Slots& sl = emu::slots(w);
-  const int lane = threadIdx.x % 32;
+  const int lane = emu::tid() % 32;
+  sl.d[lane] = v;
+  w.bar.arrive_and_wait();
+  return sl.d[lane ^ m];
+}
+
+inline float __shfl_sync(unsigned, float v, int src) {
+  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
+  emu::Slots& sl = emu::slots(w);
+  const int lane = emu::tid() % 32;
   sl.f[lane] = v;
   w.bar.arrive_and_wait();
   return sl.f[src & 31];
@@ -448,13 +474,16 @@ inline void ldsm4(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, false); }
 inline void ldsm4t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, true); }
 inline void ldsm2t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 2, true); }
 
-// Runs kernel(args...) over grid × `threads` threads with `smem` bytes of dynamic shared
-// memory, one CTA at a time.
+// Runs kernel(args...) over grid × block threads with `smem` bytes of dynamic shared memory,
+// one CTA at a time.
 template <class F, class... Args>
-void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args) {
+void emu_launch(F kernel, Dim3 grid, Dim3 block, size_t smem, Args... args) {
   if (smem > EMU_SMEM_MAX) emu::fail("dynamic shared memory over the limit", (long)smem, (long)EMU_SMEM_MAX);
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || threads % 32)
+    emu::fail("a block's threads must be a multiple of 32, at most 1024", threads, 0);
   gridDim = grid;
-  blockDim = {threads, 1, 1};
+  blockDim = block;
   emu::smem_bytes = smem;
   for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
@@ -466,7 +495,7 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
       ts.reserve(threads);
       for (unsigned i = 0; i < threads; i++)
         ts.emplace_back([=] {
-          threadIdx = {i, 0, 0};
+          threadIdx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
           blockIdx = {bx, by, bz};
           kernel(args...);
           if (!emu::committed.empty() || !emu::open_group.accs.empty())
@@ -475,4 +504,9 @@ void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args
       for (auto& t : ts) t.join();
       emu::cta = nullptr;
     }
+}
+
+template <class F, class... Args>
+void emu_launch(F kernel, Dim3 grid, unsigned threads, size_t smem, Args... args) {
+  emu_launch(kernel, grid, Dim3{threads, 1, 1}, smem, args...);
 }
