@@ -82,6 +82,8 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.f / a; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// glibc declares a __logf of its own (noexcept): a macro, not a second declaration.
+#define __logf(x) std::log((float)(x))
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);

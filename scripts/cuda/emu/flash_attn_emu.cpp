@@ -7,7 +7,12 @@
 // as generation's preallocated cache hands them to the kernel, and contiguous; the key range in
 // one block or cut into splits merged by flash_fwd_combine (3, and 16: more than the tiles, so
 // some splits see no key). bf16 and f32.
-// Tolerances: o 1e-2 of max |o| (bf16 output; f32 arithmetic), lse 1e-5 relative, −∞ exactly.
+// And its backward (flash_bwd_dot, flash_bwd_dq, flash_bwd_dkdv: what training runs under
+// OMR_ATTN=kernel and for head dims the tensor-core kernels lack), launched as flash_attn.rs
+// does, on the forward's own O and lse: dq, and dk / dv per key/value head (the reference's
+// per query head summed over each group), on smaller versions of attention_ref's four cases.
+// Tolerances: o 1e-2 of max |o| (bf16 output; f32 arithmetic), lse 1e-5 relative, −∞ exactly;
+// the backward's 3e-2 of max |ref| (attention_ref's, as omr bench kernels).
 // Exits 1 on any failure. Built and run by run.sh.
 #include "cuda_emu.h"
 #include "../../../kernels/flash_attn.cu"
@@ -67,6 +72,78 @@ void run(const ref::Problem& p, int cap, const char* dt, int splits = 1) {
   ref::report(name + ": lse", err, 1e-5);
 }
 
+// The backward of p through flash_attn.cu's three kernels, after its forward (one split).
+template <typename T>
+void backward(const ref::Problem& p, const char* dt) {
+  const ref::Case& c = p.c;
+  const int B = c.B, Tq = c.T, S = c.S, H = c.H, KV = c.KV, D = p.D, G = H / KV;
+  auto conv = [](const std::vector<bf16>& x) {
+    std::vector<T> y(x.size());
+    for (size_t i = 0; i < x.size(); i++) y[i] = T(__bfloat162float(x[i]));
+    return y;
+  };
+  const std::vector<T> q = conv(p.q), k = conv(p.k), v = conv(p.v), dout = conv(p.dout);
+  std::vector<T> o(p.o.size(), T(NAN)), dq(q.size(), T(NAN)), dk(k.size(), T(NAN)),
+      dv(v.size(), T(NAN));
+  std::vector<float> lse(p.lse.size(), NAN), delta((size_t)B * H * Tq, NAN);
+  const T *qp = q.data(), *kp = k.data(), *vp = v.data(), *gp = dout.data(), *op = o.data();
+  const unsigned *qs = p.qseg.data(), *ks = p.kseg.data();
+  const float *lp = lse.data(), *dp = delta.data();
+  const Dim3 fgrid{(unsigned)((Tq * G + 15) / 16), (unsigned)KV, (unsigned)B};
+  // flash_attn.rs: the dot over (B·T·H) rows, 8 warps a block; dq over 8-row tiles per head;
+  // dk / dv over 32-key tiles per key/value head.
+  const Dim3 dot{(unsigned)std::min(((size_t)B * Tq * H + 7) / 8, (size_t)65535), 1, 1};
+  const Dim3 gq{(unsigned)((Tq + 7) / 8), (unsigned)H, (unsigned)B};
+  const Dim3 gk{(unsigned)((S + 31) / 32), (unsigned)KV, (unsigned)B};
+  const int causal = c.causal;
+  if constexpr (std::is_same_v<T, float>) {
+    emu_launch(flash_fwd_f32, fgrid, 128, 0, qp, kp, vp, qs, ks, o.data(), lse.data(), Tq, S, H, KV,
+               D, (long long)S * KV * D, p.scale, causal, c.window, 1, (float*)nullptr);
+    emu_launch(flash_bwd_dot_f32, dot, 256, 0, op, gp, delta.data(), B, Tq, H, D);
+    emu_launch(flash_bwd_dq_f32, gq, 128, 0, qp, kp, vp, qs, ks, gp, lp, dp, dq.data(), Tq, S, H,
+               KV, D, p.scale, causal, c.window);
+    emu_launch(flash_bwd_dkdv_f32, gk, 128, 0, qp, kp, vp, qs, ks, gp, lp, dp, dk.data(), dv.data(),
+               Tq, S, H, KV, D, p.scale, causal, c.window);
+  } else {
+    emu_launch(flash_fwd_bf16, fgrid, 128, 0, qp, kp, vp, qs, ks, o.data(), lse.data(), Tq, S, H,
+               KV, D, (long long)S * KV * D, p.scale, causal, c.window, 1, (float*)nullptr);
+    emu_launch(flash_bwd_dot_bf16, dot, 256, 0, op, gp, delta.data(), B, Tq, H, D);
+    emu_launch(flash_bwd_dq_bf16, gq, 128, 0, qp, kp, vp, qs, ks, gp, lp, dp, dq.data(), Tq, S, H,
+               KV, D, p.scale, causal, c.window);
+    emu_launch(flash_bwd_dkdv_bf16, gk, 128, 0, qp, kp, vp, qs, ks, gp, lp, dp, dk.data(),
+               dv.data(), Tq, S, H, KV, D, p.scale, causal, c.window);
+  }
+  // The reference's dk / dv per query head, summed over each key/value head's group.
+  std::vector<double> wk(k.size(), 0), wv(v.size(), 0);
+  for (int b = 0; b < B; b++)
+    for (int j = 0; j < S; j++)
+      for (int h = 0; h < H; h++)
+        for (int d = 0; d < D; d++) {
+          const size_t from = (((size_t)b * S + j) * H + h) * D + d;
+          const size_t to = (((size_t)b * S + j) * KV + h / G) * D + d;
+          wk[to] += p.dk[from];
+          wv[to] += p.dv[from];
+        }
+  auto as_f = [](const std::vector<T>& x) {
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); i++) y[i] = (double)(float)x[i];
+    return y;
+  };
+  const std::string name = std::string(dt) + " D " + std::to_string(D) + ", " + c.name + ": backward";
+  ref::report(name + " dq", ref::rel_err(as_f(dq), p.dq), 3e-2);
+  ref::report(name + " dk", ref::rel_err(as_f(dk), wk), 3e-2);
+  ref::report(name + " dv", ref::rel_err(as_f(dv), wv), 3e-2);
+}
+
+// The backward's cases: packed causal rows (segments of 97, GQA), a cache with a window, one
+// unmasked segment of whole tiles, a causal segment with a cache.
+const ref::Case BACKWARD[] = {
+    {"packed causal, GQA 4/2, T 110", 1, 110, 110, 4, 2, true, 0, true},
+    {"cache S 60 > T 45, window 20, causal", 1, 45, 60, 2, 1, true, 20, false},
+    {"one segment, not causal, T 64 (whole tiles)", 1, 64, 64, 2, 2, false, 0, false},
+    {"one segment, causal, S 50 > T 40, GQA 2/1", 1, 40, 50, 2, 1, true, 0, false},
+};
+
 // Decoding steps: T query rows at the end of a cache of S keys.
 const ref::Case DECODE[] = {
     {"decode T 1, S 333, GQA 14/2, causal", 3, 1, 333, 14, 2, true, 0, false},
@@ -93,6 +170,10 @@ int main() {
     const ref::Problem p = ref::problem(c, 128);
     run<bf16>(p, c.S + 40, "bf16");
   }
+  // The backward (training under OMR_ATTN=kernel) on smaller versions of attention_ref's
+  // cases (each CUDA thread a std::thread and a barrier per tile: the full ones take minutes).
+  for (const auto& c : BACKWARD) backward<bf16>(ref::problem(c, 64), "bf16");
+  backward<float>(ref::problem(BACKWARD[2], 128), "f32");
   std::printf("flash_attn %s: %d failure(s)\n", ref::failures ? "FAILED" : "all passed",
               ref::failures);
   return ref::failures ? 1 : 0;

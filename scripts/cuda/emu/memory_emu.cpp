@@ -8,7 +8,9 @@
 //   - grad_accum.cu: grad_sum of each dtype pair (in place too) and grad_scale, bit for bit;
 //   - adamw.cu: the AdamW step (correctly rounded intrinsics throughout: bit for bit), with
 //     and without a gradient and a bf16 copy;
-//   - grad_norm.cu: the chunked sum of squares over several tensors and its finish.
+//   - grad_norm.cu: the chunked sum of squares over several tensors and its finish;
+//   - attn_softmax.cu: attn_delta (Δ of every tensor-core attention backward) and the GEMM
+//     attention's masked softmax forward and backward on a block of rows and keys.
 // Each on the 16-byte path and the fallback (sizes that are not multiples of an access,
 // pointers one element off 16-byte alignment), f32 and bf16, with grids small enough that the
 // grid-stride loops take several steps. Outputs start as NaN, so an element no thread writes
@@ -26,6 +28,8 @@
 #include "../../../kernels/adamw.cu"
 #undef ENTRY
 #include "../../../kernels/grad_norm.cu"
+#undef ENTRIES
+#include "../../../kernels/attn_softmax.cu"
 
 #include <functional>
 #include <random>
@@ -390,6 +394,96 @@ void grad_norm(long chunk) {
         1, [&](size_t) { return (float)out; }, [&](size_t) { return std::sqrt(want); }, 1e-7, 0);
 }
 
+// ---- attn_softmax.cu --------------------------------------------------------------------
+
+// attn_delta over (B, T, H, D) rows; then attn_softmax_fwd / _bwd on the block of query rows
+// [t0, t0 + n) and keys [lo, lo + m) of a (T, S) attention with segments (one padded), a
+// causal rule and a window, against their definitions in double precision.
+template <typename T>
+void attn_softmax(int B, int T_, int S, int H, int D) {
+  const int rows = B * T_ * H;
+  auto dout = random<T>((size_t)rows * D, 0, 1.f, 71), o = random<T>((size_t)rows * D, 0, 1.f, 72);
+  std::vector<float> delta((size_t)rows, NAN);
+  emu_launch(std::is_same_v<T, float> ? (void (*)(const T*, const T*, float*, int, int, int, int))attn_delta_f32
+                                      : (void (*)(const T*, const T*, float*, int, int, int, int))attn_delta_bf16,
+             Dim3{(unsigned)(rows + 7) / 8, 1, 1}, 256, 0, (const T*)dout.at(), (const T*)o.at(), delta.data(),
+             rows, H, T_, D);
+  check(std::string("attn_delta ") + name<T>() + " B·T·H " + std::to_string(rows) + " D " + std::to_string(D),
+        rows, [&](size_t r) { return delta[r]; },
+        [&](size_t r) {
+          // delta is (B, H, T); dO and O are (B, T, H, D).
+          const size_t b = r / ((size_t)H * T_), h = (r / T_) % H, t = r % T_;
+          const size_t at = ((b * T_ + t) * H + h) * D;
+          double acc = 0;
+          for (int d = 0; d < D; d++) acc += (double)dout.get(at + d) * o.get(at + d);
+          return acc;
+        },
+        1e-5, 1e-5);
+  // The block: rows t0 … t0 + n of every (b, h), keys lo … lo + m.
+  const int t0 = 5, n = std::min(37, T_ - t0), lo = 3, m = std::min(70, S - lo), causal = 1, window = 40;
+  const float scale = 0.3f;
+  std::vector<unsigned> qseg((size_t)B * T_), kseg((size_t)B * S);
+  for (int b = 0; b < B; b++) {
+    for (int s = 0; s < S; s++) kseg[(size_t)b * S + s] = 1 + s / 29;
+    for (int t = 0; t < T_; t++) qseg[(size_t)b * T_ + t] = kseg[(size_t)b * S + S - T_ + t];
+  }
+  qseg[(size_t)t0 + 3] = 0;  // a padded query row of batch row 0, in the block: no key
+  const int brows = B * H * n;
+  const size_t total = (size_t)brows * m;
+  auto x = random<T>(total, 0, 6.f, 73), dp = random<T>(total, 0, 1.f, 74);
+  Buf<T> p(total, 0), p2(total, 0), ds(total, 0);
+  std::vector<float> lse(brows, NAN), bdelta(brows);
+  for (int r = 0; r < brows; r++) bdelta[r] = 0.01f * (r % 17) - 0.05f;
+  auto allowed = [&](int r, int j) {
+    const int i = r % n, b = r / (n * H), t = t0 + i, qpos = S - T_ + t, s = lo + j;
+    const unsigned qs = qseg[(size_t)b * T_ + t], ks = kseg[(size_t)b * S + s];
+    return qs != 0u && qs == ks && (!causal || s <= qpos) && qpos - s < window;
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    emu_launch(attn_softmax_fwd_f32, Dim3{(unsigned)(brows + 7) / 8, 1, 1}, 256, 0, (const T*)x.at(),
+               (const unsigned*)qseg.data(), (const unsigned*)kseg.data(), p.at(), lse.data(), brows, H, n, m,
+               T_, S, t0, lo, scale, causal, window);
+    emu_launch(attn_softmax_bwd_f32, Dim3{(unsigned)std::min<size_t>((total + 255) / 256, 132 * 32) / 4, 1, 1}, 256,
+               0, (const T*)x.at(), (const T*)dp.at(), (const float*)lse.data(), (const float*)bdelta.data(),
+               (const unsigned*)qseg.data(), (const unsigned*)kseg.data(), p2.at(), ds.at(), (long long)total,
+               H, n, m, T_, S, t0, lo, scale, causal, window);
+  } else {
+    emu_launch(attn_softmax_fwd_bf16, Dim3{(unsigned)(brows + 7) / 8, 1, 1}, 256, 0, (const T*)x.at(),
+               (const unsigned*)qseg.data(), (const unsigned*)kseg.data(), p.at(), lse.data(), brows, H, n, m,
+               T_, S, t0, lo, scale, causal, window);
+    emu_launch(attn_softmax_bwd_bf16, Dim3{(unsigned)std::min<size_t>((total + 255) / 256, 132 * 32) / 4, 1, 1},
+               256, 0, (const T*)x.at(), (const T*)dp.at(), (const float*)lse.data(), (const float*)bdelta.data(),
+               (const unsigned*)qseg.data(), (const unsigned*)kseg.data(), p2.at(), ds.at(), (long long)total,
+               H, n, m, T_, S, t0, lo, scale, causal, window);
+  }
+  // The reference: each row's softmax over its allowed keys (lse −∞ and p 0 without any).
+  std::vector<double> wl(brows), wp(total);
+  size_t empty = 0;
+  for (int r = 0; r < brows; r++) {
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < m; j++)
+      if (allowed(r, j)) mx = std::max(mx, (double)scale * x.get((size_t)r * m + j));
+    for (int j = 0; j < m; j++)
+      if (allowed(r, j)) sum += std::exp((double)scale * x.get((size_t)r * m + j) - mx);
+    wl[r] = sum > 0 ? mx + std::log(sum) : -INFINITY;
+    empty += sum == 0;
+    for (int j = 0; j < m; j++)
+      wp[(size_t)r * m + j] = allowed(r, j) ? std::exp((double)scale * x.get((size_t)r * m + j) - wl[r]) : 0.0;
+  }
+  const double rtol = std::is_same_v<T, float> ? 1e-5 : 1.0 / 128;
+  const std::string at = std::string(" ") + name<T>() + " (" + std::to_string(brows) + " rows × " +
+                         std::to_string(m) + " keys, " + std::to_string(empty) + " rows without a key)";
+  check("attn_softmax_fwd lse" + at, brows, [&](size_t r) { return std::isinf(lse[r]) && std::isinf(wl[r]) ? 0.f : lse[r]; },
+        [&](size_t r) { return std::isinf(lse[r]) && std::isinf(wl[r]) ? 0.0 : wl[r]; }, 1e-6, 1e-6);
+  check("attn_softmax_fwd p" + at, total, [&](size_t i) { return p.get(i); }, [&](size_t i) { return wp[i]; },
+        rtol, 1e-7);
+  // The backward's p from the kernel's lse, and dS = scale · p · (dP − Δ).
+  check("attn_softmax_bwd p" + at, total, [&](size_t i) { return p2.get(i); }, [&](size_t i) { return wp[i]; },
+        rtol, 1e-6);
+  check("attn_softmax_bwd dS" + at, total, [&](size_t i) { return ds.get(i); },
+        [&](size_t i) { return scale * wp[i] * (dp.get(i) - (double)bdelta[i / m]); }, rtol, 1e-6);
+}
+
 }  // namespace
 
 int main() {
@@ -434,6 +528,9 @@ int main() {
     grad_norm<float>(chunk);
     grad_norm<bf16>(chunk);
   }
+  attn_softmax<float>(2, 60, 80, 3, 64);
+  attn_softmax<bf16>(2, 60, 80, 3, 128);
+  attn_softmax<bf16>(1, 42, 48, 2, 80);
   std::printf("memory-bound kernels: %s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }

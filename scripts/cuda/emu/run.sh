@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds and runs the kernel emulations: kernels/linear_ce.cu (the cross-entropy's and GRPO
+# Builds and runs the kernel emulations on the CPU through cuda_emu.h, each against its
+# references (double precision; attention_ref.h for the attention; bit for bit where a
+# kernel's arithmetic is exact): kernels/linear_ce.cu (the cross-entropy's and GRPO
 # log-probabilities' tile kernels), kernels/sample.cu (the Gumbel-max sampler), the
 # memory-bound kernels (swiglu.cu, rmsnorm.cu, rotary.cu, grad_accum.cu, adamw.cu,
-# grad_norm.cu: memory_emu.cpp), kernels/flash_attn.cu's forward (decoding steps over a cache
-# view), kernels/flash_mma.cu (every OMR_MMA entry point) and kernels/flash_wgmma_sm90a.cu on
-# the CPU through cuda_emu.h, against their references (double precision; attention_ref.h for
-# the attention; bit for bit where a kernel's arithmetic is exact). No GPU; g++ ≥ 12 (C++20 std::barrier) and cuda_bf16.h from scripts/cuda/env.sh's
-# nvcc wheels. What CI runs after compile-ptx.sh (≈ 2 min on 2 cores).
+# grad_norm.cu, attn_softmax.cu: memory_emu.cpp), kernels/flash_attn.cu (the decoding steps'
+# forward over a cache view, and the CUDA-core backward), kernels/flash_mma.cu (every OMR_MMA
+# entry point) and kernels/flash_wgmma_sm90a.cu. No GPU; g++ ≥ 12 (C++20 std::barrier) and
+# cuda_bf16.h from scripts/cuda/env.sh's nvcc wheels. What CI runs after compile-ptx.sh
+# (≈ 5 min on 2 cores).
 #
 #   scripts/cuda/emu/run.sh [lce|sample|mem|attn|wgmma|mma [NAME]]  # all by default; NAME keeps the
 #                                                   # flash_mma entry points whose name has it
