@@ -76,20 +76,10 @@ impl Block {
         windowed: bool,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        if let VisionTables::Fused {
-            cos,
-            sin,
-            full,
-            windows,
-        } = tables
+        if let (Some((cos, sin, mask)), Some(w)) =
+            (tables.fused(windowed), self.one_op_weights(x, ctx))
         {
-            if let Some(w) = self.one_op_weights(x, ctx) {
-                let mask = match windows {
-                    Some(m) if windowed => m,
-                    _ => full,
-                };
-                return block::vision_layer(x, &w, self.heads, cos, sin, mask);
-            }
+            return block::vision_layer(x, &w, self.heads, cos, sin, mask);
         }
         let x = self.attention(x, tables, cu, windowed, ctx)?;
         self.mlp(&x, ctx)
@@ -109,28 +99,13 @@ impl Block {
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         let d = c / self.heads;
-        if let (
-            VisionTables::Fused {
-                cos,
-                sin,
-                full,
-                windows,
-            },
-            Norm::Rms(norm),
-            Some(qkv),
-            Some(proj),
-            true,
-        ) = (
-            tables,
+        if let (Some((cos, sin, mask)), Norm::Rms(norm), Some(qkv), Some(proj), true) = (
+            tables.fused(windowed),
             &self.norm1,
             self.qkv.unit_parts(ctx),
             self.proj.unit_parts(ctx),
             ctx.kernels == Kernels::Fused && n > 0 && fused::attn_unit_enabled(),
         ) {
-            let mask = match windows {
-                Some(w) if windowed => w,
-                _ => full,
-            };
             let w = ops::AttnWeights {
                 norm: (norm, 1e-6),
                 qkv: ops::Qkv::Packed((qkv.0, qkv.1)),
@@ -159,10 +134,7 @@ impl Block {
                 full,
                 windows,
             } => {
-                let mask = match windows {
-                    Some(w) if windowed => w,
-                    _ => full,
-                };
+                let mask = block_mask(full, windows, windowed);
                 // One batch row of N patches: (1, N, H, D).
                 let q = fused::rotary(&part(0)?.unsqueeze(0)?, cos, sin)?;
                 let k = fused::rotary(&part(1)?.unsqueeze(0)?, cos, sin)?;
@@ -435,6 +407,33 @@ enum VisionTables {
         full: AttnMask,
         windows: Option<AttnMask>,
     },
+}
+
+impl VisionTables {
+    /// On the fused path, a block's rotary tables and mask (its windows, or whole images).
+    fn fused(&self, windowed: bool) -> Option<(&Tensor, &Tensor, &AttnMask)> {
+        match self {
+            VisionTables::Fused {
+                cos,
+                sin,
+                full,
+                windows,
+            } => Some((cos, sin, block_mask(full, windows, windowed))),
+            VisionTables::Candle { .. } => None,
+        }
+    }
+}
+
+/// A windowed block's mask when the tower has windows, else the whole images'.
+fn block_mask<'a>(
+    full: &'a AttnMask,
+    windows: &'a Option<AttnMask>,
+    windowed: bool,
+) -> &'a AttnMask {
+    match windows {
+        Some(w) if windowed => w,
+        _ => full,
+    }
 }
 
 /// Which rows attend to which: per-frame ranges for full attention and, for Qwen2.5-VL, the

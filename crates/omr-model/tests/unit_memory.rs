@@ -243,22 +243,36 @@ fn attention_half() -> Result<()> {
         Var::from_tensor(&seeded(18, &[kv * d], 0.1)?)?,
         Var::from_tensor(&seeded(19, &[c, h * d], 0.1)?)?,
     ];
-    let dims = (h, kv, d);
-    run_attention(false, &args, dims)?;
-    run_attention(true, &args, dims)?;
-    let (ops, loss0, g0) = run_attention(false, &args, dims)?;
-    let (unit, loss1, g1) = run_attention(true, &args, dims)?;
-    let f32s = DType::F32.size_in_bytes();
-    let dropped = (b * t * (c + h * d + kv * d) * f32s) as isize;
+    let dropped = (b * t * (c + h * d + kv * d) * DType::F32.size_in_bytes()) as isize;
+    unit_keeps_less(
+        "attention half",
+        "norm output + pre-rotary q, k",
+        dropped,
+        |unit| run_attention(unit, &args, (h, kv, d)),
+    )
+}
+
+/// `run(false)` (the ops) against `run(true)` (the unit), each run once before it is measured
+/// (first-use allocations): the same loss and gradients, and the unit keeps at least
+/// `dropped` bytes (`what_dropped`) less, to within its own bookkeeping (1 KiB).
+fn unit_keeps_less(
+    half: &str,
+    what_dropped: &str,
+    dropped: isize,
+    run: impl Fn(bool) -> Result<(isize, f32, Vec<Vec<f32>>)>,
+) -> Result<()> {
+    run(false)?;
+    run(true)?;
+    let (ops, loss0, g0) = run(false)?;
+    let (unit, loss1, g1) = run(true)?;
     println!(
-        "attention half, kept after the forward: ops {ops} B, unit {unit} B (norm output + \
-         pre-rotary q, k: {dropped} B)"
+        "{half}, kept after the forward: ops {ops} B, unit {unit} B ({what_dropped}: {dropped} B)"
     );
-    assert_eq!(loss1.to_bits(), loss0.to_bits(), "the same loss");
-    assert_eq!(g1, g0, "the same gradients");
+    assert_eq!(loss1.to_bits(), loss0.to_bits(), "{half}: the same loss");
+    assert_eq!(g1, g0, "{half}: the same gradients");
     assert!(
         ops - unit >= dropped - 1024,
-        "the unit keeps {unit} B, the ops {ops} B: not {dropped} B less"
+        "{half}: the unit keeps {unit} B, the ops {ops} B: not {dropped} B less"
     );
     Ok(())
 }
@@ -319,20 +333,11 @@ fn vision_attention_half() -> Result<()> {
         Var::from_tensor(&seeded(25, &[c, c], 0.1)?)?,
         Var::from_tensor(&seeded(26, &[c], 0.1)?)?,
     ];
-    run_vision_attention(false, &args, heads)?;
-    run_vision_attention(true, &args, heads)?;
-    let (ops, loss0, g0) = run_vision_attention(false, &args, heads)?;
-    let (unit, loss1, g1) = run_vision_attention(true, &args, heads)?;
     let dropped = (7 * n * c * DType::F32.size_in_bytes()) as isize;
-    println!(
-        "vision attention half, kept after the forward: ops {ops} B, unit {unit} B (norm \
-         output, qkv, pre-rotary q and k, proj output: {dropped} B)"
-    );
-    assert_eq!(loss1.to_bits(), loss0.to_bits(), "the same loss");
-    assert_eq!(g1, g0, "the same gradients");
-    assert!(
-        ops - unit >= dropped - 1024,
-        "the unit keeps {unit} B, the ops {ops} B: not {dropped} B less"
-    );
-    Ok(())
+    unit_keeps_less(
+        "vision attention half",
+        "norm output, qkv, pre-rotary q and k, proj output",
+        dropped,
+        |unit| run_vision_attention(unit, &args, heads),
+    )
 }
