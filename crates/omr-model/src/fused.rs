@@ -27,6 +27,9 @@ pub struct FusedCalls {
     pub attention: usize,
     pub linear_ce: usize,
     pub linear_logp: usize,
+    /// Halves of a decoder layer or vision block run as one unit ([`decoder_attention`],
+    /// [`decoder_mlp`]).
+    pub unit: usize,
 }
 
 thread_local! {
@@ -38,8 +41,10 @@ thread_local! {
             attention: 0,
             linear_ce: 0,
             linear_logp: 0,
+            unit: 0,
         })
     };
+    static UNITS: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 /// The fused-op calls made so far by this thread (forwards run on the calling thread).
@@ -96,11 +101,23 @@ pub fn swiglu_mlp(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether the input norm + attention of decoder layers and (Qwen2.5-VL) vision blocks run as
-/// one unit on the fused path ([`decoder_attention`]): unless `OMR_ATTN_UNIT=0` (the per-op
-/// path, for measuring it).
+/// one unit on the fused path ([`decoder_attention`]): [`with_units`]' choice on this thread,
+/// else unless `OMR_ATTN_UNIT=0` (the per-op path, for measuring it).
 pub fn attn_unit_enabled() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
-    !switched_off(&OFF, "OMR_ATTN_UNIT")
+    UNITS
+        .with(Cell::get)
+        .unwrap_or_else(|| !switched_off(&OFF, "OMR_ATTN_UNIT"))
+}
+
+/// Runs `f` with both halves' units switched on or off on this thread, whatever
+/// `OMR_ATTN_UNIT` / `OMR_MLP_UNIT` say (forwards run on the calling thread; the backward uses
+/// what the forward built).
+pub fn with_units<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = UNITS.with(|c| c.replace(Some(on)));
+    let r = f();
+    UNITS.with(|c| c.set(before));
+    r
 }
 
 /// Whether the environment variable `var` is "0", read once per process into `cell`.
@@ -122,17 +139,21 @@ pub fn decoder_attention(
 ) -> Result<Tensor> {
     count(|c| {
         c.rmsnorm += 1;
-        c.rotary += 2
+        c.rotary += 2;
+        c.unit += 1
     });
     ops::decoder_attention(x, w, cos, sin, mask)
 }
 
 /// Whether the post-attention norm + MLP of decoder layers and (Qwen2.5-VL) vision blocks run
-/// as one unit on the fused path ([`decoder_mlp`]): unless `OMR_MLP_UNIT=0` (the per-op path
-/// as before the unit, for measuring it; the same bits either way).
+/// as one unit on the fused path ([`decoder_mlp`]): [`with_units`]' choice on this thread,
+/// else unless `OMR_MLP_UNIT=0` (the per-op path as before the unit, for measuring it; the
+/// same bits either way).
 pub fn mlp_unit_enabled() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
-    !switched_off(&OFF, "OMR_MLP_UNIT")
+    UNITS
+        .with(Cell::get)
+        .unwrap_or_else(|| !switched_off(&OFF, "OMR_MLP_UNIT"))
 }
 
 /// The decoder layer's (or a vision block's) MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters
@@ -141,7 +162,8 @@ pub fn mlp_unit_enabled() -> bool {
 pub fn decoder_mlp(x: &Tensor, w: &ops::MlpWeights) -> Result<Tensor> {
     count(|c| {
         c.rmsnorm += 1;
-        c.swiglu += 1
+        c.swiglu += 1;
+        c.unit += 1
     });
     ops::decoder_mlp(x, w)
 }

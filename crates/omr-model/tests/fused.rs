@@ -50,6 +50,7 @@ fn delta(before: FusedCalls) -> FusedCalls {
         attention: now.attention - before.attention,
         linear_ce: now.linear_ce - before.linear_ce,
         linear_logp: now.linear_logp - before.linear_logp,
+        unit: now.unit - before.unit,
     }
 }
 
