@@ -465,15 +465,16 @@ pub fn model_checks(dev: &Device) -> crate::Result<Vec<ModelCheck>> {
     Ok(out)
 }
 
-/// The model of the checks with LoRA rank 4 on every decoder linear (base frozen), on the CPU
-/// and on `dev`: A as `lora::apply` draws it, B drawn away from zero (the same values on both)
-/// so that every adapter gradient is non-trivial.
+/// The model of the checks with LoRA rank 4 on every decoder linear and every vision block's
+/// linears (base frozen; the fused path runs both stacks' adapters inside their units), on the
+/// CPU and on `dev`: A as `lora::apply` draws it, B drawn away from zero (the same values on
+/// both) so that every adapter gradient is non-trivial.
 fn lora_params(cfg: &ModelConfig, dev: &Device) -> crate::Result<(Params, Params)> {
     let lora = omr_model::lora::LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: vec!["all-linear".into()],
+        targets: vec!["all-linear".into(), "visual.blocks.*".into()],
     };
     let mut cpu = Params::init(cfg, 5, 0.02, &Device::Cpu)?;
     let mut on_dev = Params::init(cfg, 5, 0.02, dev)?;
