@@ -11,9 +11,9 @@
 //!   looser ±15%; each case runs in its own process so that its step is the first.
 //!
 //! - The fused kernels' path (the decoder's and vision blocks' units, flash attention, the
-//!   linear cross-entropy; their plain-Rust references here): held to "never under" and at
-//!   most `FUSED_OVER` over, since on this tiny model its peak falls where the plan does not
-//!   put it.
+//!   linear cross-entropy; their plain-Rust references here): held to the tolerances below
+//!   on the under side (an underestimate is what runs out of memory) and to `FUSED_OVER` on
+//!   the over side, since on this tiny model its peak falls where the plan does not put it.
 //! - GRPO's rollout phase (`plan/grpo.rs`): one generation call (prefill, then decoding to the
 //!   completion limit) against the plan's rows beyond the resident state, on prompts with and
 //!   without images, candle ops and the fused ops, the prefill, the vision tower or the last
@@ -41,16 +41,16 @@ const HEAP_TOLERANCE: f64 = 0.12;
 /// The same for peak RSS growth, which adds page granularity and malloc's own bookkeeping.
 const RSS_TOLERANCE: f64 = 0.15;
 /// How far over the fused path's measured step the plan may be on this model. Measured
-/// +44.5% (full fine-tune), +19.5% (LoRA), +75.0% (checkpointing): here the step's peak is
-/// the head's forward (the linear cross-entropy's f32 tiles over the whole 2048-entry
-/// vocabulary on top of the kept activations: 25.45 MiB), while the plan puts it in the
-/// backward (the kept activations, every gradient, 3 × the largest tensor in flight and the
-/// untracked gradients: 36.78 MiB), which is where it is at the 3B shape on a GPU (run 5:
-/// plan +1.6%). The fused path's kept activations alone agree: vision tower 3.35 MiB measured
-/// (the plan's 5.68 MiB counts the step's f32 pixels, which this measurement allocates before
+/// +20.2% (full fine-tune), −10.4% (LoRA, within the under-side tolerances), +37.6% (checkpointing
+/// all). The plan puts the step's peak in the backward (the kept activations, every gradient,
+/// 3 × the largest tensor in flight), which is where it is at the 3B shape on a GPU (run 5:
+/// plan +1.6%); on this tiny model it is the head's forward (the linear cross-entropy's f32
+/// work over the whole 2048-entry vocabulary on top of the kept activations: 25.45 MiB of the
+/// full fine-tune). The kept activations alone agree: vision tower 3.35 MiB measured (the
+/// plan's 5.68 MiB also counts the step's f32 pixels, which this measurement allocates before
 /// the step); the decoder's layers with the embeddings 12.2 MiB measured, against 12.47 MiB
 /// for the plan's layers alone.
-const FUSED_OVER: f64 = 0.9;
+const FUSED_OVER: f64 = 0.5;
 /// With LoRA the plan counts ~2.5 MiB too little per live decoder layer on this model (its
 /// fused op's backward temporaries): −9.5% heap without checkpointing, −14% with it, where
 /// the step itself is a third of the size. Known, and held to this looser bound.
@@ -342,8 +342,10 @@ fn plan_matches_measured_step_memory() {
             c.batch, c.seq, c.image_px, c.freeze_vision, c.lora, c.ckpt.name(), c.accum, c.head, c.kernels, 100.0 * eh, 100.0 * er
         );
         if c.kernels == omr_model::Kernels::Fused {
-            // Only never under (see FUSED_OVER): an underestimate is what runs out of memory.
-            if eh < -HEAP_TOLERANCE || er < -RSS_TOLERANCE {
+            // The under side as for candle's path (an underestimate is what runs out of
+            // memory); the over side up to FUSED_OVER.
+            let extra = if c.lora { LORA_EXTRA } else { 0.0 };
+            if eh < -(HEAP_TOLERANCE + extra) || er < -(RSS_TOLERANCE + extra) {
                 failures.push(format!(
                     "fused: plan {pred:.2} under heap {heap:.2} / RSS {rss:.2} MiB (case {i})"
                 ));

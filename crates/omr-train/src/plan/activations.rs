@@ -134,6 +134,11 @@ impl Tally {
             self.largest = self.largest.max(one);
         }
     }
+    /// [`Tally::add`] of tensors whose size no gradient ever has: kept, but never the part's
+    /// largest in flight.
+    fn hold(&mut self, k: f64, elems: u64, size: u64) {
+        self.bytes += (k * (elems * size) as f64).round() as u64;
+    }
 }
 
 /// Whether the decoder MLP runs as one unit on the fused path (`ops::decoder_mlp`):
@@ -271,10 +276,20 @@ pub fn count(p: &PlanInput) -> Activations {
         let tv = p.trainable.vision;
         let pd = v.patch_dim() as u64;
         let mut stem = Tally::new();
-        stem.add(1.0, patches * pd, F32);
-        cast(&mut stem, patches * pd);
+        if fused {
+            // The patch embedding's op computes no gradient for the pixels (they track
+            // nothing): the f32 pixels and their cast are kept, nothing of their size flows
+            // back, and nothing is left in the gradient store.
+            stem.hold(1.0, patches * pd, F32);
+            if s != F32 {
+                stem.hold(1.0, patches * pd, s);
+            }
+        } else {
+            stem.add(1.0, patches * pd, F32);
+            cast(&mut stem, patches * pd);
+        }
         lin(&mut stem, patches, cv, false, tv);
-        if tv {
+        if tv && !fused {
             stem.leak(1.0, patches * pd, s); // the pixels are a matmul input
         }
         if v.window_size.is_some() {
@@ -559,7 +574,9 @@ pub fn count(p: &PlanInput) -> Activations {
             if p.trainable.language {
                 head.add(1.0, vocab * c, F32);
             }
-            head.add(1.0, rows * block, F32);
+            // The tile is the forward's (the backward only scales dH and dW): counted, but
+            // no gradient of its size is ever in flight.
+            head.hold(1.0, rows * block, F32);
             if p.grpo.is_none() && ch.keeps_tiles(rows as usize, vocab as usize, s as usize) {
                 head.add(1.0, rows * (vocab - block), s);
             }
