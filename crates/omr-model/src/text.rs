@@ -358,12 +358,8 @@ impl Layer {
                 .all(|l| l.bias.is_none())
     }
 
-    /// The attention half's weights when it runs as one unit: o without bias, adapters
-    /// without dropout.
+    /// The attention half's weights when it runs as one unit: adapters without dropout.
     fn attn_weights(&self, c: &TextConfig, ctx: &Ctx) -> Option<AttnParts<'_>> {
-        if self.o.bias.is_some() {
-            return None;
-        }
         Some(AttnParts {
             parts: [
                 self.q.unit_parts(ctx)?,
@@ -412,7 +408,7 @@ impl AttnParts<'_> {
         ops::AttnWeights {
             norm: (self.norm, self.eps),
             qkv: ops::Qkv::Split([(q.0, q.1), (k.0, k.1), (v.0, v.1)]),
-            o: (o.0, None),
+            o: (o.0, o.1),
             lora: [q.2.as_ref(), k.2.as_ref(), v.2.as_ref(), o.2.as_ref()],
             heads: self.dims.0,
             kv_heads: self.dims.1,

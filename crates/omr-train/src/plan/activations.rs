@@ -154,7 +154,7 @@ fn mlp_unit(p: &PlanInput) -> bool {
 
 /// Whether the decoder's attention half runs as one unit on the fused path
 /// (`ops::decoder_attention`): unless a LoRA adapter with dropout sits on some layer's q, k,
-/// v or o projection (o_proj has no bias in either architecture).
+/// v or o projection.
 fn attn_unit(p: &PlanInput) -> bool {
     !dropout_on(
         p,
