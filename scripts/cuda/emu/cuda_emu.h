@@ -2,8 +2,10 @@
 // tile and sampling kernels and the memory-bound ones (norms, SwiGLU, rotary, optimizer,
 // reductions) on the CPU. A kernel file includes this header instead of its inline-PTX helpers when
 // OMR_EMU names it (flash_*_emu.cpp), so the kernels' own C++ (indexing, masks, softmax,
-// pipelining, fragments, descriptors) runs unchanged, each CUDA thread a std::thread, one CTA
-// at a time; `__shared__` arrays are statics (one per kernel instantiation), the dynamic shared
+// pipelining, fragments, descriptors) runs unchanged, each CUDA thread a fiber (ucontext) of
+// the calling thread, one CTA at a time, each fiber running until it waits at a barrier (a
+// missing barrier then reads what the other threads have not written yet: poisoned shared
+// memory, stale values); `__shared__` arrays are statics (one per kernel instantiation), the dynamic shared
 // memory one aligned buffer. The helpers follow the PTX ISA:
 //   - mma.sync.m16n8k16 (f32 += bf16·bf16) and ldmatrix (.x4, .x2, .trans): each lane's
 //     fragments gathered from its warp's lanes by the ISA's fragment layouts;
@@ -35,9 +37,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <ucontext.h>
 #include <vector>
 
 typedef __nv_bfloat16 bf16;
@@ -108,6 +112,30 @@ alignas(1024) inline unsigned char dyn[EMU_SMEM_MAX];
 
 inline size_t smem_bytes = 0;
 
+// The CTA's threads are fibers on the calling OS thread (ucontext), run round-robin: each
+// runs until it waits at a barrier or returns. A barrier is a counter and a phase; a thread
+// that arrives before the last one yields until the phase moves. Every arrival and every
+// return counts as progress: a whole round without any is a deadlock (a barrier some
+// threads never reach), which fails instead of hanging.
+inline unsigned long long progress = 0;
+void yield();
+
+struct Barrier {
+  explicit Barrier(unsigned n_) : n(n_) {}
+  unsigned n, arrived = 0;
+  unsigned long long phase = 0;
+  void arrive_and_wait() {
+    progress++;
+    if (++arrived == n) {
+      arrived = 0;
+      phase++;
+      return;
+    }
+    const unsigned long long p = phase;
+    while (phase == p) yield();
+  }
+};
+
 // A warp's exchange slots, two sets used alternately by its collective calls (shuffles, mma,
 // ldmatrix): a lane writes set n % 2 for call n before the call's barrier and reads it after;
 // it writes that set again (call n + 2) only after the barrier of call n + 1, which every lane
@@ -120,7 +148,7 @@ struct Slots {
   const unsigned char* row[32];
 };
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   Slots set[2];
 };
 inline thread_local unsigned warp_calls = 0;
@@ -129,7 +157,7 @@ inline Slots& slots(Warp& w) { return w.set[warp_calls++ & 1]; }
 
 struct Cta {
   explicit Cta(unsigned threads) : bar(threads), warps(threads / 32) {}
-  std::barrier<> bar;
+  Barrier bar;
   std::atomic<int> all[2] = {1, 1};
   std::vector<Warp> warps;
 };
@@ -476,6 +504,74 @@ inline void ldsm4(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, false); }
 inline void ldsm4t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 4, true); }
 inline void ldsm2t(uint32_t* r, const bf16* p) { emu::ldmatrix(r, p, 2, true); }
 
+namespace emu {
+// One CUDA thread: its context, stack, body and the per-thread state the helpers keep in
+// thread-locals (swapped in while it runs).
+struct Fiber {
+  ucontext_t ctx;
+  std::function<void()> body;
+  bool done = false;
+  Dim3 tid, bid;
+  unsigned warp_calls = 0;
+  int and_calls = 0;
+  std::vector<Group> committed;
+  Group open_group;
+};
+inline ucontext_t scheduler;
+inline Fiber* current = nullptr;
+// Each fiber's stack (the kernels' register arrays, the emulated wgmma's own frames).
+constexpr size_t FIBER_STACK = 256 * 1024;
+inline std::vector<std::unique_ptr<char[]>> stacks;
+
+inline void yield() { swapcontext(&current->ctx, &scheduler); }
+
+inline void fiber_entry() {
+  current->body();
+  current->done = true;
+  progress++;
+  swapcontext(&current->ctx, &scheduler);
+}
+
+// Runs `threads` fibers of `body(i)` to their end.
+inline void run_cta(unsigned threads, const std::function<void(unsigned)>& body) {
+  while (stacks.size() < threads) stacks.push_back(std::make_unique<char[]>(FIBER_STACK));
+  std::vector<Fiber> fs(threads);
+  for (unsigned i = 0; i < threads; i++) {
+    Fiber& f = fs[i];
+    f.body = [&body, i] { body(i); };
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stacks[i].get();
+    f.ctx.uc_stack.ss_size = FIBER_STACK;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  unsigned live = threads;
+  while (live > 0) {
+    const unsigned long long before = progress;
+    for (Fiber& f : fs) {
+      if (f.done) continue;
+      threadIdx = f.tid;
+      blockIdx = f.bid;
+      warp_calls = f.warp_calls;
+      and_calls = f.and_calls;
+      std::swap(committed, f.committed);
+      std::swap(open_group, f.open_group);
+      current = &f;
+      swapcontext(&scheduler, &f.ctx);
+      f.tid = threadIdx;
+      f.bid = blockIdx;
+      f.warp_calls = warp_calls;
+      f.and_calls = and_calls;
+      std::swap(committed, f.committed);
+      std::swap(open_group, f.open_group);
+      if (f.done) live--;
+    }
+    if (progress == before) fail("deadlock: threads wait at barriers the others never reach", live, threads);
+  }
+  current = nullptr;
+}
+}  // namespace emu
+
 // Runs kernel(args...) over grid × block threads with `smem` bytes of dynamic shared memory,
 // one CTA at a time.
 template <class F, class... Args>
@@ -493,17 +589,13 @@ void emu_launch(F kernel, Dim3 grid, Dim3 block, size_t smem, Args... args) {
       std::memset(emu::dyn, 0xFF, EMU_SMEM_MAX);
       auto c = std::make_unique<emu::Cta>(threads);
       emu::cta = c.get();
-      std::vector<std::thread> ts;
-      ts.reserve(threads);
-      for (unsigned i = 0; i < threads; i++)
-        ts.emplace_back([=] {
-          threadIdx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
-          blockIdx = {bx, by, bz};
-          kernel(args...);
-          if (!emu::committed.empty() || !emu::open_group.accs.empty())
-            emu::fail("wgmma products still in flight when the kernel returned", (long)emu::committed.size(), 0);
-        });
-      for (auto& t : ts) t.join();
+      emu::run_cta(threads, [&](unsigned i) {
+        threadIdx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
+        blockIdx = {bx, by, bz};
+        kernel(args...);
+        if (!emu::committed.empty() || !emu::open_group.accs.empty())
+          emu::fail("wgmma products still in flight when the kernel returned", (long)emu::committed.size(), 0);
+      });
       emu::cta = nullptr;
     }
 }

@@ -171,7 +171,8 @@ int main() {
     run<bf16>(p, c.S + 40, "bf16");
   }
   // The backward (training under OMR_ATTN=kernel) on smaller versions of attention_ref's
-  // cases (each CUDA thread a std::thread and a barrier per tile: the full ones take minutes).
+  // cases (its threads loop over every key or query with a barrier per tile: the full ones
+  // would take most of the emulation's time).
   for (const auto& c : BACKWARD) backward<bf16>(ref::problem(c, 64), "bf16");
   backward<float>(ref::problem(BACKWARD[2], 128), "f32");
   std::printf("flash_attn %s: %d failure(s)\n", ref::failures ? "FAILED" : "all passed",
