@@ -170,28 +170,9 @@ fn block_op_in_bf16() {
     }
 }
 
-/// LoRA of rank 4 on every decoder linear (B drawn away from zero so that every adapter
-/// gradient is non-trivial), on a frozen base and on a base partly trained with it.
+/// LoRA of rank 4 on every decoder linear, on a frozen base.
 fn with_lora(dropout: f64) -> Params {
-    let (cfg, mut params) = model_params("qwen25vl");
-    let lora = omr_model::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout,
-        targets: vec!["all-linear".into()],
-    };
-    omr_model::lora::apply(&mut params, &cfg, &lora, 7).unwrap();
-    let bs: Vec<(String, Tensor)> = params
-        .trainable()
-        .filter(|(n, _)| n.ends_with("lora_B.weight"))
-        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-        .collect();
-    assert!(!bs.is_empty());
-    for (n, b) in bs {
-        let r = Tensor::randn(0f32, 0.05, b.shape(), b.device()).unwrap();
-        params.insert(n, &r, true).unwrap();
-    }
-    params
+    common::with_lora(&["all-linear"], dropout)
 }
 
 #[test]

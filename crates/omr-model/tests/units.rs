@@ -46,35 +46,14 @@ fn run(params: &Params, units: bool, r: Recompute) -> (u64, Vec<Vec<u32>>, usize
     })
 }
 
-/// LoRA of rank 4 on every decoder linear and every vision block's qkv, proj, gate, up and
-/// down, the base frozen, B drawn away from zero (every adapter gradient non-trivial).
-fn with_lora() -> Params {
-    let (cfg, mut params) = model_params("qwen25vl");
-    let lora = omr_model::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: vec!["all-linear".into(), "visual.blocks.*".into()],
-    };
-    omr_model::lora::apply(&mut params, &cfg, &lora, 7).unwrap();
-    let bs: Vec<(String, Tensor)> = params
-        .trainable()
-        .filter(|(n, _)| n.ends_with("lora_B.weight"))
-        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-        .collect();
-    assert!(bs.iter().any(|(n, _)| n.contains("visual.blocks.")));
-    for (n, b) in bs {
-        let r = Tensor::randn(0f32, 0.05, b.shape(), b.device()).unwrap();
-        params.insert(n, &r, true).unwrap();
-    }
-    params
-}
-
 #[test]
 fn units_train_the_whole_model_to_the_per_op_bits() {
     let (cfg, full) = model_params("qwen25vl");
     let halves = 2 * (cfg.text.num_hidden_layers + cfg.vision.depth);
-    for (what, params) in [("full fine-tune", full), ("LoRA", with_lora())] {
+    // LoRA on every decoder linear and every vision block's qkv, proj, gate, up and down.
+    let lora = common::with_lora(&["all-linear", "visual.blocks.*"], 0.0);
+    assert!(lora.trainable().any(|(n, _)| n.contains("visual.blocks.")));
+    for (what, params) in [("full fine-tune", full), ("LoRA", lora)] {
         for r in [Recompute::NONE, Recompute::ALL] {
             let (l0, g0, n0) = run(&params, false, r);
             let (l1, g1, n1) = run(&params, true, r);

@@ -138,3 +138,27 @@ pub fn grads_by_name(params: &Params, grads: &candle_core::backprop::GradStore) 
         })
         .collect()
 }
+
+/// The qwen25vl fixture with LoRA of rank 4 on the linears `targets` select (the base frozen),
+/// B drawn away from zero so that every adapter gradient is non-trivial.
+pub fn with_lora(targets: &[&str], dropout: f64) -> Params {
+    let (cfg, mut params) = model_params("qwen25vl");
+    let lora = omr_model::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    omr_model::lora::apply(&mut params, &cfg, &lora, 7).unwrap();
+    let bs: Vec<(String, Tensor)> = params
+        .trainable()
+        .filter(|(n, _)| n.ends_with("lora_B.weight"))
+        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+        .collect();
+    assert!(!bs.is_empty());
+    for (n, b) in bs {
+        let r = Tensor::randn(0f32, 0.05, b.shape(), b.device()).unwrap();
+        params.insert(n, &r, true).unwrap();
+    }
+    params
+}
