@@ -18,7 +18,8 @@
 //! (`tests/block.rs` compares them on CPU).
 
 use crate::ops::{
-    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half, mlp_half,
+    self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half,
+    attn_params, mlp_half, mlp_params,
 };
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
@@ -56,9 +57,8 @@ pub struct Adapter {
     pub scale: f64,
 }
 
-/// The weights of one decoder layer (compute copies on a GPU), in the order their gradients
-/// are returned: norms as stored (their gradient is cast back), projections (O, I), then A and
-/// B of each adapter.
+/// The weights of one decoder layer (compute copies on a GPU): norms as stored (their gradient
+/// is cast back), projections (O, I), and the adapters.
 pub struct DecoderWeights {
     pub input_norm: Tensor,
     pub q: (Tensor, Option<Tensor>),
@@ -82,30 +82,6 @@ const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
 
-impl DecoderWeights {
-    fn params(&self) -> Vec<Option<&Tensor>> {
-        let mut p = vec![
-            Some(&self.input_norm),
-            Some(&self.q.0),
-            self.q.1.as_ref(),
-            Some(&self.k.0),
-            self.k.1.as_ref(),
-            Some(&self.v.0),
-            self.v.1.as_ref(),
-            Some(&self.o),
-            Some(&self.post_norm),
-            Some(&self.gate),
-            Some(&self.up),
-            Some(&self.down),
-        ];
-        for ad in &self.lora {
-            p.push(ad.as_ref().map(|a| &a.a));
-            p.push(ad.as_ref().map(|a| &a.b));
-        }
-        p
-    }
-}
-
 /// Shapes of the layer: heads, key/value heads, head dim, RMSNorm epsilon.
 #[derive(Clone, Copy, Debug)]
 pub struct DecoderDims {
@@ -128,8 +104,6 @@ pub fn decoder_layer(
     crate::fused::count_block();
     let x = &x.contiguous()?;
     let lora = |li: usize| w.lora[li].as_ref();
-    // The two halves as the fused path's units run them (`ops::decoder_attention`,
-    // `ops::decoder_mlp`), here chained in one op: x2 = x + attention, y = x2 + mlp.
     let attn_w = ops::AttnWeights {
         norm: (&w.input_norm, dims.eps),
         qkv: ops::Qkv::Split([
@@ -143,9 +117,6 @@ pub fn decoder_layer(
         kv_heads: dims.kv_heads,
         head_dim: dims.head_dim,
     };
-    let x_tracks = x.track_op();
-    let ((xd, ao), attn_back) = attn_half(x, x_tracks, &attn_w, cos, sin, mask)?;
-    let x2 = (xd + ao)?;
     let mlp_w = ops::MlpWeights {
         gate: &w.gate,
         up: &w.up,
@@ -154,32 +125,11 @@ pub fn decoder_layer(
         lora: [lora(GATE), lora(UP), lora(DOWN)],
         norm: Some((&w.post_norm, dims.eps)),
     };
-    let (y, mlp_back) = mlp_half(&x2, true, &mlp_w, None)?;
-    drop(x2);
-    let params = w.params();
-    let need: Vec<bool> = params
-        .iter()
-        .map(|p| p.is_some_and(Tensor::track_op))
-        .collect();
-    // dL/dy → (dL/dx, the gradient of each parameter in `DecoderWeights::params`' order).
-    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
-        let (dx2, mut m) = mlp_back(dy)?;
-        let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("decoder block: no dL/dx2".into()))?;
-        let (dx, mut a) = attn_back(&dx2)?;
-        // The halves' orders: `attn_params` (input norm, q w/b, k w/b, v w/b, o, then the
-        // (A, B) of q, k, v, o) and `mlp_params` (gate, up, down, r, the (A, B) of gate, up,
-        // down, post norm).
-        let mut grads: Vec<Option<Tensor>> = a.drain(..8).collect();
-        grads.extend([m[10].take(), m[0].take(), m[1].take(), m[2].take()]);
-        grads.extend(a.drain(..8));
-        grads.extend(m.drain(4..10));
-        Ok((dx, grads))
-    };
-    attach_chain(x, &params, &need, y, backward)
+    two_halves(x, &attn_w, &mlp_w, cos, sin, mask)
 }
 
 /// The weights of one Qwen2.5-VL vision block (RMSNorm, SwiGLU MLP, every linear with a
-/// bias), in the order their gradients are returned.
+/// bias).
 pub struct VisionWeights {
     pub norm1: Tensor,
     pub qkv: (Tensor, Tensor),
@@ -188,25 +138,6 @@ pub struct VisionWeights {
     pub gate: (Tensor, Tensor),
     pub up: (Tensor, Tensor),
     pub down: (Tensor, Tensor),
-}
-
-impl VisionWeights {
-    fn params(&self) -> [Option<&Tensor>; 12] {
-        [
-            Some(&self.norm1),
-            Some(&self.qkv.0),
-            Some(&self.qkv.1),
-            Some(&self.proj.0),
-            Some(&self.proj.1),
-            Some(&self.norm2),
-            Some(&self.gate.0),
-            Some(&self.gate.1),
-            Some(&self.up.0),
-            Some(&self.up.1),
-            Some(&self.down.0),
-            Some(&self.down.1),
-        ]
-    }
 }
 
 /// One Qwen2.5-VL vision block, x: (N, C) → (N, C), with `heads` heads, the 2-D rotary half
@@ -235,8 +166,6 @@ pub fn vision_layer(
         kv_heads: heads,
         head_dim: c / heads,
     };
-    let ((xd, ao), attn_back) = attn_half(x, x.track_op(), &attn_w, cos, sin, mask)?;
-    let x2 = (xd + ao)?;
     let mlp_w = ops::MlpWeights {
         gate: &w.gate.0,
         up: &w.up.0,
@@ -245,34 +174,36 @@ pub fn vision_layer(
         lora: [None; 3],
         norm: Some((&w.norm2, eps)),
     };
-    let (y, mlp_back) = mlp_half(&x2, true, &mlp_w, None)?;
+    two_halves(x, &attn_w, &mlp_w, cos, sin, mask)
+}
+
+/// The two halves as the fused path's units run them (`ops::attn_half`, `ops::mlp_half`),
+/// chained in one op: x2 = x + attention, y = x2 + mlp. Its parameters are the halves' own
+/// lists one after the other (`attn_params`, then `mlp_params` without a residual), and so
+/// are the gradients the backward returns. x contiguous.
+fn two_halves(
+    x: &Tensor,
+    attn_w: &ops::AttnWeights,
+    mlp_w: &ops::MlpWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    let ((xd, ao), attn_back) = attn_half(x, x.track_op(), attn_w, cos, sin, mask)?;
+    let x2 = (xd + ao)?;
+    let (y, mlp_back) = mlp_half(&x2, true, mlp_w, None)?;
     drop(x2);
-    let params = w.params();
+    let mut params = attn_params(attn_w);
+    params.extend(mlp_params(mlp_w, None));
     let need: Vec<bool> = params
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    // dL/dy → (dL/dx, the gradient of each parameter in `VisionWeights::params`' order).
     let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
-        let (dx2, mut m) = mlp_back(dy)?;
-        let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("vision block: no dL/dx2".into()))?;
-        let (dx, mut a) = attn_back(&dx2)?;
-        // The halves' orders: `attn_params` (norm, qkv w/b, k and v unused, o, adapters, o's
-        // bias) and `mlp_params` (gate, up, down, r, adapters, norm, the three biases).
-        let grads = vec![
-            a[0].take(),
-            a[1].take(),
-            a[2].take(),
-            a[7].take(),
-            a[16].take(),
-            m[10].take(),
-            m[0].take(),
-            m[11].take(),
-            m[1].take(),
-            m[12].take(),
-            m[2].take(),
-            m[13].take(),
-        ];
+        let (dx2, m) = mlp_back(dy)?;
+        let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("block op: no dL/dx2".into()))?;
+        let (dx, mut grads) = attn_back(&dx2)?;
+        grads.extend(m);
         Ok((dx, grads))
     };
     attach_chain(x, &params, &need, y, backward)

@@ -13,11 +13,11 @@ mod fused_mlp;
 mod test_values;
 
 pub use attach::{attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3};
-pub(crate) use fused_attn::attn_half;
+pub(crate) use fused_attn::{attn_half, attn_params};
 pub use fused_attn::{decoder_attention, AttnWeights, Proj, Qkv};
 pub use fused_linear::{linear_op, linear_op_to, linear_residual};
 pub use fused_mlp::{decoder_mlp, swiglu_mlp, swiglu_mlp_residual, MlpWeights};
-pub(crate) use fused_mlp::{mlp_half, HalfGrads};
+pub(crate) use fused_mlp::{mlp_half, mlp_params, HalfGrads};
 
 use candle_core::{DType, Result, Tensor, D};
 
