@@ -36,6 +36,7 @@ mod report;
 mod run_tests;
 #[cfg(test)]
 mod tests;
+mod units;
 
 use omr_model::config::ModelConfig;
 use omr_model::lora::{self, LoraConfig};

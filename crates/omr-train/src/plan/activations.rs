@@ -30,6 +30,7 @@
 //! recomputes one block at a time in backward: `plan()` adds that block where the backward
 //! reaches it. The last `kept_decoder_layers` decoder layers keep all their activations.
 
+use super::units::{attn_unit, mlp_unit, vision_attn_unit, vision_mlp_unit};
 use super::{AttentionImpl, PlanInput, F32};
 use omr_model::config::Arch;
 
@@ -139,72 +140,6 @@ impl Tally {
     fn hold(&mut self, k: f64, elems: u64, size: u64) {
         self.bytes += (k * (elems * size) as f64).round() as u64;
     }
-}
-
-/// Whether the decoder MLP runs as one unit on the fused path (`ops::decoder_mlp`):
-/// unless a LoRA adapter with dropout sits on some layer's gate, up or down projection.
-fn mlp_unit(p: &PlanInput) -> bool {
-    !dropout_on(
-        p,
-        Stack::Decoder,
-        "mlp",
-        &["gate_proj", "up_proj", "down_proj"],
-    )
-}
-
-/// Whether the decoder's attention half runs as one unit on the fused path
-/// (`ops::decoder_attention`): unless a LoRA adapter with dropout sits on some layer's q, k,
-/// v or o projection.
-fn attn_unit(p: &PlanInput) -> bool {
-    !dropout_on(
-        p,
-        Stack::Decoder,
-        "self_attn",
-        &["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
-}
-
-/// Whether a vision block's attention half runs as one unit on the fused path
-/// (`ops::decoder_attention` with the packed qkv): Qwen2.5-VL's RMSNorm, and no LoRA adapter
-/// with dropout on some block's qkv or proj.
-fn vision_attn_unit(p: &PlanInput) -> bool {
-    p.model.arch == Arch::Qwen25Vl && !dropout_on(p, Stack::Vision, "attn", &["qkv", "proj"])
-}
-
-/// Whether a vision block's MLP half runs as one unit on the fused path (`ops::decoder_mlp`
-/// with the biases): Qwen2.5-VL's RMSNorm and SwiGLU, and no LoRA adapter with dropout on some
-/// block's gate, up or down projection.
-fn vision_mlp_unit(p: &PlanInput) -> bool {
-    p.model.arch == Arch::Qwen25Vl
-        && !dropout_on(
-            p,
-            Stack::Vision,
-            "mlp",
-            &["gate_proj", "up_proj", "down_proj"],
-        )
-}
-
-/// The decoder's layers and the vision tower's blocks, for [`dropout_on`].
-#[derive(Clone, Copy)]
-enum Stack {
-    Decoder,
-    Vision,
-}
-
-/// Whether LoRA with dropout targets one of `modules` of `part` in some layer of `stack`.
-fn dropout_on(p: &PlanInput, stack: Stack, part: &str, modules: &[&str]) -> bool {
-    let Some(l) = p.lora.as_ref().filter(|l| l.dropout > 0.0) else {
-        return false;
-    };
-    let (prefix, layers) = match stack {
-        Stack::Decoder => ("model.layers", p.model.text.num_hidden_layers),
-        Stack::Vision => ("visual.blocks", p.model.vision.depth),
-    };
-    (0..layers).any(|i| {
-        modules
-            .iter()
-            .any(|m| omr_model::lora::selects(&l.targets, &format!("{prefix}.{i}.{part}.{m}")))
-    })
 }
 
 pub fn count(p: &PlanInput) -> Activations {
