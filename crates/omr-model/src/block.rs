@@ -19,7 +19,7 @@
 
 use crate::ops::{
     self, attach_grad, attach_grad2, attach_grad3, attach_sum2, attach_sum3, attn_half,
-    attn_params, mlp_half, mlp_params,
+    attn_params, mlp_half, mlp_params, HalfGrads,
 };
 use candle_core::{DType, Result, Tensor};
 use omr_kernels::AttnMask;
@@ -42,10 +42,7 @@ pub fn block_op_enabled() -> bool {
 /// Runs `f` with the block op switched on or off on this thread (forwards run on the calling
 /// thread; the backward uses what the forward built).
 pub fn with_block_op<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = FORCE.with(|c| c.replace(Some(on)));
-    let r = f();
-    FORCE.with(|c| c.set(before));
-    r
+    crate::fused::with_forced(&FORCE, on, f)
 }
 
 /// A LoRA adapter of one linear, y += scale · (x Aᵀ) Bᵀ with A (r, I) and B (O, r), in a
@@ -199,7 +196,7 @@ fn two_halves(
         .iter()
         .map(|p| p.is_some_and(Tensor::track_op))
         .collect();
-    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+    let backward = move |dy: &Tensor| -> Result<HalfGrads> {
         let (dx2, m) = mlp_back(dy)?;
         let dx2 = dx2.ok_or_else(|| candle_core::Error::Msg("block op: no dL/dx2".into()))?;
         let (dx, mut grads) = attn_back(&dx2)?;
@@ -210,7 +207,7 @@ fn two_halves(
 }
 
 /// The gradients the chain's last op computed, taken by the others.
-type Stash = Arc<Mutex<Option<(Option<Tensor>, Vec<Option<Tensor>>)>>>;
+type Stash = Arc<Mutex<Option<HalfGrads>>>;
 
 /// `y = y.0 + y.1` attached to `x` and the parameters that need a gradient, through ops of
 /// at most three arguments: x and two parameters first, then the previous op's output and two
@@ -222,7 +219,7 @@ pub(crate) fn attach_chain(
     params: &[Option<&Tensor>],
     need: &[bool],
     y: (Tensor, Tensor),
-    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor) -> Result<HalfGrads> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let tracked: Vec<usize> = (0..params.len()).filter(|&i| need[i]).collect();
     let x_tracks = x.track_op();

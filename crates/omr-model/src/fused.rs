@@ -114,9 +114,19 @@ pub fn attn_unit_enabled() -> bool {
 /// `OMR_ATTN_UNIT` / `OMR_MLP_UNIT` say (forwards run on the calling thread; the backward uses
 /// what the forward built).
 pub fn with_units<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = UNITS.with(|c| c.replace(Some(on)));
+    with_forced(&UNITS, on, f)
+}
+
+/// Runs `f` with the per-thread switch `cell` set to `on`, restoring it after
+/// ([`with_units`], `block::with_block_op`).
+pub(crate) fn with_forced<R>(
+    cell: &'static std::thread::LocalKey<Cell<Option<bool>>>,
+    on: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    let before = cell.with(|c| c.replace(Some(on)));
     let r = f();
-    UNITS.with(|c| c.set(before));
+    cell.with(|c| c.set(before));
     r
 }
 
@@ -157,8 +167,9 @@ pub fn mlp_unit_enabled() -> bool {
 }
 
 /// The decoder layer's (or a vision block's) MLP half, `x + mlp(rmsnorm(x))` (LoRA adapters
-/// without dropout included), as one unit ([`ops::decoder_mlp`]: neither the norm's output nor the activation
-/// kept for the backward; counted as an RMSNorm and a SwiGLU). x: (…, C) → (…, C)
+/// without dropout included), as one unit ([`ops::decoder_mlp`]: neither the norm's output
+/// nor the activation kept for the backward; counted as an RMSNorm and a SwiGLU).
+/// x: (…, C) → (…, C)
 pub fn decoder_mlp(x: &Tensor, w: &ops::MlpWeights) -> Result<Tensor> {
     count(|c| {
         c.rmsnorm += 1;

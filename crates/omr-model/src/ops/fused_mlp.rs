@@ -107,8 +107,9 @@ pub fn swiglu_mlp_residual(x: &Tensor, w: &MlpWeights, r: &Tensor) -> Result<Ten
 /// The decoder layer's second half as one unit, `x + mlp(rmsnorm(x))` with
 /// [`swiglu_mlp_residual`]'s MLP (each projection plus its bias, when it has one) and
 /// `w.norm`'s RMSNorm (omr_kernels' op, the weight cast to x's dtype): the fused path's
-/// decoder MLP, and a Qwen2.5-VL vision block's, when their adapters draw no dropout. Besides the activation, the norm's output (…, C) is not kept either
-/// (the backward recomputes it from x, which the unit keeps for the norm's backward anyway),
+/// decoder MLP, and a Qwen2.5-VL vision block's, when their adapters draw no dropout.
+/// Besides the activation, the norm's output (…, C) is not kept either (the backward
+/// recomputes it from x, which the unit keeps for the norm's backward anyway),
 /// and x's gradient, the residual's plus the norm's, is summed here instead of in candle's
 /// `GradStore`. The same bits as `fused::rmsnorm` + [`swiglu_mlp_residual`].
 /// x: (…, C) → (…, C)
