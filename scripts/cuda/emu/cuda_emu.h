@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -40,7 +39,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <ucontext.h>
 #include <vector>
 

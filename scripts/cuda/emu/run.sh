@@ -6,7 +6,7 @@
 # memory-bound kernels (swiglu.cu, rmsnorm.cu, rotary.cu, grad_accum.cu, adamw.cu,
 # grad_norm.cu, attn_softmax.cu: memory_emu.cpp), kernels/flash_attn.cu (the decoding steps'
 # forward over a cache view, and the CUDA-core backward), kernels/flash_mma.cu (every OMR_MMA
-# entry point) and kernels/flash_wgmma_sm90a.cu. No GPU; g++ ≥ 12 (C++20 std::barrier) and
+# entry point) and kernels/flash_wgmma_sm90a.cu. No GPU; g++ ≥ 12 (C++20) and
 # cuda_bf16.h from scripts/cuda/env.sh's nvcc wheels. What CI runs after compile-ptx.sh
 # (≈ 2 min on 2 cores: ≈ 30 s compiling, flash_mma 61 s, flash_attn 22 s, wgmma 8 s, the
 # rest 3 s).
