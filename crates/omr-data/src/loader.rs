@@ -63,14 +63,26 @@ impl Rank {
     }
 
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Rank {
-        let pair = |r: &str, w: &str| -> Option<Rank> {
+        Self::named_from_lookup(get).0
+    }
+
+    /// [`Rank::from_env`] and the pair of variables it came from (`("", "")` for none).
+    pub fn named_from_env() -> (Rank, (&'static str, &'static str)) {
+        Self::named_from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`Rank::from_lookup`] and the pair of variables it came from (`("", "")` for none).
+    pub fn named_from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> (Rank, (&'static str, &'static str)) {
+        let pair = |r: &'static str, w: &'static str| {
             let rank = get(r)?.parse().ok()?;
             let world: usize = get(w)?.parse().ok()?;
-            (world > 0 && rank < world).then_some(Rank { rank, world })
+            (world > 0 && rank < world).then_some((Rank { rank, world }, (r, w)))
         };
         pair("RANK", "WORLD_SIZE")
             .or_else(|| pair("SLURM_PROCID", "SLURM_NTASKS"))
-            .unwrap_or(Rank::SINGLE)
+            .unwrap_or((Rank::SINGLE, ("", "")))
     }
 }
 

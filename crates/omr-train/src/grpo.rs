@@ -68,6 +68,7 @@ pub fn run_with(
     opts: &RunOptions,
     rewards: Vec<(Box<dyn Reward>, f64)>,
 ) -> Result<Outcome> {
+    setup::single_process()?;
     if rewards.is_empty() {
         return Err(TrainError::Usage("GRPO needs at least one reward".into()));
     }

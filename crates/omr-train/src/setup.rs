@@ -149,6 +149,29 @@ pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Resul
     Ok(())
 }
 
+/// Training runs as one process per job. A launch of several processes (torchrun's
+/// `WORLD_SIZE`, or SLURM's `SLURM_NTASKS`, above 1) is refused before anything is loaded or
+/// written: without gradients exchanged between the processes, each would train its own copy
+/// of the model on its stripe of the data and write the same run directory, and a lone
+/// process in a many-task allocation would read only its stripe.
+pub fn single_process() -> Result<()> {
+    refuse_several_processes(Rank::named_from_env())
+}
+
+fn refuse_several_processes((rank, (rank_var, world_var)): (Rank, (&str, &str))) -> Result<()> {
+    if rank.world <= 1 {
+        return Ok(());
+    }
+    Err(TrainError::Usage(format!(
+        "{world_var}={} and {rank_var}={}: this process is one of {} in its job, but omr trains in \
+         one process per job (multi-GPU data parallelism is not implemented: each process would \
+         train its own model on 1/{} of the data and write the same checkpoints). Launch one \
+         task (`srun --ntasks=1`, `#SBATCH --ntasks=1`, `torchrun --nproc_per_node=1`) or unset \
+         {world_var}",
+        rank.world, rank.rank, rank.world, rank.world
+    )))
+}
+
 /// The loader over every source of `data`, striped by the rank of the environment.
 pub fn open_loader(data: &DataConfig) -> Result<Loader> {
     let mut sources = Vec::new();
@@ -158,4 +181,43 @@ pub fn open_loader(data: &DataConfig) -> Result<Loader> {
     }
     Loader::new(sources, data.loader.clone(), Rank::from_env())
         .map_err(|e| TrainError::Usage(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(vars: &[(&str, &str)]) -> (Rank, (&'static str, &'static str)) {
+        Rank::named_from_lookup(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn several_processes_are_refused_with_the_variables_named() {
+        assert!(refuse_several_processes(named(&[])).is_ok());
+        assert!(refuse_several_processes(named(&[("WORLD_SIZE", "1"), ("RANK", "0")])).is_ok());
+        assert!(
+            refuse_several_processes(named(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]))
+                .is_ok()
+        );
+        for (vars, want) in [
+            (
+                &[("WORLD_SIZE", "8"), ("RANK", "3")][..],
+                "WORLD_SIZE=8 and RANK=3",
+            ),
+            (
+                &[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")][..],
+                "SLURM_NTASKS=4 and SLURM_PROCID=0",
+            ),
+        ] {
+            let err = refuse_several_processes(named(vars)).unwrap_err();
+            assert!(matches!(err, TrainError::Usage(_)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(want), "{msg}");
+            assert!(msg.contains("one process per job"), "{msg}");
+        }
+    }
 }

@@ -65,6 +65,7 @@ pub enum Outcome {
 }
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
+    setup::single_process()?;
     let rt = cfg.runtime.resolve()?;
     let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, o);
     crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
