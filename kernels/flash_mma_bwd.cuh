@@ -19,7 +19,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const int* __restrict__ span, float* __restrict__ dq,
                           float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                           int KV, float scale, int causal, int window) {
-  constexpr int BR = BWD_BR, BC = 16 * NW, LD = D + 8, LDS = BR + 8;
+  constexpr int BR = BWD_BR, BC = 16 * NW, LD = D + 8, LDS = BR + 8, NT = 32 * NW;
   DYN_SMEM(16, smem);
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + BC * LD;          // [2][BR × LD]
@@ -35,7 +35,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
   const int kw = kb * BC + warp * 16;  // the warp's first key
   const int k0 = kw + g, k1 = k0 + 8;  // this thread's key rows
-  const QSide<D, LD, BR> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
+  const QSide<D, LD, BR, NT> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
 
   // The block's keys in one segment and all before S (kblk ≠ 0), or not (every tile masked).
   const unsigned k_first = kseg[(long)b * S + kb * BC];
@@ -44,7 +44,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                                        kseg[(long)b * S + kb * BC + threadIdx.x] == k_first));
   const unsigned kblk = k_uni ? k_first : 0u;
 
-  load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, BC);
+  load_rows<D, LD, BC, NT>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S);
   cp_commit();
   if (lo < hi) qside.load(lo, 0);
   cp_commit();
@@ -197,7 +197,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
                             const int* __restrict__ span, float* __restrict__ dq,
                             float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                             int KV, float scale, int causal, int window) {
-  constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8;
+  constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8, NT = 256;
   constexpr int NV = D / 16;  // dK / dV n-tiles per warp (D / 2 columns)
   constexpr int NQ = D / 32;  // dQ n-tiles per warp (D / 4 columns)
   static_assert(NQ % 2 == 0, "D is 64 or 128");
@@ -218,7 +218,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
   const int nblk = (S + BC - 1) / BC;
   const int lo = span[2 * (b * nblk + kb)], hi = span[2 * (b * nblk + kb) + 1];
   const int j0 = kb * BC;  // the CTA's first key
-  const QSide<D, LD, BR> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
+  const QSide<D, LD, BR, NT, true> qside(q, dout, lse, delta, qseg, qs, dos, lses, dls, qss, b, h, T, H);
 
   // The keys' segment ids (0 past S), and whether all BC keys are one segment before S.
   unsigned kid = 0u;
@@ -232,8 +232,8 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
                                       (j0 + (int)threadIdx.x < S && kid == k_first));
   const unsigned kblk = k_uni ? k_first : 0u;
 
-  load_rows<D, LD>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
-  load_rows<D, LD>(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S, BC);
+  load_rows<D, LD, BC, NT>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S);
+  load_rows<D, LD, BC, NT>(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, j0, S);
   if (lo < hi) qside.load(lo, 0);
   cp_commit();
 

@@ -13,7 +13,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           int KV, float scale_log2, int causal, int window) {
   // MT m-tiles of 16 rows per warp: with MT = 1 the Q fragments stay in registers; with
   // MT = 2 Q waits in (dynamic) shared memory and each K / V fragment feeds both m-tiles.
-  constexpr int BR = 16 * NW * MT, BC = 64, LD = D + 8;
+  constexpr int BR = 16 * NW * MT, BC = 64, LD = D + 8, NT = 32 * NW;
   constexpr bool Q_SMEM = MT > 1;
   __shared__ __align__(16) bf16 ks[BC * LD];
   __shared__ __align__(16) bf16 vs[BC * LD];
@@ -39,8 +39,8 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   const int w_last = min(w0 + 16 * MT - 1, T - 1);
 
   if (lo < hi) {
-    if (Q_SMEM) load_rows<D, LD>(qsm, q + ((long)b * T * H + h) * D, (long)H * D, qb * BR, T, BR);
-    load_rows<D, LD>(ks, kb, kstride, lo, S, BC);
+    if (Q_SMEM) load_rows<D, LD, BR, NT>(qsm, q + ((long)b * T * H + h) * D, (long)H * D, qb * BR, T);
+    load_rows<D, LD, BC, NT>(ks, kb, kstride, lo, S);
     cp_commit();
   }
   uint32_t qf[Q_SMEM ? 1 : D / 16][4];
@@ -77,7 +77,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     cp_wait<0>();
     // K (and Q) have landed for every thread; every warp is done with the last tile's V.
     const bool tile_whole = __syncthreads_and(seg_whole);
-    load_rows<D, LD>(vs, vb, kstride, j0, S, BC);
+    load_rows<D, LD, BC, NT>(vs, vb, kstride, j0, S);
     cp_commit();
     const bool skip = causal && j0 > w0 + 16 * MT - 1 + off;
     const bool whole = tile_whole && (!causal || j0 + BC - 1 <= w0 + off) &&
@@ -182,7 +182,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     // V has landed; every warp is done with this tile's K.
     __syncthreads();
     if (j0 + BC < hi) {
-      load_rows<D, LD>(ks, kb, kstride, j0 + BC, S, BC);
+      load_rows<D, LD, BC, NT>(ks, kb, kstride, j0 + BC, S);
       cp_commit();
     }
     if (!skip) {

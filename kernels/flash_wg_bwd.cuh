@@ -54,8 +54,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
   const unsigned* qsb = qseg + (long)b * T;
   // Rows [i0, i0 + BR) of the query side into buffer `buf`; thread r copies row r's scalars.
   auto load_q = [&](int i0, int buf) {
-    load_sw128(qs + buf * BR * D, qb, qstride, i0, T, BR, tid, 256);
-    load_sw128(dos + buf * BR * D, db, qstride, i0, T, BR, tid, 256);
+    load_sw128<BR, 256>(qs + buf * BR * D, qb, qstride, i0, T, tid);
+    load_sw128<BR, 256>(dos + buf * BR * D, db, qstride, i0, T, tid);
     if (tid < BR) {
       const int i = i0 + tid;
       const bool ok = i < T;
@@ -74,8 +74,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
   const unsigned ks0 = k0 < S ? kseg[(long)b * S + k0] : 0u;
   const unsigned ks1 = k1 < S ? kseg[(long)b * S + k1] : 0u;
 
-  load_sw128(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, BC, tid, 256);
-  load_sw128(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, BC, tid, 256);
+  load_sw128<BC, 256>(ks, k + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, tid);
+  load_sw128<BC, 256>(vs, v + ((long)b * S * KV + kvh) * D, (long)KV * D, kb * BC, S, tid);
   if (lo < hi) load_q(lo, 0);
   cp_commit();
   float dka[D / 2], dva[D / 2];

@@ -74,9 +74,9 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
   const int w_last = min(w0 + 15, T - 1);
 
   if (lo < hi) {
-    load_sw128(qs, q + ((long)b * T * H + h) * D, (long)H * D, qb * BR, T, BR, tid, 256);
-    load_sw128(ks, kb, kstride, lo, S, BC, tid, 256);
-    load_sw128(vs, vb, kstride, lo, S, BC, tid, 256);
+    load_sw128<BR, 256>(qs, q + ((long)b * T * H + h) * D, (long)H * D, qb * BR, T, tid);
+    load_sw128<BC, 256>(ks, kb, kstride, lo, S, tid);
+    load_sw128<BC, 256>(vs, vb, kstride, lo, S, tid);
     cp_commit();
   }
   const int r0 = w0 + g, r1 = r0 + 8;
@@ -99,8 +99,8 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
     const int cur = it & 1, vcur = it % NV;
     const bool more = j0 + BC < hi;
     if (more) {
-      load_sw128(ks + (cur ^ 1) * BC * D, kb, kstride, j0 + BC, S, BC, tid, 256);
-      load_sw128(vs + ((it + 1) % NV) * BC * D, vb, kstride, j0 + BC, S, BC, tid, 256);
+      load_sw128<BC, 256>(ks + (cur ^ 1) * BC * D, kb, kstride, j0 + BC, S, tid);
+      load_sw128<BC, 256>(vs + ((it + 1) % NV) * BC * D, vb, kstride, j0 + BC, S, tid);
       cp_commit();
     }
     // This tile's key segments, and whether they are all the block's one segment.

@@ -111,23 +111,52 @@ __device__ __forceinline__ void load_a_frags(uint32_t (*f)[4], const bf16* r0, c
   }
 }
 
-// `rows` rows of D bf16 starting at global row `r0` (row r at src + r·stride) into a padded
-// shared tile; rows at or past `n` are zeros.
-template <int D, int LD>
-__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long stride, int r0, int n,
-                                          int rows) {
+// ROWS rows of D bf16 starting at global row `r0` (row r at src + r·stride) into a padded
+// shared tile (row pitch LD), by the CTA's NT threads; rows at or past `n` are zeros. When NT
+// is a multiple of the row's D / 8 16-byte chunks (D 64 and 128), each thread copies the same
+// chunk of every (NT / (D / 8))-th row: the loop unrolls to one address add per copy, and a
+// tile wholly before `n` needs no bound checks. ROLL keeps the plain loop (flash_bwd64's
+// query side: at the 255-register cap, the unrolled copies made it spill 8 bytes).
+template <int D, int LD, int ROWS, int NT, bool ROLL = false>
+__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, long stride, int r0, int n) {
   constexpr int C = D / 8;  // 16-byte chunks per row
-  for (int idx = threadIdx.x; idx < rows * C; idx += blockDim.x) {
-    const int row = idx / C, c = idx % C, r = r0 + row;
-    const bool ok = r < n;
-    cp16(&dst[row * LD + c * 8], src + (ok ? r : 0) * stride + c * 8, ok);
+  if constexpr (NT % C == 0 && !ROLL) {
+    constexpr int RS = NT / C, K = (ROWS + RS - 1) / RS;
+    const int c = threadIdx.x % C, row0 = threadIdx.x / C;
+    const bf16* s = src + (long)(r0 + row0) * stride + c * 8;
+    const long step = (long)RS * stride;
+    bf16* d = dst + row0 * LD + c * 8;
+    if (r0 + ROWS <= n) {
+#pragma unroll
+      for (int k = 0; k < K; k++)
+        if (ROWS % RS == 0 || row0 + k * RS < ROWS) cp16(d + k * RS * LD, s + k * step, true);
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const int row = row0 + k * RS;
+        if (ROWS % RS == 0 || row < ROWS) {
+          const bool ok = r0 + row < n;
+          cp16(d + k * RS * LD, ok ? s + k * step : src + c * 8, ok);
+        }
+      }
+    }
+  } else {
+    // D 80: a thread's chunk changes from row to row. Kept a loop: unrolled, it cost the
+    // backward 53 registers (167 → 220), a third of its resident CTAs.
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < ROWS * C; idx += NT) {
+      const int row = idx / C, c = idx % C, r = r0 + row;
+      const bool ok = r < n;
+      cp16(&dst[row * LD + c * 8], src + (long)(ok ? r : 0) * stride + c * 8, ok);
+    }
   }
 }
 
 // The backward's query side of one (b, h): each step's Q and dO rows, lse, Δ and segment ids,
-// loaded by cp.async into buffer `buf` (BR rows) of their shared tiles; thread r copies row
-// r's scalars, so it may read them after its own wait.
-template <int D, int LD, int BR>
+// loaded by cp.async into buffer `buf` (BR rows) of their shared tiles by the CTA's NT threads
+// (ROLL: see load_rows); thread r copies row r's scalars, so it may read them after its own
+// wait.
+template <int D, int LD, int BR, int NT, bool ROLL = false>
 struct QSide {
   const bf16* q;
   const bf16* dout;
@@ -161,8 +190,8 @@ struct QSide {
 
   // Rows [i0, i0 + BR) into buffer `buf`.
   __device__ __forceinline__ void load(int i0, int buf) const {
-    load_rows<D, LD>(qs + buf * BR * LD, q, stride, i0, T, BR);
-    load_rows<D, LD>(dos + buf * BR * LD, dout, stride, i0, T, BR);
+    load_rows<D, LD, BR, NT, ROLL>(qs + buf * BR * LD, q, stride, i0, T);
+    load_rows<D, LD, BR, NT, ROLL>(dos + buf * BR * LD, dout, stride, i0, T);
     if (threadIdx.x < BR) {
       const int i = i0 + threadIdx.x;
       const bool ok = i < T;

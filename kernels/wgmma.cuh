@@ -103,15 +103,28 @@ __device__ __forceinline__ uint64_t sw128_desc(const bf16* p, unsigned lbo) {
          ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// `rows` rows of 128 bf16 from global row `r0` (row r at src + r·stride) into the SW128 layout
-// at dst, by `nthreads` threads from `tid`; rows at or past `n` are zeros.
+// ROWS rows of 128 bf16 from global row `r0` (row r at src + r·stride) into the SW128 layout
+// at dst, by NT threads from `tid`; rows at or past `n` are zeros. Each thread copies the same
+// 16-byte chunk of every (NT / 16)-th row, a multiple of the swizzle's 8-row period, so its
+// shared-memory address moves by a constant and the loop unrolls to one address add per copy.
+template <int ROWS, int NT>
 __device__ __forceinline__ void load_sw128(bf16* dst, const bf16* src, long stride, int r0, int n,
-                                           int rows, int tid, int nthreads) {
-  for (int idx = tid; idx < rows * 16; idx += nthreads) {
-    const int row = idx / 16, c = idx % 16, r = r0 + row;
-    const bool ok = r < n;
-    cp16(dst + (c / 8) * rows * 64 + row * 64 + ((c % 8) ^ (row % 8)) * 8,
-         src + (ok ? r : 0) * stride + c * 8, ok);
+                                           int tid) {
+  constexpr int RS = NT / 16, K = ROWS / RS;
+  static_assert(NT % 128 == 0 && ROWS % RS == 0, "whole passes of 8-row swizzle periods");
+  const int c = tid % 16, row0 = tid / 16;
+  bf16* d = dst + (c / 8) * ROWS * 64 + row0 * 64 + ((c % 8) ^ (row0 % 8)) * 8;
+  const bf16* s = src + (long)(r0 + row0) * stride + c * 8;
+  const long step = (long)RS * stride;
+  if (r0 + ROWS <= n) {
+#pragma unroll
+    for (int k = 0; k < K; k++) cp16(d + k * RS * 64, s + k * step, true);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const bool ok = r0 + row0 + k * RS < n;
+      cp16(d + k * RS * 64, ok ? s + k * step : src + c * 8, ok);
+    }
   }
 }
 

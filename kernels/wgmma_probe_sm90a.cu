@@ -48,8 +48,8 @@ extern "C" __global__ void __launch_bounds__(128)
   bf16* as = aligned_smem(wg_raw);  // 64 × 128
   bf16* bs = as + 64 * 128;         // 128 × 128
   const int tid = threadIdx.x, wl = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  load_sw128(as, a, 128, 0, 64, 64, tid, 128);
-  load_sw128(bs, bk, 128, 0, 128, 128, tid, 128);
+  load_sw128<64, 128>(as, a, 128, 0, 64, tid);
+  load_sw128<128, 128>(bs, bk, 128, 0, 128, tid);
   cp_commit();
   cp_wait<0>();
   fence_proxy_async();

@@ -83,8 +83,9 @@ void backward(const ref::Problem& p, const char* dt) {
     return y;
   };
   const std::vector<T> q = conv(p.q), k = conv(p.k), v = conv(p.v), dout = conv(p.dout);
-  std::vector<T> o(p.o.size(), T(NAN)), dq(q.size(), T(NAN)), dk(k.size(), T(NAN)),
-      dv(v.size(), T(NAN));
+  // The gradients' sizes without the inputs' NaN guard rows (attention_ref.h).
+  const size_t nq = (size_t)B * Tq * H * D, nk = (size_t)B * S * KV * D;
+  std::vector<T> o(p.o.size(), T(NAN)), dq(nq, T(NAN)), dk(nk, T(NAN)), dv(nk, T(NAN));
   std::vector<float> lse(p.lse.size(), NAN), delta((size_t)B * H * Tq, NAN);
   const T *qp = q.data(), *kp = k.data(), *vp = v.data(), *gp = dout.data(), *op = o.data();
   const unsigned *qs = p.qseg.data(), *ks = p.kseg.data();
@@ -114,7 +115,7 @@ void backward(const ref::Problem& p, const char* dt) {
                dv.data(), Tq, S, H, KV, D, p.scale, causal, c.window);
   }
   // The reference's dk / dv per query head, summed over each key/value head's group.
-  std::vector<double> wk(k.size(), 0), wv(v.size(), 0);
+  std::vector<double> wk(nk, 0), wv(nk, 0);
   for (int b = 0; b < B; b++)
     for (int j = 0; j < S; j++)
       for (int h = 0; h < H; h++)
