@@ -27,6 +27,15 @@ __device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
                : "memory");
 }
 
+// 2^x by the SFU alone (ex2.approx.ftz): exp2f adds a range test and two multiplies per call
+// to produce subnormal results, which a softmax weight below 2^-126 of its row's largest does
+// not need (flushed to 0, as a subnormal x is read as 0).
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>
@@ -36,6 +45,7 @@ __device__ __forceinline__ void cp_wait() {
 #endif  // OMR_EMU
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define LOG2E_F 1.4426950408889634f
 
 // Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
 __device__ __forceinline__ uint32_t pack_f(float lo, float hi) {

@@ -19,6 +19,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const int* __restrict__ span, float* __restrict__ dq,
                           float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                           int KV, float scale, int causal, int window) {
+  // P = 2^(s·scale·log2 e − lse·log2 e): one FMA and the SFU per weight.
+  const float scale_log2 = scale * LOG2E_F;
   constexpr int BR = BWD_BR, BC = 16 * NW, LD = D + 8, LDS = BR + 8, NT = 32 * NW;
   DYN_SMEM(16, smem);
   bf16* ks = reinterpret_cast<bf16*>(smem);
@@ -116,7 +118,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
           const bool ok = whole || (i < T && j < S &&
                                     allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off,
                                             causal, window));
-          const float pe = ok ? __expf(p[n][e] * scale - lt[il]) : 0.f;
+          const float pe = ok ? ex2(fmaf(p[n][e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
           p[n][e] = pe;
           dp[n][e] = pe * (dp[n][e] - dlt[il]) * scale;  // dS^T
         }
@@ -197,6 +199,8 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
                             const int* __restrict__ span, float* __restrict__ dq,
                             float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H,
                             int KV, float scale, int causal, int window) {
+  // P = 2^(s·scale·log2 e − lse·log2 e): one FMA and the SFU per weight.
+  const float scale_log2 = scale * LOG2E_F;
   constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8, NT = 256;
   constexpr int NV = D / 16;  // dK / dV n-tiles per warp (D / 2 columns)
   constexpr int NQ = D / 32;  // dQ n-tiles per warp (D / 4 columns)
@@ -315,7 +319,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
             const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
             const bool ok = whole || (i < T && j < S &&
                                       allowed(i, j, st[il], kss[jl], off, causal, window));
-            const float pe = ok ? __expf(sp[mt][n][e] * scale - lt[il]) : 0.f;
+            const float pe = ok ? ex2(fmaf(sp[mt][n][e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
             sp[mt][n][e] = pe;
             dp[mt][n][e] = pe * (dp[mt][n][e] - dlt[il]) * scale;
           }

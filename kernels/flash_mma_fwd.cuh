@@ -120,10 +120,6 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         if (whole) {
 #pragma unroll
           for (int n = 0; n < BC / 8; n++) {
-            s[mt][n][0] *= scale_log2;
-            s[mt][n][1] *= scale_log2;
-            s[mt][n][2] *= scale_log2;
-            s[mt][n][3] *= scale_log2;
             mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
             mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
           }
@@ -137,7 +133,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
               const int i = top ? r0 : r1;
               const bool ok = j < S && i < T &&
                               allowed(i, j, top ? qs0[mt] : qs1[mt], kss[jl], off, causal, window);
-              const float x = ok ? s[mt][n][e] * scale_log2 : NEG_INF;
+              const float x = ok ? s[mt][n][e] : NEG_INF;
               s[mt][n][e] = x;
               if (top) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -147,19 +143,22 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // Maxima of the unscaled scores (the scale is positive: flash_mma.rs), scaled in the
+        // exponent: one FMA per weight, 2^(s·scale_log2 − m·scale_log2).
         const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);
         // Rescale of what was summed so far (1 while nothing was: the sums are 0 then); a row
         // with no allowed key yet subtracts 0 instead of −∞ (its scores are all −∞ → 0).
-        const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0[mt] - mn0);
-        const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1[mt] - mn1);
-        const float z0 = mn0 == NEG_INF ? 0.f : mn0, z1 = mn1 == NEG_INF ? 0.f : mn1;
+        const float a0 = mn0 == NEG_INF ? 1.f : ex2((m0[mt] - mn0) * scale_log2);
+        const float a1 = mn1 == NEG_INF ? 1.f : ex2((m1[mt] - mn1) * scale_log2);
+        const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+        const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) {
-          s[mt][n][0] = exp2f(s[mt][n][0] - z0);
-          s[mt][n][1] = exp2f(s[mt][n][1] - z0);
-          s[mt][n][2] = exp2f(s[mt][n][2] - z1);
-          s[mt][n][3] = exp2f(s[mt][n][3] - z1);
+          s[mt][n][0] = ex2(fmaf(s[mt][n][0], scale_log2, -z0));
+          s[mt][n][1] = ex2(fmaf(s[mt][n][1], scale_log2, -z0));
+          s[mt][n][2] = ex2(fmaf(s[mt][n][2], scale_log2, -z1));
+          s[mt][n][3] = ex2(fmaf(s[mt][n][3], scale_log2, -z1));
           sum0 += s[mt][n][0] + s[mt][n][1];
           sum1 += s[mt][n][2] + s[mt][n][3];
         }
@@ -215,13 +214,15 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       uint32_t* o0 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r0) * H + h) * D + 2 * t);
 #pragma unroll
       for (int n = 0; n < D / 8; n++) o0[n * 4] = pack_f(acc[mt][n][0] * inv0, acc[mt][n][1] * inv0);
-      if (t == 0) lse[((long)b * H + h) * T + r0] = L0 > 0.f ? (m0[mt] + log2f(L0)) * ln2 : NEG_INF;
+      if (t == 0)
+        lse[((long)b * H + h) * T + r0] = L0 > 0.f ? (m0[mt] * scale_log2 + log2f(L0)) * ln2 : NEG_INF;
     }
     if (r1 < T) {
       uint32_t* o1 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r1) * H + h) * D + 2 * t);
 #pragma unroll
       for (int n = 0; n < D / 8; n++) o1[n * 4] = pack_f(acc[mt][n][2] * inv1, acc[mt][n][3] * inv1);
-      if (t == 0) lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1[mt] + log2f(L1)) * ln2 : NEG_INF;
+      if (t == 0)
+        lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1[mt] * scale_log2 + log2f(L1)) * ln2 : NEG_INF;
     }
   }
 }

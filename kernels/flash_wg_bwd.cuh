@@ -27,6 +27,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                       const int* __restrict__ span, float* __restrict__ dq,
                       float* __restrict__ dk, float* __restrict__ dv, int T, int S, int H, int KV,
                       float scale, int causal, int window) {
+  // P = 2^(s·scale·log2 e − lse·log2 e): one FMA and the SFU per weight.
+  const float scale_log2 = scale * LOG2E_F;
   constexpr int BR = 64, BC = 128, D = 128;
   DYN_SMEM(1024, wg_raw);
   bf16* ks = aligned_smem(wg_raw);  // BC × D
@@ -133,7 +135,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bool ok = whole || (i < T && j < S &&
                                   allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off,
                                           causal, window));
-        const float pe = ok ? __expf(p[4 * n + e] * scale - lt[il]) : 0.f;
+        const float pe = ok ? ex2(fmaf(p[4 * n + e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
         p[4 * n + e] = pe;
         dp[4 * n + e] = pe * (dp[4 * n + e] - dlt[il]) * scale;  // dS^T
       }

@@ -152,7 +152,7 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const bool top = e < 2;
-          float x = s[4 * n + e] * scale_log2;
+          float x = s[4 * n + e];
           if (!whole) {
             const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
             const int i = top ? r0 : r1;
@@ -172,18 +172,20 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
       const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      // As in flash_mma.cu: rescale 1 while nothing was summed, subtract 0 for a row with no
-      // allowed key yet (its scores are all −∞ → 0).
-      const float a0 = mn0 == NEG_INF ? 1.f : exp2f(m0 - mn0);
-      const float a1 = mn1 == NEG_INF ? 1.f : exp2f(m1 - mn1);
-      const float z0 = mn0 == NEG_INF ? 0.f : mn0, z1 = mn1 == NEG_INF ? 0.f : mn1;
+      // As in flash_mma.cu: maxima of the unscaled scores, scaled in the exponent (one FMA per
+      // weight); rescale 1 while nothing was summed, subtract 0 for a row with no allowed key
+      // yet (its scores are all −∞ → 0).
+      const float a0 = mn0 == NEG_INF ? 1.f : ex2((m0 - mn0) * scale_log2);
+      const float a1 = mn1 == NEG_INF ? 1.f : ex2((m1 - mn1) * scale_log2);
+      const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+      const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
       for (int n = 0; n < BC / 8; n++) {
-        s[4 * n + 0] = exp2f(s[4 * n + 0] - z0);
-        s[4 * n + 1] = exp2f(s[4 * n + 1] - z0);
-        s[4 * n + 2] = exp2f(s[4 * n + 2] - z1);
-        s[4 * n + 3] = exp2f(s[4 * n + 3] - z1);
+        s[4 * n + 0] = ex2(fmaf(s[4 * n + 0], scale_log2, -z0));
+        s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], scale_log2, -z0));
+        s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], scale_log2, -z1));
+        s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], scale_log2, -z1));
         sum0 += s[4 * n + 0] + s[4 * n + 1];
         sum1 += s[4 * n + 2] + s[4 * n + 3];
       }
@@ -226,13 +228,15 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
     uint32_t* o0 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r0) * H + h) * D + 2 * t);
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o0[n * 4] = pack_f(acc[4 * n] * inv0, acc[4 * n + 1] * inv0);
-    if (t == 0) lse[((long)b * H + h) * T + r0] = L0 > 0.f ? (m0 + log2f(L0)) * ln2 : NEG_INF;
+    if (t == 0)
+      lse[((long)b * H + h) * T + r0] = L0 > 0.f ? (m0 * scale_log2 + log2f(L0)) * ln2 : NEG_INF;
   }
   if (r1 < T) {
     uint32_t* o1 = reinterpret_cast<uint32_t*>(o + (((long)b * T + r1) * H + h) * D + 2 * t);
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
       o1[n * 4] = pack_f(acc[4 * n + 2] * inv1, acc[4 * n + 3] * inv1);
-    if (t == 0) lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1 + log2f(L1)) * ln2 : NEG_INF;
+    if (t == 0)
+      lse[((long)b * H + h) * T + r1] = L1 > 0.f ? (m1 * scale_log2 + log2f(L1)) * ln2 : NEG_INF;
   }
 }

@@ -45,7 +45,7 @@ pub fn flash_attn(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    match cuda_path(q, k)? {
+    match cuda_path(q, k, scale)? {
         Some(CudaPath::Mma) => crate::flash_mma::flash_mma(q, k, v, mask, scale),
         Some(CudaPath::Gemm) => crate::gemm_attn::gemm_attn(q, k, v, mask, scale),
         None => flash_attn_kernel(q, k, v, mask, scale),
@@ -61,14 +61,15 @@ enum CudaPath {
 
 /// Which path [`flash_attn`] takes on CUDA for more than 16 query rows (`None`: the kernel of
 /// `flash_attn.cu`, or its CPU reference): the tensor cores where [`crate::flash_mma`] takes
-/// the inputs, else the GEMM path; `OMR_ATTN=gemm` / `kernel` force those.
-fn cuda_path(q: &Tensor, k: &Tensor) -> Result<Option<CudaPath>> {
+/// the inputs (and the scale is positive), else the GEMM path; `OMR_ATTN=gemm` / `kernel`
+/// force those.
+fn cuda_path(q: &Tensor, k: &Tensor, scale: f64) -> Result<Option<CudaPath>> {
     let choice = attn_choice();
     if !q.device().is_cuda() || q.dim(1)? <= 16 || choice == Some("kernel") {
         return Ok(None);
     }
     Ok(Some(
-        if choice != Some("gemm") && crate::flash_mma::supported(q, k) {
+        if choice != Some("gemm") && crate::flash_mma::supported(q, k) && scale > 0.0 {
             CudaPath::Mma
         } else {
             CudaPath::Gemm
@@ -89,7 +90,7 @@ pub fn attention_forward(
     scale: f64,
 ) -> Result<(Tensor, AttnSaved)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
-    match cuda_path(&q, &k)? {
+    match cuda_path(&q, &k, scale)? {
         Some(CudaPath::Mma) => {
             let (o, saved) = crate::flash_mma::forward_saved(&q, &k, &v, mask, scale)?;
             Ok((o, AttnSaved(Saved::Mma(saved))))

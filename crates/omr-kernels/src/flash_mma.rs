@@ -242,9 +242,10 @@ fn build(
         || kv == 0
         || h % kv != 0
         || s < t
+        || !(scale > 0.0 && scale.is_finite())
     {
         bail!(
-            "flash_mma: q (B, T, H, D), k/v (B, S, KV, D) in bf16 on CUDA, D 64/80/128, H % KV = 0, S ≥ T; got {:?}, {:?}, {:?}",
+            "flash_mma: q (B, T, H, D), k/v (B, S, KV, D) in bf16 on CUDA, D 64/80/128, H % KV = 0, S ≥ T, a positive scale (the kernels take the row maxima of unscaled scores); got {:?}, {:?}, {:?}, scale {scale}",
             q.dims(),
             k.dims(),
             v.dims()

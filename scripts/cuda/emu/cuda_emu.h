@@ -74,6 +74,13 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline float __expf(float x) { return std::exp(x); }
+// ex2.approx.ftz.f32 (attn_common.cuh's ex2): subnormal input read as 0, subnormal result
+// flushed to 0 (the SFU's approximation itself is not modelled: exp2 correctly rounded).
+inline float ex2(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float r = std::exp2(x);
+  return std::fpclassify(r) == FP_SUBNORMAL ? 0.f : r;
+}
 // Host floats: IEEE, round to nearest, no contraction (x86-64 without -mfma): each of these is
 // its correctly rounded operation, as the intrinsic is on the GPU. (The GPU may contract a
 // plain a·b + c into an FMA; the emulation does not, so kernels compare with their references
