@@ -46,6 +46,8 @@ __device__ __forceinline__ void cp_wait() {
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define LOG2E_F 1.4426950408889634f
+// The forwards' lazy rescaling bound: a weight may reach 2^8 before the running maximum moves.
+#define LAZY_LOG2 8.f
 
 // Two floats as a bf16 pair: `lo` in the low half (the lower column / k index).
 __device__ __forceinline__ uint32_t pack_f(float lo, float hi) {

@@ -171,12 +171,15 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
       // As in flash_mma.cu: maxima of the unscaled scores, scaled in the exponent (one FMA per
-      // weight); rescale 1 while nothing was summed, subtract 0 for a row with no allowed key
-      // yet (its scores are all −∞ → 0).
-      const float a0 = mn0 == NEG_INF ? 1.f : ex2((m0 - mn0) * scale_log2);
-      const float a1 = mn1 == NEG_INF ? 1.f : ex2((m1 - mn1) * scale_log2);
+      // weight), moved only when a row's would give a weight above 2^LAZY_LOG2 (the warp's
+      // rows together); rescale 1 while nothing was summed, subtract 0 for a row with no
+      // allowed key yet (its scores are all −∞ → 0).
+      const bool lazy = __all_sync(0xffffffffu, (mx0 - m0) * scale_log2 <= LAZY_LOG2 &&
+                                                    (mx1 - m1) * scale_log2 <= LAZY_LOG2);
+      const float mn0 = lazy ? m0 : fmaxf(m0, mx0), mn1 = lazy ? m1 : fmaxf(m1, mx1);
+      const float a0 = lazy || mn0 == NEG_INF ? 1.f : ex2((m0 - mn0) * scale_log2);
+      const float a1 = lazy || mn1 == NEG_INF ? 1.f : ex2((m1 - mn1) * scale_log2);
       const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
       const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
       float sum0 = 0.f, sum1 = 0.f;
@@ -200,12 +203,14 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
       }
 #pragma unroll
       for (int kk = 0; kk < BC / 16; kk++) acc_to_a(s, kk, pa[kk]);
+      if (!lazy) {
 #pragma unroll
-      for (int n = 0; n < D / 8; n++) {
-        acc[4 * n + 0] *= a0;
-        acc[4 * n + 1] *= a0;
-        acc[4 * n + 2] *= a1;
-        acc[4 * n + 3] *= a1;
+        for (int n = 0; n < D / 8; n++) {
+          acc[4 * n + 0] *= a0;
+          acc[4 * n + 1] *= a0;
+          acc[4 * n + 2] *= a1;
+          acc[4 * n + 3] *= a1;
+        }
       }
       if (PIPE)
         vpend = vt;

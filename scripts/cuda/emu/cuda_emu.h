@@ -288,6 +288,17 @@ inline double __shfl_xor_sync(unsigned, double v, int m) {
   return sl.d[lane ^ m];
 }
 
+inline int __all_sync(unsigned, int pred) {
+  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
+  emu::Slots& sl = emu::slots(w);
+  const int lane = emu::tid() % 32;
+  sl.f[lane] = pred ? 1.f : 0.f;
+  w.bar.arrive_and_wait();
+  for (int i = 0; i < 32; i++)
+    if (sl.f[i] == 0.f) return 0;
+  return 1;
+}
+
 inline float __shfl_sync(unsigned, float v, int src) {
   emu::Warp& w = emu::cta->warps[emu::tid() / 32];
   emu::Slots& sl = emu::slots(w);
