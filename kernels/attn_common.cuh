@@ -59,6 +59,14 @@ __device__ __forceinline__ uint32_t ld32(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// A backward's weight and its score gradient: s ← P = 2^(s·scale·log2 e − lse·log2 e) and
+// dp ← dS = P·(dP − Δ)·scale (scale_log2 = scale·log2 e).
+__device__ __forceinline__ void p_ds(float& s, float& dp, float lse, float delta, float scale_log2,
+                                     float scale) {
+  s = ex2(fmaf(s, scale_log2, -lse * LOG2E_F));
+  dp = s * (dp - delta) * scale;
+}
+
 __device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, int off,
                                         int causal, int window) {
   return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);

@@ -109,19 +109,28 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
           mma16816(dp[2 * np + 1], vf[kk], bd[2], bd[3]);
         }
       }
+      // P^T and dS^T: a whole tile without a test per weight; masked weights are 0.
+      if (whole) {
 #pragma unroll
-      for (int n = 0; n < BR / 8; n++) {
+        for (int n = 0; n < BR / 8; n++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
-          const int j = e < 2 ? k0 : k1;
-          const bool ok = whole || (i < T && j < S &&
-                                    allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off,
-                                            causal, window));
-          const float pe = ok ? ex2(fmaf(p[n][e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
-          p[n][e] = pe;
-          dp[n][e] = pe * (dp[n][e] - dlt[il]) * scale;  // dS^T
-        }
+          for (int e = 0; e < 4; e++) {
+            const int il = n * 8 + 2 * t + (e & 1);
+            p_ds(p[n][e], dp[n][e], lt[il], dlt[il], scale_log2, scale);
+          }
+      } else {
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
+            const int j = e < 2 ? k0 : k1;
+            if (i < T && j < S &&
+                allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off, causal, window))
+              p_ds(p[n][e], dp[n][e], lt[il], dlt[il], scale_log2, scale);
+            else
+              p[n][e] = dp[n][e] = 0.f;
+          }
       }
       // dV += P^T·dO, dK += dS^T·Q (k = the block's BR queries)
 #pragma unroll
@@ -308,7 +317,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
           }
         }
       }
-      // 2. P and dS.
+      // 2. P and dS: a whole tile without a test per weight; masked weights are 0.
 #pragma unroll
       for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -317,11 +326,10 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
           for (int e = 0; e < 4; e++) {
             const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0), i = i0 + il;
             const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
-            const bool ok = whole || (i < T && j < S &&
-                                      allowed(i, j, st[il], kss[jl], off, causal, window));
-            const float pe = ok ? ex2(fmaf(sp[mt][n][e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
-            sp[mt][n][e] = pe;
-            dp[mt][n][e] = pe * (dp[mt][n][e] - dlt[il]) * scale;
+            if (whole || (i < T && j < S && allowed(i, j, st[il], kss[jl], off, causal, window)))
+              p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
+            else
+              sp[mt][n][e] = dp[mt][n][e] = 0.f;
           }
     }
     // P and dS to shared memory (zeros where the warp skipped).

@@ -126,19 +126,28 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     wg_wait0();
     pin<BR / 2>(p);
     pin<BR / 2>(dp);
+    // P^T and dS^T: a whole tile without a test per weight; masked weights are 0.
+    if (whole) {
 #pragma unroll
-    for (int n = 0; n < BR / 8; n++) {
+      for (int n = 0; n < BR / 8; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
-        const int j = e < 2 ? k0 : k1;
-        const bool ok = whole || (i < T && j < S &&
-                                  allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off,
-                                          causal, window));
-        const float pe = ok ? ex2(fmaf(p[4 * n + e], scale_log2, -lt[il] * LOG2E_F)) : 0.f;
-        p[4 * n + e] = pe;
-        dp[4 * n + e] = pe * (dp[4 * n + e] - dlt[il]) * scale;  // dS^T
-      }
+        for (int e = 0; e < 4; e++) {
+          const int il = n * 8 + 2 * t + (e & 1);
+          p_ds(p[4 * n + e], dp[4 * n + e], lt[il], dlt[il], scale_log2, scale);
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < BR / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
+          const int j = e < 2 ? k0 : k1;
+          if (i < T && j < S &&
+              allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off, causal, window))
+            p_ds(p[4 * n + e], dp[4 * n + e], lt[il], dlt[il], scale_log2, scale);
+          else
+            p[4 * n + e] = dp[4 * n + e] = 0.f;
+        }
     }
     // P^T and dS^T as bf16 A fragments; dS^T also to shared memory ([key][query], SW128): the
     // fragment registers of k-step kk are rows g / g + 8 of queries 16·kk + 2t and + 8.
