@@ -318,7 +318,9 @@ mod tests {
             }
         }
         // The FA2-layout backward: 8 warps, 128 keys, 64 rows per step; 172 KiB at D 128.
-        assert!(src.contains("constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8, NT = 256;"));
+        assert!(
+            src.contains("constexpr int BR = 64, BC = 128, LD = D + 8, LDP = BC + 8, NT = 256;")
+        );
         assert!(src.contains("__launch_bounds__(256, 1)"));
         assert_eq!(Tiling::parse("b8r64").unwrap().bwd_keys(), 128);
         assert_eq!(bwd64_smem(128), 176128);
