@@ -146,26 +146,24 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
         wg_wait<0>();
       }
       pin<BC / 2>(s);
+      if (!whole) {
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const bool top = e < 2;
+            const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
+            const int i = top ? r0 : r1;
+            if (!(j < S && i < T &&
+                  allowed(i, j, top ? qs0 : qs1, kss[cur * BC + jl], off, causal, window)))
+              s[4 * n + e] = NEG_INF;
+          }
+      }
       float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
       for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const bool top = e < 2;
-          float x = s[4 * n + e];
-          if (!whole) {
-            const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
-            const int i = top ? r0 : r1;
-            const bool ok = j < S && i < T &&
-                            allowed(i, j, top ? qs0 : qs1, kss[cur * BC + jl], off, causal, window);
-            x = ok ? x : NEG_INF;
-          }
-          s[4 * n + e] = x;
-          if (top)
-            mx0 = fmaxf(mx0, x);
-          else
-            mx1 = fmaxf(mx1, x);
-        }
+        mx0 = fmaxf(mx0, fmaxf(s[4 * n + 0], s[4 * n + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
       }
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
