@@ -318,19 +318,31 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
         }
       }
       // 2. P and dS: a whole tile without a test per weight; masked weights are 0.
+      if (whole) {
 #pragma unroll
-      for (int mt = 0; mt < 2; mt++)
+        for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int n = 0; n < 4; n++)
+          for (int n = 0; n < 4; n++)
 #pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0), i = i0 + il;
-            const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
-            if (whole || (i < T && j < S && allowed(i, j, st[il], kss[jl], off, causal, window)))
+            for (int e = 0; e < 4; e++) {
+              const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0);
               p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
-            else
-              sp[mt][n][e] = dp[mt][n][e] = 0.f;
-          }
+            }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+          for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0), i = i0 + il;
+              const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
+              if (i < T && j < S && allowed(i, j, st[il], kss[jl], off, causal, window))
+                p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
+              else
+                sp[mt][n][e] = dp[mt][n][e] = 0.f;
+            }
+      }
     }
     // P and dS to shared memory (zeros where the warp skipped).
 #pragma unroll

@@ -72,27 +72,31 @@ __device__ __forceinline__ void atomic_add4(float* p, float4 v) {
 template <int DQV, int N>
 __device__ __forceinline__ void add_dq(float* dq, long rstride, const float (*acc)[4], int r0,
                                        int c0, int T, int g, int t) {
+  // One address and one bound test per row, outside the n-tile loops (before: both per atomic).
   const int ra = r0 + g, rc = ra + 8;
   if (DQV == 4) {
     const bool odd = t & 1;
     const int row = odd ? rc : ra;
+    float* p = dq + (long)row * rstride + c0 + 2 * (t & ~1);
 #pragma unroll
     for (int n = 0; n < N; n++) {
+      // Every lane shuffles; the test only predicates the atomic.
       const float x0 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][0] : acc[n][2], 1);
       const float x1 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][1] : acc[n][3], 1);
       const float4 val = odd ? make_float4(x0, x1, acc[n][2], acc[n][3])
                              : make_float4(acc[n][0], acc[n][1], x0, x1);
-      if (row < T)
-        atomic_add4(dq + row * rstride + c0 + n * 8 + 2 * (t & ~1), val);
+      if (row < T) atomic_add4(p + n * 8, val);
     }
   } else {
+    float* pa = dq + (long)ra * rstride + c0 + 2 * t;
+    if (ra < T) {
 #pragma unroll
-    for (int n = 0; n < N; n++) {
-      const int col = c0 + n * 8 + 2 * t;
-      if (ra < T)
-        atomic_add2(dq + ra * rstride + col, make_float2(acc[n][0], acc[n][1]));
-      if (rc < T)
-        atomic_add2(dq + rc * rstride + col, make_float2(acc[n][2], acc[n][3]));
+      for (int n = 0; n < N; n++) atomic_add2(pa + n * 8, make_float2(acc[n][0], acc[n][1]));
+    }
+    if (rc < T) {
+      float* pc = pa + 8 * rstride;
+#pragma unroll
+      for (int n = 0; n < N; n++) atomic_add2(pc + n * 8, make_float2(acc[n][2], acc[n][3]));
     }
   }
 }
