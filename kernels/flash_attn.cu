@@ -34,6 +34,7 @@
 #define KT 32   // keys per tile
 #define DMAX 128
 #define NDS (DMAX / 32)  // output dims per lane
+static_assert(NDS == 4, "flash_fwd: a lane owns one float4 of output dims");
 
 __device__ __forceinline__ bool allowed(int qpos, int s, unsigned qs, unsigned ks, int causal,
                                         int window) {
@@ -109,7 +110,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   // within each quarter-warp phase of an LDS.128 (the dot below reads 4 dims at a time).
   __shared__ __align__(16) float qs[4 * FWD_ROWS][DMAX];
   __shared__ __align__(16) float ks[KT][DMAX + 4];
-  __shared__ float vs[KT][DMAX];
+  __shared__ __align__(16) float vs[KT][DMAX];
   __shared__ unsigned kseg_s[KT];
   const int b = blockIdx.z, kvh = blockIdx.y, G = H / KV;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -119,7 +120,10 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     const int r = e / D, d = e - r * D, t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
     qs[r][d] = t < T_ ? to_f(q[(((size_t)b * T_ + t) * H + h) * D + d]) : 0.f;
   }
+  // Lane owns output dims 4·lane … 4·lane + 3 (one LDS.128 of a V row per key; lanes at or
+  // past D / 4 accumulate what is never stored).
   float m[FWD_ROWS], l[FWD_ROWS], acc[FWD_ROWS][NDS];
+  const int d0 = 4 * lane;
   unsigned qsg[FWD_ROWS];
   const int rw = r0 + warp * FWD_ROWS;  // this warp's first row; row rw + r is query (rw + r) / G
 #pragma unroll
@@ -174,11 +178,11 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
       for (int c = 0; c < NDS; ++c) acc[r][c] *= alpha;
       for (int j = 0; j < KT; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
-#pragma unroll
-        for (int c = 0; c < NDS; ++c) {
-          const int d = lane + 32 * c;
-          if (d < D) acc[r][c] += pj * vs[j][d];
-        }
+        const float4 vv = *reinterpret_cast<const float4*>(&vs[j][d0]);
+        acc[r][0] += pj * vv.x;
+        acc[r][1] += pj * vv.y;
+        acc[r][2] += pj * vv.z;
+        acc[r][3] += pj * vv.w;
       }
     }
   }
@@ -192,7 +196,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
       float* rec = part + ((size_t)split * gridDim.z * H * T_ + ((size_t)b * H + h) * T_ + t) * (D + 2);
 #pragma unroll
       for (int c = 0; c < NDS; ++c) {
-        const int d = lane + 32 * c;
+        const int d = d0 + c;
         if (d < D) rec[d] = acc[r][c];
       }
       if (lane == 0) rec[D] = m[r], rec[D + 1] = l[r];
@@ -201,7 +205,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #pragma unroll
     for (int c = 0; c < NDS; ++c) {
-      const int d = lane + 32 * c;
+      const int d = d0 + c;
       if (d < D) o[(((size_t)b * T_ + t) * H + h) * D + d] = from_f<T>(acc[r][c] * inv);
     }
     if (lane == 0) lse[((size_t)b * H + h) * T_ + t] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
