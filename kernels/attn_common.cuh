@@ -71,3 +71,32 @@ __device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, 
                                         int causal, int window) {
   return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
 }
+
+// A compile-time flag for code written once for the whole-tile and the masked case.
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// P^T and dS^T of a backward tile of 16 keys × BR queries held as mma accumulator fragments
+// (flash_mma's flash_bwd, flash_wgmma's wg_bwd): element 4n + e of a thread is query
+// i0 + 8n + 2t + (e & 1) and key k0 (e < 2, segment ks0) or k0 + 8 (ks1); lt, dlt, qs are the
+// step's lse, Δ and query segments. MASKED tests each weight (a masked one is 0); a whole tile
+// is computed without.
+template <bool MASKED, int BR>
+__device__ __forceinline__ void pt_dst(float* p, float* dp, const float* lt, const float* dlt,
+                                       const unsigned* qs, int i0, int k0, unsigned ks0,
+                                       unsigned ks1, int T, int S, int off, int causal,
+                                       int window, int t, float scale_log2, float scale) {
+#pragma unroll
+  for (int n = 0; n < BR / 8; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int il = n * 8 + 2 * t + (e & 1), i = i0 + il, j = e < 2 ? k0 : k0 + 8;
+      if (MASKED &&
+          !(i < T && j < S && allowed(i, j, qs[il], e < 2 ? ks0 : ks1, off, causal, window)))
+        p[4 * n + e] = dp[4 * n + e] = 0.f;
+      else
+        p_ds(p[4 * n + e], dp[4 * n + e], lt[il], dlt[il], scale_log2, scale);
+    }
+}

@@ -110,28 +110,12 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         }
       }
       // P^T and dS^T: a whole tile without a test per weight; masked weights are 0.
-      if (whole) {
-#pragma unroll
-        for (int n = 0; n < BR / 8; n++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int il = n * 8 + 2 * t + (e & 1);
-            p_ds(p[n][e], dp[n][e], lt[il], dlt[il], scale_log2, scale);
-          }
-      } else {
-#pragma unroll
-        for (int n = 0; n < BR / 8; n++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
-            const int j = e < 2 ? k0 : k1;
-            if (i < T && j < S &&
-                allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off, causal, window))
-              p_ds(p[n][e], dp[n][e], lt[il], dlt[il], scale_log2, scale);
-            else
-              p[n][e] = dp[n][e] = 0.f;
-          }
-      }
+      if (whole)
+        pt_dst<false, BR>(&p[0][0], &dp[0][0], lt, dlt, qss + buf * BR, i0, k0, ks0, ks1, T, S,
+                          off, causal, window, t, scale_log2, scale);
+      else
+        pt_dst<true, BR>(&p[0][0], &dp[0][0], lt, dlt, qss + buf * BR, i0, k0, ks0, ks1, T, S,
+                         off, causal, window, t, scale_log2, scale);
       // dV += P^T·dO, dK += dS^T·Q (k = the block's BR queries)
 #pragma unroll
       for (int kk = 0; kk < BR / 16; kk++) {
@@ -318,17 +302,7 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
         }
       }
       // 2. P and dS: a whole tile without a test per weight; masked weights are 0.
-      if (whole) {
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-          for (int n = 0; n < 4; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-              const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0);
-              p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
-            }
-      } else {
+      auto weights = [&](auto masked) {
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -337,12 +311,17 @@ __device__ void flash_bwd64(const bf16* __restrict__ q, const bf16* __restrict__
             for (int e = 0; e < 4; e++) {
               const int il = qr + mt * 16 + g + (e >= 2 ? 8 : 0), i = i0 + il;
               const int jl = kc + n * 8 + 2 * t + (e & 1), j = j0 + jl;
-              if (i < T && j < S && allowed(i, j, st[il], kss[jl], off, causal, window))
-                p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
-              else
+              if (decltype(masked)::value &&
+                  !(i < T && j < S && allowed(i, j, st[il], kss[jl], off, causal, window)))
                 sp[mt][n][e] = dp[mt][n][e] = 0.f;
+              else
+                p_ds(sp[mt][n][e], dp[mt][n][e], lt[il], dlt[il], scale_log2, scale);
             }
-      }
+      };
+      if (whole)
+        weights(Flag<false>());
+      else
+        weights(Flag<true>());
     }
     // P and dS to shared memory (zeros where the warp skipped).
 #pragma unroll

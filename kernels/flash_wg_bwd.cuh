@@ -127,28 +127,12 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     pin<BR / 2>(p);
     pin<BR / 2>(dp);
     // P^T and dS^T: a whole tile without a test per weight; masked weights are 0.
-    if (whole) {
-#pragma unroll
-      for (int n = 0; n < BR / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int il = n * 8 + 2 * t + (e & 1);
-          p_ds(p[4 * n + e], dp[4 * n + e], lt[il], dlt[il], scale_log2, scale);
-        }
-    } else {
-#pragma unroll
-      for (int n = 0; n < BR / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int il = n * 8 + 2 * t + (e & 1), i = i0 + il;
-          const int j = e < 2 ? k0 : k1;
-          if (i < T && j < S &&
-              allowed(i, j, qss[buf * BR + il], e < 2 ? ks0 : ks1, off, causal, window))
-            p_ds(p[4 * n + e], dp[4 * n + e], lt[il], dlt[il], scale_log2, scale);
-          else
-            p[4 * n + e] = dp[4 * n + e] = 0.f;
-        }
-    }
+    if (whole)
+      pt_dst<false, BR>(p, dp, lt, dlt, qss + buf * BR, i0, k0, ks0, ks1, T, S, off, causal,
+                        window, t, scale_log2, scale);
+    else
+      pt_dst<true, BR>(p, dp, lt, dlt, qss + buf * BR, i0, k0, ks0, ks1, T, S, off, causal,
+                       window, t, scale_log2, scale);
     // P^T and dS^T as bf16 A fragments; dS^T also to shared memory ([key][query], SW128): the
     // fragment registers of k-step kk are rows g / g + 8 of queries 16·kk + 2t and + 8.
     uint32_t pa[BR / 16][4], sa[BR / 16][4];
