@@ -7,7 +7,7 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use common::{grads_by_name, model_params, packed, Inputs};
 use omr_kernels::grad_sink;
 use omr_model::block::with_block_op;
@@ -85,29 +85,13 @@ fn routed_gradients_equal_candles_in_bf16_and_with_lora() {
     let inputs = Inputs::load("qwen25vl");
     let mut input = inputs.padded();
     input.pixel_values = Some(inputs.pixels.to_dtype(DType::BF16).unwrap());
-    let (cfg, mut params) = model_params("qwen25vl");
+    let (_, mut params) = model_params("qwen25vl");
     params.set_compute_dtype(DType::BF16).unwrap();
     for block in [false, true] {
         let (g, routed) = both(&params, &input, &inputs.labels, block);
         assert_same(&format!("bf16, block op {block}"), &params, &g, routed);
     }
-    let (_, mut lora) = model_params("qwen25vl");
-    let cfg_lora = omr_model::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-    };
-    omr_model::lora::apply(&mut lora, &cfg, &cfg_lora, 7).unwrap();
-    let bs: Vec<(String, Tensor)> = lora
-        .trainable()
-        .filter(|(n, _)| n.ends_with("lora_B.weight"))
-        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-        .collect();
-    for (n, b) in bs {
-        let r = Tensor::randn(0f32, 0.05, b.shape(), b.device()).unwrap();
-        lora.insert(n, &r, true).unwrap();
-    }
+    let lora = common::with_lora(&["q_proj", "v_proj"], 0.0);
     let (g, routed) = both(&lora, &inputs.padded(), &inputs.labels, false);
     let adapters = g[1]
         .iter()
