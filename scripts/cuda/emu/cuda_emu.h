@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <memory>
 #include <mutex>
 #include <ucontext.h>
@@ -270,43 +271,40 @@ namespace emu {
 inline unsigned tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 }  // namespace emu
 
-inline float __shfl_xor_sync(unsigned, float v, int m) {
-  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
-  emu::Slots& sl = emu::slots(w);
-  const int lane = emu::tid() % 32;
-  sl.f[lane] = v;
+namespace emu {
+// A warp collective's exchange: this lane's value into its warp's next slot set (f for float,
+// d for double), then the warp's barrier; the 32 lanes' values.
+template <class V>
+inline const V* exchange(V v) {
+  Warp& w = cta->warps[tid() / 32];
+  Slots& sl = slots(w);
+  V* vals;
+  if constexpr (std::is_same_v<V, double>)
+    vals = sl.d;
+  else
+    vals = sl.f;
+  vals[tid() % 32] = v;
   w.bar.arrive_and_wait();
-  return sl.f[lane ^ m];
+  return vals;
+}
+}  // namespace emu
+
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  return emu::exchange(v)[(emu::tid() % 32) ^ m];
 }
 
 inline double __shfl_xor_sync(unsigned, double v, int m) {
-  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
-  emu::Slots& sl = emu::slots(w);
-  const int lane = emu::tid() % 32;
-  sl.d[lane] = v;
-  w.bar.arrive_and_wait();
-  return sl.d[lane ^ m];
+  return emu::exchange(v)[(emu::tid() % 32) ^ m];
 }
 
 inline int __all_sync(unsigned, int pred) {
-  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
-  emu::Slots& sl = emu::slots(w);
-  const int lane = emu::tid() % 32;
-  sl.f[lane] = pred ? 1.f : 0.f;
-  w.bar.arrive_and_wait();
+  const float* all = emu::exchange(pred ? 1.f : 0.f);
   for (int i = 0; i < 32; i++)
-    if (sl.f[i] == 0.f) return 0;
+    if (all[i] == 0.f) return 0;
   return 1;
 }
 
-inline float __shfl_sync(unsigned, float v, int src) {
-  emu::Warp& w = emu::cta->warps[emu::tid() / 32];
-  emu::Slots& sl = emu::slots(w);
-  const int lane = emu::tid() % 32;
-  sl.f[lane] = v;
-  w.bar.arrive_and_wait();
-  return sl.f[src & 31];
-}
+inline float __shfl_sync(unsigned, float v, int src) { return emu::exchange(v)[src & 31]; }
 
 inline float4 atomicAdd(float4* p, float4 v) {
   std::lock_guard<std::mutex> l(emu::atomics);
