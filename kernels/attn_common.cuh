@@ -72,6 +72,89 @@ __device__ __forceinline__ bool allowed(int i, int j, unsigned qs, unsigned ks, 
   return qs != 0u && qs == ks && (!causal || j <= i + off) && (window == 0 || j + window > i + off);
 }
 
+// What a forward's tile did to its rows' running maxima: O's rows are rescaled by a0 / a1
+// unless `lazy` (no maximum moved).
+struct Rescale {
+  bool lazy;
+  float a0, a1;
+};
+
+// The forwards' online softmax of one tile (flash_mma's flash_fwd per m-tile, flash_wgmma's
+// wg_fwd): the thread's BC / 2 scores s, element 4n + e of row r0 (e < 2, segment qs0) or
+// r0 + 8 (qs1) and key j0 + 8n + 2t + (e & 1) (segment kss[8n + 2t + (e & 1)]), become their
+// weights 2^(s·scale_log2 − m·scale_log2); unless the tile is whole, masked scores are −∞
+// first. Maxima of the unscaled scores (the scale is positive: flash_mma.rs), so one FMA per
+// weight. Lazy rescaling: while no row of the warp has a score above its running maximum m by
+// more than LAZY_LOG2 (weights up to 2^LAZY_LOG2, exact in f32 sums), the maxima stay and O
+// and the sums l are not rescaled; a row with nothing summed yet has m = −∞ and takes its
+// maximum (−∞ − −∞ is NaN: not lazy). The rescale is 1 while nothing was summed (the sums are
+// 0 then); a row with no allowed key yet subtracts 0 instead of −∞ (its scores are all
+// −∞ → 0). Updates m and l; O's rescale is the caller's (rescale_o), after its own waits.
+template <int BC>
+__device__ __forceinline__ Rescale softmax_tile(float* s, float& m0, float& m1, float& l0,
+                                                float& l1, bool whole, int j0, int r0,
+                                                unsigned qs0, unsigned qs1, const unsigned* kss,
+                                                int S, int T, int off, int causal, int window,
+                                                int t, float scale_log2) {
+  if (!whole) {
+#pragma unroll
+    for (int n = 0; n < BC / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool top = e < 2;
+        const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl, i = top ? r0 : r0 + 8;
+        if (!(j < S && i < T && allowed(i, j, top ? qs0 : qs1, kss[jl], off, causal, window)))
+          s[4 * n + e] = NEG_INF;
+      }
+  }
+  float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+  for (int n = 0; n < BC / 8; n++) {
+    mx0 = fmaxf(mx0, fmaxf(s[4 * n + 0], s[4 * n + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const bool lazy = __all_sync(0xffffffffu, (mx0 - m0) * scale_log2 <= LAZY_LOG2 &&
+                                                (mx1 - m1) * scale_log2 <= LAZY_LOG2);
+  const float mn0 = lazy ? m0 : fmaxf(m0, mx0), mn1 = lazy ? m1 : fmaxf(m1, mx1);
+  const Rescale r{lazy, lazy || mn0 == NEG_INF ? 1.f : ex2((m0 - mn0) * scale_log2),
+                  lazy || mn1 == NEG_INF ? 1.f : ex2((m1 - mn1) * scale_log2)};
+  const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+  const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int n = 0; n < BC / 8; n++) {
+    s[4 * n + 0] = ex2(fmaf(s[4 * n + 0], scale_log2, -z0));
+    s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], scale_log2, -z0));
+    s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], scale_log2, -z1));
+    s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], scale_log2, -z1));
+    sum0 += s[4 * n + 0] + s[4 * n + 1];
+    sum1 += s[4 * n + 2] + s[4 * n + 3];
+  }
+  l0 = l0 * r.a0 + sum0;
+  l1 = l1 * r.a1 + sum1;
+  m0 = mn0;
+  m1 = mn1;
+  return r;
+}
+
+// O's rows (a thread's D / 2 accumulators, element 4n + e of row r0 (e < 2) or r0 + 8) by the
+// tile's rescale.
+template <int D>
+__device__ __forceinline__ void rescale_o(float* acc, Rescale r) {
+  if (r.lazy) return;
+#pragma unroll
+  for (int n = 0; n < D / 8; n++) {
+    acc[4 * n + 0] *= r.a0;
+    acc[4 * n + 1] *= r.a0;
+    acc[4 * n + 2] *= r.a1;
+    acc[4 * n + 3] *= r.a1;
+  }
+}
+
 // A compile-time flag for code written once for the whole-tile and the masked case.
 template <bool B>
 struct Flag {

@@ -115,72 +115,13 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       }
 #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
-        const int r0 = w0 + 16 * mt + g, r1 = r0 + 8;
-        if (!whole) {
-#pragma unroll
-          for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-              const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
-              const bool top = e < 2;
-              const int i = top ? r0 : r1;
-              if (!(j < S && i < T &&
-                    allowed(i, j, top ? qs0[mt] : qs1[mt], kss[jl], off, causal, window)))
-                s[mt][n][e] = NEG_INF;
-            }
-          }
-        }
-        // Maxima of the unscaled scores (the scale is positive: flash_mma.rs), scaled in the
-        // exponent: one FMA per weight, 2^(s·scale_log2 − m·scale_log2).
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-          mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        // Lazy rescaling: while no row of the warp has a score above its running maximum by
-        // more than LAZY_LOG2 (weights up to 2^LAZY_LOG2, exact in f32 sums), the maxima stay
-        // and O and the sums are not rescaled. A row with nothing summed yet has m = −∞ and
-        // takes its maximum (−∞ − −∞ is NaN: not lazy).
-        const bool lazy = __all_sync(0xffffffffu, (mx0 - m0[mt]) * scale_log2 <= LAZY_LOG2 &&
-                                                      (mx1 - m1[mt]) * scale_log2 <= LAZY_LOG2);
-        const float mn0 = lazy ? m0[mt] : fmaxf(m0[mt], mx0);
-        const float mn1 = lazy ? m1[mt] : fmaxf(m1[mt], mx1);
-        // Rescale of what was summed so far (1 while nothing was: the sums are 0 then); a row
-        // with no allowed key yet subtracts 0 instead of −∞ (its scores are all −∞ → 0).
-        const float a0 = lazy || mn0 == NEG_INF ? 1.f : ex2((m0[mt] - mn0) * scale_log2);
-        const float a1 = lazy || mn1 == NEG_INF ? 1.f : ex2((m1[mt] - mn1) * scale_log2);
-        const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
-        const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-          s[mt][n][0] = ex2(fmaf(s[mt][n][0], scale_log2, -z0));
-          s[mt][n][1] = ex2(fmaf(s[mt][n][1], scale_log2, -z0));
-          s[mt][n][2] = ex2(fmaf(s[mt][n][2], scale_log2, -z1));
-          s[mt][n][3] = ex2(fmaf(s[mt][n][3], scale_log2, -z1));
-          sum0 += s[mt][n][0] + s[mt][n][1];
-          sum1 += s[mt][n][2] + s[mt][n][3];
-        }
+        const Rescale rs =
+            softmax_tile<BC>(&s[mt][0][0], m0[mt], m1[mt], l0[mt], l1[mt], whole, j0,
+                             w0 + 16 * mt + g, qs0[mt], qs1[mt], kss, S, T, off, causal,
+                             window, t, scale_log2);
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) c_to_a(s[mt], kk, pa[mt][kk]);
-        l0[mt] = l0[mt] * a0 + sum0;
-        l1[mt] = l1[mt] * a1 + sum1;
-        m0[mt] = mn0;
-        m1[mt] = mn1;
-        if (!lazy) {
-#pragma unroll
-          for (int n = 0; n < D / 8; n++) {
-            acc[mt][n][0] *= a0;
-            acc[mt][n][1] *= a0;
-            acc[mt][n][2] *= a1;
-            acc[mt][n][3] *= a1;
-          }
-        }
+        rescale_o<D>(&acc[mt][0][0], rs);
       }
     }
     cp_wait<0>();

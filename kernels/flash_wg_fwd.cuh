@@ -146,54 +146,9 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
         wg_wait<0>();
       }
       pin<BC / 2>(s);
-      if (!whole) {
-#pragma unroll
-        for (int n = 0; n < BC / 8; n++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const bool top = e < 2;
-            const int jl = n * 8 + 2 * t + (e & 1), j = j0 + jl;
-            const int i = top ? r0 : r1;
-            if (!(j < S && i < T &&
-                  allowed(i, j, top ? qs0 : qs1, kss[cur * BC + jl], off, causal, window)))
-              s[4 * n + e] = NEG_INF;
-          }
-      }
-      float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-      for (int n = 0; n < BC / 8; n++) {
-        mx0 = fmaxf(mx0, fmaxf(s[4 * n + 0], s[4 * n + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      // As in flash_mma.cu: maxima of the unscaled scores, scaled in the exponent (one FMA per
-      // weight), moved only when a row's would give a weight above 2^LAZY_LOG2 (the warp's
-      // rows together); rescale 1 while nothing was summed, subtract 0 for a row with no
-      // allowed key yet (its scores are all −∞ → 0).
-      const bool lazy = __all_sync(0xffffffffu, (mx0 - m0) * scale_log2 <= LAZY_LOG2 &&
-                                                    (mx1 - m1) * scale_log2 <= LAZY_LOG2);
-      const float mn0 = lazy ? m0 : fmaxf(m0, mx0), mn1 = lazy ? m1 : fmaxf(m1, mx1);
-      const float a0 = lazy || mn0 == NEG_INF ? 1.f : ex2((m0 - mn0) * scale_log2);
-      const float a1 = lazy || mn1 == NEG_INF ? 1.f : ex2((m1 - mn1) * scale_log2);
-      const float z0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
-      const float z1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
-      float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-      for (int n = 0; n < BC / 8; n++) {
-        s[4 * n + 0] = ex2(fmaf(s[4 * n + 0], scale_log2, -z0));
-        s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], scale_log2, -z0));
-        s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], scale_log2, -z1));
-        s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], scale_log2, -z1));
-        sum0 += s[4 * n + 0] + s[4 * n + 1];
-        sum1 += s[4 * n + 2] + s[4 * n + 3];
-      }
-      l0 = l0 * a0 + sum0;
-      l1 = l1 * a1 + sum1;
-      m0 = mn0;
-      m1 = mn1;
+      const Rescale rs = softmax_tile<BC>(s, m0, m1, l0, l1, whole, j0, r0, qs0, qs1,
+                                          kss + cur * BC, S, T, off, causal, window, t,
+                                          scale_log2);
       if (PIPE) {
         wg_wait<0>();  // the previous tile's P·V: O and its P registers are free again
         pin<D / 2>(acc);
@@ -201,15 +156,7 @@ __device__ __forceinline__ void wg_fwd(const bf16* __restrict__ q, const bf16* _
       }
 #pragma unroll
       for (int kk = 0; kk < BC / 16; kk++) acc_to_a(s, kk, pa[kk]);
-      if (!lazy) {
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-          acc[4 * n + 0] *= a0;
-          acc[4 * n + 1] *= a0;
-          acc[4 * n + 2] *= a1;
-          acc[4 * n + 3] *= a1;
-        }
-      }
+      rescale_o<D>(acc, rs);
       if (PIPE)
         vpend = vt;
       else
