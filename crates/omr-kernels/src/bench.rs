@@ -397,7 +397,7 @@ pub fn run_all(dev: &Device) -> Result<(Ceilings, Vec<Row>)> {
         ("kernel".to_string(), Box::new(flash_attn_kernel)),
         ("gemm".to_string(), Box::new(crate::gemm_attn::gemm_attn)),
     ];
-    if crate::flash_mma::supported(qa.as_tensor(), &ka) {
+    if crate::flash_mma::supported(qa.as_tensor(), &ka, scale) {
         use crate::flash_mma::{flash_mma_tiled, Tiling};
         // The default tiling and the others OMR_MMA can choose (flash_mma::Tiling).
         for spec in [

@@ -61,15 +61,14 @@ enum CudaPath {
 
 /// Which path [`flash_attn`] takes on CUDA for more than 16 query rows (`None`: the kernel of
 /// `flash_attn.cu`, or its CPU reference): the tensor cores where [`crate::flash_mma`] takes
-/// the inputs (and the scale is positive), else the GEMM path; `OMR_ATTN=gemm` / `kernel`
-/// force those.
+/// the inputs, else the GEMM path; `OMR_ATTN=gemm` / `kernel` force those.
 fn cuda_path(q: &Tensor, k: &Tensor, scale: f64) -> Result<Option<CudaPath>> {
     let choice = attn_choice();
     if !q.device().is_cuda() || q.dim(1)? <= 16 || choice == Some("kernel") {
         return Ok(None);
     }
     Ok(Some(
-        if choice != Some("gemm") && crate::flash_mma::supported(q, k) && scale > 0.0 {
+        if choice != Some("gemm") && crate::flash_mma::supported(q, k, scale) {
             CudaPath::Mma
         } else {
             CudaPath::Gemm

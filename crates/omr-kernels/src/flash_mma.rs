@@ -25,10 +25,13 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Whether the kernels take these inputs: CUDA, bf16, head dim 64, 80 or 128.
-pub fn supported(q: &Tensor, k: &Tensor) -> bool {
+/// Whether the kernels take these inputs: CUDA, bf16, head dim 64, 80 or 128, and a positive
+/// finite scale (the kernels take the row maxima of unscaled scores).
+pub fn supported(q: &Tensor, k: &Tensor, scale: f64) -> bool {
     let d = q.dims().last().copied().unwrap_or(0);
-    cfg!(feature = "cuda")
+    scale > 0.0
+        && scale.is_finite()
+        && cfg!(feature = "cuda")
         && q.device().is_cuda()
         && q.dtype() == DType::BF16
         && k.dtype() == DType::BF16
@@ -234,7 +237,7 @@ fn build(
 ) -> Result<FlashMma> {
     let (b, t, h, d) = q.dims4()?;
     let (bk, s, kv, dk) = k.dims4()?;
-    if !supported(q, k)
+    if !supported(q, k, scale)
         || v.dims() != k.dims()
         || v.dtype() != k.dtype()
         || bk != b
@@ -242,7 +245,6 @@ fn build(
         || kv == 0
         || h % kv != 0
         || s < t
-        || !(scale > 0.0 && scale.is_finite())
     {
         bail!(
             "flash_mma: q (B, T, H, D), k/v (B, S, KV, D) in bf16 on CUDA, D 64/80/128, H % KV = 0, S ≥ T, a positive scale (the kernels take the row maxima of unscaled scores); got {:?}, {:?}, {:?}, scale {scale}",
