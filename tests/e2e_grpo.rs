@@ -34,6 +34,10 @@ fn grpo(run: &Path, extra: &[&str]) -> std::process::Output {
 
 /// `omr grpo` with `OMR_LOG=level`.
 fn grpo_logged(run: &Path, extra: &[&str], level: &str) -> std::process::Output {
+    grpo_command(run, extra, level).output().expect("omr runs")
+}
+
+fn grpo_command(run: &Path, extra: &[&str], level: &str) -> std::process::Command {
     let preset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/grpo/tiny.toml");
     let data = root().join("data");
     let mut sets = vec![
@@ -65,11 +69,9 @@ fn grpo_logged(run: &Path, extra: &[&str], level: &str) -> std::process::Output 
         args.push("--set".into());
         args.push(set);
     }
-    std::process::Command::new(env!("CARGO_BIN_EXE_omr"))
-        .args(&args)
-        .env("OMR_LOG", level)
-        .output()
-        .expect("omr runs")
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_omr"));
+    cmd.args(&args).env("OMR_LOG", level);
+    cmd
 }
 
 fn show(out: &std::process::Output) -> String {
@@ -131,6 +133,35 @@ fn grpo_runs_resumes_and_exports() {
     assert!(out.status.success(), "{}", show(&out));
     let card = fs::read_to_string(exp.join("README.md")).unwrap();
     assert!(card.contains("GRPO"), "{card}");
+}
+
+/// Several processes of one job (torchrun's `WORLD_SIZE`, SLURM's `SLURM_NTASKS`) are refused
+/// at start-up with exit 2 naming the variables, before anything is written: GRPO trains in
+/// one process per job (data parallelism is `omr sft`'s), and without gradients exchanged
+/// each process would train its own model into the same run directory.
+#[test]
+fn several_processes_of_one_job_are_refused() {
+    let run = root().join("several");
+    for (vars, want) in [
+        (
+            [("WORLD_SIZE", "2"), ("RANK", "1")],
+            "WORLD_SIZE=2 and RANK=1",
+        ),
+        (
+            [("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")],
+            "SLURM_NTASKS=4 and SLURM_PROCID=0",
+        ),
+    ] {
+        let out = grpo_command(&run, &[], "warn")
+            .envs(vars)
+            .output()
+            .expect("omr runs");
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{}", show(&out));
+        assert!(err.contains("one process per job"), "{}", show(&out));
+        assert!(!run.exists(), "nothing written for a refused launch");
+    }
 }
 
 #[test]

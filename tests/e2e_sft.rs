@@ -32,6 +32,9 @@ mod support;
 #[path = "e2e_sft/numerics.rs"]
 mod numerics;
 
+#[path = "e2e_sft/data_parallel.rs"]
+mod data_parallel;
+
 use support::*;
 
 // ---- tests --------------------------------------------------------------------------------
@@ -323,38 +326,6 @@ fn bad_config_key_is_named() {
         !tmp.path().join("run").exists(),
         "nothing written for a bad config"
     );
-}
-
-/// Several processes of one job (torchrun's `WORLD_SIZE`, SLURM's `SLURM_NTASKS`) are refused
-/// at start-up with exit 2 naming the variables, before anything is written: omr trains in one
-/// process per job, and without gradients exchanged each process would train its own model on
-/// its stripe of the data into the same run directory.
-#[test]
-fn several_processes_of_one_job_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    for (vars, want) in [
-        (
-            [("WORLD_SIZE", "2"), ("RANK", "1")],
-            "WORLD_SIZE=2 and RANK=1",
-        ),
-        (
-            [("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")],
-            "SLURM_NTASKS=4 and SLURM_PROCID=0",
-        ),
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_omr"))
-            .args(sft_args(&run, &[]))
-            .env("OMR_LOG", "warn")
-            .envs(vars)
-            .output()
-            .expect("omr runs");
-        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{}", show(&out));
-        assert!(err.contains("one process per job"), "{}", show(&out));
-        assert!(!run.exists(), "nothing written for a refused launch");
-    }
 }
 
 /// A config whose planned peak exceeds the device's memory (here `[runtime] memory_limit`, as

@@ -30,6 +30,10 @@ pub enum TrainError {
     OutOfMemory(String),
     #[error("{0}")]
     Internal(String),
+    /// A collective of a data-parallel run failed: a peer is gone (exit 1; its own log says
+    /// why) or silent past the timeout (exit 67, the watchdog's code).
+    #[error("data parallel: {message}")]
+    Collective { message: String, timed_out: bool },
 }
 
 impl TrainError {
@@ -40,6 +44,9 @@ impl TrainError {
             TrainError::BadData(_) => 64,
             TrainError::NonFinite { .. } => 65,
             TrainError::Checkpoint(_) => 66,
+            TrainError::Collective {
+                timed_out: true, ..
+            } => 67,
             _ => 1,
         }
     }

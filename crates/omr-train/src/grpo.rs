@@ -46,6 +46,7 @@ use crate::sft::{Outcome, RunOptions};
 use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
 use crate::state::{self, GrpoState, TrainState};
 use completions_log::CompletionsLog;
+use omr_data::loader::Rank;
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::Quarantine;
@@ -68,7 +69,7 @@ pub fn run_with(
     opts: &RunOptions,
     rewards: Vec<(Box<dyn Reward>, f64)>,
 ) -> Result<Outcome> {
-    setup::single_process()?;
+    setup::single_process("grpo")?;
     if rewards.is_empty() {
         return Err(TrainError::Usage("GRPO needs at least one reward".into()));
     }
@@ -114,7 +115,7 @@ fn train(
     let reference = reference::build(cfg, rt, &device)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut loader = setup::open_loader(&cfg.data)?;
+    let mut loader = setup::open_loader(&cfg.data, Rank::SINGLE)?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());

@@ -14,6 +14,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod device_check;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;

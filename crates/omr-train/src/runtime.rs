@@ -120,17 +120,23 @@ pub struct Runtime {
 
 impl RuntimeConfig {
     pub fn resolve(&self) -> Result<Runtime> {
+        self.resolve_on(0)
+    }
+
+    /// [`RuntimeConfig::resolve`] with GPU `ordinal` for `cuda` and `auto` (a data-parallel
+    /// process's local rank).
+    pub fn resolve_on(&self, ordinal: usize) -> Result<Runtime> {
         let device = match self.device {
             DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
+            DeviceChoice::Cuda => Device::new_cuda(ordinal).map_err(|e| {
                 TrainError::Usage(format!(
-                    "[runtime] device = \"cuda\": {e} (a build with `--features cuda` on a machine \
+                    "[runtime] device = \"cuda\" (GPU {ordinal}): {e} (a build with `--features cuda` on a machine \
                      with an NVIDIA GPU is needed; use device = \"cpu\" or \"auto\" elsewhere)"
                 ))
             })?,
             DeviceChoice::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    match Device::new_cuda(0) {
+                    match Device::new_cuda(ordinal) {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::warn!("[runtime] device = \"auto\": no usable GPU ({e}), training on the CPU");
@@ -227,10 +233,9 @@ impl Runtime {
     pub fn describe(&self) -> String {
         format!(
             "{} {} {}",
-            if self.device.is_cuda() {
-                "cuda:0"
-            } else {
-                "cpu"
+            match self.device.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                _ => "cpu".to_string(),
             },
             match self.compute {
                 DType::BF16 => "bf16 (fp32 masters)",

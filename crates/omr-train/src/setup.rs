@@ -7,6 +7,7 @@ use crate::config::{ModelInit, ModelSection};
 use crate::error::{Result, TrainError};
 use crate::optim::{param_specs, AdamW, OptimConfig};
 use crate::runtime::Runtime;
+use crate::state::TrainState;
 use candle_core::{DType, Device, Tensor};
 use omr_data::config::DataConfig;
 use omr_data::loader::{Loader, Rank};
@@ -149,38 +150,65 @@ pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Resul
     Ok(())
 }
 
-/// Training runs as one process per job. A launch of several processes (torchrun's
-/// `WORLD_SIZE`, or SLURM's `SLURM_NTASKS`, above 1) is refused before anything is loaded or
-/// written: without gradients exchanged between the processes, each would train its own copy
-/// of the model on its stripe of the data and write the same run directory, and a lone
-/// process in a many-task allocation would read only its stripe.
-pub fn single_process() -> Result<()> {
-    refuse_several_processes(Rank::named_from_env())
+/// GRPO runs as one process per job. A launch of several processes (torchrun's `WORLD_SIZE`,
+/// or SLURM's `SLURM_NTASKS`, above 1) is refused before anything is loaded or written:
+/// without gradients exchanged between the processes, each would train its own copy of the
+/// model on its stripe of the prompts and write the same run directory. (`omr sft` runs data
+/// parallel: `crate::dist`.)
+pub fn single_process(recipe: &str) -> Result<()> {
+    refuse_several_processes(recipe, Rank::named_from_env())
 }
 
-fn refuse_several_processes((rank, (rank_var, world_var)): (Rank, (&str, &str))) -> Result<()> {
+fn refuse_several_processes(
+    recipe: &str,
+    (rank, (rank_var, world_var)): (Rank, (&str, &str)),
+) -> Result<()> {
     if rank.world <= 1 {
         return Ok(());
     }
     Err(TrainError::Usage(format!(
-        "{world_var}={} and {rank_var}={}: this process is one of {} in its job, but omr trains in \
-         one process per job (multi-GPU data parallelism is not implemented: each process would \
-         train its own model on 1/{} of the data and write the same checkpoints). Launch one \
-         task (`srun --ntasks=1`, `#SBATCH --ntasks=1`, `torchrun --nproc_per_node=1`) or unset \
-         {world_var}",
+        "{world_var}={} and {rank_var}={}: this process is one of {} in its job, but `omr \
+         {recipe}` trains in one process per job (data parallelism is implemented for `omr sft` \
+         only: each process would train its own model on 1/{} of the data and write the same \
+         checkpoints). Launch one task (`srun --ntasks=1`, `#SBATCH --ntasks=1`, `torchrun \
+         --nproc_per_node=1`) or unset {world_var}",
         rank.world, rank.rank, rank.world, rank.world
     )))
 }
 
-/// The loader over every source of `data`, striped by the rank of the environment.
-pub fn open_loader(data: &DataConfig) -> Result<Loader> {
+/// sha256 of a resolved config: what every rank of a data-parallel run must agree on.
+pub fn fingerprint(resolved: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(resolved.as_bytes()).into()
+}
+
+/// A checkpoint's resume state for rank `rank` of `world`: rank 0 keeps it; another rank takes
+/// its own data cursor and counters from `ranks`. A checkpoint of another number of
+/// processes is refused: the data stripes would not line up.
+pub fn rank_state(mut st: TrainState, rank: usize, world: usize, dir: &Path) -> Result<TrainState> {
+    let saved_world = st.ranks.len() + 1;
+    if saved_world != world {
+        return Err(TrainError::Usage(format!(
+            "{}: written by a run of {saved_world} process(es), this run has {world}; resume with \
+             {saved_world} (WORLD_SIZE / SLURM_NTASKS), or start a new run directory",
+            dir.display()
+        )));
+    }
+    if rank > 0 {
+        let mine = st.ranks[rank - 1].clone();
+        st.set_rank_data(mine);
+    }
+    Ok(st)
+}
+
+/// The loader over every source of `data`, reading the stripe of `rank`.
+pub fn open_loader(data: &DataConfig, rank: Rank) -> Result<Loader> {
     let mut sources = Vec::new();
     for spec in &data.sources {
         let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
         sources.push((src, spec.weight));
     }
-    Loader::new(sources, data.loader.clone(), Rank::from_env())
-        .map_err(|e| TrainError::Usage(e.to_string()))
+    Loader::new(sources, data.loader.clone(), rank).map_err(|e| TrainError::Usage(e.to_string()))
 }
 
 #[cfg(test)]
@@ -197,12 +225,10 @@ mod tests {
 
     #[test]
     fn several_processes_are_refused_with_the_variables_named() {
-        assert!(refuse_several_processes(named(&[])).is_ok());
-        assert!(refuse_several_processes(named(&[("WORLD_SIZE", "1"), ("RANK", "0")])).is_ok());
-        assert!(
-            refuse_several_processes(named(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]))
-                .is_ok()
-        );
+        let refuse = |vars| refuse_several_processes("grpo", named(vars));
+        assert!(refuse(&[]).is_ok());
+        assert!(refuse(&[("WORLD_SIZE", "1"), ("RANK", "0")]).is_ok());
+        assert!(refuse(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]).is_ok());
         for (vars, want) in [
             (
                 &[("WORLD_SIZE", "8"), ("RANK", "3")][..],
@@ -213,11 +239,14 @@ mod tests {
                 "SLURM_NTASKS=4 and SLURM_PROCID=0",
             ),
         ] {
-            let err = refuse_several_processes(named(vars)).unwrap_err();
+            let err = refuse(vars).unwrap_err();
             assert!(matches!(err, TrainError::Usage(_)), "{err}");
             let msg = err.to_string();
             assert!(msg.contains(want), "{msg}");
-            assert!(msg.contains("one process per job"), "{msg}");
+            assert!(
+                msg.contains("`omr grpo` trains in one process per job"),
+                "{msg}"
+            );
         }
     }
 }

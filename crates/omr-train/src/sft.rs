@@ -14,11 +14,19 @@
 //!   `Outcome::Preempted` (exit 75).
 //! - Everything random is keyed by (seed, step, micro-batch), and the data cursor is in the
 //!   resume state, so a resumed run reproduces the never-stopped one bit for bit on CPU.
+//! - Data parallel (`dist`): each of W processes reads every W-th record, and before each
+//!   optimizer step the gradients, losses and token counts are summed over the processes, so
+//!   every process takes the same step: the one a single process takes with `grad_accum`·W
+//!   (bit for bit with one micro-batch per process on CPU). Rank r's micro-batch m counts as
+//!   micro-batch m·W + r of that step for its random draws. Stops, non-finite steps and
+//!   skipped steps are agreed on by all; rank 0 alone logs, evaluates, checkpoints (with every
+//!   rank's data cursor) and exports.
 
 use crate::batch::to_input;
 use crate::card::EvalResult;
 use crate::checkpoint::FailureCounter;
 use crate::config::SftConfig;
+use crate::dist::{Group, Launch};
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::metrics::{rss_mib, Metrics, StepStats};
@@ -65,14 +73,21 @@ pub enum Outcome {
 }
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
-    setup::single_process()?;
-    let rt = cfg.runtime.resolve()?;
+    let launch = Launch::from_env()?;
+    let rt = cfg.runtime.resolve_on(launch.local_rank)?;
+    // Before anything heavy: a rank with another config is refused here, on every rank.
+    let mut group = Group::connect(&launch, setup::fingerprint(&cfg.to_toml()))?;
     let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, o);
     crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
-    train(cfg, opts, &rt).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
+    train(cfg, opts, &rt, &mut group).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
 }
 
-fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Result<Outcome> {
+fn train(
+    cfg: &SftConfig,
+    opts: &RunOptions,
+    rt: &crate::runtime::Runtime,
+    group: &mut Group,
+) -> Result<Outcome> {
     // ---- setup ------------------------------------------------------------------------
     let device = rt.device.clone();
     let run_dir = cfg.run.dir.clone();
@@ -95,15 +110,20 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut loader = setup::open_loader(&cfg.data)?;
+    let mut loader = setup::open_loader(&cfg.data, group.data_rank())?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
     let mut last_eval: Vec<EvalResult> = Vec::new();
-    let found = resume_dir(&opts.resume, &ckpt_root, &run_dir)?;
+    // Rank 0 picks the checkpoint, so that every rank resumes from the same one.
+    let found = match group.is_main() {
+        true => resume_dir(&opts.resume, &ckpt_root, &run_dir)?,
+        false => None,
+    };
+    let found = group.broadcast_json(&found)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
-        st = saved.train;
+        st = setup::rank_state(saved.train, group.rank(), group.world(), dir)?;
         // Later checkpoints (and their model cards) carry the last eval, as without the stop.
         last_eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
         check_processor(
@@ -124,11 +144,16 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
     }
     let resolved = cfg.to_toml();
     let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
+    if group.is_main() {
+        std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
+    }
 
     // ---- data, eval set, metrics -------------------------------------------------------------
     // Cut back to the checkpoint's length (0 for a fresh run): records after it are read again.
-    let qpath = run_dir.join("quarantine.jsonl");
+    let qpath = run_dir.join(match group.rank() {
+        0 => "quarantine.jsonl".to_string(),
+        r => format!("quarantine.rank{r}.jsonl"),
+    });
     cut_back(&qpath, st.quarantine_bytes)?;
     let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
         .map_err(|e| TrainError::Usage(e.to_string()))?;
@@ -157,19 +182,27 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         None
     };
     let resumed_at = found.as_ref().map(|_| st.step);
-    let mut metrics = Metrics::open(&run_dir, resumed_at, opts.progress, cfg.train.max_steps)
-        .map_err(|e| TrainError::Internal(e.to_string()))?;
+    let mut metrics = match group.is_main() {
+        true => Some(
+            Metrics::open(&run_dir, resumed_at, opts.progress, cfg.train.max_steps)
+                .map_err(|e| TrainError::Internal(e.to_string()))?,
+        ),
+        false => None,
+    };
     let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
     let max_steps = cfg.train.max_steps;
     let mut micro_batches_seen = 0u64;
-    // A signal, or the configured number of micro-batches of this process.
-    let stop_requested = |seen: u64| {
-        opts.stop.requested()
-            || cfg
-                .train
-                .stop_after_micro_batches
-                .is_some_and(|m| seen >= m)
+    // A signal, or the configured number of micro-batches of this process; on any rank.
+    let stop_requested = |seen: u64, group: &mut Group| {
+        group.any(
+            opts.stop.requested()
+                || cfg
+                    .train
+                    .stop_after_micro_batches
+                    .is_some_and(|m| seen >= m),
+        )
     };
+    let (rank, world) = (group.rank() as u64, group.world() as u64);
 
     // ---- the loop: one optimizer step per iteration -----------------------------------------
     while st.step < max_steps {
@@ -197,7 +230,7 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
             // (B, T) ids and labels; (N, C·T·P·P) patches
             let (input, labels) = to_input(&batch, &device)?;
             let ctx = Ctx {
-                dropout_seed: Some(derive_seed(&[cfg.train.seed, step, micro])),
+                dropout_seed: Some(derive_seed(&[cfg.train.seed, step, micro * world + rank])),
                 ..model.ctx()
             };
             let mut n = 0;
@@ -218,7 +251,7 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
             loss_sum += s;
             n_tokens += n;
             micro_batches_seen += 1;
-            if stop_requested(micro_batches_seen) {
+            if stop_requested(micro_batches_seen, group)? {
                 stopped = micro + 1 < cfg.train.grad_accum;
                 if stopped {
                     break;
@@ -227,19 +260,39 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         }
         if stopped {
             // Mid-accumulation: nothing of this step is kept; its data is read again on resume.
-            commit(
-                &ckpt_root,
-                cfg.checkpoint.keep_last,
-                &resolved,
-                &st,
-                &built,
-                &opt,
-                &last_eval,
-                &mut save_failures,
-                true,
-            )?;
-            metrics.finish();
+            commit_on_main(group, &mut st, |st| {
+                commit(
+                    &ckpt_root,
+                    cfg.checkpoint.keep_last,
+                    &resolved,
+                    st,
+                    &built,
+                    &opt,
+                    &last_eval,
+                    &mut save_failures,
+                    true,
+                )
+            })?;
+            metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step: st.step });
+        }
+
+        // The step over all ranks: sums in rank order; a rank's non-finite step is everyone's.
+        let mut totals = [
+            loss_sum,
+            n_tokens as f64,
+            n_samples as f64,
+            n_input_tokens as f64,
+            f64::from(u8::from(!finite)),
+            quarantine.bad as f64,
+        ];
+        group.sum_f64(&mut totals)?;
+        let [loss_sum, n_tokens, n_samples, n_input_tokens, nonfinite, bad_samples] = totals;
+        let (n_tokens, n_samples, n_input_tokens) =
+            (n_tokens as usize, n_samples as u64, n_input_tokens as u64);
+        let finite = nonfinite == 0.0;
+        if finite {
+            group.sum_grads(&mut acc)?;
         }
 
         // clip + AdamW, or skip a non-finite step
@@ -288,8 +341,8 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         // log
         let dt = t_step.elapsed().as_secs_f64();
         let loss = loss_sum / n_tokens.max(1) as f64;
-        metrics
-            .log_step(&StepStats {
+        let logged = metrics.as_mut().map(|m| {
+            m.log_step(&StepStats {
                 step,
                 total_steps: max_steps,
                 epoch: epoch_of(&st),
@@ -302,12 +355,15 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
                 data_time_s: data_time,
                 mem_mib: rss_mib(),
                 skipped: st.skipped_steps,
-                bad_samples: quarantine.bad,
+                bad_samples: bad_samples as u64,
                 supervised_tokens: n_tokens as u64,
             })
+        });
+        logged
+            .transpose()
             .map_err(|e| TrainError::Internal(e.to_string()))?;
         if st.nonfinite_streak >= cfg.train.max_nonfinite_steps {
-            metrics.finish();
+            metrics.iter_mut().for_each(Metrics::finish);
             return Err(TrainError::NonFinite {
                 step,
                 count: st.nonfinite_streak,
@@ -317,7 +373,7 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         // eval
         let last = step == max_steps;
         let eval_due = cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps);
-        if let Some(set) = &eval_set {
+        if let (Some(set), Some(metrics)) = (&eval_set, &mut metrics) {
             if eval_due || last {
                 last_eval = eval::evaluate_run(
                     &model,
@@ -338,29 +394,31 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
         }
 
         // checkpoint, preemption
-        let stop = stop_requested(micro_batches_seen);
+        let stop = stop_requested(micro_batches_seen, group)?;
         if last || stop || cfg.checkpoint.is_due(step) {
-            commit(
-                &ckpt_root,
-                cfg.checkpoint.keep_last,
-                &resolved,
-                &st,
-                &built,
-                &opt,
-                &last_eval,
-                &mut save_failures,
-                last || stop,
-            )?;
+            commit_on_main(group, &mut st, |st| {
+                commit(
+                    &ckpt_root,
+                    cfg.checkpoint.keep_last,
+                    &resolved,
+                    st,
+                    &built,
+                    &opt,
+                    &last_eval,
+                    &mut save_failures,
+                    last || stop,
+                )
+            })?;
         }
         if stop && !last {
-            metrics.finish();
+            metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step });
         }
     }
-    metrics.finish();
+    metrics.iter_mut().for_each(Metrics::finish);
 
     // ---- export -------------------------------------------------------------------------
-    if cfg.export.at_end {
+    if cfg.export.at_end && group.is_main() {
         let out = run_dir.join("export");
         crate::export::export(
             &built,
@@ -378,6 +436,31 @@ fn train(cfg: &SftConfig, opts: &RunOptions, rt: &crate::runtime::Runtime) -> Re
     })
 }
 
+/// Commits a checkpoint from rank 0 with every rank's data cursor, and returns on every rank
+/// once it is committed (so that no rank reports a stop before the checkpoint exists).
+fn commit_on_main(
+    group: &mut Group,
+    st: &mut TrainState,
+    commit: impl FnOnce(&TrainState) -> Result<()>,
+) -> Result<()> {
+    if group.world() > 1 {
+        let mine =
+            serde_json::to_vec(&st.rank_data()).map_err(|e| TrainError::Internal(e.to_string()))?;
+        let all = group.gather(mine)?;
+        if group.is_main() {
+            st.ranks = all[1..]
+                .iter()
+                .map(|b| serde_json::from_slice(b))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| TrainError::Internal(format!("a rank's data cursor: {e}")))?;
+        }
+    }
+    if group.is_main() {
+        commit(st)?;
+    }
+    group.barrier()
+}
+
 fn batch_error(e: BatchError) -> TrainError {
     match e {
         BatchError::Quarantine(q @ QuarantineError::OverBudget { .. }) => TrainError::BadData(q),
@@ -385,12 +468,15 @@ fn batch_error(e: BatchError) -> TrainError {
     }
 }
 
-/// Passes over the data so far, fractional (first source).
+/// Passes over the data so far, fractional (first source; a rank's cursor counts in its stripe).
 fn epoch_of(st: &TrainState) -> f64 {
     st.loader
         .sources
         .first()
-        .map(|c| c.epoch as f64 + c.pos as f64 / c.len.max(1) as f64)
+        .map(|c| {
+            let stripe = omr_data::mixture::per_rank_len(c.len, st.loader.world);
+            c.epoch as f64 + c.pos as f64 / stripe.max(1) as f64
+        })
         .unwrap_or(0.0)
 }
 

@@ -41,6 +41,10 @@ pub struct TrainState {
     /// Hashes of the files that turn data into tokens and pixels; resuming with other files
     /// would silently change the data, so it is refused unless asked for.
     pub processor: BTreeMap<String, String>,
+    /// Data-parallel runs: the data cursor and counters of ranks 1, 2, … (rank 0's are the
+    /// fields above), gathered by rank 0 for each checkpoint. Empty for one process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<RankData>,
     /// What only GRPO runs carry (absent in SFT checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpo: Option<GrpoState>,
@@ -79,9 +83,41 @@ impl TrainState {
             tokens: 0,
             samples: 0,
             processor,
+            ranks: Vec::new(),
             grpo: None,
         }
     }
+
+    /// This process's own part of the state (its data stripe's cursor and counters).
+    pub fn rank_data(&self) -> RankData {
+        RankData {
+            loader: self.loader.clone(),
+            data_seen: self.data_seen,
+            data_bad: self.data_bad,
+            data_bad_by_reason: self.data_bad_by_reason.clone(),
+            quarantine_bytes: self.quarantine_bytes,
+        }
+    }
+
+    /// Takes `d` as this process's own part (a rank other than 0 resuming).
+    pub fn set_rank_data(&mut self, d: RankData) {
+        self.loader = d.loader;
+        self.data_seen = d.data_seen;
+        self.data_bad = d.data_bad;
+        self.data_bad_by_reason = d.data_bad_by_reason;
+        self.quarantine_bytes = d.quarantine_bytes;
+    }
+}
+
+/// What each process of a data-parallel run keeps apart: where its stripe of the data is, and
+/// what its quarantine saw (its own `quarantine.rank<R>.jsonl`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankData {
+    pub loader: LoaderState,
+    pub data_seen: u64,
+    pub data_bad: u64,
+    pub data_bad_by_reason: BTreeMap<String, u64>,
+    pub quarantine_bytes: u64,
 }
 
 /// Files of a processor folder that decide tokens and pixels.

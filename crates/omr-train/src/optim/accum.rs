@@ -102,6 +102,19 @@ impl GradAccum {
         Ok(())
     }
 
+    /// Replaces each parameter's sum by `f(var, sum)`, in the optimizer's order (e.g. the sum
+    /// over the processes of a data-parallel run); the results count as this accumulator's.
+    pub fn map_sums<E>(
+        &mut self,
+        mut f: impl FnMut(&Var, Option<Tensor>) -> std::result::Result<Option<Tensor>, E>,
+    ) -> std::result::Result<(), E> {
+        for ((var, sum), owned) in self.vars.iter().zip(&mut self.sums).zip(&mut self.owned) {
+            *sum = f(var, sum.take())?;
+            *owned = sum.is_some();
+        }
+        Ok(())
+    }
+
     pub fn micro_batches(&self) -> usize {
         self.micro_batches
     }

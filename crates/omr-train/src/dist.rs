@@ -1,0 +1,360 @@
+//! Data parallelism: one process per GPU, gradients summed between the processes before each
+//! optimizer step, so that W processes with `grad_accum` A train as one process with A·W.
+//!
+//! Launch: torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or
+//! `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`; `MASTER_ADDR` from the batch
+//! script on several nodes). [`Launch::from_env`] reads them; a world of one (nothing set) is
+//! the single-process run, which goes through the same code with every collective a no-op.
+//!
+//! Notable choices:
+//! - **A hub over TCP** ([`tcp`]): rank 0 listens on `MASTER_PORT`, every other rank connects
+//!   once. A collective sends each rank's values to rank 0, which sums them *in rank order*
+//!   and sends the sums back. Every rank then holds the same bits, and with one micro-batch
+//!   per rank the sums are the ones a single process makes with `grad_accum` = W (rank r's
+//!   batch is that process's micro-batch r). Rank 0 moves 2·(W−1) copies of the gradients a
+//!   step: right for LoRA and small models, slow for a full fine-tune of billions of
+//!   parameters.
+//! - **No hang on a dead peer.** A process that exits (an error, a kill) closes its sockets; its
+//!   peers' next collective fails naming its rank (exit 1), so the whole job stops instead of
+//!   waiting. A live but stuck peer fails the others after `OMR_DIST_TIMEOUT_S` (default 3600
+//!   s) with exit 67 (watchdog).
+//! - **The same config everywhere.** The rendezvous compares a hash of each rank's resolved
+//!   config with rank 0's and refuses a mismatch, before any model is loaded.
+
+mod tcp;
+
+use crate::error::{Result, TrainError};
+use crate::optim::GradAccum;
+use candle_core::{DType, Tensor};
+use omr_data::loader::Rank;
+use std::time::Duration;
+pub use tcp::Frame;
+
+/// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Where this process sits in its job, read from the launcher's environment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world: usize,
+    /// The GPU of this process on its node (`LOCAL_RANK`, `SLURM_LOCALID`; 0 if neither).
+    pub local_rank: usize,
+    /// Rank 0's host and port (`MASTER_ADDR`, `MASTER_PORT`).
+    pub addr: String,
+    pub port: u16,
+    /// Silence from a peer longer than this fails the collective (`OMR_DIST_TIMEOUT_S`).
+    pub timeout: Duration,
+    /// The variables rank and world came from, for messages.
+    pub vars: (&'static str, &'static str),
+}
+
+impl Launch {
+    pub fn single() -> Launch {
+        Launch {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            addr: String::new(),
+            port: 0,
+            timeout: COLLECTIVE_TIMEOUT,
+            vars: ("", ""),
+        }
+    }
+
+    pub fn from_env() -> Result<Launch> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`Launch::from_env`] over any lookup (tests). A variable that is set but does not parse
+    /// is an error naming it; so is a multi-node SLURM job without `MASTER_ADDR`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Launch> {
+        let parse =
+            |name: &str| -> Result<Option<u64>> {
+                match get(name) {
+                    None => Ok(None),
+                    Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                        TrainError::Usage(format!("{name}={v:?} is not a whole number"))
+                    }),
+                }
+            };
+        for (r, w) in [("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")] {
+            if let (Some(rank), Some(world)) = (parse(r)?, parse(w)?) {
+                if world == 0 || rank >= world {
+                    return Err(TrainError::Usage(format!(
+                        "{r}={rank} and {w}={world}: a rank must be below the world size"
+                    )));
+                }
+            }
+        }
+        let (rank, vars) = Rank::named_from_lookup(&get);
+        if rank.world <= 1 {
+            return Ok(Launch::single());
+        }
+        let local_rank = match parse("LOCAL_RANK")? {
+            Some(l) => l,
+            None => parse("SLURM_LOCALID")?.unwrap_or(0),
+        } as usize;
+        let nodes = parse("SLURM_NNODES")?.unwrap_or(1);
+        let addr = match get("MASTER_ADDR") {
+            Some(a) if !a.trim().is_empty() => a.trim().to_string(),
+            _ if nodes > 1 => {
+                return Err(TrainError::Usage(format!(
+                    "{}={} over {nodes} nodes, but MASTER_ADDR is not set: the other ranks \
+                     cannot find rank 0. Add `export MASTER_ADDR=$(scontrol show hostnames \
+                     \"$SLURM_JOB_NODELIST\" | head -n 1)` to the batch script",
+                    vars.1, rank.world
+                )))
+            }
+            _ => "127.0.0.1".to_string(),
+        };
+        // torchrun always sets MASTER_PORT; under srun a port from the job id keeps two jobs
+        // sharing a node apart.
+        let port = match parse("MASTER_PORT")? {
+            Some(p) => u16::try_from(p)
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| TrainError::Usage(format!("MASTER_PORT={p} is not a TCP port")))?,
+            None => match parse("SLURM_JOB_ID")? {
+                Some(job) => 20000 + (job % 20000) as u16,
+                None => 29500,
+            },
+        };
+        let timeout = match parse("OMR_DIST_TIMEOUT_S")? {
+            Some(0) | None => COLLECTIVE_TIMEOUT,
+            Some(s) => Duration::from_secs(s),
+        };
+        Ok(Launch {
+            rank: rank.rank,
+            world: rank.world,
+            local_rank,
+            addr,
+            port,
+            timeout,
+            vars,
+        })
+    }
+
+    /// "rank 1 of 4 (RANK/WORLD_SIZE), local rank 1, rank 0 at 10.0.0.1:29500", for the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "rank {} of {} ({}/{}), local rank {}, rank 0 at {}:{}",
+            self.rank, self.world, self.vars.0, self.vars.1, self.local_rank, self.addr, self.port
+        )
+    }
+}
+
+/// The processes of one job, connected. Every collective must be called by every rank, in the
+/// same order; each returns the same result on every rank.
+pub struct Group {
+    rank: usize,
+    world: usize,
+    link: Option<tcp::Link>,
+}
+
+impl Group {
+    /// The world of one: every collective returns its input.
+    pub fn single() -> Group {
+        Group {
+            rank: 0,
+            world: 1,
+            link: None,
+        }
+    }
+
+    /// Connects the ranks of `launch` (a no-op for a world of one). `fingerprint` is what
+    /// must be equal on every rank (a hash of the resolved config): a mismatch is refused on
+    /// all of them.
+    pub fn connect(launch: &Launch, fingerprint: [u8; 32]) -> Result<Group> {
+        if launch.world <= 1 {
+            return Ok(Group::single());
+        }
+        let link = tcp::Link::connect(launch, fingerprint, CONNECT_TIMEOUT)?;
+        tracing::info!("data parallel: {}", launch.describe());
+        Ok(Group {
+            rank: launch.rank,
+            world: launch.world,
+            link: Some(link),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The loader's stripe for this process.
+    pub fn data_rank(&self) -> Rank {
+        Rank {
+            rank: self.rank,
+            world: self.world,
+        }
+    }
+
+    /// Rank 0: the process that logs, evaluates, checkpoints and exports.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Sums `values` over the ranks, in place, in rank order (f64 sums).
+    pub fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
+        let own = Frame::Data(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+        let sum = link.reduce(own, |acc, next| add_le::<8>(acc, next, f64_add))?;
+        decode_into(&sum, values, f64::from_le_bytes)
+    }
+
+    /// Whether `flag` holds on any rank.
+    pub fn any(&mut self, flag: bool) -> Result<bool> {
+        let mut v = [f64::from(u8::from(flag))];
+        self.sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// Waits until every rank got here.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.sum_f64(&mut [])
+    }
+
+    /// The f32 sum over the ranks that have `values` (`None`: this rank has none, e.g. a
+    /// parameter its batches did not reach), added in rank order starting from the first
+    /// rank that has them: with one rank holding values, the result is those bits. `None`
+    /// when no rank has any. `len` is the length every rank's values must have.
+    pub fn sum_f32(&mut self, values: Option<Vec<f32>>, len: usize) -> Result<Option<Vec<f32>>> {
+        if let Some(v) = &values {
+            if v.len() != len {
+                return Err(TrainError::Internal(format!(
+                    "sum_f32: {} values, {len} expected",
+                    v.len()
+                )));
+            }
+        }
+        let Some(link) = &mut self.link else {
+            return Ok(values);
+        };
+        let own = match values {
+            Some(v) => Frame::Data(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            None => Frame::Absent,
+        };
+        match link.reduce(own, |acc, next| add_le::<4>(acc, next, f32_add))? {
+            Frame::Absent => Ok(None),
+            sum => {
+                let mut out = vec![0f32; len];
+                decode_into(&sum, &mut out, f32::from_le_bytes)?;
+                Ok(Some(out))
+            }
+        }
+    }
+
+    /// Every rank's `bytes`, in rank order, on rank 0; an empty list on the others.
+    pub fn gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        match &mut self.link {
+            None => Ok(vec![bytes]),
+            Some(link) => link.gather(bytes),
+        }
+    }
+
+    /// Rank 0's `bytes` on every rank (the others' are ignored).
+    pub fn broadcast(&mut self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        match &mut self.link {
+            None => Ok(bytes),
+            Some(link) => link.broadcast(bytes),
+        }
+    }
+
+    /// [`Group::broadcast`] of a serde value.
+    pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        value: &T,
+    ) -> Result<T> {
+        let bytes = serde_json::to_vec(value).map_err(|e| TrainError::Internal(e.to_string()))?;
+        let back = self.broadcast(bytes)?;
+        serde_json::from_slice(&back).map_err(|e| TrainError::Internal(e.to_string()))
+    }
+}
+
+impl Group {
+    /// Sums every parameter's accumulated gradient over the ranks ([`Group::sum_f32`]): each
+    /// rank then holds the gradient of all micro-batches of the step, as f32. One collective
+    /// per parameter, through host memory.
+    pub fn sum_grads(&mut self, acc: &mut GradAccum) -> Result<()> {
+        if self.link.is_none() {
+            return Ok(());
+        }
+        acc.map_sums(|var, sum| -> Result<Option<Tensor>> {
+            let own = match sum {
+                Some(t) => Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let total = self.sum_f32(own, var.elem_count())?;
+            Ok(match total {
+                Some(v) => Some(Tensor::from_vec(v, var.dims(), var.device())?),
+                None => None,
+            })
+        })
+    }
+}
+
+fn f32_add(a: [u8; 4], b: [u8; 4]) -> [u8; 4] {
+    (f32::from_le_bytes(a) + f32::from_le_bytes(b)).to_le_bytes()
+}
+
+fn f64_add(a: [u8; 8], b: [u8; 8]) -> [u8; 8] {
+    (f64::from_le_bytes(a) + f64::from_le_bytes(b)).to_le_bytes()
+}
+
+/// `acc += next` elementwise over little-endian values of N bytes.
+fn add_le<const N: usize>(
+    acc: &mut [u8],
+    next: &[u8],
+    add: fn([u8; N], [u8; N]) -> [u8; N],
+) -> Result<()> {
+    if acc.len() != next.len() {
+        return Err(TrainError::Internal(format!(
+            "a collective got {} bytes from one rank and {} from another: the ranks run \
+             different models or configs",
+            acc.len(),
+            next.len()
+        )));
+    }
+    for (a, b) in acc.chunks_exact_mut(N).zip(next.chunks_exact(N)) {
+        let (mut x, mut y) = ([0u8; N], [0u8; N]);
+        x.copy_from_slice(a);
+        y.copy_from_slice(b);
+        a.copy_from_slice(&add(x, y));
+    }
+    Ok(())
+}
+
+fn decode_into<T, const N: usize>(
+    frame: &Frame,
+    out: &mut [T],
+    from: fn([u8; N]) -> T,
+) -> Result<()> {
+    let bytes = match frame {
+        Frame::Data(b) => b.as_slice(),
+        Frame::Absent => &[],
+    };
+    if bytes.len() != out.len() * N {
+        return Err(TrainError::Internal(format!(
+            "a collective returned {} bytes for {} values",
+            bytes.len(),
+            out.len()
+        )));
+    }
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+        let mut x = [0u8; N];
+        x.copy_from_slice(c);
+        *o = from(x);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

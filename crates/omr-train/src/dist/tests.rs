@@ -1,0 +1,216 @@
+use super::*;
+use std::net::TcpListener;
+use std::thread;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn launch(rank: usize, world: usize, port: u16) -> Launch {
+    Launch {
+        rank,
+        world,
+        local_rank: rank,
+        addr: "127.0.0.1".into(),
+        port,
+        timeout: Duration::from_secs(20),
+        vars: ("RANK", "WORLD_SIZE"),
+    }
+}
+
+/// Runs `body` on `world` connected ranks (threads), each with its own fingerprint; returns
+/// their results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    fingerprint: impl Fn(usize) -> [u8; 32],
+    body: impl Fn(&mut Group) -> Result<T> + Send + Sync + Clone + 'static,
+) -> Vec<Result<T>> {
+    let port = free_port();
+    let handles: Vec<_> = (0..world)
+        .map(|r| {
+            let body = body.clone();
+            let fp = fingerprint(r);
+            thread::spawn(move || {
+                let mut g = Group::connect(&launch(r, world, port), fp)?;
+                body(&mut g)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn sums_are_in_rank_order_and_equal_on_every_rank() {
+    // 1e8 + 1 + (-1e8) in f32 is 0 in rank order, other orders give other bits.
+    let results = on_ranks(
+        3,
+        |_| [7; 32],
+        |g| {
+            let mine = [1e8f32, 1.0, -1e8][g.rank()];
+            let a = g.sum_f32(Some(vec![mine, g.rank() as f32]), 2)?;
+            let mut s = [g.rank() as f64 + 0.5, 1.0];
+            g.sum_f64(&mut s)?;
+            let any = g.any(g.rank() == 2)?;
+            let none = g.any(false)?;
+            g.barrier()?;
+            Ok((a, s, any, none))
+        },
+    );
+    for r in results {
+        let (a, s, any, none) = r.unwrap();
+        assert_eq!(a, Some(vec![(1e8f32 + 1.0) + -1e8, 3.0]));
+        assert_eq!(s, [4.5, 3.0]);
+        assert!(any && !none);
+    }
+}
+
+#[test]
+fn absent_values_are_skipped_and_a_single_holder_keeps_its_bits() {
+    let results = on_ranks(
+        3,
+        |_| [0; 32],
+        |g| {
+            // Only rank 1 has the first; nobody the second; ranks 0 and 2 the third.
+            let only1 = g.sum_f32((g.rank() == 1).then(|| vec![-0.0f32, 2.5]), 2)?;
+            let nobody = g.sum_f32(None, 3)?;
+            let some = g.sum_f32((g.rank() != 1).then(|| vec![g.rank() as f32]), 1)?;
+            Ok((only1, nobody, some))
+        },
+    );
+    for r in results {
+        let (only1, nobody, some) = r.unwrap();
+        let only1 = only1.unwrap();
+        assert_eq!(only1[0].to_bits(), (-0.0f32).to_bits(), "not 0.0 + -0.0");
+        assert_eq!(only1[1], 2.5);
+        assert_eq!(nobody, None);
+        assert_eq!(some, Some(vec![2.0]));
+    }
+}
+
+#[test]
+fn gather_and_broadcast() {
+    let results = on_ranks(
+        3,
+        |_| [1; 32],
+        |g| {
+            let all = g.gather(vec![g.rank() as u8; g.rank() + 1])?;
+            let b = g.broadcast_json(&format!("from {}", g.rank()))?;
+            Ok((g.rank(), all, b))
+        },
+    );
+    for r in results {
+        let (rank, all, b) = r.unwrap();
+        if rank == 0 {
+            assert_eq!(all, vec![vec![0], vec![1, 1], vec![2, 2, 2]]);
+        } else {
+            assert!(all.is_empty());
+        }
+        assert_eq!(b, "from 0");
+    }
+}
+
+#[test]
+fn another_config_on_one_rank_is_refused_on_both() {
+    let results = on_ranks(2, |r| [r as u8; 32], |_| Ok(()));
+    for r in results {
+        let e = r.unwrap_err();
+        assert!(matches!(e, TrainError::Usage(_)), "{e}");
+        assert!(e.to_string().contains("another config"), "{e}");
+    }
+}
+
+#[test]
+fn a_rank_that_exits_fails_its_peers_instead_of_hanging() {
+    let results = on_ranks(
+        3,
+        |_| [3; 32],
+        |g| {
+            g.barrier()?;
+            if g.rank() == 2 {
+                return Ok(()); // drops its connection, as a process that exits
+            }
+            g.barrier()?; // rank 0 finds rank 2 gone; rank 1 then finds rank 0 gone
+            Ok(())
+        },
+    );
+    assert!(results[2].is_ok());
+    for (r, want) in [(0, "rank 2 is gone"), (1, "rank 0 is gone")] {
+        let e = results[r].as_ref().unwrap_err();
+        assert!(e.to_string().contains(want), "rank {r}: {e}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}
+
+#[test]
+fn a_silent_rank_times_out_with_the_watchdog_code() {
+    let port = free_port();
+    let worker = thread::spawn(move || {
+        let mut g = Group::connect(&launch(1, 2, port), [0; 32]).unwrap();
+        thread::sleep(Duration::from_millis(1500));
+        drop(g.barrier());
+    });
+    let mut l = launch(0, 2, port);
+    l.timeout = Duration::from_millis(300);
+    let mut g = Group::connect(&l, [0; 32]).unwrap();
+    let e = g.barrier().unwrap_err();
+    assert_eq!(e.exit_code(), 67, "{e}");
+    assert!(e.to_string().contains("no word from rank 1"), "{e}");
+    drop(g);
+    worker.join().unwrap();
+}
+
+#[test]
+fn launch_variables() {
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    assert_eq!(Launch::from_lookup(env(&[])).unwrap(), Launch::single());
+    let l = Launch::from_lookup(env(&[
+        ("RANK", "3"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_RANK", "3"),
+        ("MASTER_ADDR", "node7"),
+        ("MASTER_PORT", "29400"),
+    ]))
+    .unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank), (3, 8, 3));
+    assert_eq!((l.addr.as_str(), l.port), ("node7", 29400));
+    let l = Launch::from_lookup(env(&[
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_JOB_ID", "123456"),
+    ]))
+    .unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank), (5, 8, 1));
+    assert_eq!((l.addr.as_str(), l.port), ("127.0.0.1", 23456));
+    for (vars, want) in [
+        (&[("RANK", "x"), ("WORLD_SIZE", "2")][..], "RANK=\"x\""),
+        (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], "below the world"),
+        (
+            &[
+                ("SLURM_PROCID", "0"),
+                ("SLURM_NTASKS", "8"),
+                ("SLURM_NNODES", "2"),
+            ][..],
+            "MASTER_ADDR",
+        ),
+        (
+            &[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")][..],
+            "not a TCP port",
+        ),
+    ] {
+        let vars: &'static [(&'static str, &'static str)] = Box::leak(vars.to_vec().into());
+        let e = Launch::from_lookup(env(vars)).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+}
