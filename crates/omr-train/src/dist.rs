@@ -41,6 +41,10 @@ pub struct Launch {
     pub world: usize,
     /// The GPU of this process on its node (`LOCAL_RANK`, `SLURM_LOCALID`; 0 if neither).
     pub local_rank: usize,
+    /// The CUDA ordinal this process trains on: its local rank, or 0 where the launcher left
+    /// it one visible GPU (`CUDA_VISIBLE_DEVICES` of one entry, as `srun --gpus-per-task=1`
+    /// sets it).
+    pub gpu: usize,
     /// Rank 0's host and port (`MASTER_ADDR`, `MASTER_PORT`).
     pub addr: String,
     pub port: u16,
@@ -56,6 +60,7 @@ impl Launch {
             rank: 0,
             world: 1,
             local_rank: 0,
+            gpu: 0,
             addr: String::new(),
             port: 0,
             timeout: COLLECTIVE_TIMEOUT,
@@ -96,6 +101,9 @@ impl Launch {
             Some(l) => l,
             None => parse("SLURM_LOCALID")?.unwrap_or(0),
         } as usize;
+        let one_visible =
+            get("CUDA_VISIBLE_DEVICES").is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
+        let gpu = if one_visible { 0 } else { local_rank };
         let nodes = parse("SLURM_NNODES")?.unwrap_or(1);
         let addr = match get("MASTER_ADDR") {
             Some(a) if !a.trim().is_empty() => a.trim().to_string(),
@@ -129,6 +137,7 @@ impl Launch {
             rank: rank.rank,
             world: rank.world,
             local_rank,
+            gpu,
             addr,
             port,
             timeout,
@@ -136,11 +145,18 @@ impl Launch {
         })
     }
 
-    /// "rank 1 of 4 (RANK/WORLD_SIZE), local rank 1, rank 0 at 10.0.0.1:29500", for the log.
+    /// "rank 1 of 4 (RANK/WORLD_SIZE), local rank 1 on GPU 1, rank 0 at 10.0.0.1:29500".
     pub fn describe(&self) -> String {
         format!(
-            "rank {} of {} ({}/{}), local rank {}, rank 0 at {}:{}",
-            self.rank, self.world, self.vars.0, self.vars.1, self.local_rank, self.addr, self.port
+            "rank {} of {} ({}/{}), local rank {} on GPU {}, rank 0 at {}:{}",
+            self.rank,
+            self.world,
+            self.vars.0,
+            self.vars.1,
+            self.local_rank,
+            self.gpu,
+            self.addr,
+            self.port
         )
     }
 }

@@ -74,7 +74,7 @@ pub enum Outcome {
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     let launch = Launch::from_env()?;
-    let rt = cfg.runtime.resolve_on(launch.local_rank)?;
+    let rt = cfg.runtime.resolve_on(launch.gpu)?;
     // Before anything heavy: a rank with another config is refused here, on every rank.
     let mut group = Group::connect(&launch, setup::fingerprint(&cfg.to_toml()))?;
     let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, o);

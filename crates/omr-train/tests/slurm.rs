@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 const FAKE_OMR: &str = r#"#!/usr/bin/env bash
 printf '%s\n' "$*" > "$FAKE_DIR/omr.args"
+printf '%s\n' "${MASTER_ADDR:-}" > "$FAKE_DIR/omr.master"
 if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi
 trap 'echo USR1 > "$FAKE_DIR/omr.signal"; exit 75' USR1
 trap 'echo TERM > "$FAKE_DIR/omr.signal"; exit 75' TERM
@@ -28,7 +29,16 @@ exit 1
 "#;
 
 const FAKE_SCONTROL: &str = r#"#!/usr/bin/env bash
+if [ "$1" = show ]; then printf 'node-a\nnode-b\n'; exit 0; fi
 printf '%s\n' "$*" >> "$FAKE_DIR/scontrol.log"
+"#;
+
+/// srun that runs its command in its own place, so that a signal to srun reaches the command as
+/// the real srun forwards it to every task.
+const FAKE_SRUN: &str = r#"#!/usr/bin/env bash
+printf '%s\n' "$*" > "$FAKE_DIR/srun.args"
+shift
+exec "$@"
 "#;
 
 const JOB_ID: &str = "4242";
@@ -67,6 +77,10 @@ struct Run {
     omr_signal: Option<String>,
     /// One line per `scontrol` call.
     scontrol: Vec<String>,
+    /// srun's arguments, if the script ran omr through srun.
+    srun_args: Option<String>,
+    /// `MASTER_ADDR` as omr saw it.
+    omr_master: String,
 }
 
 /// Runs the script with `env` set. `signal`: sent to the batch shell once the fake omr runs.
@@ -76,6 +90,7 @@ fn run_script(env: &[(&str, &str)], args: &[&str], signal: Option<&str>, omr_on_
     let bin = dir.path().join("bin");
     fs::create_dir(&bin).unwrap();
     write_exe(&bin.join("scontrol"), FAKE_SCONTROL);
+    write_exe(&bin.join("srun"), FAKE_SRUN);
     let omr = if omr_on_path {
         bin.join("omr")
     } else {
@@ -98,6 +113,8 @@ fn run_script(env: &[(&str, &str)], args: &[&str], signal: Option<&str>, omr_on_
         .env_remove("OMR_BIN")
         .env_remove("CONFIG")
         .env_remove("FAKE_EXIT")
+        .env_remove("SLURM_NTASKS")
+        .env_remove("MASTER_ADDR")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -134,6 +151,11 @@ fn run_script(env: &[(&str, &str)], args: &[&str], signal: Option<&str>, omr_on_
         scontrol: read("scontrol.log")
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default(),
+        srun_args: read("srun.args").map(|s| s.trim_end().to_string()),
+        omr_master: read("omr.master")
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
     }
 }
 
@@ -157,6 +179,33 @@ fn usr1_is_forwarded_and_exit_75_requeues() {
     );
     assert_eq!(r.scontrol, [format!("requeue {JOB_ID}")], "{}", r.stderr);
     assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+}
+
+/// Several tasks: omr runs under srun (one process per task), with rank 0's host, the first
+/// node of the job, in `MASTER_ADDR`; a signal still reaches it and exit 75 still requeues.
+#[test]
+fn several_tasks_run_under_srun_with_rank_0_found() {
+    require_bash!();
+    let r = run_script(
+        &[("SLURM_NTASKS", "16"), ("SLURM_JOB_NODELIST", "node-[a-b]")],
+        &[],
+        Some("USR1"),
+        true,
+    );
+    assert_eq!(
+        r.srun_args.as_deref(),
+        Some("--export=ALL omr sft --config configs/sft/qwen2.5-vl-7b.toml --resume auto"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.omr_master, "node-a");
+    assert_eq!(r.omr_signal.as_deref(), Some("USR1"), "{}", r.stderr);
+    assert_eq!(r.scontrol, [format!("requeue {JOB_ID}")], "{}", r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    // One task: no srun, no MASTER_ADDR.
+    let r = run_script(&[("FAKE_EXIT", "0")], &[], None, true);
+    assert_eq!(r.srun_args, None);
+    assert_eq!(r.omr_master, "");
 }
 
 #[test]

@@ -15,6 +15,7 @@ fn launch(rank: usize, world: usize, port: u16) -> Launch {
         rank,
         world,
         local_rank: rank,
+        gpu: rank,
         addr: "127.0.0.1".into(),
         port,
         timeout: Duration::from_secs(20),
@@ -190,8 +191,17 @@ fn launch_variables() {
         ("SLURM_JOB_ID", "123456"),
     ]))
     .unwrap();
-    assert_eq!((l.rank, l.world, l.local_rank), (5, 8, 1));
+    assert_eq!((l.rank, l.world, l.local_rank, l.gpu), (5, 8, 1, 1));
     assert_eq!((l.addr.as_str(), l.port), ("127.0.0.1", 23456));
+    // srun --gpus-per-task=1: each task sees its one GPU as device 0.
+    let l = Launch::from_lookup(env(&[
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("CUDA_VISIBLE_DEVICES", "1"),
+    ]))
+    .unwrap();
+    assert_eq!((l.local_rank, l.gpu), (1, 0));
     for (vars, want) in [
         (&[("RANK", "x"), ("WORLD_SIZE", "2")][..], "RANK=\"x\""),
         (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], "below the world"),
