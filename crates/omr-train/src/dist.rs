@@ -21,6 +21,7 @@
 //! - **The same config everywhere.** The rendezvous compares a hash of each rank's resolved
 //!   config with rank 0's and refuses a mismatch, before any model is loaded.
 
+pub mod bench;
 mod tcp;
 
 use crate::error::{Result, TrainError};
@@ -28,7 +29,6 @@ use crate::optim::GradAccum;
 use candle_core::{DType, Tensor};
 use omr_data::loader::Rank;
 use std::time::Duration;
-pub use tcp::Frame;
 
 /// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -221,9 +221,11 @@ impl Group {
         let Some(link) = &mut self.link else {
             return Ok(());
         };
-        let own = Frame::Data(values.iter().flat_map(|v| v.to_le_bytes()).collect());
-        let sum = link.reduce(own, |acc, next| add_le::<8>(acc, next, f64_add))?;
-        decode_into(&sum, values, f64::from_le_bytes)
+        match link.reduce(Some(values.to_vec()), values.len(), add_f64)? {
+            Some(sum) => values.copy_from_slice(&sum),
+            None => return Err(TrainError::Internal("sum_f64: rank 0 sent no sums".into())),
+        }
+        Ok(())
     }
 
     /// Whether `flag` holds on any rank.
@@ -254,18 +256,7 @@ impl Group {
         let Some(link) = &mut self.link else {
             return Ok(values);
         };
-        let own = match values {
-            Some(v) => Frame::Data(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            None => Frame::Absent,
-        };
-        match link.reduce(own, |acc, next| add_le::<4>(acc, next, f32_add))? {
-            Frame::Absent => Ok(None),
-            sum => {
-                let mut out = vec![0f32; len];
-                decode_into(&sum, &mut out, f32::from_le_bytes)?;
-                Ok(Some(out))
-            }
-        }
+        link.reduce(values, len, add_f32)
     }
 
     /// Every rank's `bytes`, in rank order, on rank 0; an empty list on the others.
@@ -317,59 +308,12 @@ impl Group {
     }
 }
 
-fn f32_add(a: [u8; 4], b: [u8; 4]) -> [u8; 4] {
-    (f32::from_le_bytes(a) + f32::from_le_bytes(b)).to_le_bytes()
+fn add_f32(acc: &mut [f32], next: &[f32]) {
+    acc.iter_mut().zip(next).for_each(|(a, b)| *a += b);
 }
 
-fn f64_add(a: [u8; 8], b: [u8; 8]) -> [u8; 8] {
-    (f64::from_le_bytes(a) + f64::from_le_bytes(b)).to_le_bytes()
-}
-
-/// `acc += next` elementwise over little-endian values of N bytes.
-fn add_le<const N: usize>(
-    acc: &mut [u8],
-    next: &[u8],
-    add: fn([u8; N], [u8; N]) -> [u8; N],
-) -> Result<()> {
-    if acc.len() != next.len() {
-        return Err(TrainError::Internal(format!(
-            "a collective got {} bytes from one rank and {} from another: the ranks run \
-             different models or configs",
-            acc.len(),
-            next.len()
-        )));
-    }
-    for (a, b) in acc.chunks_exact_mut(N).zip(next.chunks_exact(N)) {
-        let (mut x, mut y) = ([0u8; N], [0u8; N]);
-        x.copy_from_slice(a);
-        y.copy_from_slice(b);
-        a.copy_from_slice(&add(x, y));
-    }
-    Ok(())
-}
-
-fn decode_into<T, const N: usize>(
-    frame: &Frame,
-    out: &mut [T],
-    from: fn([u8; N]) -> T,
-) -> Result<()> {
-    let bytes = match frame {
-        Frame::Data(b) => b.as_slice(),
-        Frame::Absent => &[],
-    };
-    if bytes.len() != out.len() * N {
-        return Err(TrainError::Internal(format!(
-            "a collective returned {} bytes for {} values",
-            bytes.len(),
-            out.len()
-        )));
-    }
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
-        let mut x = [0u8; N];
-        x.copy_from_slice(c);
-        *o = from(x);
-    }
-    Ok(())
+fn add_f64(acc: &mut [f64], next: &[f64]) {
+    acc.iter_mut().zip(next).for_each(|(a, b)| *a += b);
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 mod batches;
 mod bench_common;
 mod bench_data;
+mod bench_dist;
 mod bench_generate;
 mod bench_kernels;
 mod bench_train;
@@ -78,6 +79,8 @@ enum BenchCmd {
     Train(bench_train::BenchTrainArgs),
     /// GRPO's rollout engine: prefill, decoding ms/step, tokens/s, memory next to the plan.
     Generate(bench_generate::BenchGenerateArgs),
+    /// Data parallelism's gradient exchange: ms per step and GB/s, against sums in memory.
+    Dist(bench_dist::BenchDistArgs),
 }
 
 fn main() {
@@ -95,6 +98,7 @@ fn main() {
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(a),
         Cmd::Bench(BenchCmd::Generate(a)) => bench_generate::run(a),
+        Cmd::Bench(BenchCmd::Dist(a)) => bench_dist::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Generate(a) => model_cmd::generate_cmd(a),

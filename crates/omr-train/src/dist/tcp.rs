@@ -11,6 +11,10 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+// Values travel as their in-memory bytes, which are the little-endian ones of the wire format.
+#[cfg(target_endian = "big")]
+compile_error!("omr's data-parallel wire format assumes a little-endian machine");
+
 const MAGIC: &[u8; 8] = b"OMRDP01\n";
 /// No frame is larger: a length beyond it means the stream is not ours.
 const MAX_FRAME: u64 = 1 << 40;
@@ -45,29 +49,36 @@ impl Link {
         }
     }
 
-    /// Rank 0 folds the frames of ranks 0, 1, … in order with `add` (an absent frame is
-    /// skipped; the first present one starts the sum) and sends the result to every rank.
-    pub fn reduce(
+    /// Rank 0 folds the `len` values of ranks 0, 1, … in order with `add` (a rank without
+    /// values is skipped; the first with values starts the sum) and sends the result to every
+    /// rank. Values travel as their bytes, read straight into the vectors that hold them.
+    pub fn reduce<T: bytemuck::Pod>(
         &mut self,
-        own: Frame,
-        add: impl Fn(&mut [u8], &[u8]) -> Result<()>,
-    ) -> Result<Frame> {
+        own: Option<Vec<T>>,
+        len: usize,
+        add: fn(&mut [T], &[T]),
+    ) -> Result<Option<Vec<T>>> {
         match self {
             Link::Worker(hub) => {
-                hub.write(&own)?;
-                hub.read()
+                hub.write_values(own.as_deref())?;
+                hub.read_values(len, None)
             }
             Link::Hub(peers) => {
                 let mut acc = own;
+                let mut scratch = None;
                 for p in peers.iter_mut() {
-                    match (&mut acc, p.read()?) {
-                        (_, Frame::Absent) => {}
-                        (Frame::Absent, next) => acc = next,
-                        (Frame::Data(a), Frame::Data(b)) => add(a, &b)?,
+                    match &mut acc {
+                        None => acc = p.read_values(len, None)?,
+                        Some(a) => {
+                            if let Some(next) = p.read_values(len, scratch.take())? {
+                                add(a, &next);
+                                scratch = Some(next);
+                            }
+                        }
                     }
                 }
                 for p in peers.iter_mut() {
-                    p.write(&acc)?;
+                    p.write_values(acc.as_deref())?;
                 }
                 Ok(acc)
             }
@@ -145,6 +156,48 @@ impl Peer {
         };
         r.and_then(|_| self.writer.flush())
             .map_err(|e| self.lost(e))
+    }
+
+    fn write_values<T: bytemuck::Pod>(&mut self, values: Option<&[T]>) -> Result<()> {
+        let r = match values {
+            None => self.writer.write_all(&[0]),
+            Some(v) => self.write_tagged(1, bytemuck::cast_slice(v)),
+        };
+        r.and_then(|_| self.writer.flush())
+            .map_err(|e| self.lost(e))
+    }
+
+    /// `len` values (into `reuse` when given), or None for a rank that has none.
+    fn read_values<T: bytemuck::Pod>(
+        &mut self,
+        len: usize,
+        reuse: Option<Vec<T>>,
+    ) -> Result<Option<Vec<T>>> {
+        let mut tag = [0u8; 1];
+        self.reader.read_exact(&mut tag).map_err(|e| self.lost(e))?;
+        if tag[0] == 0 {
+            return Ok(None);
+        }
+        let mut n = [0u8; 8];
+        self.reader.read_exact(&mut n).map_err(|e| self.lost(e))?;
+        let bytes = u64::from_le_bytes(n);
+        let want = (len * std::mem::size_of::<T>()) as u64;
+        if tag[0] != 1 || bytes != want {
+            return Err(TrainError::Collective {
+                message: format!(
+                    "rank {} sent {bytes} bytes where {want} were expected (tag {}): the ranks \
+                     run different models or configs",
+                    self.rank, tag[0]
+                ),
+                timed_out: false,
+            });
+        }
+        let mut v = reuse.unwrap_or_default();
+        v.resize(len, T::zeroed());
+        self.reader
+            .read_exact(bytemuck::cast_slice_mut(&mut v))
+            .map_err(|e| self.lost(e))?;
+        Ok(Some(v))
     }
 
     fn write_error(&mut self, text: &str) {

@@ -224,3 +224,21 @@ fn launch_variables() {
         assert_eq!(e.exit_code(), 2);
     }
 }
+
+#[test]
+fn the_exchange_benchmark_times_both_sides() {
+    let r = bench::run(&bench::DistBench {
+        world: 3,
+        floats: 10_000,
+        tensor: 3_000,
+        steps: 2,
+    })
+    .unwrap();
+    assert!(r.exchange_s > 0.0 && r.in_memory_s > 0.0, "{r:?}");
+    assert!(r.format().contains("3 ranks"), "{}", r.format());
+    assert!(bench::run(&bench::DistBench {
+        world: 1,
+        ..r.bench
+    })
+    .is_err());
+}

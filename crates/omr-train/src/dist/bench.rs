@@ -1,0 +1,141 @@
+//! `omr bench dist`: what the gradient exchange of a data-parallel step costs on this machine.
+//! W ranks (threads, each with its own sockets, as W processes would have) sum `floats` f32
+//! values split into tensors of `tensor` values through the rank-0 hub on loopback, the way
+//! `Group::sum_grads` does once per step; the reference, measured in the same run, is the
+//! same sums done in memory on one thread (rank order, no sockets).
+
+use super::{Group, Launch, COLLECTIVE_TIMEOUT};
+use crate::error::{Result, TrainError};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct DistBench {
+    pub world: usize,
+    /// Gradient values per rank per step (f32).
+    pub floats: usize,
+    /// Values per tensor (one collective each).
+    pub tensor: usize,
+    pub steps: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct DistReport {
+    pub bench: DistBench,
+    /// Median over the steps, seconds: the exchange, and the in-memory sums.
+    pub exchange_s: f64,
+    pub in_memory_s: f64,
+}
+
+impl DistReport {
+    /// Gradient bytes per rank per step over the exchange's time.
+    pub fn gb_per_s(&self) -> f64 {
+        self.bench.floats as f64 * 4.0 / self.exchange_s / 1e9
+    }
+
+    pub fn format(&self) -> String {
+        let b = &self.bench;
+        format!(
+            "gradient exchange, {} ranks on loopback (rank-0 hub, f32, tensors of {} values)\n\
+             gradients per rank   {:>10.1} MB\n\
+             exchange per step    {:>10.1} ms   {:.2} GB/s of gradients\n\
+             sums in memory       {:>10.1} ms   (1 thread, rank order)\n\
+             in memory / exchange {:>10.2}x\n",
+            b.world,
+            b.tensor,
+            b.floats as f64 * 4.0 / 1e6,
+            self.exchange_s * 1e3,
+            self.gb_per_s(),
+            self.in_memory_s * 1e3,
+            self.in_memory_s / self.exchange_s,
+        )
+    }
+}
+
+pub fn run(b: &DistBench) -> Result<DistReport> {
+    if b.world < 2 || b.floats == 0 || b.tensor == 0 || b.steps == 0 {
+        return Err(TrainError::Usage(
+            "omr bench dist needs --world >= 2 and positive --mfloats, --tensor, --steps".into(),
+        ));
+    }
+    let sizes: Vec<usize> = (0..b.floats)
+        .step_by(b.tensor)
+        .map(|at| b.tensor.min(b.floats - at))
+        .collect();
+    let grads = |rank: usize| -> Vec<Vec<f32>> {
+        sizes
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| ((i * 7 + rank * 13) % 101) as f32 * 1e-3)
+                    .collect()
+            })
+            .collect()
+    };
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| TrainError::Internal(format!("a free port: {e}")))?;
+    let threads: Vec<_> = (0..b.world)
+        .map(|rank| {
+            let (world, steps, mine) = (b.world, b.steps, grads(rank));
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let launch = Launch {
+                    rank,
+                    world,
+                    local_rank: rank,
+                    gpu: rank,
+                    addr: "127.0.0.1".into(),
+                    port,
+                    timeout: COLLECTIVE_TIMEOUT,
+                    vars: ("", ""),
+                };
+                let mut g = Group::connect(&launch, [0; 32])?;
+                let mut times = Vec::with_capacity(steps);
+                for _ in 0..steps {
+                    g.barrier()?;
+                    let t = Instant::now();
+                    for v in &mine {
+                        g.sum_f32(Some(v.clone()), v.len())?;
+                    }
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                Ok(times)
+            })
+        })
+        .collect();
+    let mut exchange = Vec::new();
+    for (rank, t) in threads.into_iter().enumerate() {
+        let times = t
+            .join()
+            .map_err(|_| TrainError::Internal(format!("bench rank {rank} panicked")))??;
+        if rank == 0 {
+            exchange = times;
+        }
+    }
+
+    let all: Vec<Vec<Vec<f32>>> = (0..b.world).map(grads).collect();
+    let mut in_memory = Vec::new();
+    for _ in 0..b.steps {
+        let t = Instant::now();
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut acc = all[0][i].clone();
+            for r in &all[1..] {
+                acc.iter_mut().zip(&r[i]).for_each(|(a, x)| *a += x);
+            }
+            std::hint::black_box(&acc);
+            debug_assert_eq!(acc.len(), n);
+        }
+        in_memory.push(t.elapsed().as_secs_f64());
+    }
+    Ok(DistReport {
+        bench: b.clone(),
+        exchange_s: median(exchange),
+        in_memory_s: median(in_memory),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
