@@ -45,6 +45,8 @@ pub struct Launch {
     /// it one visible GPU (`CUDA_VISIBLE_DEVICES` of one entry, as `srun --gpus-per-task=1`
     /// sets it).
     pub gpu: usize,
+    /// Processes of the job on this node (`LOCAL_WORLD_SIZE`, which torchrun sets; 1 if unset).
+    pub local_world: usize,
     /// Rank 0's host and port (`MASTER_ADDR`, `MASTER_PORT`).
     pub addr: String,
     pub port: u16,
@@ -61,6 +63,7 @@ impl Launch {
             world: 1,
             local_rank: 0,
             gpu: 0,
+            local_world: 1,
             addr: String::new(),
             port: 0,
             timeout: COLLECTIVE_TIMEOUT,
@@ -104,6 +107,7 @@ impl Launch {
         let one_visible =
             get("CUDA_VISIBLE_DEVICES").is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
         let gpu = if one_visible { 0 } else { local_rank };
+        let local_world = parse("LOCAL_WORLD_SIZE")?.unwrap_or(1).max(1) as usize;
         let nodes = parse("SLURM_NNODES")?.unwrap_or(1);
         let addr = match get("MASTER_ADDR") {
             Some(a) if !a.trim().is_empty() => a.trim().to_string(),
@@ -138,6 +142,7 @@ impl Launch {
             world: rank.world,
             local_rank,
             gpu,
+            local_world,
             addr,
             port,
             timeout,
@@ -166,6 +171,7 @@ impl Launch {
 pub struct Group {
     rank: usize,
     world: usize,
+    local_world: usize,
     link: Option<tcp::Link>,
 }
 
@@ -175,6 +181,7 @@ impl Group {
         Group {
             rank: 0,
             world: 1,
+            local_world: 1,
             link: None,
         }
     }
@@ -191,6 +198,7 @@ impl Group {
         Ok(Group {
             rank: launch.rank,
             world: launch.world,
+            local_world: launch.local_world,
             link: Some(link),
         })
     }
@@ -209,6 +217,17 @@ impl Group {
             rank: self.rank,
             world: self.world,
         }
+    }
+
+    /// Data loader threads for `configured` (`data.loader.threads`): as given, or for 0 (all
+    /// cores) this node's cores shared among its processes (torchrun starts them all with
+    /// every core in reach; srun binds each task to its own).
+    pub fn loader_threads(&self, configured: usize) -> usize {
+        if configured > 0 || self.local_world <= 1 {
+            return configured;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.local_world).max(1)
     }
 
     /// Rank 0: the process that logs, evaluates, checkpoints and exports.

@@ -115,7 +115,7 @@ fn train(
     let reference = reference::build(cfg, rt, &device)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut loader = setup::open_loader(&cfg.data, Rank::SINGLE)?;
+    let mut loader = setup::open_loader(&cfg.data, Rank::SINGLE, cfg.data.loader.threads)?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());

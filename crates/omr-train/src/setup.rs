@@ -201,14 +201,19 @@ pub fn rank_state(mut st: TrainState, rank: usize, world: usize, dir: &Path) -> 
     Ok(st)
 }
 
-/// The loader over every source of `data`, reading the stripe of `rank`.
-pub fn open_loader(data: &DataConfig, rank: Rank) -> Result<Loader> {
+/// The loader over every source of `data`, reading the stripe of `rank` with `threads`
+/// workers (`data.loader.threads` or what a data-parallel process takes for 0).
+pub fn open_loader(data: &DataConfig, rank: Rank, threads: usize) -> Result<Loader> {
     let mut sources = Vec::new();
     for spec in &data.sources {
         let src = source::open(spec).map_err(|e| TrainError::Usage(e.to_string()))?;
         sources.push((src, spec.weight));
     }
-    Loader::new(sources, data.loader.clone(), rank).map_err(|e| TrainError::Usage(e.to_string()))
+    let cfg = omr_data::loader::LoaderConfig {
+        threads,
+        ..data.loader.clone()
+    };
+    Loader::new(sources, cfg, rank).map_err(|e| TrainError::Usage(e.to_string()))
 }
 
 #[cfg(test)]

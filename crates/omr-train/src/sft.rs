@@ -110,7 +110,11 @@ fn train(
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut loader = setup::open_loader(&cfg.data, group.data_rank())?;
+    let mut loader = setup::open_loader(
+        &cfg.data,
+        group.data_rank(),
+        group.loader_threads(cfg.data.loader.threads),
+    )?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());

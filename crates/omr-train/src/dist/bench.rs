@@ -85,6 +85,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
                     world,
                     local_rank: rank,
                     gpu: rank,
+                    local_world: world,
                     addr: "127.0.0.1".into(),
                     port,
                     timeout: COLLECTIVE_TIMEOUT,

@@ -16,6 +16,7 @@ fn launch(rank: usize, world: usize, port: u16) -> Launch {
         world,
         local_rank: rank,
         gpu: rank,
+        local_world: world,
         addr: "127.0.0.1".into(),
         port,
         timeout: Duration::from_secs(20),
@@ -180,9 +181,10 @@ fn launch_variables() {
         ("LOCAL_RANK", "3"),
         ("MASTER_ADDR", "node7"),
         ("MASTER_PORT", "29400"),
+        ("LOCAL_WORLD_SIZE", "8"),
     ]))
     .unwrap();
-    assert_eq!((l.rank, l.world, l.local_rank), (3, 8, 3));
+    assert_eq!((l.rank, l.world, l.local_rank, l.local_world), (3, 8, 3, 8));
     assert_eq!((l.addr.as_str(), l.port), ("node7", 29400));
     let l = Launch::from_lookup(env(&[
         ("SLURM_PROCID", "5"),
@@ -241,4 +243,14 @@ fn the_exchange_benchmark_times_both_sides() {
         ..r.bench
     })
     .is_err());
+}
+
+#[test]
+fn processes_of_one_node_share_its_cores_for_data_loading() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = Group::single();
+    assert_eq!(g.loader_threads(0), 0, "one process: all cores (0)");
+    g.local_world = 4;
+    assert_eq!(g.loader_threads(0), (cores / 4).max(1));
+    assert_eq!(g.loader_threads(3), 3, "a configured count stays");
 }
