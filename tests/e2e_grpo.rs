@@ -135,33 +135,102 @@ fn grpo_runs_resumes_and_exports() {
     assert!(card.contains("GRPO"), "{card}");
 }
 
-/// Several processes of one job (torchrun's `WORLD_SIZE`, SLURM's `SLURM_NTASKS`) are refused
-/// at start-up with exit 2 naming the variables, before anything is written: GRPO trains in
-/// one process per job (data parallelism is `omr sft`'s), and without gradients exchanged
-/// each process would train its own model into the same run directory.
+/// Both ranks of a two-process `omr grpo` into `run` (torchrun's variables on one machine),
+/// started together; their outputs in rank order.
+fn grpo_ranks(run: &Path, extra: &[&str]) -> Vec<std::process::Output> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            grpo_command(run, extra, "warn")
+                .envs([
+                    ("RANK", r.to_string()),
+                    ("LOCAL_RANK", r.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.clone()),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("omr starts")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// `metrics.jsonl` records without wall time, timings, throughput and memory.
+fn records(run: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let obj = v.as_object_mut().unwrap();
+            obj.retain(|k, _| {
+                k != "wall_time"
+                    && !["time/", "throughput/", "memory/"]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+            });
+            v
+        })
+        .collect()
+}
+
+/// Data parallel: two processes with one prompt each (`prompts_per_step` 2 over the two) train
+/// as one process with both prompts, bit for bit: one prompt per generation batch and per
+/// micro-batch, so that each process's draws and gradients are those of the single process's
+/// prompt with its index. The log merges both processes' rollouts. Stopped after one step
+/// (both exit 75) and resumed, the pair ends where the uninterrupted pair did.
 #[test]
-fn several_processes_of_one_job_are_refused() {
-    let run = root().join("several");
-    for (vars, want) in [
-        (
-            [("WORLD_SIZE", "2"), ("RANK", "1")],
-            "WORLD_SIZE=2 and RANK=1",
-        ),
-        (
-            [("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")],
-            "SLURM_NTASKS=4 and SLURM_PROCID=0",
-        ),
-    ] {
-        let out = grpo_command(&run, &[], "warn")
-            .envs(vars)
-            .output()
-            .expect("omr runs");
+fn two_processes_train_as_one() {
+    let one_prompt_batches = ["grpo.generation_batch_size=3", "grpo.micro_batch_size=3"];
+    let (one, two) = (root().join("dp-one"), root().join("dp-two"));
+    let out = grpo(&one, &one_prompt_batches);
+    assert!(out.status.success(), "{}", show(&out));
+    for (r, out) in grpo_ranks(&two, &one_prompt_batches).iter().enumerate() {
+        assert!(out.status.success(), "rank {r}: {}", show(out));
+    }
+    let want = records(&one);
+    assert_eq!(records(&two), want);
+    assert!(want.iter().any(|r| r["grpo/groups"] == 2.0), "{want:?}");
+    let last = |run: &Path, f: &str| fs::read(run.join("checkpoints/step-000002").join(f)).unwrap();
+    for f in ["weights.safetensors", "optimizer.safetensors"] {
+        assert!(last(&one, f) == last(&two, f), "{f} differs");
+    }
+
+    let parts = root().join("dp-parts");
+    let stop = [&one_prompt_batches[..], &["train.stop_after_steps=1"]].concat();
+    for (r, out) in grpo_ranks(&parts, &stop).iter().enumerate() {
+        assert_eq!(out.status.code(), Some(75), "rank {r}: {}", show(out));
+    }
+    for (r, out) in grpo_ranks(&parts, &one_prompt_batches).iter().enumerate() {
+        assert!(out.status.success(), "rank {r}: {}", show(out));
+    }
+    for f in ["weights.safetensors", "optimizer.safetensors", "state.json"] {
+        let whole = fs::read(two.join("checkpoints/step-000002").join(f)).unwrap();
+        assert!(last(&parts, f) == whole, "{f} differs after resume");
+    }
+}
+
+/// `prompts_per_step` must split over the processes: refused at start-up, naming the key.
+#[test]
+fn prompts_that_do_not_split_over_the_processes_are_refused() {
+    let run = root().join("dp-odd");
+    for out in grpo_ranks(&run, &["grpo.prompts_per_step=3"]) {
         assert_eq!(out.status.code(), Some(2), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{}", show(&out));
-        assert!(err.contains("one process per job"), "{}", show(&out));
-        assert!(!run.exists(), "nothing written for a refused launch");
+        assert!(err.contains("grpo.prompts_per_step = 3"), "{err}");
     }
+    assert!(!run.exists());
 }
 
 #[test]

@@ -294,6 +294,28 @@ impl Group {
         }
     }
 
+    /// Every rank's `value` on rank 0, in rank order; an empty list on the others.
+    pub fn gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        value: &T,
+    ) -> Result<Vec<T>> {
+        let bytes = serde_json::to_vec(value).map_err(|e| TrainError::Internal(e.to_string()))?;
+        self.gather(bytes)?
+            .iter()
+            .map(|b| serde_json::from_slice(b))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| TrainError::Internal(format!("a rank's message: {e}")))
+    }
+
+    /// Every rank's `value` on every rank, in rank order.
+    pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        value: &T,
+    ) -> Result<Vec<T>> {
+        let all = self.gather_json(value)?;
+        self.broadcast_json(&all)
+    }
+
     /// [`Group::broadcast`] of a serde value.
     pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
         &mut self,

@@ -36,17 +36,19 @@ use crate::checkpoint::FailureCounter;
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::grpo_config::GrpoConfig;
-use crate::grpo_loss::{policy_loss, LossType};
+use crate::dist::{Group, Launch};
+use crate::grpo_loss::{policy_loss, LossType, ScaleRewards};
 use crate::metrics::Metrics;
 use crate::optim::StepOutcome;
 use crate::rewards::Reward;
 use crate::rollout::{completion_logps, logps_from_hidden, seq_batch};
 use crate::setup;
 use crate::sft::{Outcome, RunOptions};
-use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
+use crate::snapshot::{
+    check_processor, commit, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+};
 use crate::state::{self, GrpoState, TrainState};
 use completions_log::CompletionsLog;
-use omr_data::loader::Rank;
 use omr_data::mixture::derive_seed;
 use omr_data::pipeline::Processor;
 use omr_data::quarantine::Quarantine;
@@ -55,7 +57,7 @@ use omr_model::linear::Ctx;
 use sampling::{Sampler, TrainRows};
 use std::sync::Arc;
 use std::time::Instant;
-use step_log::UpdateStats;
+use step_log::{RolloutSummary, UpdateStats};
 
 /// The recipe with the built-in rewards of `[rewards]`.
 pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<Outcome> {
@@ -69,14 +71,34 @@ pub fn run_with(
     opts: &RunOptions,
     rewards: Vec<(Box<dyn Reward>, f64)>,
 ) -> Result<Outcome> {
-    setup::single_process("grpo")?;
+    run_in(cfg, opts, rewards, &Launch::from_env()?)
+}
+
+/// [`run_with`] as the process `launch` of a data-parallel job (from the environment in
+/// `run_with`; given here by a caller that starts its ranks itself, e.g. a test's threads).
+pub fn run_in(
+    cfg: &GrpoConfig,
+    opts: &RunOptions,
+    rewards: Vec<(Box<dyn Reward>, f64)>,
+    launch: &Launch,
+) -> Result<Outcome> {
     if rewards.is_empty() {
         return Err(TrainError::Usage("GRPO needs at least one reward".into()));
     }
-    let rt = cfg.runtime.resolve()?;
+    if !cfg.grpo.prompts_per_step.is_multiple_of(launch.world) {
+        return Err(TrainError::Usage(format!(
+            "grpo.prompts_per_step = {} does not split over the {} processes of this job ({}): \
+             make it a multiple of {}",
+            cfg.grpo.prompts_per_step, launch.world, launch.vars.1, launch.world
+        )));
+    }
+    let rt = cfg.runtime.resolve_on(launch.gpu)?;
+    // Before anything heavy: a rank with another config is refused here, on every rank.
+    let mut group = Group::connect(launch, setup::fingerprint(&cfg.to_toml()))?;
     let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_grpo(cfg, o);
     crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
-    train(cfg, opts, rewards, &rt).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
+    train(cfg, opts, rewards, &rt, &mut group)
+        .map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
 }
 
 fn train(
@@ -84,6 +106,7 @@ fn train(
     opts: &RunOptions,
     rewards: Vec<(Box<dyn Reward>, f64)>,
     rt: &crate::runtime::Runtime,
+    group: &mut Group,
 ) -> Result<Outcome> {
     // ---- setup ------------------------------------------------------------------------
     let device = rt.device.clone();
@@ -115,7 +138,11 @@ fn train(
     let reference = reference::build(cfg, rt, &device)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
-    let mut loader = setup::open_loader(&cfg.data, Rank::SINGLE, cfg.data.loader.threads)?;
+    let mut loader = setup::open_loader(
+        &cfg.data,
+        group.data_rank(),
+        group.loader_threads(cfg.data.loader.threads),
+    )?;
 
     // ---- resume -------------------------------------------------------------------------
     let mut st = TrainState::fresh(loader.state().clone(), processor_hashes.clone());
@@ -124,10 +151,15 @@ fn train(
         ..GrpoState::default()
     });
     let mut last_eval: Vec<EvalResult> = Vec::new();
-    let found = resume_dir(&opts.resume, &ckpt_root, &run_dir)?;
+    // Rank 0 picks the checkpoint, so that every rank resumes from the same one.
+    let found = match group.is_main() {
+        true => resume_dir(&opts.resume, &ckpt_root, &run_dir)?,
+        false => None,
+    };
+    let found = group.broadcast_json(&found)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
-        st = saved.train;
+        st = setup::rank_state(saved.train, group.rank(), group.world(), dir)?;
         last_eval = eval_rows(&cfg.data.sources, &cfg.eval.split, &saved.eval);
         let Some(gs) = &st.grpo else {
             return Err(TrainError::Usage(format!(
@@ -155,14 +187,23 @@ fn train(
     }
     let resolved = cfg.to_toml();
     let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
+    if group.is_main() {
+        std::fs::write(&cfg_path, &resolved).map_err(TrainError::io(&cfg_path))?;
+    }
 
     // ---- prompts, logs, eval set ------------------------------------------------------------
-    let qpath = run_dir.join("quarantine.jsonl");
+    let qpath = run_dir.join(match group.rank() {
+        0 => "quarantine.jsonl".to_string(),
+        r => format!("quarantine.rank{r}.jsonl"),
+    });
     let cpath = run_dir.join("completions.jsonl");
     cut_back(&qpath, st.quarantine_bytes)?;
     let completions_bytes = st.grpo.as_ref().map_or(0, |g| g.completions_bytes);
-    let mut completions_log = CompletionsLog::open(cpath, completions_bytes)?;
+    // Rank 0's groups only.
+    let mut completions_log = match group.is_main() {
+        true => Some(CompletionsLog::open(cpath, completions_bytes)?),
+        false => None,
+    };
     let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
         .map_err(|e| TrainError::Usage(e.to_string()))?;
     quarantine.seen = st.data_seen;
@@ -184,13 +225,20 @@ fn train(
         None
     };
     let resumed_at = found.as_ref().map(|_| st.step);
-    let mut metrics = Metrics::open(&run_dir, resumed_at, opts.progress, cfg.train.max_steps)
-        .map_err(|e| TrainError::Internal(e.to_string()))?;
+    let mut metrics = match group.is_main() {
+        true => Some(
+            Metrics::open(&run_dir, resumed_at, opts.progress, cfg.train.max_steps)
+                .map_err(|e| TrainError::Internal(e.to_string()))?,
+        ),
+        false => None,
+    };
     let mut save_failures = FailureCounter::new(cfg.checkpoint.max_failures);
     // Vision placeholders in a completion would be taken for image tokens by the forward.
     let suppress = built.cfg.vision_ids().to_vec();
     let sampler = Sampler {
         g,
+        prompts: g.prompts_per_step / group.world(),
+        stripe: (group.rank(), group.world()),
         sampling: SamplingConfig {
             max_new_tokens: g.max_completion_length,
             temperature: g.temperature,
@@ -207,8 +255,10 @@ fn train(
     };
     let total_updates = cfg.total_updates();
     let mut steps_this_process = 0u64;
-    let stop_requested =
-        |n: u64| opts.stop.requested() || cfg.train.stop_after_steps.is_some_and(|m| n >= m);
+    // A signal, or the configured number of steps of this process; on any rank.
+    let stop_requested = |n: u64, group: &mut Group| {
+        group.any(opts.stop.requested() || cfg.train.stop_after_steps.is_some_and(|m| n >= m))
+    };
 
     // ---- the loop: one rollout batch per iteration -------------------------------------------
     while st.step < cfg.train.max_steps {
@@ -226,31 +276,38 @@ fn train(
             &mut next_loader,
         )?;
         let groups = &rollout.groups;
-        if opts.stop.requested() {
+        if group.any(opts.stop.requested())? {
             // The rollout is dropped: the weights are still those of the last committed step.
-            commit(
-                &ckpt_root,
-                cfg.checkpoint.keep_last,
-                &resolved,
-                &st,
-                &built,
-                &opt,
-                &last_eval,
-                &mut save_failures,
-                true,
-            )?;
-            metrics.finish();
+            commit_on_main(group, &mut st, |st| {
+                commit(
+                    &ckpt_root,
+                    cfg.checkpoint.keep_last,
+                    &resolved,
+                    st,
+                    &built,
+                    &opt,
+                    &last_eval,
+                    &mut save_failures,
+                    true,
+                )
+            })?;
+            metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step: st.step });
         }
 
-        // advantages over the kept groups
+        // advantages over the kept groups (a batch std over every process's)
+        let batch = match (cfg.objective.scale_rewards, group.world()) {
+            (ScaleRewards::Batch, 2..) => Some(group.all_gather_json(&rollout.kept_totals())?),
+            _ => None,
+        }
+        .map(|all| all.concat());
         let TrainRows {
             rows,
             adv,
             truncated,
             window_tokens,
             rows_tokens,
-        } = rollout.train_rows(g.group_size, &cfg.objective, step)?;
+        } = rollout.train_rows(g.group_size, &cfg.objective, step, batch.as_deref())?;
 
         // optimisation: num_iterations updates on this rollout batch
         let t_train = Instant::now();
@@ -260,11 +317,15 @@ fn train(
             .step_by(g.micro_batch_size)
             .map(|s| s..(s + g.micro_batch_size).min(rows.len()))
             .collect();
+        // Over all processes: the loss is normalised by the whole step's tokens or micro-batches.
+        let mut totals = [rows.len() as f64, window_tokens, micro.len() as f64];
+        group.sum_f64(&mut totals)?;
+        let [all_rows, window_tokens, all_micro] = totals;
         // The reference model's scores of each micro-batch: the same in every iteration (frozen
         // weights, the same rows), computed in the first.
         let mut ref_scores: Vec<Option<candle_core::Tensor>> = vec![None; micro.len()];
         for it in 0..g.num_iterations {
-            if rows.is_empty() || window_tokens == 0.0 {
+            if all_rows == 0.0 || window_tokens == 0.0 {
                 tracing::warn!(
                     "step {step}: no completion to learn from ({} groups kept), no update",
                     groups.len()
@@ -280,7 +341,12 @@ fn train(
                     .collect();
                 let b = seq_batch(&pairs, processor.pad_id(), &device)?;
                 let ctx = Ctx {
-                    dropout_seed: Some(derive_seed(&[cfg.train.seed, step, it, m as u64])),
+                    dropout_seed: Some(derive_seed(&[
+                        cfg.train.seed,
+                        step,
+                        it,
+                        m as u64 * group.world() as u64 + group.rank() as u64,
+                    ])),
                     ..model.ctx()
                 };
                 let ref_logp = match (&reference, &ref_scores[m]) {
@@ -328,7 +394,7 @@ fn train(
                         )?;
                         let share = match cfg.objective.loss_type {
                             LossType::Dapo => st.num_tokens / window_tokens,
-                            _ => 1.0 / micro.len() as f64,
+                            _ => 1.0 / all_micro,
                         };
                         stats = Some(st);
                         let loss = (loss * share)?;
@@ -355,6 +421,10 @@ fn train(
             let update = gs.updates;
             let lr_factor = cfg.schedule.factor(update, total_updates);
             u.lr = cfg.optim.lr * lr_factor;
+            let finite = !group.any(!finite)?;
+            if finite {
+                group.sum_grads(&mut acc)?;
+            }
             let outcome = if finite {
                 opt.step_accumulated(&mut acc, lr_factor, 1.0)
                     .map_err(|e| TrainError::Internal(e.to_string()))?
@@ -386,21 +456,36 @@ fn train(
         }
 
         // completions log
-        if g.completions_every > 0 && step.is_multiple_of(g.completions_every) {
-            completions_log.write(step, groups, g.completions_groups, &rewards, &adv)?;
+        if let Some(log) = &mut completions_log {
+            if g.completions_every > 0 && step.is_multiple_of(g.completions_every) {
+                log.write(step, groups, g.completions_groups, &rewards, &adv)?;
+            }
+            gs.completions_bytes = log.bytes();
         }
 
+        // every process's rollout and update, for the state and the log (rank 0)
+        let own = (RolloutSummary::of(&rollout), u, quarantine.bad, rows_tokens);
+        let parts = group.gather_json(&own)?;
+        let (summary, u, bad_samples, rows_tokens) = match group.world() {
+            1 => own,
+            _ => {
+                let rows_tokens = parts.iter().map(|p| p.3).sum::<f64>().max(1.0);
+                let bad = parts.iter().map(|p| p.2).sum();
+                let (r, u): (Vec<_>, Vec<_>) = parts.into_iter().map(|p| (p.0, p.1)).unzip();
+                (RolloutSummary::merge(r), UpdateStats::merge(u), bad, rows_tokens)
+            }
+        };
+
         // state after the step
-        gs.groups_unscored += rollout.unscored;
-        gs.groups_zero_std += rollout.zero_std;
-        for ((r, _), f) in rewards.iter().zip(&rollout.failures) {
+        gs.groups_unscored += summary.unscored;
+        gs.groups_zero_std += summary.zero_std;
+        for ((r, _), f) in rewards.iter().zip(&summary.failures) {
             *gs.reward_failures.entry(r.name().to_string()).or_default() += f;
         }
-        gs.completions_bytes = completions_log.bytes();
         st.step = step;
         st.loader = next_loader;
-        st.samples += rows.len() as u64;
-        st.tokens += rollout.lens.iter().sum::<usize>() as u64;
+        st.samples += all_rows as u64;
+        st.tokens += summary.lens.iter().sum::<usize>() as u64;
         st.data_seen = quarantine.seen;
         st.data_bad = quarantine.bad;
         st.data_bad_by_reason = quarantine.by_reason.clone();
@@ -414,17 +499,18 @@ fn train(
             cfg,
             &rewards,
             step,
-            &rollout,
+            &summary,
             &u,
             rows_tokens,
             dt,
-            quarantine.bad,
+            bad_samples,
         );
-        metrics
-            .log_step_fields(step, &line, &values)
-            .map_err(|e| TrainError::Internal(e.to_string()))?;
+        if let Some(m) = &mut metrics {
+            m.log_step_fields(step, &line, &values)
+                .map_err(|e| TrainError::Internal(e.to_string()))?;
+        }
         if st.nonfinite_streak >= cfg.train.max_nonfinite_steps {
-            metrics.finish();
+            metrics.iter_mut().for_each(Metrics::finish);
             return Err(TrainError::NonFinite {
                 step,
                 count: st.nonfinite_streak,
@@ -434,7 +520,7 @@ fn train(
         // eval
         let last = step == cfg.train.max_steps;
         let eval_due = cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps);
-        if let Some(set) = &eval_set {
+        if let (Some(set), Some(metrics)) = (&eval_set, &mut metrics) {
             if eval_due || last {
                 last_eval = eval::evaluate_run(
                     &model,
@@ -456,29 +542,31 @@ fn train(
 
         // checkpoint, preemption
         steps_this_process += 1;
-        let stop = stop_requested(steps_this_process);
+        let stop = stop_requested(steps_this_process, group)?;
         if last || stop || cfg.checkpoint.is_due(step) {
-            commit(
-                &ckpt_root,
-                cfg.checkpoint.keep_last,
-                &resolved,
-                &st,
-                &built,
-                &opt,
-                &last_eval,
-                &mut save_failures,
-                last || stop,
-            )?;
+            commit_on_main(group, &mut st, |st| {
+                commit(
+                    &ckpt_root,
+                    cfg.checkpoint.keep_last,
+                    &resolved,
+                    st,
+                    &built,
+                    &opt,
+                    &last_eval,
+                    &mut save_failures,
+                    last || stop,
+                )
+            })?;
         }
         if stop && !last {
-            metrics.finish();
+            metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step });
         }
     }
-    metrics.finish();
+    metrics.iter_mut().for_each(Metrics::finish);
 
     // ---- export -------------------------------------------------------------------------
-    if cfg.export.at_end {
+    if cfg.export.at_end && group.is_main() {
         let out = run_dir.join("export");
         crate::export::export_grpo(
             &built,

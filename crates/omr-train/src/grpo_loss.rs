@@ -124,6 +124,17 @@ pub fn advantages(
     group_size: usize,
     scale: ScaleRewards,
 ) -> Result<Vec<f64>, AdvantageError> {
+    advantages_in_batch(rewards, group_size, scale, rewards)
+}
+
+/// [`advantages`] with `Batch`'s std taken over `batch`: every process's kept rewards in a
+/// data-parallel run, of which `rewards` are this process's.
+pub fn advantages_in_batch(
+    rewards: &[f64],
+    group_size: usize,
+    scale: ScaleRewards,
+    batch: &[f64],
+) -> Result<Vec<f64>, AdvantageError> {
     if group_size == 0 {
         return Err(AdvantageError::ZeroGroupSize);
     }
@@ -136,7 +147,7 @@ pub fn advantages(
     if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
         return Err(AdvantageError::NonFinite { index, value });
     }
-    let batch_std = std_unbiased(rewards);
+    let batch_std = std_unbiased(batch);
     let mut out = Vec::with_capacity(rewards.len());
     for group in rewards.chunks(group_size) {
         let mean = group.iter().sum::<f64>() / group_size as f64;

@@ -36,7 +36,10 @@ pub struct PromptItem {
 
 /// G completions for every prompt, grouped consecutively: row `p·G + k` is the k-th completion
 /// of prompt p. Generation runs in chunks of `chunk_rows` rows; within a chunk each prompt is
-/// prefilled once for all its rows.
+/// prefilled once for all its rows. Chunk c's draws are keyed by `seed_parts` and
+/// c·world + rank (`stripe` = (rank, world) of a data-parallel run, (0, 1) otherwise): with one
+/// prompt per chunk, rank r's c-th prompt draws as a single process's (c·world + r)-th.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_groups(
     model: &Qwen2VL,
     prompts: &[PromptItem],
@@ -45,6 +48,7 @@ pub fn generate_groups(
     seed_parts: &[u64],
     chunk_rows: usize,
     pad_id: u32,
+    stripe: (usize, usize),
 ) -> omr_model::Result<Vec<Completion>> {
     let rows: Vec<&Prompt> = prompts
         .iter()
@@ -67,7 +71,7 @@ pub fn generate_groups(
         }
         let input = left_padded(distinct.iter().copied(), pad_id, model.device())?;
         let mut parts = seed_parts.to_vec();
-        parts.push(c as u64);
+        parts.push((c * stripe.1 + stripe.0) as u64);
         let cfg = SamplingConfig {
             seed: derive_seed(&parts),
             ..sampling.clone()

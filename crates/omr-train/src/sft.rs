@@ -33,7 +33,9 @@ use crate::metrics::{rss_mib, Metrics, StepStats};
 use crate::optim::StepOutcome;
 use crate::setup;
 use crate::signals::StopFlag;
-use crate::snapshot::{check_processor, commit, cut_back, eval_rows, load_checkpoint, resume_dir};
+use crate::snapshot::{
+    check_processor, commit, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+};
 use crate::state::{self, TrainState};
 use omr_data::batcher::{BatchError, Batcher};
 use omr_data::mixture::derive_seed;
@@ -438,31 +440,6 @@ fn train(
         step: st.step,
         eval: last_eval,
     })
-}
-
-/// Commits a checkpoint from rank 0 with every rank's data cursor, and returns on every rank
-/// once it is committed (so that no rank reports a stop before the checkpoint exists).
-fn commit_on_main(
-    group: &mut Group,
-    st: &mut TrainState,
-    commit: impl FnOnce(&TrainState) -> Result<()>,
-) -> Result<()> {
-    if group.world() > 1 {
-        let mine =
-            serde_json::to_vec(&st.rank_data()).map_err(|e| TrainError::Internal(e.to_string()))?;
-        let all = group.gather(mine)?;
-        if group.is_main() {
-            st.ranks = all[1..]
-                .iter()
-                .map(|b| serde_json::from_slice(b))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| TrainError::Internal(format!("a rank's data cursor: {e}")))?;
-        }
-    }
-    if group.is_main() {
-        commit(st)?;
-    }
-    group.barrier()
 }
 
 fn batch_error(e: BatchError) -> TrainError {

@@ -5,6 +5,7 @@
 
 use crate::card::EvalResult;
 use crate::checkpoint::{self, FailureCounter};
+use crate::dist::Group;
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::setup::{self, Built};
@@ -63,6 +64,25 @@ pub fn commit(
         Err(e) => return Err(TrainError::Checkpoint(e.to_string())),
     }
     Ok(())
+}
+
+/// Commits a checkpoint from rank 0 with every rank's data cursor, and returns on every rank
+/// once it is committed (so that no rank reports a stop before the checkpoint exists).
+pub fn commit_on_main(
+    group: &mut Group,
+    st: &mut TrainState,
+    commit: impl FnOnce(&TrainState) -> Result<()>,
+) -> Result<()> {
+    if group.world() > 1 {
+        let all = group.gather_json(&st.rank_data())?;
+        if group.is_main() {
+            st.ranks = all.into_iter().skip(1).collect();
+        }
+    }
+    if group.is_main() {
+        commit(st)?;
+    }
+    group.barrier()
 }
 
 /// `state.json` of a checkpoint.

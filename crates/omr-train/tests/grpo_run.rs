@@ -9,7 +9,8 @@
 //! can raise. That makes "GRPO raises the reward" a test a broken advantage, sign, ratio or
 //! optimizer step fails.
 
-use omr_train::grpo::{self, run_with};
+use omr_train::dist::Launch;
+use omr_train::grpo::{self, run_in, run_with};
 use omr_train::grpo_config::GrpoConfig;
 use omr_train::rewards::{Reward, RewardInput};
 use omr_train::sft::{Outcome, Resume, RunOptions};
@@ -235,6 +236,63 @@ fn grpo_raises_the_reward() {
     // The engine's log-probs are the training forward's, up to float noise.
     for x in &r {
         assert!(value(x, "grpo/logp_mismatch_max") < 1e-4, "{x:?}");
+    }
+}
+
+/// Data parallel: two ranks (threads here, each with its own sockets, as two processes) with one
+/// prompt each train as one process with both, bit for bit: the same records (rollouts merged
+/// in rank order), weights and moments. One prompt per generation batch and per micro-batch,
+/// so that each rank's draws and gradients are the single process's for its prompt; the
+/// reference model's KL, a batch-wide reward std (gathered from both ranks) and dapo's
+/// token normaliser (summed over both) all take part.
+#[test]
+fn two_ranks_train_as_one_process() {
+    let extra = [
+        "grpo.generation_batch_size=4",
+        "grpo.micro_batch_size=4",
+        "objective.beta=0.05",
+        "objective.scale_rewards=\"batch\"",
+        "objective.loss_type=\"dapo\"",
+    ];
+    let one = tmp("dp-one");
+    run_with(&config(&one, &extra), &opts(Resume::Never), letter_e()).unwrap();
+
+    let two = tmp("dp-two");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let cfg = config(&two, &extra);
+            std::thread::spawn(move || {
+                let launch = Launch {
+                    rank,
+                    world: 2,
+                    local_rank: rank,
+                    gpu: 0,
+                    local_world: 2,
+                    addr: "127.0.0.1".into(),
+                    port,
+                    timeout: std::time::Duration::from_secs(120),
+                    vars: ("RANK", "WORLD_SIZE"),
+                };
+                run_in(&cfg, &opts(Resume::Never), letter_e(), &launch)
+            })
+        })
+        .collect();
+    for r in ranks {
+        let out = r.join().unwrap().unwrap();
+        assert_eq!(out, Outcome::Done { step: 4, eval: vec![] });
+    }
+    let want = records(&one);
+    assert_eq!(records(&two), want);
+    assert!(want.iter().any(|r| value(r, "grpo/kl") > 0.0), "{want:?}");
+    assert!(want.iter().all(|r| value(r, "train/grad_norm") > 0.0), "{want:?}");
+    for f in ["weights.safetensors", "optimizer.safetensors"] {
+        let at = |run: &Path| run.join("checkpoints/step-000004").join(f);
+        same_file(&at(&one), &at(&two));
     }
 }
 

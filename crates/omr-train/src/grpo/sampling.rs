@@ -12,7 +12,7 @@
 use super::prompts::next_prompts;
 use crate::error::{Result, TrainError};
 use crate::grpo_config::GrpoSection;
-use crate::grpo_loss::{advantages, ObjectiveConfig};
+use crate::grpo_loss::{advantages_in_batch, ObjectiveConfig};
 use crate::rewards::{score_all, Reward, RewardInput};
 use crate::rollout::{self, generate_groups, PromptItem};
 use omr_data::loader::{LoaderState, Stream};
@@ -34,7 +34,7 @@ pub(super) struct Group {
 
 /// What one step's rollout produced.
 pub(super) struct Rollout {
-    /// The kept groups, at most `prompts_per_step`.
+    /// The kept groups, at most `Sampler::prompts`.
     pub groups: Vec<Group>,
     /// `[reward]`: every value that reward scored, dropped groups included.
     pub all_rewards: Vec<Vec<f64>>,
@@ -58,6 +58,10 @@ pub(super) struct Rollout {
 /// the rewards and their weights, the processor (pad id, decoding) and the run's seed.
 pub(super) struct Sampler<'a> {
     pub g: &'a GrpoSection,
+    /// Prompts of this process per step: `prompts_per_step` over the processes.
+    pub prompts: usize,
+    /// (rank, world) of this process, for the draws' keys.
+    pub stripe: (usize, usize),
     pub sampling: SamplingConfig,
     pub rewards: &'a [(Box<dyn Reward>, f64)],
     pub processor: &'a Processor,
@@ -85,8 +89,8 @@ impl Sampler<'_> {
         let mut failures = vec![0u64; rewards.len()];
         let (mut lens, mut n_truncated) = (Vec::new(), 0usize);
         let (mut zero_std, mut unscored, mut rounds) = (0u64, 0u64, 0u64);
-        while groups.len() < g.prompts_per_step && rounds < g.max_sampling_rounds {
-            let need = g.prompts_per_step - groups.len();
+        while groups.len() < self.prompts && rounds < g.max_sampling_rounds {
+            let need = self.prompts - groups.len();
             let batch = next_prompts(prompts, need, quarantine, cursor)?;
             let t0 = Instant::now();
             let completions = generate_groups(
@@ -97,6 +101,7 @@ impl Sampler<'_> {
                 &[self.seed, step, rounds],
                 g.generation_batch_size,
                 self.processor.pad_id(),
+                self.stripe,
             )?;
             t_gen += t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
@@ -186,20 +191,32 @@ pub(super) struct TrainRows<'a> {
 }
 
 impl Rollout {
-    /// The kept groups as training rows, with advantages over `group_size` groups.
+    /// The kept groups' rewards, group after group.
+    pub fn kept_totals(&self) -> Vec<f64> {
+        self.groups
+            .iter()
+            .flat_map(|gr| gr.totals.iter().copied())
+            .collect()
+    }
+
+    /// The kept groups as training rows, with advantages over `group_size` groups; a batch
+    /// std (`scale_rewards = "batch"`) over `batch` (every process's [`Rollout::kept_totals`]),
+    /// or over this rollout's when None.
     pub fn train_rows(
         &self,
         group_size: usize,
         objective: &ObjectiveConfig,
         step: u64,
+        batch: Option<&[f64]>,
     ) -> Result<TrainRows<'_>> {
-        let flat: Vec<f64> = self
-            .groups
-            .iter()
-            .flat_map(|gr| gr.totals.iter().copied())
-            .collect();
-        let adv = advantages(&flat, group_size, objective.scale_rewards)
-            .map_err(|e| TrainError::Internal(format!("step {step}: {e}")))?;
+        let flat = self.kept_totals();
+        let adv = advantages_in_batch(
+            &flat,
+            group_size,
+            objective.scale_rewards,
+            batch.unwrap_or(&flat),
+        )
+        .map_err(|e| TrainError::Internal(format!("step {step}: {e}")))?;
         let rows: Vec<(&PromptItem, &Completion)> = self
             .groups
             .iter()

@@ -7,14 +7,76 @@
 //!   the log shows what the policy does, not only what it learns from; KL and clip fractions
 //!   are token-weighted over every micro-batch of every iteration, the loss and the entropy
 //!   are the first iteration's (the rollout policy's).
+//! - A data-parallel step logs every process's rollout and update ([`RolloutSummary::merge`],
+//!   [`UpdateStats::merge`]): completions concatenated in rank order, counts and sums added,
+//!   the largest mismatch and the slowest process's times.
 
 use super::sampling::Rollout;
 use crate::grpo_config::GrpoConfig;
 use crate::metrics::rss_mib;
 use crate::rewards::{mean_std, Reward};
+use serde::{Deserialize, Serialize};
+
+/// What the log reports of one step's rollout (of one process, or merged over all).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(super) struct RolloutSummary {
+    /// Kept groups.
+    pub groups: usize,
+    /// `[reward]`: every value that reward scored, dropped groups included.
+    pub all_rewards: Vec<Vec<f64>>,
+    pub all_totals: Vec<f64>,
+    pub failures: Vec<u64>,
+    pub lens: Vec<usize>,
+    pub n_truncated: usize,
+    pub zero_std: u64,
+    pub unscored: u64,
+    pub rounds: u64,
+    pub t_gen: f64,
+    pub t_score: f64,
+}
+
+impl RolloutSummary {
+    pub fn of(r: &Rollout) -> RolloutSummary {
+        RolloutSummary {
+            groups: r.groups.len(),
+            all_rewards: r.all_rewards.clone(),
+            all_totals: r.all_totals.clone(),
+            failures: r.failures.clone(),
+            lens: r.lens.clone(),
+            n_truncated: r.n_truncated,
+            zero_std: r.zero_std,
+            unscored: r.unscored,
+            rounds: r.rounds,
+            t_gen: r.t_gen,
+            t_score: r.t_score,
+        }
+    }
+
+    /// The processes' summaries as one, in rank order.
+    pub fn merge(parts: Vec<RolloutSummary>) -> RolloutSummary {
+        let mut it = parts.into_iter();
+        let mut m = it.next().unwrap_or_default();
+        for p in it {
+            m.groups += p.groups;
+            for (col, more) in m.all_rewards.iter_mut().zip(p.all_rewards) {
+                col.extend(more);
+            }
+            m.all_totals.extend(p.all_totals);
+            m.failures.iter_mut().zip(p.failures).for_each(|(a, b)| *a += b);
+            m.lens.extend(p.lens);
+            m.n_truncated += p.n_truncated;
+            m.zero_std += p.zero_std;
+            m.unscored += p.unscored;
+            m.rounds = m.rounds.max(p.rounds);
+            m.t_gen = m.t_gen.max(p.t_gen);
+            m.t_score = m.t_score.max(p.t_score);
+        }
+        m
+    }
+}
 
 /// What the policy update of one step reports.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(super) struct UpdateStats {
     /// Sum of the first iteration's micro-batch losses.
     pub loss_sum: f64,
@@ -34,6 +96,26 @@ pub(super) struct UpdateStats {
     pub t_train: f64,
 }
 
+impl UpdateStats {
+    /// The processes' stats as one: sums added, the largest mismatch and time; the step's
+    /// norm, rate and update count are the same on every process (rank 0's).
+    pub fn merge(parts: Vec<UpdateStats>) -> UpdateStats {
+        let mut it = parts.into_iter();
+        let mut m = it.next().unwrap_or_default();
+        for p in it {
+            m.loss_sum += p.loss_sum;
+            m.clip_low += p.clip_low;
+            m.clip_high += p.clip_high;
+            m.kl_sum += p.kl_sum;
+            m.tok_sum += p.tok_sum;
+            m.entropy_sum += p.entropy_sum;
+            m.mismatch = m.mismatch.max(p.mismatch);
+            m.t_train = m.t_train.max(p.t_train);
+        }
+        m
+    }
+}
+
 /// Step `step`'s console line and metric values. `rows_tokens`: completion tokens the update
 /// trained on (≥ 1); `dt`: seconds of the whole step; `bad_samples`: quarantined so far.
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +123,7 @@ pub(super) fn fields(
     cfg: &GrpoConfig,
     rewards: &[(Box<dyn Reward>, f64)],
     step: u64,
-    r: &Rollout,
+    r: &RolloutSummary,
     u: &UpdateStats,
     rows_tokens: f64,
     dt: f64,
@@ -73,7 +155,7 @@ pub(super) fn fields(
         ("grpo/clip_region".into(), (u.clip_low + u.clip_high) / tok),
         ("grpo/entropy".into(), u.entropy_sum / rows_tokens),
         ("grpo/logp_mismatch_max".into(), u.mismatch),
-        ("grpo/groups".into(), r.groups.len() as f64),
+        ("grpo/groups".into(), r.groups as f64),
         ("grpo/groups_zero_std".into(), r.zero_std as f64),
         ("grpo/groups_unscored".into(), r.unscored as f64),
         ("grpo/sampling_rounds".into(), r.rounds as f64),
@@ -110,7 +192,7 @@ pub(super) fn fields(
         u.kl_sum / tok,
         (u.clip_low + u.clip_high) / tok,
         u.entropy_sum / rows_tokens,
-        r.groups.len(),
+        r.groups,
         cfg.grpo.prompts_per_step,
     );
     (line, values)

@@ -112,6 +112,10 @@ impl GradAccum {
             *sum = f(var, sum.take())?;
             *owned = sum.is_some();
         }
+        // Sums that came from elsewhere count, even where this process had no micro-batch.
+        if self.sums.iter().any(Option::is_some) {
+            self.micro_batches = self.micro_batches.max(1);
+        }
         Ok(())
     }
 
