@@ -185,11 +185,12 @@ fn records(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Data parallel: two processes with one prompt each (`prompts_per_step` 2 over the two) train
-/// as one process with both prompts, bit for bit: one prompt per generation batch and per
-/// micro-batch, so that each process's draws and gradients are those of the single process's
-/// prompt with its index. The log merges both processes' rollouts. Stopped after one step
-/// (both exit 75) and resumed, the pair ends where the uninterrupted pair did.
+/// Data parallel through the binary, as torchrun launches it: two processes with one prompt each
+/// (`prompts_per_step` 2 over the two) log what one process with both prompts logs (rollouts
+/// merged), and end with its weights. Stopped after one step (both exit 75) and resumed, the
+/// pair ends where the uninterrupted pair did, state included. (The random tiny model's
+/// completions all earn the built-in rewards' 0, so nothing is learnt here: the numerics of a
+/// learning data-parallel run are `crates/omr-train/tests/grpo_run.rs`'s, with its own reward.)
 #[test]
 fn two_processes_train_as_one() {
     let one_prompt_batches = ["grpo.generation_batch_size=3", "grpo.micro_batch_size=3"];

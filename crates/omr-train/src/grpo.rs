@@ -24,6 +24,13 @@
 //!   step, the rollout is dropped and redone after resume) or at the end of the step. Every
 //!   random draw is keyed by (seed, step, round), and the prompt cursor is the loader state,
 //!   so a resumed run reproduces the uninterrupted one bit for bit on CPU.
+//! - Data parallel (`dist`): each of W processes samples `prompts_per_step / W` prompts of its
+//!   stripe, generation chunk c of rank r keyed as chunk c·W + r. The loss is normalised by the
+//!   whole step's tokens (dapo) or micro-batches, a batch reward std spans every process's
+//!   groups, and gradients are summed before each update, so that with one prompt per
+//!   generation batch and micro-batch the run is the single process's, bit for bit. Rank 0
+//!   logs every process's rollout merged, writes `completions.jsonl` (its own groups),
+//!   evaluates, checkpoints and exports.
 
 mod completions_log;
 mod prompts;
@@ -33,10 +40,10 @@ mod step_log;
 
 use crate::card::EvalResult;
 use crate::checkpoint::FailureCounter;
+use crate::dist::{Group, Launch};
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::grpo_config::GrpoConfig;
-use crate::dist::{Group, Launch};
 use crate::grpo_loss::{policy_loss, LossType, ScaleRewards};
 use crate::metrics::Metrics;
 use crate::optim::StepOutcome;
@@ -472,7 +479,12 @@ fn train(
                 let rows_tokens = parts.iter().map(|p| p.3).sum::<f64>().max(1.0);
                 let bad = parts.iter().map(|p| p.2).sum();
                 let (r, u): (Vec<_>, Vec<_>) = parts.into_iter().map(|p| (p.0, p.1)).unzip();
-                (RolloutSummary::merge(r), UpdateStats::merge(u), bad, rows_tokens)
+                (
+                    RolloutSummary::merge(r),
+                    UpdateStats::merge(u),
+                    bad,
+                    rows_tokens,
+                )
             }
         };
 

@@ -150,32 +150,6 @@ pub fn restore_trainable(params: &Params, path: &Path, device: &Device) -> Resul
     Ok(())
 }
 
-/// GRPO runs as one process per job. A launch of several processes (torchrun's `WORLD_SIZE`,
-/// or SLURM's `SLURM_NTASKS`, above 1) is refused before anything is loaded or written:
-/// without gradients exchanged between the processes, each would train its own copy of the
-/// model on its stripe of the prompts and write the same run directory. (`omr sft` runs data
-/// parallel: `crate::dist`.)
-pub fn single_process(recipe: &str) -> Result<()> {
-    refuse_several_processes(recipe, Rank::named_from_env())
-}
-
-fn refuse_several_processes(
-    recipe: &str,
-    (rank, (rank_var, world_var)): (Rank, (&str, &str)),
-) -> Result<()> {
-    if rank.world <= 1 {
-        return Ok(());
-    }
-    Err(TrainError::Usage(format!(
-        "{world_var}={} and {rank_var}={}: this process is one of {} in its job, but `omr \
-         {recipe}` trains in one process per job (data parallelism is implemented for `omr sft` \
-         only: each process would train its own model on 1/{} of the data and write the same \
-         checkpoints). Launch one task (`srun --ntasks=1`, `#SBATCH --ntasks=1`, `torchrun \
-         --nproc_per_node=1`) or unset {world_var}",
-        rank.world, rank.rank, rank.world, rank.world
-    )))
-}
-
 /// sha256 of a resolved config: what every rank of a data-parallel run must agree on.
 pub fn fingerprint(resolved: &str) -> [u8; 32] {
     use sha2::Digest;
@@ -214,44 +188,4 @@ pub fn open_loader(data: &DataConfig, rank: Rank, threads: usize) -> Result<Load
         ..data.loader.clone()
     };
     Loader::new(sources, cfg, rank).map_err(|e| TrainError::Usage(e.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn named(vars: &[(&str, &str)]) -> (Rank, (&'static str, &'static str)) {
-        Rank::named_from_lookup(|k| {
-            vars.iter()
-                .find(|(name, _)| *name == k)
-                .map(|(_, v)| v.to_string())
-        })
-    }
-
-    #[test]
-    fn several_processes_are_refused_with_the_variables_named() {
-        let refuse = |vars| refuse_several_processes("grpo", named(vars));
-        assert!(refuse(&[]).is_ok());
-        assert!(refuse(&[("WORLD_SIZE", "1"), ("RANK", "0")]).is_ok());
-        assert!(refuse(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]).is_ok());
-        for (vars, want) in [
-            (
-                &[("WORLD_SIZE", "8"), ("RANK", "3")][..],
-                "WORLD_SIZE=8 and RANK=3",
-            ),
-            (
-                &[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")][..],
-                "SLURM_NTASKS=4 and SLURM_PROCID=0",
-            ),
-        ] {
-            let err = refuse(vars).unwrap_err();
-            assert!(matches!(err, TrainError::Usage(_)), "{err}");
-            let msg = err.to_string();
-            assert!(msg.contains(want), "{msg}");
-            assert!(
-                msg.contains("`omr grpo` trains in one process per job"),
-                "{msg}"
-            );
-        }
-    }
 }

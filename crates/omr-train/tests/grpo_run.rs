@@ -284,12 +284,21 @@ fn two_ranks_train_as_one_process() {
         .collect();
     for r in ranks {
         let out = r.join().unwrap().unwrap();
-        assert_eq!(out, Outcome::Done { step: 4, eval: vec![] });
+        assert_eq!(
+            out,
+            Outcome::Done {
+                step: 4,
+                eval: vec![]
+            }
+        );
     }
     let want = records(&one);
     assert_eq!(records(&two), want);
     assert!(want.iter().any(|r| value(r, "grpo/kl") > 0.0), "{want:?}");
-    assert!(want.iter().all(|r| value(r, "train/grad_norm") > 0.0), "{want:?}");
+    assert!(
+        want.iter().all(|r| value(r, "train/grad_norm") > 0.0),
+        "{want:?}"
+    );
     for f in ["weights.safetensors", "optimizer.safetensors"] {
         let at = |run: &Path| run.join("checkpoints/step-000004").join(f);
         same_file(&at(&one), &at(&two));

@@ -62,7 +62,10 @@ impl RolloutSummary {
                 col.extend(more);
             }
             m.all_totals.extend(p.all_totals);
-            m.failures.iter_mut().zip(p.failures).for_each(|(a, b)| *a += b);
+            m.failures
+                .iter_mut()
+                .zip(p.failures)
+                .for_each(|(a, b)| *a += b);
             m.lens.extend(p.lens);
             m.n_truncated += p.n_truncated;
             m.zero_std += p.zero_std;
