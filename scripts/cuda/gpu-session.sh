@@ -25,7 +25,8 @@
 #   4. the user's commands end to end on CUDA: `omr demo` (synthetic shards, tiny SFT with
 #      checkpoints, GRPO, exports, eval) with the runtime on CUDA, `omr sft --resume auto`
 #      continuing the demo's SFT run from its last checkpoint, `omr eval --device cuda` on
-#      the SFT export.
+#      the SFT export, and a two-process data-parallel SFT on the one GPU against one process
+#      with twice the accumulation.
 #
 # The third argument picks a part: `quick` (step 1, the tiny and 3B T 2048 steps), `e2e`
 # (step 4 alone), `lease` (what a 15-minute device lease allows in one call of under 9
@@ -67,6 +68,25 @@ e2e_steps() {
     --resume auto
   step eval-cuda 120 "$bin" eval --model "$e2e/sft/export" --data "$e2e/data" --limit 40 \
     --device cuda --out "$e2e/eval-cuda"
+  # Data parallel on the one GPU: two ranks (both on device 0) with one sample each against one
+  # process with grad_accum 2 on the same config; their losses per step side by side (equal
+  # up to the attention backward's atomics, which make CUDA runs differ in the last bits).
+  local one=(--set train.max_steps=20 --set data.batch.batch_size=1 --set export.at_end=false
+    --set eval.every_steps=0 --resume never)
+  step dp-one-cuda 120 "$bin" sft --config "$e2e/sft/config.toml" "${one[@]}" \
+    --set "run.dir=\"$e2e/dp-one\"" --set train.grad_accum=2
+  step dp-two-cuda 150 env WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 bash -c '
+    RANK=1 LOCAL_RANK=0 "$0" "$@" --set train.grad_accum=1 > "'"$out"'/dp-rank1.log" 2>&1 &
+    RANK=0 LOCAL_RANK=0 "$0" "$@" --set train.grad_accum=1; a=$?; wait $!; b=$?
+    exit $((a > b ? a : b))' "$bin" sft --config "$e2e/sft/config.toml" "${one[@]}" \
+    --set "run.dir=\"$e2e/dp-two\""
+  step dp-compare 20 "$py" -c '
+import json, sys
+loss = lambda d: [json.loads(l).get("train/loss") for l in open(d + "/metrics.jsonl")]
+a, b = loss(sys.argv[1]), loss(sys.argv[2])
+d = max(abs(x - y) for x, y in zip(a, b) if x is not None and y is not None)
+print("one process:", a, "\ntwo processes:", b, "\nmax |diff|", d)
+sys.exit(0 if len(a) == len(b) and d < 1e-2 else 1)' "$e2e/dp-one" "$e2e/dp-two"
 }
 if [ "$quick" = lease ]; then
   common=(--model-config 3b --device cuda --batch 1 --image-px 448)

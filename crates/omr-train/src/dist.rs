@@ -28,6 +28,8 @@ use crate::error::{Result, TrainError};
 use crate::optim::GradAccum;
 use candle_core::{DType, Tensor};
 use omr_data::loader::Rank;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::time::Duration;
 
 /// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
@@ -294,36 +296,28 @@ impl Group {
         }
     }
 
-    /// Every rank's `value` on rank 0, in rank order; an empty list on the others.
-    pub fn gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
-        &mut self,
-        value: &T,
-    ) -> Result<Vec<T>> {
-        let bytes = serde_json::to_vec(value).map_err(|e| TrainError::Internal(e.to_string()))?;
-        self.gather(bytes)?
+    /// Every rank's `value` on rank 0, in rank order; an empty list on the others. Values
+    /// travel as postcard bytes: every f64 keeps its bits, NaN included.
+    pub fn gather_value<T: Serialize + DeserializeOwned>(&mut self, value: &T) -> Result<Vec<T>> {
+        self.gather(encode(value)?)?
             .iter()
-            .map(|b| serde_json::from_slice(b))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| TrainError::Internal(format!("a rank's message: {e}")))
+            .map(|b| decode(b))
+            .collect()
     }
 
     /// Every rank's `value` on every rank, in rank order.
-    pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    pub fn all_gather_value<T: Serialize + DeserializeOwned>(
         &mut self,
         value: &T,
     ) -> Result<Vec<T>> {
-        let all = self.gather_json(value)?;
-        self.broadcast_json(&all)
+        let all = self.gather_value(value)?;
+        self.broadcast_value(&all)
     }
 
-    /// [`Group::broadcast`] of a serde value.
-    pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
-        &mut self,
-        value: &T,
-    ) -> Result<T> {
-        let bytes = serde_json::to_vec(value).map_err(|e| TrainError::Internal(e.to_string()))?;
-        let back = self.broadcast(bytes)?;
-        serde_json::from_slice(&back).map_err(|e| TrainError::Internal(e.to_string()))
+    /// Rank 0's `value` on every rank (the others' are ignored).
+    pub fn broadcast_value<T: Serialize + DeserializeOwned>(&mut self, value: &T) -> Result<T> {
+        let back = self.broadcast(encode(value)?)?;
+        decode(&back)
     }
 }
 
@@ -347,6 +341,14 @@ impl Group {
             })
         })
     }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(value).map_err(|e| TrainError::Internal(format!("a message: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| TrainError::Internal(format!("a rank's message: {e}")))
 }
 
 fn add_f32(acc: &mut [f32], next: &[f32]) {

@@ -163,7 +163,7 @@ fn train(
         true => resume_dir(&opts.resume, &ckpt_root, &run_dir)?,
         false => None,
     };
-    let found = group.broadcast_json(&found)?;
+    let found = group.broadcast_value(&found)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
         st = setup::rank_state(saved.train, group.rank(), group.world(), dir)?;
@@ -304,7 +304,7 @@ fn train(
 
         // advantages over the kept groups (a batch std over every process's)
         let batch = match (cfg.objective.scale_rewards, group.world()) {
-            (ScaleRewards::Batch, 2..) => Some(group.all_gather_json(&rollout.kept_totals())?),
+            (ScaleRewards::Batch, 2..) => Some(group.all_gather_value(&rollout.kept_totals())?),
             _ => None,
         }
         .map(|all| all.concat());
@@ -472,7 +472,7 @@ fn train(
 
         // every process's rollout and update, for the state and the log (rank 0)
         let own = (RolloutSummary::of(&rollout), u, quarantine.bad, rows_tokens);
-        let parts = group.gather_json(&own)?;
+        let parts = group.gather_value(&own)?;
         let (summary, u, bad_samples, rows_tokens) = match group.world() {
             1 => own,
             _ => {

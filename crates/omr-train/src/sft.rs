@@ -126,7 +126,7 @@ fn train(
         true => resume_dir(&opts.resume, &ckpt_root, &run_dir)?,
         false => None,
     };
-    let found = group.broadcast_json(&found)?;
+    let found = group.broadcast_value(&found)?;
     if let Some(dir) = &found {
         let saved = load_checkpoint(dir, &built, &mut opt, &device)?;
         st = setup::rank_state(saved.train, group.rank(), group.world(), dir)?;

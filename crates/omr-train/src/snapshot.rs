@@ -74,7 +74,7 @@ pub fn commit_on_main(
     commit: impl FnOnce(&TrainState) -> Result<()>,
 ) -> Result<()> {
     if group.world() > 1 {
-        let all = group.gather_json(&st.rank_data())?;
+        let all = group.gather_value(&st.rank_data())?;
         if group.is_main() {
             st.ranks = all.into_iter().skip(1).collect();
         }

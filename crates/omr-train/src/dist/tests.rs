@@ -100,7 +100,14 @@ fn gather_and_broadcast() {
         |_| [1; 32],
         |g| {
             let all = g.gather(vec![g.rank() as u8; g.rank() + 1])?;
-            let b = g.broadcast_json(&format!("from {}", g.rank()))?;
+            let b = g.broadcast_value(&format!("from {}", g.rank()))?;
+            // Floats keep their bits, NaN and the last ulp included.
+            let odd = [f64::NAN, 0.1 + 0.2, -0.0, g.rank() as f64];
+            let floats = g.all_gather_value(&odd.to_vec())?;
+            for (r, v) in floats.iter().enumerate() {
+                let want = [f64::NAN, 0.1 + 0.2, -0.0, r as f64];
+                assert!(v.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
             Ok((g.rank(), all, b))
         },
     );
