@@ -73,6 +73,22 @@ impl Launch {
         }
     }
 
+    /// Rank `rank` of `world` with rank 0 on this machine's `port` (each rank on GPU 0): for
+    /// a caller that starts its ranks itself, as threads or processes (benchmarks, tests).
+    pub fn loopback(rank: usize, world: usize, port: u16) -> Launch {
+        Launch {
+            rank,
+            world,
+            local_rank: rank,
+            gpu: 0,
+            local_world: world,
+            addr: "127.0.0.1".into(),
+            port,
+            timeout: COLLECTIVE_TIMEOUT,
+            vars: ("", ""),
+        }
+    }
+
     pub fn from_env() -> Result<Launch> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }

@@ -52,7 +52,7 @@ use crate::rollout::{completion_logps, logps_from_hidden, seq_batch};
 use crate::setup;
 use crate::sft::{Outcome, RunOptions};
 use crate::snapshot::{
-    check_processor, commit, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
 };
 use crate::state::{self, GrpoState, TrainState};
 use completions_log::CompletionsLog;
@@ -285,19 +285,18 @@ fn train(
         let groups = &rollout.groups;
         if group.any(opts.stop.requested())? {
             // The rollout is dropped: the weights are still those of the last committed step.
-            commit_on_main(group, &mut st, |st| {
-                commit(
-                    &ckpt_root,
-                    cfg.checkpoint.keep_last,
-                    &resolved,
-                    st,
-                    &built,
-                    &opt,
-                    &last_eval,
-                    &mut save_failures,
-                    true,
-                )
-            })?;
+            commit_on_main(
+                group,
+                &ckpt_root,
+                cfg.checkpoint.keep_last,
+                &resolved,
+                &mut st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                true,
+            )?;
             metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step: st.step });
         }
@@ -471,7 +470,7 @@ fn train(
         }
 
         // every process's rollout and update, for the state and the log (rank 0)
-        let own = (RolloutSummary::of(&rollout), u, quarantine.bad, rows_tokens);
+        let own = (rollout.summary.clone(), u, quarantine.bad, rows_tokens);
         let parts = group.gather_value(&own)?;
         let (summary, u, bad_samples, rows_tokens) = match group.world() {
             1 => own,
@@ -556,19 +555,18 @@ fn train(
         steps_this_process += 1;
         let stop = stop_requested(steps_this_process, group)?;
         if last || stop || cfg.checkpoint.is_due(step) {
-            commit_on_main(group, &mut st, |st| {
-                commit(
-                    &ckpt_root,
-                    cfg.checkpoint.keep_last,
-                    &resolved,
-                    st,
-                    &built,
-                    &opt,
-                    &last_eval,
-                    &mut save_failures,
-                    last || stop,
-                )
-            })?;
+            commit_on_main(
+                group,
+                &ckpt_root,
+                cfg.checkpoint.keep_last,
+                &resolved,
+                &mut st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                last || stop,
+            )?;
         }
         if stop && !last {
             metrics.iter_mut().for_each(Metrics::finish);

@@ -34,7 +34,7 @@ use crate::optim::StepOutcome;
 use crate::setup;
 use crate::signals::StopFlag;
 use crate::snapshot::{
-    check_processor, commit, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
 };
 use crate::state::{self, TrainState};
 use omr_data::batcher::{BatchError, Batcher};
@@ -266,19 +266,18 @@ fn train(
         }
         if stopped {
             // Mid-accumulation: nothing of this step is kept; its data is read again on resume.
-            commit_on_main(group, &mut st, |st| {
-                commit(
-                    &ckpt_root,
-                    cfg.checkpoint.keep_last,
-                    &resolved,
-                    st,
-                    &built,
-                    &opt,
-                    &last_eval,
-                    &mut save_failures,
-                    true,
-                )
-            })?;
+            commit_on_main(
+                group,
+                &ckpt_root,
+                cfg.checkpoint.keep_last,
+                &resolved,
+                &mut st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                true,
+            )?;
             metrics.iter_mut().for_each(Metrics::finish);
             return Ok(Outcome::Preempted { step: st.step });
         }
@@ -402,19 +401,18 @@ fn train(
         // checkpoint, preemption
         let stop = stop_requested(micro_batches_seen, group)?;
         if last || stop || cfg.checkpoint.is_due(step) {
-            commit_on_main(group, &mut st, |st| {
-                commit(
-                    &ckpt_root,
-                    cfg.checkpoint.keep_last,
-                    &resolved,
-                    st,
-                    &built,
-                    &opt,
-                    &last_eval,
-                    &mut save_failures,
-                    last || stop,
-                )
-            })?;
+            commit_on_main(
+                group,
+                &ckpt_root,
+                cfg.checkpoint.keep_last,
+                &resolved,
+                &mut st,
+                &built,
+                &opt,
+                &last_eval,
+                &mut save_failures,
+                last || stop,
+            )?;
         }
         if stop && !last {
             metrics.iter_mut().for_each(Metrics::finish);

@@ -66,12 +66,21 @@ pub fn commit(
     Ok(())
 }
 
-/// Commits a checkpoint from rank 0 with every rank's data cursor, and returns on every rank
-/// once it is committed (so that no rank reports a stop before the checkpoint exists).
+/// [`commit`] for every rank of `group`: rank 0 commits with every rank's data cursor in the
+/// state, and each rank returns once it is committed (so that none reports a stop before the
+/// checkpoint exists).
+#[allow(clippy::too_many_arguments)]
 pub fn commit_on_main(
     group: &mut Group,
+    root: &Path,
+    keep_last: usize,
+    resolved: &str,
     st: &mut TrainState,
-    commit: impl FnOnce(&TrainState) -> Result<()>,
+    built: &Built,
+    opt: &AdamW,
+    eval: &[EvalResult],
+    failures: &mut FailureCounter,
+    must: bool,
 ) -> Result<()> {
     if group.world() > 1 {
         let all = group.gather_value(&st.rank_data())?;
@@ -80,7 +89,9 @@ pub fn commit_on_main(
         }
     }
     if group.is_main() {
-        commit(st)?;
+        commit(
+            root, keep_last, resolved, st, built, opt, eval, failures, must,
+        )?;
     }
     group.barrier()
 }

@@ -267,17 +267,7 @@ fn two_ranks_train_as_one_process() {
         .map(|rank| {
             let cfg = config(&two, &extra);
             std::thread::spawn(move || {
-                let launch = Launch {
-                    rank,
-                    world: 2,
-                    local_rank: rank,
-                    gpu: 0,
-                    local_world: 2,
-                    addr: "127.0.0.1".into(),
-                    port,
-                    timeout: std::time::Duration::from_secs(120),
-                    vars: ("RANK", "WORLD_SIZE"),
-                };
+                let launch = Launch::loopback(rank, 2, port);
                 run_in(&cfg, &opts(Resume::Never), letter_e(), &launch)
             })
         })

@@ -4,7 +4,7 @@
 //! `Group::sum_grads` does once per step; the reference, measured in the same run, is the
 //! same sums done in memory on one thread (rank order, no sockets).
 
-use super::{Group, Launch, COLLECTIVE_TIMEOUT};
+use super::{Group, Launch};
 use crate::error::{Result, TrainError};
 use std::time::Instant;
 
@@ -80,18 +80,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
         .map(|rank| {
             let (world, steps, mine) = (b.world, b.steps, grads(rank));
             std::thread::spawn(move || -> Result<Vec<f64>> {
-                let launch = Launch {
-                    rank,
-                    world,
-                    local_rank: rank,
-                    gpu: rank,
-                    local_world: world,
-                    addr: "127.0.0.1".into(),
-                    port,
-                    timeout: COLLECTIVE_TIMEOUT,
-                    vars: ("", ""),
-                };
-                let mut g = Group::connect(&launch, [0; 32])?;
+                let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
                 let mut times = Vec::with_capacity(steps);
                 for _ in 0..steps {
                     g.barrier()?;

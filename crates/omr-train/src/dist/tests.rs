@@ -12,15 +12,8 @@ fn free_port() -> u16 {
 
 fn launch(rank: usize, world: usize, port: u16) -> Launch {
     Launch {
-        rank,
-        world,
-        local_rank: rank,
-        gpu: rank,
-        local_world: world,
-        addr: "127.0.0.1".into(),
-        port,
         timeout: Duration::from_secs(20),
-        vars: ("RANK", "WORLD_SIZE"),
+        ..Launch::loopback(rank, world, port)
     }
 }
 

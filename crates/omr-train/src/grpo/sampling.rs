@@ -10,6 +10,7 @@
 //!   those of every sampled completion, dropped groups included.
 
 use super::prompts::next_prompts;
+use super::step_log::RolloutSummary;
 use crate::error::{Result, TrainError};
 use crate::grpo_config::GrpoSection;
 use crate::grpo_loss::{advantages_in_batch, ObjectiveConfig};
@@ -36,22 +37,9 @@ pub(super) struct Group {
 pub(super) struct Rollout {
     /// The kept groups, at most `Sampler::prompts`.
     pub groups: Vec<Group>,
-    /// `[reward]`: every value that reward scored, dropped groups included.
-    pub all_rewards: Vec<Vec<f64>>,
-    /// Every scored total, dropped groups included.
-    pub all_totals: Vec<f64>,
-    /// Per reward: completions it could not score.
-    pub failures: Vec<u64>,
-    /// Token length of every sampled completion.
-    pub lens: Vec<usize>,
-    pub n_truncated: usize,
-    /// Groups dropped for equal rewards, for an unscored completion.
-    pub zero_std: u64,
-    pub unscored: u64,
-    pub rounds: u64,
-    /// Seconds generating and scoring.
-    pub t_gen: f64,
-    pub t_score: f64,
+    /// What the log and the state count of it (every sampled completion's rewards and length,
+    /// dropped groups included).
+    pub summary: RolloutSummary,
 }
 
 /// What every step's rollout shares: the `[grpo]` section, the engine's sampling settings,
@@ -162,17 +150,20 @@ impl Sampler<'_> {
             }
         }
         Ok(Rollout {
+            summary: RolloutSummary {
+                groups: groups.len(),
+                all_rewards,
+                all_totals,
+                failures,
+                lens,
+                n_truncated,
+                zero_std,
+                unscored,
+                rounds,
+                t_gen,
+                t_score,
+            },
             groups,
-            all_rewards,
-            all_totals,
-            failures,
-            lens,
-            n_truncated,
-            zero_std,
-            unscored,
-            rounds,
-            t_gen,
-            t_score,
         })
     }
 }

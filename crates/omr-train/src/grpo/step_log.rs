@@ -11,7 +11,6 @@
 //!   [`UpdateStats::merge`]): completions concatenated in rank order, counts and sums added,
 //!   the largest mismatch and the slowest process's times.
 
-use super::sampling::Rollout;
 use crate::grpo_config::GrpoConfig;
 use crate::metrics::rss_mib;
 use crate::rewards::{mean_std, Reward};
@@ -24,34 +23,23 @@ pub(super) struct RolloutSummary {
     pub groups: usize,
     /// `[reward]`: every value that reward scored, dropped groups included.
     pub all_rewards: Vec<Vec<f64>>,
+    /// Every scored total, dropped groups included.
     pub all_totals: Vec<f64>,
+    /// Per reward: completions it could not score.
     pub failures: Vec<u64>,
+    /// Token length of every sampled completion.
     pub lens: Vec<usize>,
     pub n_truncated: usize,
+    /// Groups dropped for equal rewards, for an unscored completion.
     pub zero_std: u64,
     pub unscored: u64,
     pub rounds: u64,
+    /// Seconds generating and scoring.
     pub t_gen: f64,
     pub t_score: f64,
 }
 
 impl RolloutSummary {
-    pub fn of(r: &Rollout) -> RolloutSummary {
-        RolloutSummary {
-            groups: r.groups.len(),
-            all_rewards: r.all_rewards.clone(),
-            all_totals: r.all_totals.clone(),
-            failures: r.failures.clone(),
-            lens: r.lens.clone(),
-            n_truncated: r.n_truncated,
-            zero_std: r.zero_std,
-            unscored: r.unscored,
-            rounds: r.rounds,
-            t_gen: r.t_gen,
-            t_score: r.t_score,
-        }
-    }
-
     /// The processes' summaries as one, in rank order.
     pub fn merge(parts: Vec<RolloutSummary>) -> RolloutSummary {
         let mut it = parts.into_iter();
