@@ -2,8 +2,9 @@
 //! `RANK` / `WORLD_SIZE` / `MASTER_ADDR` / `MASTER_PORT` on one machine.
 //!
 //! - Two processes with one micro-batch each train the same bits as one process with
-//!   `grad_accum = 2`: the same losses, gradient norms and evaluations in `metrics.jsonl`, the
-//!   same weights and optimizer moments in every checkpoint.
+//!   `grad_accum = 2`: the same losses, gradient norms and evaluations (each process scoring
+//!   half the eval batches) in `metrics.jsonl`, the same weights and optimizer moments in every
+//!   checkpoint.
 //! - Stopped (both processes exit 75) and resumed, the two-process run ends as the one never
 //!   stopped, state included; its checkpoint refuses a resume by one process.
 //! - A process that dies takes the job down: its peer exits instead of waiting forever.
@@ -14,11 +15,14 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Instant;
 
-/// Batch of one sample, so that rank r's micro-batch is the single process's micro-batch r.
+/// Batch of one sample, so that rank r's micro-batch is the single process's micro-batch r;
+/// evaluation batches of one sample too, so that each rank evaluates its share (the loss of 4
+/// samples, answers to 2).
 const DP: &[&str] = &[
     "data.batch.batch_size=1",
     "train.max_steps=6",
     "eval.every_steps=4",
+    "eval.batch_size=1",
 ];
 
 fn free_port() -> u16 {

@@ -5,10 +5,15 @@
 //! training data with the eval split, so every evaluation of a run scores the same samples.
 //! Accuracy is the OpenMedReason-Bench rule: the letter inside the first `<answer>…</answer>`
 //! equals the reference letter; a reply without one is wrong (and counted as a format miss).
+//!
+//! In a data-parallel run every process evaluates every W-th batch of the set (the batches
+//! one process would make), and the per-batch loss sums are added in batch order: the same
+//! numbers as one process's evaluation, in 1/W of its time.
 
 use crate::batch;
 use crate::card::EvalResult;
 use crate::config::EvalConfig;
+use crate::dist::Group;
 use crate::setup::Built;
 use candle_core::{Device, Tensor};
 use omr_data::collate::collate;
@@ -115,9 +120,26 @@ pub fn eval_loss(
     batch_size: usize,
     pad_id: u32,
 ) -> omr_model::Result<f64> {
-    let mut sum = 0.0f64;
-    let mut count = 0usize;
-    for chunk in items.chunks(batch_size.max(1)) {
+    let parts = eval_loss_batches(model, items, batch_size, pad_id, (0, 1))?;
+    Ok(loss_of(&[parts]))
+}
+
+/// The summed token loss and token count of the padded batches of `batch_size` numbered
+/// rank, rank + world, … (`stripe` = (rank, world)).
+pub fn eval_loss_batches(
+    model: &Qwen2VL,
+    items: &[Encoded],
+    batch_size: usize,
+    pad_id: u32,
+    stripe: (usize, usize),
+) -> omr_model::Result<Vec<(f64, usize)>> {
+    let mut out = Vec::new();
+    let (rank, world) = stripe;
+    for chunk in items
+        .chunks(batch_size.max(1))
+        .skip(rank)
+        .step_by(world.max(1))
+    {
         let rows: Vec<Vec<&Encoded>> = chunk.iter().map(|e| vec![e]).collect();
         let b = collate(&rows, pad_id, 8);
         let (input, labels) = batch::to_input(&b, model.device())?;
@@ -127,13 +149,27 @@ pub fn eval_loss(
             ..model.ctx()
         };
         let (s, n) = model.loss(&input, &labels, &ctx)?;
-        sum += s.to_scalar::<f32>()? as f64;
-        count += n;
+        out.push((s.to_scalar::<f32>()? as f64, n));
     }
-    Ok(sum / count.max(1) as f64)
+    Ok(out)
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Mean token loss from every rank's [`eval_loss_batches`] (rank order): summed in batch
+/// order, batch b being rank b mod W's (b / W)-th.
+fn loss_of(ranks: &[Vec<(f64, usize)>]) -> f64 {
+    let world = ranks.len().max(1);
+    let batches: usize = ranks.iter().map(Vec::len).sum();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for b in 0..batches {
+        if let Some(&(s, n)) = ranks[b % world].get(b / world) {
+            sum += s;
+            count += n;
+        }
+    }
+    sum / count.max(1) as f64
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accuracy {
     pub total: usize,
     pub correct: usize,
@@ -144,6 +180,22 @@ pub struct Accuracy {
 }
 
 impl Accuracy {
+    /// Counts of several parts of a set added up.
+    pub fn merge(parts: Vec<Accuracy>) -> Accuracy {
+        let mut m = Accuracy::default();
+        for p in parts {
+            m.total += p.total;
+            m.correct += p.correct;
+            m.formatted += p.formatted;
+            for (k, (c, t)) in p.by_group {
+                let e = m.by_group.entry(k).or_default();
+                e.0 += c;
+                e.1 += t;
+            }
+        }
+        m
+    }
+
     pub fn value(&self) -> f64 {
         self.correct as f64 / self.total.max(1) as f64
     }
@@ -162,7 +214,8 @@ pub fn chance(items: &[GenItem]) -> f64 {
     with.iter().sum::<f64>() / with.len().max(1) as f64
 }
 
-/// Greedy answers to `items` in left-padded batches; `decode` turns tokens into text.
+/// Greedy answers to `items` in left-padded batches; `decode` turns tokens into text. Only
+/// the batches numbered rank, rank + world, … (`stripe` = (rank, world); (0, 1): all).
 pub fn eval_accuracy(
     model: &Qwen2VL,
     items: &[GenItem],
@@ -170,9 +223,15 @@ pub fn eval_accuracy(
     pad_id: u32,
     sampling: &SamplingConfig,
     decode: &dyn Fn(&[u32]) -> String,
+    stripe: (usize, usize),
 ) -> omr_model::Result<Accuracy> {
     let mut acc = Accuracy::default();
-    for chunk in items.chunks(batch_size.max(1)) {
+    let (rank, world) = stripe;
+    for chunk in items
+        .chunks(batch_size.max(1))
+        .skip(rank)
+        .step_by(world.max(1))
+    {
         let input = left_padded(chunk.iter().map(|g| &g.prompt), pad_id, model.device())?;
         let outs = generate(model, &input, sampling)?;
         for (item, out) in chunk.iter().zip(outs) {
@@ -228,7 +287,8 @@ pub fn left_padded<'a>(
     Input::padded(ids, &mask, pixel_values, grids)
 }
 
-/// Held-out loss and greedy answer accuracy of a run, as model-card eval rows.
+/// Held-out loss and greedy answer accuracy of a run, as model-card eval rows, evaluated by
+/// every rank of `group` (its share of the batches) and the same on each.
 pub fn evaluate_run(
     model: &Qwen2VL,
     set: &EvalSet,
@@ -236,7 +296,9 @@ pub fn evaluate_run(
     sources: &[SourceSpec],
     processor: &Processor,
     built: &Built,
+    group: &mut Group,
 ) -> crate::Result<Vec<EvalResult>> {
+    let stripe = (group.rank(), group.world());
     let split = cfg.split.clone();
     let dataset = sources
         .first()
@@ -251,8 +313,14 @@ pub fn evaluate_run(
     };
     let mut out = Vec::new();
     if !set.loss_items.is_empty() {
-        let l = eval_loss(model, &set.loss_items, cfg.batch_size, processor.pad_id())?;
-        out.push(row("loss", l));
+        let mine = eval_loss_batches(
+            model,
+            &set.loss_items,
+            cfg.batch_size,
+            processor.pad_id(),
+            stripe,
+        )?;
+        out.push(row("loss", loss_of(&group.all_gather_value(&mine)?)));
     }
     if !set.gen_items.is_empty() {
         let sampling = SamplingConfig {
@@ -269,7 +337,9 @@ pub fn evaluate_run(
             processor.pad_id(),
             &sampling,
             &decode,
+            stripe,
         )?;
+        let acc = Accuracy::merge(group.all_gather_value(&acc)?);
         out.push(row("accuracy", acc.value()));
         out.push(row("format_rate", acc.format_rate()));
     }

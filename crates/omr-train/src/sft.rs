@@ -378,7 +378,7 @@ fn train(
         // eval
         let last = step == max_steps;
         let eval_due = cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps);
-        if let (Some(set), Some(metrics)) = (&eval_set, &mut metrics) {
+        if let Some(set) = &eval_set {
             if eval_due || last {
                 last_eval = eval::evaluate_run(
                     &model,
@@ -387,14 +387,16 @@ fn train(
                     &cfg.data.sources,
                     &processor,
                     &built,
+                    group,
                 )?;
                 let values: Vec<(String, f64)> = last_eval
                     .iter()
                     .map(|r| (format!("eval/{}", r.metric), r.value))
                     .collect();
-                metrics
-                    .log_scalars(step, "eval", &values)
-                    .map_err(|e| TrainError::Internal(e.to_string()))?;
+                if let Some(m) = &mut metrics {
+                    m.log_scalars(step, "eval", &values)
+                        .map_err(|e| TrainError::Internal(e.to_string()))?;
+                }
             }
         }
 
