@@ -345,3 +345,33 @@ pub fn evaluate_run(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_loss_sums_add_in_one_process_batch_order() {
+        // Batches 0..4 as one process makes them; rank 0 scored 0 and 2, rank 1 scored 1 and 3.
+        // In batch order 1e16 + 1 rounds to 1e16, so the sum is 1; rank by rank it would be 2.
+        let ranks = vec![vec![(1e16, 1), (-1e16, 1)], vec![(1.0, 1), (1.0, 1)]];
+        assert_eq!(loss_of(&ranks), 1.0 / 4.0);
+        let one = vec![vec![(1e16, 1), (1.0, 1), (-1e16, 1), (1.0, 1)]];
+        assert_eq!(loss_of(&one), loss_of(&ranks));
+        assert_eq!(loss_of(&[vec![]]), 0.0, "no batch: 0, not NaN");
+    }
+
+    #[test]
+    fn accuracy_counts_merge() {
+        let part = |c, t, g: &str| Accuracy {
+            total: t,
+            correct: c,
+            formatted: t,
+            by_group: [(("modality".to_string(), g.to_string()), (c, t))].into(),
+        };
+        let m = Accuracy::merge(vec![part(1, 2, "ct"), part(2, 3, "ct"), part(0, 1, "mri")]);
+        assert_eq!((m.correct, m.total, m.formatted), (3, 6, 6));
+        assert_eq!(m.by_group[&("modality".into(), "ct".into())], (3, 5));
+        assert_eq!(m.by_group[&("modality".into(), "mri".into())], (0, 1));
+    }
+}
