@@ -249,7 +249,7 @@ impl Peer {
         let message = if timed_out {
             format!(
                 "no word from rank {} in {} s: it is stuck or far behind (raise \
-                 OMR_DIST_TIMEOUT_S if rank 0's evaluation or checkpoints take longer)",
+                 OMR_DIST_TIMEOUT_S if rank 0's checkpoint writes take longer)",
                 self.rank,
                 self.timeout.as_secs()
             )
