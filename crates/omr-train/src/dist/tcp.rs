@@ -52,7 +52,9 @@ impl Link {
     /// Rank 0 folds the `len` values of ranks 0, 1, … in order with `add` (a rank without
     /// values is skipped; the first with values starts the sum) and sends the result to every
     /// rank. Values travel as their bytes, read straight into the vectors that hold them.
-    pub fn reduce<T: bytemuck::Pod>(
+    /// From [`PARALLEL_BYTES`] on, rank 0 reads from and writes to its peers all at once, a
+    /// thread each, so that the copies through the sockets overlap.
+    pub fn reduce<T: bytemuck::Pod + Send + Sync>(
         &mut self,
         own: Option<Vec<T>>,
         len: usize,
@@ -62,6 +64,20 @@ impl Link {
             Link::Worker(hub) => {
                 hub.write_values(own.as_deref())?;
                 hub.read_values(len, None)
+            }
+            Link::Hub(peers)
+                if peers.len() > 1 && len * std::mem::size_of::<T>() >= PARALLEL_BYTES =>
+            {
+                let received = on_each(peers, |p| p.read_values::<T>(len, None))?;
+                let mut acc = own;
+                for next in received.into_iter().flatten() {
+                    match &mut acc {
+                        None => acc = Some(next),
+                        Some(a) => add(a, &next),
+                    }
+                }
+                on_each(peers, |p| p.write_values(acc.as_deref()))?;
+                Ok(acc)
             }
             Link::Hub(peers) => {
                 let mut acc = own;
@@ -122,6 +138,29 @@ impl Link {
             }
         }
     }
+}
+
+/// Messages from this many bytes on are exchanged with all peers at once.
+pub const PARALLEL_BYTES: usize = 1 << 20;
+
+/// `f` on every peer at once, a scoped thread each; the results in rank order, or the first
+/// rank's error.
+fn on_each<R: Send>(
+    peers: &mut [Peer],
+    f: impl Fn(&mut Peer) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = peers.iter_mut().map(|p| s.spawn(move || f(p))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TrainError::Internal("a socket thread panicked".into()))
+                })
+            })
+            .collect()
+    })
 }
 
 impl Peer {

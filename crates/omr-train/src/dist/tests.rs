@@ -64,6 +64,39 @@ fn sums_are_in_rank_order_and_equal_on_every_rank() {
 }
 
 #[test]
+fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
+    // Above tcp::PARALLEL_BYTES rank 0 talks to its peers from a thread each: still rank
+    // order, absent ranks skipped.
+    let len = (tcp::PARALLEL_BYTES / 4) * 3 + 5;
+    let results = on_ranks(
+        4,
+        |_| [9; 32],
+        move |g| {
+            let r = g.rank();
+            let mine = [1e8f32, 1.0, -1e8, 0.5][r];
+            let v = (r != 3).then(|| vec![mine; len]);
+            let sum = g.sum_f32(v, len)?;
+            let only2 = g.sum_f32((r == 2).then(|| vec![-0.0f32; len]), len)?;
+            Ok((sum, only2))
+        },
+    );
+    for r in results {
+        let (sum, only2) = r.unwrap();
+        let sum = sum.unwrap();
+        assert_eq!(sum.len(), len);
+        assert!(
+            sum.iter().all(|&x| x == (1e8f32 + 1.0) + -1e8),
+            "{}",
+            sum[0]
+        );
+        assert!(only2
+            .unwrap()
+            .iter()
+            .all(|x| x.to_bits() == (-0.0f32).to_bits()));
+    }
+}
+
+#[test]
 fn absent_values_are_skipped_and_a_single_holder_keeps_its_bits() {
     let results = on_ranks(
         3,
