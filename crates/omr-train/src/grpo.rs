@@ -28,9 +28,9 @@
 //!   stripe, generation chunk c of rank r keyed as chunk c·W + r. The loss is normalised by the
 //!   whole step's tokens (dapo) or micro-batches, a batch reward std spans every process's
 //!   groups, and gradients are summed before each update, so that with one prompt per
-//!   generation batch and micro-batch the run is the single process's, bit for bit. Rank 0
-//!   logs every process's rollout merged, writes `completions.jsonl` (its own groups),
-//!   evaluates, checkpoints and exports.
+//!   generation batch and micro-batch the run is the single process's, bit for bit. Every
+//!   rank scores its share of the evaluation; rank 0 logs every process's rollout merged,
+//!   writes `completions.jsonl` (its own groups), checkpoints and exports.
 
 mod completions_log;
 mod prompts;

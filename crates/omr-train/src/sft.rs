@@ -19,8 +19,8 @@
 //!   every process takes the same step: the one a single process takes with `grad_accum`·W
 //!   (bit for bit with one micro-batch per process on CPU). Rank r's micro-batch m counts as
 //!   micro-batch m·W + r of that step for its random draws. Stops, non-finite steps and
-//!   skipped steps are agreed on by all; rank 0 alone logs, evaluates, checkpoints (with every
-//!   rank's data cursor) and exports.
+//!   skipped steps are agreed on by all, and every rank scores its share of the evaluation;
+//!   rank 0 alone logs, checkpoints (with every rank's data cursor) and exports.
 
 use crate::batch::to_input;
 use crate::card::EvalResult;
@@ -346,7 +346,7 @@ fn train(
         // log
         let dt = t_step.elapsed().as_secs_f64();
         let loss = loss_sum / n_tokens.max(1) as f64;
-        let logged = metrics.as_mut().map(|m| {
+        if let Some(m) = &mut metrics {
             m.log_step(&StepStats {
                 step,
                 total_steps: max_steps,
@@ -363,10 +363,8 @@ fn train(
                 bad_samples: bad_samples as u64,
                 supervised_tokens: n_tokens as u64,
             })
-        });
-        logged
-            .transpose()
             .map_err(|e| TrainError::Internal(e.to_string()))?;
+        }
         if st.nonfinite_streak >= cfg.train.max_nonfinite_steps {
             metrics.iter_mut().for_each(Metrics::finish);
             return Err(TrainError::NonFinite {
