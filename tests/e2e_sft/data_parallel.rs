@@ -33,6 +33,11 @@ fn free_port() -> u16 {
 /// Both ranks of a two-process `omr sft` into `run`, started together; stderr of rank r in
 /// `run`'s parent as `rank<r>.log`.
 fn spawn_ranks(run: &Path, extra: &[&str]) -> Vec<(Child, PathBuf)> {
+    spawn_ranks_logged(run, extra, Some("warn"))
+}
+
+/// [`spawn_ranks`] with `OMR_LOG=level`, or without `OMR_LOG` (the default levels) for None.
+fn spawn_ranks_logged(run: &Path, extra: &[&str], level: Option<&str>) -> Vec<(Child, PathBuf)> {
     let port = free_port().to_string();
     fs::create_dir_all(run.parent().unwrap()).unwrap();
     (0..2)
@@ -41,9 +46,13 @@ fn spawn_ranks(run: &Path, extra: &[&str]) -> Vec<(Child, PathBuf)> {
                 "{}-rank{r}.log",
                 run.file_name().unwrap().to_string_lossy()
             ));
-            let child = Command::new(env!("CARGO_BIN_EXE_omr"))
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_omr"));
+            match level {
+                Some(l) => cmd.env("OMR_LOG", l),
+                None => cmd.env_remove("OMR_LOG"),
+            };
+            let child = cmd
                 .args(sft_args(run, &[DP, extra].concat()))
-                .env("OMR_LOG", "warn")
                 .envs([
                     ("RANK", r.to_string()),
                     ("LOCAL_RANK", r.to_string()),
@@ -157,4 +166,22 @@ fn metrics_lines(run: &Path) -> usize {
         .unwrap_or_default()
         .matches('\n')
         .count()
+}
+
+/// Without `OMR_LOG`, rank 0 reports the run and the other ranks only what goes wrong.
+#[test]
+fn only_rank_0_reports_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let ranks = spawn_ranks_logged(&run, &["train.max_steps=1"], None);
+    let logs = wait_ranks(ranks);
+    for (rank, (code, log)) in logs.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {rank}:\n{log}");
+    }
+    assert!(
+        logs[0].1.contains("data parallel: rank 0 of 2"),
+        "{}",
+        logs[0].1
+    );
+    assert!(!logs[1].1.contains("INFO"), "{}", logs[1].1);
 }

@@ -84,8 +84,14 @@ enum BenchCmd {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OMR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openjp2=warn,jpeg2k=warn"));
+    // The other ranks of a data-parallel job say only what goes wrong: rank 0 reports the run.
+    let level = match omr_data::loader::Rank::from_env().rank {
+        0 => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OMR_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},openjp2=warn,jpeg2k=warn"))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
