@@ -12,8 +12,9 @@
 //!   and sends the sums back. Every rank then holds the same bits, and with one micro-batch
 //!   per rank the sums are the ones a single process makes with `grad_accum` = W (rank r's
 //!   batch is that process's micro-batch r). Rank 0 moves 2·(W−1) copies of the gradients a
-//!   step: right for LoRA and small models, slow for a full fine-tune of billions of
-//!   parameters.
+//!   step (from 1 MiB on, with all peers at once): right for LoRA and small models, slow for a
+//!   full fine-tune of billions of parameters. Other messages (data cursors, rollout
+//!   summaries, eval counts) travel as postcard bytes, every f64 with its bits.
 //! - **No hang on a dead peer.** A process that exits (an error, a kill) closes its sockets; its
 //!   peers' next collective fails naming its rank (exit 1), so the whole job stops instead of
 //!   waiting. A live but stuck peer fails the others after `OMR_DIST_TIMEOUT_S` (default 3600
