@@ -57,32 +57,27 @@ pub struct Rank {
 impl Rank {
     pub const SINGLE: Rank = Rank { rank: 0, world: 1 };
 
+    /// The launchers' (rank, world) variables, in the order they are read: torchrun's, then
+    /// SLURM's.
+    pub const VARS: [(&'static str, &'static str); 2] =
+        [("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")];
+
     /// `RANK`/`WORLD_SIZE` (torchrun) first, then `SLURM_PROCID`/`SLURM_NTASKS`.
     pub fn from_env() -> Rank {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
+    /// The first pair of [`Rank::VARS`] that holds a valid rank; a single process if none.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Rank {
-        Self::named_from_lookup(get).0
-    }
-
-    /// [`Rank::from_env`] and the pair of variables it came from (`("", "")` for none).
-    pub fn named_from_env() -> (Rank, (&'static str, &'static str)) {
-        Self::named_from_lookup(|k| std::env::var(k).ok())
-    }
-
-    /// [`Rank::from_lookup`] and the pair of variables it came from (`("", "")` for none).
-    pub fn named_from_lookup(
-        get: impl Fn(&str) -> Option<String>,
-    ) -> (Rank, (&'static str, &'static str)) {
-        let pair = |r: &'static str, w: &'static str| {
+        let pair = |(r, w): (&str, &str)| -> Option<Rank> {
             let rank = get(r)?.parse().ok()?;
             let world: usize = get(w)?.parse().ok()?;
-            (world > 0 && rank < world).then_some((Rank { rank, world }, (r, w)))
+            (world > 0 && rank < world).then_some(Rank { rank, world })
         };
-        pair("RANK", "WORLD_SIZE")
-            .or_else(|| pair("SLURM_PROCID", "SLURM_NTASKS"))
-            .unwrap_or((Rank::SINGLE, ("", "")))
+        Self::VARS
+            .into_iter()
+            .find_map(pair)
+            .unwrap_or(Rank::SINGLE)
     }
 }
 

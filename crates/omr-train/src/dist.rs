@@ -106,19 +106,21 @@ impl Launch {
                     }),
                 }
             };
-        for (r, w) in [("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")] {
+        // Every pair that is set must be valid; the first one set is this process's.
+        let mut found = None;
+        for (r, w) in Rank::VARS {
             if let (Some(rank), Some(world)) = (parse(r)?, parse(w)?) {
                 if world == 0 || rank >= world {
                     return Err(TrainError::Usage(format!(
                         "{r}={rank} and {w}={world}: a rank must be below the world size"
                     )));
                 }
+                found.get_or_insert((rank as usize, world as usize, (r, w)));
             }
         }
-        let (rank, vars) = Rank::named_from_lookup(&get);
-        if rank.world <= 1 {
+        let Some((rank, world, vars)) = found.filter(|&(_, world, _)| world > 1) else {
             return Ok(Launch::single());
-        }
+        };
         let local_rank = match parse("LOCAL_RANK")? {
             Some(l) => l,
             None => parse("SLURM_LOCALID")?.unwrap_or(0),
@@ -135,7 +137,7 @@ impl Launch {
                     "{}={} over {nodes} nodes, but MASTER_ADDR is not set: the other ranks \
                      cannot find rank 0. Add `export MASTER_ADDR=$(scontrol show hostnames \
                      \"$SLURM_JOB_NODELIST\" | head -n 1)` to the batch script",
-                    vars.1, rank.world
+                    vars.1, world
                 )))
             }
             _ => "127.0.0.1".to_string(),
@@ -157,8 +159,8 @@ impl Launch {
             Some(s) => Duration::from_secs(s),
         };
         Ok(Launch {
-            rank: rank.rank,
-            world: rank.world,
+            rank,
+            world,
             local_rank,
             gpu,
             local_world,
