@@ -52,7 +52,8 @@ use crate::rollout::{completion_logps, logps_from_hidden, seq_batch};
 use crate::setup;
 use crate::sft::{Outcome, RunOptions};
 use crate::snapshot::{
-    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, quarantine_path,
+    resume_dir,
 };
 use crate::state::{self, GrpoState, TrainState};
 use completions_log::CompletionsLog;
@@ -185,7 +186,7 @@ fn train(
         )?;
         st.processor = processor_hashes.clone();
         loader
-            .restore(st.loader.clone())
+            .restore(st.stripe.loader.clone())
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
@@ -199,12 +200,9 @@ fn train(
     }
 
     // ---- prompts, logs, eval set ------------------------------------------------------------
-    let qpath = run_dir.join(match group.rank() {
-        0 => "quarantine.jsonl".to_string(),
-        r => format!("quarantine.rank{r}.jsonl"),
-    });
+    let qpath = quarantine_path(&run_dir, group.rank());
     let cpath = run_dir.join("completions.jsonl");
-    cut_back(&qpath, st.quarantine_bytes)?;
+    cut_back(&qpath, st.stripe.quarantine_bytes)?;
     let completions_bytes = st.grpo.as_ref().map_or(0, |g| g.completions_bytes);
     // Rank 0's groups only.
     let mut completions_log = match group.is_main() {
@@ -213,9 +211,7 @@ fn train(
     };
     let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
         .map_err(|e| TrainError::Usage(e.to_string()))?;
-    quarantine.seen = st.data_seen;
-    quarantine.bad = st.data_bad;
-    quarantine.by_reason = st.data_bad_by_reason.clone();
+    st.stripe.restore_counters(&mut quarantine);
     let p = processor.clone();
     let mut prompts = loader.stream(move |s| prompts::prompt_item(&p, s));
     let eval_set = if cfg.eval.generate_samples > 0 {
@@ -274,7 +270,7 @@ fn train(
         let mut gs = st.grpo.clone().unwrap_or_default();
 
         // rollout: prompts → G completions → rewards, refilling dropped groups
-        let mut next_loader = st.loader.clone();
+        let mut next_loader = st.stripe.loader.clone();
         let rollout = sampler.sample(
             &model,
             step,
@@ -494,14 +490,9 @@ fn train(
             *gs.reward_failures.entry(r.name().to_string()).or_default() += f;
         }
         st.step = step;
-        st.loader = next_loader;
         st.samples += all_rows as u64;
         st.tokens += summary.lens.iter().sum::<usize>() as u64;
-        st.data_seen = quarantine.seen;
-        st.data_bad = quarantine.bad;
-        st.data_bad_by_reason = quarantine.by_reason.clone();
-        quarantine.flush();
-        st.quarantine_bytes = std::fs::metadata(&qpath).map_or(0, |m| m.len());
+        st.stripe.record(next_loader, &mut quarantine, &qpath);
         st.grpo = Some(gs);
 
         // log

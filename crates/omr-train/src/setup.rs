@@ -169,8 +169,7 @@ pub fn rank_state(mut st: TrainState, rank: usize, world: usize, dir: &Path) -> 
         )));
     }
     if rank > 0 {
-        let mine = st.ranks[rank - 1].clone();
-        st.set_rank_data(mine);
+        st.stripe = st.ranks[rank - 1].clone();
     }
     Ok(st)
 }

@@ -34,7 +34,8 @@ use crate::optim::StepOutcome;
 use crate::setup;
 use crate::signals::StopFlag;
 use crate::snapshot::{
-    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, resume_dir,
+    check_processor, commit_on_main, cut_back, eval_rows, load_checkpoint, quarantine_path,
+    resume_dir,
 };
 use crate::state::{self, TrainState};
 use omr_data::batcher::{BatchError, Batcher};
@@ -141,7 +142,7 @@ fn train(
         )?;
         st.processor = processor_hashes.clone();
         loader
-            .restore(st.loader.clone())
+            .restore(st.stripe.loader.clone())
             .map_err(|e| TrainError::Usage(format!("{}: {e}", dir.display())))?;
         tracing::info!("resuming from {} (step {})", dir.display(), st.step);
         if built.params.casts_on_get() {
@@ -156,16 +157,11 @@ fn train(
 
     // ---- data, eval set, metrics -------------------------------------------------------------
     // Cut back to the checkpoint's length (0 for a fresh run): records after it are read again.
-    let qpath = run_dir.join(match group.rank() {
-        0 => "quarantine.jsonl".to_string(),
-        r => format!("quarantine.rank{r}.jsonl"),
-    });
-    cut_back(&qpath, st.quarantine_bytes)?;
+    let qpath = quarantine_path(&run_dir, group.rank());
+    cut_back(&qpath, st.stripe.quarantine_bytes)?;
     let mut quarantine = Quarantine::new(Some(&qpath), cfg.data.quarantine.clone())
         .map_err(|e| TrainError::Usage(e.to_string()))?;
-    quarantine.seen = st.data_seen;
-    quarantine.bad = st.data_bad;
-    quarantine.by_reason = st.data_bad_by_reason.clone();
+    st.stripe.restore_counters(&mut quarantine);
     let p = processor.clone();
     let stream = loader.stream(move |s| p.encode(s));
     let mut batcher = Batcher::new(
@@ -219,7 +215,7 @@ fn train(
         let (mut loss_sum, mut n_tokens, mut n_samples, mut n_input_tokens) =
             (0.0f64, 0usize, 0u64, 0u64);
         let mut finite = true;
-        let mut next_loader = st.loader.clone();
+        let mut next_loader = st.stripe.loader.clone();
         let mut stopped = false;
         for micro in 0..cfg.train.grad_accum {
             let t_data = Instant::now();
@@ -334,14 +330,9 @@ fn train(
             }
         };
         st.step = step;
-        st.loader = next_loader;
         st.tokens += n_input_tokens;
         st.samples += n_samples;
-        st.data_seen = quarantine.seen;
-        st.data_bad = quarantine.bad;
-        st.data_bad_by_reason = quarantine.by_reason.clone();
-        quarantine.flush();
-        st.quarantine_bytes = std::fs::metadata(&qpath).map_or(0, |m| m.len());
+        st.stripe.record(next_loader, &mut quarantine, &qpath);
 
         // log
         let dt = t_step.elapsed().as_secs_f64();
@@ -449,11 +440,12 @@ fn batch_error(e: BatchError) -> TrainError {
 
 /// Passes over the data so far, fractional (first source; a rank's cursor counts in its stripe).
 fn epoch_of(st: &TrainState) -> f64 {
-    st.loader
+    st.stripe
+        .loader
         .sources
         .first()
         .map(|c| {
-            let stripe = omr_data::mixture::per_rank_len(c.len, st.loader.world);
+            let stripe = omr_data::mixture::per_rank_len(c.len, st.stripe.loader.world);
             c.epoch as f64 + c.pos as f64 / stripe.max(1) as f64
         })
         .unwrap_or(0.0)

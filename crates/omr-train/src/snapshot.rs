@@ -83,7 +83,7 @@ pub fn commit_on_main(
     must: bool,
 ) -> Result<()> {
     if group.world() > 1 {
-        let all = group.gather_value(&st.rank_data())?;
+        let all = group.gather_value(&st.stripe)?;
         if group.is_main() {
             st.ranks = all.into_iter().skip(1).collect();
         }
@@ -94,6 +94,15 @@ pub fn commit_on_main(
         )?;
     }
     group.barrier()
+}
+
+/// The quarantine file of rank `rank` in `run_dir`: `quarantine.jsonl` for rank 0 (and a
+/// single process), `quarantine.rank<R>.jsonl` for the others.
+pub fn quarantine_path(run_dir: &Path, rank: usize) -> PathBuf {
+    run_dir.join(match rank {
+        0 => "quarantine.jsonl".to_string(),
+        r => format!("quarantine.rank{r}.jsonl"),
+    })
 }
 
 /// `state.json` of a checkpoint.

@@ -10,6 +10,7 @@
 //! exact without saving half-accumulated gradients.
 
 use omr_data::loader::LoaderState;
+use omr_data::quarantine::Quarantine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -22,27 +23,20 @@ pub struct TrainState {
     pub format: u32,
     /// Optimizer steps taken (skipped non-finite steps included).
     pub step: u64,
-    /// Loader position where step `step + 1` starts.
-    pub loader: LoaderState,
+    /// This process's stripe of the data (its fields stand in `state.json` beside the others).
+    #[serde(flatten)]
+    pub stripe: RankData,
     /// Steps skipped because the loss or a gradient was not finite, and the current streak.
     pub skipped_steps: u64,
     pub nonfinite_streak: u64,
-    /// Data quarantine counters (good records seen, bad records, bad by reason).
-    pub data_seen: u64,
-    pub data_bad: u64,
-    pub data_bad_by_reason: BTreeMap<String, u64>,
-    /// Length of the run's `quarantine.jsonl` at this point: a resumed run cuts the file back
-    /// to it, so records read again after the resume are not listed twice.
-    #[serde(default)]
-    pub quarantine_bytes: u64,
     /// Training tokens and samples consumed so far.
     pub tokens: u64,
     pub samples: u64,
     /// Hashes of the files that turn data into tokens and pixels; resuming with other files
     /// would silently change the data, so it is refused unless asked for.
     pub processor: BTreeMap<String, String>,
-    /// Data-parallel runs: the data cursor and counters of ranks 1, 2, … (rank 0's are the
-    /// fields above), gathered by rank 0 for each checkpoint. Empty for one process.
+    /// Data-parallel runs: the stripes of ranks 1, 2, … (rank 0's is `stripe`), gathered by
+    /// rank 0 for each checkpoint. Empty for one process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranks: Vec<RankData>,
     /// What only GRPO runs carry (absent in SFT checkpoints).
@@ -73,13 +67,15 @@ impl TrainState {
         TrainState {
             format: STATE_FORMAT,
             step: 0,
-            loader,
+            stripe: RankData {
+                loader,
+                data_seen: 0,
+                data_bad: 0,
+                data_bad_by_reason: BTreeMap::new(),
+                quarantine_bytes: 0,
+            },
             skipped_steps: 0,
             nonfinite_streak: 0,
-            data_seen: 0,
-            data_bad: 0,
-            data_bad_by_reason: BTreeMap::new(),
-            quarantine_bytes: 0,
             tokens: 0,
             samples: 0,
             processor,
@@ -87,37 +83,43 @@ impl TrainState {
             grpo: None,
         }
     }
-
-    /// This process's own part of the state (its data stripe's cursor and counters).
-    pub fn rank_data(&self) -> RankData {
-        RankData {
-            loader: self.loader.clone(),
-            data_seen: self.data_seen,
-            data_bad: self.data_bad,
-            data_bad_by_reason: self.data_bad_by_reason.clone(),
-            quarantine_bytes: self.quarantine_bytes,
-        }
-    }
-
-    /// Takes `d` as this process's own part (a rank other than 0 resuming).
-    pub fn set_rank_data(&mut self, d: RankData) {
-        self.loader = d.loader;
-        self.data_seen = d.data_seen;
-        self.data_bad = d.data_bad;
-        self.data_bad_by_reason = d.data_bad_by_reason;
-        self.quarantine_bytes = d.quarantine_bytes;
-    }
 }
 
-/// What each process of a data-parallel run keeps apart: where its stripe of the data is, and
-/// what its quarantine saw (its own `quarantine.rank<R>.jsonl`).
+/// What each process keeps apart (one in a single-process run): where its stripe of the data
+/// is, and what its quarantine saw (`quarantine.jsonl`, or `quarantine.rank<R>.jsonl` for
+/// rank R > 0 of a data-parallel run).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankData {
+    /// Loader position where step `step + 1` starts.
     pub loader: LoaderState,
+    /// Data quarantine counters (good records seen, bad records, bad by reason).
     pub data_seen: u64,
     pub data_bad: u64,
     pub data_bad_by_reason: BTreeMap<String, u64>,
+    /// Length of the quarantine file at this point: a resumed run cuts the file back to it, so
+    /// records read again after the resume are not listed twice.
+    #[serde(default)]
     pub quarantine_bytes: u64,
+}
+
+impl RankData {
+    /// Gives `q` the counters of this state (a resume).
+    pub fn restore_counters(&self, q: &mut Quarantine) {
+        q.seen = self.data_seen;
+        q.bad = self.data_bad;
+        q.by_reason = self.data_bad_by_reason.clone();
+    }
+
+    /// After a step: the loader at `loader`, `q`'s counters, and the length of `q`'s file
+    /// `qpath` once flushed.
+    pub fn record(&mut self, loader: LoaderState, q: &mut Quarantine, qpath: &Path) {
+        self.loader = loader;
+        self.data_seen = q.seen;
+        self.data_bad = q.bad;
+        self.data_bad_by_reason = q.by_reason.clone();
+        q.flush();
+        self.quarantine_bytes = std::fs::metadata(qpath).map_or(0, |m| m.len());
+    }
 }
 
 /// Files of a processor folder that decide tokens and pixels.
@@ -155,4 +157,37 @@ pub fn changed_files(
         .filter(|n| saved.get(*n) != now.get(*n))
         .cloned()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stripe's fields stand in `state.json` beside the others, as before it was a struct
+    /// of its own, and a state written before `quarantine_bytes` existed still loads.
+    #[test]
+    fn the_stripe_is_flat_in_state_json() {
+        let loader = LoaderState {
+            seed: 3,
+            rank: 0,
+            world: 1,
+            sources: Vec::new(),
+        };
+        let st = TrainState::fresh(loader, BTreeMap::new());
+        let v = serde_json::to_value(&st).unwrap();
+        for key in [
+            "loader",
+            "data_seen",
+            "data_bad",
+            "data_bad_by_reason",
+            "quarantine_bytes",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing: {v}");
+        }
+        assert!(v.get("stripe").is_none() && v.get("ranks").is_none(), "{v}");
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("quarantine_bytes");
+        let back: TrainState = serde_json::from_value(old).unwrap();
+        assert_eq!(back, st);
+    }
 }
