@@ -19,13 +19,6 @@ const MAGIC: &[u8; 8] = b"OMRDP01\n";
 /// No frame is larger: a length beyond it means the stream is not ours.
 const MAX_FRAME: u64 = 1 << 40;
 
-/// One rank's contribution to a collective.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Frame {
-    Absent,
-    Data(Vec<u8>),
-}
-
 pub enum Link {
     /// Rank 0: the other ranks, in rank order.
     Hub(Vec<Peer>),
@@ -104,16 +97,13 @@ impl Link {
     pub fn gather(&mut self, own: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         match self {
             Link::Worker(hub) => {
-                hub.write(&Frame::Data(own))?;
+                hub.write_values(Some(&own))?;
                 Ok(Vec::new())
             }
             Link::Hub(peers) => {
                 let mut all = vec![own];
                 for p in peers.iter_mut() {
-                    match p.read()? {
-                        Frame::Data(b) => all.push(b),
-                        Frame::Absent => all.push(Vec::new()),
-                    }
+                    all.push(p.read_bytes()?.unwrap_or_default());
                 }
                 Ok(all)
             }
@@ -122,19 +112,12 @@ impl Link {
 
     pub fn broadcast(&mut self, own: Vec<u8>) -> Result<Vec<u8>> {
         match self {
-            Link::Worker(hub) => match hub.read()? {
-                Frame::Data(b) => Ok(b),
-                Frame::Absent => Ok(Vec::new()),
-            },
+            Link::Worker(hub) => Ok(hub.read_bytes()?.unwrap_or_default()),
             Link::Hub(peers) => {
-                let frame = Frame::Data(own);
                 for p in peers.iter_mut() {
-                    p.write(&frame)?;
+                    p.write_values(Some(&own))?;
                 }
-                let Frame::Data(b) = frame else {
-                    unreachable!("built as data above")
-                };
-                Ok(b)
+                Ok(own)
             }
         }
     }
@@ -188,15 +171,7 @@ impl Peer {
         s.set_write_timeout(Some(timeout)).map_err(io_internal)
     }
 
-    fn write(&mut self, frame: &Frame) -> Result<()> {
-        let r = match frame {
-            Frame::Absent => self.writer.write_all(&[0]),
-            Frame::Data(b) => self.write_tagged(1, b),
-        };
-        r.and_then(|_| self.writer.flush())
-            .map_err(|e| self.lost(e))
-    }
-
+    /// A frame of `values` (as their bytes), or the absent frame for None.
     fn write_values<T: bytemuck::Pod>(&mut self, values: Option<&[T]>) -> Result<()> {
         let r = match values {
             None => self.writer.write_all(&[0]),
@@ -212,21 +187,16 @@ impl Peer {
         len: usize,
         reuse: Option<Vec<T>>,
     ) -> Result<Option<Vec<T>>> {
-        let mut tag = [0u8; 1];
-        self.reader.read_exact(&mut tag).map_err(|e| self.lost(e))?;
-        if tag[0] == 0 {
+        let Some(bytes) = self.read_header()? else {
             return Ok(None);
-        }
-        let mut n = [0u8; 8];
-        self.reader.read_exact(&mut n).map_err(|e| self.lost(e))?;
-        let bytes = u64::from_le_bytes(n);
+        };
         let want = (len * std::mem::size_of::<T>()) as u64;
-        if tag[0] != 1 || bytes != want {
+        if bytes != want {
             return Err(TrainError::Collective {
                 message: format!(
-                    "rank {} sent {bytes} bytes where {want} were expected (tag {}): the ranks \
-                     run different models or configs",
-                    self.rank, tag[0]
+                    "rank {} sent {bytes} bytes where {want} were expected: the ranks run \
+                     different models or configs",
+                    self.rank
                 ),
                 timed_out: false,
             });
@@ -252,11 +222,25 @@ impl Peer {
         self.writer.write_all(b)
     }
 
-    fn read(&mut self) -> Result<Frame> {
+    /// A frame of any length: its bytes, or None for the absent frame.
+    fn read_bytes(&mut self) -> Result<Option<Vec<u8>>> {
+        let Some(len) = self.read_header()? else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; len as usize];
+        self.reader
+            .read_exact(&mut bytes)
+            .map_err(|e| self.lost(e))?;
+        Ok(Some(bytes))
+    }
+
+    /// A frame's tag and length: None for the absent frame, the length of a data frame. An
+    /// error frame (rank 0 refusing this rank) becomes that error.
+    fn read_header(&mut self) -> Result<Option<u64>> {
         let mut tag = [0u8; 1];
         self.reader.read_exact(&mut tag).map_err(|e| self.lost(e))?;
         if tag[0] == 0 {
-            return Ok(Frame::Absent);
+            return Ok(None);
         }
         let mut len = [0u8; 8];
         self.reader.read_exact(&mut len).map_err(|e| self.lost(e))?;
@@ -270,16 +254,16 @@ impl Peer {
                 timed_out: false,
             });
         }
-        let mut bytes = vec![0u8; len as usize];
-        self.reader
-            .read_exact(&mut bytes)
-            .map_err(|e| self.lost(e))?;
         if tag[0] == 2 {
+            let mut text = vec![0u8; len as usize];
+            self.reader
+                .read_exact(&mut text)
+                .map_err(|e| self.lost(e))?;
             return Err(TrainError::Usage(
-                String::from_utf8_lossy(&bytes).into_owned(),
+                String::from_utf8_lossy(&text).into_owned(),
             ));
         }
-        Ok(Frame::Data(bytes))
+        Ok(Some(len))
     }
 
     /// What a failed read or write means for the job.
@@ -307,7 +291,8 @@ fn io_internal(e: std::io::Error) -> TrainError {
 }
 
 /// Rank 0: listens on `MASTER_PORT` until every other rank said hello with the same world and
-/// fingerprint, then answers each with an empty data frame.
+/// fingerprint, then answers each with an empty data frame (or the first mismatch with an
+/// error frame).
 fn hub(launch: &Launch, fingerprint: [u8; 32], wait: Duration) -> Result<Vec<Peer>> {
     let listener = TcpListener::bind(("0.0.0.0", launch.port)).map_err(|e| {
         TrainError::Usage(format!(
@@ -371,7 +356,7 @@ fn hub(launch: &Launch, fingerprint: [u8; 32], wait: Duration) -> Result<Vec<Pee
     }
     let mut peers: Vec<Peer> = peers.into_iter().flatten().collect();
     for p in &mut peers {
-        p.write(&Frame::Data(Vec::new()))?;
+        p.write_values::<u8>(Some(&[]))?;
         p.set_timeout(launch.timeout)?;
     }
     Ok(peers)
@@ -431,13 +416,10 @@ fn worker(launch: &Launch, fingerprint: [u8; 32], wait: Duration) -> Result<Peer
         .write_all(&hello)
         .and_then(|_| hub.writer.flush())
         .map_err(|e| hub.lost(e))?;
-    match hub.read()? {
-        Frame::Data(_) => {}
-        Frame::Absent => {
-            return Err(TrainError::Internal(
-                "rank 0 answered the hello with nothing".into(),
-            ))
-        }
+    if hub.read_bytes()?.is_none() {
+        return Err(TrainError::Internal(
+            "rank 0 answered the hello with nothing".into(),
+        ));
     }
     hub.set_timeout(launch.timeout)?;
     Ok(hub)
