@@ -465,23 +465,14 @@ fn train(
             gs.completions_bytes = log.bytes();
         }
 
-        // every process's rollout and update, for the state and the log (rank 0)
-        let own = (rollout.summary.clone(), u, quarantine.bad, rows_tokens);
-        let parts = group.gather_value(&own)?;
-        let (summary, u, bad_samples, rows_tokens) = match group.world() {
-            1 => own,
-            _ => {
-                let rows_tokens = parts.iter().map(|p| p.3).sum::<f64>().max(1.0);
-                let bad = parts.iter().map(|p| p.2).sum();
-                let (r, u): (Vec<_>, Vec<_>) = parts.into_iter().map(|p| (p.0, p.1)).unzip();
-                (
-                    RolloutSummary::merge(r),
-                    UpdateStats::merge(u),
-                    bad,
-                    rows_tokens,
-                )
-            }
-        };
+        // every process's rollout and update, for the state and the log (rank 0; one part, as
+        // it was, in a single process)
+        let parts =
+            group.gather_value(&(rollout.summary.clone(), u, quarantine.bad, rows_tokens))?;
+        let rows_tokens = parts.iter().map(|p| p.3).sum::<f64>().max(1.0);
+        let bad_samples: u64 = parts.iter().map(|p| p.2).sum();
+        let (r, u): (Vec<_>, Vec<_>) = parts.into_iter().map(|p| (p.0, p.1)).unzip();
+        let (summary, u) = (RolloutSummary::merge(r), UpdateStats::merge(u));
 
         // state after the step
         gs.groups_unscored += summary.unscored;
