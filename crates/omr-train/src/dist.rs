@@ -23,11 +23,14 @@
 //!   config with rank 0's and refuses a mismatch, before any model is loaded.
 
 pub mod bench;
+mod link;
+mod rendezvous;
 mod tcp;
 
 use crate::error::{Result, TrainError};
 use crate::optim::GradAccum;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
+pub use link::Segment;
 use omr_data::loader::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -193,7 +196,7 @@ pub struct Group {
     rank: usize,
     world: usize,
     local_world: usize,
-    link: Option<tcp::Link>,
+    link: Option<link::Link>,
 }
 
 impl Group {
@@ -214,14 +217,17 @@ impl Group {
         if launch.world <= 1 {
             return Ok(Group::single());
         }
-        let link = tcp::Link::connect(launch, fingerprint, CONNECT_TIMEOUT)?;
-        tracing::info!("data parallel: {}", launch.describe());
-        Ok(Group {
+        let link = rendezvous::connect(launch, fingerprint, CONNECT_TIMEOUT)?;
+        let mut group = Group {
             rank: launch.rank,
             world: launch.world,
             local_world: launch.local_world,
             link: Some(link),
-        })
+        };
+        // Returns once every rank holds all its connections.
+        group.barrier()?;
+        tracing::info!("data parallel: {}", launch.describe());
+        Ok(group)
     }
 
     pub fn rank(&self) -> usize {
@@ -258,14 +264,11 @@ impl Group {
 
     /// Sums `values` over the ranks, in place, in rank order (f64 sums).
     pub fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
-        let Some(link) = &mut self.link else {
-            return Ok(());
-        };
-        match link.reduce(Some(values.to_vec()), values.len(), add_f64)? {
-            Some(sum) => values.copy_from_slice(&sum),
-            None => return Err(TrainError::Internal("sum_f64: rank 0 sent no sums".into())),
+        let segments = [self.everyone(values.len())];
+        match &mut self.link {
+            None => Ok(()),
+            Some(link) => link.reduce(values, &segments),
         }
-        Ok(())
     }
 
     /// Whether `flag` holds on any rank.
@@ -293,10 +296,50 @@ impl Group {
                 )));
             }
         }
-        let Some(link) = &mut self.link else {
+        if self.link.is_none() {
             return Ok(values);
-        };
-        link.reduce(values, len, add_f32)
+        }
+        let holders = self.holders(&[values.is_some()])?.remove(0);
+        if holders.is_empty() {
+            return Ok(None);
+        }
+        let mut flat = values.unwrap_or_else(|| vec![0.0; len]);
+        self.sum_segments(&mut flat, &[Segment { len, holders }])?;
+        Ok(Some(flat))
+    }
+
+    /// Sums `flat` over the ranks, in place: each segment over its holders, in rank order
+    /// (the others' values there are ignored). Every rank passes the same segments. Sums of
+    /// 1 MiB and more go through the mesh (each rank sends and receives 2·(W−1)/W copies),
+    /// smaller ones through rank 0; the bits are the same either way.
+    pub fn sum_segments(&mut self, flat: &mut [f32], segments: &[Segment]) -> Result<()> {
+        match &mut self.link {
+            None => Ok(()),
+            Some(link) => link.reduce(flat, segments),
+        }
+    }
+
+    /// For each of this rank's `held` flags, the ranks where it is set, in rank order.
+    pub fn holders(&mut self, held: &[bool]) -> Result<Vec<Vec<usize>>> {
+        let all: Vec<Vec<bool>> = self.all_gather_value(&held.to_vec())?;
+        if let Some(r) = all.iter().position(|h| h.len() != held.len()) {
+            return Err(TrainError::Internal(format!(
+                "rank {r} sums {} tensors, rank {} {}: the ranks train different parameters",
+                all[r].len(),
+                self.rank,
+                held.len()
+            )));
+        }
+        Ok((0..held.len())
+            .map(|i| (0..all.len()).filter(|&r| all[r][i]).collect())
+            .collect())
+    }
+
+    fn everyone(&self, len: usize) -> Segment {
+        Segment {
+            len,
+            holders: (0..self.world).collect(),
+        }
     }
 
     /// Every rank's `bytes`, in rank order, on rank 0; an empty list on the others.
@@ -340,25 +383,79 @@ impl Group {
     }
 }
 
+/// Gradients are summed in buckets of at most this many values (256 MiB of f32; a larger
+/// parameter is a bucket of its own): one copy from the device and one exchange each.
+pub const BUCKET_FLOATS: usize = 64 << 20;
+
 impl Group {
-    /// Sums every parameter's accumulated gradient over the ranks ([`Group::sum_f32`]): each
-    /// rank then holds the gradient of all micro-batches of the step, as f32. One collective
-    /// per parameter, through host memory.
+    /// Sums every parameter's accumulated gradient over the ranks: each rank then holds the
+    /// gradient of all micro-batches of the step, as f32. A parameter no rank has a gradient
+    /// for stays without; one that some ranks lack is summed over the others
+    /// ([`Group::sum_f32`]'s rule, so the bits are those of one process adding its
+    /// micro-batches in order).
     pub fn sum_grads(&mut self, acc: &mut GradAccum) -> Result<()> {
         if self.link.is_none() {
             return Ok(());
         }
-        acc.map_sums(|var, sum| -> Result<Option<Tensor>> {
-            let own = match sum {
-                Some(t) => Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let total = self.sum_f32(own, var.elem_count())?;
-            Ok(match total {
-                Some(v) => Some(Tensor::from_vec(v, var.dims(), var.device())?),
-                None => None,
-            })
-        })
+        acc.map_all_sums(|vars, sums| self.sum_tensors(vars, sums, BUCKET_FLOATS))
+    }
+
+    /// The sums over the ranks of `sums` (one per var, `None` where this rank has none), in
+    /// buckets of at most `bucket` values: the bucket's tensors flattened into one, copied to
+    /// the host once, summed ([`Group::sum_segments`]) and copied back tensor by tensor.
+    pub fn sum_tensors(
+        &mut self,
+        vars: &[Var],
+        mut sums: Vec<Option<Tensor>>,
+        bucket: usize,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let held: Vec<bool> = sums.iter().map(Option::is_some).collect();
+        let holders = self.holders(&held)?;
+        let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut todo = (0..vars.len())
+            .filter(|&i| !holders[i].is_empty())
+            .peekable();
+        while todo.peek().is_some() {
+            let mut members = Vec::new();
+            let mut size = 0;
+            while let Some(&i) = todo.peek() {
+                let n = vars[i].elem_count();
+                if !members.is_empty() && size + n > bucket {
+                    break;
+                }
+                members.push(i);
+                size += n;
+                todo.next();
+            }
+            let parts = members
+                .iter()
+                .map(|&i| {
+                    let v = &vars[i];
+                    Ok(match sums[i].take() {
+                        Some(t) => t.to_dtype(DType::F32)?.flatten_all()?,
+                        None => Tensor::zeros(v.elem_count(), DType::F32, v.device())?,
+                    })
+                })
+                .collect::<Result<Vec<Tensor>>>()?;
+            let mut flat = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+            drop(parts);
+            let segments: Vec<Segment> = members
+                .iter()
+                .map(|&i| Segment {
+                    len: vars[i].elem_count(),
+                    holders: holders[i].clone(),
+                })
+                .collect();
+            self.sum_segments(&mut flat, &segments)?;
+            let mut at = 0;
+            for &i in &members {
+                let v = &vars[i];
+                let n = v.elem_count();
+                out[i] = Some(Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?);
+                at += n;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -368,14 +465,6 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     postcard::from_bytes(bytes).map_err(|e| TrainError::Internal(format!("a rank's message: {e}")))
-}
-
-fn add_f32(acc: &mut [f32], next: &[f32]) {
-    acc.iter_mut().zip(next).for_each(|(a, b)| *a += b);
-}
-
-fn add_f64(acc: &mut [f64], next: &[f64]) {
-    acc.iter_mut().zip(next).for_each(|(a, b)| *a += b);
 }
 
 #[cfg(test)]

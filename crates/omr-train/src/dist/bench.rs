@@ -1,11 +1,13 @@
 //! `omr bench dist`: what the gradient exchange of a data-parallel step costs on this machine.
 //! W ranks (threads, each with its own sockets, as W processes would have) sum `floats` f32
-//! values split into tensors of `tensor` values through the rank-0 hub on loopback, the way
-//! `Group::sum_grads` does once per step; the reference, measured in the same run, is the
-//! same sums done in memory on one thread (rank order, no sockets).
+//! values split into tensors of `tensor` values on loopback, through the path
+//! `Group::sum_grads` takes once per step (CPU tensors, buckets, the mesh for large buckets);
+//! the reference, measured in the same run, is the same sums done in memory on one thread
+//! (rank order, no sockets).
 
-use super::{Group, Launch};
+use super::{Group, Launch, BUCKET_FLOATS};
 use crate::error::{Result, TrainError};
+use candle_core::{Device, Tensor, Var};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -13,7 +15,7 @@ pub struct DistBench {
     pub world: usize,
     /// Gradient values per rank per step (f32).
     pub floats: usize,
-    /// Values per tensor (one collective each).
+    /// Values per tensor.
     pub tensor: usize,
     pub steps: usize,
 }
@@ -35,13 +37,14 @@ impl DistReport {
     pub fn format(&self) -> String {
         let b = &self.bench;
         format!(
-            "gradient exchange, {} ranks on loopback (rank-0 hub, f32, tensors of {} values)\n\
+            "gradient exchange, {} ranks on loopback (f32, tensors of {} values, buckets of {} MiB)\n\
              gradients per rank   {:>10.1} MB\n\
              exchange per step    {:>10.1} ms   {:.2} GB/s of gradients\n\
              sums in memory       {:>10.1} ms   (1 thread, rank order)\n\
              in memory / exchange {:>10.2}x\n",
             b.world,
             b.tensor,
+            BUCKET_FLOATS * 4 >> 20,
             b.floats as f64 * 4.0 / 1e6,
             self.exchange_s * 1e3,
             self.gb_per_s(),
@@ -81,13 +84,19 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
             let (world, steps, mine) = (b.world, b.steps, grads(rank));
             std::thread::spawn(move || -> Result<Vec<f64>> {
                 let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
+                let vars = mine
+                    .iter()
+                    .map(|v| Var::zeros(v.len(), candle_core::DType::F32, &Device::Cpu))
+                    .collect::<candle_core::Result<Vec<Var>>>()?;
+                let sums = mine
+                    .into_iter()
+                    .map(|v| Ok(Some(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
+                    .collect::<Result<Vec<_>>>()?;
                 let mut times = Vec::with_capacity(steps);
                 for _ in 0..steps {
                     g.barrier()?;
                     let t = Instant::now();
-                    for v in &mine {
-                        g.sum_f32(Some(v.clone()), v.len())?;
-                    }
+                    g.sum_tensors(&vars, sums.clone(), BUCKET_FLOATS)?;
                     times.push(t.elapsed().as_secs_f64());
                 }
                 Ok(times)

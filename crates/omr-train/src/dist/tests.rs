@@ -65,9 +65,9 @@ fn sums_are_in_rank_order_and_equal_on_every_rank() {
 
 #[test]
 fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
-    // Above tcp::PARALLEL_BYTES rank 0 talks to its peers from a thread each: still rank
-    // order, absent ranks skipped.
-    let len = (tcp::PARALLEL_BYTES / 4) * 3 + 5;
+    // From link::MESH_BYTES on, sums go through the mesh (each rank adds a chunk): still
+    // rank order, absent ranks skipped, and the chunks need not divide the length.
+    let len = (link::MESH_BYTES / 4) * 3 + 5;
     let results = on_ranks(
         4,
         |_| [9; 32],

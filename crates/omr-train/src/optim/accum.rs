@@ -102,16 +102,18 @@ impl GradAccum {
         Ok(())
     }
 
-    /// Replaces each parameter's sum by `f(var, sum)`, in the optimizer's order (e.g. the sum
-    /// over the processes of a data-parallel run); the results count as this accumulator's.
-    pub fn map_sums<E>(
+    /// Replaces the parameters' sums by `f(vars, sums)`, both in the optimizer's order (e.g.
+    /// the sums over the processes of a data-parallel run); the results count as this
+    /// accumulator's.
+    pub fn map_all_sums<E>(
         &mut self,
-        mut f: impl FnMut(&Var, Option<Tensor>) -> std::result::Result<Option<Tensor>, E>,
+        f: impl FnOnce(&[Var], Vec<Option<Tensor>>) -> std::result::Result<Vec<Option<Tensor>>, E>,
     ) -> std::result::Result<(), E> {
-        for ((var, sum), owned) in self.vars.iter().zip(&mut self.sums).zip(&mut self.owned) {
-            *sum = f(var, sum.take())?;
-            *owned = sum.is_some();
-        }
+        let taken = std::mem::replace(&mut self.sums, vec![None; self.vars.len()]);
+        let sums = f(&self.vars, taken)?;
+        assert_eq!(sums.len(), self.vars.len(), "one sum per parameter");
+        self.owned = sums.iter().map(Option::is_some).collect();
+        self.sums = sums;
         // Sums that came from elsewhere count, even where this process had no micro-batch.
         if self.sums.iter().any(Option::is_some) {
             self.micro_batches = self.micro_batches.max(1);
