@@ -97,6 +97,104 @@ fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
 }
 
 #[test]
+fn gradients_summed_in_buckets_are_the_per_tensor_sums() {
+    use candle_core::{Device, Tensor, Var};
+    // Sizes across the mesh threshold; buckets that cut the list in several ways.
+    let sizes = [5usize, (link::MESH_BYTES / 4) + 3, 7, 1, 40_000, 3];
+    let results = on_ranks(
+        3,
+        |_| [5; 32],
+        move |g| {
+            let r = g.rank();
+            let vars: Vec<Var> = sizes
+                .iter()
+                .map(|&n| Var::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap())
+                .collect();
+            // Tensor i is on the ranks whose bit is set in `mask[i]`: all, one, none, two.
+            let mask = [0b111, 0b010, 0b000, 0b101, 0b110, 0b001];
+            let values = |i: usize| -> Option<Vec<f32>> {
+                (mask[i] >> r & 1 == 1).then(|| {
+                    (0..sizes[i])
+                        .map(|k| [1e8f32, 1.0, -1e8][r] * (1.0 + (k % 7) as f32) + i as f32)
+                        .collect()
+                })
+            };
+            let tensors = || -> Vec<Option<Tensor>> {
+                (0..sizes.len())
+                    .map(|i| {
+                        values(i).map(|v| Tensor::from_vec(v, sizes[i], &Device::Cpu).unwrap())
+                    })
+                    .collect()
+            };
+            let mut per_tensor = Vec::new();
+            for i in 0..sizes.len() {
+                per_tensor.push(g.sum_f32(values(i), sizes[i])?);
+            }
+            let mut bucketed = Vec::new();
+            for bucket in [1, 12, 50_000, usize::MAX] {
+                let sums = g.sum_tensors(&vars, tensors(), bucket)?;
+                let sums: Vec<Option<Vec<f32>>> = sums
+                    .into_iter()
+                    .map(|t| t.map(|t| t.to_vec1::<f32>().unwrap()))
+                    .collect();
+                bucketed.push((bucket, sums));
+            }
+            Ok((per_tensor, bucketed))
+        },
+    );
+    let bits = |v: &Option<Vec<f32>>| {
+        v.as_ref()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    };
+    let mut first = None;
+    for r in results {
+        let (per_tensor, bucketed) = r.unwrap();
+        assert!(per_tensor[2].is_none(), "nobody holds tensor 2");
+        for (bucket, sums) in &bucketed {
+            for i in 0..sizes.len() {
+                assert_eq!(
+                    bits(&sums[i]),
+                    bits(&per_tensor[i]),
+                    "bucket {bucket}, tensor {i}"
+                );
+            }
+        }
+        let all: Vec<_> = per_tensor.iter().map(bits).collect();
+        assert_eq!(
+            first.get_or_insert_with(|| all.clone()),
+            &all,
+            "the same bits on every rank"
+        );
+    }
+}
+
+#[test]
+fn a_rank_gone_before_a_mesh_sum_fails_the_others() {
+    let len = link::MESH_BYTES; // four times the threshold's floats: the mesh
+    let results = on_ranks(
+        3,
+        |_| [4; 32],
+        move |g| {
+            if g.rank() == 2 {
+                return Ok(());
+            }
+            let mut flat = vec![1.0f32; len];
+            let everyone = Segment {
+                len,
+                holders: vec![0, 1, 2],
+            };
+            g.sum_segments(&mut flat, &[everyone])
+        },
+    );
+    assert!(results[2].is_ok());
+    for r in 0..2 {
+        let e = results[r].as_ref().unwrap_err();
+        assert!(e.to_string().contains("rank 2 is gone"), "rank {r}: {e}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}
+
+#[test]
 fn absent_values_are_skipped_and_a_single_holder_keeps_its_bits() {
     let results = on_ranks(
         3,
