@@ -245,8 +245,8 @@ mod tests {
     #[test]
     fn fold_adds_each_segments_holders_in_rank_order_within_any_window() {
         let parts: Vec<Vec<f32>> = vec![
-            vec![1e8, 1e8, 5.0, 0.0, 7.0],
-            vec![1.0, 1.0, 6.0, -0.0, 8.0],
+            vec![1.0, 1.0, 5.0, 0.0, 7.0],
+            vec![1e8, 1e8, 6.0, -0.0, 8.0],
             vec![-1e8, -1e8, 0.0, 0.0, 9.0],
         ];
         let segs = [
@@ -264,8 +264,8 @@ mod tests {
             },
         ];
         let want = [
-            (1e8f32 + 1.0) + -1e8,
-            (1e8f32 + 1.0) + -1e8,
+            (1.0f32 + 1e8) + -1e8,
+            (1.0f32 + 1e8) + -1e8,
             6.0,
             -0.0,
             16.0,

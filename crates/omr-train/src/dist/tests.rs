@@ -40,12 +40,12 @@ fn on_ranks<T: Send + 'static>(
 
 #[test]
 fn sums_are_in_rank_order_and_equal_on_every_rank() {
-    // 1e8 + 1 + (-1e8) in f32 is 0 in rank order, other orders give other bits.
+    // 1 + 1e8 + (-1e8) in f32 is 0 in rank order; from the last rank on it is 1.
     let results = on_ranks(
         3,
         |_| [7; 32],
         |g| {
-            let mine = [1e8f32, 1.0, -1e8][g.rank()];
+            let mine = [1.0f32, 1e8, -1e8][g.rank()];
             let a = g.sum_f32(Some(vec![mine, g.rank() as f32]), 2)?;
             let mut s = [g.rank() as f64 + 0.5, 1.0];
             g.sum_f64(&mut s)?;
@@ -57,7 +57,7 @@ fn sums_are_in_rank_order_and_equal_on_every_rank() {
     );
     for r in results {
         let (a, s, any, none) = r.unwrap();
-        assert_eq!(a, Some(vec![(1e8f32 + 1.0) + -1e8, 3.0]));
+        assert_eq!(a, Some(vec![(1.0f32 + 1e8) + -1e8, 3.0]));
         assert_eq!(s, [4.5, 3.0]);
         assert!(any && !none);
     }
@@ -73,7 +73,7 @@ fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
         |_| [9; 32],
         move |g| {
             let r = g.rank();
-            let mine = [1e8f32, 1.0, -1e8, 0.5][r];
+            let mine = [1.0f32, 1e8, -1e8, 0.5][r];
             let v = (r != 3).then(|| vec![mine; len]);
             let sum = g.sum_f32(v, len)?;
             let only2 = g.sum_f32((r == 2).then(|| vec![-0.0f32; len]), len)?;
@@ -85,7 +85,7 @@ fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
         let sum = sum.unwrap();
         assert_eq!(sum.len(), len);
         assert!(
-            sum.iter().all(|&x| x == (1e8f32 + 1.0) + -1e8),
+            sum.iter().all(|&x| x == (1.0f32 + 1e8) + -1e8),
             "{}",
             sum[0]
         );
@@ -115,7 +115,7 @@ fn gradients_summed_in_buckets_are_the_per_tensor_sums() {
             let values = |i: usize| -> Option<Vec<f32>> {
                 (mask[i] >> r & 1 == 1).then(|| {
                     (0..sizes[i])
-                        .map(|k| [1e8f32, 1.0, -1e8][r] * (1.0 + (k % 7) as f32) + i as f32)
+                        .map(|k| [1.0f32, 1e8, -1e8][r] * (1.0 + (k % 7) as f32) + i as f32)
                         .collect()
                 })
             };
