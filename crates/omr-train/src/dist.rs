@@ -7,14 +7,16 @@
 //! the single-process run, which goes through the same code with every collective a no-op.
 //!
 //! Notable choices:
-//! - **A hub over TCP** ([`tcp`]): rank 0 listens on `MASTER_PORT`, every other rank connects
-//!   once. A collective sends each rank's values to rank 0, which sums them *in rank order*
-//!   and sends the sums back. Every rank then holds the same bits, and with one micro-batch
-//!   per rank the sums are the ones a single process makes with `grad_accum` = W (rank r's
-//!   batch is that process's micro-batch r). Rank 0 moves 2·(W−1) copies of the gradients a
-//!   step (from 1 MiB on, with all peers at once): right for LoRA and small models, slow for a
-//!   full fine-tune of billions of parameters. Other messages (data cursors, rollout
-//!   summaries, eval counts) travel as postcard bytes, every f64 with its bits.
+//! - **TCP between every pair of ranks** ([`rendezvous`], [`tcp`]): rank 0 listens on
+//!   `MASTER_PORT`; every other rank connects to it, then to the others on ports the system
+//!   picks. Sums are added *in rank order* over the ranks that hold each value ([`link`]), so
+//!   every rank holds the same bits, and with one micro-batch per rank they are the sums a
+//!   single process makes with `grad_accum` = W (rank r's batch is that process's micro-batch
+//!   r). Small sums (loss totals, flags) go through rank 0; from 1 MiB on a sum goes through
+//!   the mesh (reduce-scatter, then all-gather: each rank sends and receives 2·(W−1)/W copies,
+//!   all peers at once). Gradients travel in buckets of up to 256 MiB, one copy off the device
+//!   each. Other messages (data cursors, rollout summaries, eval counts) travel as postcard
+//!   bytes through rank 0, every f64 with its bits.
 //! - **No hang on a dead peer.** A process that exits (an error, a kill) closes its sockets; its
 //!   peers' next collective fails naming its rank (exit 1), so the whole job stops instead of
 //!   waiting. A live but stuck peer fails the others after `OMR_DIST_TIMEOUT_S` (default 3600

@@ -37,7 +37,7 @@ pub fn connect(launch: &Launch, fingerprint: [u8; 32], wait: Duration) -> Result
         let port = listener.local_addr().map_err(io_internal)?.port();
         let (root, table) = worker(launch, fingerprint, port, wait, deadline)?;
         peers[0] = Some(root);
-        for p in mesh(launch, fingerprint, &table, &listener, deadline)? {
+        for p in mesh(launch, fingerprint, &table, &listener, wait, deadline)? {
             let r = p.rank();
             peers[r] = Some(p);
         }
@@ -168,6 +168,7 @@ fn mesh(
     fingerprint: [u8; 32],
     table: &[Address],
     listener: &TcpListener,
+    wait: Duration,
     deadline: Instant,
 ) -> Result<Vec<Peer>> {
     let me = launch.rank;
@@ -181,7 +182,7 @@ fn mesh(
                  nodes must let them through"
             )
         })?;
-        let mut peer = Peer::new(r, stream, launch.timeout)?;
+        let mut peer = Peer::new(r, stream, wait)?;
         let mut hello = MESH_HELLO.to_vec();
         hello.extend((me as u64).to_le_bytes());
         hello.extend(fingerprint);
@@ -201,7 +202,7 @@ fn mesh(
                 missing.join(", ")
             )
         })?;
-        let mut peer = Peer::new(launch.world, stream, launch.timeout)?;
+        let mut peer = Peer::new(launch.world, stream, wait)?;
         let mut hello = [0u8; 8 + 8 + 32];
         peer.rx.read_raw(&mut hello)?;
         let rank = word(&hello, 8) as usize;
