@@ -13,7 +13,7 @@ pub struct BenchDistArgs {
     /// 7B decoder).
     #[arg(long, default_value_t = 40.0)]
     pub mfloats: f64,
-    /// Values per tensor, one collective each (1.44 M: that adapter's tensors of one layer).
+    /// Values per tensor (1.44 M: that adapter's tensors of one layer).
     #[arg(long, default_value_t = 1_441_792)]
     pub tensor: usize,
     #[arg(long, default_value_t = 5)]

@@ -1,9 +1,10 @@
 //! `omr bench dist`: what the gradient exchange of a data-parallel step costs on this machine.
 //! W ranks (threads, each with its own sockets, as W processes would have) sum `floats` f32
 //! values split into tensors of `tensor` values on loopback, through the path
-//! `Group::sum_grads` takes once per step (CPU tensors, buckets, the mesh for large buckets);
-//! the reference, measured in the same run, is the same sums done in memory on one thread
-//! (rank order, no sockets).
+//! `Group::sum_grads` takes once per step (CPU tensors, buckets, the mesh for large buckets),
+//! and the same values already flat (the exchange alone: sockets and sums); the reference,
+//! measured in the same run, is the same sums done in memory on one thread (rank order, no
+//! sockets). One step before the timed ones warms the allocator and the sockets.
 
 use super::{Group, Launch, BUCKET_FLOATS};
 use crate::error::{Result, TrainError};
@@ -23,7 +24,9 @@ pub struct DistBench {
 #[derive(Clone, Debug)]
 pub struct DistReport {
     pub bench: DistBench,
-    /// Median over the steps, seconds: the exchange, and the in-memory sums.
+    /// Median over the steps, seconds: `sum_tensors` (tensors in, tensors out), the exchange
+    /// of the flat values alone, and the in-memory sums.
+    pub tensors_s: f64,
     pub exchange_s: f64,
     pub in_memory_s: f64,
 }
@@ -39,7 +42,8 @@ impl DistReport {
         format!(
             "gradient exchange, {} ranks on loopback (f32, tensors of {} values, buckets of {} MiB)\n\
              gradients per rank   {:>10.1} MB\n\
-             exchange per step    {:>10.1} ms   {:.2} GB/s of gradients\n\
+             exchange per step    {:>10.1} ms   {:.2} GB/s of gradients (flat values: sockets, sums)\n\
+             with the tensors     {:>10.1} ms   (sum_grads' path: flatten, copy out, sum, copy back)\n\
              sums in memory       {:>10.1} ms   (1 thread, rank order)\n\
              in memory / exchange {:>10.2}x\n",
             b.world,
@@ -48,6 +52,7 @@ impl DistReport {
             b.floats as f64 * 4.0 / 1e6,
             self.exchange_s * 1e3,
             self.gb_per_s(),
+            self.tensors_s * 1e3,
             self.in_memory_s * 1e3,
             self.in_memory_s / self.exchange_s,
         )
@@ -82,34 +87,45 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
     let threads: Vec<_> = (0..b.world)
         .map(|rank| {
             let (world, steps, mine) = (b.world, b.steps, grads(rank));
-            std::thread::spawn(move || -> Result<Vec<f64>> {
+            std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
                 let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
                 let vars = mine
                     .iter()
                     .map(|v| Var::zeros(v.len(), candle_core::DType::F32, &Device::Cpu))
                     .collect::<candle_core::Result<Vec<Var>>>()?;
+                let flat: Vec<f32> = mine.concat();
                 let sums = mine
                     .into_iter()
                     .map(|v| Ok(Some(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
                     .collect::<Result<Vec<_>>>()?;
-                let mut times = Vec::with_capacity(steps);
-                for _ in 0..steps {
+                let everyone = [super::Segment {
+                    len: flat.len(),
+                    holders: (0..world).collect(),
+                }];
+                let (mut tensors, mut exchange) = (Vec::new(), Vec::new());
+                for _ in 0..=steps {
                     g.barrier()?;
                     let t = Instant::now();
                     g.sum_tensors(&vars, sums.clone(), BUCKET_FLOATS)?;
-                    times.push(t.elapsed().as_secs_f64());
+                    tensors.push(t.elapsed().as_secs_f64());
+                    let mut values = flat.clone();
+                    g.barrier()?;
+                    let t = Instant::now();
+                    g.sum_segments(&mut values, &everyone)?;
+                    exchange.push(t.elapsed().as_secs_f64());
                 }
-                Ok(times)
+                // The first step warms up.
+                Ok((tensors.split_off(1), exchange.split_off(1)))
             })
         })
         .collect();
-    let mut exchange = Vec::new();
+    let (mut tensors, mut exchange) = (Vec::new(), Vec::new());
     for (rank, t) in threads.into_iter().enumerate() {
         let times = t
             .join()
             .map_err(|_| TrainError::Internal(format!("bench rank {rank} panicked")))??;
         if rank == 0 {
-            exchange = times;
+            (tensors, exchange) = times;
         }
     }
 
@@ -129,6 +145,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
     }
     Ok(DistReport {
         bench: b.clone(),
+        tensors_s: median(tensors),
         exchange_s: median(exchange),
         in_memory_s: median(in_memory),
     })

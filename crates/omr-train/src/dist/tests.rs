@@ -367,7 +367,10 @@ fn the_exchange_benchmark_times_both_sides() {
         steps: 2,
     })
     .unwrap();
-    assert!(r.exchange_s > 0.0 && r.in_memory_s > 0.0, "{r:?}");
+    assert!(
+        r.exchange_s > 0.0 && r.tensors_s > 0.0 && r.in_memory_s > 0.0,
+        "{r:?}"
+    );
     assert!(r.format().contains("3 ranks"), "{}", r.format());
     assert!(bench::run(&bench::DistBench {
         world: 1,
