@@ -74,7 +74,7 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
         "--new",
         "16",
         "--repeats",
-        "1",
+        "3",
     ]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
@@ -117,9 +117,9 @@ fn bench_generate_runs_the_reference() {
         "--image-px",
         "56",
         "--new",
-        "5",
+        "16",
         "--repeats",
-        "1",
+        "3",
         "--json",
         json.to_str().unwrap(),
         "--python",
@@ -135,7 +135,7 @@ fn bench_generate_runs_the_reference() {
     let args = std::fs::read_to_string(&args_file).unwrap();
     for want in [
         "generate.py",
-        "--new 5",
+        "--new 16",
         "--device cpu",
         "prompts.safetensors",
         "tiny.json",
@@ -160,9 +160,9 @@ fn bench_generate_runs_the_reference() {
         "--image-px",
         "0",
         "--new",
-        "2",
+        "16",
         "--repeats",
-        "1",
+        "3",
         "--python",
         fake.to_str().unwrap(),
     ]);
