@@ -267,10 +267,7 @@ impl Group {
     /// Sums `values` over the ranks, in place, in rank order (f64 sums).
     pub fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
         let segments = [self.everyone(values.len())];
-        match &mut self.link {
-            None => Ok(()),
-            Some(link) => link.reduce(values, &segments),
-        }
+        self.sum_segments(values, &segments)
     }
 
     /// Whether `flag` holds on any rank.
@@ -314,7 +311,10 @@ impl Group {
     /// (the others' values there are ignored). Every rank passes the same segments. Sums of
     /// 1 MiB and more go through the mesh (each rank sends and receives 2·(W−1)/W copies),
     /// smaller ones through rank 0; the bits are the same either way.
-    pub fn sum_segments(&mut self, flat: &mut [f32], segments: &[Segment]) -> Result<()> {
+    pub fn sum_segments<T>(&mut self, flat: &mut [T], segments: &[Segment]) -> Result<()>
+    where
+        T: bytemuck::Pod + std::ops::AddAssign + Send + Sync,
+    {
         match &mut self.link {
             None => Ok(()),
             Some(link) => link.reduce(flat, segments),

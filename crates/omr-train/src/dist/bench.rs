@@ -48,7 +48,7 @@ impl DistReport {
              in memory / exchange {:>10.2}x\n",
             b.world,
             b.tensor,
-            BUCKET_FLOATS * 4 >> 20,
+            (BUCKET_FLOATS * 4) >> 20,
             b.floats as f64 * 4.0 / 1e6,
             self.exchange_s * 1e3,
             self.gb_per_s(),
@@ -98,10 +98,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
                     .into_iter()
                     .map(|v| Ok(Some(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
                     .collect::<Result<Vec<_>>>()?;
-                let everyone = [super::Segment {
-                    len: flat.len(),
-                    holders: (0..world).collect(),
-                }];
+                let everyone = [g.everyone(flat.len())];
                 let (mut tensors, mut exchange) = (Vec::new(), Vec::new());
                 for _ in 0..=steps {
                     g.barrier()?;

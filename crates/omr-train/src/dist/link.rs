@@ -217,23 +217,22 @@ fn fold<T: bytemuck::Pod + AddAssign>(
     for seg in segments {
         let (lo, hi) = (start.max(at), (start + seg.len).min(end));
         start += seg.len;
-        if lo >= hi {
-            if start >= end {
-                break;
+        if lo < hi {
+            let (lo, hi) = (lo - at, hi - at);
+            let dst = &mut out[lo..hi];
+            let mut holders = seg.holders.iter();
+            match holders.next() {
+                Some(&r) => dst.copy_from_slice(&parts[r][lo..hi]),
+                None => dst.fill(T::zeroed()),
             }
-            continue;
+            for &r in holders {
+                dst.iter_mut()
+                    .zip(&parts[r][lo..hi])
+                    .for_each(|(a, &b)| *a += b);
+            }
         }
-        let (lo, hi) = (lo - at, hi - at);
-        let dst = &mut out[lo..hi];
-        let mut holders = seg.holders.iter();
-        match holders.next() {
-            Some(&r) => dst.copy_from_slice(&parts[r][lo..hi]),
-            None => dst.fill(T::zeroed()),
-        }
-        for &r in holders {
-            dst.iter_mut()
-                .zip(&parts[r][lo..hi])
-                .for_each(|(a, &b)| *a += b);
+        if start >= end {
+            break;
         }
     }
 }
