@@ -14,8 +14,8 @@
 //!   single process makes with `grad_accum` = W (rank r's batch is that process's micro-batch
 //!   r). Small sums (loss totals, flags) go through rank 0; from 1 MiB on a sum goes through
 //!   the mesh (reduce-scatter, then all-gather: each rank sends and receives 2·(W−1)/W copies,
-//!   all peers at once). Gradients travel in buckets of up to 256 MiB, one copy off the device
-//!   each. Other messages (data cursors, rollout summaries, eval counts) travel as postcard
+//!   all peers at once). Gradients travel in buckets of up to 256 MiB of f32, one copy off
+//!   the device each, in their own dtype (bf16 at half the bytes, widened on the host). Other messages (data cursors, rollout summaries, eval counts) travel as postcard
 //!   bytes through rank 0, every f64 with its bits.
 //! - **No hang on a dead peer.** A process that exits (an error, a kill) closes its sockets; its
 //!   peers' next collective fails naming its rank (exit 1), so the whole job stops instead of
@@ -402,9 +402,14 @@ impl Group {
         acc.map_all_sums(|vars, sums| self.sum_tensors(vars, sums, BUCKET_FLOATS))
     }
 
-    /// The sums over the ranks of `sums` (one per var, `None` where this rank has none), in
-    /// buckets of at most `bucket` values: the bucket's tensors flattened into one, copied to
-    /// the host once, summed ([`Group::sum_segments`]) and copied back tensor by tensor.
+    /// The sums over the ranks of `sums` (one per var, `None` where this rank has none), as f32
+    /// tensors, in buckets of at most `bucket` values. Of each bucket, this rank's gradients
+    /// are flattened and concatenated on the device in their own dtype (f32 if the bucket
+    /// mixes dtypes) and copied to the host at once: bf16 gradients cross at half the bytes
+    /// and widen to f32 on the host, exactly as a device cast would. Where this rank holds
+    /// none its values are never read ([`Group::sum_segments`]' rule), so nothing is copied
+    /// for them. The bucket's originals are freed before its sums are made on the device, so
+    /// bf16 gradients never hold more than their f32 sums will (`plan::exchange_bytes`).
     pub fn sum_tensors(
         &mut self,
         vars: &[Var],
@@ -413,51 +418,104 @@ impl Group {
     ) -> Result<Vec<Option<Tensor>>> {
         let held: Vec<bool> = sums.iter().map(Option::is_some).collect();
         let holders = self.holders(&held)?;
+        let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut todo = (0..vars.len())
-            .filter(|&i| !holders[i].is_empty())
-            .peekable();
-        while todo.peek().is_some() {
-            let mut members = Vec::new();
-            let mut size = 0;
-            while let Some(&i) = todo.peek() {
-                let n = vars[i].elem_count();
-                if !members.is_empty() && size + n > bucket {
-                    break;
+        for members in buckets(&sizes, &holders, bucket) {
+            let mut flat = vec![0f32; members.iter().map(|&i| sizes[i]).sum()];
+            let mut at = Vec::with_capacity(members.len());
+            let mut mine = Vec::new();
+            for &i in &members {
+                let start = at.last().map_or(0, |&(s, n)| s + n);
+                at.push((start, sizes[i]));
+                if let Some(t) = sums[i].take() {
+                    mine.push((start, t));
                 }
-                members.push(i);
-                size += n;
-                todo.next();
             }
-            let parts = members
-                .iter()
-                .map(|&i| {
-                    let v = &vars[i];
-                    Ok(match sums[i].take() {
-                        Some(t) => t.to_dtype(DType::F32)?.flatten_all()?,
-                        None => Tensor::zeros(v.elem_count(), DType::F32, v.device())?,
-                    })
-                })
-                .collect::<Result<Vec<Tensor>>>()?;
-            let mut flat = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
-            drop(parts);
+            copy_to_host(mine, &mut flat)?;
             let segments: Vec<Segment> = members
                 .iter()
                 .map(|&i| Segment {
-                    len: vars[i].elem_count(),
+                    len: sizes[i],
                     holders: holders[i].clone(),
                 })
                 .collect();
             self.sum_segments(&mut flat, &segments)?;
-            let mut at = 0;
-            for &i in &members {
+            for (&i, &(start, n)) in members.iter().zip(&at) {
                 let v = &vars[i];
-                let n = v.elem_count();
-                out[i] = Some(Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?);
-                at += n;
+                out[i] = Some(Tensor::from_slice(
+                    &flat[start..start + n],
+                    v.dims(),
+                    v.device(),
+                )?);
             }
         }
         Ok(out)
+    }
+}
+
+/// The parameters that some rank holds, packed in order into buckets of at most `bucket`
+/// values (a larger one alone).
+fn buckets(sizes: &[usize], holders: &[Vec<usize>], bucket: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0;
+    for i in (0..sizes.len()).filter(|&i| !holders[i].is_empty()) {
+        match out.last_mut() {
+            Some(last) if size + sizes[i] <= bucket => last.push(i),
+            _ => {
+                out.push(vec![i]);
+                size = 0;
+            }
+        }
+        size += sizes[i];
+    }
+    out
+}
+
+/// Writes each `(offset, tensor)` of `parts` into `flat` at its offset as f32, with one copy
+/// from the device: the tensors are concatenated there in their common dtype (f32 where they
+/// differ) and widened on the host. The tensors are dropped before this returns.
+fn copy_to_host(parts: Vec<(usize, Tensor)>, flat: &mut [f32]) -> Result<()> {
+    let Some((_, first)) = parts.first() else {
+        return Ok(());
+    };
+    let dtype = match first.dtype() {
+        d @ (DType::BF16 | DType::F16 | DType::F32)
+            if parts.iter().all(|(_, t)| t.dtype() == d) =>
+        {
+            d
+        }
+        _ => DType::F32,
+    };
+    let (offsets, tensors): (Vec<usize>, Vec<Tensor>) = parts
+        .into_iter()
+        .map(|(at, t)| Ok((at, t.to_dtype(dtype)?.flatten_all()?)))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let lens: Vec<usize> = tensors.iter().map(Tensor::elem_count).collect();
+    let all = Tensor::cat(&tensors, 0)?;
+    drop(tensors);
+    fn widen<T: candle_core::WithDType>(
+        all: &Tensor,
+        to_f32: impl Fn(T) -> f32,
+        offsets: &[usize],
+        lens: &[usize],
+        flat: &mut [f32],
+    ) -> Result<()> {
+        let host = all.to_vec1::<T>()?;
+        let mut from = 0;
+        for (&at, &n) in offsets.iter().zip(lens) {
+            for (d, &x) in flat[at..at + n].iter_mut().zip(&host[from..from + n]) {
+                *d = to_f32(x);
+            }
+            from += n;
+        }
+        Ok(())
+    }
+    match dtype {
+        DType::BF16 => widen(&all, half::bf16::to_f32, &offsets, &lens, flat),
+        DType::F16 => widen(&all, half::f16::to_f32, &offsets, &lens, flat),
+        _ => widen(&all, |x: f32| x, &offsets, &lens, flat),
     }
 }
 

@@ -103,7 +103,9 @@ pub fn run_in(
     let rt = cfg.runtime.resolve_on(launch.gpu)?;
     // Before anything heavy: a rank with another config is refused here, on every rank.
     let mut group = Group::connect(launch, setup::fingerprint(&cfg.to_toml()))?;
-    let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_grpo(cfg, o);
+    let world = group.world();
+    let plan =
+        |o: &crate::plan::PlanOptions| crate::plan::input_from_grpo(cfg, &o.with_world(world));
     crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
     train(cfg, opts, rewards, &rt, &mut group)
         .map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
@@ -137,7 +139,7 @@ fn train(
         .with_attention(cfg.train.recompute_attention)
         .keeping_decoder_layers(
             crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, rt, |o| {
-                crate::plan::input_from_grpo(cfg, o)
+                crate::plan::input_from_grpo(cfg, &o.with_world(group.world()))
             })
             .map_err(TrainError::Usage)?,
         );

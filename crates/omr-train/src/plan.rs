@@ -25,10 +25,15 @@
 //!   tensors of (B, H, T, T)) or `fused` (the flash-style kernels of the CUDA issue).
 //! - **Activation checkpointing** (`[train] activation_checkpointing`): a recomputed stack keeps
 //!   each block's input plus one block's activations at a time (`omr_model::recompute`).
+//! - **Data parallel** (`world` > 1): between backward and the step, the gradients are summed
+//!   over the ranks (`dist::Group::sum_grads`), in buckets flattened to f32 on the device for
+//!   one copy to the host each; the sums come back as f32 tensors, so the step holds f32
+//!   gradients even with one micro-batch ([`exchange_bytes`]).
 //! - The CUDA context and cuBLAS workspace are outside the model: `headroom` (default 1 GiB)
 //!   is subtracted from the device's memory.
 
 pub mod activations;
+mod exchange;
 mod grpo;
 mod input;
 mod report;
@@ -44,6 +49,7 @@ use omr_model::params::{param_shapes, Part};
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
+pub use exchange::{exchange_bucket, exchange_bytes};
 pub use grpo::{input_from_grpo, prefill_rows, rollout_growth, rollout_input, GrpoShape};
 pub use input::{
     auto_kept_decoder_layers, check_run_memory, configs_dir, input_from_sft, out_of_memory_error,
@@ -195,6 +201,9 @@ pub struct PlanInput {
     /// With decoder checkpointing: the last N decoder layers keep their activations.
     pub kept_decoder_layers: usize,
     pub grad_accum: u64,
+    /// Processes of a data-parallel job (`WORLD_SIZE`); above 1 the gradients are summed over
+    /// them before each step.
+    pub world: usize,
     /// A GRPO run's policy update (None: SFT): completion tokens scored by GRPO's token
     /// log-probabilities, the frozen reference, the rollout phase (`plan/grpo.rs`).
     pub grpo: Option<GrpoShape>,
@@ -326,6 +335,10 @@ pub struct Plan {
     /// The optimizer phase (activations freed), by category.
     pub optim_rows: Vec<Row>,
     pub optim_peak: u64,
+    /// The gradient exchange of a data-parallel job (between backward and the step), by
+    /// category; empty for one process.
+    pub exchange_rows: Vec<Row>,
+    pub exchange_peak: u64,
     /// GRPO's rollout phase (generation; no activations, no gradients), by category; empty
     /// for SFT.
     pub rollout_rows: Vec<Row>,
@@ -405,9 +418,11 @@ pub fn plan(p: &PlanInput) -> Plan {
         AttentionImpl::Eager => 8 * pc.largest_trainable * F32,
         AttentionImpl::Fused => 0,
     };
-    // What the optimizer step holds: the f32 sums when there are any, else backward's own.
-    let opt_grads = if grads_sum > 0 {
-        grads_sum
+    // What the optimizer step holds: the f32 sums when there are any (several micro-batches,
+    // or sums over the ranks), else backward's own.
+    let data_parallel = p.world > 1;
+    let opt_grads = if grads_sum > 0 || data_parallel {
+        train_n * F32
     } else {
         grads_store
     };
@@ -514,7 +529,9 @@ pub fn plan(p: &PlanInput) -> Plan {
         row(
             "gradients",
             opt_grads,
-            if p.grad_accum == 1 {
+            if data_parallel {
+                format!("f32 sums over the {} ranks", p.world)
+            } else if p.grad_accum == 1 {
                 format!("{dtype}, as backward made them")
             } else {
                 "f32 sums".into()
@@ -529,6 +546,18 @@ pub fn plan(p: &PlanInput) -> Plan {
             },
         ),
     ]);
+    let exchange_rows = if data_parallel {
+        let mut rows = state.clone();
+        rows.extend(exchange::rows(
+            p,
+            train_n,
+            pc.largest_trainable,
+            grads_sum > 0,
+        ));
+        rows
+    } else {
+        Vec::new()
+    };
     let rollout_rows = match &p.grpo {
         Some(g) => {
             let mut rows = state.clone();
@@ -540,7 +569,11 @@ pub fn plan(p: &PlanInput) -> Plan {
     let sum = |rows: &[Row]| rows.iter().map(|r| r.bytes).sum::<u64>();
     let (train_peak, optim_peak) = (sum(&train_rows), sum(&optim_rows));
     let rollout_peak = sum(&rollout_rows);
-    let peak = train_peak.max(optim_peak).max(rollout_peak);
+    let exchange_peak = sum(&exchange_rows);
+    let peak = train_peak
+        .max(optim_peak)
+        .max(rollout_peak)
+        .max(exchange_peak);
     Plan {
         step_growth: peak - sum(&state),
         state_bytes: sum(&state),
@@ -548,6 +581,8 @@ pub fn plan(p: &PlanInput) -> Plan {
         train_peak,
         optim_rows,
         optim_peak,
+        exchange_rows,
+        exchange_peak,
         rollout_rows,
         rollout_peak,
         peak,

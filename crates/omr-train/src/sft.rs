@@ -80,7 +80,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<Outcome> {
     let rt = cfg.runtime.resolve_on(launch.gpu)?;
     // Before anything heavy: a rank with another config is refused here, on every rank.
     let mut group = Group::connect(&launch, setup::fingerprint(&cfg.to_toml()))?;
-    let plan = |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, o);
+    let world = group.world();
+    let plan =
+        |o: &crate::plan::PlanOptions| crate::plan::input_from_sft(cfg, &o.with_world(world));
     crate::plan::check_run_memory("this config", &rt, plan).map_err(TrainError::Usage)?;
     train(cfg, opts, &rt, &mut group).map_err(|e| crate::plan::out_of_memory_error(e, &rt, plan))
 }
@@ -109,7 +111,7 @@ fn train(
         .activation_checkpointing
         .recompute()
         .with_attention(cfg.train.recompute_attention)
-        .keeping_decoder_layers(kept_decoder_layers(cfg, rt)?);
+        .keeping_decoder_layers(kept_decoder_layers(cfg, rt, group.world())?);
     let (mut opt, wrt) = setup::optimizer(&built.params, &cfg.optim, rt)?;
     let processor_hashes = state::processor_hashes(&built.processor_dir)
         .map_err(TrainError::io(&built.processor_dir))?;
@@ -453,9 +455,13 @@ fn epoch_of(st: &TrainState) -> f64 {
 
 /// `[train] kept_decoder_layers` for this run: the count given, or for "auto" the most the
 /// plan finds room for on the run's device (logged).
-fn kept_decoder_layers(cfg: &SftConfig, rt: &crate::runtime::Runtime) -> Result<usize> {
+fn kept_decoder_layers(
+    cfg: &SftConfig,
+    rt: &crate::runtime::Runtime,
+    world: usize,
+) -> Result<usize> {
     crate::plan::run_kept_decoder_layers(cfg.train.kept_decoder_layers, rt, |o| {
-        crate::plan::input_from_sft(cfg, o)
+        crate::plan::input_from_sft(cfg, &o.with_world(world))
     })
     .map_err(TrainError::Usage)
 }

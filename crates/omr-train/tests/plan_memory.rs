@@ -172,6 +172,7 @@ fn measure(cfg: &ModelConfig, c: &Case) -> (f64, f64, f64) {
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: c.accum as u64,
+        world: 1,
         // A policy update's micro-batch: GRPO's head, no reference, a rollout too small to
         // be the peak.
         grpo: (c.head == StepHead::TokenLogps).then_some(plan::GrpoShape {

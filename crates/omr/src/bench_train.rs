@@ -239,6 +239,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
         recompute_attention: a.recompute_attention,
         kept_decoder_layers: 0,
         grad_accum: a.grad_accum as u64,
+        world: 1,
         // GRPO's objective: its head, no reference, no rollout worth planning here.
         grpo: (head == StepHead::TokenLogps).then_some(plan::GrpoShape {
             reference: false,

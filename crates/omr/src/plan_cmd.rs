@@ -47,6 +47,10 @@ pub struct PlanArgs {
     /// Images per row instead of 1 (padding) or ceil(T / process.max_length) (packing).
     #[arg(long)]
     pub images_per_row: Option<usize>,
+    /// Processes of a data-parallel job (WORLD_SIZE / SLURM_NTASKS of the run): above 1 the
+    /// plan adds the gradient exchange between backward and the step, and f32 gradients.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub world: u64,
     /// Also write the plan as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -84,6 +88,7 @@ pub fn run(a: PlanArgs) -> crate::Result<()> {
         attention,
         max_pixels: a.max_pixels,
         images_per_row: a.images_per_row,
+        world: a.world as usize,
     };
     let (input, notes, kept_setting) = if is_grpo_config(&a.config)? {
         let cfg = GrpoConfig::load(&a.config, &a.sets).usage()?;

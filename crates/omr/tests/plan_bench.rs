@@ -112,6 +112,57 @@ fn plan_of_the_tiny_preset_reads_the_model_config_and_writes_json() {
     assert!(text(&o).contains("batch_size = 4"), "{}", text(&o));
 }
 
+/// `--world N` plans a data-parallel job's rank: the gradient exchange phase, f32 gradients
+/// in the step; 0 processes is a usage error.
+#[test]
+fn plan_for_a_data_parallel_job_has_the_gradient_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("plan.json");
+    let args = |world: &str| {
+        [
+            "plan",
+            "--config",
+            "configs/sft/tiny.toml",
+            "--model-config",
+            "configs/models/tiny.json",
+            "--world",
+            world,
+            "--json",
+            json.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let o = omr(&args("2").each_ref().map(String::as_str));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("2 data-parallel ranks") && t.contains("| gradient exchange"),
+        "{t}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["plan"]["exchange_rows"].as_array().unwrap();
+    let sum: u64 = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(v["plan"]["exchange_peak"].as_u64(), Some(sum));
+    let grads = |rows: &Value| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["category"] == "gradients")
+            .unwrap()["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let dp = grads(&v["plan"]["optim_rows"]);
+    let o = omr(&args("1").each_ref().map(String::as_str));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["plan"]["exchange_rows"].as_array().unwrap().is_empty());
+    // bf16 gradients of one micro-batch, against their f32 sums over the ranks.
+    assert_eq!(dp, 2 * grads(&v["plan"]["optim_rows"]));
+    let o = omr(&args("0").each_ref().map(String::as_str));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
 /// With checkpointing, `omr plan` says how many decoder layers can keep their activations
 /// (not be recomputed) on this device: all 4 of the tiny model on 80 GiB, fewer on a device
 /// just large enough for that many, and the JSON carries it.

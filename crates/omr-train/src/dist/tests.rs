@@ -98,7 +98,7 @@ fn large_sums_exchanged_with_all_peers_at_once_are_the_same_sums() {
 
 #[test]
 fn gradients_summed_in_buckets_are_the_per_tensor_sums() {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
     // Sizes across the mesh threshold; buckets that cut the list in several ways.
     let sizes = [5usize, (link::MESH_BYTES / 4) + 3, 7, 1, 40_000, 3];
     let results = on_ranks(
@@ -119,27 +119,45 @@ fn gradients_summed_in_buckets_are_the_per_tensor_sums() {
                         .collect()
                 })
             };
-            let tensors = || -> Vec<Option<Tensor>> {
-                (0..sizes.len())
-                    .map(|i| {
-                        values(i).map(|v| Tensor::from_vec(v, sizes[i], &Device::Cpu).unwrap())
-                    })
-                    .collect()
+            // The gradients' dtypes: all f32, all bf16 (one micro-batch of a bf16 run), or
+            // mixed within a bucket and between the ranks (a parameter reached by only one
+            // micro-batch keeps backward's bf16 next to others' f32 sums).
+            let dtype = |scheme: usize, i: usize| match scheme {
+                0 => DType::F32,
+                1 => DType::BF16,
+                _ if (i + r) % 2 == 0 => DType::BF16,
+                _ => DType::F32,
             };
-            let mut per_tensor = Vec::new();
-            for i in 0..sizes.len() {
-                per_tensor.push(g.sum_f32(values(i), sizes[i])?);
+            let tensor = |scheme: usize, i: usize| {
+                values(i).map(|v| {
+                    Tensor::from_vec(v, sizes[i], &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype(scheme, i))
+                        .unwrap()
+                })
+            };
+            let mut out = Vec::new();
+            for scheme in 0..3 {
+                // The reference: each tensor's own sum of its f32 values (a bf16 value widened).
+                let mut per_tensor = Vec::new();
+                for i in 0..sizes.len() {
+                    let mine = tensor(scheme, i)
+                        .map(|t| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap());
+                    per_tensor.push(g.sum_f32(mine, sizes[i])?);
+                }
+                let mut bucketed = Vec::new();
+                for bucket in [1, 12, 50_000, usize::MAX] {
+                    let all = (0..sizes.len()).map(|i| tensor(scheme, i)).collect();
+                    let sums = g.sum_tensors(&vars, all, bucket)?;
+                    let sums: Vec<Option<Vec<f32>>> = sums
+                        .into_iter()
+                        .map(|t| t.map(|t| t.to_vec1::<f32>().unwrap()))
+                        .collect();
+                    bucketed.push((scheme, bucket, sums));
+                }
+                out.push((per_tensor, bucketed));
             }
-            let mut bucketed = Vec::new();
-            for bucket in [1, 12, 50_000, usize::MAX] {
-                let sums = g.sum_tensors(&vars, tensors(), bucket)?;
-                let sums: Vec<Option<Vec<f32>>> = sums
-                    .into_iter()
-                    .map(|t| t.map(|t| t.to_vec1::<f32>().unwrap()))
-                    .collect();
-                bucketed.push((bucket, sums));
-            }
-            Ok((per_tensor, bucketed))
+            Ok(out)
         },
     );
     let bits = |v: &Option<Vec<f32>>| {
@@ -148,18 +166,21 @@ fn gradients_summed_in_buckets_are_the_per_tensor_sums() {
     };
     let mut first = None;
     for r in results {
-        let (per_tensor, bucketed) = r.unwrap();
-        assert!(per_tensor[2].is_none(), "nobody holds tensor 2");
-        for (bucket, sums) in &bucketed {
-            for i in 0..sizes.len() {
-                assert_eq!(
-                    bits(&sums[i]),
-                    bits(&per_tensor[i]),
-                    "bucket {bucket}, tensor {i}"
-                );
+        let mut all = Vec::new();
+        for (per_tensor, bucketed) in r.unwrap() {
+            assert!(per_tensor[2].is_none(), "nobody holds tensor 2");
+            for (scheme, bucket, sums) in &bucketed {
+                for i in 0..sizes.len() {
+                    assert_eq!(
+                        bits(&sums[i]),
+                        bits(&per_tensor[i]),
+                        "dtypes {scheme}, bucket {bucket}, tensor {i}"
+                    );
+                }
             }
+            all.push(per_tensor.iter().map(bits).collect::<Vec<_>>());
         }
-        let all: Vec<_> = per_tensor.iter().map(bits).collect();
+        assert_ne!(all[0], all[1], "bf16 gradients are not the f32 ones");
         assert_eq!(
             first.get_or_insert_with(|| all.clone()),
             &all,

@@ -46,6 +46,13 @@ pub fn input_from_grpo(
     // One image per prompt, no more image tokens than the prompt holds.
     let image_hw = image_hw(&model, max_pixels, prompt.saturating_sub(2));
     let batch = g.micro_batch_size;
+    if !g.prompts_per_step.is_multiple_of(o.world.max(1)) {
+        return Err(format!(
+            "grpo.prompts_per_step = {} does not split over {} processes: make it a multiple \
+             of {}",
+            g.prompts_per_step, o.world, o.world
+        ));
+    }
     let input = PlanInput {
         model,
         batch,
@@ -61,7 +68,10 @@ pub fn input_from_grpo(
         recompute_attention: cfg.train.recompute_attention,
         kept_decoder_layers: cfg.train.kept_decoder_layers.planned(),
         // Micro-batches of one update: several when a rollout batch has more rows.
-        grad_accum: (g.prompts_per_step * g.group_size).div_ceil(batch.max(1)) as u64,
+        // Each rank of a data-parallel job takes its share of the step's prompts.
+        grad_accum: (g.prompts_per_step / o.world.max(1) * g.group_size).div_ceil(batch.max(1))
+            as u64,
+        world: o.world,
         grpo: Some(GrpoShape {
             reference: cfg.objective.beta > 0.0,
             rollout_rows: g.generation_batch_size,
@@ -119,6 +129,7 @@ pub fn rollout_input(
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: 1,
+        world: 1,
         grpo: Some(GrpoShape {
             reference: false,
             rollout_rows: rows,

@@ -18,6 +18,18 @@ pub struct PlanOptions {
     pub max_pixels: Option<u64>,
     /// Overrides the images per row the batching mode implies.
     pub images_per_row: Option<usize>,
+    /// Processes of a data-parallel job (1: one process).
+    pub world: usize,
+}
+
+impl PlanOptions {
+    /// These options for a job of `world` data-parallel processes.
+    pub fn with_world(&self, world: usize) -> PlanOptions {
+        PlanOptions {
+            world,
+            ..self.clone()
+        }
+    }
 }
 
 /// The plan input of an SFT config, and notes on where each number came from.
@@ -55,6 +67,7 @@ pub fn input_from_sft(
         recompute_attention: cfg.train.recompute_attention,
         kept_decoder_layers: cfg.train.kept_decoder_layers.planned(),
         grad_accum: cfg.train.grad_accum,
+        world: o.world,
         grpo: None,
     };
     // Image tokens (and their start/end markers) never fit in more than a row.
@@ -245,6 +258,7 @@ fn run_options(rt: &crate::runtime::Runtime) -> PlanOptions {
         },
         max_pixels: None,
         images_per_row: None,
+        world: 1,
     }
 }
 

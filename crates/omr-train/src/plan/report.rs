@@ -10,7 +10,7 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "B {} × T {} tokens, {} patches, {}, attention {}, checkpointing {}, grad_accum {}",
+        "B {} × T {} tokens, {} patches, {}, attention {}, checkpointing {}, grad_accum {}{}",
         p.batch,
         p.seq,
         p.patches(),
@@ -29,7 +29,12 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
             }
             _ => p.checkpointing.name().to_string(),
         },
-        p.grad_accum
+        p.grad_accum,
+        if p.world > 1 {
+            format!(", {} data-parallel ranks", p.world)
+        } else {
+            String::new()
+        }
     );
     if let Some(g) = &p.grpo {
         let _ = writeln!(
@@ -51,6 +56,12 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
         ("forward + backward", &plan.train_rows, plan.train_peak),
         ("optimizer step", &plan.optim_rows, plan.optim_peak),
     ];
+    if !plan.exchange_rows.is_empty() {
+        phases.insert(
+            1,
+            ("gradient exchange", &plan.exchange_rows, plan.exchange_peak),
+        );
+    }
     if !plan.rollout_rows.is_empty() {
         phases.push((
             "rollout (generation)",
@@ -98,8 +109,11 @@ pub fn render(p: &PlanInput, plan: &Plan, device_bytes: u64, headroom: u64) -> S
 
 /// The phase the peak is in.
 pub fn peak_phase(plan: &Plan) -> &'static str {
-    if plan.rollout_peak > plan.train_peak.max(plan.optim_peak) {
+    let others = plan.train_peak.max(plan.optim_peak);
+    if plan.rollout_peak > others.max(plan.exchange_peak) {
         "rollout (generation)"
+    } else if plan.exchange_peak > others {
+        "gradient exchange"
     } else if plan.train_peak >= plan.optim_peak {
         "forward + backward"
     } else {

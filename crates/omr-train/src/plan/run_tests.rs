@@ -20,6 +20,7 @@ fn auto_kept_decoder_layers_follows_the_device_memory() {
         attention: AttentionImpl::Fused,
         max_pixels: None,
         images_per_row: None,
+        world: 1,
     };
     let auto = |cfg: &SftConfig, bytes: u64| {
         auto_kept_decoder_layers(&input_from_sft(cfg, &opts).unwrap().0, bytes)
@@ -40,6 +41,7 @@ fn auto_kept_decoder_layers_follows_the_device_memory() {
             attention: AttentionImpl::Fused,
             max_pixels: None,
             images_per_row: None,
+            world: 1,
         },
     )
     .unwrap()
@@ -79,6 +81,7 @@ fn run_memory_check_refuses_what_does_not_fit() {
             attention: AttentionImpl::Eager,
             max_pixels: None,
             images_per_row: None,
+            world: 1,
         })
         .unwrap()
         .0,

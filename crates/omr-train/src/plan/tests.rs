@@ -33,6 +33,7 @@ fn input(model: ModelConfig, batch: usize, seq: usize, side: usize) -> PlanInput
         recompute_attention: false,
         kept_decoder_layers: 0,
         grad_accum: 1,
+        world: 1,
         grpo: None,
     }
 }
@@ -88,6 +89,62 @@ fn fused_kernels_update_in_place() {
         by(&fused.optim_rows, "gradients"),
         2 * count_params(&p).trainable
     );
+}
+
+/// A data-parallel job sums the gradients over its ranks between backward and the step
+/// (`dist::Group::sum_tensors`): the step then holds f32 sums, and the exchange holds one
+/// concatenated bucket beyond them when the gradients going out are f32 (bf16 ones cross
+/// as they are and come back as the sums).
+#[test]
+fn data_parallel_plans_the_gradient_exchange() {
+    let mut p = input(shipped("qwen2.5-vl-7b.json"), 1, 2048, 16);
+    p.attention = AttentionImpl::Fused;
+    let n = 8_292_166_656u64;
+    let embedding = 152_064 * 3584u64;
+    let by = |rows: &[Row], c: &str| rows.iter().find(|r| r.category == c).map(|r| r.bytes);
+    let one = plan(&p);
+    assert!(one.exchange_rows.is_empty() && one.exchange_peak == 0);
+    assert_eq!(by(&one.optim_rows, "gradients"), Some(2 * n));
+
+    p.world = 4;
+    let bf16 = plan(&p);
+    assert_eq!(by(&bf16.optim_rows, "gradients"), Some(4 * n));
+    assert_eq!(by(&bf16.exchange_rows, "gradients"), Some(4 * n));
+    assert_eq!(by(&bf16.exchange_rows, "exchange bucket"), Some(0));
+    assert_eq!(bf16.exchange_peak, bf16.state_bytes + 4 * n);
+    // The backward phase is unchanged: every rank runs its own micro-batch.
+    assert_eq!(bf16.train_peak, one.train_peak);
+    assert!(bf16.peak >= bf16.exchange_peak);
+
+    // f32 sums of several micro-batches: the embedding (larger than a 64 M-value bucket) is
+    // the largest bucket.
+    p.grad_accum = 2;
+    let sums = plan(&p);
+    assert_eq!(
+        by(&sums.exchange_rows, "exchange bucket"),
+        Some(4 * embedding)
+    );
+    assert_eq!(
+        sums.exchange_peak,
+        sums.state_bytes + exchange_bytes(n, embedding, crate::dist::BUCKET_FLOATS as u64, true)
+    );
+    let table = render(&p, &sums, 80 << 30, 1 << 30);
+    assert!(table.contains("4 data-parallel ranks"), "{table}");
+    assert!(table.contains("| gradient exchange"), "{table}");
+    // Named as the peak only where it is the largest phase (here the backward is).
+    assert_eq!(peak_phase(&sums), "forward + backward");
+    let mut q = sums.clone();
+    q.exchange_peak = q.train_peak + 1;
+    assert_eq!(peak_phase(&q), "gradient exchange");
+    q.rollout_peak = q.exchange_peak + 1;
+    assert_eq!(peak_phase(&q), "rollout (generation)");
+
+    // Buckets: the bucket size, a larger tensor alone, never more than every gradient.
+    assert_eq!(exchange_bucket(1_000, 10, 64), 64);
+    assert_eq!(exchange_bucket(1_000, 100, 64), 100);
+    assert_eq!(exchange_bucket(50, 10, 64), 50);
+    assert_eq!(exchange_bytes(1_000, 10, 64, false), 4_000);
+    assert_eq!(exchange_bytes(1_000, 10, 64, true), 4 * 1_064);
 }
 
 #[test]
@@ -190,6 +247,7 @@ fn seven_b_preset_is_refused_on_80_gib_and_fits_with_the_kernels_and_lora() {
         attention: AttentionImpl::Eager,
         max_pixels: None,
         images_per_row: None,
+        world: 1,
     };
     let (p, notes) = input_from_sft(&cfg, &opts).unwrap();
     assert!(
@@ -255,6 +313,7 @@ fn checkpointing_knob_parses_and_rejects_unknown_values() {
         attention: AttentionImpl::Fused,
         max_pixels: None,
         images_per_row: None,
+        world: 1,
     };
     let p = input_from_sft(&cfg, &opts).unwrap().0;
     assert!(p.recompute_attention);
@@ -399,8 +458,31 @@ fn grpo_7b(sets: &[&str]) -> PlanInput {
         attention: AttentionImpl::Fused,
         max_pixels: Some(1_003_520),
         images_per_row: None,
+        world: 1,
     };
     input_from_grpo(&cfg, &opts).unwrap().0
+}
+
+/// Each rank of a data-parallel GRPO job takes prompts_per_step / W prompts, so it runs 1/W
+/// of the micro-batches; a step that does not split is refused.
+#[test]
+fn grpo_micro_batches_split_over_the_ranks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let cfg =
+        crate::grpo_config::GrpoConfig::load(&root.join("grpo/qwen2.5-vl-7b.toml"), &[]).unwrap();
+    let opts = PlanOptions {
+        model_config: Some(root.join("models/qwen2.5-vl-7b.json")),
+        compute_bytes: 2,
+        attention: AttentionImpl::Fused,
+        max_pixels: Some(1_003_520),
+        images_per_row: None,
+        world: 1,
+    };
+    let one = input_from_grpo(&cfg, &opts).unwrap().0;
+    let four = input_from_grpo(&cfg, &opts.with_world(4)).unwrap().0;
+    assert_eq!((four.grad_accum * 4, four.world), (one.grad_accum, 4));
+    let e = input_from_grpo(&cfg, &opts.with_world(3)).unwrap_err();
+    assert!(e.contains("multiple of 3"), "{e}");
 }
 
 /// A GRPO config plans its policy update (micro_batch_size rows of prompt + completion, only
