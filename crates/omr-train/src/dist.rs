@@ -421,7 +421,6 @@ impl Group {
         let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
         for members in buckets(&sizes, &holders, bucket) {
-            let mut flat = vec![0f32; members.iter().map(|&i| sizes[i]).sum()];
             let mut at = Vec::with_capacity(members.len());
             let mut mine = Vec::new();
             for &i in &members {
@@ -431,7 +430,8 @@ impl Group {
                     mine.push((start, t));
                 }
             }
-            copy_to_host(mine, &mut flat)?;
+            let len = at.last().map_or(0, |&(s, n)| s + n);
+            let mut flat = bucket_to_host(mine, len)?;
             let segments: Vec<Segment> = members
                 .iter()
                 .map(|&i| Segment {
@@ -471,12 +471,13 @@ fn buckets(sizes: &[usize], holders: &[Vec<usize>], bucket: usize) -> Vec<Vec<us
     out
 }
 
-/// Writes each `(offset, tensor)` of `parts` into `flat` at its offset as f32, with one copy
-/// from the device: the tensors are concatenated there in their common dtype (f32 where they
-/// differ) and widened on the host. The tensors are dropped before this returns.
-fn copy_to_host(parts: Vec<(usize, Tensor)>, flat: &mut [f32]) -> Result<()> {
+/// A bucket of `len` f32 values on the host: each `(offset, tensor)` of `parts` at its offset,
+/// zeros elsewhere, with one copy from the device. The tensors are concatenated there in their
+/// common dtype (f32 where they differ) and widened on the host; f32 tensors that fill the
+/// bucket are copied straight into it. The tensors are dropped before this returns.
+fn bucket_to_host(parts: Vec<(usize, Tensor)>, len: usize) -> Result<Vec<f32>> {
     let Some((_, first)) = parts.first() else {
-        return Ok(());
+        return Ok(vec![0.0; len]);
     };
     let dtype = match first.dtype() {
         d @ (DType::BF16 | DType::F16 | DType::F32)
@@ -495,14 +496,19 @@ fn copy_to_host(parts: Vec<(usize, Tensor)>, flat: &mut [f32]) -> Result<()> {
     let lens: Vec<usize> = tensors.iter().map(Tensor::elem_count).collect();
     let all = Tensor::cat(&tensors, 0)?;
     drop(tensors);
+    if dtype == DType::F32 && all.elem_count() == len {
+        return Ok(all.to_vec1::<f32>()?);
+    }
     fn widen<T: candle_core::WithDType>(
-        all: &Tensor,
+        all: Tensor,
         to_f32: impl Fn(T) -> f32,
         offsets: &[usize],
         lens: &[usize],
-        flat: &mut [f32],
-    ) -> Result<()> {
+        len: usize,
+    ) -> Result<Vec<f32>> {
         let host = all.to_vec1::<T>()?;
+        drop(all);
+        let mut flat = vec![0.0; len];
         let mut from = 0;
         for (&at, &n) in offsets.iter().zip(lens) {
             for (d, &x) in flat[at..at + n].iter_mut().zip(&host[from..from + n]) {
@@ -510,12 +516,12 @@ fn copy_to_host(parts: Vec<(usize, Tensor)>, flat: &mut [f32]) -> Result<()> {
             }
             from += n;
         }
-        Ok(())
+        Ok(flat)
     }
     match dtype {
-        DType::BF16 => widen(&all, half::bf16::to_f32, &offsets, &lens, flat),
-        DType::F16 => widen(&all, half::f16::to_f32, &offsets, &lens, flat),
-        _ => widen(&all, |x: f32| x, &offsets, &lens, flat),
+        DType::BF16 => widen(all, half::bf16::to_f32, &offsets, &lens, len),
+        DType::F16 => widen(all, half::f16::to_f32, &offsets, &lens, len),
+        _ => widen(all, |x: f32| x, &offsets, &lens, len),
     }
 }
 

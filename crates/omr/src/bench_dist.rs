@@ -1,6 +1,7 @@
 //! `omr bench dist`: the gradient exchange of a data-parallel step (`omr_train::dist::bench`),
 //! W ranks on loopback against the same sums in memory, measured in the same run.
 
+use candle_core::DType;
 use clap::Args;
 use omr_train::dist::bench::{run as bench, DistBench};
 
@@ -18,10 +19,24 @@ pub struct BenchDistArgs {
     pub tensor: usize,
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// The gradients' dtype: f32 (sums of several micro-batches) or bf16 (one micro-batch of
+    /// a bf16 run: copied out at half the bytes, widened on the host).
+    #[arg(long, default_value = "f32")]
+    pub grad_dtype: String,
 }
 
 pub fn run(a: BenchDistArgs) -> crate::Result<()> {
+    let dtype = match a.grad_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        o => {
+            return Err(crate::exit::Exit::usage(anyhow::anyhow!(
+                "--grad-dtype {o}: f32 or bf16"
+            )))
+        }
+    };
     let report = bench(&DistBench {
+        dtype,
         world: a.world,
         floats: (a.mfloats * 1e6).round() as usize,
         tensor: a.tensor,

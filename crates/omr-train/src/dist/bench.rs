@@ -8,7 +8,7 @@
 
 use super::{Group, Launch, BUCKET_FLOATS};
 use crate::error::{Result, TrainError};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -19,6 +19,8 @@ pub struct DistBench {
     /// Values per tensor.
     pub tensor: usize,
     pub steps: usize,
+    /// The gradient tensors' dtype (the flat exchange is f32 either way).
+    pub dtype: DType,
 }
 
 #[derive(Clone, Debug)]
@@ -40,13 +42,14 @@ impl DistReport {
     pub fn format(&self) -> String {
         let b = &self.bench;
         format!(
-            "gradient exchange, {} ranks on loopback (f32, tensors of {} values, buckets of {} MiB)\n\
+            "gradient exchange, {} ranks on loopback ({:?} gradients, tensors of {} values, buckets of {} MiB)\n\
              gradients per rank   {:>10.1} MB\n\
              exchange per step    {:>10.1} ms   {:.2} GB/s of gradients (flat values: sockets, sums)\n\
              with the tensors     {:>10.1} ms   (sum_grads' path: flatten, copy out, sum, copy back)\n\
              sums in memory       {:>10.1} ms   (1 thread, rank order)\n\
              in memory / exchange {:>10.2}x\n",
             b.world,
+            b.dtype,
             b.tensor,
             (BUCKET_FLOATS * 4) >> 20,
             b.floats as f64 * 4.0 / 1e6,
@@ -86,7 +89,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
         .map_err(|e| TrainError::Internal(format!("a free port: {e}")))?;
     let threads: Vec<_> = (0..b.world)
         .map(|rank| {
-            let (world, steps, mine) = (b.world, b.steps, grads(rank));
+            let (world, steps, dtype, mine) = (b.world, b.steps, b.dtype, grads(rank));
             std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
                 let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
                 let vars = mine
@@ -96,7 +99,10 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
                 let flat: Vec<f32> = mine.concat();
                 let sums = mine
                     .into_iter()
-                    .map(|v| Ok(Some(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
+                    .map(|v| {
+                        let t = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?;
+                        Ok(Some(t.to_dtype(dtype)?))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let everyone = [g.everyone(flat.len())];
                 let (mut tensors, mut exchange) = (Vec::new(), Vec::new());

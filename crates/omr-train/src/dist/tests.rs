@@ -386,6 +386,7 @@ fn the_exchange_benchmark_times_both_sides() {
         floats: 10_000,
         tensor: 3_000,
         steps: 2,
+        dtype: candle_core::DType::BF16,
     })
     .unwrap();
     assert!(
@@ -393,6 +394,7 @@ fn the_exchange_benchmark_times_both_sides() {
         "{r:?}"
     );
     assert!(r.format().contains("3 ranks"), "{}", r.format());
+    assert!(r.format().contains("BF16 gradients"), "{}", r.format());
     assert!(bench::run(&bench::DistBench {
         world: 1,
         ..r.bench
