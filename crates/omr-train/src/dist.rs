@@ -410,6 +410,7 @@ impl Group {
     /// none its values are never read ([`Group::sum_segments`]' rule), so nothing is copied
     /// for them. The bucket's originals are freed before its sums are made on the device, so
     /// bf16 gradients never hold more than their f32 sums will (`plan::exchange_bytes`).
+    /// Each bucket's exchange overlaps the device copies of its neighbours.
     pub fn sum_tensors(
         &mut self,
         vars: &[Var],
@@ -419,35 +420,72 @@ impl Group {
         let held: Vec<bool> = sums.iter().map(Option::is_some).collect();
         let holders = self.holders(&held)?;
         let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+        let plan = buckets(&sizes, &holders, bucket);
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for members in buckets(&sizes, &holders, bucket) {
-            let mut at = Vec::with_capacity(members.len());
-            let mut mine = Vec::new();
-            for &i in &members {
-                let start = at.last().map_or(0, |&(s, n)| s + n);
-                at.push((start, sizes[i]));
+        // Bucket k, copied off the device: this rank's gradients at their offsets.
+        let mut copy_out = |k: usize| {
+            let (mut mine, mut at) = (Vec::new(), 0);
+            for &i in &plan[k] {
                 if let Some(t) = sums[i].take() {
-                    mine.push((start, t));
+                    mine.push((at, t));
                 }
+                at += sizes[i];
             }
-            let len = at.last().map_or(0, |&(s, n)| s + n);
-            let mut flat = bucket_to_host(mine, len)?;
-            let segments: Vec<Segment> = members
+            bucket_to_host(mine, at)
+        };
+        // Bucket k's sums, made on the device tensor by tensor.
+        let mut copy_in = |k: usize, flat: Vec<f32>| -> Result<()> {
+            let mut at = 0;
+            for &i in &plan[k] {
+                let (v, n) = (&vars[i], sizes[i]);
+                out[i] = Some(Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?);
+                at += n;
+            }
+            Ok(())
+        };
+        // While bucket k is exchanged (a helper thread: sockets and host sums only), this
+        // thread makes bucket k − 1's sums on the device and copies bucket k + 1 off it.
+        let mut next = if plan.is_empty() {
+            None
+        } else {
+            Some(copy_out(0)?)
+        };
+        let mut summed: Option<(usize, Vec<f32>)> = None;
+        for k in 0..plan.len() {
+            let Some(mut flat) = next.take() else {
+                return Err(TrainError::Internal(format!(
+                    "bucket {k} was not copied out"
+                )));
+            };
+            let segments: Vec<Segment> = plan[k]
                 .iter()
                 .map(|&i| Segment {
                     len: sizes[i],
                     holders: holders[i].clone(),
                 })
                 .collect();
-            self.sum_segments(&mut flat, &segments)?;
-            for (&i, &(start, n)) in members.iter().zip(&at) {
-                let v = &vars[i];
-                out[i] = Some(Tensor::from_slice(
-                    &flat[start..start + n],
-                    v.dims(),
-                    v.device(),
-                )?);
-            }
+            let link = &mut self.link;
+            let (exchanged, copied_in, copied_out) = std::thread::scope(|s| {
+                let exchange = s.spawn(|| match link {
+                    Some(link) => link.reduce(&mut flat, &segments),
+                    None => Ok(()),
+                });
+                let copied_in = summed.take().map_or(Ok(()), |(j, f)| copy_in(j, f));
+                let copied_out = (k + 1 < plan.len()).then(|| copy_out(k + 1)).transpose();
+                let exchanged = exchange.join().unwrap_or_else(|_| {
+                    Err(TrainError::Internal(
+                        "the gradient exchange panicked".into(),
+                    ))
+                });
+                (exchanged, copied_in, copied_out)
+            });
+            exchanged?;
+            copied_in?;
+            next = copied_out?;
+            summed = Some((k, flat));
+        }
+        if let Some((k, flat)) = summed {
+            copy_in(k, flat)?;
         }
         Ok(out)
     }

@@ -23,6 +23,10 @@ pub struct BenchDistArgs {
     /// a bf16 run: copied out at half the bytes, widened on the host).
     #[arg(long, default_value = "f32")]
     pub grad_dtype: String,
+    /// Millions of values per bucket (training's: 64 Mi = 67.1); smaller makes several
+    /// buckets, whose exchanges overlap their neighbours' copies.
+    #[arg(long)]
+    pub bucket_mfloats: Option<f64>,
 }
 
 pub fn run(a: BenchDistArgs) -> crate::Result<()> {
@@ -37,6 +41,11 @@ pub fn run(a: BenchDistArgs) -> crate::Result<()> {
     };
     let report = bench(&DistBench {
         dtype,
+        bucket: a
+            .bucket_mfloats
+            .map_or(omr_train::dist::BUCKET_FLOATS, |m| {
+                (m * 1e6).round() as usize
+            }),
         world: a.world,
         floats: (a.mfloats * 1e6).round() as usize,
         tensor: a.tensor,

@@ -6,7 +6,7 @@
 //! measured in the same run, is the same sums done in memory on one thread (rank order, no
 //! sockets). One step before the timed ones warms the allocator and the sockets.
 
-use super::{Group, Launch, BUCKET_FLOATS};
+use super::{Group, Launch};
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
@@ -21,6 +21,9 @@ pub struct DistBench {
     pub steps: usize,
     /// The gradient tensors' dtype (the flat exchange is f32 either way).
     pub dtype: DType,
+    /// Values per bucket (training's is `BUCKET_FLOATS`); with several buckets each one's
+    /// exchange overlaps its neighbours' copies.
+    pub bucket: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -42,7 +45,7 @@ impl DistReport {
     pub fn format(&self) -> String {
         let b = &self.bench;
         format!(
-            "gradient exchange, {} ranks on loopback ({:?} gradients, tensors of {} values, buckets of {} MiB)\n\
+            "gradient exchange, {} ranks on loopback ({:?} gradients, tensors of {} values, buckets of {:.1} MiB)\n\
              gradients per rank   {:>10.1} MB\n\
              exchange per step    {:>10.1} ms   {:.2} GB/s of gradients (flat values: sockets, sums)\n\
              with the tensors     {:>10.1} ms   (sum_grads' path: flatten, copy out, sum, copy back)\n\
@@ -51,7 +54,7 @@ impl DistReport {
             b.world,
             b.dtype,
             b.tensor,
-            (BUCKET_FLOATS * 4) >> 20,
+            (b.bucket * 4) as f64 / 1048576.0,
             b.floats as f64 * 4.0 / 1e6,
             self.exchange_s * 1e3,
             self.gb_per_s(),
@@ -63,9 +66,11 @@ impl DistReport {
 }
 
 pub fn run(b: &DistBench) -> Result<DistReport> {
-    if b.world < 2 || b.floats == 0 || b.tensor == 0 || b.steps == 0 {
+    if b.world < 2 || b.floats == 0 || b.tensor == 0 || b.steps == 0 || b.bucket == 0 {
         return Err(TrainError::Usage(
-            "omr bench dist needs --world >= 2 and positive --mfloats, --tensor, --steps".into(),
+            "omr bench dist needs --world >= 2 and positive --mfloats, --tensor, --steps, \
+             --bucket-mfloats"
+                .into(),
         ));
     }
     let sizes: Vec<usize> = (0..b.floats)
@@ -89,7 +94,8 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
         .map_err(|e| TrainError::Internal(format!("a free port: {e}")))?;
     let threads: Vec<_> = (0..b.world)
         .map(|rank| {
-            let (world, steps, dtype, mine) = (b.world, b.steps, b.dtype, grads(rank));
+            let (world, steps, dtype, bucket) = (b.world, b.steps, b.dtype, b.bucket);
+            let mine = grads(rank);
             std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
                 let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
                 let vars = mine
@@ -109,7 +115,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
                 for _ in 0..=steps {
                     g.barrier()?;
                     let t = Instant::now();
-                    g.sum_tensors(&vars, sums.clone(), BUCKET_FLOATS)?;
+                    g.sum_tensors(&vars, sums.clone(), bucket)?;
                     tensors.push(t.elapsed().as_secs_f64());
                     let mut values = flat.clone();
                     g.barrier()?;

@@ -215,6 +215,40 @@ fn a_rank_gone_before_a_mesh_sum_fails_the_others() {
     }
 }
 
+/// A rank that dies between the holders' flags and the buckets: the others' exchange (on its
+/// helper thread, next to the device copies) fails naming it, and no thread is left waiting.
+#[test]
+fn a_rank_gone_during_a_bucketed_sum_fails_the_others() {
+    use candle_core::{DType, Device, Tensor, Var};
+    let sizes = [link::MESH_BYTES / 4 + 1, 7, link::MESH_BYTES / 4];
+    let results = on_ranks(
+        3,
+        |_| [6; 32],
+        move |g| {
+            let held = [true; 3];
+            if g.rank() == 2 {
+                g.holders(&held)?;
+                return Ok(());
+            }
+            let vars: Vec<Var> = sizes
+                .iter()
+                .map(|&n| Var::zeros(n, DType::F32, &Device::Cpu).unwrap())
+                .collect();
+            let sums = sizes
+                .iter()
+                .map(|&n| Some(Tensor::ones(n, DType::BF16, &Device::Cpu).unwrap()))
+                .collect();
+            g.sum_tensors(&vars, sums, 8).map(drop)
+        },
+    );
+    assert!(results[2].is_ok());
+    for r in 0..2 {
+        let e = results[r].as_ref().unwrap_err();
+        assert!(e.to_string().contains("rank 2 is gone"), "rank {r}: {e}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}
+
 #[test]
 fn absent_values_are_skipped_and_a_single_holder_keeps_its_bits() {
     let results = on_ranks(
@@ -387,6 +421,7 @@ fn the_exchange_benchmark_times_both_sides() {
         tensor: 3_000,
         steps: 2,
         dtype: candle_core::DType::BF16,
+        bucket: 4_000,
     })
     .unwrap();
     assert!(
