@@ -27,6 +27,7 @@
 pub mod bench;
 mod link;
 mod rendezvous;
+mod shm;
 mod tcp;
 
 use crate::error::{Result, TrainError};
@@ -36,9 +37,12 @@ pub use link::Segment;
 use omr_data::loader::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
+/// Where the ranks of one node share memory by default.
+pub const SHM_DIR: &str = "/dev/shm";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -62,6 +66,9 @@ pub struct Launch {
     pub timeout: Duration,
     /// The variables rank and world came from, for messages.
     pub vars: (&'static str, &'static str),
+    /// Where ranks of one node put the files of their shared-memory exchange (`OMR_DIST_SHM`:
+    /// `/dev/shm` unless set; `0` or `off`: none, every sum over TCP).
+    pub shm: Option<PathBuf>,
 }
 
 impl Launch {
@@ -76,6 +83,7 @@ impl Launch {
             port: 0,
             timeout: COLLECTIVE_TIMEOUT,
             vars: ("", ""),
+            shm: None,
         }
     }
 
@@ -92,6 +100,7 @@ impl Launch {
             port,
             timeout: COLLECTIVE_TIMEOUT,
             vars: ("", ""),
+            shm: Some(PathBuf::from(SHM_DIR)),
         }
     }
 
@@ -163,6 +172,11 @@ impl Launch {
             Some(0) | None => COLLECTIVE_TIMEOUT,
             Some(s) => Duration::from_secs(s),
         };
+        let shm = match get("OMR_DIST_SHM").map(|v| v.trim().to_string()) {
+            None => Some(PathBuf::from(SHM_DIR)),
+            Some(v) if ["", "0", "off", "false", "no"].contains(&v.as_str()) => None,
+            Some(v) => Some(PathBuf::from(v)),
+        };
         Ok(Launch {
             rank,
             world,
@@ -173,6 +187,7 @@ impl Launch {
             port,
             timeout,
             vars,
+            shm,
         })
     }
 
@@ -228,7 +243,14 @@ impl Group {
         };
         // Returns once every rank holds all its connections.
         group.barrier()?;
-        tracing::info!("data parallel: {}", launch.describe());
+        tracing::info!(
+            "data parallel: {}; large sums {}",
+            launch.describe(),
+            match group.shared_memory() {
+                true => "through shared memory (one node)",
+                false => "over TCP",
+            }
+        );
         Ok(group)
     }
 
@@ -238,6 +260,11 @@ impl Group {
 
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// Whether this group's large sums go through shared memory (all ranks on one node).
+    pub fn shared_memory(&self) -> bool {
+        self.link.as_ref().is_some_and(link::Link::shared_memory)
     }
 
     /// The loader's stripe for this process.

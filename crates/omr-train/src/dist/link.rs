@@ -12,11 +12,15 @@
 //! - Either way the sum of each value is added **in rank order** over the ranks that hold it
 //!   ([`Segment::holders`]), so every rank gets the same bits, the bits a single process gets
 //!   adding its micro-batches in order, whichever path ran.
+//! - Between ranks of one node, large sums go through shared memory instead ([`super::shm`]):
+//!   the mesh's phases with each rank's values read in place.
 //! - Gather and broadcast (postcard messages) go through the hub.
 
+use super::shm::Shm;
 use super::tcp::Peer;
 use crate::error::{Result, TrainError};
 use std::ops::{AddAssign, Range};
+use std::path::Path;
 
 /// Sums from this many bytes on go through the mesh.
 pub const MESH_BYTES: usize = 1 << 20;
@@ -34,15 +38,48 @@ pub struct Link {
     rank: usize,
     /// The connection to every other rank, indexed by rank (`None` at this rank's own index).
     peers: Vec<Option<Peer>>,
+    /// Large sums through shared memory, when every rank is on this node.
+    shm: Option<Shm>,
 }
 
 impl Link {
     pub fn new(rank: usize, peers: Vec<Option<Peer>>) -> Link {
-        Link { rank, peers }
+        Link {
+            rank,
+            peers,
+            shm: None,
+        }
     }
 
-    fn world(&self) -> usize {
+    pub(super) fn world(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Sends large sums through files in `dir` (a tmpfs: `/dev/shm`) when every rank runs on
+    /// this node (the same host name and boot id) and has `dir`: rank 0 decides and names the
+    /// files. Every rank calls it, once, after connecting.
+    pub fn use_shared_memory(&mut self, dir: &Path) -> Result<()> {
+        let here = node_id().filter(|_| dir.is_dir()).unwrap_or_default();
+        let all = self.gather(here.into_bytes())?;
+        let tag = match self.rank {
+            0 if all.iter().all(|n| !n.is_empty() && *n == all[0]) => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                format!("{}-{nanos:08x}", std::process::id())
+            }
+            _ => String::new(),
+        };
+        let tag = String::from_utf8_lossy(&self.broadcast(tag.into_bytes())?).into_owned();
+        if !tag.is_empty() {
+            self.shm = Some(Shm::new(dir.to_path_buf(), tag, self.rank, self.world()));
+        }
+        Ok(())
+    }
+
+    /// Whether large sums go through shared memory (until a region cannot grow).
+    pub fn shared_memory(&self) -> bool {
+        self.shm.is_some()
     }
 
     /// Replaces `flat` by the sum over the ranks of their `flat`, segment by segment.
@@ -58,6 +95,12 @@ impl Link {
             )));
         }
         if std::mem::size_of_val(flat) >= MESH_BYTES {
+            if let Some(mut shm) = self.shm.take() {
+                if shm.reduce(self, flat, segments)? {
+                    self.shm = Some(shm);
+                    return Ok(());
+                }
+            }
             self.mesh_reduce(flat, segments)
         } else {
             self.hub_reduce(flat, segments)
@@ -204,9 +247,24 @@ fn exchange<T: bytemuck::Pod + Send + Sync>(
     })
 }
 
+/// What tells one node from another: its host name and boot id (`None` where either cannot
+/// be read).
+fn node_id() -> Option<String> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    Some(format!(
+        "{}/{}",
+        read("/proc/sys/kernel/hostname")?,
+        read("/proc/sys/kernel/random/boot_id")?
+    ))
+}
+
 /// `out` = the sum, over each segment's holders in rank order, of the values at positions
 /// `at..at + out.len()` of the whole sum; `parts[r]` holds rank r's values of those positions.
-fn fold<T: bytemuck::Pod + AddAssign>(
+pub(super) fn fold<T: bytemuck::Pod + AddAssign>(
     out: &mut [T],
     at: usize,
     parts: &[&[T]],

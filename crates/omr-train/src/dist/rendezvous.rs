@@ -45,7 +45,11 @@ pub fn connect(launch: &Launch, fingerprint: [u8; 32], wait: Duration) -> Result
     for p in peers.iter_mut().flatten() {
         p.set_timeout(launch.timeout)?;
     }
-    Ok(Link::new(launch.rank, peers))
+    let mut link = Link::new(launch.rank, peers);
+    if let Some(dir) = &launch.shm {
+        link.use_shared_memory(dir)?;
+    }
+    Ok(link)
 }
 
 /// Rank 0: listens on `MASTER_PORT` until every other rank said hello with the same world and

@@ -10,9 +10,11 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A rank on loopback whose sums all go over TCP (`shm_tests` covers shared memory).
 fn launch(rank: usize, world: usize, port: u16) -> Launch {
     Launch {
         timeout: Duration::from_secs(20),
+        shm: None,
         ..Launch::loopback(rank, world, port)
     }
 }
@@ -24,13 +26,27 @@ fn on_ranks<T: Send + 'static>(
     fingerprint: impl Fn(usize) -> [u8; 32],
     body: impl Fn(&mut Group) -> Result<T> + Send + Sync + Clone + 'static,
 ) -> Vec<Result<T>> {
+    on_ranks_sharing(world, |_| None, fingerprint, body)
+}
+
+/// [`on_ranks`] with rank r's shared-memory directory `shm(r)`.
+fn on_ranks_sharing<T: Send + 'static>(
+    world: usize,
+    shm: impl Fn(usize) -> Option<std::path::PathBuf>,
+    fingerprint: impl Fn(usize) -> [u8; 32],
+    body: impl Fn(&mut Group) -> Result<T> + Send + Sync + Clone + 'static,
+) -> Vec<Result<T>> {
     let port = free_port();
     let handles: Vec<_> = (0..world)
         .map(|r| {
             let body = body.clone();
             let fp = fingerprint(r);
+            let launch = Launch {
+                shm: shm(r),
+                ..launch(r, world, port)
+            };
             thread::spawn(move || {
-                let mut g = Group::connect(&launch(r, world, port), fp)?;
+                let mut g = Group::connect(&launch, fp)?;
                 body(&mut g)
             })
         })
@@ -390,6 +406,18 @@ fn launch_variables() {
     ]))
     .unwrap();
     assert_eq!((l.local_rank, l.gpu), (1, 0));
+    // Shared memory between the ranks of a node: /dev/shm unless OMR_DIST_SHM says otherwise.
+    assert_eq!(l.shm.as_deref(), Some(std::path::Path::new("/dev/shm")));
+    for (value, want) in [("off", None), ("0", None), ("/run/omr", Some("/run/omr"))] {
+        let get = |k: &str| match k {
+            "RANK" => Some("1".to_string()),
+            "WORLD_SIZE" => Some("2".to_string()),
+            "OMR_DIST_SHM" => Some(value.to_string()),
+            _ => None,
+        };
+        let l = Launch::from_lookup(get).unwrap();
+        assert_eq!(l.shm, want.map(std::path::PathBuf::from), "{value}");
+    }
     for (vars, want) in [
         (&[("RANK", "x"), ("WORLD_SIZE", "2")][..], "RANK=\"x\""),
         (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], "below the world"),
@@ -446,3 +474,5 @@ fn processes_of_one_node_share_its_cores_for_data_loading() {
     assert_eq!(g.loader_threads(0), (cores / 4).max(1));
     assert_eq!(g.loader_threads(3), 3, "a configured count stays");
 }
+
+mod shm_tests;

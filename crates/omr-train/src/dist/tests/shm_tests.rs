@@ -1,0 +1,119 @@
+//! Large sums through shared memory (`dist::shm`): the TCP mesh's bits, regions that grow and
+//! leave no files, a fallback to TCP that every rank takes together, a rank that dies.
+
+use super::*;
+use std::path::PathBuf;
+
+/// Sums of three lengths from the mesh threshold on (the regions grow, then a smaller one
+/// reuses them), rank 1 absent from the odd ones; with each rank's shared-memory state after.
+fn sums(g: &mut Group) -> Result<(bool, Vec<Option<Vec<u32>>>)> {
+    let r = g.rank();
+    let q = link::MESH_BYTES / 4;
+    let mut out = Vec::new();
+    for len in [q, 3 * q + 5, q + 7] {
+        let mine = [1.0f32, 1e8, -1e8][r];
+        let values =
+            (r != 1 || len % 2 == 0).then(|| (0..len).map(|k| mine * (1 + k % 5) as f32).collect());
+        let sum = g.sum_f32(values, len)?;
+        out.push(sum.map(|v| v.iter().map(|x| x.to_bits()).collect()));
+    }
+    Ok((g.shared_memory(), out))
+}
+
+fn tcp_sums() -> Vec<Option<Vec<u32>>> {
+    let results = on_ranks(3, |_| [8; 32], sums);
+    let (shared, first) = results[0].as_ref().unwrap().clone();
+    assert!(!shared);
+    for r in &results {
+        assert_eq!(r.as_ref().unwrap().1, first, "the same bits on every rank");
+    }
+    first
+}
+
+#[test]
+fn shared_memory_sums_are_the_tcp_sums_and_leave_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let results = on_ranks_sharing(3, move |_| Some(d.clone()), |_| [8; 32], sums);
+    let want = tcp_sums();
+    // 1 + 1e8 − 1e8 in rank order is 0; the odd lengths skip rank 1.
+    assert_eq!(want[0].as_ref().unwrap()[0], 0f32.to_bits());
+    assert_eq!(want[1].as_ref().unwrap()[0], (1.0f32 - 1e8).to_bits());
+    for (r, got) in results.into_iter().enumerate() {
+        let (shared, got) = got.unwrap();
+        assert!(shared, "rank {r} still sums through shared memory");
+        assert_eq!(got, want, "rank {r}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "files are unlinked once mapped: {left:?}");
+}
+
+/// Rank 1's directory is another one than the others' (they cannot map each other's files),
+/// or is gone by the first large sum (its file cannot be made): every rank falls back to TCP
+/// at that sum, with the same sums, and no file stays.
+#[test]
+fn a_rank_without_shared_memory_takes_every_rank_to_tcp() {
+    let want = tcp_sums();
+    for remove in [false, true] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
+        let dirs = move |r: usize| Some(if r == 1 { pb.clone() } else { pa.clone() });
+        let gone = b.path().to_path_buf();
+        let results = on_ranks_sharing(
+            3,
+            dirs,
+            |_| [8; 32],
+            move |g| {
+                assert!(
+                    g.shared_memory(),
+                    "every rank has its directory at the start"
+                );
+                if remove && g.rank() == 1 {
+                    std::fs::remove_dir_all(&gone).unwrap();
+                }
+                sums(g)
+            },
+        );
+        for (r, got) in results.into_iter().enumerate() {
+            let (shared, got) = got.unwrap();
+            assert!(!shared, "rank {r} fell back (remove {remove})");
+            assert_eq!(got, want, "rank {r} (remove {remove})");
+        }
+        for d in [a.path(), b.path()] {
+            if d.exists() {
+                assert_eq!(std::fs::read_dir(d).unwrap().count(), 0, "{}", d.display());
+            }
+        }
+    }
+}
+
+/// A rank that exits before the regions grow, or between two sums through them: its peers'
+/// next barrier fails naming a rank that is gone (exit 1), and nothing waits forever.
+#[test]
+fn a_rank_gone_during_shared_memory_sums_fails_the_others() {
+    for sums_before in [0, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let d: PathBuf = dir.path().to_path_buf();
+        let len = link::MESH_BYTES / 4 + 1;
+        let results = on_ranks_sharing(
+            3,
+            move |_| Some(d.clone()),
+            |_| [2; 32],
+            move |g| {
+                for _ in 0..sums_before {
+                    g.sum_f32(Some(vec![1.0; len]), len)?;
+                }
+                if g.rank() == 2 {
+                    return Ok(());
+                }
+                g.sum_f32(Some(vec![1.0; len]), len).map(drop)
+            },
+        );
+        assert!(results[2].is_ok());
+        for r in 0..2 {
+            let e = results[r].as_ref().unwrap_err();
+            assert!(e.to_string().contains("is gone"), "rank {r}: {e}");
+            assert_eq!(e.exit_code(), 1);
+        }
+    }
+}
