@@ -12,13 +12,21 @@ fn sums(g: &mut Group) -> Result<(bool, Vec<Option<Vec<u32>>>)> {
     let r = g.rank();
     let q = link::MESH_BYTES / 4;
     let mut out = Vec::new();
-    let lens = [q, 3 * q + 5, q + 7].into_iter().chain([2 * q; 8]);
-    for (i, len) in lens.enumerate() {
-        let mine = [1.0f32, 1e8, -1e8][r] + i as f32;
-        let values =
-            (r != 1 || len % 2 == 0).then(|| (0..len).map(|k| mine * (1 + k % 5) as f32).collect());
+    let value = |i: usize, k: usize| ([1.0f32, 1e8, -1e8][r] + i as f32) * (1 + k % 5) as f32;
+    for (i, len) in [q, 3 * q + 5, q + 7].into_iter().enumerate() {
+        let values = (r != 1 || len % 2 == 0).then(|| (0..len).map(|k| value(i, k)).collect());
         let sum = g.sum_f32(values, len)?;
         out.push(sum.map(|v| v.iter().map(|x| x.to_bits()).collect()));
+    }
+    // Back to back, as a step's buckets go (no other collective between them).
+    let everyone = [Segment {
+        len: 2 * q,
+        holders: vec![0, 1, 2],
+    }];
+    for i in 3..11 {
+        let mut values: Vec<f32> = (0..2 * q).map(|k| value(i, k)).collect();
+        g.sum_segments(&mut values, &everyone)?;
+        out.push(Some(values.iter().map(|x| x.to_bits()).collect()));
     }
     Ok((g.shared_memory(), out))
 }
