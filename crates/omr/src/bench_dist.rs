@@ -27,6 +27,9 @@ pub struct BenchDistArgs {
     /// buckets, whose exchanges overlap their neighbours' copies.
     #[arg(long)]
     pub bucket_mfloats: Option<f64>,
+    /// Sum over loopback TCP instead of shared memory (what ranks on different nodes use).
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 pub fn run(a: BenchDistArgs) -> crate::Result<()> {
@@ -41,6 +44,7 @@ pub fn run(a: BenchDistArgs) -> crate::Result<()> {
     };
     let report = bench(&DistBench {
         dtype,
+        shm: !a.tcp,
         bucket: a
             .bucket_mfloats
             .map_or(omr_train::dist::BUCKET_FLOATS, |m| {

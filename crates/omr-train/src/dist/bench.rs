@@ -24,6 +24,8 @@ pub struct DistBench {
     /// Values per bucket (training's is `BUCKET_FLOATS`); with several buckets each one's
     /// exchange overlaps its neighbours' copies.
     pub bucket: usize,
+    /// Large sums through shared memory (the default between the ranks of a node) or TCP.
+    pub shm: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -45,13 +47,14 @@ impl DistReport {
     pub fn format(&self) -> String {
         let b = &self.bench;
         format!(
-            "gradient exchange, {} ranks on loopback ({:?} gradients, tensors of {} values, buckets of {:.1} MiB)\n\
+            "gradient exchange, {} ranks on one node, {} ({:?} gradients, tensors of {} values, buckets of {:.1} MiB)\n\
              gradients per rank   {:>10.1} MB\n\
              exchange per step    {:>10.1} ms   {:.2} GB/s of gradients (flat values: sockets, sums)\n\
              with the tensors     {:>10.1} ms   (sum_grads' path: flatten, copy out, sum, copy back)\n\
              sums in memory       {:>10.1} ms   (1 thread, rank order)\n\
              in memory / exchange {:>10.2}x\n",
             b.world,
+            if b.shm { "shared memory" } else { "TCP (loopback)" },
             b.dtype,
             b.tensor,
             (b.bucket * 4) as f64 / 1048576.0,
@@ -95,9 +98,13 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
     let threads: Vec<_> = (0..b.world)
         .map(|rank| {
             let (world, steps, dtype, bucket) = (b.world, b.steps, b.dtype, b.bucket);
+            let mut launch = Launch::loopback(rank, world, port);
+            if !b.shm {
+                launch.shm = None;
+            }
             let mine = grads(rank);
             std::thread::spawn(move || -> Result<(Vec<f64>, Vec<f64>)> {
-                let mut g = Group::connect(&Launch::loopback(rank, world, port), [0; 32])?;
+                let mut g = Group::connect(&launch, [0; 32])?;
                 let vars = mine
                     .iter()
                     .map(|v| Var::zeros(v.len(), candle_core::DType::F32, &Device::Cpu))

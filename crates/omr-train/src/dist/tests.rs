@@ -450,6 +450,7 @@ fn the_exchange_benchmark_times_both_sides() {
         steps: 2,
         dtype: candle_core::DType::BF16,
         bucket: 4_000,
+        shm: true,
     })
     .unwrap();
     assert!(
