@@ -448,6 +448,11 @@ fn suggestions_name_the_kept_layers_and_attentions() {
 }
 
 fn grpo_7b(sets: &[&str]) -> PlanInput {
+    grpo_7b_ranks(sets, 1).unwrap()
+}
+
+/// The 7B GRPO preset planned for one rank of `world`.
+fn grpo_7b_ranks(sets: &[&str], world: usize) -> Result<PlanInput, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg =
@@ -460,28 +465,16 @@ fn grpo_7b(sets: &[&str]) -> PlanInput {
         images_per_row: None,
         world: 1,
     };
-    input_from_grpo(&cfg, &opts).unwrap().0
+    Ok(input_from_grpo(&cfg, &opts.with_world(world))?.0)
 }
 
 /// Each rank of a data-parallel GRPO job takes prompts_per_step / W prompts, so it runs 1/W
 /// of the micro-batches; a step that does not split is refused.
 #[test]
 fn grpo_micro_batches_split_over_the_ranks() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let cfg =
-        crate::grpo_config::GrpoConfig::load(&root.join("grpo/qwen2.5-vl-7b.toml"), &[]).unwrap();
-    let opts = PlanOptions {
-        model_config: Some(root.join("models/qwen2.5-vl-7b.json")),
-        compute_bytes: 2,
-        attention: AttentionImpl::Fused,
-        max_pixels: Some(1_003_520),
-        images_per_row: None,
-        world: 1,
-    };
-    let one = input_from_grpo(&cfg, &opts).unwrap().0;
-    let four = input_from_grpo(&cfg, &opts.with_world(4)).unwrap().0;
+    let (one, four) = (grpo_7b(&[]), grpo_7b_ranks(&[], 4).unwrap());
     assert_eq!((four.grad_accum * 4, four.world), (one.grad_accum, 4));
-    let e = input_from_grpo(&cfg, &opts.with_world(3)).unwrap_err();
+    let e = grpo_7b_ranks(&[], 3).unwrap_err();
     assert!(e.contains("multiple of 3"), "{e}");
 }
 
