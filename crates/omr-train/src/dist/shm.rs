@@ -2,10 +2,10 @@
 //!
 //! Each rank has a region (a file in the shared-memory directory, `/dev/shm` by default,
 //! mapped by every rank of the job and unlinked as soon as all have mapped it, so nothing is
-//! left behind). A sum: every rank copies its values into its region; rank c adds chunk c of
-//! every region (the mesh's reduce-scatter, read in place instead of received) and writes
-//! those sums back into chunk c of its own region; every rank copies chunk c from region c
-//! (the all-gather). Three barriers through the TCP hub order the phases. The values are added
+//! left behind). A sum: every rank copies its values into its region (all but its own chunk,
+//! which only it reads); rank c adds chunk c of every region (the mesh's reduce-scatter, read
+//! in place instead of received) into chunk c of its own region; every rank copies chunk c
+//! from region c (the all-gather). Three barriers through the TCP hub order the phases. The values are added
 //! by the same `fold` as the TCP paths: the same bits.
 //!
 //! Regions grow (all ranks at once: every rank sums the same lengths) to the largest sum seen.
@@ -85,25 +85,31 @@ impl Shm {
                 "shared memory without a region".into(),
             ));
         };
-        mine[..bytes].copy_from_slice(bytemuck::cast_slice(flat));
+        // Every chunk but this rank's own, which only this rank reads (from `flat`).
+        let own = at(me);
+        mine[..own.start].copy_from_slice(bytemuck::cast_slice(&flat[..chunks[me].start]));
+        mine[own.end..bytes].copy_from_slice(bytemuck::cast_slice(&flat[chunks[me].end..]));
         barrier(link)?;
-        // Chunk `me` of every rank, in place.
+        // Chunk `me` of every rank, read in place, summed into this rank's own chunk.
         let parts: Vec<&[T]> = (0..world)
             .map(|r| match &self.others[r] {
                 Some(region) => bytemuck::cast_slice(&region[at(me)]),
                 None => &flat[chunks[me].clone()],
             })
             .collect();
-        let mut sum = vec![T::zeroed(); chunks[me].len()];
-        fold(&mut sum, chunks[me].start, &parts, segments);
-        mine[at(me)].copy_from_slice(bytemuck::cast_slice(&sum));
+        fold(
+            bytemuck::cast_slice_mut(&mut mine[own.clone()]),
+            chunks[me].start,
+            &parts,
+            segments,
+        );
         barrier(link)?;
         for (c, region) in self.others.iter().enumerate() {
             if let Some(region) = region {
                 flat[chunks[c].clone()].copy_from_slice(bytemuck::cast_slice(&region[at(c)]));
             }
         }
-        flat[chunks[me].clone()].copy_from_slice(&sum);
+        flat[chunks[me].clone()].copy_from_slice(bytemuck::cast_slice(&mine[own]));
         // Nobody writes its region again before every rank has read it.
         barrier(link)?;
         Ok(true)
