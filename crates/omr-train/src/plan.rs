@@ -36,6 +36,7 @@ pub mod activations;
 mod exchange;
 mod grpo;
 mod input;
+mod params;
 mod report;
 #[cfg(test)]
 mod run_tests;
@@ -44,8 +45,7 @@ mod tests;
 mod units;
 
 use omr_model::config::ModelConfig;
-use omr_model::lora::{self, LoraConfig};
-use omr_model::params::{param_shapes, Part};
+use omr_model::lora::LoraConfig;
 use serde::{Deserialize, Serialize};
 
 pub use activations::Activations;
@@ -55,6 +55,8 @@ pub use input::{
     auto_kept_decoder_layers, check_run_memory, configs_dir, input_from_sft, out_of_memory_error,
     run_kept_decoder_layers, shipped_config, PlanOptions,
 };
+use params::lora_modules;
+pub use params::{count_params, ParamCounts};
 pub use report::{most_kept_decoder_layers, parse_bytes, peak_phase, refusal, render, suggestions};
 
 /// Bytes of an f32.
@@ -260,63 +262,6 @@ impl PlanInput {
         let per = (self.image_hw.0 * self.image_hw.1) as u64;
         vec![per; self.batch * self.images_per_row]
     }
-}
-
-/// (module, (out, in)) of every linear layer that `lora` adapts.
-fn lora_modules<'a>(
-    cfg: &ModelConfig,
-    l: &'a LoraConfig,
-) -> impl Iterator<Item = (String, (usize, usize))> + 'a {
-    lora::linear_modules(cfg)
-        .into_iter()
-        .filter(move |(n, _)| lora::selects(&l.targets, n))
-}
-
-/// Parameter counts by role.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ParamCounts {
-    pub total: u64,
-    /// Base parameters that train (full fine-tuning of their part).
-    pub trainable: u64,
-    /// LoRA A and B (all trainable).
-    pub lora: u64,
-    /// Largest trainable tensor (the AdamW step's temporaries scale with it).
-    pub largest_trainable: u64,
-    pub vision: u64,
-    pub merger: u64,
-    pub language: u64,
-}
-
-pub fn count_params(p: &PlanInput) -> ParamCounts {
-    let mut c = ParamCounts::default();
-    for (name, shape) in param_shapes(&p.model) {
-        let n: u64 = shape.iter().map(|&x| x as u64).product();
-        c.total += n;
-        let part = Part::of(&name);
-        match part {
-            Part::Vision => c.vision += n,
-            Part::Merger => c.merger += n,
-            Part::Language => c.language += n,
-        }
-        let trains = p.lora.is_none()
-            && match part {
-                Part::Vision => p.trainable.vision,
-                Part::Merger => p.trainable.merger,
-                Part::Language => p.trainable.language,
-            };
-        if trains {
-            c.trainable += n;
-            c.largest_trainable = c.largest_trainable.max(n);
-        }
-    }
-    if let Some(l) = &p.lora {
-        for (_, (out, inp)) in lora_modules(&p.model, l) {
-            let (a, b) = ((l.r * inp) as u64, (out * l.r) as u64);
-            c.lora += a + b;
-            c.largest_trainable = c.largest_trainable.max(a.max(b));
-        }
-    }
-    c
 }
 
 /// One row of the table.
