@@ -5,10 +5,12 @@
 //! left behind). A sum: every rank copies its values into its region (all but its own chunk,
 //! which only it reads); rank c adds chunk c of every region (the mesh's reduce-scatter, read
 //! in place instead of received) into chunk c of its own region; every rank copies chunk c
-//! from region c (the all-gather). Three barriers through the TCP hub order the phases. The values are added
-//! by the same `fold` as the TCP paths: the same bits.
+//! from region c (the all-gather). Three barriers through the TCP hub order the phases. The
+//! values are added by the same `fold` as the TCP paths: the same bits. A sum larger than
+//! [`PIECE_BYTES`] (64 MiB) goes in pieces, one after the other.
 //!
-//! Regions grow (all ranks at once: every rank sums the same lengths) to the largest sum seen.
+//! Regions grow (all ranks at once: every rank sums the same lengths) to the largest piece
+//! seen.
 //! Their pages are reserved with `posix_fallocate`, so a full directory (a container's 64 MB
 //! `/dev/shm`) is an error at growth, not a SIGBUS at a write; every rank then falls back to
 //! the TCP mesh for the rest of the run, together, with a warning naming the rank and why.
@@ -23,6 +25,10 @@ use std::sync::atomic::{fence, Ordering};
 
 /// Regions grow in steps of this many bytes.
 const GRAIN: usize = 1 << 20;
+/// A sum goes through the regions in pieces of at most this many bytes, so that a region
+/// never needs more (the node's `/dev/shm` holds W of them). Tests cut smaller pieces, so
+/// that their few-MiB sums take several.
+pub const PIECE_BYTES: usize = if cfg!(test) { 3 << 19 } else { 64 << 20 };
 
 /// This rank's view of the job's regions.
 pub struct Shm {
@@ -58,9 +64,9 @@ impl Shm {
             .join(format!("omr-dp-{}-{generation}-r{rank}", self.tag))
     }
 
-    /// Replaces `flat` by the sum over the ranks, as `Link::reduce`. `Ok(false)`: the regions
-    /// could not grow to `flat` on some rank, nothing was summed, and every rank should use
-    /// the TCP mesh from now on.
+    /// Replaces `flat` by the sum over the ranks, as `Link::reduce`, in pieces of at most
+    /// [`PIECE_BYTES`]. `Ok(false)`: the regions could not grow on some rank, nothing was
+    /// summed, and every rank should use the TCP mesh from now on.
     pub fn reduce<T>(
         &mut self,
         link: &mut Link,
@@ -70,20 +76,37 @@ impl Shm {
     where
         T: bytemuck::Pod + AddAssign,
     {
-        let bytes = std::mem::size_of_val(flat);
-        if !self.grow(link, bytes)? {
+        let piece = (PIECE_BYTES / std::mem::size_of::<T>()).max(1);
+        if !self.grow(link, std::mem::size_of_val(&flat[..flat.len().min(piece)]))? {
             return Ok(false);
         }
-        let size = std::mem::size_of::<T>();
+        for (i, values) in flat.chunks_mut(piece).enumerate() {
+            self.reduce_piece(link, values, i * piece, segments)?;
+        }
+        Ok(true)
+    }
+
+    /// The sum of `flat`, the values from position `base` on of the whole sum.
+    fn reduce_piece<T>(
+        &mut self,
+        link: &mut Link,
+        flat: &mut [T],
+        base: usize,
+        segments: &[Segment],
+    ) -> Result<()>
+    where
+        T: bytemuck::Pod + AddAssign,
+    {
+        let (bytes, size) = (std::mem::size_of_val(flat), std::mem::size_of::<T>());
         let (world, me) = (self.world, self.rank);
         let chunks: Vec<Range<usize>> = (0..world)
             .map(|c| c * flat.len() / world..(c + 1) * flat.len() / world)
             .collect();
         let at = |c: usize| chunks[c].start * size..chunks[c].end * size;
-        let Some(mine) = self.mine.as_mut() else {
-            return Err(TrainError::Internal(
-                "shared memory without a region".into(),
-            ));
+        let Some(mine) = self.mine.as_mut().filter(|m| m.len() >= bytes) else {
+            return Err(TrainError::Internal(format!(
+                "shared memory: no region of {bytes} bytes"
+            )));
         };
         // Every chunk but this rank's own, which only this rank reads (from `flat`).
         let own = at(me);
@@ -99,7 +122,7 @@ impl Shm {
             .collect();
         fold(
             bytemuck::cast_slice_mut(&mut mine[own.clone()]),
-            chunks[me].start,
+            base + chunks[me].start,
             &parts,
             segments,
         );
@@ -111,8 +134,7 @@ impl Shm {
         }
         flat[chunks[me].clone()].copy_from_slice(bytemuck::cast_slice(&mine[own]));
         // Nobody writes its region again before every rank has read it.
-        barrier(link)?;
-        Ok(true)
+        barrier(link)
     }
 
     /// Makes every rank's region hold at least `bytes`: each rank creates and reserves a new
@@ -169,7 +191,7 @@ fn agree(link: &mut Link, rank: usize, failed: Option<String>, own: &Path) -> Re
     if let Some(why) = &failed {
         tracing::warn!(
             "data parallel: no shared memory on rank {rank} ({why}); the ranks of this node \
-             exchange over TCP instead. Raise the size of {} (docker run --shm-size, e.g. 8g) \
+             exchange over TCP instead. Raise the size of {} (docker run --shm-size, e.g. 1g) \
              or set OMR_DIST_SHM to a larger tmpfs directory",
             own.parent()
                 .map_or("the directory".into(), |p| p.display().to_string())

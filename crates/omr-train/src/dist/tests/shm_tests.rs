@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Sums of three lengths from the mesh threshold on (the regions grow, then a smaller one
 /// reuses them), rank 1 absent from the odd ones, then eight more of one length with other
 /// values each time (a rank that wrote its next values before the others read its sums
-/// would show); with each rank's shared-memory state after.
+/// would show), then one of segments with different holders; with each rank's
+/// shared-memory state after. Sums from 1.5 MiB on go in pieces (`shm::PIECE_BYTES` in tests).
 fn sums(g: &mut Group) -> Result<(bool, Vec<Option<Vec<u32>>>)> {
     let r = g.rank();
     let q = link::MESH_BYTES / 4;
@@ -28,6 +29,16 @@ fn sums(g: &mut Group) -> Result<(bool, Vec<Option<Vec<u32>>>)> {
         g.sum_segments(&mut values, &everyone)?;
         out.push(Some(values.iter().map(|x| x.to_bits()).collect()));
     }
+    // Segments of other holders across the pieces' bounds (a sum of several pieces adds each
+    // piece's values over the holders of their own positions).
+    let segments: Vec<Segment> = [(q / 3, vec![0, 1, 2]), (q * 2, vec![1]), (q, vec![0, 2])]
+        .into_iter()
+        .map(|(len, holders)| Segment { len, holders })
+        .collect();
+    let len = segments.iter().map(|s| s.len).sum();
+    let mut values: Vec<f32> = (0..len).map(|k| value(11, k)).collect();
+    g.sum_segments(&mut values, &segments)?;
+    out.push(Some(values.iter().map(|x| x.to_bits()).collect()));
     Ok((g.shared_memory(), out))
 }
 
