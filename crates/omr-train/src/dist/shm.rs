@@ -7,7 +7,7 @@
 //! in place instead of received) into chunk c of its own region; every rank copies chunk c
 //! from region c (the all-gather). Three barriers through the TCP hub order the phases. The
 //! values are added by the same `fold` as the TCP paths: the same bits. A sum larger than
-//! [`PIECE_BYTES`] (64 MiB) goes in pieces, one after the other.
+//! [`PIECE_BYTES`] (256 MiB, a gradient bucket) goes in pieces, one after the other.
 //!
 //! Regions grow (all ranks at once: every rank sums the same lengths) to the largest piece
 //! seen.
@@ -28,7 +28,7 @@ const GRAIN: usize = 1 << 20;
 /// A sum goes through the regions in pieces of at most this many bytes, so that a region
 /// never needs more (the node's `/dev/shm` holds W of them). Tests cut smaller pieces, so
 /// that their few-MiB sums take several.
-pub const PIECE_BYTES: usize = if cfg!(test) { 3 << 19 } else { 64 << 20 };
+pub const PIECE_BYTES: usize = if cfg!(test) { 3 << 19 } else { 256 << 20 };
 
 /// This rank's view of the job's regions.
 pub struct Shm {
