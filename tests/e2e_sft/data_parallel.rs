@@ -168,7 +168,8 @@ fn metrics_lines(run: &Path) -> usize {
         .count()
 }
 
-/// Without `OMR_LOG`, rank 0 reports the run and the other ranks only what goes wrong.
+/// Without `OMR_LOG`, rank 0 reports the run (with how large sums travel) and the other ranks
+/// only what goes wrong.
 #[test]
 fn only_rank_0_reports_the_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -184,4 +185,12 @@ fn only_rank_0_reports_the_run() {
         logs[0].1
     );
     assert!(!logs[1].1.contains("INFO"), "{}", logs[1].1);
+    // Both processes on this machine: large sums through /dev/shm where there is one.
+    if Path::new("/dev/shm").is_dir() {
+        assert!(
+            logs[0].1.contains("large sums through shared memory"),
+            "{}",
+            logs[0].1
+        );
+    }
 }
