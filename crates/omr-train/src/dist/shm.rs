@@ -149,8 +149,11 @@ impl Shm {
         let own = self.path(generation, self.rank);
         let created = create(&own, cap);
         let failed = created.as_ref().err().cloned();
-        if !agree(link, self.rank, failed, &own)? {
-            return Ok(false);
+        // A peer gone here (an error) leaves no file behind either.
+        let agreed = agree(link, self.rank, failed, &own);
+        if !matches!(agreed, Ok(true)) {
+            let _ = std::fs::remove_file(&own);
+            return agreed;
         }
         let mine = created.map_err(TrainError::Internal)?;
         let mut others: Vec<Option<Mmap>> = (0..self.world).map(|_| None).collect();

@@ -129,7 +129,8 @@ fn a_rank_without_shared_memory_takes_every_rank_to_tcp() {
 }
 
 /// A rank that exits before the regions grow, or between two sums through them: its peers'
-/// next barrier fails naming a rank that is gone (exit 1), and nothing waits forever.
+/// next barrier fails naming a rank that is gone (exit 1), nothing waits forever, and no
+/// file is left.
 #[test]
 fn a_rank_gone_during_shared_memory_sums_fails_the_others() {
     for sums_before in [0, 1] {
@@ -141,13 +142,17 @@ fn a_rank_gone_during_shared_memory_sums_fails_the_others() {
             move |_| Some(d.clone()),
             |_| [2; 32],
             move |g| {
+                let everyone = [Segment {
+                    len,
+                    holders: vec![0, 1, 2],
+                }];
                 for _ in 0..sums_before {
-                    g.sum_f32(Some(vec![1.0; len]), len)?;
+                    g.sum_segments(&mut vec![1.0f32; len], &everyone)?;
                 }
                 if g.rank() == 2 {
                     return Ok(());
                 }
-                g.sum_f32(Some(vec![1.0; len]), len).map(drop)
+                g.sum_segments(&mut vec![1.0f32; len], &everyone)
             },
         );
         assert!(results[2].is_ok());
@@ -156,5 +161,8 @@ fn a_rank_gone_during_shared_memory_sums_fails_the_others() {
             assert!(e.to_string().contains("is gone"), "rank {r}: {e}");
             assert_eq!(e.exit_code(), 1);
         }
+        // Gone while the regions grow (the first case): the others' new files go too.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{sums_before} sums before: {left:?}");
     }
 }
