@@ -14,9 +14,11 @@
 //!   single process makes with `grad_accum` = W (rank r's batch is that process's micro-batch
 //!   r). Small sums (loss totals, flags) go through rank 0; from 1 MiB on a sum goes through
 //!   the mesh (reduce-scatter, then all-gather: each rank sends and receives 2·(W−1)/W copies,
-//!   all peers at once). Gradients travel in buckets of up to 256 MiB of f32, one copy off
-//!   the device each, in their own dtype (bf16 at half the bytes, widened on the host). Other messages (data cursors, rollout summaries, eval counts) travel as postcard
-//!   bytes through rank 0, every f64 with its bits.
+//!   all peers at once), or through shared memory when every rank is on one node ([`shm`]).
+//!   Gradients travel in buckets of up to 256 MiB of f32 ([`buckets`]), one copy off the
+//!   device each, in their own dtype (bf16 at half the bytes, widened on the host). Other
+//!   messages (data cursors, rollout summaries, eval counts) travel as postcard bytes through
+//!   rank 0, every f64 with its bits.
 //! - **No hang on a dead peer.** A process that exits (an error, a kill) closes its sockets; its
 //!   peers' next collective fails naming its rank (exit 1), so the whole job stops instead of
 //!   waiting. A live but stuck peer fails the others after `OMR_DIST_TIMEOUT_S` (default 3600
@@ -40,9 +42,9 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
 /// Where the ranks of one node share memory by default.
 pub const SHM_DIR: &str = "/dev/shm";
+/// How long the rendezvous waits for all ranks, and a collective for its peers, by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(3600);
 

@@ -26,9 +26,9 @@
 //! - **Activation checkpointing** (`[train] activation_checkpointing`): a recomputed stack keeps
 //!   each block's input plus one block's activations at a time (`omr_model::recompute`).
 //! - **Data parallel** (`world` > 1): between backward and the step, the gradients are summed
-//!   over the ranks (`dist::Group::sum_grads`), in buckets flattened to f32 on the device for
-//!   one copy to the host each; the sums come back as f32 tensors, so the step holds f32
-//!   gradients even with one micro-batch ([`exchange_bytes`]).
+//!   over the ranks (`dist::Group::sum_grads`), in buckets concatenated on the device in the
+//!   gradients' dtype for one copy to the host each; the sums come back as f32 tensors, so
+//!   the step holds f32 gradients even with one micro-batch ([`exchange_bytes`]).
 //! - The CUDA context and cuBLAS workspace are outside the model: `headroom` (default 1 GiB)
 //!   is subtracted from the device's memory.
 

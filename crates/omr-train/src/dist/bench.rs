@@ -1,7 +1,8 @@
 //! `omr bench dist`: what the gradient exchange of a data-parallel step costs on this machine.
 //! W ranks (threads, each with its own sockets, as W processes would have) sum `floats` f32
 //! values split into tensors of `tensor` values on loopback, through the path
-//! `Group::sum_grads` takes once per step (CPU tensors, buckets, the mesh for large buckets),
+//! `Group::sum_grads` takes once per step (CPU tensors, buckets, shared memory or the TCP mesh
+//! for large buckets),
 //! and the same values already flat (the exchange alone: sockets and sums); the reference,
 //! measured in the same run, is the same sums done in memory on one thread (rank order, no
 //! sockets). One step before the timed ones warms the allocator and the sockets.
@@ -107,7 +108,7 @@ pub fn run(b: &DistBench) -> Result<DistReport> {
                 let mut g = Group::connect(&launch, [0; 32])?;
                 let vars = mine
                     .iter()
-                    .map(|v| Var::zeros(v.len(), candle_core::DType::F32, &Device::Cpu))
+                    .map(|v| Var::zeros(v.len(), DType::F32, &Device::Cpu))
                     .collect::<candle_core::Result<Vec<Var>>>()?;
                 let flat: Vec<f32> = mine.concat();
                 let sums = mine

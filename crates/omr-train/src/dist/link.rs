@@ -139,9 +139,7 @@ impl Link {
         T: bytemuck::Pod + AddAssign + Send + Sync,
     {
         let (world, me) = (self.world(), self.rank);
-        let chunks: Vec<Range<usize>> = (0..world)
-            .map(|c| c * flat.len() / world..(c + 1) * flat.len() / world)
-            .collect();
+        let chunks = chunks(flat.len(), world);
         let mine = chunks[me].clone();
         // Reduce-scatter: chunk c to rank c; chunk `me` of every rank here.
         let mut received: Vec<Vec<T>> = (0..world)
@@ -245,6 +243,14 @@ fn exchange<T: bytemuck::Pod + Send + Sync>(
             .collect();
         results.into_iter().collect()
     })
+}
+
+/// The W chunks of a sum of `len` values, rank c's the c-th (the mesh's and shared memory's
+/// reduce-scatter).
+pub(super) fn chunks(len: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world)
+        .map(|c| c * len / world..(c + 1) * len / world)
+        .collect()
 }
 
 /// What tells one node from another: its host name and boot id (`None` where either cannot

@@ -15,11 +15,11 @@
 //! `/dev/shm`) is an error at growth, not a SIGBUS at a write; every rank then falls back to
 //! the TCP mesh for the rest of the run, together, with a warning naming the rank and why.
 
-use super::link::{fold, Link, Segment};
+use super::link::{chunks, fold, Link, Segment};
 use crate::error::{Result, TrainError};
 use memmap2::{Mmap, MmapMut};
 use std::fs::{File, OpenOptions};
-use std::ops::{AddAssign, Range};
+use std::ops::AddAssign;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 
@@ -99,9 +99,7 @@ impl Shm {
     {
         let (bytes, size) = (std::mem::size_of_val(flat), std::mem::size_of::<T>());
         let (world, me) = (self.world, self.rank);
-        let chunks: Vec<Range<usize>> = (0..world)
-            .map(|c| c * flat.len() / world..(c + 1) * flat.len() / world)
-            .collect();
+        let chunks = chunks(flat.len(), world);
         let at = |c: usize| chunks[c].start * size..chunks[c].end * size;
         let Some(mine) = self.mine.as_mut().filter(|m| m.len() >= bytes) else {
             return Err(TrainError::Internal(format!(

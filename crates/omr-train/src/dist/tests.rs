@@ -54,6 +54,16 @@ fn on_ranks_sharing<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// Rank 2 of three ended well, and ranks 0 and 1 failed with exit 1 and `want` in the message.
+fn assert_ranks_0_and_1_failed<T>(results: &[Result<T>], want: &str) {
+    assert!(results[2].is_ok());
+    for (r, result) in results[..2].iter().enumerate() {
+        let e = result.as_ref().err().expect("ranks 0 and 1 fail");
+        assert!(e.to_string().contains(want), "rank {r}: {e}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}
+
 #[test]
 fn sums_are_in_rank_order_and_equal_on_every_rank() {
     // 1 + 1e8 + (-1e8) in f32 is 0 in rank order; from the last rank on it is 1.
@@ -223,12 +233,7 @@ fn a_rank_gone_before_a_mesh_sum_fails_the_others() {
             g.sum_segments(&mut flat, &[everyone])
         },
     );
-    assert!(results[2].is_ok());
-    for r in 0..2 {
-        let e = results[r].as_ref().unwrap_err();
-        assert!(e.to_string().contains("rank 2 is gone"), "rank {r}: {e}");
-        assert_eq!(e.exit_code(), 1);
-    }
+    assert_ranks_0_and_1_failed(&results, "rank 2 is gone");
 }
 
 /// A rank that dies between the holders' flags and the buckets: the others' exchange (on its
@@ -257,12 +262,7 @@ fn a_rank_gone_during_a_bucketed_sum_fails_the_others() {
             g.sum_tensors(&vars, sums, 8).map(drop)
         },
     );
-    assert!(results[2].is_ok());
-    for r in 0..2 {
-        let e = results[r].as_ref().unwrap_err();
-        assert!(e.to_string().contains("rank 2 is gone"), "rank {r}: {e}");
-        assert_eq!(e.exit_code(), 1);
-    }
+    assert_ranks_0_and_1_failed(&results, "rank 2 is gone");
 }
 
 #[test]
