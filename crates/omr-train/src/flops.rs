@@ -43,7 +43,8 @@ impl StepFlops {
             + self.merger
             + self.lora
     }
-    /// The parts as (name, flops) for printing.
+    /// The parts as (name, flops) for printing; the report leaves out those that are zero (the
+    /// adapters of a full fine-tune, the vision tower of a text-only batch).
     pub fn parts(&self) -> [(&'static str, f64); 7] {
         [
             ("decoder linears 6·N·T (4· frozen)", self.text_linear),
@@ -123,7 +124,8 @@ pub fn step_flops(p: &PlanInput) -> StepFlops {
         * (patches / f(v.merge_unit()))
         * (merged * merged + merged * f(v.out_hidden_size));
     // Each adapter at its module's token count: decoder layers at every token, the head at the
-    // labelled rows, vision blocks at the patches, the merger at the merged tokens.
+    // labelled rows, vision blocks at the patches, the merger at the merged tokens. A fold from
+    // +0 (f64's `sum` of nothing is −0, which the report printed as "-0.0000 GFLOP").
     let lora = adapted
         .iter()
         .map(|(n, (out, inp))| {
@@ -138,7 +140,7 @@ pub fn step_flops(p: &PlanInput) -> StepFlops {
             };
             6.0 * f(rank) * f(inp + out) * at
         })
-        .sum();
+        .fold(0.0, |acc, x| acc + x);
     StepFlops {
         lora,
         text_linear,

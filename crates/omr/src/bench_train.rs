@@ -487,7 +487,7 @@ pub fn run(a: BenchTrainArgs) -> crate::Result<()> {
             k => format!(", × {k} micro-batches"),
         }
     );
-    for (name, f) in flops.parts() {
+    for (name, f) in flops.parts().into_iter().filter(|&(_, f)| f != 0.0) {
         println!(
             "    {name:<30} {:>12.4} GFLOP {:>5.1}%",
             f * micro / 1e9,

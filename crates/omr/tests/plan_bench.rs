@@ -318,6 +318,12 @@ fn bench_train_with_lora_trains_only_the_adapters() {
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
         assert!(t.contains("OMR_BLOCK_OP=1"), "{t}");
+        // The adapters' FLOPs row only where there are adapters.
+        assert_eq!(
+            t.contains("LoRA adapters 6·r·(in+out)·T"),
+            rank != "0",
+            "{t}"
+        );
         if rank != "0" {
             assert!(t.contains("LoRA rank 4"), "{t}");
         }
@@ -348,7 +354,8 @@ fn bench_train_with_lora_trains_only_the_adapters() {
         flops(&full, "vision_linear") * 2.0 / 6.0
     );
     assert_eq!(flops(&lora, "lora"), 6.0 * 64.0 * (4 * per_layer) as f64);
-    assert_eq!(flops(&full, "lora"), 0.0);
+    // +0, not the −0 of an empty f64 sum.
+    assert_eq!(flops(&full, "lora").to_bits(), 0f64.to_bits());
     assert!(lora["flops_total"].as_f64().unwrap() < full["flops_total"].as_f64().unwrap());
 }
 
