@@ -4,7 +4,7 @@
 #
 #   Build machine:  source scripts/cuda/env.sh
 #                   cargo build --release -p omr --features cuda      # ≈ 20 min cold on 2 cores
-#                   strip -o target/omr-cuda target/release/omr        # ≈ 48 MiB
+#                   strip -o target/omr-cuda target/release/omr        # ≈ 55 MiB
 #   GPU machine:    scripts/cuda/gpu-run.sh [target/omr-cuda] [OUT_DIR]
 #
 # Finds cuBLAS/cuRAND 13 (a CUDA toolkit or the nvidia-* wheels of the machine's Python), puts
