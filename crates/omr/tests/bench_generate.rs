@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{omr, text};
-use serde_json::Value;
+use common::{omr, read_json, text};
 
 /// `omr bench generate` on the tiny model: one generation call timed as prefill and decoding,
 /// with the device sampler and the host one, the decoding pass alone (and the host's time
@@ -37,7 +36,7 @@ fn bench_generate_reports_prefill_decoding_and_the_plan() {
             t.contains("ms/step") && t.contains(&format!("sampler on the {sampler}")),
             "{t}"
         );
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let v = read_json(&json);
         for k in [
             "prefill_ms",
             "decode_ms_per_step",
@@ -142,7 +141,7 @@ fn bench_generate_runs_the_reference() {
     ] {
         assert!(args.contains(want), "{want} not in {args}");
     }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["reference"]["decode_ms_per_step"], 4.0);
 
     std::fs::write(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{omr, root, text};
+use common::{omr, read_json, root, text};
 use serde_json::Value;
 use std::process::Command;
 
@@ -90,7 +90,7 @@ fn plan_of_the_tiny_preset_reads_the_model_config_and_writes_json() {
     ]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["fits"], true);
     let peak = v["plan"]["peak"].as_u64().unwrap();
     let rows = v["plan"]["train_rows"].as_array().unwrap();
@@ -139,7 +139,7 @@ fn plan_for_a_data_parallel_job_has_the_gradient_exchange() {
         t.contains("2 data-parallel ranks") && t.contains("| gradient exchange"),
         "{t}"
     );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let rows = v["plan"]["exchange_rows"].as_array().unwrap();
     let sum: u64 = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     assert_eq!(v["plan"]["exchange_peak"].as_u64(), Some(sum));
@@ -155,7 +155,7 @@ fn plan_for_a_data_parallel_job_has_the_gradient_exchange() {
     let dp = grads(&v["plan"]["optim_rows"]);
     let o = omr(&args("1").each_ref().map(String::as_str));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert!(v["plan"]["exchange_rows"].as_array().unwrap().is_empty());
     // bf16 gradients of one micro-batch, against their f32 sums over the ranks.
     assert_eq!(dp, 2 * grads(&v["plan"]["optim_rows"]));
@@ -193,10 +193,7 @@ fn plan_with_checkpointing_prints_the_most_kept_decoder_layers() {
         ]);
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
-        (
-            t,
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap(),
-        )
+        (t, read_json(&json))
     };
     let (t, v) = plan("80GiB", "0");
     assert!(
@@ -256,7 +253,7 @@ fn bench_train_tiny_two_steps_reports_sane_fields() {
         t.contains("where the time goes") && t.contains("MFU n/a on CPU"),
         "{t}"
     );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
     assert_eq!(v["tokens_per_step"], 96);
     assert_eq!(v["patches"], 64); // (112 / 14)²
@@ -327,7 +324,7 @@ fn bench_train_with_lora_trains_only_the_adapters() {
         if rank != "0" {
             assert!(t.contains("LoRA rank 4"), "{t}");
         }
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+        read_json(&json)
     };
     let (full, lora) = (run("0"), run("4"));
     assert_eq!(lora["lora_rank"], 4);
@@ -369,7 +366,7 @@ fn bench_train_with_grad_accum_counts_every_micro_batch() {
         let o = omr(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+        read_json(&json)
     };
     let (one, three) = (run("1"), run("3"));
     assert_eq!(three["grad_accum"], 3);
@@ -419,7 +416,7 @@ fn bench_train_keeps_or_recomputes_the_checkpointed_attention() {
         if extra == ["--kept-decoder-layers", "auto"] {
             assert!(t.contains("(last 4 decoder layers kept, auto)"), "{t}");
         }
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+        read_json(&json)
     };
     let (kept, recomputed) = (run(&[]), run(&["--recompute-attention"]));
     assert_eq!(kept["recompute_attention"], false);
@@ -472,7 +469,7 @@ fn plan_of_a_grpo_config_has_the_reference_and_the_rollout_phase() {
     ] {
         assert!(t.contains(want), "{want}: {t}");
     }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let rollout = v["plan"]["rollout_rows"].as_array().unwrap();
     let sum: u64 = rollout.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     assert_eq!(v["plan"]["rollout_peak"].as_u64(), Some(sum));
@@ -509,7 +506,7 @@ fn bench_train_with_grpo_objective() {
         t.contains("GRPO's token log-probabilities as the objective"),
         "{t}"
     );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["objective"], "logps");
     let o = omr(&[
         "bench",
@@ -547,7 +544,7 @@ fn unit_switches_train_to_the_same_losses() {
         let o = c.output().unwrap();
         let t = text(&o);
         assert_eq!(o.status.code(), Some(0), "{t}");
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+        read_json(&json)
     };
     for rank in ["0", "4"] {
         let (unit, ops) = (run(rank, None), run(rank, Some("0")));
